@@ -1,0 +1,147 @@
+"""Shared fixtures: free ports, test images, and a running ``icbd-cache serve``.
+
+Servers are started as real processes through the installed CLI, the way a user runs them, and
+stopped by PID at the end of the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (the kernel picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
+    """Wait until something accepts TCP connections on host:port; raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def require(*tools: str) -> None:
+    """Skip the calling test, naming the missing tool, unless every tool is on PATH."""
+    for t in tools:
+        if shutil.which(t) is None:
+            pytest.skip(f"{t} is not installed (scripts/setup installs it)")
+
+
+def make_image(path: Path, size: int, seed: int = 1) -> Path:
+    """Write a raw test image of ``size`` bytes: pseudo-random data with zero holes.
+
+    Every 1 MiB block is random except every fourth, which stays a hole (sparse), so that
+    checksums catch misplaced bytes and block status has holes to report.
+    """
+    import random
+
+    rng = random.Random(seed)
+    mib = 1 << 20
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, mib):
+            if (off // mib) % 4 == 3:
+                continue
+            f.seek(off)
+            f.write(rng.randbytes(min(mib, size - off)))
+    return path
+
+
+@dataclass
+class Server:
+    """A running ``icbd-cache serve`` process."""
+
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    log: Path
+    args: list[str] = field(default_factory=list)
+
+    def uri(self, export: str = "") -> str:
+        return f"nbd://{self.host}:{self.port}/{export}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | None = None,
+                 listen: bool = True) -> Server:
+    """Start ``icbd-cache serve ARGS --listen host:port`` and wait until it accepts."""
+    port = port or free_port()
+    log = tmp / f"serve-{port}.log"
+    cmd = [str(BIN / "icbd-cache"), "serve", *args]
+    if listen:
+        cmd += ["--listen", f"{host}:{port}"]
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    srv = Server(proc, host, port, log, cmd)
+    try:
+        wait_port(host, port)
+    except TimeoutError:
+        srv.stop(signal.SIGKILL)
+        raise RuntimeError(f"server did not start: {srv.log_text()}") from None
+    return srv
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A 64 MiB raw test image with random data and holes."""
+    return make_image(tmp_path / "disk.img", 64 << 20)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[object]:
+    """Call with serve arguments; every server started is stopped at teardown."""
+    started: list[Server] = []
+
+    def factory(*args: str, **kw: object) -> Server:
+        srv = start_server(tmp_path, *args, **kw)  # type: ignore[arg-type]
+        started.append(srv)
+        return srv
+
+    yield factory
+    for s in started:
+        s.stop()
+
+
+os.environ.setdefault("LIBNBD_DEBUG", "0")
