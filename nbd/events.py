@@ -1,0 +1,134 @@
+"""Events produced by the state machines (frozen, slotted dataclasses).
+
+Server side: :class:`OptionHaggled` (informational), :class:`StartTLS`,
+:class:`TransmissionStarted`, :class:`Request`, :class:`RequestRejected`, :class:`Disconnect`.
+Client side: :class:`Negotiated`, :class:`ExportListed`, :class:`Reply`, :class:`ReplyChunk`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nbd.constants import Cmd, CmdFlag, Errno, Opt, TransmissionFlag
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What the server tells a client about one export.
+
+    ``size`` is in bytes; block sizes (bytes) follow proto.md 'Block size constraints'.
+    ``flags`` are the transmission flags without HAS_FLAGS (added on the wire).
+    """
+
+    name: str
+    size: int
+    flags: TransmissionFlag
+    description: str = ""
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = 32 * 1024 * 1024
+
+
+# ---------------------------------------------------------------- server side
+
+
+@dataclass(frozen=True, slots=True)
+class OptionHaggled:
+    """One option was answered during option haggling (for logs and tests)."""
+
+    option: int
+    reply: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """The server acknowledged NBD_OPT_STARTTLS: upgrade the transport to TLS now, then call
+    ``tls_started()`` on the state machine. No more plaintext may be read."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransmissionStarted:
+    """Option haggling ended with NBD_OPT_GO or NBD_OPT_EXPORT_NAME on ``export``."""
+
+    export: ExportInfo
+    structured_replies: bool
+    meta_contexts: tuple[str, ...]
+    no_zeroes: bool
+    option: Opt
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A valid transmission request to carry out and answer with a reply method.
+
+    ``offset`` and ``length`` are bytes, already checked against the export size and limits.
+    ``data`` is the WRITE payload (``length`` bytes), else empty.
+    """
+
+    cookie: int
+    command: Cmd
+    flags: CmdFlag
+    offset: int
+    length: int
+    data: memoryview | bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """A request the state machine answered with an error by itself (already queued)."""
+
+    cookie: int
+    command: int
+    error: Errno
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """The client sent NBD_CMD_DISC (``clean``) or NBD_OPT_ABORT; close after sending."""
+
+    clean: bool = True
+
+
+# ---------------------------------------------------------------- client side
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """The client state machine reached transmission."""
+
+    export: ExportInfo
+    structured_replies: bool
+    meta_contexts: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportListed:
+    """Result of NBD_OPT_LIST: (name, description) pairs."""
+
+    exports: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OptionRefused:
+    """The server answered an option with an error reply."""
+
+    option: int
+    reply: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The final answer to the request with ``cookie``.
+
+    ``data`` holds the READ payload (whole, reassembled from structured chunks, holes as zeros);
+    ``extents`` the BLOCK_STATUS (length, flags) pairs of the first selected context.
+    """
+
+    cookie: int
+    error: Errno
+    data: bytes = b""
+    extents: tuple[tuple[int, int], ...] = ()
+    message: str = ""
