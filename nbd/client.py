@@ -1,0 +1,389 @@
+"""Client side of an NBD connection as a sans-IO state machine.
+
+Used by the upstream source (an icbd-cache fetching from another NBD server), by tests that
+must speak the protocol byte by byte, and by the benchmark. Flow (NBD proto.md, 'Fixed newstyle
+negotiation'): read the greeting, send client flags, optionally NBD_OPT_STARTTLS, then
+NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT and NBD_OPT_GO (or only NBD_OPT_LIST), and
+in transmission queue requests with :meth:`ClientConnection.request` and collect
+:class:`~nbd.events.Reply` events, which may arrive in any order.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from nbd import wire
+from nbd.constants import (
+    BASE_ALLOCATION,
+    IHAVEOPT,
+    NBDMAGIC,
+    REPLY_MAGIC_OPT,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlag,
+    Cmd,
+    Errno,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    ReplyFlag,
+    ReplyType,
+    TransmissionFlag,
+)
+from nbd.errors import LocalProtocolError, RemoteProtocolError
+from nbd.events import ExportInfo, ExportListed, Negotiated, OptionRefused, Reply, StartTLS
+
+ClientEvent = Negotiated | ExportListed | OptionRefused | Reply | StartTLS
+
+
+class ClientPhase(enum.Enum):
+    GREETING = "greeting"
+    OPTIONS = "options"
+    TLS_PENDING = "tls-pending"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class _InFlight:
+    command: Cmd
+    offset: int
+    length: int
+    data: bytearray | None = None
+    error: Errno = Errno.OK
+    message: str = ""
+    extents: list[tuple[int, int]] = field(default_factory=list)
+
+
+class ClientConnection:
+    """One connection, client side.
+
+    ``export`` is the export name to open; ``list_exports`` asks NBD_OPT_LIST and stops there.
+    ``structured`` and ``meta_contexts`` say what to negotiate; ``tls`` sends NBD_OPT_STARTTLS
+    first and yields :class:`StartTLS`, after which the caller upgrades the transport and calls
+    :meth:`tls_started`.
+    """
+
+    def __init__(
+        self,
+        export: str = "",
+        *,
+        structured: bool = True,
+        meta_contexts: tuple[str, ...] = (),
+        list_exports: bool = False,
+        tls: bool = False,
+        no_zeroes: bool = True,
+    ) -> None:
+        self.export_name = export
+        self.want_structured = structured
+        self.want_meta = meta_contexts
+        self.list_exports = list_exports
+        self.want_tls = tls
+        self.want_no_zeroes = no_zeroes
+        self.phase = ClientPhase.GREETING
+        self.structured = False
+        self.no_zeroes = False
+        self.export: ExportInfo | None = None
+        self.meta_contexts: dict[int, str] = {}
+        self._buf = bytearray()
+        self._out: list[bytes | memoryview] = []
+        self._steps: list[Opt] = []
+        self._tried: set[Opt] = set()
+        self._size: int | None = None
+        self._tflags = 0
+        self._name: str | None = None
+        self._description = ""
+        self._block = (1, 4096, wire.MAX_PAYLOAD)
+        self._listed: list[tuple[str, str]] = []
+        self._cookie = 0
+        self._inflight: dict[int, _InFlight] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def data_to_send(self) -> list[bytes | memoryview]:
+        """Take the queued output buffers."""
+        out = self._out
+        self._out = []
+        return out
+
+    def _send_option(self, opt: Opt, data: bytes = b"") -> None:
+        self._out.append(wire.OPTION_HEADER.pack(IHAVEOPT, opt, len(data)) + data)
+        self._steps.append(opt)
+
+    def _next_option(self) -> None:
+        """Send the next option of the plan, in the order the spec needs them."""
+        if self.want_tls:
+            self.want_tls = False
+            self._send_option(Opt.STARTTLS)
+            return
+        if self.list_exports:
+            self._send_option(Opt.LIST)
+            return
+        if self.want_structured and Opt.STRUCTURED_REPLY not in self._tried:
+            self._tried.add(Opt.STRUCTURED_REPLY)
+            self._send_option(Opt.STRUCTURED_REPLY)
+            return
+        if self.structured and self.want_meta and Opt.SET_META_CONTEXT not in self._tried:
+            self._tried.add(Opt.SET_META_CONTEXT)
+            name = self.export_name.encode()
+            body = wire.U32.pack(len(name)) + name + wire.U32.pack(len(self.want_meta))
+            for q in self.want_meta:
+                raw = q.encode()
+                body += wire.U32.pack(len(raw)) + raw
+            self._send_option(Opt.SET_META_CONTEXT, body)
+            return
+        name = self.export_name.encode()
+        wanted = (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE)
+        body = wire.U32.pack(len(name)) + name + wire.U16.pack(len(wanted))
+        body += b"".join(wire.U16.pack(i) for i in wanted)
+        self._send_option(Opt.GO, body)
+
+    # ------------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes) -> list[ClientEvent]:
+        """Take bytes from the server; return the events they complete.
+
+        Raises RemoteProtocolError on anything the spec does not allow a server to send.
+        """
+        if not data:
+            if self.phase is not ClientPhase.CLOSED:
+                self.phase = ClientPhase.CLOSED
+                if self._inflight:
+                    raise RemoteProtocolError("server closed with requests in flight")
+            return []
+        self._buf += data
+        events: list[ClientEvent] = []
+        while True:
+            phase = self.phase
+            if phase is ClientPhase.GREETING:
+                if not self._greeting():
+                    break
+            elif phase is ClientPhase.OPTIONS:
+                if not self._option_reply(events):
+                    break
+            elif phase is ClientPhase.TRANSMISSION:
+                if not self._reply(events):
+                    break
+            else:
+                break
+        return events
+
+    def _take(self, n: int) -> bytes | None:
+        if len(self._buf) < n:
+            return None
+        chunk = bytes(self._buf[:n])
+        del self._buf[:n]
+        return chunk
+
+    def _greeting(self) -> bool:
+        raw = self._take(wire.GREETING.size)
+        if raw is None:
+            return False
+        magic, opt_magic, hflags = wire.GREETING.unpack(raw)
+        if magic != NBDMAGIC or opt_magic != IHAVEOPT:
+            raise RemoteProtocolError("not a newstyle NBD server")
+        if not hflags & HandshakeFlag.FIXED_NEWSTYLE:
+            raise RemoteProtocolError("server does not do fixed newstyle")
+        cflags = ClientFlag.C_FIXED_NEWSTYLE
+        if self.want_no_zeroes and hflags & HandshakeFlag.NO_ZEROES:
+            cflags |= ClientFlag.C_NO_ZEROES
+            self.no_zeroes = True
+        self._out.append(wire.CLIENT_FLAGS.pack(cflags))
+        self.phase = ClientPhase.OPTIONS
+        self._next_option()
+        return True
+
+    def _option_reply(self, events: list[ClientEvent]) -> bool:
+        opt = self._steps[0] if self._steps else None
+        if opt is Opt.EXPORT_NAME:
+            n = wire.EXPORT_NAME_REPLY.size + (0 if self.no_zeroes else wire.ZERO_PAD)
+            raw = self._take(n)
+            if raw is None:
+                return False
+            size, flags = wire.EXPORT_NAME_REPLY.unpack_from(raw)
+            self._finish(ExportInfo(self.export_name, size, TransmissionFlag(flags)), events)
+            return True
+        if len(self._buf) < wire.OPTION_REPLY_HEADER.size:
+            return False
+        magic, ropt, rtype, length = wire.OPTION_REPLY_HEADER.unpack_from(self._buf)
+        if len(self._buf) < wire.OPTION_REPLY_HEADER.size + length:
+            return False
+        del self._buf[: wire.OPTION_REPLY_HEADER.size]
+        body = self._take(length) or b""
+        if magic != REPLY_MAGIC_OPT or ropt != opt:
+            raise RemoteProtocolError(f"unexpected option reply {magic:#x} for option {ropt}")
+        rep = Rep(rtype) if rtype in Rep._value2member_map_ else rtype
+        if rtype & (1 << 31):
+            self._steps.pop(0)
+            msg = body.decode(errors="replace")
+            if opt is Opt.STRUCTURED_REPLY or opt is Opt.SET_META_CONTEXT:
+                self._next_option()
+            elif opt is Opt.GO and rtype == Rep.ERR_UNSUP:
+                self._send_option(Opt.EXPORT_NAME, self.export_name.encode())
+            else:
+                events.append(OptionRefused(int(opt or 0), int(rep), msg))
+                self.phase = ClientPhase.CLOSED
+            return True
+        if rtype == Rep.ACK:
+            self._steps.pop(0)
+            self._ack(opt, events)
+        elif rtype == Rep.SERVER and opt is Opt.LIST:
+            (nlen,) = wire.U32.unpack_from(body)
+            self._listed.append((body[4 : 4 + nlen].decode(), body[4 + nlen :].decode()))
+        elif rtype == Rep.META_CONTEXT and opt is Opt.SET_META_CONTEXT:
+            (ctx_id,) = wire.U32.unpack_from(body)
+            self.meta_contexts[ctx_id] = body[4:].decode()
+        elif rtype == Rep.INFO and opt is Opt.GO:
+            self._store_info(body)
+        return True
+
+    def _store_info(self, body: bytes) -> None:
+        (itype,) = wire.U16.unpack_from(body)
+        if itype == Info.EXPORT:
+            _, self._size, self._tflags = wire.INFO_EXPORT.unpack(body)
+        elif itype == Info.NAME:
+            self._name = body[2:].decode()
+        elif itype == Info.DESCRIPTION:
+            self._description = body[2:].decode()
+        elif itype == Info.BLOCK_SIZE:
+            _, mn, pref, mx = wire.INFO_BLOCK_SIZE.unpack(body)
+            self._block = (mn, pref, mx)
+
+    def _ack(self, opt: Opt | None, events: list[ClientEvent]) -> None:
+        if opt is Opt.STARTTLS:
+            self.phase = ClientPhase.TLS_PENDING
+            events.append(StartTLS())
+        elif opt is Opt.LIST:
+            events.append(ExportListed(tuple(self._listed)))
+            self.phase = ClientPhase.CLOSED
+            self._send_option(Opt.ABORT)
+        elif opt is Opt.STRUCTURED_REPLY:
+            self.structured = True
+            self._next_option()
+        elif opt is Opt.SET_META_CONTEXT:
+            self._next_option()
+        elif opt is Opt.GO:
+            if self._size is None:
+                raise RemoteProtocolError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
+            mn, pref, mx = self._block
+            info = ExportInfo(
+                self._name if self._name is not None else self.export_name,
+                self._size, TransmissionFlag(self._tflags), self._description, mn, pref, mx,
+            )
+            self._finish(info, events)
+
+    def tls_started(self) -> None:
+        """The transport now speaks TLS: go on with option haggling."""
+        if self.phase is not ClientPhase.TLS_PENDING:
+            raise LocalProtocolError("tls_started() without STARTTLS")
+        self.phase = ClientPhase.OPTIONS
+        self._next_option()
+
+    def _finish(self, info: ExportInfo, events: list[ClientEvent]) -> None:
+        self.export = info
+        self.phase = ClientPhase.TRANSMISSION
+        events.append(Negotiated(info, self.structured, dict(self.meta_contexts)))
+
+    # ---------------------------------------------------------------- transmission
+
+    def request(
+        self,
+        command: Cmd,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        data: bytes | memoryview = b"",
+    ) -> int:
+        """Queue one request; return its cookie. For WRITE, ``length`` defaults to len(data).
+        No checking is done here on purpose, so tests can send what a broken client would."""
+        if self.phase is not ClientPhase.TRANSMISSION:
+            raise LocalProtocolError(f"request in phase {self.phase.value}")
+        if command is Cmd.WRITE and not length:
+            length = len(data)
+        self._cookie += 1
+        cookie = self._cookie
+        self._out.append(wire.REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length))
+        if data:
+            self._out.append(data)
+        if command is Cmd.DISC:
+            self.phase = ClientPhase.CLOSED
+        else:
+            self._inflight[cookie] = _InFlight(
+                command, offset, length, bytearray(length) if command is Cmd.READ else None
+            )
+        return cookie
+
+    @property
+    def in_flight(self) -> int:
+        """Number of requests still waiting for their reply."""
+        return len(self._inflight)
+
+    def _reply(self, events: list[ClientEvent]) -> bool:
+        if len(self._buf) < 4:
+            return False
+        (magic,) = wire.U32.unpack_from(self._buf)
+        if magic == SIMPLE_REPLY_MAGIC:
+            if len(self._buf) < wire.SIMPLE_REPLY.size:
+                return False
+            _, error, cookie = wire.SIMPLE_REPLY.unpack_from(self._buf)
+            req = self._inflight.get(cookie)
+            if req is None:
+                raise RemoteProtocolError(f"reply for unknown cookie {cookie}")
+            extra = req.length if (req.command is Cmd.READ and error == 0) else 0
+            if len(self._buf) < wire.SIMPLE_REPLY.size + extra:
+                return False
+            del self._buf[: wire.SIMPLE_REPLY.size]
+            if extra and req.data is not None:
+                req.data[:] = self._buf[:extra]
+                del self._buf[:extra]
+            del self._inflight[cookie]
+            events.append(_done(cookie, req, Errno(error) if error in _ERRNOS else Errno.EINVAL))
+            return True
+        if magic != STRUCTURED_REPLY_MAGIC:
+            raise RemoteProtocolError(f"bad reply magic {magic:#x}")
+        if len(self._buf) < wire.STRUCTURED_REPLY.size:
+            return False
+        _, rflags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack_from(self._buf)
+        if len(self._buf) < wire.STRUCTURED_REPLY.size + length:
+            return False
+        del self._buf[: wire.STRUCTURED_REPLY.size]
+        body = bytes(self._buf[:length])
+        del self._buf[:length]
+        req = self._inflight.get(cookie)
+        if req is None:
+            raise RemoteProtocolError(f"structured reply for unknown cookie {cookie}")
+        if rtype == ReplyType.OFFSET_DATA and req.data is not None:
+            (off,) = wire.OFFSET.unpack_from(body)
+            rel = off - req.offset
+            if rel < 0 or rel + length - 8 > req.length:
+                raise RemoteProtocolError("OFFSET_DATA outside the request")
+            req.data[rel : rel + length - 8] = body[8:]
+        elif rtype == ReplyType.OFFSET_HOLE and req.data is not None:
+            off, hlen = wire.OFFSET_HOLE.unpack_from(body)
+            rel = off - req.offset
+            req.data[rel : rel + hlen] = bytes(hlen)
+        elif rtype == ReplyType.BLOCK_STATUS:
+            for i in range(4, len(body), 8):
+                req.extents.append(wire.EXTENT.unpack_from(body, i))
+        elif rtype & (1 << 15):
+            err, mlen = wire.ERROR_PAYLOAD.unpack_from(body)
+            req.error = Errno(err) if err in _ERRNOS else Errno.EINVAL
+            req.message = body[6 : 6 + mlen].decode(errors="replace")
+        if rflags & ReplyFlag.DONE:
+            del self._inflight[cookie]
+            events.append(_done(cookie, req, req.error))
+        return True
+
+
+_ERRNOS = {int(e) for e in Errno}
+
+
+def _done(cookie: int, req: _InFlight, error: Errno) -> Reply:
+    data = bytes(req.data) if (req.data is not None and error == Errno.OK) else b""
+    return Reply(cookie, error, data, tuple(req.extents), req.message)
+
+
+__all__ = ["BASE_ALLOCATION", "ClientConnection", "ClientEvent", "ClientPhase"]
