@@ -51,11 +51,14 @@ class StartTLS:
 class TransmissionStarted:
     """Option haggling ended with NBD_OPT_GO or NBD_OPT_EXPORT_NAME on ``export``."""
 
+
     export: ExportInfo
     structured_replies: bool
     meta_contexts: tuple[str, ...]
     no_zeroes: bool
     option: Opt
+    #: The export name exactly as the client sent it (may carry a suffix such as ``?boot=``).
+    requested: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -294,7 +294,7 @@ class ServerConnection:
         if info is None:
             self.phase = Phase.CLOSED
             raise RemoteProtocolError(f"unknown export {name!r} (NBD_OPT_EXPORT_NAME)")
-        self._begin(info, Opt.EXPORT_NAME, events)
+        self._begin(info, Opt.EXPORT_NAME, name, events)
         self._out.append(wire.EXPORT_NAME_REPLY.pack(info.size, self._flags))
         if not self.no_zeroes:
             self._out.append(_ZEROES)
@@ -375,7 +375,7 @@ class ServerConnection:
         self._option_reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, info.size, flags))
         self._option_reply(opt, Rep.ACK)
         if opt == Opt.GO:
-            self._begin(info, Opt.GO, events)
+            self._begin(info, Opt.GO, name, events)
         else:
             events.append(OptionHaggled(opt, Rep.ACK, name))
 
@@ -440,16 +440,18 @@ class ServerConnection:
             )
         return flags
 
-    def _begin(self, info: ExportInfo, opt: Opt, events: list[Event]) -> None:
+    def _begin(self, info: ExportInfo, opt: Opt, name: str, events: list[Event]) -> None:
         self.export = info
         self._flags = self._transmission_flags(info)
         self._size = info.size
-        if self.meta_export != info.name and self.meta_export != "":
-            self.meta_contexts = ()
+        if self.meta_export != name:
+            self.meta_contexts = ()  # contexts were selected for another export
         self.phase = Phase.TRANSMISSION
         self._need = wire.REQUEST.size
         events.append(
-            TransmissionStarted(info, self.structured, self.meta_contexts, self.no_zeroes, opt)
+            TransmissionStarted(
+                info, self.structured, self.meta_contexts, self.no_zeroes, opt, name
+            )
         )
 
     # ---------------------------------------------------------------- transmission
