@@ -68,9 +68,11 @@ class Opt(IntEnum):
     INFO = 6
     GO = 7
     STRUCTURED_REPLY = 8
-    LIST_META_CONTEXT = 10
-    SET_META_CONTEXT = 11
-    EXTENDED_HEADERS = 12
+    # 9 was once reserved for an NBD_OPT_BLOCK_SIZE that never shipped; the meta-context
+    # options took 9 and 10 (as in qemu, libnbd and nbdkit).
+    LIST_META_CONTEXT = 9
+    SET_META_CONTEXT = 10
+    EXTENDED_HEADERS = 11
 
 
 _REP_ERR = 1 << 31
