@@ -499,7 +499,9 @@ class ServerConnection:
         command = _COMMANDS.get(cmd)
         if command is None:
             return Errno.EINVAL, f"unknown command {cmd}"
-        allowed = _CMD_FLAGS[command]
+        # FUA is valid on every command once SEND_FUA is advertised (proto.md, 'Command
+        # flags': the server MUST accept it, even by ignoring it); _FLAG_NEEDS checks that.
+        allowed = _CMD_FLAGS[command] | CmdFlag.FUA
         if flags & ~allowed:
             return Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}"
         for flag, needed in _FLAG_NEEDS.items():
