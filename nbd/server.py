@@ -380,6 +380,10 @@ class ServerConnection:
             events.append(OptionHaggled(opt, Rep.ACK, name))
 
     def _opt_meta_context(self, opt: int, payload: bytes, events: list[Event]) -> None:
+        if opt == Opt.SET_META_CONTEXT:
+            # SET replaces the previous selection, even when it fails (proto.md).
+            self.meta_export = None
+            self.meta_contexts = ()
         if not self.structured:
             self._refuse(opt, Rep.ERR_INVALID, "negotiate structured replies first", events)
             return
@@ -394,8 +398,12 @@ class ServerConnection:
         selected: list[str] = []
         if not queries and opt == Opt.LIST_META_CONTEXT:
             selected.append(BASE_ALLOCATION)
+        # "base:" is a wildcard for LIST only; SET MUST ignore it (proto.md, 'The base:
+        # metadata namespace'). Queries in unknown namespaces are ignored, not refused.
+        listing = opt == Opt.LIST_META_CONTEXT
+        wildcards = {BASE_ALLOCATION, "base:"} if listing else {BASE_ALLOCATION}
         for q in queries:
-            if q in ("base:", BASE_ALLOCATION) and BASE_ALLOCATION not in selected:
+            if q in wildcards and BASE_ALLOCATION not in selected:
                 selected.append(BASE_ALLOCATION)
         for ctx in selected:
             ctx_id = BASE_ALLOCATION_ID if opt == Opt.SET_META_CONTEXT else 0
