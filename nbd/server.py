@@ -235,6 +235,10 @@ class ServerConnection:
                 self.phase = Phase.CLOSED
                 raise RemoteProtocolError(f"bad option magic {magic:#x}")
             if length > wire.MAX_OPTION_LENGTH:
+                if opt == Opt.EXPORT_NAME:
+                    # No error reply exists for NBD_OPT_EXPORT_NAME: end the session.
+                    self.phase = Phase.CLOSED
+                    raise RemoteProtocolError(f"NBD_OPT_EXPORT_NAME of {length} bytes")
                 # Too big to hold: answer, then discard the payload as it arrives.
                 self._refuse(opt, Rep.ERR_TOO_BIG, f"option data of {length} bytes", events)
                 pos += 16
