@@ -580,9 +580,11 @@ class ServerConnection:
 
     def reply_block_status(self, request: Request, extents: Sequence[tuple[int, int]]) -> None:
         """Answer a BLOCK_STATUS with (length in bytes, base:allocation flags) extents that
-        start at ``request.offset``; with REQ_ONE only the first is sent."""
-        if request.flags & CmdFlag.REQ_ONE:
-            extents = extents[:1]
+        start at ``request.offset``; with REQ_ONE only the first is sent, cut to the request
+        length (proto.md, NBD_CMD_BLOCK_STATUS)."""
+        if request.flags & CmdFlag.REQ_ONE and extents:
+            length, flags = extents[0]
+            extents = [(min(length, request.length), flags)]
         extents = extents[: wire.MAX_EXTENTS]
         body = bytearray(wire.BLOCK_STATUS_HEADER.pack(BASE_ALLOCATION_ID))
         for length, flags in extents:
