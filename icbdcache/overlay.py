@@ -1,0 +1,269 @@
+"""Per-client copy-on-write overlays for writable (``,cow``) exports.
+
+Notes on the design
+-------------------
+* The layer below returns the same immutable bytes for every read (an iMI version never
+  changes), so a block that a client has not written is read from below, always.
+* The base image is never written. Each client identity gets its own overlay: a sparse,
+  already-unlinked temporary file of the export's size plus a state byte per 4 KiB block:
+
+  ======  =================================================================
+  state   meaning
+  ======  =================================================================
+  BASE    never written by this client: read from the layer below
+  DATA    written: read from the overlay file
+  ZERO    zeroed (WRITE_ZEROES, or TRIM): reads as zeros, nothing stored
+  ======  =================================================================
+
+* Writes go through ``pwrite`` (a full disk is an ENOSPC reply, never a SIGBUS); reads of
+  overlay data come from a read-only mapping of the same file (the page cache makes them
+  coherent).
+* Overlays are volatile: a FLUSH is acknowledged at once, and nothing survives a restart of
+  the server. That is the contract of a diskless workstation's scratch writes.
+
+Identity and "boots anew" (see docs/serve.md)
+---------------------------------------------
+An overlay belongs to a client identity (the peer's IP address, or for a Unix socket the peer's
+pid), not to a TCP connection: every connection from that address shares it, so the kernel's
+nbd-client that reconnects (``-persist``) or opens several connections (``-C``) sees its own
+writes. The overlay is dropped, and the client starts clean, when it *boots anew*, which is
+decided in this order:
+
+1. the export name carries a boot id (``NAME?boot=ID``, e.g. the workstation's
+   ``/proc/sys/kernel/random/boot_id``) different from the one the overlay was made for; or
+2. the identity has had no connection for ``linger`` seconds (default 120).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import tempfile
+from collections.abc import Callable
+
+from icbdcache.backend import HOLE, Backend, Buffer, ReadResult
+
+BLOCK = 4096
+BASE, DATA, ZERO = 0, 1, 2
+_ZERO_BLOCKS = bytes(1 << 20)
+
+
+class CowOverlay(Backend):
+    """A copy-on-write layer over ``below`` for one client identity.
+
+    ``directory`` holds the overlay file (created sparse and unlinked at once).
+    Raises OSError if the file cannot be created.
+    """
+
+    def __init__(self, below: Backend, directory: str | None = None) -> None:
+        self.below = below
+        self.size = below.size
+        self.read_only = False
+        nblocks = (self.size + BLOCK - 1) // BLOCK
+        self.state = bytearray(nblocks)
+        self.touched = 0  # blocks not in BASE state; 0 means every read goes below
+        fd, path = tempfile.mkstemp(prefix="icbd-cow-", dir=directory)
+        os.unlink(path)
+        self.fd = fd
+        os.ftruncate(fd, self.size)
+        self._map = mmap.mmap(fd, self.size, prot=mmap.PROT_READ) if self.size else None
+        self.view = memoryview(self._map) if self._map is not None else memoryview(b"")
+
+    # ------------------------------------------------------------------ reads
+
+    def pread(self, offset: int, length: int) -> ReadResult:
+        first = offset // BLOCK
+        last = (offset + length - 1) // BLOCK + 1
+        st = self.state
+        if not self.touched or st.count(BASE, first, last) == last - first:
+            return self.below.pread(offset, length)
+        if st.count(DATA, first, last) == last - first:
+            return [self.view[offset : offset + length]]
+        out: list[Buffer] = []
+        pos = offset
+        end = offset + length
+        b = first
+        while pos < end:
+            kind = st[b]
+            run_end = b + 1
+            while run_end < last and st[run_end] == kind:
+                run_end += 1
+            stop = min(end, run_end * BLOCK)
+            n = stop - pos
+            if kind == DATA:
+                out.append(self.view[pos:stop])
+            elif kind == ZERO:
+                while n > 0:
+                    k = min(n, len(_ZERO_BLOCKS))
+                    out.append(_ZERO_BLOCKS[:k])
+                    n -= k
+            else:
+                part = self.below.pread(pos, n)
+                if not isinstance(part, list):
+                    # A layer below that faults asynchronously: copy synchronously instead of
+                    # interleaving awaits here (a cow export over a cache layer is rare).
+                    raise OSError(5, "asynchronous read below a copy-on-write overlay")
+                out.extend(part)
+            pos = stop
+            b = run_end
+        return out
+
+    def _below_bytes(self, offset: int, length: int) -> bytes:
+        part = self.below.pread(offset, length)
+        if not isinstance(part, list):
+            raise OSError(5, "asynchronous read below a copy-on-write overlay")
+        return b"".join(bytes(p) for p in part)
+
+    # ------------------------------------------------------------------ writes
+
+    def _copy_up(self, block: int) -> None:
+        """Bring a partially written block into the overlay with its current contents."""
+        kind = self.state[block]
+        if kind == DATA:
+            return
+        start = block * BLOCK
+        n = min(BLOCK, self.size - start)
+        data = bytes(n) if kind == ZERO else self._below_bytes(start, n)
+        _pwrite_all(self.fd, data, start)
+        self._set(block, block + 1, DATA)
+
+    def _set(self, first: int, last: int, kind: int) -> None:
+        st = self.state
+        before = (last - first) - st.count(BASE, first, last)
+        st[first:last] = bytes([kind]) * (last - first)
+        after = 0 if kind == BASE else last - first
+        self.touched += after - before
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        end = offset + len(data)
+        first = offset // BLOCK
+        last = (end - 1) // BLOCK
+        if offset % BLOCK:
+            self._copy_up(first)
+        if end % BLOCK and end != self.size:
+            self._copy_up(last)
+        _pwrite_all(self.fd, data, offset)
+        self._set(first, last + 1, DATA)
+
+    def zero(self, offset: int, length: int) -> None:
+        end = offset + length
+        first_full = (offset + BLOCK - 1) // BLOCK
+        last_full = end // BLOCK if end != self.size else (end + BLOCK - 1) // BLOCK
+        if first_full >= last_full:  # inside one block
+            self.pwrite(offset, bytes(length))
+            return
+        head = first_full * BLOCK - offset
+        if head:
+            self.pwrite(offset, bytes(head))
+        tail_start = last_full * BLOCK
+        if tail_start < end:
+            self.pwrite(tail_start, bytes(end - tail_start))
+        self._set(first_full, last_full, ZERO)
+
+    def trim(self, offset: int, length: int) -> None:
+        # Trimmed contents are unspecified (NBD proto.md, NBD_CMD_TRIM): only whole blocks are
+        # released, as zeros, so no byte outside the range changes.
+        first_full = (offset + BLOCK - 1) // BLOCK
+        last_full = (offset + length) // BLOCK
+        if offset + length == self.size:
+            last_full = (self.size + BLOCK - 1) // BLOCK
+        if first_full < last_full:
+            self._set(first_full, last_full, ZERO)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        first = offset // BLOCK
+        last = (offset + length - 1) // BLOCK + 1
+        st = self.state
+        if not self.touched or st.count(BASE, first, last) == last - first:
+            return self.below.extents(offset, length)
+        kind = st[first]
+        run_end = first + 1
+        while run_end < last and st[run_end] == kind:
+            run_end += 1
+        n = min(offset + length, run_end * BLOCK) - offset
+        if kind == BASE:
+            return self.below.extents(offset, n)
+        return [(n, HOLE if kind == ZERO else 0)]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class OverlayRegistry:
+    """The overlays of one export, by client identity, with their lifetimes.
+
+    ``make`` builds a fresh overlay. ``linger`` is how long (seconds) an overlay outlives the
+    last connection of its identity. Time is passed in by the caller (``now``, seconds on a
+    monotonic clock), so this class is easy to test.
+    """
+
+    def __init__(self, make: Callable[[], CowOverlay], linger: float) -> None:
+        self.make = make
+        self.linger = linger
+        self._entries: dict[str, _Entry] = {}
+
+    def acquire(self, identity: str, boot_id: str | None, now: float) -> CowOverlay:
+        """The overlay for a new connection of ``identity``; a fresh one if the client booted
+        anew (another boot id, or no connection for ``linger`` seconds)."""
+        e = self._entries.get(identity)
+        if e is not None:
+            stale = e.users == 0 and now - e.idle_since > self.linger
+            rebooted = boot_id is not None and e.boot_id is not None and boot_id != e.boot_id
+            if stale or rebooted:
+                self._drop(identity)
+                e = None
+            elif boot_id is not None:
+                e.boot_id = boot_id
+        if e is None:
+            e = _Entry(self.make(), boot_id)
+            self._entries[identity] = e
+        e.users += 1
+        return e.overlay
+
+    def release(self, identity: str, now: float) -> None:
+        """A connection of ``identity`` closed."""
+        e = self._entries.get(identity)
+        if e is None:
+            return
+        e.users = max(0, e.users - 1)
+        if e.users == 0:
+            e.idle_since = now
+
+    def expire(self, now: float) -> int:
+        """Drop overlays idle for more than ``linger`` seconds; return how many."""
+        old = [k for k, e in self._entries.items()
+               if e.users == 0 and now - e.idle_since > self.linger]
+        for k in old:
+            self._drop(k)
+        return len(old)
+
+    def _drop(self, identity: str) -> None:
+        e = self._entries.pop(identity)
+        e.overlay.close()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        for k in list(self._entries):
+            self._drop(k)
+
+
+class _Entry:
+    __slots__ = ("boot_id", "idle_since", "overlay", "users")
+
+    def __init__(self, overlay: CowOverlay, boot_id: str | None) -> None:
+        self.overlay = overlay
+        self.boot_id = boot_id
+        self.users = 0
+        self.idle_since = 0.0

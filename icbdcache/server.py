@@ -1,0 +1,564 @@
+"""``icbd-cache serve``: the NBD server on asyncio (uvloop).
+
+One :class:`NBDProtocol` per connection binds the sans-IO :class:`nbd.server.ServerConnection`
+to a transport. The hit path has no task, no await and no exception per request: every request
+in a receive buffer is parsed in one loop, carried out, and all the replies of that batch leave
+in one ``writelines`` (uvloop: one ``writev``), header and payload together (corked), payloads
+being memoryviews of the mapped image. Reads that must wait (a cache miss, in the layers to
+come) complete later through a future callback, so replies may go out of order.
+
+Limits against idle or half-open clients: ``max_connections``; ``handshake_timeout`` seconds to
+reach transmission; TCP keep-alive on every connection; reading pauses while a client does not
+drain its replies. On SIGTERM/SIGINT the server stops accepting, lets in-flight replies finish
+within ``grace`` seconds, then closes every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import cast
+
+from icbdcache.backend import Backend, Buffer
+from icbdcache.exports import Catalog, Export, ExportSpec
+from icbdcache.log import kv
+from nbd.constants import Cmd, Errno
+from nbd.errors import RemoteProtocolError
+from nbd.events import (
+    Disconnect,
+    Request,
+    RequestRejected,
+    StartTLS,
+    TransmissionStarted,
+)
+from nbd.server import ServerConnection
+
+log = logging.getLogger("icbdcache.server")
+reqlog = logging.getLogger("icbdcache.requests")
+
+DEFAULT_PORT = 10809
+
+
+@dataclass
+class ServeConfig:
+    """Settings of ``icbd-cache serve`` (see docs/serve.md). Times are seconds."""
+
+    exports: list[ExportSpec]
+    listen: list[tuple[str, int]] = field(default_factory=list)
+    unix: str | None = None
+    default_export: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_required: bool = False
+    max_connections: int = 512
+    handshake_timeout: float = 10.0
+    grace: float = 10.0
+    cow_dir: str | None = None
+    cow_linger: float = 120.0
+    debug_requests: bool = False
+    workers: int = 1
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` or ``:PORT``. Raises ValueError."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or str(DEFAULT_PORT)
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, str(DEFAULT_PORT)
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"bad port in --listen {text!r}")
+    return host or "0.0.0.0", int(port)
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2 or newer) from PEM files. Raises OSError/SSLError."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _identity(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """(client identity, printable peer) of a connection: the peer's IP address, or for a
+    Unix socket the peer process (SO_PEERCRED)."""
+    peer = transport.get_extra_info("peername")
+    sock = transport.get_extra_info("socket")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), f"{peer[0]}:{peer[1]}"
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _ = struct.unpack("3i", raw)
+            return f"unix:pid={pid}", f"unix:pid={pid},uid={uid}"
+        except OSError:
+            pass
+    return "unknown", str(peer)
+
+
+class NBDProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.id = next(server.ids)
+        self.transport: asyncio.Transport | None = None
+        self.sm = ServerConnection(
+            server.catalog, tls=server.ssl is not None, tls_required=server.config.tls_required
+        )
+        self.backend: Backend | None = None
+        self.export: Export | None = None
+        self.identity = "unknown"
+        self.peer = "?"
+        self.inflight = 0
+        self.requests = 0
+        self.tls = False
+        self.closing = False
+        self.draining = False
+        self.reason = "client closed"
+        self._timer: asyncio.TimerHandle | None = None
+        self.debug = server.config.debug_requests
+
+    # ------------------------------------------------------------ connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.identity, self.peer = _identity(transport)
+        srv = self.server
+        if len(srv.connections) >= srv.config.max_connections or srv.stopping:
+            log.warning(kv(conn=self.id, peer=self.peer, refused="connection limit"
+                           if not srv.stopping else "shutting down"))
+            self.closing = True
+            self.transport.abort()
+            return
+        srv.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+        self._timer = asyncio.get_running_loop().call_later(
+            srv.config.handshake_timeout, self._handshake_timeout
+        )
+        self._flush()
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if self.backend is None and self.transport is not None:
+            self.reason = "handshake timeout"
+            log.info(kv(conn=self.id, peer=self.peer, closed=self.reason))
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.server.connections.discard(self)
+        if self.export is not None:
+            self.export.release(self.identity)
+            log.debug(kv(conn=self.id, peer=self.peer, closed=self.reason,
+                         requests=self.requests, error=exc or ""))
+        self.backend = None
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.draining:
+            self.transport.resume_reading()
+
+    def _flush(self) -> None:
+        out = self.sm.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    # ------------------------------------------------------------ input
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.sm.receive_data(data)
+        except RemoteProtocolError as e:
+            self.reason = f"protocol error: {e}"
+            log.info(kv(conn=self.id, peer=self.peer, closed=self.reason))
+            self._flush()
+            self._close()
+            return
+        handle = self._request
+        for ev in events:
+            if type(ev) is Request:
+                handle(ev)
+            else:
+                self._event(ev)
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self.sm.receive_data(b"")
+        return None
+
+    def _event(self, ev: object) -> None:
+        if isinstance(ev, TransmissionStarted):
+            self._start(ev)
+        elif isinstance(ev, RequestRejected):
+            if self.debug:
+                reqlog.debug(kv(conn=self.id, cookie=ev.cookie, cmd=ev.command,
+                                error=ev.error.name, reason=ev.reason))
+        elif isinstance(ev, Disconnect):
+            self.reason = "disconnect" if ev.clean else "client closed"
+            self._flush()
+            self._close()
+        elif isinstance(ev, StartTLS):
+            self._flush()
+            asyncio.get_running_loop().create_task(self._start_tls())
+        elif self.debug:
+            reqlog.debug(kv(conn=self.id, event=ev))
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None and self.server.ssl is not None
+        loop = asyncio.get_running_loop()
+        try:
+            tr = await loop.start_tls(self.transport, self, self.server.ssl, server_side=True,
+                                      ssl_handshake_timeout=self.server.config.handshake_timeout)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
+            self.reason = f"TLS handshake failed: {e}"
+            log.info(kv(conn=self.id, peer=self.peer, closed=self.reason))
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if tr is None:
+            return
+        self.transport = tr
+        self.tls = True
+        self.sm.tls_started()
+
+    def _start(self, ev: TransmissionStarted) -> None:
+        found = self.server.catalog.resolve(ev.requested)
+        if found is None:  # the catalog answered the state machine, so this cannot happen
+            self._close()
+            return
+        export, options = found
+        try:
+            self.backend = export.open(self.identity, options)
+        except OSError as e:
+            log.error(kv(conn=self.id, peer=self.peer, export=export.name, error=e))
+            self._close()
+            return
+        self.export = export
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        log.info(kv(
+            conn=self.id, peer=self.peer, export=ev.requested or f"(default) {export.name}",
+            size=export.info.size, opt=ev.option.name,
+            structured="yes" if ev.structured_replies else "no",
+            meta=",".join(ev.meta_contexts) or "-", tls="yes" if self.tls else "no",
+            mode="cow" if export.overlays is not None else "ro",
+        ))
+
+    # ------------------------------------------------------------ requests
+
+    def _request(self, req: Request) -> None:
+        b = self.backend
+        sm = self.sm
+        self.requests += 1
+        if self.debug:
+            reqlog.debug(kv(conn=self.id, cookie=req.cookie, cmd=req.command.name,
+                            flags=int(req.flags), offset=req.offset, length=req.length))
+        if b is None:
+            sm.reply_error(req, Errno.EIO, "no export")
+            return
+        cmd = req.command
+        try:
+            if cmd is Cmd.READ:
+                result = b.pread(req.offset, req.length)
+                if type(result) is list:
+                    sm.reply_read(req, result)
+                else:
+                    self._wait(req, cast(Awaitable[list[Buffer]], result))
+            elif cmd is Cmd.WRITE:
+                b.pwrite(req.offset, req.data)
+                sm.reply_ok(req)
+            elif cmd is Cmd.BLOCK_STATUS:
+                sm.reply_block_status(req, b.extents(req.offset, req.length))
+            elif cmd is Cmd.FLUSH:
+                b.flush()
+                sm.reply_ok(req)
+            elif cmd is Cmd.WRITE_ZEROES:
+                b.zero(req.offset, req.length)
+                sm.reply_ok(req)
+            elif cmd is Cmd.TRIM:
+                b.trim(req.offset, req.length)
+                sm.reply_ok(req)
+            elif cmd is Cmd.CACHE:
+                b.cache(req.offset, req.length)
+                sm.reply_ok(req)
+            else:
+                sm.reply_error(req, Errno.EINVAL, f"{cmd.name} is not supported")
+        except OSError as e:
+            err = Errno.from_os(e.errno or 0)
+            log.warning(kv(conn=self.id, cmd=cmd.name, offset=req.offset, length=req.length,
+                           error=e, reply=err.name))
+            sm.reply_error(req, err, str(e))
+        except Exception:
+            log.exception(kv(conn=self.id, cmd=cmd.name, offset=req.offset, length=req.length))
+            sm.reply_error(req, Errno.EIO, "internal error")
+
+    def _wait(self, req: Request, result: Awaitable[list[Buffer]]) -> None:
+        self.inflight += 1
+        fut = asyncio.ensure_future(result)
+        fut.add_done_callback(partial(self._read_done, req))
+
+    def _read_done(self, req: Request, fut: asyncio.Future[list[Buffer]]) -> None:
+        self.inflight -= 1
+        if self.transport is None or self.transport.is_closing():
+            return
+        exc = fut.exception()
+        if exc is None:
+            self.sm.reply_read(req, fut.result())
+        else:
+            err = Errno.from_os(exc.errno or 0) if isinstance(exc, OSError) else Errno.EIO
+            log.warning(kv(conn=self.id, cmd="READ", offset=req.offset, length=req.length,
+                           error=exc, reply=err.name))
+            self.sm.reply_error(req, err, str(exc))
+        self._flush()
+
+    # ------------------------------------------------------------ shutdown
+
+    def drain(self) -> None:
+        """Stop reading requests; connections still in the handshake close now."""
+        self.draining = True
+        if self.transport is None:
+            return
+        if self.backend is None:
+            self.reason = "server shutdown"
+            self.transport.abort()
+        else:
+            self.transport.pause_reading()
+
+    @property
+    def busy(self) -> bool:
+        t = self.transport
+        return self.inflight > 0 or (t is not None and not t.is_closing()
+                                     and t.get_write_buffer_size() > 0)
+
+
+class Server:
+    """The listening sockets, the exports and the live connections of one process."""
+
+    def __init__(self, config: ServeConfig, catalog: Catalog) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.ssl = (tls_context(config.tls_cert, config.tls_key)
+                    if config.tls_cert and config.tls_key else None)
+        self.connections: set[NBDProtocol] = set()
+        self.ids = itertools.count(1)
+        self.servers: list[asyncio.AbstractServer] = []
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._janitor: asyncio.Task[None] | None = None
+
+    async def start(self, *, unix_sock: socket.socket | None = None,
+                    reuse_port: bool = False) -> None:
+        """Open every listening socket. Raises OSError (address in use, ...)."""
+        loop = asyncio.get_running_loop()
+        for host, port in self.config.listen:
+            srv = await loop.create_server(
+                lambda: NBDProtocol(self), host, port, reuse_address=True,
+                reuse_port=reuse_port or None, backlog=1024,
+            )
+            self.servers.append(srv)
+            for s in srv.sockets:
+                log.info(kv(listening=_fmt_addr(s.getsockname()), tls=(
+                    "required" if self.config.tls_required else "offered" if self.ssl else "no"
+                )))
+        if unix_sock is not None or self.config.unix:
+            if unix_sock is None:
+                path = cast(str, self.config.unix)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.path.exists(path) and not _is_socket(path):
+                        raise OSError(f"{path} exists and is not a socket")
+                    os.unlink(path)
+                srv = await loop.create_unix_server(lambda: NBDProtocol(self), path, backlog=1024)
+            else:
+                srv = await loop.create_unix_server(lambda: NBDProtocol(self), sock=unix_sock)
+            self.servers.append(srv)
+            log.info(kv(listening=f"unix:{self.config.unix}"))
+        self._janitor = loop.create_task(self._expire_overlays())
+
+    async def _expire_overlays(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, min(30.0, self.config.cow_linger / 2)))
+            now = time.monotonic()
+            for e in self.catalog.by_name.values():
+                if e.overlays is not None and e.overlays.expire(now):
+                    log.debug(kv(export=e.name, overlays=len(e.overlays)))
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve` to shut down (signal handlers call this)."""
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Run until :meth:`request_stop`, then shut down gracefully."""
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, finish in-flight replies within ``grace`` seconds, close all."""
+        self.stopping = True
+        for srv in self.servers:
+            srv.close()
+        conns = list(self.connections)
+        log.info(kv(shutdown="begin", connections=len(conns), grace=self.config.grace))
+        for c in conns:
+            c.drain()
+        deadline = time.monotonic() + self.config.grace
+        while any(c.busy for c in conns) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = [c for c in conns if c.busy]
+        for c in conns:
+            c.reason = "server shutdown"
+            if c.transport is not None:
+                if c in left:
+                    c.transport.abort()
+                else:
+                    c.transport.close()
+        await asyncio.sleep(0)
+        if self._janitor is not None:
+            self._janitor.cancel()
+        for srv in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+        if self.config.unix and os.path.exists(self.config.unix):
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.unix)
+        self.catalog.close()
+        log.info(kv(shutdown="done", unfinished=len(left)))
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.stat(path).st_mode)
+
+
+def _fmt_addr(addr: object) -> str:
+    if isinstance(addr, tuple):
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
+
+
+def build_catalog(config: ServeConfig) -> Catalog:
+    """Open every export of ``config``. Raises OSError or ValueError with the export named."""
+    exports: list[Export] = []
+    for spec in config.exports:
+        try:
+            exports.append(Export(spec, cow_dir=config.cow_dir, cow_linger=config.cow_linger))
+        except OSError as e:
+            raise OSError(e.errno, f"export {spec.name}: {e.strerror}: {spec.path}") from None
+    return Catalog(exports, config.default_export)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop, or asyncio's own where uvloop is missing."""
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+
+
+async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
+               reuse_port: bool = False) -> None:
+    server = Server(config, build_catalog(config))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    await server.start(unix_sock=unix_sock, reuse_port=reuse_port)
+    await server.serve()
+
+
+def run(config: ServeConfig) -> int:
+    """Serve until SIGTERM/SIGINT; with ``workers`` > 1, one process per worker sharing the
+    port with SO_REUSEPORT. Returns the exit status."""
+    _raise_fd_limit()
+    if config.workers <= 1:
+        loop = new_event_loop()
+        try:
+            loop.run_until_complete(_run(config))
+        finally:
+            loop.close()
+        return 0
+    return _run_workers(config)
+
+
+def _raise_fd_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _run_workers(config: ServeConfig) -> int:
+    unix_sock = None
+    if config.unix:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.unix)
+        unix_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix_sock.bind(config.unix)
+        unix_sock.listen(1024)
+    children: list[int] = []
+    for _ in range(config.workers):
+        pid = os.fork()
+        if pid == 0:  # worker
+            code = 0
+            try:
+                loop = new_event_loop()
+                loop.run_until_complete(_run(config, unix_sock=unix_sock, reuse_port=True))
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    log.info(kv(workers=len(children), pids=",".join(map(str, children))))
+
+    def forward(sig: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for pid in children:
+        _, st = os.waitpid(pid, 0)
+        status = status or os.waitstatus_to_exitcode(st)
+    if config.unix:
+        with contextlib.suppress(OSError):
+            os.unlink(config.unix)
+    return status
