@@ -355,23 +355,36 @@ class ClientConnection:
         req = self._inflight.get(cookie)
         if req is None:
             raise RemoteProtocolError(f"structured reply for unknown cookie {cookie}")
+        # Chunk rules of proto.md 'Structured reply types': content chunks lie within the
+        # request; anything unexpected that is not an error chunk means a hard disconnect.
         if rtype == ReplyType.OFFSET_DATA and req.data is not None:
+            if length < 9:
+                raise RemoteProtocolError(f"OFFSET_DATA chunk of {length} bytes")
             (off,) = wire.OFFSET.unpack_from(body)
-            rel = off - req.offset
-            if rel < 0 or rel + length - 8 > req.length:
-                raise RemoteProtocolError("OFFSET_DATA outside the request")
+            rel = _within(req, off, length - 8, "OFFSET_DATA")
             req.data[rel : rel + length - 8] = body[8:]
         elif rtype == ReplyType.OFFSET_HOLE and req.data is not None:
+            if length != wire.OFFSET_HOLE.size:
+                raise RemoteProtocolError(f"OFFSET_HOLE chunk of {length} bytes")
             off, hlen = wire.OFFSET_HOLE.unpack_from(body)
-            rel = off - req.offset
+            rel = _within(req, off, hlen, "OFFSET_HOLE")
             req.data[rel : rel + hlen] = bytes(hlen)
-        elif rtype == ReplyType.BLOCK_STATUS:
-            for i in range(4, len(body), 8):
+        elif rtype == ReplyType.BLOCK_STATUS and req.command is Cmd.BLOCK_STATUS:
+            if length < 12 or (length - 4) % 8:
+                raise RemoteProtocolError(f"BLOCK_STATUS chunk of {length} bytes")
+            for i in range(4, length, 8):
                 req.extents.append(wire.EXTENT.unpack_from(body, i))
         elif rtype & (1 << 15):
+            if length < wire.ERROR_PAYLOAD.size:
+                raise RemoteProtocolError(f"error chunk of {length} bytes")
             err, mlen = wire.ERROR_PAYLOAD.unpack_from(body)
-            req.error = Errno(err) if err in _ERRNOS else Errno.EINVAL
+            if mlen > length - wire.ERROR_PAYLOAD.size:
+                raise RemoteProtocolError("error message longer than its chunk")
+            # An error chunk must carry a nonzero error; unknown values count as EINVAL.
+            req.error = Errno(err) if err in _ERRNOS and err else Errno.EINVAL
             req.message = body[6 : 6 + mlen].decode(errors="replace")
+        elif rtype != ReplyType.NONE or length or not rflags & ReplyFlag.DONE:
+            raise RemoteProtocolError(f"unexpected chunk type {rtype} for {req.command.name}")
         if rflags & ReplyFlag.DONE:
             del self._inflight[cookie]
             events.append(_done(cookie, req, req.error))
@@ -379,6 +392,15 @@ class ClientConnection:
 
 
 _ERRNOS = {int(e) for e in Errno}
+
+
+def _within(req: _InFlight, offset: int, length: int, what: str) -> int:
+    """Where ``length`` bytes at ``offset`` start in ``req``'s buffer; a protocol error unless
+    they are nonempty and inside the request."""
+    rel = offset - req.offset
+    if length <= 0 or rel < 0 or rel + length > req.length:
+        raise RemoteProtocolError(f"{what} of {length} bytes at {offset} outside the request")
+    return rel
 
 
 def _done(cookie: int, req: _InFlight, error: Errno) -> Reply:
