@@ -219,6 +219,8 @@ class ClientConnection:
         if rtype & (1 << 31):
             self._steps.pop(0)
             msg = body.decode(errors="replace")
+            if opt is Opt.SET_META_CONTEXT:
+                self.meta_contexts.clear()  # proto.md: disregard contexts sent before an error
             if opt is Opt.STRUCTURED_REPLY or opt is Opt.SET_META_CONTEXT:
                 self._next_option()
             elif opt is Opt.GO and rtype == Rep.ERR_UNSUP:
