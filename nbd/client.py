@@ -11,6 +11,7 @@ in transmission queue requests with :meth:`ClientConnection.request` and collect
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
 
 from nbd import wire
@@ -156,19 +157,26 @@ class ClientConnection:
             return []
         self._buf += data
         events: list[ClientEvent] = []
-        while True:
-            phase = self.phase
-            if phase is ClientPhase.GREETING:
-                if not self._greeting():
+        try:
+            while True:
+                phase = self.phase
+                if phase is ClientPhase.GREETING:
+                    if not self._greeting():
+                        break
+                elif phase is ClientPhase.OPTIONS:
+                    if not self._option_reply(events):
+                        break
+                elif phase is ClientPhase.TRANSMISSION:
+                    if not self._reply(events):
+                        break
+                else:
                     break
-            elif phase is ClientPhase.OPTIONS:
-                if not self._option_reply(events):
-                    break
-            elif phase is ClientPhase.TRANSMISSION:
-                if not self._reply(events):
-                    break
-            else:
-                break
+        except RemoteProtocolError:
+            self.phase = ClientPhase.CLOSED
+            raise
+        except (struct.error, ValueError) as exc:  # a field too short, a string not UTF-8
+            self.phase = ClientPhase.CLOSED
+            raise RemoteProtocolError(f"malformed message from the server: {exc}") from exc
         return events
 
     def _take(self, n: int) -> bytes | None:
