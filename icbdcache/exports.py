@@ -80,10 +80,10 @@ class Export:
             return self.base
         return self.overlays.acquire(identity, options.get("boot"), time.monotonic())
 
-    def release(self, identity: str) -> None:
-        """A connection of ``identity`` closed."""
-        if self.overlays is not None:
-            self.overlays.release(identity, time.monotonic())
+    def release(self, identity: str, backend: Backend) -> None:
+        """A connection of ``identity`` that used ``backend`` (from :meth:`open`) closed."""
+        if self.overlays is not None and isinstance(backend, CowOverlay):
+            self.overlays.release(identity, backend, time.monotonic())
 
     def close(self) -> None:
         if self.overlays is not None:

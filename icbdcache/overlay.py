@@ -63,6 +63,7 @@ class CowOverlay(Backend):
         nblocks = (self.size + BLOCK - 1) // BLOCK
         self.state = bytearray(nblocks)
         self.touched = 0  # blocks not in BASE state; 0 means every read goes below
+        self.users = 0  # connections using this overlay (kept by OverlayRegistry)
         fd, path = tempfile.mkstemp(prefix="icbd-cow-", dir=directory)
         os.unlink(path)
         self.fd = fd
@@ -217,7 +218,7 @@ class OverlayRegistry:
         anew (another boot id, or no connection for ``linger`` seconds)."""
         e = self._entries.get(identity)
         if e is not None:
-            stale = e.users == 0 and now - e.idle_since > self.linger
+            stale = e.overlay.users == 0 and now - e.idle_since > self.linger
             rebooted = boot_id is not None and e.boot_id is not None and boot_id != e.boot_id
             if stale or rebooted:
                 self._drop(identity)
@@ -227,43 +228,46 @@ class OverlayRegistry:
         if e is None:
             e = _Entry(self.make(), boot_id)
             self._entries[identity] = e
-        e.users += 1
+        e.overlay.users += 1
         return e.overlay
 
-    def release(self, identity: str, now: float) -> None:
-        """A connection of ``identity`` closed."""
+    def release(self, identity: str, overlay: CowOverlay, now: float) -> None:
+        """A connection of ``identity`` that used ``overlay`` closed. An overlay replaced
+        meanwhile (its client rebooted) is closed with its last connection."""
+        overlay.users = max(0, overlay.users - 1)
         e = self._entries.get(identity)
-        if e is None:
-            return
-        e.users = max(0, e.users - 1)
-        if e.users == 0:
-            e.idle_since = now
+        if e is not None and e.overlay is overlay:
+            if overlay.users == 0:
+                e.idle_since = now
+        elif overlay.users == 0:
+            overlay.close()
 
     def expire(self, now: float) -> int:
         """Drop overlays idle for more than ``linger`` seconds; return how many."""
         old = [k for k, e in self._entries.items()
-               if e.users == 0 and now - e.idle_since > self.linger]
+               if e.overlay.users == 0 and now - e.idle_since > self.linger]
         for k in old:
             self._drop(k)
         return len(old)
 
     def _drop(self, identity: str) -> None:
         e = self._entries.pop(identity)
-        e.overlay.close()
+        if e.overlay.users == 0:
+            e.overlay.close()  # else closed by release() when its last connection ends
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def close(self) -> None:
-        for k in list(self._entries):
-            self._drop(k)
+        for e in self._entries.values():
+            e.overlay.close()
+        self._entries.clear()
 
 
 class _Entry:
-    __slots__ = ("boot_id", "idle_since", "overlay", "users")
+    __slots__ = ("boot_id", "idle_since", "overlay")
 
     def __init__(self, overlay: CowOverlay, boot_id: str | None) -> None:
         self.overlay = overlay
         self.boot_id = boot_id
-        self.users = 0
         self.idle_since = 0.0

@@ -170,8 +170,8 @@ class NBDProtocol(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.server.connections.discard(self)
-        if self.export is not None:
-            self.export.release(self.identity)
+        if self.export is not None and self.backend is not None:
+            self.export.release(self.identity, self.backend)
             log.debug(kv(conn=self.id, peer=self.peer, closed=self.reason,
                          requests=self.requests, error=exc or ""))
         self.backend = None
