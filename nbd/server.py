@@ -61,7 +61,9 @@ Event = OptionHaggled | StartTLS | TransmissionStarted | Request | RequestReject
 BASE_ALLOCATION_ID = 1
 
 _ZEROES = bytes(wire.ZERO_PAD)
-_KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+# Plain ints: since Python 3.11, ``~`` on an IntFlag inverts only the defined bits, so
+# ``x & ~SomeFlag`` would never see an unknown bit.
+_KNOWN_CLIENT_FLAGS = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 
 # Which command flags each command accepts, and the transmission flag that must be advertised
 # for each (NBD proto.md, 'Command flags').
@@ -513,7 +515,7 @@ class ServerConnection:
             return Errno.EINVAL, f"unknown command {cmd}"
         # FUA is valid on every command once SEND_FUA is advertised (proto.md, 'Command
         # flags': the server MUST accept it, even by ignoring it); _FLAG_NEEDS checks that.
-        allowed = _CMD_FLAGS[command] | CmdFlag.FUA
+        allowed = int(_CMD_FLAGS[command] | CmdFlag.FUA)
         if flags & ~allowed:
             return Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}"
         for flag, needed in _FLAG_NEEDS.items():
