@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nbd.constants import Cmd, CmdFlag, Errno, Opt, TransmissionFlag
+from nbd.constants import Cmd, Errno, Opt, TransmissionFlag
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,17 +61,22 @@ class TransmissionStarted:
     requested: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     """A valid transmission request to carry out and answer with a reply method.
 
-    ``offset`` and ``length`` are bytes, already checked against the export size and limits.
+    ``offset`` and ``length`` are bytes, already checked against the export size and limits;
+    ``flags`` are the request's :class:`~nbd.constants.CmdFlag` bits as a plain int.
     ``data`` is the WRITE payload (``length`` bytes), else empty.
+
+    Not frozen, unlike the other events: one is made per request on the hot path, and a frozen
+    dataclass costs four times as much to build (1.3 vs 0.36 us measured). Treat it as
+    read-only.
     """
 
     cookie: int
     command: Cmd
-    flags: CmdFlag
+    flags: int
     offset: int
     length: int
     data: memoryview | bytes = b""
