@@ -1,0 +1,410 @@
+"""The node's store: one LMDB environment holding chunks, chunk maps and metadata.
+
+Databases (LMDB named sub-databases) and their records:
+
+==========  ============================  ==================================================
+db          key                           value
+==========  ============================  ==================================================
+chunks      digest (16 bytes)             the chunk's bytes (never all zeros)
+atime       digest                        u64 big-endian access tick (for eviction)
+maps        ``IMI@VERSION`` (UTF-8)       digests, 16 bytes per chunk index (ZERO, UNKNOWN)
+versions    ``IMI@VERSION``               JSON :class:`VersionMeta`
+meta        text key                      ``held`` (u64 bytes of chunks), ``tick``,
+                                          ``latest:IMI``, ``stats`` (JSON counters)
+profiles    ``IMI@VERSION``               u32 big-endian chunk indexes in first-read order
+==========  ============================  ==================================================
+
+Rules (py-lmdb): a buffer from a read transaction is only valid inside it, so every read here
+copies out what it returns before the transaction ends; one environment per process, opened
+after any fork; writes go through one writer at a time (:class:`~icbdcache.store.writer.
+BatchWriter` batches many chunks per transaction). Every chunk is checked against its digest
+before it is stored. The ``held`` counter changes in the same transaction as the chunks, so a
+killed process leaves it consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lmdb
+
+from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, UNKNOWN, ZERO, chunk_count, digest
+
+_U64 = struct.Struct(">Q")
+_DBS = ("chunks", "atime", "maps", "versions", "meta", "profiles")
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (unknown version, bad chunk, full)."""
+
+
+class ChunkMismatch(StoreError):
+    """A chunk's bytes do not hash to the digest it was offered under."""
+
+
+@dataclass
+class VersionMeta:
+    """What the store knows of one iMI version. Sizes in bytes."""
+
+    imi: str
+    version: str
+    size: int
+    chunk_size: int = CHUNK_SIZE
+    sources: list[str] = field(default_factory=list)
+    pinned: bool = False
+    created: float = 0.0
+    kernel: str | None = None
+    initrd: str | None = None
+
+    @property
+    def key(self) -> str:
+        return version_key(self.imi, self.version)
+
+    @property
+    def chunks(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
+
+
+def version_key(imi: str, version: str) -> str:
+    """``IMI@VERSION``, the name of a version everywhere (export names too)."""
+    return f"{imi}@{version}"
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """``IMI@VERSION`` -> (IMI, VERSION); ``IMI`` -> (IMI, None)."""
+    imi, sep, version = key.rpartition("@")
+    return (imi, version) if sep else (key, None)
+
+
+class Store:
+    """An LMDB store at ``path`` (a directory, created if missing).
+
+    ``size_limit`` bounds the bytes of chunks held (None: unbounded); chunks of pinned versions
+    are never evicted. ``map_size`` is LMDB's address-space reservation (grown on demand).
+    Raises StoreError if the environment cannot be opened.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, size_limit: int | None = None,
+                 map_size: int | None = None, readonly: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.size_limit = size_limit
+        self.readonly = readonly
+        if not readonly:
+            os.makedirs(self.path, exist_ok=True)
+        if map_size is None:
+            map_size = max(1 << 30, int((size_limit or (64 << 30)) * 1.5))
+        try:
+            self.env = lmdb.open(
+                self.path, map_size=map_size, max_dbs=len(_DBS) + 2, max_readers=512,
+                readonly=readonly, readahead=False, metasync=True, sync=True, lock=True,
+                create=not readonly,
+            )
+        except lmdb.Error as e:
+            raise StoreError(f"cannot open store {self.path}: {e}") from e
+        self.env.reader_check()
+        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS}
+        self._write_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ------------------------------------------------------------------ chunks
+
+    def get_chunk(self, key: bytes) -> bytes | None:
+        """The bytes of chunk ``key`` (copied out of LMDB), or None if not held."""
+        with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
+            buf = txn.get(key)
+            return bytes(buf) if buf is not None else None
+
+    def has_chunk(self, key: bytes) -> bool:
+        with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
+            return txn.get(key) is not None
+
+    def missing(self, keys: Iterable[bytes]) -> list[bytes]:
+        """The keys in ``keys`` (not ZERO or UNKNOWN) that are not held, without duplicates."""
+        out: list[bytes] = []
+        seen: set[bytes] = set()
+        with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
+            for k in keys:
+                if k in seen or k in (ZERO, UNKNOWN):
+                    continue
+                seen.add(k)
+                if txn.get(k) is None:
+                    out.append(k)
+        return out
+
+    def write_batch(
+        self,
+        chunks: Iterable[tuple[bytes, bytes]] = (),
+        map_updates: Iterable[tuple[str, int, bytes]] = (),
+        touched: Iterable[bytes] = (),
+        stats: dict[str, int] | None = None,
+    ) -> int:
+        """One write transaction: store ``chunks`` ((digest, bytes), each verified; raises
+        ChunkMismatch before anything is written if one does not match), set learned map
+        entries ((version key, index, digest)), record access ticks for ``touched`` digests,
+        add ``stats`` counters, then evict cold chunks while over ``size_limit``.
+        Returns the bytes of chunks added."""
+        items = [(k, bytes(v)) for k, v in chunks]
+        for k, v in items:
+            if digest(v) != k:
+                raise ChunkMismatch(f"chunk {k.hex()} does not match its bytes")
+        updates = list(map_updates)
+        with self._write_lock:
+            return self._retry(lambda txn: self._write(txn, items, updates, touched, stats))
+
+    def _retry(self, fn: Any) -> int:
+        for _ in range(8):
+            try:
+                with self.env.begin(write=True) as txn:
+                    return int(fn(txn))
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+        raise StoreError("LMDB map full after growing it 8 times")
+
+    def _write(self, txn: lmdb.Transaction, items: list[tuple[bytes, bytes]],
+               updates: list[tuple[str, int, bytes]], touched: Iterable[bytes],
+               stats: dict[str, int] | None) -> int:
+        chunks_db, atime_db, meta_db = self.db["chunks"], self.db["atime"], self.db["meta"]
+        held = _get_u64(txn, meta_db, b"held")
+        tick = _get_u64(txn, meta_db, b"tick") + 1
+        tick_b = _U64.pack(tick)
+        added = 0
+        for k, v in items:
+            if txn.put(k, v, db=chunks_db, overwrite=False):
+                added += len(v)
+            txn.put(k, tick_b, db=atime_db)
+        for k in touched:
+            if txn.get(k, db=chunks_db) is not None:
+                txn.put(k, tick_b, db=atime_db)
+        if updates:
+            maps_db = self.db["maps"]
+            blobs: dict[str, bytearray] = {}
+            for vkey, index, d in updates:
+                blob = blobs.get(vkey)
+                if blob is None:
+                    raw = txn.get(vkey.encode(), db=maps_db)
+                    if raw is None:
+                        continue
+                    blob = blobs[vkey] = bytearray(raw)
+                blob[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = d
+            for vkey, blob in blobs.items():
+                txn.put(vkey.encode(), bytes(blob), db=maps_db)
+        held += added
+        if self.size_limit is not None and held > self.size_limit:
+            held -= self._evict(txn, held - int(self.size_limit * 0.9))
+        txn.put(b"held", _U64.pack(held), db=meta_db)
+        txn.put(b"tick", tick_b, db=meta_db)
+        if stats:
+            cur = json.loads(bytes(txn.get(b"stats", b"{}", db=meta_db)))
+            for name, n in stats.items():
+                cur[name] = cur.get(name, 0) + n
+            txn.put(b"stats", json.dumps(cur).encode(), db=meta_db)
+        return added
+
+    def _evict(self, txn: lmdb.Transaction, need: int) -> int:
+        """Delete the coldest unpinned chunks until ``need`` bytes are freed; return bytes."""
+        pinned = self._pinned_digests(txn)
+        chunks_db, atime_db = self.db["chunks"], self.db["atime"]
+        candidates: list[tuple[int, bytes]] = []
+        with txn.cursor(db=chunks_db) as cur:
+            for k in cur.iternext(keys=True, values=False):
+                k = bytes(k)
+                if k in pinned:
+                    continue
+                t = txn.get(k, db=atime_db)
+                candidates.append((_U64.unpack(t)[0] if t is not None else 0, k))
+        candidates.sort()
+        freed = 0
+        for _, k in candidates:
+            if freed >= need:
+                break
+            v = txn.get(k, db=chunks_db)
+            if v is None:
+                continue
+            freed += len(v)
+            txn.delete(k, db=chunks_db)
+            txn.delete(k, db=atime_db)
+        self._count(txn, "evicted_bytes", freed)
+        return freed
+
+    def _count(self, txn: lmdb.Transaction, name: str, n: int) -> None:
+        meta_db = self.db["meta"]
+        cur = json.loads(bytes(txn.get(b"stats", b"{}", db=meta_db)))
+        cur[name] = cur.get(name, 0) + n
+        txn.put(b"stats", json.dumps(cur).encode(), db=meta_db)
+
+    def _pinned_digests(self, txn: lmdb.Transaction) -> set[bytes]:
+        out: set[bytes] = set()
+        for meta in self._versions(txn):
+            if meta.pinned:
+                raw = txn.get(meta.key.encode(), db=self.db["maps"])
+                if raw is not None:
+                    blob = bytes(raw)
+                    out.update(blob[i : i + DIGEST_SIZE] for i in range(0, len(blob), DIGEST_SIZE))
+        return out
+
+    @property
+    def held(self) -> int:
+        """Bytes of chunks held."""
+        with self.env.begin(db=self.db["meta"]) as txn:
+            return _get_u64(txn, self.db["meta"], b"held")
+
+    # ------------------------------------------------------------------ versions
+
+    def put_version(self, meta: VersionMeta, chunk_map: bytes | None = None) -> None:
+        """Create or replace a version's metadata and (if given) its chunk map; a version
+        without a map gets one of UNKNOWN entries. Raises StoreError on a bad map length."""
+        if chunk_map is not None and len(chunk_map) != meta.chunks * DIGEST_SIZE:
+            raise StoreError(f"chunk map of {meta.key} has the wrong length")
+
+        def fn(txn: lmdb.Transaction) -> int:
+            k = meta.key.encode()
+            txn.put(k, json.dumps(asdict(meta)).encode(), db=self.db["versions"])
+            if chunk_map is not None:
+                txn.put(k, bytes(chunk_map), db=self.db["maps"])
+            elif txn.get(k, db=self.db["maps"]) is None:
+                txn.put(k, UNKNOWN * meta.chunks, db=self.db["maps"])
+            return 0
+
+        with self._write_lock:
+            self._retry(fn)
+
+    def version(self, key: str) -> VersionMeta | None:
+        """The version ``IMI@VERSION``, or the latest of ``IMI``; None if unknown."""
+        imi, ver = split_key(key)
+        with self.env.begin() as txn:
+            if ver is None:
+                latest = txn.get(f"latest:{imi}".encode(), db=self.db["meta"])
+                if latest is None:
+                    return None
+                key = version_key(imi, bytes(latest).decode())
+            raw = txn.get(key.encode(), db=self.db["versions"])
+            return VersionMeta(**json.loads(bytes(raw))) if raw is not None else None
+
+    def versions(self) -> list[VersionMeta]:
+        with self.env.begin() as txn:
+            return list(self._versions(txn))
+
+    def _versions(self, txn: lmdb.Transaction) -> Iterator[VersionMeta]:
+        with txn.cursor(db=self.db["versions"]) as cur:
+            for _, v in cur:
+                yield VersionMeta(**json.loads(bytes(v)))
+
+    def chunk_map(self, key: str) -> bytearray:
+        """The chunk map of version ``key`` (a copy). Raises StoreError if unknown."""
+        with self.env.begin(db=self.db["maps"]) as txn:
+            raw = txn.get(key.encode())
+            if raw is None:
+                raise StoreError(f"no chunk map for {key}")
+            return bytearray(raw)
+
+    def set_latest(self, imi: str, version: str) -> None:
+        """Point ``IMI`` (the export name without a version) at ``version``, atomically."""
+        def fn(txn: lmdb.Transaction) -> int:
+            txn.put(f"latest:{imi}".encode(), version.encode(), db=self.db["meta"])
+            return 0
+
+        with self._write_lock:
+            self._retry(fn)
+
+    def latest(self, imi: str) -> str | None:
+        with self.env.begin(db=self.db["meta"]) as txn:
+            raw = txn.get(f"latest:{imi}".encode())
+            return bytes(raw).decode() if raw is not None else None
+
+    def set_pinned(self, key: str, pinned: bool) -> None:
+        meta = self.version(key)
+        if meta is None:
+            raise StoreError(f"unknown version {key}")
+        meta.pinned = pinned
+        self.put_version(meta)
+
+    def held_of(self, key: str) -> tuple[int, int]:
+        """(bytes held, bytes needed) of version ``key``: non-zero chunks present / all."""
+        meta = self.version(key)
+        if meta is None:
+            raise StoreError(f"unknown version {key}")
+        blob = self.chunk_map(meta.key)
+        held = need = 0
+        with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
+            for i in range(meta.chunks):
+                d = bytes(blob[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
+                if d == ZERO:
+                    continue
+                n = min(meta.chunk_size, meta.size - i * meta.chunk_size)
+                need += n
+                if d != UNKNOWN and txn.get(d) is not None:
+                    held += n
+        return held, need
+
+    # ------------------------------------------------------------------ profiles, stats
+
+    def put_profile(self, key: str, indexes: list[int]) -> None:
+        """Record the boot profile of version ``key``: chunk indexes in first-read order."""
+        raw = struct.pack(f">{len(indexes)}I", *indexes)
+
+        def fn(txn: lmdb.Transaction) -> int:
+            txn.put(key.encode(), raw, db=self.db["profiles"])
+            return 0
+
+        with self._write_lock:
+            self._retry(fn)
+
+    def profile(self, key: str) -> list[int]:
+        with self.env.begin(db=self.db["profiles"]) as txn:
+            raw = txn.get(key.encode())
+            if raw is None:
+                return []
+            raw = bytes(raw)
+            return list(struct.unpack(f">{len(raw) // 4}I", raw))
+
+    def stats(self) -> dict[str, int]:
+        """Persistent counters (bytes from each source, evictions, ...) and ``held``."""
+        with self.env.begin(db=self.db["meta"]) as txn:
+            out: dict[str, int] = json.loads(bytes(txn.get(b"stats", b"{}")))
+            out["held_bytes"] = _get_u64(txn, self.db["meta"], b"held")
+        with self.env.begin() as txn:
+            out["chunks"] = txn.stat(self.db["chunks"])["entries"]
+        return out
+
+    # ------------------------------------------------------------------ verify
+
+    def verify(self, repair: bool = False) -> dict[str, int]:
+        """Check every chunk against its digest and the ``held`` counter against the chunks.
+        With ``repair``, bad chunks are deleted and the counter fixed. Returns counts:
+        ``chunks``, ``bad``, ``held_recorded``, ``held_actual``."""
+        bad: list[bytes] = []
+        total = count = 0
+        with self.env.begin(db=self.db["chunks"], buffers=True) as txn, txn.cursor() as cur:
+            for k, v in cur:
+                count += 1
+                total += len(v)
+                if digest(v) != bytes(k):
+                    bad.append(bytes(k))
+        recorded = self.held
+        if repair and (bad or recorded != total):
+            def fn(txn: lmdb.Transaction) -> int:
+                held = total
+                for k in bad:
+                    v = txn.get(k, db=self.db["chunks"])
+                    held -= len(v) if v is not None else 0
+                    txn.delete(k, db=self.db["chunks"])
+                txn.put(b"held", _U64.pack(held), db=self.db["meta"])
+                return 0
+
+            with self._write_lock:
+                self._retry(fn)
+        return {"chunks": count, "bad": len(bad), "held_recorded": recorded,
+                "held_actual": total}
+
+
+def _get_u64(txn: lmdb.Transaction, db: Any, key: bytes) -> int:
+    raw = txn.get(key, db=db)
+    return int(_U64.unpack(bytes(raw))[0]) if raw is not None else 0
