@@ -56,6 +56,13 @@ class BatchWriter:
             self._idle.clear()
             self._cv.notify()
 
+    def put_updates(self, updates: Sequence[tuple[str, int, bytes]]) -> None:
+        """Queue learned map entries that come with no chunk (all-zero chunks)."""
+        with self._cv:
+            self._updates.extend(updates)
+            self._idle.clear()
+            self._cv.notify()
+
     def touch(self, key: bytes) -> None:
         """Note a read of chunk ``key`` (recorded as its access tick with the next batch)."""
         self._touched.add(key)

@@ -1,0 +1,336 @@
+"""The read path: chunk lookup, single-flight faulting, verification, boot-profile readahead.
+
+Notes on the design
+-------------------
+* A version is a chunk map (index -> digest) over a content-addressed store. A read covers
+  whole or partial chunks; each is, in order: all zeros (never stored, never fetched), in the
+  in-memory hot set (anonymous memory: it cannot go cold between boot storms the way the page
+  cache does on these machines), queued in the batched writer, in LMDB, or missing.
+* When every chunk is present the read is answered at once, as memoryviews of the chunks' bytes
+  (no task, no await). Otherwise the read becomes a coroutine that waits for the missing chunks.
+* Missing chunks are **single-flight**: one fetch per digest however many clients and versions
+  wait for it (versions share chunks). Faults of different chunks run in parallel.
+* A fetch tries the version's sources in order, with bounded retries and a deadline
+  (``fault_timeout``); the bytes are checked against the digest of the chunk map before they are
+  stored or served. A version whose map is not known yet (faulted from a plain NBD upstream)
+  learns each digest on its first fetch and checks every later one against it.
+* A read that cannot be served in time fails with EIO for that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from icbdcache.backend import Backend, Buffer, ReadResult
+from icbdcache.log import kv
+from icbdcache.sources import Source, SourceError
+from icbdcache.store import UNKNOWN, ZERO, BatchWriter, Store, VersionMeta, digest
+from icbdcache.store.chunks import DIGEST_SIZE
+
+log = logging.getLogger("icbdcache.cache")
+
+
+class HotSet:
+    """Chunks kept in process memory, least recently used first out, within ``budget`` bytes."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._d: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, key: bytes) -> bytes | None:
+        v = self._d.get(key)
+        if v is not None:
+            self._d.move_to_end(key)
+        return v
+
+    def put(self, key: bytes, data: bytes) -> None:
+        if self.budget <= 0 or key in self._d:
+            return
+        self._d[key] = data
+        self.used += len(data)
+        while self.used > self.budget and self._d:
+            _, old = self._d.popitem(last=False)
+            self.used -= len(old)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+@dataclass
+class CacheStats:
+    """Counters of the read path since the server started (chunks and bytes)."""
+
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    faults: int = 0
+    fault_errors: int = 0
+    corrupt: int = 0
+    prefetched: int = 0
+    bytes_from: dict[str, int] = field(default_factory=dict)
+
+
+class ChunkCache:
+    """What every version of a node shares: the store, its writer, the hot set and the
+    in-flight faults. ``fault_timeout`` (seconds) bounds how long a read waits for a missing
+    chunk; ``retries`` is how many rounds over the sources a fault makes."""
+
+    def __init__(self, store: Store, *, hot_bytes: int = 256 << 20, fault_timeout: float = 10.0,
+                 retries: int = 3, writer: BatchWriter | None = None) -> None:
+        self.store = store
+        self.writer = writer or BatchWriter(store)
+        self.hot = HotSet(hot_bytes)
+        self.fault_timeout = fault_timeout
+        self.retries = retries
+        self.inflight: dict[object, asyncio.Future[bytes]] = {}
+        self.stats = CacheStats()
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """A held chunk's bytes, or None. Never blocks on the network."""
+        data = self.hot.get(key)
+        if data is None:
+            data = self.writer.pending(key)
+            if data is None:
+                data = self.store.get_chunk(key)
+                if data is None:
+                    return None
+                self.writer.touch(key)
+            self.hot.put(key, data)
+        return data
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class VersionBackend(Backend):
+    """One iMI version served from ``cache``, faulting from ``sources`` in order.
+
+    ``chunk_map`` is the version's map (DIGEST_SIZE bytes per chunk, ZERO/UNKNOWN entries);
+    it is updated in place as UNKNOWN entries are learned.
+    """
+
+    def __init__(self, cache: ChunkCache, meta: VersionMeta, chunk_map: bytearray,
+                 sources: Sequence[Source]) -> None:
+        self.shared = cache
+        self.meta = meta
+        self.key = meta.key
+        self.size = meta.size
+        self.read_only = True
+        self.cs = meta.chunk_size
+        self.map = chunk_map
+        self.sources = list(sources)
+        self._zeros = memoryview(bytes(self.cs))
+        self.profile = BootProfile(self)
+
+    def digest_at(self, index: int) -> bytes:
+        return bytes(self.map[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
+
+    # ------------------------------------------------------------------ reads
+
+    def pread(self, offset: int, length: int) -> ReadResult:
+        cs = self.cs
+        first = offset // cs
+        last = (offset + length - 1) // cs
+        out: list[Buffer] = []
+        missing: list[tuple[int, int, int, int]] = []  # (slot, index, lo, hi)
+        lookup = self.shared.lookup
+        stats = self.shared.stats
+        for i in range(first, last + 1):
+            base = i * cs
+            lo = offset - base if offset > base else 0
+            end = offset + length - base
+            hi = end if end < cs else cs
+            d = self.map[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+            if d == ZERO:
+                out.append(self._zeros[: hi - lo])
+                continue
+            data = lookup(bytes(d)) if d != UNKNOWN else None
+            if data is None:
+                missing.append((len(out), i, lo, hi))
+                out.append(b"")
+            else:
+                stats.hits += 1
+                out.append(memoryview(data)[lo:hi])
+        if self.profile.recording:
+            self.profile.saw(first, last)
+        if not missing:
+            return out
+        stats.misses += len(missing)
+        return self._complete(out, missing)
+
+    async def _complete(self, out: list[Buffer],
+                        missing: list[tuple[int, int, int, int]]) -> list[Buffer]:
+        datas = await asyncio.gather(*(self.fault(i) for _, i, _, _ in missing))
+        for (slot, _, lo, hi), data in zip(missing, datas, strict=True):
+            out[slot] = memoryview(data)[lo:hi]
+        return out
+
+    def cache_hint(self, index: int) -> None:
+        """Fault chunk ``index`` in the background if it is missing (readahead)."""
+        d = self.digest_at(index)
+        if d == ZERO or (d != UNKNOWN and self.shared.lookup(d) is not None):
+            return
+        if (d if d != UNKNOWN else (self.key, index)) in self.shared.inflight:
+            return
+        self.shared.stats.prefetched += 1
+        task = asyncio.ensure_future(self.fault(index))
+        task.add_done_callback(_ignore_result)
+
+    def cache(self, offset: int, length: int) -> None:
+        for i in range(offset // self.cs, (offset + length - 1) // self.cs + 1):
+            self.cache_hint(i)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        from icbdcache.backend import HOLE
+
+        cs = self.cs
+        out: list[tuple[int, int]] = []
+        pos = offset
+        end = offset + length
+        while pos < end and len(out) < 1024:
+            i = pos // cs
+            flags = HOLE if self.digest_at(i) == ZERO else 0
+            stop = min(end, (i + 1) * cs)
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + stop - pos, flags)
+            else:
+                out.append((stop - pos, flags))
+            pos = stop
+        return out
+
+    # ------------------------------------------------------------------ faults
+
+    async def fault(self, index: int) -> bytes:
+        """The bytes of chunk ``index``, fetched once however many readers wait.
+        Raises OSError(EIO) when no source delivers good bytes within the deadline."""
+        d = self.digest_at(index)
+        key: object = d if d != UNKNOWN else (self.key, index)
+        cache = self.shared
+        fut = cache.inflight.get(key)
+        if fut is not None:
+            cache.stats.coalesced += 1
+            return await asyncio.shield(fut)
+        if d != UNKNOWN:
+            held = cache.lookup(d)  # filled while this reader was queued
+            if held is not None:
+                return held
+        fut = asyncio.get_running_loop().create_future()
+        cache.inflight[key] = fut
+        try:
+            data = await self._fetch(index, d)
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiters get it; nobody else must log it
+            raise
+        else:
+            fut.set_result(data)
+            return data
+        finally:
+            del cache.inflight[key]
+
+    async def _fetch(self, index: int, want: bytes) -> bytes:
+        cache = self.shared
+        offset = index * self.cs
+        n = min(self.cs, self.size - offset)
+        deadline = time.monotonic() + cache.fault_timeout
+        last_error = "no source"
+        cache.stats.faults += 1
+        for attempt in range(cache.retries):
+            for src in self.sources:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    data = await asyncio.wait_for(src.read(offset, n), left)
+                except (TimeoutError, SourceError, OSError) as e:
+                    last_error = f"{src.name}: {e or type(e).__name__}"
+                    continue
+                if len(data) != n:
+                    last_error = f"{src.name}: short read of {len(data)} bytes"
+                    continue
+                got = digest(data)
+                if want != UNKNOWN and got != want:
+                    cache.stats.corrupt += 1
+                    cache.writer.count("corrupt_chunks")
+                    last_error = f"{src.name}: chunk {index} failed its digest check"
+                    log.warning(kv(version=self.key, chunk=index, source=src.name,
+                                   refused="digest mismatch"))
+                    continue
+                self._keep(index, want, got, data, src.name)
+                return data
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(min(0.05 * 2**attempt, max(0.0, deadline - time.monotonic())))
+        cache.stats.fault_errors += 1
+        log.warning(kv(version=self.key, chunk=index, error=last_error, reply="EIO"))
+        raise OSError(errno.EIO, f"chunk {index} of {self.key} unavailable ({last_error})")
+
+    def _keep(self, index: int, want: bytes, got: bytes, data: bytes, source: str) -> None:
+        cache = self.shared
+        stats = cache.stats
+        stats.bytes_from[source] = stats.bytes_from.get(source, 0) + len(data)
+        cache.writer.count(f"bytes_from:{source}", len(data))
+        updates: list[tuple[str, int, bytes]] = []
+        if want == UNKNOWN:
+            self.map[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = got
+            updates.append((self.key, index, got))
+        if got == ZERO:
+            if updates:
+                cache.writer.put_updates(updates)
+            return
+        cache.writer.put(got, data, updates)
+        cache.hot.put(got, data)
+
+
+class BootProfile:
+    """Which chunks a version's clients read during their first ``window`` seconds after
+    connecting, in first-read order; persisted in the store, replayed as readahead."""
+
+    def __init__(self, backend: VersionBackend, window: float = 120.0, ahead: int = 16) -> None:
+        self.backend = backend
+        self.window = window
+        self.ahead = ahead
+        self.order: dict[int, None] = dict.fromkeys(backend.shared.store.profile(backend.key))
+        self.position = {idx: n for n, idx in enumerate(self.order)}
+        self.recording_until = 0.0
+        self.dirty = False
+
+    @property
+    def recording(self) -> bool:
+        return bool(self.order) or self.recording_until > 0.0
+
+    def client_started(self, now: float) -> None:
+        """A client connected: record its first minutes."""
+        self.recording_until = max(self.recording_until, now + self.window)
+
+    def saw(self, first: int, last: int) -> None:
+        """Chunks ``first..last`` were read: record them, and read ahead along the profile."""
+        if self.recording_until and time.monotonic() < self.recording_until:
+            for i in range(first, last + 1):
+                if i not in self.order:
+                    self.order[i] = None
+                    self.dirty = True
+        pos = self.position.get(last)
+        if pos is not None:
+            known = list(self.order)
+            for idx in known[pos + 1 : pos + 1 + self.ahead]:
+                self.backend.cache_hint(idx)
+
+    def save(self) -> None:
+        if self.dirty:
+            self.dirty = False
+            order = list(self.order)
+            self.position = {idx: n for n, idx in enumerate(order)}
+            self.backend.shared.store.put_profile(self.backend.key, order)
+
+
+def _ignore_result(task: asyncio.Future[bytes]) -> None:
+    if not task.cancelled():
+        task.exception()
