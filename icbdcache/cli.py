@@ -9,10 +9,12 @@ import tomllib
 from collections.abc import Sequence
 from typing import Any
 
-from icbdcache import __version__
+from icbdcache import __version__, storecli
 from icbdcache import log as logsetup
 from icbdcache.exports import ExportSpec
 from icbdcache.server import DEFAULT_PORT, ServeConfig, parse_listen
+from icbdcache.store import StoreError
+from icbdcache.storecli import parse_bytes
 
 SERVE_EXAMPLES = """\
 examples:
@@ -73,6 +75,18 @@ def _serve_parser(sub: Any) -> None:
                         "read-only exports only)")
     p.add_argument("--debug-requests", action="store_true", default=None,
                    help="log every request (debug level)")
+    g = p.add_argument_group("cache (see docs/store.md)")
+    g.add_argument("--store", metavar="DIR", default=None,
+                   help="serve every version in this store as IMI@VERSION and IMI (latest); "
+                        "--export NAME=nbd://HOST:PORT/EXPORT then faults NAME from an upstream")
+    g.add_argument("--store-size", type=parse_bytes, metavar="BYTES", default=None,
+                   help="bound of the store's chunks (e.g. 50G); cold unpinned chunks are evicted")
+    g.add_argument("--hot-size", type=parse_bytes, metavar="BYTES", default=None, dest="hot_bytes",
+                   help="chunks kept in process memory (default 256M)")
+    g.add_argument("--fault-timeout", type=float, metavar="SECONDS", default=None,
+                   help="a read waiting on a missing chunk fails with EIO after this (default 10)")
+    g.add_argument("--source-timeout", type=float, metavar="SECONDS", default=None,
+                   help="per request to a source (default 5)")
     _verbosity(p)
 
 
@@ -108,12 +122,17 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     )
     for key in ("default_export", "tls_cert", "tls_key", "tls_required", "max_connections",
                 "handshake_timeout", "grace", "cow_dir", "cow_linger", "workers",
-                "debug_requests"):
+                "debug_requests", "store", "store_size", "hot_bytes", "fault_timeout",
+                "source_timeout"):
         value = pick(key)
         if value is not None:
             setattr(cfg, key, value)
-    if not cfg.exports:
-        raise ValueError("nothing to serve: give at least one --export NAME=PATH")
+    if not cfg.exports and not cfg.store:
+        raise ValueError("nothing to serve: give --export NAME=PATH or --store DIR")
+    if any(e.is_upstream for e in cfg.exports) and not cfg.store:
+        raise ValueError("--export NAME=nbd://... needs --store DIR (the cache it fills)")
+    if any(e.is_upstream and e.cow for e in cfg.exports):
+        raise ValueError("upstream exports are read-only")
     names = [e.name for e in cfg.exports]
     if len(set(names)) != len(names):
         raise ValueError("export names must be unique")
@@ -136,14 +155,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from icbdcache.server import build_catalog, tls_context
 
         build_catalog(cfg).close()  # fail early, with the export named, before forking
+        if cfg.store:
+            from icbdcache.store import Store
+
+            Store(cfg.store, size_limit=cfg.store_size).close()
         if cfg.tls_cert and cfg.tls_key:
             tls_context(cfg.tls_cert, cfg.tls_key)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, StoreError) as e:
         print(f"icbd-cache serve: {e}", file=sys.stderr)
         return 2
     try:
         return run(cfg)
-    except OSError as e:
+    except (OSError, StoreError) as e:
         print(f"icbd-cache serve: {e}", file=sys.stderr)
         return 1
 
@@ -182,13 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
     _demo_parser(sub)
+    store_handlers = storecli.add_parsers(sub, _verbosity)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     logsetup.setup(-1 if args.quiet else args.verbose)
-    handlers = {"serve": cmd_serve, "demo": cmd_demo}
-    return handlers[args.command](args)
+    handlers = {"serve": cmd_serve, "demo": cmd_demo, **store_handlers}
+    return int(handlers[args.command](args))
 
 
 if __name__ == "__main__":

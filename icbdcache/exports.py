@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import parse_qsl
 
 from icbdcache.backend import Backend, FileBackend
@@ -37,6 +38,11 @@ class ExportSpec:
     path: str
     cow: bool = False
 
+    @property
+    def is_upstream(self) -> bool:
+        """An ``nbd://`` URI: a version faulted from an NBD upstream into the store."""
+        return "://" in self.path
+
     @classmethod
     def parse(cls, text: str) -> ExportSpec:
         """Parse ``NAME=PATH[,cow]``. Raises ValueError with a message for the user."""
@@ -45,6 +51,8 @@ class ExportSpec:
             raise ValueError(f"--export wants NAME=PATH[,cow], got {text!r}")
         if "?" in name or len(name.encode()) > 4096:
             raise ValueError(f"export name {name!r} may not contain '?' or exceed 4096 bytes")
+        if "://" in rest:
+            return cls(name, rest)  # an upstream URI may contain commas; no options
         path, _, opts = rest.partition(",")
         cow = False
         for opt in filter(None, opts.split(",")):
@@ -58,24 +66,34 @@ class ExportSpec:
 class Export:
     """A served export: its base layer, and for ,cow exports the per-client overlays."""
 
-    def __init__(self, spec: ExportSpec, *, cow_dir: str | None = None,
-                 cow_linger: float = 120.0) -> None:
-        self.spec = spec
-        self.name = spec.name
-        self.base: Backend = FileBackend(spec.path)
-        mode = "copy-on-write per client" if spec.cow else "read-only"
+    def __init__(self, name: str, base: Backend, *, cow: bool = False,
+                 cow_dir: str | None = None, cow_linger: float = 120.0,
+                 description: str | None = None) -> None:
+        self.name = name
+        self.base = base
+        mode = "copy-on-write per client" if cow else "read-only"
         self.info = ExportInfo(
-            name=spec.name,
-            size=self.base.size,
-            flags=COW_FLAGS if spec.cow else READ_ONLY_FLAGS,
-            description=f"{_human(self.base.size)}, {mode}",
+            name=name,
+            size=base.size,
+            flags=COW_FLAGS if cow else READ_ONLY_FLAGS,
+            description=description or f"{_human(base.size)}, {mode}",
         )
         self.overlays: OverlayRegistry | None = None
-        if spec.cow:
-            self.overlays = OverlayRegistry(lambda: CowOverlay(self.base, cow_dir), cow_linger)
+        if cow:
+            self.overlays = OverlayRegistry(lambda: CowOverlay(base, cow_dir), cow_linger)
+
+    @classmethod
+    def from_file(cls, spec: ExportSpec, *, cow_dir: str | None = None,
+                  cow_linger: float = 120.0) -> Export:
+        """An export of a raw image file. Raises OSError if it cannot be opened."""
+        return cls(spec.name, FileBackend(spec.path), cow=spec.cow, cow_dir=cow_dir,
+                   cow_linger=cow_linger)
 
     def open(self, identity: str, options: dict[str, str]) -> Backend:
         """The stack a new connection of client ``identity`` reads and writes."""
+        profile = getattr(self.base, "profile", None)
+        if profile is not None:
+            profile.client_started(time.monotonic())
         if self.overlays is None:
             return self.base
         return self.overlays.acquire(identity, options.get("boot"), time.monotonic())
@@ -97,15 +115,30 @@ def split_name(requested: str) -> tuple[str, dict[str, str]]:
     return name, dict(parse_qsl(query, keep_blank_values=True))
 
 
+class VersionSource(Protocol):
+    """Versions in a store (icbdcache.node.Node), exported by name on demand."""
+
+    def resolve(self, name: str) -> Backend | None: ...
+
+    def exports(self) -> list[tuple[str, str]]: ...
+
+
 class Catalog:
     """Exports by name, answering the NBD state machine's questions (nbd.server.ExportCatalog).
 
-    The empty name is the default export: ``default`` if given, else the first export.
+    Fixed exports (``--export``) come first; other names are looked up in ``versions`` (the
+    store: ``IMI@VERSION``, or ``IMI`` for its latest version, resolved when a client connects,
+    so a client keeps the version it opened). The empty name is the default export:
+    ``default`` if given, else the first fixed export.
     """
 
-    def __init__(self, exports: Sequence[Export], default: str | None = None) -> None:
+    def __init__(self, exports: Sequence[Export], default: str | None = None,
+                 versions: VersionSource | None = None) -> None:
         self.by_name = {e.name: e for e in exports}
-        if default is not None and default not in self.by_name:
+        self.versions = versions
+        self._version_exports: dict[int, Export] = {}
+        if default is not None and default not in self.by_name and (
+                versions is None or versions.resolve(default) is None):
             raise ValueError(f"--default-export {default!r} is not an export")
         self.default = default if default is not None else (exports[0].name if exports else None)
 
@@ -114,6 +147,15 @@ class Catalog:
         if not name and self.default is not None:
             name = self.default
         export = self.by_name.get(name)
+        if export is None and self.versions is not None and name:
+            backend = self.versions.resolve(name)
+            if backend is not None:
+                export = self._version_exports.get(id(backend))
+                if export is None:
+                    meta = getattr(backend, "meta", None)
+                    export = Export(getattr(meta, "key", name), backend,
+                                    description=f"iMI version, {_human(backend.size)}, read-only")
+                    self._version_exports[id(backend)] = export
         return (export, options) if export is not None else None
 
     def lookup(self, name: str) -> ExportInfo | None:
@@ -121,7 +163,8 @@ class Catalog:
         return found[0].info if found else None
 
     def exports(self) -> Sequence[tuple[str, str]]:
-        return [(e.name, e.info.description) for e in self.by_name.values()]
+        fixed = [(e.name, e.info.description) for e in self.by_name.values()]
+        return fixed + (self.versions.exports() if self.versions is not None else [])
 
     def close(self) -> None:
         for e in self.by_name.values():

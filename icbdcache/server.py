@@ -33,6 +33,8 @@ from typing import cast
 from icbdcache.backend import Backend, Buffer
 from icbdcache.exports import Catalog, Export, ExportSpec
 from icbdcache.log import kv
+from icbdcache.node import Node
+from icbdcache.store import Store
 from nbd.constants import Cmd, Errno
 from nbd.errors import RemoteProtocolError
 from nbd.events import (
@@ -68,6 +70,11 @@ class ServeConfig:
     cow_linger: float = 120.0
     debug_requests: bool = False
     workers: int = 1
+    store: str | None = None
+    store_size: int | None = None
+    hot_bytes: int = 256 << 20
+    fault_timeout: float = 10.0
+    source_timeout: float = 5.0
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -378,6 +385,7 @@ class Server:
         self.stopping = False
         self._stop = asyncio.Event()
         self._janitor: asyncio.Task[None] | None = None
+        self.node: Node | None = None
 
     async def start(self, *, unix_sock: socket.socket | None = None,
                     reuse_port: bool = False) -> None:
@@ -454,6 +462,9 @@ class Server:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.unix)
         self.catalog.close()
+        if self.node is not None:
+            await self.node.close()
+            self.node.store.close()
         log.info(kv(shutdown="done", unfinished=len(left)))
 
 
@@ -470,15 +481,28 @@ def _fmt_addr(addr: object) -> str:
     return str(addr)
 
 
-def build_catalog(config: ServeConfig) -> Catalog:
-    """Open every export of ``config``. Raises OSError or ValueError with the export named."""
+def build_catalog(config: ServeConfig, node: Node | None = None) -> Catalog:
+    """Open every file export of ``config`` (exports of ``nbd://`` URIs are the node's).
+    Raises OSError or ValueError with the export named."""
     exports: list[Export] = []
     for spec in config.exports:
+        if spec.is_upstream:
+            continue
         try:
-            exports.append(Export(spec, cow_dir=config.cow_dir, cow_linger=config.cow_linger))
+            exports.append(Export.from_file(spec, cow_dir=config.cow_dir,
+                                            cow_linger=config.cow_linger))
         except OSError as e:
             raise OSError(e.errno, f"export {spec.name}: {e.strerror}: {spec.path}") from None
-    return Catalog(exports, config.default_export)
+    return Catalog(exports, config.default_export, node)
+
+
+def open_node(config: ServeConfig) -> Node | None:
+    """The store of ``--store``, or None. Raises StoreError."""
+    if config.store is None:
+        return None
+    store = Store(config.store, size_limit=config.store_size)
+    return Node(store, hot_bytes=config.hot_bytes, fault_timeout=config.fault_timeout,
+                source_timeout=config.source_timeout)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -493,7 +517,19 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                reuse_port: bool = False) -> None:
-    server = Server(config, build_catalog(config))
+    node = open_node(config)
+    if node is not None:
+        try:
+            for spec in config.exports:
+                if spec.is_upstream:
+                    await node.add_upstream(spec.name, spec.path)
+        except BaseException:
+            await node.close()
+            node.store.close()
+            raise
+        node.start()
+    server = Server(config, build_catalog(config, node))
+    server.node = node
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
@@ -503,7 +539,8 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
 
 def run(config: ServeConfig) -> int:
     """Serve until SIGTERM/SIGINT; with ``workers`` > 1, one process per worker sharing the
-    port with SO_REUSEPORT. Returns the exit status."""
+    port with SO_REUSEPORT. Returns the exit status. Raises OSError or StoreError when it
+    cannot start."""
     _raise_fd_limit()
     if config.workers <= 1:
         loop = new_event_loop()

@@ -1,0 +1,135 @@
+"""A node's cached versions: the store, the shared read path, and one backend per version.
+
+``icbd-cache serve --store DIR`` exports every version in the store as ``IMI@VERSION`` and the
+latest of each iMI as ``IMI``; ``--export NAME=nbd://...`` adds a version faulted from an NBD
+upstream (its chunk map learned as it is read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from icbdcache.cache import CacheStats, ChunkCache, VersionBackend
+from icbdcache.log import kv
+from icbdcache.sources import Source, open_source
+from icbdcache.store import Store, StoreError, VersionMeta, split_key, version_key
+from icbdcache.store.chunks import CHUNK_SIZE
+
+log = logging.getLogger("icbdcache.node")
+
+
+class Node:
+    """The versions of one store, opened on demand and kept open.
+
+    ``source_timeout`` is seconds per source request; ``fault_timeout`` the deadline of a
+    missing chunk (well inside the kernel client's 30 s request timeout).
+    """
+
+    def __init__(self, store: Store, *, hot_bytes: int = 256 << 20, fault_timeout: float = 10.0,
+                 source_timeout: float = 5.0, upstream_connections: int = 4) -> None:
+        self.store = store
+        self.cache = ChunkCache(store, hot_bytes=hot_bytes, fault_timeout=fault_timeout)
+        self.source_timeout = source_timeout
+        self.upstream_connections = upstream_connections
+        self.backends: dict[str, VersionBackend] = {}
+        self._reported = CacheStats()
+        self._task: asyncio.Task[None] | None = None
+
+    def resolve(self, name: str) -> VersionBackend | None:
+        """The backend of ``IMI@VERSION``, or of the latest version of ``IMI``; None if the
+        store has no such version."""
+        meta = self.store.version(name)
+        if meta is None:
+            return None
+        backend = self.backends.get(meta.key)
+        if backend is None:
+            backend = self._open(meta)
+        return backend
+
+    def _open(self, meta: VersionMeta) -> VersionBackend:
+        sources: list[Source] = [
+            open_source(s, size=meta.size, timeout=self.source_timeout,
+                        connections=self.upstream_connections)
+            for s in meta.sources
+        ]
+        backend = VersionBackend(self.cache, meta, self.store.chunk_map(meta.key), sources)
+        self.backends[meta.key] = backend
+        return backend
+
+    async def add_upstream(self, name: str, uri: str) -> VersionBackend:
+        """Register ``name`` (``IMI@VERSION``, or ``IMI`` = ``IMI@upstream``) as a version
+        faulted from the NBD upstream ``uri``. The export size comes from the upstream, or
+        from the store when the upstream is down and the version is known.
+        Raises StoreError if neither can tell the size."""
+        imi, version = split_key(name)
+        version = version or "upstream"
+        key = version_key(imi, version)
+        meta = self.store.version(key)
+        size: int | None = None
+        probe = open_source(uri, timeout=self.source_timeout, connections=1)
+        try:
+            await probe.read(0, 1)
+            size = probe.size
+        except Exception as e:
+            log.warning(kv(upstream=uri, error=e))
+        finally:
+            await probe.close()
+        if size is None:
+            if meta is None:
+                raise StoreError(f"upstream {uri} is unreachable and {key} is not in the store")
+            size = meta.size
+        if meta is None or meta.size != size or uri not in meta.sources:
+            if meta is not None and meta.size != size:
+                raise StoreError(f"{key}: upstream size {size} differs from the stored {meta.size}")
+            meta = VersionMeta(imi, version, size, CHUNK_SIZE, [uri], created=time.time())
+            self.store.put_version(meta)
+        if self.store.latest(imi) is None:
+            self.store.set_latest(imi, version)
+        self.backends.pop(key, None)
+        return self._open(meta)
+
+    def exports(self) -> list[tuple[str, str]]:
+        """(name, description) of every version and every iMI's latest, for NBD_OPT_LIST."""
+        out: list[tuple[str, str]] = []
+        latest: dict[str, str] = {}
+        for meta in sorted(self.store.versions(), key=lambda m: (m.imi, m.version)):
+            out.append((meta.key, f"iMI {meta.imi} version {meta.version}, {meta.size} bytes"))
+            lv = self.store.latest(meta.imi)
+            if lv is not None:
+                latest[meta.imi] = lv
+        out += [(imi, f"latest version of iMI {imi} (now {v})") for imi, v in latest.items()]
+        return out
+
+    def start(self) -> None:
+        """Start the periodic task that persists counters and boot profiles."""
+        self._task = asyncio.get_running_loop().create_task(self._persist_loop())
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            self.persist()
+
+    def persist(self) -> None:
+        """Write counter deltas and changed boot profiles to the store (through the writer)."""
+        s, r = self.cache.stats, self._reported
+        for name in ("hits", "misses", "coalesced", "faults", "fault_errors", "prefetched"):
+            delta = getattr(s, name) - getattr(r, name)
+            if delta:
+                self.cache.writer.count(name, delta)
+                setattr(r, name, getattr(s, name))
+        for b in self.backends.values():
+            try:
+                b.profile.save()
+            except StoreError as e:
+                log.warning(kv(profile=b.key, error=e))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.persist()
+        for b in self.backends.values():
+            for src in b.sources:
+                await src.close()
+        self.cache.close()
