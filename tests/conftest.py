@@ -113,7 +113,8 @@ def start_server(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | Non
     cmd = [str(BIN / "icbd-cache"), "serve", *args]
     if listen:
         cmd += ["--listen", f"{host}:{port}"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     srv = Server(proc, host, port, log, cmd)
     try:
         wait_port(host, port)
