@@ -382,8 +382,11 @@ class ClientConnection:
         elif rtype == ReplyType.BLOCK_STATUS and req.command is Cmd.BLOCK_STATUS:
             if length < 12 or (length - 4) % 8:
                 raise RemoteProtocolError(f"BLOCK_STATUS chunk of {length} bytes")
-            for i in range(4, length, 8):
-                req.extents.append(wire.EXTENT.unpack_from(body, i))
+            (ctx_id,) = wire.BLOCK_STATUS_HEADER.unpack_from(body)
+            # One chunk comes per selected context; Reply.extents holds the first context's.
+            if not self.meta_contexts or ctx_id == next(iter(self.meta_contexts)):
+                for i in range(4, length, 8):
+                    req.extents.append(wire.EXTENT.unpack_from(body, i))
         elif rtype & (1 << 15):
             if length < wire.ERROR_PAYLOAD.size:
                 raise RemoteProtocolError(f"error chunk of {length} bytes")
