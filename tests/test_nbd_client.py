@@ -560,3 +560,24 @@ def test_eof_with_requests_in_flight_is_a_protocol_error() -> None:
     quiet = in_transmission()
     assert quiet.receive_data(b"") == []
     assert quiet.phase is ClientPhase.CLOSED
+
+
+def test_block_status_keeps_the_first_contexts_extents_only() -> None:
+    client = ClientConnection("x", meta_contexts=(BASE_ALLOCATION, "qemu:dirty-bitmap:b"))
+    client.receive_data(greeting())
+    client.receive_data(opt_reply(Opt.STRUCTURED_REPLY, Rep.ACK))
+    client.receive_data(
+        opt_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, b"\x00\x00\x00\x05base:allocation")
+        + opt_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, b"\x00\x00\x00\x09qemu:dirty-bitmap:b")
+        + opt_reply(Opt.SET_META_CONTEXT, Rep.ACK)
+    )
+    ev = negotiated(client.receive_data(
+        opt_reply(Opt.GO, Rep.INFO, struct.pack(">HQH", 0, 1 << 20, 1)) + opt_reply(Opt.GO, 1)
+    ))
+    assert ev.meta_contexts == {5: BASE_ALLOCATION, 9: "qemu:dirty-bitmap:b"}
+    c = client.request(Cmd.BLOCK_STATUS, 0, 8192)
+    events = client.receive_data(
+        chunk(c, 5, struct.pack(">IIIII", 9, 4096, 1, 4096, 0))  # the bitmap's chunk first
+        + chunk(c, 5, struct.pack(">III", 5, 8192, 3), done=True)
+    )
+    assert events == [Reply(c, Errno.OK, extents=((8192, 3),))]
