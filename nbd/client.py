@@ -57,6 +57,8 @@ class _InFlight:
     error: Errno = Errno.OK
     message: str = ""
     extents: list[tuple[int, int]] = field(default_factory=list)
+    #: (start, end) within the request of each content chunk of a structured READ reply.
+    covered: list[tuple[int, int]] = field(default_factory=list)
 
 
 class ClientConnection:
@@ -373,12 +375,14 @@ class ClientConnection:
             (off,) = wire.OFFSET.unpack_from(body)
             rel = _within(req, off, length - 8, "OFFSET_DATA")
             req.data[rel : rel + length - 8] = body[8:]
+            req.covered.append((rel, rel + length - 8))
         elif rtype == ReplyType.OFFSET_HOLE and req.data is not None:
             if length != wire.OFFSET_HOLE.size:
                 raise RemoteProtocolError(f"OFFSET_HOLE chunk of {length} bytes")
             off, hlen = wire.OFFSET_HOLE.unpack_from(body)
             rel = _within(req, off, hlen, "OFFSET_HOLE")
             req.data[rel : rel + hlen] = bytes(hlen)
+            req.covered.append((rel, rel + hlen))
         elif rtype == ReplyType.BLOCK_STATUS and req.command is Cmd.BLOCK_STATUS:
             if length < 12 or (length - 4) % 8:
                 raise RemoteProtocolError(f"BLOCK_STATUS chunk of {length} bytes")
@@ -400,6 +404,8 @@ class ClientConnection:
             raise RemoteProtocolError(f"unexpected chunk type {rtype} for {req.command.name}")
         if rflags & ReplyFlag.DONE:
             del self._inflight[cookie]
+            if req.data is not None and req.error == Errno.OK:
+                _check_covered(req)
             events.append(_done(cookie, req, req.error))
         return True
 
@@ -414,6 +420,20 @@ def _within(req: _InFlight, offset: int, length: int, what: str) -> int:
     if length <= 0 or rel < 0 or rel + length > req.length:
         raise RemoteProtocolError(f"{what} of {length} bytes at {offset} outside the request")
     return rel
+
+
+def _check_covered(req: _InFlight) -> None:
+    """A successful structured READ must be covered by content chunks exactly once each byte
+    (proto.md, NBD_CMD_READ: chunks MUST NOT overlap, and without an error they MUST cover
+    the whole request); otherwise the gaps would silently read as zeros."""
+    pos = 0
+    for start, end in sorted(req.covered):
+        if start != pos:
+            what = "overlap" if start < pos else "leave a gap"
+            raise RemoteProtocolError(f"content chunks of a READ reply {what} at {pos}")
+        pos = end
+    if pos != req.length:
+        raise RemoteProtocolError(f"READ reply of {pos} bytes for {req.length} requested")
 
 
 def _done(cookie: int, req: _InFlight, error: Errno) -> Reply:
