@@ -581,3 +581,41 @@ def test_block_status_keeps_the_first_contexts_extents_only() -> None:
         + chunk(c, 5, struct.pack(">III", 5, 8192, 3), done=True)
     )
     assert events == [Reply(c, Errno.OK, extents=((8192, 3),))]
+
+
+STRUCTURED_READ_GAPS = {
+    "gap-then-none": [(1, struct.pack(">Q", 1000) + b"abcd", False), (0, b"", True)],
+    "only-a-tail": [(1, struct.pack(">Q", 1004) + b"efgh", True)],
+    "overlap": [
+        (1, struct.pack(">Q", 1000) + b"abcd", False),
+        (2, struct.pack(">QI", 1002, 6), True),
+    ],
+    "same-bytes-twice": [
+        (1, struct.pack(">Q", 1000) + b"abcd", False),
+        (1, struct.pack(">Q", 1000) + b"wxyz", True),
+    ],
+    "no-content-at-all": [(0, b"", True)],
+}
+
+
+@pytest.mark.parametrize(
+    "chunks", STRUCTURED_READ_GAPS.values(), ids=STRUCTURED_READ_GAPS.keys()
+)
+def test_structured_read_must_cover_the_request_exactly_once(
+    chunks: list[tuple[int, bytes, bool]],
+) -> None:
+    client = in_transmission()
+    c = client.request(Cmd.READ, 1000, 8)
+    stream = b"".join(chunk(c, t, p, done=d) for t, p, d in chunks)
+    with pytest.raises(RemoteProtocolError):
+        client.receive_data(stream)
+
+
+def test_structured_read_with_an_error_need_not_cover_the_request() -> None:
+    client = in_transmission()
+    c = client.request(Cmd.READ, 1000, 8)
+    events = client.receive_data(
+        chunk(c, 1, struct.pack(">Q", 1000) + b"abcd")
+        + chunk(c, 0x8002, struct.pack(">IH", 5, 0) + struct.pack(">Q", 1004), done=True)
+    )
+    assert events == [Reply(c, Errno.EIO)]
