@@ -14,10 +14,54 @@ import time
 from icbdcache.cache import CacheStats, ChunkCache, VersionBackend
 from icbdcache.log import kv
 from icbdcache.sources import Source, open_source
-from icbdcache.store import Store, StoreError, VersionMeta, split_key, version_key
-from icbdcache.store.chunks import CHUNK_SIZE
+from icbdcache.store import UNKNOWN, ZERO, Store, StoreError, VersionMeta, split_key, version_key
+from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE
+from nbd import aio
+from nbd.constants import BASE_ALLOCATION, StateFlag
+from nbd.errors import NegotiationError, RequestError
+from nbd.errors import ProtocolError as NBDError
 
 log = logging.getLogger("icbdcache.node")
+
+
+async def probe_upstream(uri: str, chunk_size: int, timeout: float) -> tuple[int, list[int]]:
+    """Ask an NBD upstream for its export size (bytes) and which chunks read as all zeros
+    (``base:allocation`` extents with NBD_STATE_ZERO covering a whole chunk). A server without
+    block status gives no zero chunks. Raises OSError, TimeoutError, NBDError, RequestError."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    u = urlsplit(uri)
+    export = unquote(u.path[1:] if u.path.startswith("/") else u.path)
+    if u.scheme == "nbd+unix":
+        sock = parse_qs(u.query).get("socket", [""])[0]
+        client = await aio.connect("", None, export, unix=sock, timeout=timeout,
+                                   meta_contexts=(BASE_ALLOCATION,))
+    else:
+        client = await aio.connect(u.hostname or "", u.port or 10809, export, timeout=timeout,
+                                   meta_contexts=(BASE_ALLOCATION,))
+    try:
+        size = client.info.size
+        zeros: list[int] = []
+        if not client.meta_contexts:
+            return size, zeros
+        pos = 0
+        while pos < size:
+            length = min(size - pos, 1 << 30)
+            extents = await asyncio.wait_for(client.block_status(pos, length), timeout)
+            if not extents:
+                break
+            for n, flags in extents:
+                n = min(n, size - pos)
+                if flags & StateFlag.ZERO:
+                    first = -(-pos // chunk_size)
+                    last = (pos + n) // chunk_size if pos + n < size else -(-size // chunk_size)
+                    zeros.extend(range(first, last))
+                pos += n
+                if pos >= size:
+                    break
+        return size, zeros
+    finally:
+        await client.close()
 
 
 class Node:
@@ -60,30 +104,34 @@ class Node:
 
     async def add_upstream(self, name: str, uri: str) -> VersionBackend:
         """Register ``name`` (``IMI@VERSION``, or ``IMI`` = ``IMI@upstream``) as a version
-        faulted from the NBD upstream ``uri``. The export size comes from the upstream, or
-        from the store when the upstream is down and the version is known.
-        Raises StoreError if neither can tell the size."""
+        faulted from the NBD upstream ``uri``. The size comes from the upstream (or from the
+        store when the upstream is down and the version is known); a new version's all-zero
+        chunks are learned from the upstream's ``base:allocation`` block status, so they are
+        never fetched. Raises StoreError if the size cannot be known."""
         imi, version = split_key(name)
         version = version or "upstream"
         key = version_key(imi, version)
         meta = self.store.version(key)
         size: int | None = None
-        probe = open_source(uri, timeout=self.source_timeout, connections=1)
+        zero_chunks: list[int] = []
         try:
-            await probe.read(0, 1)
-            size = probe.size
-        except Exception as e:
-            log.warning(kv(upstream=uri, error=e))
-        finally:
-            await probe.close()
+            size, zero_chunks = await probe_upstream(uri, CHUNK_SIZE, self.source_timeout)
+        except (OSError, TimeoutError, ValueError, NBDError, RequestError, NegotiationError) as e:
+            log.warning(kv(upstream=uri, error=e or type(e).__name__))
         if size is None:
             if meta is None:
                 raise StoreError(f"upstream {uri} is unreachable and {key} is not in the store")
             size = meta.size
-        if meta is None or meta.size != size or uri not in meta.sources:
-            if meta is not None and meta.size != size:
-                raise StoreError(f"{key}: upstream size {size} differs from the stored {meta.size}")
+        if meta is not None and meta.size != size:
+            raise StoreError(f"{key}: upstream size {size} differs from the stored {meta.size}")
+        if meta is None:
             meta = VersionMeta(imi, version, size, CHUNK_SIZE, [uri], created=time.time())
+            chunk_map = bytearray(UNKNOWN * meta.chunks)
+            for i in zero_chunks:
+                chunk_map[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = ZERO
+            self.store.put_version(meta, bytes(chunk_map))
+        elif uri not in meta.sources:
+            meta.sources.append(uri)
             self.store.put_version(meta)
         if self.store.latest(imi) is None:
             self.store.set_latest(imi, version)
