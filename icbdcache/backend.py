@@ -39,8 +39,9 @@ class Backend(ABC):
         """Write ``data`` at ``offset``. Raises PermissionError on a read-only layer."""
         raise PermissionError("read-only export")
 
-    def zero(self, offset: int, length: int) -> None:
-        """Make ``length`` bytes at ``offset`` read as zeros."""
+    def zero(self, offset: int, length: int, no_hole: bool = False) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros; ``no_hole``
+        (NBD_CMD_FLAG_NO_HOLE) keeps them allocated rather than a hole."""
         raise PermissionError("read-only export")
 
     def trim(self, offset: int, length: int) -> None:

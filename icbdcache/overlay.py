@@ -13,6 +13,7 @@ Notes on the design
   BASE    never written by this client: read from the layer below
   DATA    written: read from the overlay file
   ZERO    zeroed (WRITE_ZEROES, or TRIM): reads as zeros, nothing stored
+  ZALLOC  zeroed with NBD_CMD_FLAG_NO_HOLE: reads as zeros, reported allocated
   ======  =================================================================
 
 * Writes go through ``pwrite`` (a full disk is an ENOSPC reply, never a SIGBUS); reads of
@@ -43,9 +44,10 @@ import tempfile
 from collections.abc import Callable
 
 from icbdcache.backend import HOLE, Backend, Buffer, ReadResult
+from nbd.constants import StateFlag
 
 BLOCK = 4096
-BASE, DATA, ZERO = 0, 1, 2
+BASE, DATA, ZERO, ZALLOC = 0, 1, 2, 3
 _ZERO_BLOCKS = bytes(1 << 20)
 
 
@@ -94,7 +96,7 @@ class CowOverlay(Backend):
             n = stop - pos
             if kind == DATA:
                 out.append(self.view[pos:stop])
-            elif kind == ZERO:
+            elif kind in (ZERO, ZALLOC):
                 while n > 0:
                     k = min(n, len(_ZERO_BLOCKS))
                     out.append(_ZERO_BLOCKS[:k])
@@ -125,7 +127,7 @@ class CowOverlay(Backend):
             return
         start = block * BLOCK
         n = min(BLOCK, self.size - start)
-        data = bytes(n) if kind == ZERO else self._below_bytes(start, n)
+        data = bytes(n) if kind in (ZERO, ZALLOC) else self._below_bytes(start, n)
         _pwrite_all(self.fd, data, start)
         self._set(block, block + 1, DATA)
 
@@ -147,7 +149,7 @@ class CowOverlay(Backend):
         _pwrite_all(self.fd, data, offset)
         self._set(first, last + 1, DATA)
 
-    def zero(self, offset: int, length: int) -> None:
+    def zero(self, offset: int, length: int, no_hole: bool = False) -> None:
         end = offset + length
         first_full = (offset + BLOCK - 1) // BLOCK
         last_full = end // BLOCK if end != self.size else (end + BLOCK - 1) // BLOCK
@@ -160,7 +162,7 @@ class CowOverlay(Backend):
         tail_start = last_full * BLOCK
         if tail_start < end:
             self.pwrite(tail_start, bytes(end - tail_start))
-        self._set(first_full, last_full, ZERO)
+        self._set(first_full, last_full, ZALLOC if no_hole else ZERO)
 
     def trim(self, offset: int, length: int) -> None:
         # Trimmed contents are unspecified (NBD proto.md, NBD_CMD_TRIM): only whole blocks are
@@ -185,7 +187,8 @@ class CowOverlay(Backend):
         n = min(offset + length, run_end * BLOCK) - offset
         if kind == BASE:
             return self.below.extents(offset, n)
-        return [(n, HOLE if kind == ZERO else 0)]
+        flags = {ZERO: HOLE, ZALLOC: int(StateFlag.ZERO)}.get(kind, 0)
+        return [(n, flags)]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

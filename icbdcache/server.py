@@ -35,7 +35,7 @@ from icbdcache.exports import Catalog, Export, ExportSpec
 from icbdcache.log import kv
 from icbdcache.node import Node
 from icbdcache.store import Store
-from nbd.constants import Cmd, Errno
+from nbd.constants import Cmd, CmdFlag, Errno
 from nbd.errors import RemoteProtocolError
 from nbd.events import (
     Disconnect,
@@ -313,7 +313,7 @@ class NBDProtocol(asyncio.Protocol):
                 b.flush()
                 sm.reply_ok(req)
             elif cmd is Cmd.WRITE_ZEROES:
-                b.zero(req.offset, req.length)
+                b.zero(req.offset, req.length, bool(req.flags & CmdFlag.NO_HOLE))
                 sm.reply_ok(req)
             elif cmd is Cmd.TRIM:
                 b.trim(req.offset, req.length)

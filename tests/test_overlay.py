@@ -89,6 +89,9 @@ def test_extents_report_zeroed_blocks(tmp_path: Path) -> None:
     ov.pwrite(3 * BLOCK, b"x" * BLOCK)
     assert ov.extents(BLOCK, 4 * BLOCK)[0] == (2 * BLOCK, 3)
     assert ov.extents(3 * BLOCK, BLOCK) == [(BLOCK, 0)]
+    ov.zero(5 * BLOCK, BLOCK, no_hole=True)  # NO_HOLE: zeros, but allocated
+    assert ov.extents(5 * BLOCK, BLOCK) == [(BLOCK, 2)]
+    assert _read(ov, 5 * BLOCK, BLOCK) == bytes(BLOCK)
 
 
 def test_registry_identity_linger_and_boot_id(tmp_path: Path) -> None:
