@@ -120,9 +120,9 @@ def markdown(doc: dict[str, Any]) -> str:
                  "CPU: the server's user+system time, children included, in 10 ms ticks.")
     copies = [r for r in rows if r["workload"] == "nbdcopy" and r["duration_s"] is not None]
     if copies:
-        lines.append("nbdcopy: whole image to null: with 256 KiB requests (IOPS = requests/s); "
-                     "seconds: " + ", ".join(f"{r['server']} {r['duration_s']:.2f}"
-                                            for r in copies) + ".")
+        lines.append("nbdcopy: whole image to null: with 256 KiB requests, repeated for the run "
+                     "time (IOPS = requests/s); seconds per copy: "
+                     + ", ".join(f"{r['server']} {r['duration_s']:.2f}" for r in copies) + ".")
     loads = [r["load1"] for r in rows if r["load1"] is not None]
     if loads:
         lines.append(f"Background: idle CPU sampled before each run (column above); 1-min load "
@@ -168,7 +168,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         ax.set_ylabel("ratio")
         ax.set_title(title, fontsize=10)
         ax.margins(y=0.15)
-    fig.legend(*panels[0][0].get_legend_handles_labels(), loc="outside upper right",
+    fig.legend(*panels[0][0].get_legend_handles_labels(), loc="outside lower center",
                fontsize=8, ncols=len(servers))
     mib = meta.get("image_bytes", 0) / (1 << 20)
     fig.suptitle(f"icbd-bench serve: {mib:.0f} MiB page-cached image, {meta.get('runtime_s')} s "

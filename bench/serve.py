@@ -13,7 +13,12 @@ Notes on the design:
   giving CPU microseconds per request.
 - Before each run the background is sampled while nothing of ours runs: CPU busy percent over
   ``--idle-sample`` seconds, and the 1-minute load average (which still includes earlier runs).
-- fio runs are time-based; nbdcopy copies the whole image to ``null:`` and is timed.
+  On a shared machine ``--wait-idle PCT`` waits (bounded) for the others to quiet down first;
+  the image is warmed after that wait, right before the client starts.
+- fio runs are time-based. nbdcopy copies the whole image to ``null:``, again and again until
+  ``--runtime`` seconds have passed (at least once), and each copy is timed; a single copy of a
+  page-cached 1 GiB image takes well under a second, too short to measure alone.
+- CPU times come from /proc in clock ticks (10 ms), so short runs have coarse CPU figures.
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ WORKLOADS: tuple[Workload, ...] = (
              "randread", 4096, 1, 15),
     Workload("rand-64k-qd2-x15", "fio", "15 connections of 64 KiB random read, iodepth 2",
              "randread", 65536, 2, 15),
-    Workload("nbdcopy", "nbdcopy", "nbdcopy of the whole image to null:"),
+    Workload("nbdcopy", "nbdcopy", "nbdcopy of the whole image to null:, timed per copy "
+             "(repeated for --runtime)"),
 )
 
 WORKLOAD_NAMES = tuple(w.name for w in WORKLOADS)
@@ -84,7 +90,9 @@ class RunResult:
     clat) in µs, ``lat_p50_us``/``lat_p99_us`` total latency (submission + completion) in µs,
     ``duration_s`` and ``cpu_s`` seconds, ``cpu_us_per_req`` server CPU µs per request,
     ``idle_cpu_pct`` machine-wide CPU busy % while idle before the run, ``load1`` the 1-minute
-    load average then, ``warm_s`` seconds spent reading the image into the page cache.
+    load average then, ``idle_wait_s`` seconds waited for ``--wait-idle``, ``warm_s`` seconds
+    spent reading the image into the page cache. For nbdcopy, ``copies`` whole-image copies ran
+    back to back and ``duration_s`` is the mean seconds per copy.
     """
 
     workload: str
@@ -103,6 +111,8 @@ class RunResult:
     idle_cpu_pct: float | None = None
     load1: float | None = None
     warm_s: float | None = None
+    idle_wait_s: float | None = None
+    copies: int | None = None
     error: str | None = None
 
 
@@ -152,13 +162,14 @@ examples:
   icbd-bench serve                                 # 1 GiB image, 10 s runs, 3 reps, all servers
   icbd-bench serve --quick --servers nbdkit,qemu-nbd
   icbd-bench serve --workloads rand-4k-qd1,nbdcopy --reps 5 --out out/bench/serve-a
-  icbd-bench serve --image /srv/lab.img --icbd-args='--workers 2'
+  icbd-bench serve --image /srv/lab.img --icbd-args='--workers 2' --wait-idle 20
 
 workloads:
 """ + "\n".join(f"  {w.name:<18} {w.description}" for w in WORKLOADS) + """
 
-Each run starts the server fresh on a free 127.0.0.1 port, reads the image into the page cache,
-samples the idle background, runs the client and reads the server's CPU time. The servers run in
+Each run starts the server fresh on a free 127.0.0.1 port, samples the idle background (waiting
+for --wait-idle if given), reads the image into the page cache, runs the client and reads the
+server's CPU time. The servers run in
 the same order within each repetition; ratios to nbdkit are medians of per-repetition ratios.
 Writes serve.json, serve.md, serve.png and logs/ under --out. Exit status: 0 when every run
 succeeded, 1 when some run failed, 2 when the benchmark could not run at all.
@@ -186,6 +197,11 @@ def register(subparsers: Any) -> None:
                    "measurement (default 3; --quick 1)")
     p.add_argument("--idle-sample", type=_positive_float,
                    help="seconds of idle CPU sampling before each run (default 0.5; --quick 0.2)")
+    p.add_argument("--wait-idle", type=float, metavar="PCT",
+                   help="before each run, wait until the machine's CPU busy %% is at most PCT "
+                        "(for shared machines; default: do not wait)")
+    p.add_argument("--wait-idle-max", type=_positive_float, default=60.0, metavar="SECONDS",
+                   help="give up waiting for --wait-idle after this long (default %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="a fast sanity run: 64 MiB image, 2 s runs, 1 rep (flags given win)")
     p.add_argument("--icbd-args", default="",
@@ -211,6 +227,8 @@ class Settings:
     runtime: float
     reps: int
     idle_sample: float
+    wait_idle: float | None
+    wait_idle_max: float
     icbd_args: list[str]
     out: Path
     json_path: Path
@@ -231,6 +249,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         runtime=args.runtime or (2.0 if quick else 10.0),
         reps=args.reps or (1 if quick else 3),
         idle_sample=args.idle_sample or (0.2 if quick else 0.5),
+        wait_idle=args.wait_idle,
+        wait_idle_max=args.wait_idle_max,
         icbd_args=shlex.split(args.icbd_args),
         out=out,
         json_path=args.json or out / "serve.json",
@@ -278,6 +298,20 @@ def sample_background(seconds: float) -> tuple[float, float]:
     psutil.cpu_percent(None)
     pct = float(psutil.cpu_percent(interval=seconds))
     return pct, os.getloadavg()[0]
+
+
+def wait_for_idle(sample: float, below: float | None, max_wait: float
+                  ) -> tuple[float, float, float]:
+    """Sample the background until CPU busy % is at most ``below`` or ``max_wait`` s have passed.
+
+    With ``below`` None this is one sample. Returns (CPU busy %, 1-minute load, seconds waited).
+    """
+    t0 = time.monotonic()
+    while True:
+        pct, load = sample_background(sample)
+        waited = time.monotonic() - t0
+        if below is None or pct <= below or waited >= max_wait:
+            return pct, load, waited
 
 
 def fio_command(fio: str, w: Workload, uri: str, runtime: float, output: Path) -> list[str]:
@@ -387,7 +421,11 @@ class Progress:
             parts.append(f"lat p50 {r.lat_p50_us:.0f} µs p99 {r.lat_p99_us:.0f} µs")
         if r.cpu_us_per_req is not None:
             parts.append(f"cpu {r.cpu_us_per_req:.1f} µs/req")
+        if r.copies is not None and r.duration_s is not None:
+            parts.append(f"{r.copies} copies of {r.duration_s:.2f} s")
         parts.append(f"idle cpu {r.idle_cpu_pct or 0:.0f}%")
+        if r.idle_wait_s is not None and r.idle_wait_s >= 1:
+            parts.append(f"(waited {r.idle_wait_s:.0f} s)")
         self._emit(f"{head} " + "  ".join(parts), self.done == self.total)
 
     def note(self, text: str) -> None:
@@ -402,15 +440,16 @@ class Progress:
 
 def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: Path,
             tools: dict[str, str], log_dir: Path) -> RunResult:
-    """Start server ``name``, warm the image, sample the idle machine, run ``w``, stop it."""
+    """Start server ``name``, sample the idle machine, warm the image, run ``w``, stop it."""
     r = RunResult(w.name, name, rep)
     tag = f"{w.name}-{rep + 1}"
     client_log = log_dir / f"client-{name}-{tag}.log"
     try:
         with servers.running(name, binary, image, log_dir, s.icbd_args if name == "icbd" else (),
                              tag) as srv:
+            r.idle_cpu_pct, r.load1, r.idle_wait_s = wait_for_idle(
+                s.idle_sample, s.wait_idle, s.wait_idle_max)
             r.warm_s = warm_page_cache(image)
-            r.idle_cpu_pct, r.load1 = sample_background(s.idle_sample)
             cpu0 = srv.cpu_seconds()
             if w.kind == "fio":
                 fio_json = log_dir / f"fio-{name}-{tag}.json"
@@ -426,11 +465,15 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
             else:
                 size = image.stat().st_size
                 cmd = nbdcopy_command(tools["nbdcopy"], srv.uri)
-                r.duration_s = run_client(cmd, client_log, timeout=600)
+                total, r.copies = 0.0, 0
+                while r.copies == 0 or total < s.runtime:
+                    total += run_client(cmd, client_log, timeout=600)
+                    r.copies += 1
                 cpu1 = srv.cpu_seconds()
-                r.requests = math.ceil(size / NBDCOPY_REQUEST_SIZE)
-                r.iops = r.requests / r.duration_s
-                r.mib_s = size / MIB / r.duration_s
+                r.duration_s = total / r.copies
+                r.requests = math.ceil(size / NBDCOPY_REQUEST_SIZE) * r.copies
+                r.iops = r.requests / total
+                r.mib_s = size * r.copies / MIB / total
             if not srv.alive():
                 raise RuntimeError(f"{name} exited during the run:\n{srv.log_tail()}")
             r.cpu_s = max(0.0, cpu1 - cpu0)
@@ -593,6 +636,8 @@ def _meta(s: Settings, image: Path, size: int, names: list[str], binaries: dict[
         "runtime_s": s.runtime,
         "reps": s.reps,
         "idle_sample_s": s.idle_sample,
+        "wait_idle_pct": s.wait_idle,
+        "wait_idle_max_s": s.wait_idle_max,
         "order": names,
         "baseline": servers.BASELINE,
         "servers": srv,
