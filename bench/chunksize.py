@@ -8,10 +8,12 @@ trace: no server, no clock, so the numbers are exact and repeatable.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -80,3 +82,20 @@ def run(trace: Path, out_dir: Path | None) -> list[ChunkSizeRow]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "chunksize.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
     return rows
+
+
+DEFAULT_TRACE = Path(__file__).resolve().parent / "traces" / "debian-boot.csv.zst"
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``chunksize`` subcommand."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "chunksize", help="faults and bytes a recorded boot costs a cold cache per chunk size",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  icbd-bench chunksize\n"
+               "  icbd-bench chunksize --trace my-boot.csv.zst --out out/chunks")
+    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE,
+                   help="boot trace: t_ms,conn,op,offset,count CSV, optionally .zst "
+                        "(default: the recorded Debian boot shipped in bench/traces)")
+    p.add_argument("--out", type=Path, default=None, help="also write chunksize.json here")
+    p.set_defaults(func=lambda a: 0 if run(a.trace, a.out) else 1)

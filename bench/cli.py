@@ -11,10 +11,10 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from bench import serve
+from bench import chunksize, serve
 
 #: The modules that register a subcommand, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (serve.register,)
+SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (serve.register, chunksize.register)
 
 
 def build_parser() -> argparse.ArgumentParser:
