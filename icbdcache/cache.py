@@ -101,8 +101,8 @@ class ChunkCache:
                 data = self.store.get_chunk(key)
                 if data is None:
                     return None
-                self.writer.touch(key)
             self.hot.put(key, data)
+        self.writer.touch(key)  # recency for the store's eviction, even for hot-set hits
         return data
 
     def close(self) -> None:
