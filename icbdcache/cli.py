@@ -75,6 +75,9 @@ def _serve_parser(sub: Any) -> None:
                         "read-only exports only)")
     p.add_argument("--debug-requests", action="store_true", default=None,
                    help="log every request (debug level)")
+    p.add_argument("--trace", metavar="FILE", default=None,
+                   help="write every request as t_ms,conn,op,offset,count,lat_us (a boot trace "
+                        "for icbd-bench bootstorm)")
     g = p.add_argument_group("cache (see docs/store.md)")
     g.add_argument("--store", metavar="DIR", default=None,
                    help="serve every version in this store as IMI@VERSION and IMI (latest); "
@@ -122,7 +125,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     )
     for key in ("default_export", "tls_cert", "tls_key", "tls_required", "max_connections",
                 "handshake_timeout", "grace", "cow_dir", "cow_linger", "workers",
-                "debug_requests", "store", "store_size", "hot_bytes", "fault_timeout",
+                "debug_requests", "trace", "store", "store_size", "hot_bytes", "fault_timeout",
                 "source_timeout"):
         value = pick(key)
         if value is not None:
@@ -142,6 +145,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("--tls-required needs --tls-cert and --tls-key")
     if cfg.workers > 1 and any(e.cow for e in cfg.exports):
         raise ValueError("copy-on-write exports need --workers 1 (overlays live in one process)")
+    if cfg.workers > 1 and cfg.trace:
+        raise ValueError("--trace needs --workers 1 (one file, one writer)")
     if cfg.max_connections < 1 or cfg.workers < 1:
         raise ValueError("--max-connections and --workers must be at least 1")
     return cfg

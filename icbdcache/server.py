@@ -69,6 +69,7 @@ class ServeConfig:
     cow_dir: str | None = None
     cow_linger: float = 120.0
     debug_requests: bool = False
+    trace: str | None = None
     workers: int = 1
     store: str | None = None
     store_size: int | None = None
@@ -116,6 +117,28 @@ def _identity(transport: asyncio.BaseTransport) -> tuple[str, str]:
     return "unknown", str(peer)
 
 
+class RequestTrace:
+    """``--trace FILE``: one CSV line per request, ``t_ms,conn,op,offset,count,lat_us`` (the
+    boot-trace format ``icbd-bench bootstorm`` replays). ``t_ms`` counts from the first request;
+    ``lat_us`` is the time from the request to its reply being queued."""
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "w", buffering=1 << 16)  # noqa: SIM115 - lives as long as the server
+        self.f.write("# t_ms,conn,op,offset,count,lat_us\n")
+        self.t0: float | None = None
+
+    def answered(self, conn: int, req: Request, start: float) -> None:
+        """``req`` of connection ``conn``, received at ``start`` (monotonic s), is answered."""
+        if self.t0 is None:
+            self.t0 = start
+        lat = int((time.monotonic() - start) * 1e6)
+        self.f.write(f"{(start - self.t0) * 1000:.3f},{conn},{req.command.name.title()},"
+                     f"{req.offset},{req.length},{lat}\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class NBDProtocol(asyncio.Protocol):
     """One client connection."""
 
@@ -138,6 +161,7 @@ class NBDProtocol(asyncio.Protocol):
         self.reason = "client closed"
         self._timer: asyncio.TimerHandle | None = None
         self.debug = server.config.debug_requests
+        self.tracer = server.tracer
 
     # ------------------------------------------------------------ connection
 
@@ -293,6 +317,7 @@ class NBDProtocol(asyncio.Protocol):
         if self.debug:
             reqlog.debug(kv(conn=self.id, cookie=req.cookie, cmd=req.command.name,
                             flags=int(req.flags), offset=req.offset, length=req.length))
+        start = time.monotonic() if self.tracer is not None else 0.0
         if b is None:
             sm.reply_error(req, Errno.EIO, "no export")
             return
@@ -303,7 +328,8 @@ class NBDProtocol(asyncio.Protocol):
                 if type(result) is list:
                     sm.reply_read(req, result)
                 else:
-                    self._wait(req, cast(Awaitable[list[Buffer]], result))
+                    self._wait(req, cast(Awaitable[list[Buffer]], result), start)
+                    return
             elif cmd is Cmd.WRITE:
                 b.pwrite(req.offset, req.data)
                 sm.reply_ok(req)
@@ -331,14 +357,18 @@ class NBDProtocol(asyncio.Protocol):
         except Exception:
             log.exception(kv(conn=self.id, cmd=cmd.name, offset=req.offset, length=req.length))
             sm.reply_error(req, Errno.EIO, "internal error")
+        if self.tracer is not None:
+            self.tracer.answered(self.id, req, start)
 
-    def _wait(self, req: Request, result: Awaitable[list[Buffer]]) -> None:
+    def _wait(self, req: Request, result: Awaitable[list[Buffer]], start: float) -> None:
         self.inflight += 1
         fut = asyncio.ensure_future(result)
-        fut.add_done_callback(partial(self._read_done, req))
+        fut.add_done_callback(partial(self._read_done, req, start))
 
-    def _read_done(self, req: Request, fut: asyncio.Future[list[Buffer]]) -> None:
+    def _read_done(self, req: Request, start: float, fut: asyncio.Future[list[Buffer]]) -> None:
         self.inflight -= 1
+        if self.tracer is not None:
+            self.tracer.answered(self.id, req, start)
         if self.transport is None or self.transport.is_closing():
             return
         exc = fut.exception()
@@ -386,6 +416,7 @@ class Server:
         self._stop = asyncio.Event()
         self._janitor: asyncio.Task[None] | None = None
         self.node: Node | None = None
+        self.tracer = RequestTrace(config.trace) if config.trace else None
 
     async def start(self, *, unix_sock: socket.socket | None = None,
                     reuse_port: bool = False) -> None:
@@ -465,6 +496,8 @@ class Server:
         if self.node is not None:
             await self.node.close()
             self.node.store.close()
+        if self.tracer is not None:
+            self.tracer.close()
         log.info(kv(shutdown="done", unfinished=len(left)))
 
 
