@@ -13,7 +13,9 @@ Notes on the design
 * A fetch tries the version's sources in order, with bounded retries and a deadline
   (``fault_timeout``); the bytes are checked against the digest of the chunk map before they are
   stored or served. A version whose map is not known yet (faulted from a plain NBD upstream)
-  learns each digest on its first fetch and checks every later one against it.
+  learns each digest on its first fetch and checks every later one against it; before a fetch
+  it looks in the stored map, where another process sharing the store (``icbd-cache warm``,
+  another ``--workers`` process) may have learned the digest already.
 * A read that cannot be served in time fails with EIO for that request only.
 """
 
@@ -217,7 +219,13 @@ class VersionBackend(Backend):
         if fut is not None:
             cache.stats.coalesced += 1
             return await asyncio.shield(fut)
-        if d != UNKNOWN:
+        if d == UNKNOWN:
+            d = self._stored_entry(index)
+            if d == ZERO:
+                return bytes(min(self.cs, self.size - index * self.cs))
+            if d != UNKNOWN:
+                return await self.fault(index)  # known now: by digest, maybe held
+        else:
             held = cache.lookup(d)  # filled while this reader was queued
             if held is not None:
                 return held
@@ -234,6 +242,15 @@ class VersionBackend(Backend):
             return data
         finally:
             del cache.inflight[key]
+
+    def _stored_entry(self, index: int) -> bytes:
+        """Map entry ``index`` as stored now: another process sharing the store (``icbd-cache
+        warm``, another ``--workers`` process) may have learned it since this map was loaded.
+        A known entry is copied into this map."""
+        d = self.shared.store.map_entry(self.key, index)
+        if d != UNKNOWN:
+            self.map[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = d
+        return d
 
     async def _fetch(self, index: int, want: bytes) -> bytes:
         cache = self.shared

@@ -305,6 +305,16 @@ class Store:
                 raise StoreError(f"no chunk map for {key}")
             return bytearray(raw)
 
+    def map_entry(self, key: str, index: int) -> bytes:
+        """Entry ``index`` of the stored chunk map of version ``key`` (a digest, ZERO or
+        UNKNOWN); UNKNOWN if there is no such map or index. Reads 16 bytes, not the map."""
+        with self.env.begin(db=self.db["maps"], buffers=True) as txn:
+            raw = txn.get(key.encode())
+            if raw is None:
+                return UNKNOWN
+            entry = bytes(raw[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
+            return entry if len(entry) == DIGEST_SIZE else UNKNOWN
+
     def set_latest(self, imi: str, version: str) -> None:
         """Point ``IMI`` (the export name without a version) at ``version``, atomically."""
         def fn(txn: lmdb.Transaction) -> int:
