@@ -169,7 +169,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     from icbdcache.node import Node
 
     try:
-        store = Store(args.store)
+        store = Store(args.store, size_limit=args.store_size)
     except StoreError as e:
         print(f"icbd-cache warm: {e}", file=sys.stderr)
         return 2
@@ -279,6 +279,8 @@ def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
     p.add_argument("version", help="IMI@VERSION or IMI (latest)")
     add_store_arg(p)
     p.add_argument("--all", action="store_true", help="every chunk, not only the profile")
+    p.add_argument("--store-size", type=parse_bytes, default=None,
+                   help="the bound the store is served with (evicts cold chunks as it fills)")
     p.add_argument("--parallel", type=int, default=16, help="faults in flight (default 16)")
     verbosity(p)
     p = sub.add_parser("pin", help="pin (or --unpin) a version: its chunks are never evicted",

@@ -69,7 +69,8 @@ class BatchWriter:
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the persistent counter ``name``."""
-        self._stats[name] += n
+        with self._cv:
+            self._stats[name] += n
 
     def pending(self, key: bytes) -> bytes | None:
         """A queued chunk not yet committed, or None."""
@@ -115,8 +116,8 @@ class BatchWriter:
                 chunks, updates = self._take()
                 self._writing = chunks
                 stop = self._stop and not self._chunks and not self._updates
-            touched, self._touched = self._touched, set()
-            stats, self._stats = self._stats, Counter()
+                touched, self._touched = self._touched, set()
+                stats, self._stats = self._stats, Counter()
             if chunks or updates or stats or (touched and time.monotonic() - last > 1.0):
                 self._commit(chunks, updates, touched, dict(stats))
                 last = time.monotonic()
