@@ -184,7 +184,7 @@ def register(subparsers: Any) -> None:
                     "and server CPU per request, paired against nbdkit and qemu-nbd.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--servers", type=_name_list(servers.SERVER_NAMES),
-                   default=list(servers.SERVER_NAMES),
+                   default=list(servers.DEFAULT_SERVERS),
                    help="comma-separated servers, in run order (default: %(default)s)")
     p.add_argument("--workloads", type=_name_list(WORKLOAD_NAMES), default=list(WORKLOAD_NAMES),
                    help="comma-separated workloads (default: all, see below)")
@@ -202,6 +202,9 @@ def register(subparsers: Any) -> None:
                         "(for shared machines; default: do not wait)")
     p.add_argument("--wait-idle-max", type=_positive_float, default=60.0, metavar="SECONDS",
                    help="give up waiting for --wait-idle after this long (default %(default)s)")
+    p.add_argument("--store", action="store_true",
+                   help="add icbd-store (warm LMDB store) and icbd-cold (empty store faulting "
+                        "from an nbdkit upstream on loopback) to the servers")
     p.add_argument("--quick", action="store_true",
                    help="a fast sanity run: 64 MiB image, 2 s runs, 1 rep (flags given win)")
     p.add_argument("--icbd-args", default="",
@@ -242,7 +245,8 @@ def resolve(args: argparse.Namespace) -> Settings:
     out = args.out or Path("out/bench") / dt.datetime.now().strftime("serve-%Y%m%d-%H%M%S")
     chosen = set(args.workloads)
     return Settings(
-        servers=list(args.servers),
+        servers=list(args.servers) + [n for n in (servers.STORE_SERVERS if args.store else ())
+                                      if n not in args.servers],
         workloads=[w for w in WORKLOADS if w.name in chosen],
         image=args.image,
         image_size=args.image_size or (64 * MIB if quick else 1 << 30),
@@ -445,7 +449,8 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
     tag = f"{w.name}-{rep + 1}"
     client_log = log_dir / f"client-{name}-{tag}.log"
     try:
-        with servers.running(name, binary, image, log_dir, s.icbd_args if name == "icbd" else (),
+        extra = s.icbd_args if name.startswith("icbd") else ()
+        with servers.running(name, binary, image, log_dir, extra,
                              tag) as srv:
             r.idle_cpu_pct, r.load1, r.idle_wait_s = wait_for_idle(
                 s.idle_sample, s.wait_idle, s.wait_idle_max)
@@ -614,7 +619,7 @@ def _meta(s: Settings, image: Path, size: int, names: list[str], binaries: dict[
     srv: dict[str, Any] = {}
     for n in names:
         cmd = servers.server_command(n, binaries[n], image, port,
-                                     s.icbd_args if n == "icbd" else ())
+                                     s.icbd_args if n.startswith("icbd") else ())
         srv[n] = {"binary": binaries[n], "version": servers.tool_version(binaries[n]),
                   "cmd": shlex.join(cmd).replace(str(port), "PORT")}
     for n, why in skipped.items():

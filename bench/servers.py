@@ -5,9 +5,13 @@ is its PID), listens on 127.0.0.1 on a port the kernel picked a moment before, a
 that PID: SIGTERM, then SIGKILL to its process group after a grace time, then SIGKILL to any
 descendant still alive. Callers use :func:`running` so that this happens on every path out.
 
-The three servers serve the same raw file read-only under the export name ``img``:
+The servers serve the same raw file read-only under the export name ``img``:
 
 - ``icbd``: ``icbd-cache serve --export img=PATH --listen 127.0.0.1:PORT [--icbd-args ...]``
+- ``icbd-store`` (warm store): ``icbd-cache serve --store STORE`` where STORE holds the image
+  whole (``icbd-cache import PATH --imi img --copy``)
+- ``icbd-cold`` (cold store): ``icbd-cache serve --store EMPTY --export img=nbd://UPSTREAM/``
+  faulting every chunk from an ``nbdkit file PATH`` upstream on loopback
 - ``nbdkit``: ``nbdkit -r -f -p PORT -i 127.0.0.1 --exit-with-parent file PATH`` (nbdkit accepts
   any export name)
 - ``qemu-nbd``: ``qemu-nbd -r -t -e 0 -x img -p PORT -b 127.0.0.1 -f raw PATH`` (``-e 0``: any
@@ -32,7 +36,11 @@ from pathlib import Path
 import psutil
 
 #: Every server the benchmark knows, in the order runs go (A B C A B C).
-SERVER_NAMES: tuple[str, ...] = ("icbd", "nbdkit", "qemu-nbd")
+SERVER_NAMES: tuple[str, ...] = ("icbd", "icbd-store", "icbd-cold", "nbdkit", "qemu-nbd")
+#: The servers run when none are named (``--store`` adds the two store-backed ones).
+DEFAULT_SERVERS: tuple[str, ...] = ("icbd", "nbdkit", "qemu-nbd")
+#: The store-backed variants of icbd (``icbd-bench serve --store``).
+STORE_SERVERS: tuple[str, ...] = ("icbd-store", "icbd-cold")
 
 #: The server the ratios are taken against.
 BASELINE = "nbdkit"
@@ -45,7 +53,8 @@ _PACKAGE = {"icbd-cache": "this project (scripts/setup)", "nbdkit": "nbdkit",
             "qemu-nbd": "qemu-utils", "fio": "fio", "nbdcopy": "libnbd-bin",
             "nbdinfo": "libnbd-bin"}
 
-_BINARY = {"icbd": "icbd-cache", "nbdkit": "nbdkit", "qemu-nbd": "qemu-nbd"}
+_BINARY = {"icbd": "icbd-cache", "icbd-store": "icbd-cache", "icbd-cold": "icbd-cache",
+           "nbdkit": "nbdkit", "qemu-nbd": "qemu-nbd"}
 
 
 class ServerError(RuntimeError):
@@ -86,6 +95,11 @@ def server_command(name: str, binary: str, image: Path, port: int,
     if name == "icbd":
         return [binary, "serve", "--export", f"{EXPORT}={path}",
                 "--listen", f"127.0.0.1:{port}", *extra]
+    if name == "icbd-store":
+        return [binary, "serve", "--store", str(warm_store(binary, image)),
+                "--listen", f"127.0.0.1:{port}", *extra]
+    if name == "icbd-cold":
+        return cold_store_command(binary, image, port, extra)
     if name == "nbdkit":
         return [binary, "-r", "-f", "-p", str(port), "-i", "127.0.0.1", "--exit-with-parent",
                 "file", path]
@@ -93,6 +107,35 @@ def server_command(name: str, binary: str, image: Path, port: int,
         return [binary, "-r", "-t", "-e", "0", "-x", EXPORT, "-p", str(port), "-b", "127.0.0.1",
                 "-f", "raw", path]
     raise ValueError(f"unknown server {name!r}")
+
+
+def warm_store(binary: str, image: Path) -> Path:
+    """A store beside ``image`` holding it whole as iMI ``img`` (``icbd-cache import --copy``),
+    made once per image and reused: the warm-store server serves it from LMDB."""
+    store = image.with_name(image.name + ".icbd-store")
+    if not (store / "data.mdb").exists():
+        subprocess.run([binary, "import", str(image), "--imi", EXPORT, "--version", "1",
+                        "--copy", "--store", str(store)], check=True, capture_output=True)
+    return store
+
+
+def cold_store_command(binary: str, image: Path, port: int, extra: Sequence[str]) -> list[str]:
+    """A shell that starts an upstream ``nbdkit file`` (bound to its parent's life) on a free
+    port, then becomes ``icbd-cache serve`` with an empty store faulting everything from it.
+    The server's CPU figures include the upstream's."""
+    up = free_port()
+    store = image.with_name(f"{image.name}.cold-{port}")
+    nbdkit = find_tool("nbdkit") or "nbdkit"
+    nbdinfo = find_tool("nbdinfo") or "nbdinfo"
+    script = (
+        f'rm -rf "{store}"; "{nbdkit}" -r -f -p {up} -i 127.0.0.1 --exit-with-parent '
+        f'file "{image}" & '
+        f"for i in $(seq 100); do \"{nbdinfo}\" --size nbd://127.0.0.1:{up} >/dev/null 2>&1 "
+        f"&& break; sleep 0.1; done; "
+        f'exec "$0" serve --store "{store}" --export {EXPORT}=nbd://127.0.0.1:{up}/ '
+        f'--listen 127.0.0.1:{port} "$@"'
+    )
+    return ["sh", "-c", script, binary, *extra]
 
 
 def _icbd_version() -> str:

@@ -160,8 +160,11 @@ class VersionBackend(Backend):
             else:
                 stats.hits += 1
                 out.append(memoryview(data)[lo:hi])
-        if self.profile.recording:
-            self.profile.saw(first, last)
+        profile = self.profile
+        if profile.recording_until:
+            profile.record(first, last)
+        if missing or (profile.marks and not profile.marks.isdisjoint(range(first, last + 1))):
+            profile.advance(last)
         if not missing:
             return out
         stats.misses += len(missing)
@@ -308,44 +311,59 @@ class VersionBackend(Backend):
 
 class BootProfile:
     """Which chunks a version's clients read during their first ``window`` seconds after
-    connecting, in first-read order; persisted in the store, replayed as readahead."""
+    connecting, in first-read order (at most ``limit`` chunks); persisted in the store, and
+    replayed as readahead.
 
-    def __init__(self, backend: VersionBackend, window: float = 120.0, ahead: int = 16) -> None:
+    Readahead works like the kernel's: a read that misses, or that hits a chunk marked in the
+    previous window, faults the next ``ahead`` chunks of the profile in the background and marks
+    the middle of that window, so a client following the profile keeps ahead of its reads with
+    no lookups on reads that are plain hits.
+    """
+
+    def __init__(self, backend: VersionBackend, window: float = 120.0, ahead: int = 16,
+                 limit: int = 1 << 16) -> None:
         self.backend = backend
         self.window = window
         self.ahead = ahead
-        self.order: dict[int, None] = dict.fromkeys(backend.shared.store.profile(backend.key))
+        self.limit = limit
+        self.order: list[int] = backend.shared.store.profile(backend.key)
         self.position = {idx: n for n, idx in enumerate(self.order)}
+        self.marks: set[int] = set()
         self.recording_until = 0.0
         self.dirty = False
-
-    @property
-    def recording(self) -> bool:
-        return bool(self.order) or self.recording_until > 0.0
 
     def client_started(self, now: float) -> None:
         """A client connected: record its first minutes."""
         self.recording_until = max(self.recording_until, now + self.window)
 
-    def saw(self, first: int, last: int) -> None:
-        """Chunks ``first..last`` were read: record them, and read ahead along the profile."""
-        if self.recording_until and time.monotonic() < self.recording_until:
-            for i in range(first, last + 1):
-                if i not in self.order:
-                    self.order[i] = None
-                    self.dirty = True
+    def record(self, first: int, last: int) -> None:
+        """Chunks ``first..last`` were read: add the new ones to the profile."""
+        if time.monotonic() > self.recording_until:
+            self.recording_until = 0.0
+            return
+        pos = self.position
+        for i in range(first, last + 1):
+            if i not in pos and len(self.order) < self.limit:
+                pos[i] = len(self.order)
+                self.order.append(i)
+                self.dirty = True
+
+    def advance(self, last: int) -> None:
+        """Read ahead along the profile from chunk ``last``."""
+        self.marks.discard(last)
         pos = self.position.get(last)
-        if pos is not None:
-            known = list(self.order)
-            for idx in known[pos + 1 : pos + 1 + self.ahead]:
-                self.backend.cache_hint(idx)
+        if pos is None:
+            return
+        window = self.order[pos + 1 : pos + 1 + self.ahead]
+        for idx in window:
+            self.backend.cache_hint(idx)
+        if len(window) > 1:
+            self.marks.add(window[len(window) // 2])
 
     def save(self) -> None:
         if self.dirty:
             self.dirty = False
-            order = list(self.order)
-            self.position = {idx: n for n, idx in enumerate(order)}
-            self.backend.shared.store.put_profile(self.backend.key, order)
+            self.backend.shared.store.put_profile(self.backend.key, list(self.order))
 
 
 def _ignore_result(task: asyncio.Future[bytes]) -> None:
