@@ -11,10 +11,11 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from bench import chunksize, serve
+from bench import bootstorm, chunksize, serve
 
 #: The modules that register a subcommand, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (serve.register, chunksize.register)
+SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (serve.register, chunksize.register,
+                                                   bootstorm.register)
 
 
 def build_parser() -> argparse.ArgumentParser:
