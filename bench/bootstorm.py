@@ -404,10 +404,11 @@ class Upstream:
 @contextlib.contextmanager
 def upstream(net: netlab.Network, nbdkit: str, image: Path, run_dir: Path,
              log_dir: Path, tag: str) -> Iterator[Upstream]:
-    """Context manager: the upstream nbdkit (log filter) and, when the WAN has a delay, the
-    relay in front of it, both in the upstream namespace; stopped on exit."""
+    """Context manager: the upstream nbdkit (log filter, one line per request in
+    ``log_dir/upstream-TAG.requests.log``) and, when the WAN has a delay, the relay in front
+    of it, both in the upstream namespace; stopped on exit."""
     delay = net.shaping.wan_delay
-    log = run_dir / "upstream-nbdkit.log"
+    log = log_dir / f"upstream-{tag}.requests.log"
     port = net.port("upstream")
     listen = net.upstream_local if delay else net.upstream_host
     argv = net.argv("upstream", [nbdkit, "-r", "-f", "-p", str(port), "-i", listen,
@@ -540,8 +541,8 @@ def run_replay(ctx: Context, sc: Scenario, host: str, port: int, run_dir: Path,
                on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Run ``bench.replay`` in the clients' place against ``host:port``; return its results.
 
-    The replay process gets its own session and is killed by PID on timeout or interrupt.
-    Raises RuntimeError when it leaves no results.
+    The replay process gets its own session and is killed by PID on timeout or interrupt; its
+    stderr goes to ``logs/replay-RUN.log``. Raises RuntimeError when it leaves no results.
     """
     spec = replay.Spec(host=host, port=port, export=EXPORT, trace=str(ctx.s.trace),
                        clients=sc.clients, mode=sc.mode, think_scale=ctx.s.think_scale,
@@ -550,7 +551,7 @@ def run_replay(ctx: Context, sc: Scenario, host: str, port: int, run_dir: Path,
     spec_path.write_text(json.dumps(asdict(spec)))
     argv = ctx.net.argv("clients", [sys.executable, "-m", "bench.replay", "run",
                                     str(spec_path), str(out)])
-    err_path = run_dir / "replay.err"
+    err_path = ctx.log_dir / f"replay-{run_dir.name}.log"
     with open(err_path, "wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=err, start_new_session=True, text=True)

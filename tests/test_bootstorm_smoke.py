@@ -1,0 +1,78 @@
+"""Smoke tests of ``icbd-bench bootstorm``: counts only, never timings.
+
+Both run on loopback (``--net loopback``: no namespaces, no root needed) with a truncated trace,
+so they take seconds. The first checks that every client of every server replayed every read
+of the trace with the right bytes; the second that icbd-cache, faulting from an empty store for
+5 clients at once, fetched each chunk the trace touches from the upstream exactly once (counted
+by the upstream nbdkit's log filter).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from conftest import BIN, require
+
+from bench import bootstorm
+from bench.replay import DEFAULT_TRACE, load_trace
+
+
+def _run(tmp_path: Path, *args: str) -> dict[str, Any]:
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(BIN / "icbd-bench"), "bootstorm", "--net", "loopback", "--out", str(out),
+         "--tmpdir", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc: dict[str, Any] = json.loads((out / "bootstorm.json").read_text())
+    return doc
+
+
+def test_quick_every_client_replays_every_read(tmp_path: Path) -> None:
+    require("nbdkit", "qemu-nbd")
+    requests = 60
+    names = list(bootstorm.SERVER_NAMES)
+    doc = _run(tmp_path, "--quick", "--wan", "none", "--lan", "none", "--clients", "3",
+               "--requests", str(requests), "--server", ",".join(names))
+    trace = load_trace(DEFAULT_TRACE).head(requests)
+    runs = {(r["scenario"], r["server"]): r for r in doc["runs"]}
+    assert set(runs) == {(sc, n) for sc in ("alone", "simultaneous-3") for n in names}
+    for key, run in runs.items():
+        assert run["error"] is None, key
+        assert len(run["clients"]) == run["n_clients"], key
+        for c in run["clients"]:
+            assert c["requests"] == requests and c["errors"] == 0, (key, c)
+            assert c["bytes"] == trace.read_bytes and c["mismatches"] == 0, (key, c)
+    rows = {(r["scenario"], r["server"]) for r in doc["rows"]}
+    assert rows == set(runs)
+    assert all(r["complete_clients"] == r["n_clients"] for r in doc["rows"])
+    assert doc["meta"]["net_kind"] == "loopback"
+    out = tmp_path / "out"
+    assert (out / "bootstorm-clients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 3 simultaneous | nbdkit |" in (out / "bootstorm.md").read_text()
+
+
+def test_icbd_cold_fetches_each_chunk_once(tmp_path: Path) -> None:
+    """5 clients at once, no think time, 5 ms of WAN delay (the relay) so that faults overlap:
+    the upstream serves every touched chunk once and nothing else."""
+    require("nbdkit")
+    requests = 200
+    doc = _run(tmp_path, "--server", "icbd-cold", "--clients", "5", "--no-baseline",
+               "--no-think", "--requests", str(requests), "--wan", "1gbit,5ms",
+               "--lan", "none")
+    [run] = doc["runs"]
+    assert run["error"] is None and run["scenario"] == "simultaneous-5"
+    assert all(c["requests"] == requests and not c["mismatches"] for c in run["clients"])
+    trace = load_trace(DEFAULT_TRACE).head(requests)
+    size = doc["meta"]["image_bytes"]
+    chunk = bootstorm.CHUNK_SIZE
+    reads = bootstorm.log_reads(Path(run["upstream_log"]))
+    fetched = [off // chunk for off, _ in reads]
+    assert all(off % chunk == 0 and n == min(chunk, size - off) for off, n in reads), reads[:5]
+    assert len(fetched) == len(set(fetched)), "a chunk was fetched twice"
+    assert set(fetched) == trace.chunks(chunk)
+    assert run["upstream_read_bytes"] == bootstorm.expected_upstream_bytes(trace, size)
+    assert run["relay_down"] >= run["upstream_read_bytes"]
