@@ -19,7 +19,6 @@ import random
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import Server, free_port, make_image, require, sha256_file
+from readers import hash_outputs, nbdcopy_procs
 
 MiB = 1 << 20
 BIG = 256 * MiB  # test 2 wants an image of 256 MiB or more
@@ -98,44 +98,6 @@ def run(cmd: Sequence[str], *, timeout: float = 60, ok: Sequence[int] = (0,),
 def nbdinfo(*args: str) -> dict[str, Any]:
     out = run(["nbdinfo", "--json", *args]).stdout
     return dict(json.loads(out))
-
-
-def nbdcopy_procs(uris: Sequence[str]) -> list[subprocess.Popen[bytes]]:
-    """Start one ``nbdcopy URI -`` per URI, all at once (output on a pipe)."""
-    return [subprocess.Popen(["nbdcopy", u, "-"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE) for u in uris]
-
-
-def hash_outputs(procs: Sequence[subprocess.Popen[bytes]],
-                 timeout: float = 120) -> list[tuple[str, int]]:
-    """sha256 and length of each process's stdout, read concurrently; each must exit 0."""
-    results: list[tuple[str, int]] = [("", 0)] * len(procs)
-
-    def drain(i: int) -> None:
-        h = hashlib.sha256()
-        n = 0
-        stream = procs[i].stdout
-        assert stream is not None
-        while chunk := stream.read(4 * MiB):
-            h.update(chunk)
-            n += len(chunk)
-        results[i] = (h.hexdigest(), n)
-
-    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(procs))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if any(t.is_alive() for t in threads):
-            p.kill()
-        p.wait(10)
-    for p in procs:
-        err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-        assert p.returncode == 0, f"{p.args!r} -> exit {p.returncode}: {err}"
-    assert not any(t.is_alive() for t in threads), "nbdcopy did not finish in time"
-    return results
 
 
 def nbdcopy_sha(uri: str) -> str:
