@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Server, require
-from test_bad_input import RawClient, closed_by_server, connect, expected
+from nbdraw import RawClient, closed_by_server, connect, expected
 
 from nbd.constants import Cmd
 

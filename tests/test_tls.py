@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trustme
 from conftest import Server, make_image, require, sha256_file
-from test_bad_input import RawClient, closed_by_server, expected
+from nbdraw import RawClient, closed_by_server, expected
 
 from nbd import wire
 from nbd.constants import (
