@@ -488,6 +488,8 @@ class RunRecord:
     received/sent during the replay, headers included (namespaces only); ``relay_down``/
     ``relay_up``: payload bytes through the WAN delay relay during the replay; ``client_cpu_s``:
     the replay process's CPU; ``host_cpu_pct``: machine-wide CPU busy % during the replay;
+    ``other_cpu_pct``: the part of it not used by the bench's own processes (server, upstream,
+    relay, clients): other work on a shared machine;
     ``icbd``: icbd-cache counter deltas (faults, coalesced, hits, misses, ...).
     """
 
@@ -509,6 +511,7 @@ class RunRecord:
     relay_up: int | None = None
     client_cpu_s: float | None = None
     host_cpu_pct: float | None = None
+    other_cpu_pct: float | None = None
     icbd: dict[str, int] | None = None
     error: str | None = None
 
@@ -615,12 +618,15 @@ def run_one(ctx: Context, sc: Scenario, name: str, store: Path | None = None,
                 warm_store(store)
             cpu0 = srv.cpu_seconds()
             up_cpu0 = up.cpu_seconds() if up else 0.0
+            relay_cpu0 = up.relay.cpu_seconds() if up and up.relay else 0.0
+            t0 = time.monotonic()
             wan0 = net.wan_bytes() if up else None
             relay0 = up.relay_counts() if up else None
             psutil.cpu_percent(None)
             progress = ctx.progress.runner(sc, name, len(ctx.trace.head(ctx.s.requests)))
             doc = run_replay(ctx, sc, host, port, run_dir, progress)
             rec.host_cpu_pct = float(psutil.cpu_percent(None))
+            elapsed = time.monotonic() - t0
             rec.server_cpu_s = max(0.0, srv.cpu_seconds() - cpu0)
             rec.peak_rss = peak_rss(srv.pid)
             if not srv.alive():
@@ -633,6 +639,10 @@ def run_one(ctx: Context, sc: Scenario, name: str, store: Path | None = None,
             rec.clients = doc["clients"]
             rec.client_cpu_s = doc["client_cpu_s"]
             rec.wall_s = doc["wall_s"]
+            ours = rec.server_cpu_s + (rec.upstream_cpu_s or 0.0) + rec.client_cpu_s + (
+                up.relay.cpu_seconds() - relay_cpu0 if up and up.relay else 0.0)
+            rec.other_cpu_pct = max(0.0, rec.host_cpu_pct - 100 * ours / (
+                elapsed * (os.cpu_count() or 1)))
             srv.stop()
             if up is not None:
                 up.stop()
@@ -748,7 +758,7 @@ def summarize(runs: Sequence[dict[str, Any]], expected_requests: int,
             row["mismatches"] = sum(c["mismatches"] for c in cl)
         for k in ("server_cpu_s", "peak_rss", "upstream_cpu_s", "upstream_reads",
                   "upstream_read_bytes", "wan_down", "wan_up", "relay_down", "relay_up",
-                  "client_cpu_s", "host_cpu_pct", "wall_s"):
+                  "client_cpu_s", "host_cpu_pct", "other_cpu_pct", "wall_s"):
             row[k] = r.get(k)
         rows.append(row)
     alone = {r["server"]: r.get("io_wait_s_median") for r in rows if r["scenario"] == "alone"}
@@ -802,14 +812,14 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append("**Interrupted**: partial results.")
     lines += ["", "| scenario | server | I/O wait s median | p95 | max | replay s median | p95 "
               "| max | lat ms p50 | p95 | max | WAN MiB | upstream MiB | CPU s | peak RSS MiB "
-              f"| vs alone | vs {CACHE_BASELINE} | clients ok |",
-              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+              f"| vs alone | vs {CACHE_BASELINE} | other CPU % | clients ok |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         label = Scenario(r["mode"], r["n_clients"]).label
         if r.get("io_wait_s_median") is None:
             lines.append(f"| {label} | {r['server']} | FAILED: "
                          f"{(r['error'] or '').splitlines()[0][:120] if r['error'] else '-'} "
-                         + "|" * 16)
+                         + "|" * 17)
             continue
         wan = r["wan_down"] if r["wan_down"] is not None else r["relay_down"]
         lines.append(
@@ -818,22 +828,27 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {r['replay_s_max']:.1f} | {r['lat_p50_ms']:.2f} | {r['lat_p95_ms']:.1f} "
             f"| {r['lat_max_ms']:.0f} | {_mib(wan)} | {_mib(r['upstream_read_bytes'])} "
             f"| {_f(r['server_cpu_s'], '.1f')} | {_mib(r['peak_rss'])} | {_x(r['vs_alone'])} "
-            f"| {_x(r['vs_cache'])} | {r['complete_clients']}/{r['n_clients']} |")
+            f"| {_x(r['vs_cache'])} | {_f(r['other_cpu_pct'], '.0f')} "
+            f"| {r['complete_clients']}/{r['n_clients']} |")
     lines += ["", "I/O wait: sum of a client's read latencies; replay: its first read sent to "
               "its last reply; lat: per-client p50/p95 (median over clients) and the largest "
               "of all. WAN MiB: received by the site over the WAN during the replay (veth, "
               "headers included; relay payload on loopback); upstream MiB: read from the "
               "upstream (its log). CPU: the server's user+system during the replay. vs alone: "
               "median I/O wait / the same server's with one client alone; vs "
-              f"{CACHE_BASELINE}: / {CACHE_BASELINE}'s in the same scenario. clients ok: "
-              "replayed every read with the right bytes.", ""]
+              f"{CACHE_BASELINE}: / {CACHE_BASELINE}'s in the same scenario. other CPU: "
+              "machine CPU busy % not used by the bench's processes (a shared machine). "
+              "clients ok: replayed every read with the right bytes.", ""]
     lines += ratio_lines(rows)
     lags = [r["lag_s_median"] for r in rows if r.get("lag_s_median") is not None]
     cpus = [r["host_cpu_pct"] for r in rows if r.get("host_cpu_pct") is not None]
-    if lags:
+    other = [r["other_cpu_pct"] for r in rows if r.get("other_cpu_pct") is not None]
+    if lags and cpus and other:
         lines.append(f"Client-side lateness (median per client, summed over its reads): "
-                     f"{min(lags):.2f} to {max(lags):.2f} s; machine CPU busy during replays "
-                     f"{min(cpus):.0f} to {max(cpus):.0f} %.")
+                     f"{min(lags):.2f} to {max(lags):.2f} s. Machine CPU busy during replays "
+                     f"{min(cpus):.0f} to {max(cpus):.0f} %, of which not the bench's own "
+                     f"processes {min(other):.0f} to {max(other):.0f} % (other work on the "
+                     "machine).")
     lines.append("")
     lines += per_client_tables(doc)
     return "\n".join(lines) + "\n"
@@ -905,7 +920,7 @@ def plot_clients(doc: dict[str, Any], path: Path, limit: int = 30) -> bool:
                 vals = [c[metric] for c in r["clients"]]
                 width = 0.8 / max(1, len(vals))
                 xs = [g - 0.4 + width * (i + 0.5) for i in range(len(vals))]
-                ax.bar(xs, vals, width, color=colors[r["server"]],
+                ax.bar(xs, vals, width * 0.85, color=colors[r["server"]],
                        label=r["server"] if row == 0 and col == 0 else None)
             ax.set_xticks(range(len(rs)), [r["server"] for r in rs], fontsize=8)
             ax.set_ylabel(title, fontsize=8)
