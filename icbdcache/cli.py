@@ -9,7 +9,7 @@ import tomllib
 from collections.abc import Sequence
 from typing import Any
 
-from icbdcache import __version__, storecli
+from icbdcache import __version__, pxecli, storecli
 from icbdcache import log as logsetup
 from icbdcache.exports import ExportSpec
 from icbdcache.server import DEFAULT_PORT, ServeConfig, parse_listen
@@ -211,12 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(sub)
     _demo_parser(sub)
     store_handlers = storecli.add_parsers(sub, _verbosity)
+    pxe_handlers = pxecli.add_parsers(sub, _verbosity)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     logsetup.setup(-1 if args.quiet else args.verbose)
-    handlers = {"serve": cmd_serve, "demo": cmd_demo, **store_handlers}
+    handlers = {"serve": cmd_serve, "demo": cmd_demo, **store_handlers, **pxe_handlers}
     return int(handlers[args.command](args))
 
 

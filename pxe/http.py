@@ -1,0 +1,98 @@
+"""HTTP for iPXE: the boot tree over aiohttp (GET and HEAD, ranges, sendfile).
+
+aiohttp runs in the same event loop as the TFTP server (and, with ``serve --pxe``, the NBD
+server): no thread, kernels and initrds leave by ``sendfile`` through ``FileResponse``, which
+also answers ``Range`` and conditional requests. Configs (``boot.ipxe``, ``ipxe/*``) are
+refreshed from the store before they are served, so a version published a second ago is
+already the default. One ``key=value`` log line per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from icbdcache.log import kv
+from pxe.tftp import TftpError, clean_path
+from pxe.tree import BootTree, DataEntry, is_config
+
+log = logging.getLogger("pxe.http")
+
+Refresher = Callable[[], Awaitable[None]]
+
+
+def make_app(tree: BootTree, refresh: Refresher) -> web.Application:
+    """The aiohttp application serving ``tree``; ``refresh`` brings it up to date."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic()
+        raw = request.match_info.get("path", "")
+        status = 200
+        size = 0
+        try:
+            try:
+                path = clean_path(raw)
+            except TftpError:
+                status = 404 if not raw.strip("/") else 403
+                raise (web.HTTPNotFound() if status == 404 else web.HTTPForbidden()) from None
+            if is_config(path):
+                await refresh()
+            entry = tree.lookup(path)
+            if entry is None:
+                status = 404
+                raise web.HTTPNotFound()
+            if isinstance(entry, DataEntry):
+                size = len(entry.data)
+                return web.Response(body=entry.data, content_type=entry.content_type.split(";")[0],
+                                    charset="utf-8", headers={"Cache-Control": "no-store"})
+            size = entry.size
+            return web.FileResponse(entry.path, headers={
+                "Content-Type": "application/octet-stream",
+                "Cache-Control": "max-age=86400, immutable"})
+        finally:
+            log.info(kv(event="http", peer=request.remote or "-", method=request.method,
+                        path="/" + raw, status=status, bytes=size if status == 200 else 0,
+                        ms=f"{(time.monotonic() - t0) * 1000:.1f}"))
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", handle)  # HEAD included
+    return app
+
+
+class HttpServer:
+    """The boot tree on ``host``:``port`` (port 0: any; see :attr:`port`)."""
+
+    def __init__(self, tree: BootTree, refresh: Refresher, host: str = "0.0.0.0",
+                 port: int = 8080) -> None:
+        self.app = make_app(tree, refresh)
+        self.host = host
+        self.port = port
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Start listening; raises OSError (address in use, ...)."""
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self.runner = runner
+        server = site._server
+        if self.port == 0 and server is not None:
+            sockets = getattr(server, "sockets", None) or []
+            if sockets:
+                self.port = int(sockets[0].getsockname()[1])
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        log.info(kv(event="http_listening", address=f"{host}:{self.port}"))
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await asyncio.wait_for(self.runner.cleanup(), 10)
+            self.runner = None

@@ -1,0 +1,149 @@
+"""The PXE service: the boot tree of a store over TFTP and HTTP, kept up to date.
+
+``icbd-cache pxe serve`` runs it alone; it is also meant to run inside ``icbd-cache serve``'s
+event loop (``serve --pxe``): :class:`PxeService` only needs a running loop and a Store.
+
+Refreshing: the tree is refreshed before each config request (a cheap LMDB read when nothing
+changed) and every ``refresh_interval`` seconds in the background, so boot files of a newly
+published version are extracted before the first workstation asks for them. Extraction runs
+in a worker thread and never blocks transfers in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+from icbdcache.log import kv
+from icbdcache.store import Store
+from pxe.http import HttpServer
+from pxe.render import BootSettings
+from pxe.tftp import MAX_BLKSIZE, Reader, TftpServer
+from pxe.tree import BootTree, is_config
+
+log = logging.getLogger("pxe.service")
+
+
+@dataclass
+class PxeConfig:
+    """Settings of the PXE service. Ports: None = that server is off, 0 = any free port.
+    Times in seconds, sizes in bytes."""
+
+    store: str
+    settings: BootSettings
+    listen: str = "0.0.0.0"
+    tftp_port: int | None = 69
+    http_port: int | None = 8080
+    syslinux_dir: str | None = None
+    refresh_interval: float = 10.0
+    tftp_timeout: float = 1.0
+    tftp_retries: int = 5
+    tftp_max_blksize: int = MAX_BLKSIZE
+
+
+class PxeService:
+    """TFTP and HTTP servers over one :class:`BootTree`."""
+
+    def __init__(self, config: PxeConfig, store: Store | None = None) -> None:
+        self.config = config
+        self._own_store = store is None
+        self.store = store or Store(config.store)
+        self.tree = BootTree(self.store, config.settings, config.syslinux_dir)
+        self.tftp: TftpServer | None = None
+        self.http: HttpServer | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> None:
+        """Bring the tree up to date; extraction (seconds) runs in a thread."""
+        if not self.tree.stale() and not self.tree.retry_due():
+            return
+        async with self._refresh_lock:
+            await asyncio.to_thread(self.tree.refresh)
+
+    async def open(self, path: str) -> Reader:
+        """The TFTP server's opener: a path of the tree, configs refreshed first."""
+        if is_config(path):
+            await self.refresh()
+        entry = self.tree.lookup(path)
+        if entry is None:
+            raise FileNotFoundError(path)
+        return entry.open()
+
+    async def start(self) -> None:
+        """Prepare the tree, then listen. Raises OSError (port in use, port 69 not root)."""
+        async with self._refresh_lock:
+            await asyncio.to_thread(self.tree.refresh, True)
+        c = self.config
+        try:
+            if c.tftp_port is not None:
+                self.tftp = TftpServer(self.open, c.listen, c.tftp_port, timeout=c.tftp_timeout,
+                                       retries=c.tftp_retries, max_blksize=c.tftp_max_blksize)
+                await self.tftp.start()
+            if c.http_port is not None:
+                self.http = HttpServer(self.tree, self.refresh, c.listen, c.http_port)
+                await self.http.start()
+        except OSError:
+            await self.close()
+            raise
+        self._task = asyncio.get_running_loop().create_task(self._refresher())
+
+    async def _refresher(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_interval)
+            try:
+                await self.refresh()
+            except Exception:  # a broken version must not stop the service
+                log.exception("refresh failed")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.tftp is not None:
+            await self.tftp.close()
+            self.tftp = None
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+        if self._own_store:
+            self.store.close()
+            self._own_store = False
+
+
+async def _serve(config: PxeConfig, ready: asyncio.Event | None = None) -> None:
+    service = PxeService(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+        log.info(kv(event="pxe_ready", tftp=service.tftp.port if service.tftp else "off",
+                    http=service.http.port if service.http else "off",
+                    nbd=f"{config.settings.nbd_host}:{config.settings.nbd_port}",
+                    default=service.tree.default_key() or "-"))
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info(kv(event="pxe_stopping"))
+    finally:
+        await service.close()
+
+
+def run(config: PxeConfig) -> int:
+    """Serve until SIGTERM/SIGINT. Returns the exit status; raises OSError or StoreError
+    when it cannot start."""
+    from icbdcache.server import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(_serve(config))
+    finally:
+        loop.close()
+    return 0
