@@ -124,14 +124,18 @@ def load_pins(path: str | Path) -> list[Pin]:
     each with ``mac``, ``boot`` and optional ``ip``, ``append``. Raises ConfigError, OSError."""
     p = Path(path)
     raw = p.read_bytes()
+    doc: object
     try:
-        if p.suffix == ".json" or raw.lstrip()[:1] in (b"[", b"{"):
+        if p.suffix == ".json":
             doc = json.loads(raw)
         else:
-            doc = tomllib.loads(raw.decode())
+            try:
+                doc = tomllib.loads(raw.decode())
+            except tomllib.TOMLDecodeError:
+                doc = json.loads(raw)  # JSON without the .json suffix
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: {e}") from e
-    items = doc if isinstance(doc, list) else doc.get("pin", [])
+        raise ConfigError(f"{p}: not TOML or JSON: {e}") from e
+    items = doc if isinstance(doc, list) else doc.get("pin", []) if isinstance(doc, dict) else None
     if not isinstance(items, list):
         raise ConfigError(f"{p}: 'pin' must be a list of tables")
     pins: list[Pin] = []
