@@ -30,12 +30,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from icbdcache.backend import Backend, Buffer, ReadResult
-from icbdcache.log import kv
+from icbdcache.log import Throttled, kv
 from icbdcache.sources import Source, SourceError
 from icbdcache.store import UNKNOWN, ZERO, BatchWriter, Store, VersionMeta, digest
 from icbdcache.store.chunks import DIGEST_SIZE
 
 log = logging.getLogger("icbdcache.cache")
+warn = Throttled(log)
+#: Most chunks one CACHE or BLOCK_STATUS request looks at (4096 x 64 KiB = 256 MiB), so a
+#: pipelined burst of huge requests cannot stall the event loop.
+MAX_SCAN = 4096
 
 
 class HotSet:
@@ -93,6 +97,9 @@ class ChunkCache:
         self.retries = retries
         self.inflight: dict[object, asyncio.Future[bytes]] = {}
         self.stats = CacheStats()
+        #: Background faults (readahead, CACHE) in flight, and their bound.
+        self.prefetching = 0
+        self.max_prefetch = 64
 
     def lookup(self, key: bytes) -> bytes | None:
         """A held chunk's bytes, or None. Never blocks on the network."""
@@ -177,28 +184,46 @@ class VersionBackend(Backend):
             out[slot] = memoryview(data)[lo:hi]
         return out
 
-    def cache_hint(self, index: int) -> None:
-        """Fault chunk ``index`` in the background if it is missing (readahead)."""
+    def cache_hint(self, index: int) -> bool:
+        """Fault chunk ``index`` in the background if it is missing (readahead). Returns False
+        when the background budget (``ChunkCache.max_prefetch`` faults in flight) is spent."""
+        shared = self.shared
+        if shared.prefetching >= shared.max_prefetch:
+            return False
         d = self.digest_at(index)
-        if d == ZERO or (d != UNKNOWN and self.shared.lookup(d) is not None):
-            return
-        if (d if d != UNKNOWN else (self.key, index)) in self.shared.inflight:
-            return
-        self.shared.stats.prefetched += 1
+        if d == ZERO or (d != UNKNOWN and shared.lookup(d) is not None):
+            return True
+        if (d if d != UNKNOWN else (self.key, index)) in shared.inflight:
+            return True
+        shared.stats.prefetched += 1
+        shared.prefetching += 1
         task = asyncio.ensure_future(self.fault(index))
-        task.add_done_callback(_ignore_result)
+        task.add_done_callback(self._prefetched)
+        return True
+
+    def _prefetched(self, task: asyncio.Future[bytes]) -> None:
+        self.shared.prefetching -= 1
+        _ignore_result(task)
 
     def cache(self, offset: int, length: int) -> None:
-        for i in range(offset // self.cs, (offset + length - 1) // self.cs + 1):
-            self.cache_hint(i)
+        """NBD_CMD_CACHE: prefetch the range's missing chunks, within the background budget
+        (a hint may be ignored, NBD proto.md 'NBD_CMD_CACHE'; at most ``MAX_SCAN`` chunks are
+        looked at per request)."""
+        first = offset // self.cs
+        last = min((offset + length - 1) // self.cs, first + MAX_SCAN - 1)
+        for i in range(first, last + 1):
+            if not self.cache_hint(i):
+                break
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation extents from the chunk map, for at most ``MAX_SCAN`` chunks (the
+        server may describe less than asked, NBD proto.md 'NBD_CMD_BLOCK_STATUS')."""
         from icbdcache.backend import HOLE
 
         cs = self.cs
         out: list[tuple[int, int]] = []
         pos = offset
-        end = offset + length
+        end = min(offset + length, (offset // cs + MAX_SCAN) * cs)
         while pos < end and len(out) < 1024:
             i = pos // cs
             flags = HOLE if self.digest_at(i) == ZERO else 0
@@ -280,8 +305,8 @@ class VersionBackend(Backend):
                     cache.stats.corrupt += 1
                     cache.writer.count("corrupt_chunks")
                     last_error = f"{src.name}: chunk {index} failed its digest check"
-                    log.warning(kv(version=self.key, chunk=index, source=src.name,
-                                   refused="digest mismatch"))
+                    warn.warning(kv(version=self.key, chunk=index, source=src.name,
+                                    refused="digest mismatch"))
                     continue
                 self._keep(index, want, got, data, src.name)
                 return data
@@ -289,7 +314,7 @@ class VersionBackend(Backend):
                 break
             await asyncio.sleep(min(0.05 * 2**attempt, max(0.0, deadline - time.monotonic())))
         cache.stats.fault_errors += 1
-        log.warning(kv(version=self.key, chunk=index, error=last_error, reply="EIO"))
+        warn.warning(kv(version=self.key, chunk=index, error=last_error, reply="EIO"))
         raise OSError(errno.EIO, f"chunk {index} of {self.key} unavailable ({last_error})")
 
     def _keep(self, index: int, want: bytes, got: bytes, data: bytes, source: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 
 def setup(verbosity: int = 0) -> None:
@@ -29,3 +30,25 @@ def kv(**fields: object) -> str:
             s = '"' + s.replace('"', '\\"') + '"'
         parts.append(f"{k}={s}")
     return " ".join(parts)
+
+
+class Throttled:
+    """A warning stream that logs at most one line per ``interval`` seconds and says how many
+    it held back, so an outage that fails thousands of requests does not flood the log."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        if self._held:
+            message = f"{message} suppressed={self._held}"
+            self._held = 0
+        self._next = now + self.interval
+        self.logger.warning(message)

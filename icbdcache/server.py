@@ -32,7 +32,7 @@ from typing import cast
 
 from icbdcache.backend import Backend, Buffer
 from icbdcache.exports import Catalog, Export, ExportSpec
-from icbdcache.log import kv
+from icbdcache.log import Throttled, kv
 from icbdcache.node import Node
 from icbdcache.store import Store
 from nbd.constants import Cmd, CmdFlag, Errno
@@ -158,6 +158,7 @@ class NBDProtocol(asyncio.Protocol):
         self.tls = False
         self.closing = False
         self.draining = False
+        self.disc_pending = False
         self.reason = "client closed"
         self._timer: asyncio.TimerHandle | None = None
         self.debug = server.config.debug_requests
@@ -242,6 +243,11 @@ class NBDProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.sm.receive_data(b"")
+        if self.inflight:
+            # The client half-closed with reads still waiting: keep our side open until
+            # their replies are out (closed in _read_done).
+            self.disc_pending = True
+            return True
         return None
 
     def _event(self, ev: object) -> None:
@@ -254,7 +260,13 @@ class NBDProtocol(asyncio.Protocol):
         elif isinstance(ev, Disconnect):
             self.reason = "disconnect" if ev.clean else "client closed"
             self._flush()
-            self._close()
+            if self.inflight and self.transport is not None:
+                # NBD proto.md, NBD_CMD_DISC: the server MUST handle all outstanding requests
+                # before closing. Read no more; close when the last reply has been queued.
+                self.disc_pending = True
+                self.transport.pause_reading()
+            else:
+                self._close()
         elif isinstance(ev, StartTLS):
             self._flush()
             asyncio.get_running_loop().create_task(self._start_tls())
@@ -376,10 +388,12 @@ class NBDProtocol(asyncio.Protocol):
             self.sm.reply_read(req, fut.result())
         else:
             err = Errno.from_os(exc.errno or 0) if isinstance(exc, OSError) else Errno.EIO
-            log.warning(kv(conn=self.id, cmd="READ", offset=req.offset, length=req.length,
-                           error=exc, reply=err.name))
+            self.server.read_errors.warning(kv(conn=self.id, cmd="READ", offset=req.offset,
+                                               length=req.length, error=exc, reply=err.name))
             self.sm.reply_error(req, err, str(exc))
         self._flush()
+        if self.disc_pending and not self.inflight:
+            self._close()
 
     # ------------------------------------------------------------ shutdown
 
@@ -417,6 +431,7 @@ class Server:
         self._janitor: asyncio.Task[None] | None = None
         self.node: Node | None = None
         self.tracer = RequestTrace(config.trace) if config.trace else None
+        self.read_errors = Throttled(log)
 
     async def start(self, *, unix_sock: socket.socket | None = None,
                     reuse_port: bool = False) -> None:
