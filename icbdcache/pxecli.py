@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -75,6 +76,12 @@ def _boot_args(p: argparse.ArgumentParser) -> None:
                         "and /usr/lib/syslinux/modules/bios)")
 
 
+def _check_store(path: str) -> None:
+    """Raise OSError unless ``path`` holds a store (never create an empty one by a typo)."""
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        raise FileNotFoundError(f"no store at {path} (icbd-cache import creates one)")
+
+
 def _settings(args: argparse.Namespace) -> Any:
     from pxe.render import BootSettings, load_pins
 
@@ -95,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pxe.service import PxeConfig, run
 
     try:
+        _check_store(args.store)
         settings = _settings(args)
         cfg = PxeConfig(
             store=args.store, settings=settings, listen=args.listen, tftp_port=args.tftp_port,
@@ -116,6 +124,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from pxe.tree import SYSLINUX_FILES, BootTree
 
     try:
+        _check_store(args.store)
         settings = _settings(args)
         store = Store(args.store)
     except (ConfigError, OSError, StoreError) as e:
@@ -145,8 +154,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from pxe import bootfiles
 
     try:
+        _check_store(args.store)
         store = Store(args.store)
-    except StoreError as e:
+    except (OSError, StoreError) as e:
         print(f"icbd-cache pxe extract: {e}", file=sys.stderr)
         return 2
     failed = 0
