@@ -66,7 +66,7 @@ from typing import Any
 import psutil
 
 from bench import netlab, replay, servers
-from bench.serve import Progress, host_info, warm_page_cache
+from bench.serve import Progress, host_info, wait_for_idle, warm_page_cache
 
 MIB = 1 << 20
 
@@ -223,6 +223,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"a fast run: 1 and 5 clients, {','.join(QUICK_SERVERS)}, the first "
                         f"{QUICK_REQUESTS} reads (flags given win)")
+    p.add_argument("--wait-idle", type=float, metavar="PCT",
+                   help="before each run, wait until the machine's CPU busy %% is at most PCT "
+                        "(for shared machines; default: do not wait)")
+    p.add_argument("--wait-idle-max", type=float, default=60.0, metavar="SECONDS",
+                   help="give up waiting for --wait-idle after this long (default %(default)s)")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="limit of one run's replay (default from the trace and client count)")
     p.add_argument("--icbd-args", default="",
@@ -247,6 +252,8 @@ class Settings:
     shaping: netlab.Shaping
     net: str
     timeout: float | None
+    wait_idle: float | None
+    wait_idle_max: float
     icbd_args: list[str]
     out: Path
     tmpdir: Path | None
@@ -274,7 +281,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         requests=args.requests or (QUICK_REQUESTS if quick else None),
         think_scale=0.0 if args.no_think else 1.0, image=args.image,
         shaping=netlab.Shaping(wan_rate, wan_delay, args.lan), net=args.net,
-        timeout=args.timeout, icbd_args=shlex.split(args.icbd_args), out=out,
+        timeout=args.timeout, wait_idle=args.wait_idle, wait_idle_max=args.wait_idle_max,
+        icbd_args=shlex.split(args.icbd_args), out=out,
         tmpdir=args.tmpdir, sweep=bool(args.sweep))
 
 
@@ -331,6 +339,15 @@ def peak_rss(pid: int) -> int | None:
                 if line.startswith("VmHWM:"):
                     total += int(line.split()[1]) * 1024
     return total or None
+
+
+def cpu_busy(before: Any, after: Any) -> tuple[float, float]:
+    """Machine-wide CPU busy % (everything but idle and iowait) and soft-interrupt % between
+    two :func:`psutil.cpu_times` readings."""
+    delta = {k: getattr(after, k) - getattr(before, k) for k in after._fields}
+    total = sum(delta.values()) or 1.0
+    idle = delta.get("idle", 0.0) + delta.get("iowait", 0.0)
+    return 100 * (total - idle) / total, 100 * delta.get("softirq", 0.0) / total
 
 
 def warm_store(store: Path) -> None:
@@ -487,9 +504,12 @@ class RunRecord:
     during the whole run (its log filter); ``wan_down``/``wan_up``: bytes the site's WAN veth
     received/sent during the replay, headers included (namespaces only); ``relay_down``/
     ``relay_up``: payload bytes through the WAN delay relay during the replay; ``client_cpu_s``:
-    the replay process's CPU; ``host_cpu_pct``: machine-wide CPU busy % during the replay;
-    ``other_cpu_pct``: the part of it not used by the bench's own processes (server, upstream,
-    relay, clients): other work on a shared machine;
+    the replay process's CPU; ``host_cpu_pct``: machine-wide CPU busy % during the replay
+    (steal included); ``softirq_pct``: the part of it in soft interrupts (mostly the kernel
+    moving this bench's packets through veths and tbf); ``other_cpu_pct``: what is left once
+    the bench's own processes (server, upstream, relay, clients) and soft interrupts are taken
+    out: other work on a shared machine; ``idle_cpu_pct``: CPU busy % sampled for 0.5 s before
+    the run, after ``idle_wait_s`` seconds of waiting for ``--wait-idle``;
     ``icbd``: icbd-cache counter deltas (faults, coalesced, hits, misses, ...).
     """
 
@@ -511,6 +531,9 @@ class RunRecord:
     relay_up: int | None = None
     client_cpu_s: float | None = None
     host_cpu_pct: float | None = None
+    softirq_pct: float | None = None
+    idle_cpu_pct: float | None = None
+    idle_wait_s: float | None = None
     other_cpu_pct: float | None = None
     icbd: dict[str, int] | None = None
     error: str | None = None
@@ -595,6 +618,8 @@ def run_one(ctx: Context, sc: Scenario, name: str, store: Path | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     net = ctx.net
     icbd = ctx.binaries.get("icbd-cold") or ctx.binaries.get("icbd-warm")
+    rec.idle_cpu_pct, _, rec.idle_wait_s = wait_for_idle(0.5, ctx.s.wait_idle,
+                                                         ctx.s.wait_idle_max)
     t_start = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:
@@ -622,10 +647,10 @@ def run_one(ctx: Context, sc: Scenario, name: str, store: Path | None = None,
             t0 = time.monotonic()
             wan0 = net.wan_bytes() if up else None
             relay0 = up.relay_counts() if up else None
-            psutil.cpu_percent(None)
+            times0 = psutil.cpu_times()
             progress = ctx.progress.runner(sc, name, len(ctx.trace.head(ctx.s.requests)))
             doc = run_replay(ctx, sc, host, port, run_dir, progress)
-            rec.host_cpu_pct = float(psutil.cpu_percent(None))
+            rec.host_cpu_pct, rec.softirq_pct = cpu_busy(times0, psutil.cpu_times())
             elapsed = time.monotonic() - t0
             rec.server_cpu_s = max(0.0, srv.cpu_seconds() - cpu0)
             rec.peak_rss = peak_rss(srv.pid)
@@ -641,7 +666,7 @@ def run_one(ctx: Context, sc: Scenario, name: str, store: Path | None = None,
             rec.wall_s = doc["wall_s"]
             ours = rec.server_cpu_s + (rec.upstream_cpu_s or 0.0) + rec.client_cpu_s + (
                 up.relay.cpu_seconds() - relay_cpu0 if up and up.relay else 0.0)
-            rec.other_cpu_pct = max(0.0, rec.host_cpu_pct - 100 * ours / (
+            rec.other_cpu_pct = max(0.0, rec.host_cpu_pct - rec.softirq_pct - 100 * ours / (
                 elapsed * (os.cpu_count() or 1)))
             srv.stop()
             if up is not None:
@@ -758,7 +783,8 @@ def summarize(runs: Sequence[dict[str, Any]], expected_requests: int,
             row["mismatches"] = sum(c["mismatches"] for c in cl)
         for k in ("server_cpu_s", "peak_rss", "upstream_cpu_s", "upstream_reads",
                   "upstream_read_bytes", "wan_down", "wan_up", "relay_down", "relay_up",
-                  "client_cpu_s", "host_cpu_pct", "other_cpu_pct", "wall_s"):
+                  "client_cpu_s", "host_cpu_pct", "softirq_pct", "other_cpu_pct",
+                  "idle_cpu_pct", "idle_wait_s", "wall_s"):
             row[k] = r.get(k)
         rows.append(row)
     alone = {r["server"]: r.get("io_wait_s_median") for r in rows if r["scenario"] == "alone"}
@@ -837,18 +863,19 @@ def markdown(doc: dict[str, Any]) -> str:
               "upstream (its log). CPU: the server's user+system during the replay. vs alone: "
               "median I/O wait / the same server's with one client alone; vs "
               f"{CACHE_BASELINE}: / {CACHE_BASELINE}'s in the same scenario. other CPU: "
-              "machine CPU busy % not used by the bench's processes (a shared machine). "
+              "machine CPU busy % used neither by the bench's processes nor in soft "
+              "interrupts (other work on a shared machine, steal included). "
               "clients ok: replayed every read with the right bytes.", ""]
     lines += ratio_lines(rows)
     lags = [r["lag_s_median"] for r in rows if r.get("lag_s_median") is not None]
     cpus = [r["host_cpu_pct"] for r in rows if r.get("host_cpu_pct") is not None]
     other = [r["other_cpu_pct"] for r in rows if r.get("other_cpu_pct") is not None]
-    if lags and cpus and other:
+    soft = [r["softirq_pct"] for r in rows if r.get("softirq_pct") is not None]
+    if lags and cpus and other and soft:
         lines.append(f"Client-side lateness (median per client, summed over its reads): "
                      f"{min(lags):.2f} to {max(lags):.2f} s. Machine CPU busy during replays "
-                     f"{min(cpus):.0f} to {max(cpus):.0f} %, of which not the bench's own "
-                     f"processes {min(other):.0f} to {max(other):.0f} % (other work on the "
-                     "machine).")
+                     f"{min(cpus):.0f} to {max(cpus):.0f} %; soft interrupts {min(soft):.0f} "
+                     f"to {max(soft):.0f} %; other work {min(other):.0f} to {max(other):.0f} %.")
     lines.append("")
     lines += per_client_tables(doc)
     return "\n".join(lines) + "\n"
@@ -1147,6 +1174,7 @@ def _meta(s: Settings, ctx: Context, names: list[str], missing: dict[str, str],
                                               "trace reads)",
         "image_bytes": ctx.size,
         "think_scale": s.think_scale,
+        "wait_idle_pct": s.wait_idle, "wait_idle_max_s": s.wait_idle_max,
         "scenarios": [asdict(sc) | {"key": sc.key} for sc in s.scenarios],
         "network": net.describe(),
         "network_short": short,
