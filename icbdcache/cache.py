@@ -295,7 +295,8 @@ class VersionBackend(Backend):
                 try:
                     data = await asyncio.wait_for(src.read(offset, n), left)
                 except (TimeoutError, SourceError, OSError) as e:
-                    last_error = f"{src.name}: {e or type(e).__name__}"
+                    text = str(e) or type(e).__name__
+                    last_error = text if text.startswith(src.name) else f"{src.name}: {text}"
                     continue
                 if len(data) != n:
                     last_error = f"{src.name}: short read of {len(data)} bytes"

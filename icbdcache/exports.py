@@ -6,6 +6,7 @@ name and hands the options to the connection (see :mod:`icbdcache.overlay` for `
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,9 +14,12 @@ from typing import Protocol
 from urllib.parse import parse_qsl
 
 from icbdcache.backend import Backend, FileBackend
+from icbdcache.log import kv
 from icbdcache.overlay import CowOverlay, OverlayRegistry
 from nbd.constants import TransmissionFlag
 from nbd.events import ExportInfo
+
+log = logging.getLogger("icbdcache.exports")
 
 READ_ONLY_FLAGS = (
     TransmissionFlag.READ_ONLY | TransmissionFlag.SEND_CACHE | TransmissionFlag.CAN_MULTI_CONN
@@ -148,7 +152,11 @@ class Catalog:
             name = self.default
         export = self.by_name.get(name)
         if export is None and self.versions is not None and name:
-            backend = self.versions.resolve(name)
+            try:
+                backend = self.versions.resolve(name)
+            except Exception:  # a damaged version must not break option haggling for others
+                log.exception(kv(export=name, error="cannot open version"))
+                return None
             if backend is not None:
                 export = self._version_exports.get(id(backend))
                 if export is None:

@@ -21,6 +21,14 @@ def setup(verbosity: int = 0) -> None:
     root.setLevel(level)
 
 
+def tag_process() -> None:
+    """Put ``pid=N`` in every log line (worker processes of ``serve --workers``)."""
+    for h in logging.getLogger().handlers:
+        h.setFormatter(logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s pid=%(process)d %(message)s",
+            "%Y-%m-%dT%H:%M:%S"))
+
+
 def kv(**fields: object) -> str:
     """Render fields as ``k=v`` pairs; values with spaces are quoted."""
     parts = []

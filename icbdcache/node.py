@@ -93,11 +93,13 @@ class Node:
         return backend
 
     def _open(self, meta: VersionMeta) -> VersionBackend:
-        sources: list[Source] = [
-            open_source(s, size=meta.size, timeout=self.source_timeout,
-                        connections=self.upstream_connections)
-            for s in meta.sources
-        ]
+        sources: list[Source] = []
+        for spec in meta.sources:
+            try:
+                sources.append(open_source(spec, size=meta.size, timeout=self.source_timeout,
+                                           connections=self.upstream_connections))
+            except ValueError as e:  # a bad source spec costs that source, not the version
+                log.error(kv(version=meta.key, source=spec, error=e))
         backend = VersionBackend(self.cache, meta, self.store.chunk_map(meta.key), sources)
         self.backends[meta.key] = backend
         return backend

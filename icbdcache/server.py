@@ -32,9 +32,9 @@ from typing import cast
 
 from icbdcache.backend import Backend, Buffer
 from icbdcache.exports import Catalog, Export, ExportSpec
-from icbdcache.log import Throttled, kv
+from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.node import Node
-from icbdcache.store import Store
+from icbdcache.store import Store, StoreError
 from nbd.constants import Cmd, CmdFlag, Errno
 from nbd.errors import RemoteProtocolError
 from nbd.events import (
@@ -567,16 +567,21 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                reuse_port: bool = False) -> None:
     node = open_node(config)
     if node is not None:
-        try:
-            for spec in config.exports:
-                if spec.is_upstream:
+        for spec in config.exports:
+            if spec.is_upstream:
+                try:
                     await node.add_upstream(spec.name, spec.path)
-        except BaseException:
-            await node.close()
-            node.store.close()
-            raise
+                except StoreError as e:
+                    # One unreachable upstream must not take down what the store holds.
+                    log.error(kv(export=spec.name, upstream=spec.path, error=e,
+                                 serving="without it"))
         node.start()
-    server = Server(config, build_catalog(config, node))
+    catalog = build_catalog(config, node)
+    if node is not None:
+        for name in catalog.by_name:
+            if node.store.version(name) is not None:
+                log.warning(kv(export=name, shadows="a version in the store with this name"))
+    server = Server(config, catalog)
     server.node = node
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -621,6 +626,7 @@ def _run_workers(config: ServeConfig) -> int:
     for _ in range(config.workers):
         pid = os.fork()
         if pid == 0:  # worker
+            tag_process()
             code = 0
             try:
                 loop = new_event_loop()
