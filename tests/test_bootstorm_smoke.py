@@ -76,3 +76,16 @@ def test_icbd_cold_fetches_each_chunk_once(tmp_path: Path) -> None:
     assert set(fetched) == trace.chunks(chunk)
     assert run["upstream_read_bytes"] == bootstorm.expected_upstream_bytes(trace, size)
     assert run["relay_down"] >= run["upstream_read_bytes"]
+
+
+def test_plan_keeps_overlaps_and_waits_for_answered_reads() -> None:
+    """The replay's timing model: a read depends on the reads answered before it arrived,
+    never on one still in flight."""
+    from bench.replay import Trace, make_plan
+
+    # read 0 takes 2 ms; read 1 arrives while it is in flight; read 2 after read 1's reply;
+    # read 3 after everything.
+    trace = Trace("t", 1 << 20, (0.0, 1.0, 1.5, 10.0), (0, 4096, 8192, 12288),
+                  (4096,) * 4, (2000, 100, 100, 100))
+    plan = make_plan(trace)
+    assert [set(d) for d in plan.deps] == [set(), set(), {1}, {0, 2}]
