@@ -4,7 +4,11 @@ store, PXE and replication)."""
 from __future__ import annotations
 
 import argparse
+import os
+import ssl
 import sys
+import tempfile
+import textwrap
 import tomllib
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +18,7 @@ from icbdcache import log as logsetup
 from icbdcache.exports import ExportSpec
 from icbdcache.server import DEFAULT_PORT, ServeConfig, parse_listen
 from icbdcache.store import StoreError
-from icbdcache.storecli import parse_bytes
+from icbdcache.storecli import parse_bytes, size_arg
 
 SERVE_EXAMPLES = """\
 examples:
@@ -38,14 +42,16 @@ clients:
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve", help="serve iMI images over NBD",
-        description="Serve raw disk images (iMIs) to NBD clients: the kernel's nbd-client, "
-                    "qemu, libnbd. Read-only by default; ',cow' gives each client its own "
-                    "copy-on-write overlay. See docs/serve.md.",
+        description=textwrap.fill(
+            "Serve raw disk images (iMIs) to NBD clients: the kernel's nbd-client, qemu, "
+            "libnbd. Read-only by default; ',cow' gives each client its own copy-on-write "
+            "overlay. See docs/serve.md.", 78),
         epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE",
-                   help="TOML file with the same settings (keys as the long options, with _); "
-                        "options given on the command line win")
+                   help="TOML file with the same settings: keys are the long options with _ "
+                        "(hot_size = \"64M\"); options given on the command line win, and "
+                        "--export/--listen replace the file's lists (docs/serve.md)")
     p.add_argument("--listen", action="append", metavar="HOST:PORT", default=None,
                    help=f"TCP address to listen on, repeatable (default 0.0.0.0:{DEFAULT_PORT} "
                         "unless --unix is given)")
@@ -82,9 +88,12 @@ def _serve_parser(sub: Any) -> None:
     g.add_argument("--store", metavar="DIR", default=None,
                    help="serve every version in this store as IMI@VERSION and IMI (latest); "
                         "--export NAME=nbd://HOST:PORT/EXPORT then faults NAME from an upstream")
-    g.add_argument("--store-size", type=parse_bytes, metavar="BYTES", default=None,
+    g.add_argument("--store-cow", action="store_true", default=None,
+                   help="make the store's versions writable through a per-client "
+                        "copy-on-write overlay (workstations that mount their root rw)")
+    g.add_argument("--store-size", type=size_arg, metavar="BYTES", default=None,
                    help="bound of the store's chunks (e.g. 50G); cold unpinned chunks are evicted")
-    g.add_argument("--hot-size", type=parse_bytes, metavar="BYTES", default=None, dest="hot_bytes",
+    g.add_argument("--hot-size", type=size_arg, metavar="BYTES", default=None, dest="hot_bytes",
                    help="chunks kept in process memory (default 256M)")
     g.add_argument("--fault-timeout", type=float, metavar="SECONDS", default=None,
                    help="a read waiting on a missing chunk fails with EIO after this (default 10)")
@@ -98,34 +107,125 @@ def _verbosity(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
+#: Keys of a ``serve --config`` file: the long options with ``_`` -> (ServeConfig field, kind).
+#: ``exports`` (the field's name) and ``hot_bytes`` (the old spelling) are accepted too.
+FILE_SETTINGS: dict[str, tuple[str, str]] = {
+    "listen": ("listen", "list"),
+    "unix": ("unix", "str"),
+    "export": ("exports", "list"),
+    "exports": ("exports", "list"),
+    "default_export": ("default_export", "str"),
+    "tls_cert": ("tls_cert", "str"),
+    "tls_key": ("tls_key", "str"),
+    "tls_required": ("tls_required", "bool"),
+    "max_connections": ("max_connections", "int"),
+    "handshake_timeout": ("handshake_timeout", "float"),
+    "grace": ("grace", "float"),
+    "cow_dir": ("cow_dir", "str"),
+    "cow_linger": ("cow_linger", "float"),
+    "workers": ("workers", "int"),
+    "debug_requests": ("debug_requests", "bool"),
+    "trace": ("trace", "str"),
+    "store": ("store", "str"),
+    "store_size": ("store_size", "size"),
+    "hot_size": ("hot_bytes", "size"),
+    "hot_bytes": ("hot_bytes", "size"),
+    "fault_timeout": ("fault_timeout", "float"),
+    "source_timeout": ("source_timeout", "float"),
+}
+_KINDS = {
+    "str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+    "size": 'a size (bytes as an integer, or a string like "64M" or "50G")',
+    "list": "a list of strings",
+}
+#: ServeConfig field -> the attribute of the parsed command line that sets it.
+_FLAG_OF = {"exports": "export"}
+
+
+def _file_value(path: str, key: str, kind: str, value: Any) -> Any:
+    """``value`` of setting ``key`` checked against ``kind`` and converted. Raises
+    ValueError naming the file and the setting."""
+    ok = True
+    if kind == "str":
+        ok = isinstance(value, str)
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind == "size":
+        if isinstance(value, str):
+            try:
+                value = parse_bytes(value)
+            except ValueError:
+                ok = False
+        ok = ok and isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    elif kind == "list":
+        if isinstance(value, str):
+            value = [value]  # a single string is a one-element list
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+    if not ok:
+        raise ValueError(f"{path}: setting {key!r} must be {_KINDS[kind]}, got {value!r}")
+    return value
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """The settings of a ``serve --config`` TOML file by ServeConfig field, checked.
+    Raises ValueError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror or e}") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid TOML file: {e}") from e
+    cli_only = sorted(set(raw) & {"v", "q", "verbose", "quiet"})
+    if cli_only:
+        raise ValueError(f"{path}: {', '.join(cli_only)}: -v/-q are command-line options only")
+    unknown = sorted(set(raw) - set(FILE_SETTINGS))
+    if unknown:
+        known = [k for k in FILE_SETTINGS if k not in ("exports", "hot_bytes")]
+        raise ValueError(f"{path}: unknown settings {', '.join(unknown)} "
+                         f"(known: {', '.join(known)})")
+    out: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for key, value in raw.items():
+        fld, kind = FILE_SETTINGS[key]
+        if fld in given:
+            raise ValueError(f"{path}: {given[fld]!r} and {key!r} are the same setting; give one")
+        given[fld] = key
+        out[fld] = _file_value(path, key, kind, value)
+    return out
+
+
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """Merge the TOML file (if any) with the flags given. Raises ValueError for the user."""
-    file: dict[str, Any] = {}
-    if args.config:
-        with open(args.config, "rb") as f:
-            file = tomllib.load(f)
-    known = set(ServeConfig.__dataclass_fields__)
-    unknown = set(file) - known
-    if unknown:
-        raise ValueError(f"{args.config}: unknown settings {', '.join(sorted(unknown))}")
+    file = load_config(args.config) if args.config else {}
 
     def pick(key: str) -> Any:
-        value = getattr(args, key, None)
+        value = getattr(args, _FLAG_OF.get(key, key), None)
         return value if value is not None else file.get(key)
 
-    exports = pick("export") or file.get("exports") or []
-    listen = pick("listen") or []
+    def parsed(key: str, parse: Any) -> list[Any]:
+        # the command line's list replaces the file's, it does not extend it
+        flags = getattr(args, _FLAG_OF.get(key, key), None)
+        where = "" if flags is not None else f"{args.config}: "
+        try:
+            return [parse(x) for x in (flags if flags is not None else file.get(key, []))]
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from e
+
+    exports = parsed("exports", ExportSpec.parse)
+    listen = parsed("listen", parse_listen)
     unix = pick("unix")
     if not listen and not unix:
-        listen = [f"0.0.0.0:{DEFAULT_PORT}"]
-    cfg = ServeConfig(
-        exports=[ExportSpec.parse(e) for e in exports],
-        listen=[parse_listen(x) for x in listen],
-        unix=unix,
-    )
+        listen = [parse_listen(f"0.0.0.0:{DEFAULT_PORT}")]
+    cfg = ServeConfig(exports=exports, listen=listen, unix=unix)
     for key in ("default_export", "tls_cert", "tls_key", "tls_required", "max_connections",
                 "handshake_timeout", "grace", "cow_dir", "cow_linger", "workers",
-                "debug_requests", "trace", "store", "store_size", "hot_bytes", "fault_timeout",
+                "debug_requests", "trace", "store", "store_cow", "store_size", "hot_bytes", "fault_timeout",
                 "source_timeout"):
         value = pick(key)
         if value is not None:
@@ -152,20 +252,68 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return cfg
 
 
+def check_cow_dir(path: str) -> None:
+    """Refuse a ``--cow-dir`` where overlay files cannot be made. Raises ValueError."""
+    if not os.path.isdir(path):
+        what = "not a directory" if os.path.exists(path) else "no such directory"
+        raise ValueError(f"--cow-dir {path}: {what}")
+    try:
+        fd, name = tempfile.mkstemp(prefix="icbd-cow-check-", dir=path)
+    except OSError as e:
+        raise ValueError(f"--cow-dir {path}: cannot create overlay files there "
+                         f"({e.strerror or e})") from e
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_tls(cert: str, key: str) -> None:
+    """Load ``--tls-cert``/``--tls-key`` once, so that a bad pair is refused at startup with
+    the files named. Raises ValueError."""
+    from icbdcache.server import tls_context
+
+    texts = {}
+    for opt, path, marker, what in (
+            ("--tls-cert", cert, b"-----BEGIN CERTIFICATE-----", "a PEM certificate"),
+            ("--tls-key", key, b" PRIVATE KEY-----", "a PEM private key")):
+        try:
+            with open(path, "rb") as f:
+                texts[opt] = f.read(1 << 20)
+        except OSError as e:
+            raise ValueError(f"{opt} {path}: {e.strerror or e}") from e
+        if marker not in texts[opt]:
+            raise ValueError(f"{opt} {path}: not {what} (no '{marker.decode().strip()}' line)")
+    if any(m in texts["--tls-key"] for m in (b"ENCRYPTED PRIVATE KEY-----",
+                                              b"Proc-Type: 4,ENCRYPTED")):
+        raise ValueError(f"--tls-key {key}: the key is encrypted and the server cannot ask for "
+                         "its passphrase (decrypt it: openssl pkey -in KEY -out PLAIN)")
+    try:
+        tls_context(cert, key)
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"--tls-key {key} does not match the certificate in --tls-cert "
+                             f"{cert}") from e
+        raise ValueError(f"cannot use --tls-cert {cert} with --tls-key {key}: {e}") from e
+    except OSError as e:
+        raise ValueError(f"cannot use --tls-cert {cert} with --tls-key {key}: "
+                         f"{e.strerror or e}") from e
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from icbdcache.server import run
 
     try:
         cfg = serve_config(args)
-        from icbdcache.server import build_catalog, tls_context
+        from icbdcache.server import build_catalog
 
+        if cfg.cow_dir:
+            check_cow_dir(cfg.cow_dir)
+        if cfg.tls_cert and cfg.tls_key:
+            check_tls(cfg.tls_cert, cfg.tls_key)
         build_catalog(cfg).close()  # fail early, with the export named, before forking
         if cfg.store:
             from icbdcache.store import Store
 
             Store(cfg.store, size_limit=cfg.store_size).close()
-        if cfg.tls_cert and cfg.tls_key:
-            tls_context(cfg.tls_cert, cfg.tls_key)
     except (ValueError, OSError, StoreError) as e:
         print(f"icbd-cache serve: {e}", file=sys.stderr)
         return 2
@@ -179,15 +327,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _demo_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="make a small real disk image, serve it, read it back with nbdcopy",
-        description="The main job on an embedded default: builds a small ext4 disk image "
-                    "(cached), serves it with 'icbd-cache serve' on 127.0.0.1, and reads it "
-                    "back with real NBD clients (nbdinfo, nbdcopy), comparing checksums.",
-        epilog="example:\n  icbd-cache demo\n  icbd-cache demo --size 256M --keep",
+        description=textwrap.fill(
+            "Builds a small ext4 disk image (once, kept in ~/.cache/icbd-cache), serves it "
+            "with 'icbd-cache serve' on 127.0.0.1, reads it back with real NBD clients "
+            "(nbdinfo, then several nbdcopy at once) and checks each copy's sha256. Needs "
+            "mkfs.ext4, nbdinfo and nbdcopy (scripts/setup installs them).", 78),
+        epilog="examples:\n  icbd-cache demo\n  icbd-cache demo --size 256M --clients 8\n"
+               "  icbd-cache demo --image /srv/imi/lab-7.img",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--size", default="128M", help="image size (default 128M)")
-    p.add_argument("--image", default=None, help="serve this raw image instead")
-    p.add_argument("--clients", type=int, default=4, help="parallel nbdcopy readers (default 4)")
+    p.add_argument("--size", default="128M", metavar="SIZE",
+                   help="image size: bytes, or a number with K, M or G (default 128M)")
+    p.add_argument("--image", default=None, metavar="FILE",
+                   help="serve this raw image instead of building one")
+    p.add_argument("--clients", type=int, default=4, metavar="N",
+                   help="parallel nbdcopy readers (default 4)")
     _verbosity(p)
 
 

@@ -1,4 +1,4 @@
-"""``icbd-cache demo``: the main job on an embedded default, end to end.
+"""``icbd-cache demo``: serve a small real disk image and read it back, end to end.
 
 Builds (once, cached) a small real ext4 disk image, serves it with ``icbd-cache serve`` on
 127.0.0.1, reads it back with real NBD clients (``nbdinfo``, then several ``nbdcopy`` at once),
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -21,13 +22,22 @@ from pathlib import Path
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "icbd-cache"
 
 
+#: Smallest and largest --size: mkfs.ext4 needs a few MiB; the image is built in ~/.cache.
+MIN_SIZE, MAX_SIZE = 4 << 20, 64 << 30
+
+
 def parse_size(text: str) -> int:
-    """``128M``, ``1G``, ``4096`` -> bytes. Raises ValueError."""
+    """``128M``, ``1G``, ``4096`` -> bytes. Raises ValueError naming the accepted forms."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    try:
+        n = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, OverflowError):
+        raise ValueError(f"--size {text!r} is not a size: give bytes, or a number with K, M or "
+                         "G (e.g. 128M, 1G)") from None
+    if not MIN_SIZE <= n <= MAX_SIZE:
+        raise ValueError(f"--size {text!r}: the demo image must be between 4M and 64G")
+    return n
 
 
 def demo_image(size: int) -> Path:
@@ -91,23 +101,45 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) 
 
 def run_demo(size_text: str, image: str | None, clients: int) -> int:
     """Run the demo; return the exit status (0 when every checksum matched)."""
+    if clients < 1:
+        print(f"demo: --clients {clients}: at least 1", file=sys.stderr)
+        return 2
+    size_bytes = 0
+    if image is not None:
+        if not os.path.isfile(image):
+            what = "not a file" if os.path.exists(image) else "no such file"
+            print(f"demo: --image {image}: {what}", file=sys.stderr)
+            return 2
+        if not os.access(image, os.R_OK):
+            print(f"demo: --image {image}: not readable", file=sys.stderr)
+            return 2
+        if os.path.getsize(image) == 0:
+            print(f"demo: --image {image}: empty file", file=sys.stderr)
+            return 2
+    else:
+        try:
+            size_bytes = parse_size(size_text)
+        except ValueError as e:
+            print(f"demo: {e}", file=sys.stderr)
+            return 2
     for tool in ("nbdinfo", "nbdcopy"):
         if shutil.which(tool) is None:
             print(f"demo: {tool} is missing (Debian package libnbd-bin; run scripts/setup)",
                   file=sys.stderr)
             return 2
     try:
-        path = Path(image) if image else demo_image(parse_size(size_text))
-    except (RuntimeError, ValueError, subprocess.CalledProcessError) as e:
+        path = Path(image).resolve() if image else demo_image(size_bytes)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
         print(f"demo: cannot make the image: {e}", file=sys.stderr)
         return 2
     want = _sha256(path)
     size = path.stat().st_size
     print(f"image   {path} ({size / 2**20:.0f} MiB, sha256 {want[:16]}...)")
     port = _free_port()
-    cmd = [sys.executable, "-m", "icbdcache.cli", "serve", "-q", "--listen",
-           f"127.0.0.1:{port}", "--export", f"demo={path}"]
-    print(f"serve   {' '.join(cmd[2:])}")
+    serve_args = ["serve", "-q", "--listen", f"127.0.0.1:{port}", "--export", f"demo={path}"]
+    # run as this interpreter's module (no PATH needed); shown as a user would type it
+    cmd = [sys.executable, "-m", "icbdcache.cli", *serve_args]
+    print(f"serve   {shlex.join(['icbd-cache', *serve_args])}")
     server = subprocess.Popen(cmd)
     ok = True
     try:
@@ -133,6 +165,12 @@ def run_demo(size_text: str, image: str | None, clients: int) -> int:
             mib = clients * size / 2**20
             print(f"read    {mib:.0f} MiB by {clients} clients at once in {elapsed:.2f} s "
                   f"({mib / elapsed:.0f} MiB/s)")
+    except RuntimeError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        ok = False
+    except subprocess.CalledProcessError as e:
+        print(f"demo: {e.cmd[0]} failed: {(e.stderr or '').strip()}", file=sys.stderr)
+        ok = False
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(20)

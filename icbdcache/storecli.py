@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -29,13 +30,29 @@ log = logging.getLogger("icbdcache.cli")
 DEFAULT_STORE = os.environ.get("ICBD_STORE", "/var/lib/icbd-cache/store")
 
 
+SIZE_FORMS = "bytes, or a number with K, M, G or T (powers of 1024), e.g. 65536, 64M, 50G"
+
+
 def parse_bytes(text: str) -> int:
-    """``64K``, ``512M``, ``20G``, ``1T`` or a number of bytes -> bytes. Raises ValueError."""
+    """``64K``, ``512M``, ``20G``, ``1T`` or a number of bytes -> bytes. Raises ValueError
+    naming the accepted forms."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    try:
+        n = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, OverflowError):
+        n = -1
+    if n < 0:
+        raise ValueError(f"{text!r} is not a size: give {SIZE_FORMS}")
+    return n
+
+
+def size_arg(text: str) -> int:
+    """:func:`parse_bytes` as an argparse type (its message, not argparse's)."""
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_store_arg(p: argparse.ArgumentParser) -> None:
@@ -53,12 +70,69 @@ def _next_version(store: Store, imi: str) -> str:
     return str(max(nums, default=0) + 1)
 
 
+def check_name(what: str, name: str) -> str | None:
+    """Why ``name`` cannot be an iMI or version name (``IMI@VERSION`` is a version's name and
+    export name everywhere), or None."""
+    if not name:
+        return f"{what} is empty"
+    bad = sorted({c for c in name if c in "@/?" or c.isspace()})
+    if bad:
+        shown = ", ".join("whitespace" if c.isspace() else repr(c) for c in bad)
+        return f"{what} {name!r} may not contain {shown} (versions are named IMI@VERSION)"
+    return None
+
+
+def check_source(spec: str) -> str | None:
+    """Why ``spec`` is neither an existing file nor a source URI, or None. Opens nothing."""
+    from icbdcache.sources import open_source
+
+    if "://" not in spec:
+        if os.path.isfile(spec):
+            return None
+        what = "not a file" if os.path.exists(spec) else "no such file"
+        return (f"--source {spec!r}: {what} (a source is an image file or "
+                "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
+    try:
+        open_source(spec)
+    except ValueError as e:
+        return f"--source {spec!r}: {e}"
+    return None
+
+
+def _image_size(path: str) -> int:
+    """Bytes of a file or block device. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     """Index a snapshot file as a new version: its chunk map, and its bytes copied (--copy) or
     left in the file, which becomes the version's first source."""
     path = os.path.abspath(args.file)
+    problems = [m for m in (check_name("--imi", args.imi),
+                            None if args.version is None else check_name("--version",
+                                                                         args.version))
+                if m is not None]
+    problems += [m for m in map(check_source, args.source or []) if m is not None]
+    for opt, f in (("--kernel", args.kernel), ("--initrd", args.initrd)):
+        if f is not None and not os.path.isfile(f):
+            problems.append(f"{opt} {f}: no such file")
+    if problems:
+        for m in problems:
+            print(f"icbd-cache import: {m}", file=sys.stderr)
+        return 2
+    # file sources are kept as absolute paths: the server may run from another directory
+    extra = [s if "://" in s else os.path.abspath(s) for s in args.source or []]
     try:
-        size = os.path.getsize(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{args.file} is a directory, not an image")
+        size = _image_size(path)
+        if size == 0:
+            print(f"icbd-cache import: {args.file}: empty image (0 bytes)", file=sys.stderr)
+            return 2
         store = Store(args.store, size_limit=args.store_size)
     except (OSError, StoreError) as e:
         print(f"icbd-cache import: {e}", file=sys.stderr)
@@ -68,7 +142,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     if store.version(key) is not None and not args.force:
         print(f"icbd-cache import: {key} exists (versions never change; --force replaces it)",
               file=sys.stderr)
+        store.close()
         return 2
+    held_before = store.held
+    evicted_before = store.stats().get("evicted_bytes", 0)
     writer = BatchWriter(store) if args.copy else None
     chunk_map = bytearray()
     t0 = time.monotonic()
@@ -90,18 +167,28 @@ def cmd_import(args: argparse.Namespace) -> int:
             if bar.disable and time.monotonic() - last_log > 10:
                 last_log = time.monotonic()
                 log.info(kv(importing=key, done=f"{100 * pos // max(size, 1)}%"))
-    sources = ([] if args.copy else [path]) + list(args.source or [])
+    sources = list(dict.fromkeys(([] if args.copy else [path]) + extra))  # once each, in order
     meta = VersionMeta(args.imi, version, size, CHUNK_SIZE, sources, pinned=args.pin,
-                       created=time.time(), kernel=args.kernel, initrd=args.initrd)
+                       created=time.time(),
+                       kernel=os.path.abspath(args.kernel) if args.kernel else None,
+                       initrd=os.path.abspath(args.initrd) if args.initrd else None)
     if writer is not None:
         writer.close()
     store.put_version(meta, bytes(chunk_map))
     if not args.no_latest:
         store.set_latest(args.imi, version)
     distinct = len({bytes(chunk_map[i:i + 16]) for i in range(0, len(chunk_map), 16)} - {ZERO})
-    where = f"copied {copied} bytes" if args.copy else f"bytes left in {path}"
-    print(f"imported {key}: {size} bytes, {len(chunk_map) // 16} chunks ({distinct} distinct "
-          f"non-zero), {where}, {time.monotonic() - t0:.1f} s")
+    if args.copy:
+        # what the store grew by, plus what it evicted meanwhile to make room
+        added = (store.held - held_before
+                 + store.stats().get("evicted_bytes", 0) - evicted_before)
+        where = (f"{added} bytes added to the store, {max(0, copied - added)} already there "
+                 "(dedup)")
+    else:
+        where = f"bytes left in {path}, 0 added to the store"
+    if not args.quiet:
+        print(f"imported {key}: {size} bytes, {len(chunk_map) // 16} chunks ({distinct} "
+              f"distinct non-zero), {where}, {time.monotonic() - t0:.1f} s")
     store.close()
     return 0
 
@@ -128,11 +215,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Counters a server keeps (docs/store.md); absent ones are zero. ``bytes_from:SOURCE``
+#: counters are added per source that ever answered.
+COUNTERS = ("hits", "misses", "coalesced", "faults", "fault_errors", "corrupt_chunks",
+            "prefetched", "evicted_bytes", "held_bytes", "chunks")
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     store = _open_ro(args.store)
     if store is None:
         return 2
-    s = store.stats()
+    s = {**dict.fromkeys(COUNTERS, 0), **store.stats()}
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))
         return 0
@@ -141,26 +234,58 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usable(source: str) -> bool:
+    """A source that could still answer: an NBD URI, or a file that exists."""
+    return "://" in source or os.path.isfile(source)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    try:
-        store = Store(args.store, readonly=not args.repair)
-    except StoreError as e:
-        print(f"icbd-cache verify: {e}", file=sys.stderr)
+    store = _open_store(args.store, "verify", readonly=not args.repair)
+    if store is None:
         return 2
     r = store.verify(repair=args.repair)
     ok = r["bad"] == 0 and r["held_recorded"] == r["held_actual"]
     print(f"{'OK' if ok else 'DAMAGED'}: {r['chunks']} chunks, {r['bad']} bad, "
           f"held {r['held_actual']} bytes (recorded {r['held_recorded']})")
-    return 0 if ok else 1
+    if not args.repair:
+        store.close()
+        return 0 if ok else 1
+    if not ok:
+        # the repair deleted the bad chunks and set the counter in one transaction
+        print(f"repaired: deleted {r['bad']} bad chunks; held counter fixed "
+              f"({r['held_recorded']} -> {store.held} bytes)")
+    lost = 0
+    for m in sorted(store.versions(), key=lambda m: m.key):
+        held, need = store.held_of(m.key)
+        if held < need and not any(_usable(src) for src in m.sources):
+            lost += 1
+            print(f"warning: {m.key} misses {need - held} bytes of chunks and has no source "
+                  "left to fault them from: reads of them will fail (import its image again "
+                  "with --force)", file=sys.stderr)
+    if lost:
+        print(f"warning: {lost} version(s) cannot be read in full", file=sys.stderr)
+    store.close()
+    return 0
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
+    store = _open_store(args.store, "pin")
+    if store is None:
+        return 2
     try:
-        store = Store(args.store)
-        store.set_pinned(args.version, not args.unpin)
+        meta = store.version(args.version)
+        if meta is None:
+            print(f"icbd-cache pin: unknown version {args.version} (see icbd-cache ls)",
+                  file=sys.stderr)
+            return 2
+        store.set_pinned(meta.key, not args.unpin)
     except StoreError as e:
         print(f"icbd-cache pin: {e}", file=sys.stderr)
         return 2
+    finally:
+        store.close()
+    if not args.quiet:
+        print(f"{'unpinned' if args.unpin else 'pinned'} {meta.key}")
     return 0
 
 
@@ -168,10 +293,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
     """Fault in a version's boot profile (or with --all, every chunk) ahead of a boot storm."""
     from icbdcache.node import Node
 
-    try:
-        store = Store(args.store, size_limit=args.store_size)
-    except StoreError as e:
-        print(f"icbd-cache warm: {e}", file=sys.stderr)
+    store = _open_store(args.store, "warm", size_limit=args.store_size)
+    if store is None:
         return 2
 
     async def run() -> int:
@@ -217,36 +340,59 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def _open_ro(path: str) -> Store | None:
+    return _open_store(path, None, readonly=True)
+
+
+def _open_store(path: str, command: str | None, *, readonly: bool = False,
+                size_limit: int | None = None) -> Store | None:
+    """An existing store (a missing one is refused, not created), or None after saying why."""
+    prog = f"icbd-cache {command}" if command else "icbd-cache"
     if not os.path.exists(os.path.join(path, "data.mdb")):
-        print(f"icbd-cache: no store at {path}", file=sys.stderr)
+        print(f"{prog}: no store at {path}", file=sys.stderr)
         return None
     try:
-        return Store(path, readonly=True)
+        return Store(path, readonly=readonly, size_limit=size_limit)
     except StoreError as e:
-        print(f"icbd-cache: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return None
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
 
 
 def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
     """Add the store subcommands; return their handlers by name."""
     raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("import", help="index a snapshot file as a new iMI version",
-                       description="Make a new version of an iMI from a raw image snapshot: its "
-                                   "chunk map (xxh3-128 per 64 KiB chunk), and its bytes either "
-                                   "left in the file (the version's first source) or copied "
-                                   "into the store (--copy).",
+                       description=textwrap.fill(
+                           "Make a new version of an iMI from a raw image snapshot: its chunk "
+                           "map (xxh3-128 per 64 KiB chunk), and its bytes either left in the "
+                           "file (the version's first source) or copied into the store "
+                           "(--copy).", 78),
                        epilog="example:\n  icbd-cache import /snap/lab-7.img --imi lab --store "
                               "/var/lib/icbd-cache/store\n  icbd-cache import lab.img --imi lab "
                               "--version 8 --copy --pin --source nbd://master/lab@8",
                        formatter_class=raw)
     p.add_argument("file", help="the raw image (a read-only snapshot)")
-    p.add_argument("--imi", required=True, help="iMI name")
-    p.add_argument("--version", help="version name (default: next number)")
+    p.add_argument("--imi", required=True,
+                   help="iMI name (no '@', '/', '?' or whitespace)")
+    p.add_argument("--version", help="version name (default: next number; no '@', '/', '?' "
+                                     "or whitespace)")
     add_store_arg(p)
-    p.add_argument("--store-size", type=parse_bytes, default=None, help="bound of the store")
+    p.add_argument("--store-size", type=size_arg, default=None, metavar="BYTES",
+                   help="bound of the store's chunks (e.g. 50G; with --copy, cold unpinned "
+                        "chunks are evicted to make room)")
     p.add_argument("--copy", action="store_true", help="copy the bytes into the store")
     p.add_argument("--source", action="append", metavar="URI",
-                   help="another source to fault from when the file is gone (repeatable)")
+                   help="another source to fault from when the file is gone: an image file or "
+                        "nbd://HOST[:PORT]/EXPORT (repeatable)")
     p.add_argument("--pin", action="store_true", help="never evict this version's chunks")
     p.add_argument("--no-latest", action="store_true", help="do not make it the latest")
     p.add_argument("--kernel", help="the version's kernel file (PXE)")
@@ -254,23 +400,38 @@ def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
     p.add_argument("--force", action="store_true", help="replace an existing version")
     verbosity(p)
     p = sub.add_parser("ls", help="list iMIs and versions in the store",
+                       description=textwrap.fill(
+                           "List every version in the store: its size, the bytes of its chunks "
+                           "held here (HELD, and HELD% of its non-zero bytes), whether it is "
+                           "pinned, and (*) the latest version of its iMI.", 78),
                        epilog="example:\n  icbd-cache ls --store /var/lib/icbd-cache/store",
                        formatter_class=raw)
     add_store_arg(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="a JSON list, with each version's sources")
     verbosity(p)
     p = sub.add_parser("stats", help="cache counters: hits, misses, coalesced, bytes per source",
+                       description=textwrap.fill(
+                           "Print the store's counters, summed over every server that used "
+                           "it: hits, misses, coalesced, faults, fault_errors, corrupt_chunks, "
+                           "prefetched, evicted_bytes, held_bytes, chunks, and "
+                           "bytes_from:SOURCE per source that answered. A running server adds "
+                           "its counts about every 5 s and at shutdown; a counter never counted "
+                           "shows 0.", 78),
                        epilog="example:\n  icbd-cache stats --store DIR --json",
                        formatter_class=raw)
     add_store_arg(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object")
     verbosity(p)
     p = sub.add_parser("verify", help="check every chunk of a store against its digest",
                        epilog="example:\n  icbd-cache verify --store DIR\n"
-                              "exit status: 0 consistent, 1 damaged, 2 no store",
+                              "  icbd-cache verify --store DIR --repair\n"
+                              "exit status: 0 consistent (or repaired), 1 damaged, 2 no store",
                        formatter_class=raw)
     add_store_arg(p)
-    p.add_argument("--repair", action="store_true", help="delete bad chunks, fix counters")
+    p.add_argument("--repair", action="store_true",
+                   help="delete bad chunks, fix the held counter, then warn about versions "
+                        "left with missing chunks and no source")
     verbosity(p)
     p = sub.add_parser("warm", help="fault a version's boot profile in before a boot storm",
                        epilog="example:\n  icbd-cache warm lab@7 --store DIR\n"
@@ -279,15 +440,17 @@ def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
     p.add_argument("version", help="IMI@VERSION or IMI (latest)")
     add_store_arg(p)
     p.add_argument("--all", action="store_true", help="every chunk, not only the profile")
-    p.add_argument("--store-size", type=parse_bytes, default=None,
+    p.add_argument("--store-size", type=size_arg, default=None, metavar="BYTES",
                    help="the bound the store is served with (evicts cold chunks as it fills)")
-    p.add_argument("--parallel", type=int, default=16, help="faults in flight (default 16)")
+    p.add_argument("--parallel", type=_positive, default=16, metavar="N",
+                   help="faults in flight (default 16)")
     verbosity(p)
     p = sub.add_parser("pin", help="pin (or --unpin) a version: its chunks are never evicted",
                        epilog="example:\n  icbd-cache pin lab@7 --store DIR", formatter_class=raw)
-    p.add_argument("version", help="IMI@VERSION")
+    p.add_argument("version", help="IMI@VERSION, or IMI for its latest version")
     add_store_arg(p)
-    p.add_argument("--unpin", action="store_true")
+    p.add_argument("--unpin", action="store_true",
+                   help="unpin instead: its chunks may be evicted again")
     verbosity(p)
     return {"import": cmd_import, "ls": cmd_ls, "stats": cmd_stats, "verify": cmd_verify,
             "warm": cmd_warm, "pin": cmd_pin}
