@@ -35,11 +35,13 @@ class Backend(ABC):
     def pread(self, offset: int, length: int) -> ReadResult:
         """Return ``length`` bytes at ``offset`` as buffers that stay valid until sent."""
 
-    def pwrite(self, offset: int, data: Buffer) -> None:
-        """Write ``data`` at ``offset``. Raises PermissionError on a read-only layer."""
+    def pwrite(self, offset: int, data: Buffer) -> Awaitable[None] | None:
+        """Write ``data`` at ``offset``, now (None) or when the returned awaitable completes
+        (a layer that must first fault in bytes below). Raises PermissionError on a read-only
+        layer."""
         raise PermissionError("read-only export")
 
-    def zero(self, offset: int, length: int, no_hole: bool = False) -> None:
+    def zero(self, offset: int, length: int, no_hole: bool = False) -> Awaitable[None] | None:
         """Make ``length`` bytes at ``offset`` read as zeros; ``no_hole``
         (NBD_CMD_FLAG_NO_HOLE) keeps them allocated rather than a hole."""
         raise PermissionError("read-only export")

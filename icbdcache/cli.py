@@ -99,6 +99,7 @@ def _serve_parser(sub: Any) -> None:
                    help="a read waiting on a missing chunk fails with EIO after this (default 10)")
     g.add_argument("--source-timeout", type=float, metavar="SECONDS", default=None,
                    help="per request to a source (default 5)")
+    pxecli.add_serve_args(p)
     _verbosity(p)
 
 
@@ -225,8 +226,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     cfg = ServeConfig(exports=exports, listen=listen, unix=unix)
     for key in ("default_export", "tls_cert", "tls_key", "tls_required", "max_connections",
                 "handshake_timeout", "grace", "cow_dir", "cow_linger", "workers",
-                "debug_requests", "trace", "store", "store_cow", "store_size", "hot_bytes", "fault_timeout",
-                "source_timeout"):
+                "debug_requests", "trace", "store", "store_cow", "store_size", "hot_bytes",
+                "fault_timeout", "source_timeout"):
         value = pick(key)
         if value is not None:
             setattr(cfg, key, value)
@@ -303,6 +304,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         cfg = serve_config(args)
+        cfg.pxe = pxecli.serve_pxe_config(args, cfg)
         from icbdcache.server import build_catalog
 
         if cfg.cow_dir:
@@ -342,10 +344,19 @@ def _demo_parser(sub: Any) -> None:
                    help="serve this raw image instead of building one")
     p.add_argument("--clients", type=int, default=4, metavar="N",
                    help="parallel nbdcopy readers (default 4)")
+    p.add_argument("--boot", action="store_true",
+                   help="instead, boot a real workstation: build the Debian test iMI "
+                        "(scripts/build-test-imi: root, debootstrap), import it into a "
+                        "temporary store, serve it with 'serve --store --pxe' and boot a QEMU "
+                        "guest from it over iPXE and NBD (2 to 4 minutes the first time)")
     _verbosity(p)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.boot:
+        from icbdcache.bootdemo import run_boot_demo
+
+        return run_boot_demo()
     from icbdcache.demo import run_demo
 
     return run_demo(args.size, args.image, args.clients)

@@ -137,9 +137,13 @@ class Catalog:
     """
 
     def __init__(self, exports: Sequence[Export], default: str | None = None,
-                 versions: VersionSource | None = None) -> None:
+                 versions: VersionSource | None = None, *, versions_cow: bool = False,
+                 cow_dir: str | None = None, cow_linger: float = 120.0) -> None:
         self.by_name = {e.name: e for e in exports}
         self.versions = versions
+        self.versions_cow = versions_cow
+        self.cow_dir = cow_dir
+        self.cow_linger = cow_linger
         self._version_exports: dict[int, Export] = {}
         if default is not None and default not in self.by_name and (
                 versions is None or versions.resolve(default) is None):
@@ -161,8 +165,11 @@ class Catalog:
                 export = self._version_exports.get(id(backend))
                 if export is None:
                     meta = getattr(backend, "meta", None)
+                    mode = "copy-on-write per client" if self.versions_cow else "read-only"
                     export = Export(getattr(meta, "key", name), backend,
-                                    description=f"iMI version, {_human(backend.size)}, read-only")
+                                    cow=self.versions_cow, cow_dir=self.cow_dir,
+                                    cow_linger=self.cow_linger,
+                                    description=f"iMI version, {_human(backend.size)}, {mode}")
                     self._version_exports[id(backend)] = export
         return (export, options) if export is not None else None
 

@@ -41,7 +41,7 @@ import contextlib
 import mmap
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from icbdcache.backend import HOLE, Backend, Buffer, ReadResult
 from nbd.constants import StateFlag
@@ -83,7 +83,8 @@ class CowOverlay(Backend):
             return self.below.pread(offset, length)
         if st.count(DATA, first, last) == last - first:
             return [self.view[offset : offset + length]]
-        out: list[Buffer] = []
+        slots: list[list[Buffer]] = []
+        waiting: list[tuple[int, Awaitable[list[Buffer]]]] = []
         pos = offset
         end = offset + length
         b = first
@@ -95,40 +96,53 @@ class CowOverlay(Backend):
             stop = min(end, run_end * BLOCK)
             n = stop - pos
             if kind == DATA:
-                out.append(self.view[pos:stop])
+                slots.append([self.view[pos:stop]])
             elif kind in (ZERO, ZALLOC):
+                zeros: list[Buffer] = []
                 while n > 0:
                     k = min(n, len(_ZERO_BLOCKS))
-                    out.append(_ZERO_BLOCKS[:k])
+                    zeros.append(_ZERO_BLOCKS[:k])
                     n -= k
+                slots.append(zeros)
             else:
                 part = self.below.pread(pos, n)
-                if not isinstance(part, list):
-                    # A layer below that faults asynchronously: copy synchronously instead of
-                    # interleaving awaits here (a cow export over a cache layer is rare).
-                    raise OSError(5, "asynchronous read below a copy-on-write overlay")
-                out.extend(part)
+                if isinstance(part, list):
+                    slots.append(part)
+                else:  # the layer below is faulting: finish this read when it has the bytes
+                    waiting.append((len(slots), part))
+                    slots.append([])
             pos = stop
             b = run_end
-        return out
+        if not waiting:
+            return [buf for slot in slots for buf in slot]
+        return self._pread_later(slots, waiting)
 
-    def _below_bytes(self, offset: int, length: int) -> bytes:
-        part = self.below.pread(offset, length)
-        if not isinstance(part, list):
-            raise OSError(5, "asynchronous read below a copy-on-write overlay")
-        return b"".join(bytes(p) for p in part)
+    @staticmethod
+    async def _pread_later(slots: list[list[Buffer]],
+                           waiting: list[tuple[int, Awaitable[list[Buffer]]]]) -> list[Buffer]:
+        for slot, part in waiting:
+            slots[slot] = await part
+        return [buf for slot in slots for buf in slot]
 
     # ------------------------------------------------------------------ writes
 
-    def _copy_up(self, block: int) -> None:
-        """Bring a partially written block into the overlay with its current contents."""
+    def _copy_up_source(self, block: int) -> bytes | Awaitable[list[Buffer]] | None:
+        """What a partially written block must be filled with first: None if it is already
+        overlay data, zeros, the bytes below, or an awaitable of them (a faulting layer)."""
         kind = self.state[block]
         if kind == DATA:
-            return
+            return None
         start = block * BLOCK
         n = min(BLOCK, self.size - start)
-        data = bytes(n) if kind in (ZERO, ZALLOC) else self._below_bytes(start, n)
-        _pwrite_all(self.fd, data, start)
+        if kind in (ZERO, ZALLOC):
+            return bytes(n)
+        part = self.below.pread(start, n)
+        if isinstance(part, list):
+            return b"".join(bytes(p) for p in part)
+        return part
+
+    def _install(self, block: int, data: bytes) -> None:
+        _pwrite_all(self.fd, data, block * BLOCK)
         self._set(block, block + 1, DATA)
 
     def _set(self, first: int, last: int, kind: int) -> None:
@@ -138,31 +152,58 @@ class CowOverlay(Backend):
         after = 0 if kind == BASE else last - first
         self.touched += after - before
 
-    def pwrite(self, offset: int, data: Buffer) -> None:
+    def pwrite(self, offset: int, data: Buffer) -> Awaitable[None] | None:
         end = offset + len(data)
         first = offset // BLOCK
         last = (end - 1) // BLOCK
+        partial = []
         if offset % BLOCK:
-            self._copy_up(first)
-        if end % BLOCK and end != self.size:
-            self._copy_up(last)
+            partial.append(first)
+        if end % BLOCK and end != self.size and last not in partial:
+            partial.append(last)
+        waiting: list[tuple[int, Awaitable[list[Buffer]]]] = []
+        for block in partial:
+            src = self._copy_up_source(block)
+            if isinstance(src, bytes):
+                self._install(block, src)
+            elif src is not None:
+                waiting.append((block, src))
+        if waiting:
+            return self._pwrite_later(offset, bytes(data), waiting)
         _pwrite_all(self.fd, data, offset)
         self._set(first, last + 1, DATA)
+        return None
 
-    def zero(self, offset: int, length: int, no_hole: bool = False) -> None:
+    async def _pwrite_later(self, offset: int, data: bytes,
+                            waiting: list[tuple[int, Awaitable[list[Buffer]]]]) -> None:
+        """Finish a write whose partial blocks needed bytes from a faulting layer below.
+        Writes that overlap it while it waits may land in either order (NBD leaves the order
+        of overlapping requests in flight undefined)."""
+        for block, part in waiting:
+            below = b"".join(bytes(p) for p in await part)
+            kind = self.state[block]
+            if kind == BASE:
+                self._install(block, below)
+            elif kind in (ZERO, ZALLOC):
+                self._install(block, bytes(len(below)))
+        _pwrite_all(self.fd, data, offset)
+        self._set(offset // BLOCK, (offset + len(data) - 1) // BLOCK + 1, DATA)
+
+    def zero(self, offset: int, length: int, no_hole: bool = False) -> Awaitable[None] | None:
         end = offset + length
         first_full = (offset + BLOCK - 1) // BLOCK
         last_full = end // BLOCK if end != self.size else (end + BLOCK - 1) // BLOCK
         if first_full >= last_full:  # inside one block
-            self.pwrite(offset, bytes(length))
-            return
+            return self.pwrite(offset, bytes(length))
+        edges: list[Awaitable[None]] = []
         head = first_full * BLOCK - offset
-        if head:
-            self.pwrite(offset, bytes(head))
+        if head and (w := self.pwrite(offset, bytes(head))) is not None:
+            edges.append(w)
         tail_start = last_full * BLOCK
-        if tail_start < end:
-            self.pwrite(tail_start, bytes(end - tail_start))
+        if tail_start < end and (w := self.pwrite(tail_start, bytes(end - tail_start))):
+            edges.append(w)
         self._set(first_full, last_full, ZALLOC if no_hole else ZERO)
+        return _all(edges) if edges else None
 
     def trim(self, offset: int, length: int) -> None:
         # Trimmed contents are unspecified (NBD proto.md, NBD_CMD_TRIM): only whole blocks are
@@ -193,6 +234,11 @@ class CowOverlay(Backend):
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+async def _all(waits: list[Awaitable[None]]) -> None:
+    for w in waits:
+        await w
 
 
 def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:

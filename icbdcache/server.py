@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from icbdcache.backend import Backend, Buffer
 from icbdcache.exports import Catalog, Export, ExportSpec
@@ -45,6 +45,9 @@ from nbd.events import (
     TransmissionStarted,
 )
 from nbd.server import ServerConnection
+
+if TYPE_CHECKING:
+    from pxe.service import PxeConfig, PxeService
 
 log = logging.getLogger("icbdcache.server")
 reqlog = logging.getLogger("icbdcache.requests")
@@ -72,10 +75,12 @@ class ServeConfig:
     trace: str | None = None
     workers: int = 1
     store: str | None = None
+    store_cow: bool = False
     store_size: int | None = None
     hot_bytes: int = 256 << 20
     fault_timeout: float = 10.0
     source_timeout: float = 5.0
+    pxe: PxeConfig | None = None  # serve --pxe: TFTP and HTTP boot in the same loop
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -245,7 +250,7 @@ class NBDProtocol(asyncio.Protocol):
         self.sm.receive_data(b"")
         if self.inflight:
             # The client half-closed with reads still waiting: keep our side open until
-            # their replies are out (closed in _read_done).
+            # their replies are out (closed in _done).
             self.disc_pending = True
             return True
         return None
@@ -343,7 +348,10 @@ class NBDProtocol(asyncio.Protocol):
                     self._wait(req, cast(Awaitable[list[Buffer]], result), start)
                     return
             elif cmd is Cmd.WRITE:
-                b.pwrite(req.offset, req.data)
+                pending = b.pwrite(req.offset, req.data)
+                if pending is not None:
+                    self._wait(req, pending, start)
+                    return
                 sm.reply_ok(req)
             elif cmd is Cmd.BLOCK_STATUS:
                 sm.reply_block_status(req, b.extents(req.offset, req.length))
@@ -351,7 +359,10 @@ class NBDProtocol(asyncio.Protocol):
                 b.flush()
                 sm.reply_ok(req)
             elif cmd is Cmd.WRITE_ZEROES:
-                b.zero(req.offset, req.length, bool(req.flags & CmdFlag.NO_HOLE))
+                pending = b.zero(req.offset, req.length, bool(req.flags & CmdFlag.NO_HOLE))
+                if pending is not None:
+                    self._wait(req, pending, start)
+                    return
                 sm.reply_ok(req)
             elif cmd is Cmd.TRIM:
                 b.trim(req.offset, req.length)
@@ -372,12 +383,14 @@ class NBDProtocol(asyncio.Protocol):
         if self.tracer is not None:
             self.tracer.answered(self.id, req, start)
 
-    def _wait(self, req: Request, result: Awaitable[list[Buffer]], start: float) -> None:
+    def _wait(self, req: Request, result: Awaitable[list[Buffer]] | Awaitable[None],
+              start: float) -> None:
+        """Answer ``req`` when ``result`` completes (a READ's buffers, or a write's None)."""
         self.inflight += 1
-        fut = asyncio.ensure_future(result)
-        fut.add_done_callback(partial(self._read_done, req, start))
+        fut: asyncio.Future[list[Buffer] | None] = asyncio.ensure_future(result)
+        fut.add_done_callback(partial(self._done, req, start))
 
-    def _read_done(self, req: Request, start: float, fut: asyncio.Future[list[Buffer]]) -> None:
+    def _done(self, req: Request, start: float, fut: asyncio.Future[list[Buffer] | None]) -> None:
         self.inflight -= 1
         if self.tracer is not None:
             self.tracer.answered(self.id, req, start)
@@ -385,10 +398,15 @@ class NBDProtocol(asyncio.Protocol):
             return
         exc = fut.exception()
         if exc is None:
-            self.sm.reply_read(req, fut.result())
+            buffers = fut.result()
+            if buffers is None:
+                self.sm.reply_ok(req)
+            else:
+                self.sm.reply_read(req, buffers)
         else:
             err = Errno.from_os(exc.errno or 0) if isinstance(exc, OSError) else Errno.EIO
-            self.server.read_errors.warning(kv(conn=self.id, cmd="READ", offset=req.offset,
+            self.server.read_errors.warning(kv(conn=self.id, cmd=req.command.name,
+                                               offset=req.offset,
                                                length=req.length, error=exc, reply=err.name))
             self.sm.reply_error(req, err, str(exc))
         self._flush()
@@ -432,6 +450,7 @@ class Server:
         self.node: Node | None = None
         self.tracer = RequestTrace(config.trace) if config.trace else None
         self.read_errors = Throttled(log)
+        self.pxe: PxeService | None = None  # serve --pxe; closed by shutdown()
 
     async def start(self, *, unix_sock: socket.socket | None = None,
                     reuse_port: bool = False) -> None:
@@ -483,6 +502,8 @@ class Server:
         self.stopping = True
         for srv in self.servers:
             srv.close()
+        # serve --pxe: TFTP and HTTP stop now too, and are closed before the store is
+        pxe_closed = asyncio.ensure_future(self.pxe.close()) if self.pxe is not None else None
         conns = list(self.connections)
         log.info(kv(shutdown="begin", connections=len(conns), grace=self.config.grace))
         for c in conns:
@@ -508,6 +529,8 @@ class Server:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.unix)
         self.catalog.close()
+        if pxe_closed is not None:
+            await pxe_closed
         if self.node is not None:
             await self.node.close()
             self.node.store.close()
@@ -541,7 +564,8 @@ def build_catalog(config: ServeConfig, node: Node | None = None) -> Catalog:
                                             cow_linger=config.cow_linger))
         except OSError as e:
             raise OSError(e.errno, f"export {spec.name}: {e.strerror}: {spec.path}") from None
-    return Catalog(exports, config.default_export, node)
+    return Catalog(exports, config.default_export, node, versions_cow=config.store_cow,
+                   cow_dir=config.cow_dir, cow_linger=config.cow_linger)
 
 
 def open_node(config: ServeConfig) -> Node | None:
@@ -561,6 +585,21 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a dependency
         return asyncio.new_event_loop()
+
+
+async def _start_pxe(server: Server, config: PxeConfig, node: Node) -> None:
+    """``serve --pxe``: the boot tree of the node's store over TFTP and HTTP, in this loop;
+    :meth:`Server.shutdown` closes it. If it cannot start (port 69 without root, a port in
+    use), the NBD server is shut down too and the error raised."""
+    from pxe.service import PxeService
+
+    service = PxeService(config, node.store)
+    try:
+        await service.start()
+    except Exception:
+        await server.shutdown()
+        raise
+    server.pxe = service
 
 
 async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
@@ -587,6 +626,8 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
     await server.start(unix_sock=unix_sock, reuse_port=reuse_port)
+    if config.pxe is not None and node is not None:
+        await _start_pxe(server, config.pxe, node)
     await server.serve()
 
 
