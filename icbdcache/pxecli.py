@@ -24,9 +24,13 @@ examples:
 """
 
 
-def _port(text: str) -> int | None:
+#: ``--tftp-port off`` as parsed (None would read as "not given" in ``serve --pxe``).
+OFF = -1
+
+
+def _port(text: str) -> int:
     if text.lower() == "off":
-        return None
+        return OFF
     n = int(text)
     if not 0 <= n < 65536:
         raise argparse.ArgumentTypeError(f"port {n} out of range")
@@ -39,41 +43,91 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
                         "kept in DIR/boot/IMI@VERSION/")
 
 
-def _boot_args(p: argparse.ArgumentParser) -> None:
-    _store_arg(p)
-    g = p.add_argument_group("boot configs")
-    g.add_argument("--nbd-host", required=True, metavar="HOST",
-                   help="the NBD server (icbd-cache serve) as workstations reach it")
-    g.add_argument("--nbd-port", type=int, default=10809, metavar="PORT",
-                   help="its port (default 10809)")
-    g.add_argument("--pins", metavar="FILE",
-                   help="machines pinned to an iMI or version (TOML [[pin]] mac=, boot=, "
-                        "optional ip=, append=; or JSON)")
-    g.add_argument("--default-imi", metavar="NAME",
-                   help="iMI whose latest version the menus boot by default (default: the "
-                        "first by name)")
-    g.add_argument("--menu-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="menu wait before the default entry boots; 0 = no menu (default 5)")
-    g.add_argument("--versions", type=int, default=1, metavar="N",
-                   help="newest versions of each iMI in the menus (default 1)")
-    g.add_argument("--overlay", default="tmpfs", metavar="MODE",
-                   help="tmpfs (read-only root under a tmpfs overlay; default), tmpfs:SIZE, or "
-                        "none (root mounted rw: needs a copy-on-write export)")
-    g.add_argument("--ip", default="pxe", choices=("pxe", "dhcp", "none"),
-                   help="initramfs network setup: pxe = reuse the PXE lease (IPAPPEND 1 / "
-                        "iPXE ${ip}; default), dhcp = ip=dhcp, none = nothing")
-    g.add_argument("--append", default="", metavar="ARGS",
-                   help="more kernel arguments for every entry, e.g. 'console=ttyS0,115200 "
-                        "quiet'")
-    g.add_argument("--serial", metavar="'PORT BAUD'",
-                   help="PXELINUX also on a serial port, e.g. '0 115200'")
-    g.add_argument("--title", default="icbd-cache", help="menu title")
-    g.add_argument("--http-base", metavar="URL",
-                   help="absolute base URL in iPXE scripts (default: paths relative to the "
-                        "script, which iPXE resolves against the script's own URL)")
-    g.add_argument("--syslinux-dir", metavar="DIR",
-                   help="pxelinux.0 and the .c32 modules (default: Debian's /usr/lib/PXELINUX "
-                        "and /usr/lib/syslinux/modules/bios)")
+class _Options:
+    """The options of ``pxe serve`` (and ``render``), spelled ``--NAME``, or ``--pxe-NAME`` in
+    ``icbd-cache serve --pxe``. With a prefix every default is None at parse time, so that an
+    option given without ``--pxe`` can be refused; :meth:`get` supplies the default."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.defaults: dict[str, Any] = {}
+
+    def add(self, g: Any, name: str, default: Any = None, **kw: Any) -> None:
+        if self.prefix:
+            self.defaults[name] = default
+            default = None
+        g.add_argument(f"--{self.prefix}{name}", default=default, **kw)
+
+    def dest(self, name: str) -> str:
+        return f"{self.prefix}{name}".replace("-", "_")
+
+    def get(self, args: argparse.Namespace, name: str) -> Any:
+        value = getattr(args, self.dest(name))
+        return self.defaults.get(name) if value is None else value
+
+    def given(self, args: argparse.Namespace) -> list[str]:
+        """The prefixed options given on the command line."""
+        return [f"--{self.prefix}{n}" for n in self.defaults
+                if getattr(args, self.dest(n), None) is not None]
+
+
+def _boot_args(g: Any, o: _Options, *, nbd_required: bool = True) -> None:
+    o.add(g, "nbd-host", required=nbd_required, metavar="HOST",
+          help="the NBD server (icbd-cache serve) as workstations reach it"
+          + ("" if nbd_required else " (default: the first --listen address, unless 0.0.0.0)"))
+    o.add(g, "nbd-port", type=int, default=10809, metavar="PORT",
+          help="its port (default 10809)" if nbd_required else
+               "its port (default: the first --listen port)")
+    o.add(g, "pins", metavar="FILE",
+          help="machines pinned to an iMI or version (TOML [[pin]] mac=, boot=, optional ip=, "
+               "append=; or JSON)")
+    o.add(g, "default-imi", metavar="NAME",
+          help="iMI whose latest version the menus boot by default (default: the first by "
+               "name)")
+    o.add(g, "menu-timeout", type=float, default=5.0, metavar="SECONDS",
+          help="menu wait before the default entry boots; 0 = no menu (default 5)")
+    o.add(g, "versions", type=int, default=1, metavar="N",
+          help="newest versions of each iMI in the menus (default 1)")
+    o.add(g, "overlay", default="tmpfs", metavar="MODE",
+          help="tmpfs (read-only root under a tmpfs overlay; default), tmpfs:SIZE, or none "
+               "(root mounted rw: needs a copy-on-write export)")
+    o.add(g, "ip", default="pxe", choices=("pxe", "dhcp", "none"),
+          help="initramfs network setup: pxe = reuse the PXE lease (IPAPPEND 1 / iPXE ${ip}; "
+               "default), dhcp = ip=dhcp, none = nothing")
+    o.add(g, "append", default="", metavar="ARGS",
+          help="more kernel arguments for every entry, e.g. 'console=ttyS0,115200 quiet'")
+    o.add(g, "serial", metavar="'PORT BAUD'",
+          help="PXELINUX also on a serial port, e.g. '0 115200'")
+    o.add(g, "title", default="icbd-cache", metavar="TEXT", help="menu title")
+    o.add(g, "http-base", metavar="URL",
+          help="absolute base URL in iPXE scripts (default: paths relative to the script, "
+               "which iPXE resolves against the script's own URL)")
+    o.add(g, "syslinux-dir", metavar="DIR",
+          help="pxelinux.0 and the .c32 modules (default: Debian's /usr/lib/PXELINUX and "
+               "/usr/lib/syslinux/modules/bios)")
+
+
+def _server_args(g: Any, o: _Options) -> None:
+    o.add(g, "listen", default="0.0.0.0", metavar="ADDR",
+          help="address of both servers (default 0.0.0.0)" if not o.prefix else
+               "address of both servers (default: the host of the first --listen)")
+    o.add(g, "tftp-port", type=_port, default=69, metavar="PORT",
+          help="TFTP port (default 69, which needs root; 0 = any free port; off)")
+    o.add(g, "http-port", type=_port, default=8080, metavar="PORT",
+          help="HTTP port (default 8080; 0 = any free port; off)")
+    o.add(g, "refresh", type=float, default=10.0, metavar="SECONDS",
+          help="look for new versions this often, besides on every config request "
+               "(default 10)")
+    o.add(g, "tftp-timeout", type=float, default=1.0, metavar="SECONDS",
+          help="TFTP retransmit interval unless the client asks (default 1)")
+    o.add(g, "tftp-retries", type=int, default=5, metavar="N",
+          help="retransmissions of one packet before a transfer is dropped (default 5)")
+    o.add(g, "tftp-max-blksize", type=int, default=65464, metavar="BYTES",
+          help="largest TFTP block size granted (default 65464)")
+
+
+#: The options of ``pxe serve`` and ``pxe render``, and those of ``serve --pxe``.
+PLAIN, IN_SERVE = _Options(), _Options("pxe-")
 
 
 def _check_store(path: str) -> None:
@@ -82,37 +136,100 @@ def _check_store(path: str) -> None:
         raise FileNotFoundError(f"no store at {path} (icbd-cache import creates one)")
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _settings(args: argparse.Namespace, o: _Options = PLAIN, *, nbd_host: str | None = None,
+              nbd_port: int | None = None) -> Any:
+    """BootSettings from the options (``nbd_host``/``nbd_port``: when not given). Raises
+    ConfigError (a ValueError) or OSError (the pins file)."""
     from pxe.render import BootSettings, load_pins
 
-    pins = load_pins(args.pins) if args.pins else []
+    pins_file = o.get(args, "pins")
+    port_given = getattr(args, o.dest("nbd-port"))
     s = BootSettings(
-        nbd_host=args.nbd_host, nbd_port=args.nbd_port, default_imi=args.default_imi,
-        menu_timeout=args.menu_timeout, versions=args.versions, overlay=args.overlay,
-        ip=args.ip, append=args.append, serial=args.serial, title=args.title,
-        http_base=args.http_base, pins=pins,
+        nbd_host=o.get(args, "nbd-host") or nbd_host or "",
+        nbd_port=port_given if port_given is not None or nbd_port is None else nbd_port,
+        default_imi=o.get(args, "default-imi"), menu_timeout=o.get(args, "menu-timeout"),
+        versions=o.get(args, "versions"), overlay=o.get(args, "overlay"), ip=o.get(args, "ip"),
+        append=o.get(args, "append"), serial=o.get(args, "serial"), title=o.get(args, "title"),
+        http_base=o.get(args, "http-base"), pins=load_pins(pins_file) if pins_file else [],
     )
     s.check()
     return s
 
 
+def _pxe_config(args: argparse.Namespace, o: _Options, store: str, settings: Any,
+                listen: str | None = None) -> Any:
+    """The PxeConfig of the server options. Raises ConfigError."""
+    from pxe.render import ConfigError
+    from pxe.service import PxeConfig
+
+    cfg = PxeConfig(
+        store=store, settings=settings, listen=getattr(args, o.dest("listen")) or listen
+        or o.get(args, "listen"), tftp_port=_on(o.get(args, "tftp-port")),
+        http_port=_on(o.get(args, "http-port")), syslinux_dir=o.get(args, "syslinux-dir"),
+        refresh_interval=o.get(args, "refresh"), tftp_timeout=o.get(args, "tftp-timeout"),
+        tftp_retries=o.get(args, "tftp-retries"),
+        tftp_max_blksize=o.get(args, "tftp-max-blksize"),
+    )
+    if cfg.tftp_port is None and cfg.http_port is None:
+        raise ConfigError(f"both --{o.prefix}tftp-port and --{o.prefix}http-port are off: "
+                          "nothing to serve")
+    return cfg
+
+
+def _on(port: int) -> int | None:
+    return None if port == OFF else port
+
+
+_ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def serve_pxe_config(args: argparse.Namespace, serve: Any) -> Any:
+    """``icbd-cache serve --pxe``: the PxeConfig (or None without ``--pxe``) for the
+    ServeConfig ``serve``. The NBD host and port in the boot configs default to the first
+    ``--listen`` address, which must then be a specific one; TFTP and HTTP listen on its
+    host. Raises ValueError (ConfigError) or OSError (the pins file) for the user."""
+    from pxe.render import ConfigError
+
+    if not getattr(args, "pxe", False):
+        given = IN_SERVE.given(args)
+        if given:
+            raise ConfigError(f"{', '.join(given)} without --pxe")
+        return None
+    if not serve.store:
+        raise ConfigError("--pxe needs --store DIR (it boots the store's versions)")
+    if serve.workers > 1:
+        raise ConfigError("--pxe needs --workers 1 (one TFTP and one HTTP server)")
+    host, port = serve.listen[0] if serve.listen else ("", 10809)
+    if not args.pxe_nbd_host and host in _ANY_ADDRESS:
+        where = f"--listen {host or '0.0.0.0'}:{port}" if serve.listen else "--unix only"
+        raise ConfigError(f"--pxe with {where}: give --pxe-nbd-host HOST, the address "
+                          "workstations reach this server at")
+    settings = _settings(args, IN_SERVE, nbd_host=host, nbd_port=port)
+    return _pxe_config(args, IN_SERVE, serve.store, settings,
+                       listen=None if host in _ANY_ADDRESS else host)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """``--pxe`` and the ``--pxe-*`` options of ``icbd-cache serve``."""
+    g = p.add_argument_group(
+        "network boot (--pxe; the options of 'icbd-cache pxe serve' as --pxe-NAME; "
+        "see docs/pxe.md)")
+    g.add_argument("--pxe", action="store_true", default=None,
+                   help="also serve the store's boot tree over TFTP (PXELINUX) and HTTP (iPXE) "
+                        "in this process; needs --store")
+    _boot_args(g, IN_SERVE, nbd_required=False)
+    _server_args(g, IN_SERVE)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from icbdcache.store import StoreError
     from pxe.render import ConfigError
-    from pxe.service import PxeConfig, run
+    from pxe.service import run
 
     try:
         _check_store(args.store)
-        settings = _settings(args)
-        cfg = PxeConfig(
-            store=args.store, settings=settings, listen=args.listen, tftp_port=args.tftp_port,
-            http_port=args.http_port, syslinux_dir=args.syslinux_dir,
-            refresh_interval=args.refresh, tftp_timeout=args.tftp_timeout,
-            tftp_retries=args.tftp_retries, tftp_max_blksize=args.tftp_max_blksize,
-        )
-        if cfg.tftp_port is None and cfg.http_port is None:
-            raise ConfigError("both --tftp-port and --http-port are off: nothing to serve")
-        return run(cfg)
+        cfg = _pxe_config(args, PLAIN, args.store, _settings(args))
+        return int(run(cfg))
     except (ConfigError, OSError, StoreError) as e:
         print(f"icbd-cache pxe serve: {e}", file=sys.stderr)
         return 2
@@ -206,23 +323,9 @@ def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
                         epilog="example:\n  icbd-cache pxe serve --store DIR --tftp-port 69 "
                                "--http-port 8080 --nbd-host 192.168.10.5 --nbd-port 10809",
                         formatter_class=raw)
-    _boot_args(p)
-    g = p.add_argument_group("servers")
-    g.add_argument("--listen", default="0.0.0.0", metavar="ADDR",
-                   help="address of both servers (default 0.0.0.0)")
-    g.add_argument("--tftp-port", type=_port, default=69, metavar="PORT",
-                   help="TFTP port (default 69; 0 = any free port; off)")
-    g.add_argument("--http-port", type=_port, default=8080, metavar="PORT",
-                   help="HTTP port (default 8080; 0 = any free port; off)")
-    g.add_argument("--refresh", type=float, default=10.0, metavar="SECONDS",
-                   help="look for new versions this often, besides on every config request "
-                        "(default 10)")
-    g.add_argument("--tftp-timeout", type=float, default=1.0, metavar="SECONDS",
-                   help="TFTP retransmit interval unless the client asks (default 1)")
-    g.add_argument("--tftp-retries", type=int, default=5, metavar="N",
-                   help="retransmissions of one packet before a transfer is dropped (default 5)")
-    g.add_argument("--tftp-max-blksize", type=int, default=65464, metavar="BYTES",
-                   help="largest TFTP block size granted (default 65464)")
+    _store_arg(p)
+    _boot_args(p.add_argument_group("boot configs"), PLAIN)
+    _server_args(p.add_argument_group("servers"), PLAIN)
     verbosity(p)
 
     p = psub.add_parser("render", help="write the boot tree to a directory",
@@ -233,7 +336,8 @@ def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
                         epilog="example:\n  icbd-cache pxe render --store DIR --out /srv/tftp "
                                "--nbd-host 192.168.10.5 --pins /etc/icbd-cache/pins.toml",
                         formatter_class=raw)
-    _boot_args(p)
+    _store_arg(p)
+    _boot_args(p.add_argument_group("boot configs"), PLAIN)
     p.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
     verbosity(p)
 

@@ -189,8 +189,25 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"imported {key}: {size} bytes, {len(chunk_map) // 16} chunks ({distinct} "
               f"distinct non-zero), {where}, {time.monotonic() - t0:.1f} s")
+    _keep_boot_files(store, meta, path, quiet=args.quiet)
     store.close()
     return 0
+
+
+def _keep_boot_files(store: Store, meta: VersionMeta, image: str, *, quiet: bool) -> None:
+    """import's best effort for PXE: the --kernel/--initrd given, or those inside an ext4
+    image, copied to STORE/boot/IMI@VERSION (pxe.bootfiles). A failure is a warning."""
+    from pxe import bootfiles
+
+    try:
+        bf = bootfiles.prepare_at_import(store, meta, image)
+    except Exception as e:  # best effort: the version is imported whatever happens here
+        print(f"icbd-cache import: warning: {meta.key}: no kernel and initrd kept for PXE: {e}",
+              file=sys.stderr)
+        return
+    if bf is not None and not quiet:
+        print(f"boot files {bf.kernel.parent}/: {bf.kernel.name} {bf.kernel.stat().st_size} "
+              f"bytes, {bf.initrd.name} {bf.initrd.stat().st_size} bytes ({bf.how})")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@ taken, without mounting anything, from the version's ext4 image with e2fsprogs' 
 ``/vmlinuz`` and ``/initrd.img`` (Debian's symlinks, followed inside the image), else
 ``/boot/vmlinuz`` / ``/boot/initrd.img``, else the newest ``/boot/vmlinuz-VER`` with its
 ``/boot/initrd.img-VER``. ``icbd-cache import --kernel F --initrd F`` gives them explicitly
-instead (for images that are not ext4, or whose kernel lives elsewhere).
+instead (for images that are not ext4, or whose kernel lives elsewhere). ``import`` keeps them
+at once, best effort (:func:`prepare_at_import`); ``pxe serve``, ``render`` and ``extract`` do
+it for versions that have none yet.
 
 Either way the two files are copied to ``STORE/boot/IMI@VERSION/{vmlinuz,initrd.img}`` (beside
 the store's ``data.mdb``) and their paths recorded in the version's
@@ -54,6 +56,7 @@ class BootFiles:
     key: str
     kernel: Path
     initrd: Path
+    how: str = "kept"  # or "copied", "extracted /boot/vmlinuz-... /boot/initrd.img-..."
 
 
 def boot_root(store_path: str | os.PathLike[str]) -> Path:
@@ -80,9 +83,11 @@ def kept(store: Store, meta: VersionMeta) -> BootFiles | None:
     return BootFiles(meta.key, k, i)
 
 
-def prepare(store: Store, meta: VersionMeta, *, force: bool = False) -> BootFiles:
+def prepare(store: Store, meta: VersionMeta, *, force: bool = False,
+            image: str | os.PathLike[str] | None = None) -> BootFiles:
     """Make sure the version's kernel and initrd are kept with it: copy the files recorded at
-    import, or extract them from the image; record their paths in the store. Returns them.
+    import, or extract them from the image (``image``: the version's raw image, when the
+    caller has it at hand); record their paths in the store. Returns them.
     Raises BootFilesError with the reason."""
     key = check_key(meta.key)
     if not force:
@@ -102,10 +107,10 @@ def prepare(store: Store, meta: VersionMeta, *, force: bool = False) -> BootFile
                     raise BootFilesError(f"{key}: cannot copy {src}: {e}") from e
             how = "copied"
         else:
-            with VersionImage(store, meta) as image:
-                kpath, ipath = find_boot_files(image)
-                debugfs_dump(image, kpath, k_tmp)
-                debugfs_dump(image, ipath, i_tmp)
+            with VersionImage(store, meta, image) as img:
+                kpath, ipath = find_boot_files(img)
+                debugfs_dump(img, kpath, k_tmp)
+                debugfs_dump(img, ipath, i_tmp)
             how = f"extracted {kpath} {ipath}"
         k_dst, i_dst = dest / KERNEL_NAME, dest / INITRD_NAME
         for tmp_file, dst in ((k_tmp, k_dst), (i_tmp, i_dst)):
@@ -117,7 +122,34 @@ def prepare(store: Store, meta: VersionMeta, *, force: bool = False) -> BootFile
     store.put_version(cur)
     log.info(kv(event="boot_files", version=key, how=how, kernel_bytes=k_dst.stat().st_size,
                 initrd_bytes=i_dst.stat().st_size))
-    return BootFiles(key, k_dst, i_dst)
+    return BootFiles(key, k_dst, i_dst, how)
+
+
+#: ext2/3/4 superblock magic (little-endian 0xEF53) and its offset in the image.
+EXT_MAGIC, EXT_MAGIC_OFFSET = b"\x53\xef", 1024 + 0x38
+
+
+def is_ext(image: str | os.PathLike[str]) -> bool:
+    """Whether ``image`` starts with an ext2/3/4 superblock (read, nothing mounted)."""
+    try:
+        with open(image, "rb") as f:
+            f.seek(EXT_MAGIC_OFFSET)
+            return f.read(2) == EXT_MAGIC
+    except OSError:
+        return False
+
+
+def prepare_at_import(store: Store, meta: VersionMeta,
+                      image: str | os.PathLike[str]) -> BootFiles | None:
+    """``icbd-cache import``: keep the new version's boot files now, from the file being
+    imported: the ``--kernel``/``--initrd`` given (copied), or those inside an ext2/3/4 image
+    (extracted). None when neither applies (another kind of image, nothing given). Raises
+    BootFilesError (or OSError) with the reason; the caller only warns."""
+    if bool(meta.kernel) != bool(meta.initrd):
+        raise BootFilesError("--kernel and --initrd go together")
+    if not meta.kernel and not is_ext(image):
+        return None
+    return prepare(store, meta, force=True, image=image)
 
 
 def _inside(paths: list[str], d: Path) -> bool:
@@ -131,12 +163,16 @@ class VersionImage:
     """Context manager giving a path to the version's raw image: its snapshot file, or a
     temporary sparse copy assembled from the store's chunks (removed on exit)."""
 
-    def __init__(self, store: Store, meta: VersionMeta) -> None:
+    def __init__(self, store: Store, meta: VersionMeta,
+                 image: str | os.PathLike[str] | None = None) -> None:
         self.store = store
         self.meta = meta
+        self.image = image
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
+        if self.image is not None:
+            return Path(self.image)
         for src in self.meta.sources:
             if "://" in src:
                 continue

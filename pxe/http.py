@@ -75,7 +75,9 @@ class HttpServer:
 
     async def start(self) -> None:
         """Start listening; raises OSError (address in use, ...)."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # shutdown_timeout: a download in flight (a slow initrd) delays a SIGTERM this long
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               shutdown_timeout=5.0)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
         try:
@@ -94,5 +96,8 @@ class HttpServer:
 
     async def close(self) -> None:
         if self.runner is not None:
-            await asyncio.wait_for(self.runner.cleanup(), 10)
-            self.runner = None
+            runner, self.runner = self.runner, None
+            try:
+                await asyncio.wait_for(runner.cleanup(), 10)
+            except TimeoutError:
+                log.warning(kv(event="http_close", result="timeout"))

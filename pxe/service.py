@@ -56,13 +56,20 @@ class PxeService:
         self.http: HttpServer | None = None
         self._refresh_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._thread: asyncio.Future[bool] | None = None  # a refresh running in a thread
 
     async def refresh(self) -> None:
         """Bring the tree up to date; extraction (seconds) runs in a thread."""
         if not self.tree.stale() and not self.tree.retry_due():
             return
         async with self._refresh_lock:
-            await asyncio.to_thread(self.tree.refresh)
+            await self._in_thread(False)
+
+    async def _in_thread(self, force: bool) -> None:
+        # shielded: a cancelled caller (shutdown) leaves the thread running, and close()
+        # waits for it before the store is closed under it
+        self._thread = asyncio.ensure_future(asyncio.to_thread(self.tree.refresh, force))
+        await asyncio.shield(self._thread)
 
     async def open(self, path: str) -> Reader:
         """The TFTP server's opener: a path of the tree, configs refreshed first."""
@@ -76,7 +83,7 @@ class PxeService:
     async def start(self) -> None:
         """Prepare the tree, then listen. Raises OSError (port in use, port 69 not root)."""
         async with self._refresh_lock:
-            await asyncio.to_thread(self.tree.refresh, True)
+            await self._in_thread(True)
         c = self.config
         try:
             if c.tftp_port is not None:
@@ -90,6 +97,10 @@ class PxeService:
             await self.close()
             raise
         self._task = asyncio.get_running_loop().create_task(self._refresher())
+        log.info(kv(event="pxe_ready", tftp=self.tftp.port if self.tftp else "off",
+                    http=self.http.port if self.http else "off",
+                    nbd=f"{c.settings.nbd_host}:{c.settings.nbd_port}",
+                    default=self.tree.default_key() or "-"))
 
     async def _refresher(self) -> None:
         while True:
@@ -111,6 +122,9 @@ class PxeService:
         if self.http is not None:
             await self.http.close()
             self.http = None
+        if self._thread is not None and not self._thread.done():
+            with contextlib.suppress(Exception):
+                await self._thread  # an extraction in flight still uses the store
         if self._own_store:
             self.store.close()
             self._own_store = False
@@ -124,10 +138,6 @@ async def _serve(config: PxeConfig, ready: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()
-        log.info(kv(event="pxe_ready", tftp=service.tftp.port if service.tftp else "off",
-                    http=service.http.port if service.http else "off",
-                    nbd=f"{config.settings.nbd_host}:{config.settings.nbd_port}",
-                    default=service.tree.default_key() or "-"))
         if ready is not None:
             ready.set()
         await stop.wait()

@@ -298,14 +298,18 @@ def test_load_pins(tmp_path: Path) -> None:
 
 def test_extract_kernel_and_initrd(fake_imi: FakeImi, tmp_path: Path) -> None:
     """/vmlinuz and /initrd.img are followed inside the image (relative and absolute links);
-    the files land in STORE/boot/IMI@VERSION and their paths in the version's metadata."""
+    the files land in STORE/boot/IMI@VERSION and their paths in the version's metadata, at
+    import already; ``pxe extract`` finds them kept."""
     store = tmp_path / "store"
-    key = import_version(store, fake_imi.image, "lab")
-    out = run(ICBD, "pxe", "extract", "--store", str(store)).stdout
-    assert f"{key}: kernel" in out
+    out = run(ICBD, "import", str(fake_imi.image), "--imi", "lab", "--store", str(store)).stdout
+    key = "lab@1"
     d = store / "boot" / key
+    assert f"boot files {d}/: vmlinuz {len(fake_imi.kernel)} bytes" in out, out
+    assert f"(extracted /boot/vmlinuz-{KVER} /boot/initrd.img-{KVER})" in out
     assert (d / "vmlinuz").read_bytes() == fake_imi.kernel
     assert (d / "initrd.img").read_bytes() == fake_imi.initrd
+    out = run(ICBD, "pxe", "extract", "--store", str(store)).stdout
+    assert f"{key}: kernel" in out
     ls = json.loads(run(ICBD, "ls", "--store", str(store), "--json").stdout)
     assert ls and ls[0]["version"] == "1"
     from icbdcache.store import Store
@@ -327,17 +331,19 @@ def test_extract_newest_without_links_and_from_chunks(tmp_path: Path) -> None:
         f"boot/vmlinuz-{KVER}": b"new kernel", f"boot/initrd.img-{KVER}": b"new initrd",
     }, size_mib=16)
     store = tmp_path / "store"
-    key = import_version(store, img, "nolinks", "--copy")
+    key = import_version(store, img, "nolinks", "--copy")  # extracted from the file, at once
+    (store / "boot" / key / "vmlinuz").unlink()
     img.unlink()
-    run(ICBD, "pxe", "extract", key, "--store", str(store))
+    run(ICBD, "pxe", "extract", key, "--store", str(store), "--force")
     assert (store / "boot" / key / "vmlinuz").read_bytes() == b"new kernel"
     assert (store / "boot" / key / "initrd.img").read_bytes() == b"new initrd"
     assert not list((store / "boot").glob(".*.img")), "the assembled image is removed"
 
 
 def test_import_with_given_kernel_and_initrd(tmp_path: Path) -> None:
-    """import --kernel/--initrd: the files are copied next to the store (the originals may
-    go), for images debugfs cannot read."""
+    """import --kernel/--initrd: the files are copied next to the store at import (the
+    originals may go), for images debugfs cannot read. Without them, a raw image imports
+    quietly and an ext4 image without a kernel with a warning: never a failed import."""
     img = tmp_path / "raw.img"
     img.write_bytes(os.urandom(MIB))
     k, i = tmp_path / "k", tmp_path / "i"
@@ -345,13 +351,22 @@ def test_import_with_given_kernel_and_initrd(tmp_path: Path) -> None:
     i.write_bytes(b"given initrd")
     store = tmp_path / "store"
     key = import_version(store, img, "raw", "--kernel", str(k), "--initrd", str(i))
-    run(ICBD, "pxe", "extract", "--store", str(store))
     k.unlink()
     i.unlink()
     assert (store / "boot" / key / "vmlinuz").read_bytes() == b"given kernel"
-    bad = import_version(store, img, "raw")  # raw bytes, no kernel: reported, not fatal
+    assert (store / "boot" / key / "initrd.img").read_bytes() == b"given initrd"
+    assert f"{key}: kernel" in run(ICBD, "pxe", "extract", "--store", str(store)).stdout
+    p = run(ICBD, "import", str(img), "--imi", "raw", "--store", str(store))
+    assert "boot files" not in p.stdout and "warning" not in p.stderr, "not ext4: no attempt"
+    bad = "raw@2"
     p = run(ICBD, "pxe", "extract", bad, "--store", str(store), check=False)
     assert p.returncode == 1 and "not an ext2/3/4 image" in p.stderr
+    nokernel = make_ext4(tmp_path / "nokernel.ext4", {"etc/hostname": b"x\n"}, size_mib=8)
+    p = run(ICBD, "import", str(nokernel), "--imi", "data", "--store", str(store))
+    assert "warning: data@1: no kernel and initrd kept for PXE" in p.stderr
+    assert "no /vmlinuz" in p.stderr and not (store / "boot" / "data@1" / "vmlinuz").exists()
+    p = run(ICBD, "import", str(img), "--imi", "raw", "--store", str(store), "--kernel", str(img))
+    assert "--kernel and --initrd go together" in p.stderr
 
 
 def test_render_cli_writes_the_tree(fake_imi: FakeImi, tmp_path: Path) -> None:
@@ -534,6 +549,58 @@ def test_new_version_is_the_default_at_once(fake_imi: FakeImi, tmp_path: Path) -
         assert pxe.get("boot/lab@1/vmlinuz") == fake_imi.kernel
     finally:
         pxe.stop()
+
+
+def test_serve_pxe_in_one_process(fake_imi: FakeImi, tmp_path: Path) -> None:
+    """``serve --store --pxe``: the NBD exports, boot.ipxe over HTTP and pxelinux.0 and a
+    kernel over TFTP from one process, whose boot configs name its first --listen address;
+    SIGTERM stops all three."""
+    require("curl", "nbdcopy")
+    store = tmp_path / "store"
+    key = import_version(store, fake_imi.image, "lab")
+    tftp, http = free_udp_port(), free_port()
+    srv = start_server(tmp_path, "--store", str(store), "--pxe", "--pxe-tftp-port", str(tftp),
+                       "--pxe-http-port", str(http), "--pxe-menu-timeout", "0")
+    try:
+        wait_port("127.0.0.1", http, 60)
+        script = run("curl", "-sSf", f"http://127.0.0.1:{http}/boot.ipxe").stdout
+        assert script.startswith("#!ipxe") and f"nbdroot=127.0.0.1:{srv.port}/{key} " in script
+        run("curl", "-sSf", "-o", str(tmp_path / "k"), f"tftp://127.0.0.1:{tftp}/boot/{key}/vmlinuz")
+        assert (tmp_path / "k").read_bytes() == fake_imi.kernel
+        pxelinux = Path("/usr/lib/PXELINUX/pxelinux.0")
+        if pxelinux.is_file():
+            run("curl", "-sSf", "-o", str(tmp_path / "p"), f"tftp://127.0.0.1:{tftp}/pxelinux.0")
+            assert (tmp_path / "p").read_bytes() == pxelinux.read_bytes()
+        run("nbdcopy", srv.uri(key), str(tmp_path / "copy.img"))
+        assert sha256_file(tmp_path / "copy.img") == sha256_file(fake_imi.image)
+        assert srv.proc.poll() is None
+    finally:
+        rc = srv.stop()
+    assert rc == 0
+    log = srv.log_text()
+    assert f"event=pxe_ready tftp={tftp} http={http} nbd=127.0.0.1:{srv.port}" in log
+    assert re.search(rf"conn=\d+ .*export={re.escape(key)} ", log)
+    assert "event=http " in log and "event=tftp_sent " in log and "shutdown=done" in log
+    for port, kind in ((http, socket.SOCK_STREAM), (srv.port, socket.SOCK_STREAM)):
+        with socket.socket(socket.AF_INET, kind) as s, pytest.raises(OSError):
+            s.connect(("127.0.0.1", port))
+
+
+def test_serve_pxe_refusals(tmp_path: Path) -> None:
+    """serve --pxe needs a store and an address workstations can reach; --pxe-* options
+    need --pxe."""
+    store = tmp_path / "store"
+    for args, words in (
+            (["--export", f"a={REPO / 'README.md'}", "--pxe", "--listen", "127.0.0.1:1"],
+             "--pxe needs --store"),
+            (["--store", str(store), "--pxe", "--listen", "0.0.0.0:10809"],
+             "give --pxe-nbd-host"),
+            (["--store", str(store), "--pxe-http-port", "8080", "--listen", "127.0.0.1:1"],
+             "--pxe-http-port without --pxe"),
+            (["--store", str(store), "--pxe", "--listen", "127.0.0.1:1", "--pxe-tftp-port",
+              "off", "--pxe-http-port", "off"], "nothing to serve")):
+        p = run(ICBD, "serve", *args, check=False, timeout=30)
+        assert p.returncode == 2 and words in p.stderr, (args, p.stderr)
 
 
 # ------------------------------------------------------------------------ real workstations
