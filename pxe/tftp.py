@@ -461,6 +461,7 @@ class TftpServer:
         self.max_blksize = max_blksize
         self.max_transfers = max_transfers
         self.active: dict[tuple[str, int], _Transfer | None] = {}
+        self._requests: dict[tuple[str, int], bytes] = {}  # the request of each active peer
         self.sock: socket.socket | None = None
         self.stats = {"transfers": 0, "ok": 0, "failed": 0, "bytes": 0, "retransmits": 0}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -503,7 +504,12 @@ class TftpServer:
     def _request(self, data: bytes, addr: tuple[str, int], local: str | None) -> None:
         key = (addr[0], addr[1])
         if key in self.active:
-            return  # the client repeated its request; the transfer's timer answers
+            current = self.active[key]
+            if current is None or self._requests.get(key) == data:
+                return  # the client repeated its request; the transfer's timer answers
+            # A new request from the same port: the client gave up on the old transfer (a
+            # tsize probe it aborted, a ROM that reuses its port). Replace it.
+            current.finish()
         try:
             req = parse_request(data)
         except TftpError as e:
@@ -518,6 +524,7 @@ class TftpServer:
             self._reply_error(addr, ErrorCode.NOT_DEFINED, "server busy, try again")
             return
         self.active[key] = None
+        self._requests[key] = data
         task = asyncio.get_running_loop().create_task(self._start(req, addr, local))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -569,7 +576,9 @@ class TftpServer:
             return
 
     def _finished(self, t: _Transfer) -> None:
-        self.active.pop(t.peer, None)
+        if self.active.get(t.peer) is t:
+            self.active.pop(t.peer, None)
+            self._requests.pop(t.peer, None)
         x = t.xfer
         if x is None:
             return
