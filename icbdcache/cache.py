@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from icbdcache.backend import Backend, Buffer, ReadResult
 from icbdcache.log import Throttled, kv
@@ -88,7 +89,7 @@ class ChunkCache:
     in-flight faults. ``fault_timeout`` (seconds) bounds how long a read waits for a missing
     chunk; ``retries`` is how many rounds over the sources a fault makes."""
 
-    def __init__(self, store: Store, *, hot_bytes: int = 256 << 20, fault_timeout: float = 10.0,
+    def __init__(self, store: Store, *, hot_bytes: int = 1 << 30, fault_timeout: float = 10.0,
                  retries: int = 3, writer: BatchWriter | None = None) -> None:
         self.store = store
         self.writer = writer or BatchWriter(store)
@@ -101,13 +102,14 @@ class ChunkCache:
         self.prefetching = 0
         self.max_prefetch = 64
 
-    def lookup(self, key: bytes) -> bytes | None:
-        """A held chunk's bytes, or None. Never blocks on the network."""
+    def lookup(self, key: bytes, reader: ChunkReader | None = None) -> bytes | None:
+        """A held chunk's bytes, or None. Never blocks on the network. ``reader`` shares one
+        LMDB read transaction between the chunks of one request."""
         data = self.hot.get(key)
         if data is None:
             data = self.writer.pending(key)
             if data is None:
-                data = self.store.get_chunk(key)
+                data = reader.get(key) if reader is not None else self.store.get_chunk(key)
                 if data is None:
                     return None
             self.hot.put(key, data)
@@ -116,6 +118,28 @@ class ChunkCache:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class ChunkReader:
+    """One short LMDB read transaction, opened on the first chunk that is not in memory and
+    ended by :meth:`close` (py-lmdb: its buffers die with it, so chunks are copied out)."""
+
+    __slots__ = ("_txn", "store")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._txn: Any = None
+
+    def get(self, key: bytes) -> bytes | None:
+        if self._txn is None:
+            self._txn = self.store.env.begin(db=self.store.db["chunks"], buffers=True)
+        buf = self._txn.get(key)
+        return bytes(buf) if buf is not None else None
+
+    def close(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
 
 
 class VersionBackend(Backend):
@@ -151,6 +175,7 @@ class VersionBackend(Backend):
         missing: list[tuple[int, int, int, int]] = []  # (slot, index, lo, hi)
         lookup = self.shared.lookup
         stats = self.shared.stats
+        reader = ChunkReader(self.shared.store) if last > first else None
         for i in range(first, last + 1):
             base = i * cs
             lo = offset - base if offset > base else 0
@@ -160,13 +185,15 @@ class VersionBackend(Backend):
             if d == ZERO:
                 out.append(self._zeros[: hi - lo])
                 continue
-            data = lookup(bytes(d)) if d != UNKNOWN else None
+            data = lookup(bytes(d), reader) if d != UNKNOWN else None
             if data is None:
                 missing.append((len(out), i, lo, hi))
                 out.append(b"")
             else:
                 stats.hits += 1
                 out.append(memoryview(data)[lo:hi])
+        if reader is not None:
+            reader.close()
         profile = self.profile
         if profile.recording_until:
             profile.record(first, last)

@@ -94,7 +94,7 @@ def _serve_parser(sub: Any) -> None:
     g.add_argument("--store-size", type=size_arg, metavar="BYTES", default=None,
                    help="bound of the store's chunks (e.g. 50G); cold unpinned chunks are evicted")
     g.add_argument("--hot-size", type=size_arg, metavar="BYTES", default=None, dest="hot_bytes",
-                   help="chunks kept in process memory (default 256M)")
+                   help="chunks kept in process memory (default 1G)")
     g.add_argument("--fault-timeout", type=float, metavar="SECONDS", default=None,
                    help="a read waiting on a missing chunk fails with EIO after this (default 10)")
     g.add_argument("--source-timeout", type=float, metavar="SECONDS", default=None,

@@ -71,7 +71,7 @@ class Node:
     missing chunk (well inside the kernel client's 30 s request timeout).
     """
 
-    def __init__(self, store: Store, *, hot_bytes: int = 256 << 20, fault_timeout: float = 10.0,
+    def __init__(self, store: Store, *, hot_bytes: int = 1 << 30, fault_timeout: float = 10.0,
                  source_timeout: float = 5.0, upstream_connections: int = 4) -> None:
         self.store = store
         self.cache = ChunkCache(store, hot_bytes=hot_bytes, fault_timeout=fault_timeout)

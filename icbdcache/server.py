@@ -77,7 +77,7 @@ class ServeConfig:
     store: str | None = None
     store_cow: bool = False
     store_size: int | None = None
-    hot_bytes: int = 256 << 20
+    hot_bytes: int = 1 << 30
     fault_timeout: float = 10.0
     source_timeout: float = 5.0
     pxe: PxeConfig | None = None  # serve --pxe: TFTP and HTTP boot in the same loop
