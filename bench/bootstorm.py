@@ -746,10 +746,6 @@ class StormProgress(Progress):
 # --------------------------------------------------------------------------- summary
 
 
-def _med(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def summarize(runs: Sequence[dict[str, Any]], expected_requests: int,
               expected_bytes: int) -> list[dict[str, Any]]:
     """One row per run: medians, p95 and max over its clients, and the ratios.

@@ -46,9 +46,8 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import xxhash
 import zstandard
@@ -417,7 +416,6 @@ class Spec:
     requests: int | None = None
     image: str | None = None
     interval_s: float = 0.5
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
