@@ -491,6 +491,19 @@ def icbd_stats(icbd: str, store: Path) -> dict[str, int]:
     return {str(k): int(v) for k, v in doc.items() if isinstance(v, int)}
 
 
+def icbd_code_version(binary: str) -> str:
+    """``icbd-cache VERSION (git COMMIT)``, plus ``+dirty`` when the checkout's server code
+    (``icbdcache/``, ``nbd/``) has uncommitted changes."""
+    version = servers.tool_version(binary)
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "icbdcache", "nbd"],
+                             capture_output=True, text=True, timeout=10, check=False, cwd=repo)
+    except (OSError, subprocess.TimeoutExpired):
+        return version
+    return version + (" +dirty" if out.returncode == 0 and out.stdout.strip() else "")
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -510,7 +523,9 @@ class RunRecord:
     the bench's own processes (server, upstream, relay, clients) and soft interrupts are taken
     out: other work on a shared machine; ``idle_cpu_pct``: CPU busy % sampled for 0.5 s before
     the run, after ``idle_wait_s`` seconds of waiting for ``--wait-idle``;
-    ``icbd``: icbd-cache counter deltas (faults, coalesced, hits, misses, ...).
+    ``icbd``: icbd-cache counter deltas (faults, coalesced, hits, misses, ...);
+    ``server_version``: for icbd-cache, the checkout's commit when the run started, and whether
+    its server code had uncommitted changes (a shared checkout can change during a sweep).
     """
 
     scenario: str
@@ -536,6 +551,7 @@ class RunRecord:
     idle_wait_s: float | None = None
     other_cpu_pct: float | None = None
     icbd: dict[str, int] | None = None
+    server_version: str | None = None
     error: str | None = None
 
 
@@ -618,6 +634,8 @@ def run_one(ctx: Context, sc: Scenario, name: str, store: Path | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     net = ctx.net
     icbd = ctx.binaries.get("icbd-cold") or ctx.binaries.get("icbd-warm")
+    if name in ("icbd-cold", "icbd-warm"):
+        rec.server_version = icbd_code_version(ctx.binaries[name])
     rec.idle_cpu_pct, _, rec.idle_wait_s = wait_for_idle(0.5, ctx.s.wait_idle,
                                                          ctx.s.wait_idle_max)
     t_start = time.monotonic()
@@ -830,6 +848,11 @@ def markdown(doc: dict[str, Any]) -> str:
                  "process on the same machine.")
     versions = [f"{n}: {v['version']}" for n, v in meta["servers"].items() if "version" in v]
     lines.append("Servers: " + "; ".join(versions) + ".")
+    seen = list(dict.fromkeys(r["server_version"] for r in doc["runs"]
+                              if r.get("server_version")))
+    if len(seen) > 1 or any(v.endswith("+dirty") for v in seen):
+        lines.append("**icbd-cache's code changed during the benchmark or had uncommitted "
+                     "changes** (shared checkout): " + "; ".join(seen) + ".")
     if meta.get("interrupted"):
         lines.append("**Interrupted**: partial results.")
     lines += ["", "| scenario | server | I/O wait s median | p95 | max | replay s median | p95 "
