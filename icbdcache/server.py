@@ -131,6 +131,15 @@ class RequestTrace:
         self.f = open(path, "w", buffering=1 << 16)  # noqa: SIM115 - lives as long as the server
         self.f.write("# t_ms,conn,op,offset,count,lat_us\n")
         self.t0: float | None = None
+        self._sized = False
+
+    def opened(self, conn: int, export: str, size: int) -> None:
+        """Connection ``conn`` opened ``export`` of ``size`` bytes: ``# export_size=`` (the
+        header ``icbd-bench bootstorm`` reads) and a ``# conn=`` comment line."""
+        if not self._sized:
+            self._sized = True
+            self.f.write(f"# export_size={size}\n")
+        self.f.write(f"# conn={conn} export={export}\n")
 
     def answered(self, conn: int, req: Request, start: float) -> None:
         """``req`` of connection ``conn``, received at ``start`` (monotonic s), is answered."""
@@ -314,6 +323,8 @@ class NBDProtocol(asyncio.Protocol):
             self._close()
             return
         self.export = export
+        if self.tracer is not None:
+            self.tracer.opened(self.id, export.name, export.info.size)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

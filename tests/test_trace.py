@@ -25,5 +25,9 @@ def test_trace_records_every_read(tmp_path: Path, image: Path, server_factory: A
     data_mib = [off for off in range(0, image.stat().st_size, mib) if (off // mib) % 4 != 3]
     assert covered == [(off, mib) for off in data_mib]
     assert (tmp_path / "copy.img").read_bytes() == image.read_bytes()
-    header = trace.read_text().splitlines()[0]
-    assert header == "# t_ms,conn,op,offset,count,lat_us"
+    lines = trace.read_text().splitlines()
+    assert lines[0] == "# t_ms,conn,op,offset,count,lat_us"
+    assert f"# export_size={image.stat().st_size}" in lines
+    from bench.replay import load_trace as replay_load
+
+    assert replay_load(trace).export_size == image.stat().st_size
