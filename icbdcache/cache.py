@@ -101,6 +101,9 @@ class ChunkCache:
         #: Background faults (readahead, CACHE) in flight, and their bound.
         self.prefetching = 0
         self.max_prefetch = 64
+        #: Chunks read once from LMDB since they were last admitted (admission on 2nd read).
+        self._seen: set[bytes] = set()
+        self._seen_max = 1 << 18
 
     def lookup(self, key: bytes, reader: ChunkReader | None = None) -> bytes | None:
         """A held chunk's bytes, or None. Never blocks on the network. ``reader`` shares one
@@ -116,6 +119,30 @@ class ChunkCache:
         self.writer.touch(key)  # recency for the store's eviction, even for hot-set hits
         return data
 
+    def read(self, key: bytes, lo: int, hi: int, reader: ChunkReader) -> Buffer | None:
+        """Bytes ``lo:hi`` of a held chunk, or None. A chunk read from LMDB enters the hot set
+        on its second read only (one-time reads, such as a scan, do not flush it); until then
+        only the requested slice is copied out of the read transaction."""
+        data = self.hot.get(key)
+        if data is None:
+            data = self.writer.pending(key)
+            if data is None:
+                buf = reader.buffer(key)
+                if buf is None:
+                    return None
+                seen = self._seen
+                if key not in seen:
+                    if len(seen) >= self._seen_max:
+                        seen.clear()
+                    seen.add(key)
+                    self.writer.touch(key)
+                    return bytes(buf[lo:hi])
+                seen.discard(key)
+                data = bytes(buf)
+            self.hot.put(key, data)
+        self.writer.touch(key)  # recency for the store's eviction, even for hot-set hits
+        return memoryview(data)[lo:hi]
+
     def close(self) -> None:
         self.writer.close()
 
@@ -130,10 +157,15 @@ class ChunkReader:
         self.store = store
         self._txn: Any = None
 
-    def get(self, key: bytes) -> bytes | None:
+    def buffer(self, key: bytes) -> memoryview | None:
+        """The chunk's bytes inside the transaction: valid until :meth:`close`."""
         if self._txn is None:
             self._txn = self.store.env.begin(db=self.store.db["chunks"], buffers=True)
         buf = self._txn.get(key)
+        return memoryview(buf) if buf is not None else None
+
+    def get(self, key: bytes) -> bytes | None:
+        buf = self.buffer(key)
         return bytes(buf) if buf is not None else None
 
     def close(self) -> None:
@@ -173,9 +205,9 @@ class VersionBackend(Backend):
         last = (offset + length - 1) // cs
         out: list[Buffer] = []
         missing: list[tuple[int, int, int, int]] = []  # (slot, index, lo, hi)
-        lookup = self.shared.lookup
+        read = self.shared.read
         stats = self.shared.stats
-        reader = ChunkReader(self.shared.store) if last > first else None
+        reader = ChunkReader(self.shared.store)
         for i in range(first, last + 1):
             base = i * cs
             lo = offset - base if offset > base else 0
@@ -185,15 +217,14 @@ class VersionBackend(Backend):
             if d == ZERO:
                 out.append(self._zeros[: hi - lo])
                 continue
-            data = lookup(bytes(d), reader) if d != UNKNOWN else None
+            data = read(bytes(d), lo, hi, reader) if d != UNKNOWN else None
             if data is None:
                 missing.append((len(out), i, lo, hi))
                 out.append(b"")
             else:
                 stats.hits += 1
-                out.append(memoryview(data)[lo:hi])
-        if reader is not None:
-            reader.close()
+                out.append(data)
+        reader.close()
         profile = self.profile
         if profile.recording_until:
             profile.record(first, last)
