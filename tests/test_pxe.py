@@ -821,3 +821,36 @@ def test_new_version_while_a_guest_runs(site: Site, tmp_path: Path) -> None:
     assert "lab" not in site.nbd_exports(0)
     a.proc.wait(30)
     b.proc.wait(30)
+
+
+@pytest.mark.guest
+def test_guest_root_read_write_through_per_client_copy_on_write(
+        test_imi: Path, tmp_path: Path) -> None:
+    """The other way to share one read-only iMI: no tmpfs overlay in the workstation
+    (``icbd.overlay=none``, root mounted rw) and ``serve --store-cow`` giving that client its
+    own copy-on-write overlay. The guest boots, its writes reach its overlay, the store's
+    version stays as it was."""
+    if not Path("/usr/lib/PXELINUX/pxelinux.0").is_file():
+        pytest.skip("PXELINUX is not installed (packages pxelinux, syslinux-common)")
+    store = tmp_path / "store"
+    import_version(store, test_imi / "imi.ext4", "lab")
+    trace = tmp_path / "requests.csv"
+    nbd = start_server(tmp_path, "--store", str(store), "--store-cow", "--trace", str(trace))
+    pxe = start_pxe(tmp_path, store, "--menu-timeout", "1", "--overlay", "none",
+                    "--serial", "0 115200", "--append", GUEST_APPEND,
+                    nbd_host="10.0.2.2", nbd_port=nbd.port)
+    vm = boot_vm("rw", f"http://10.0.2.2:{pxe.http_port}/boot.ipxe", "52:54:00:1c:bd:21",
+                 tmp_path / "rw.console")
+    try:
+        _, m = vm.wait_for(MARKER_RX, BOOT_TIMEOUT)
+        assert m.group(2) == f"10.0.2.2:{nbd.port}/lab@1"
+        vm.proc.wait(30)
+    finally:
+        vm.stop()
+        pxe.stop()
+        assert nbd.stop() == 0
+    log = nbd.log_text()
+    assert re.search(r"export=lab@1 .*mode=cow", log), log[-2000:]
+    writes = [ln for ln in trace.read_text().splitlines() if ",Write," in ln]
+    assert writes, "a read-write root wrote nothing"
+    assert "OK" in run(ICBD, "verify", "--store", str(store)).stdout
