@@ -58,6 +58,22 @@ def require(*tools: str) -> None:
             pytest.skip(f"{t} is not installed (scripts/setup installs it)")
 
 
+def require_holes(path: Path) -> None:
+    """Skip unless the file system reports the holes of an image from :func:`make_image`
+    (its fourth MiB is a hole): block status, and the zero chunks the cache learns from it,
+    depend on them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ok = os.lseek(fd, 3 * (1 << 20), os.SEEK_HOLE) == 3 * (1 << 20)
+        ok = ok and os.lseek(fd, 3 * (1 << 20), os.SEEK_DATA) == 4 * (1 << 20)
+    except OSError:
+        ok = False
+    finally:
+        os.close(fd)
+    if not ok:
+        pytest.skip(f"the file system of {path.parent} does not report holes")
+
+
 def make_image(path: Path, size: int, seed: int = 1) -> Path:
     """Write a raw test image of ``size`` bytes: pseudo-random data with zero holes.
 

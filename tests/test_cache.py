@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BIN, Server, free_port, make_image, require, sha256_file, wait_port
+from conftest import (
+    BIN,
+    Server,
+    free_port,
+    make_image,
+    require,
+    require_holes,
+    sha256_file,
+    wait_port,
+)
 from readers import hash_outputs, nbdcopy_procs
 
 from nbd import aio
@@ -90,20 +99,6 @@ class Image:
 def image(tmp: Path, name: str, size: int, seed: int) -> Image:
     return Image.of(make_image(tmp / name, size, seed=seed))
 
-
-def require_holes(path: Path) -> None:
-    """Skip unless the file system reports the image's holes: nbdkit's block status (and so
-    the zero chunks the cache learns from it) depends on them."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        ok = os.lseek(fd, 3 * MiB, os.SEEK_HOLE) == 3 * MiB
-        ok = ok and os.lseek(fd, 3 * MiB, os.SEEK_DATA) == 4 * MiB
-    except OSError:
-        ok = False
-    finally:
-        os.close(fd)
-    if not ok:
-        pytest.skip(f"the file system of {path.parent} does not report holes")
 
 
 def chunks_of(ranges: Sequence[tuple[int, int]]) -> set[int]:

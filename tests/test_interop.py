@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, free_port, make_image, require, sha256_file
+from conftest import Server, free_port, make_image, require, require_holes, sha256_file
 from readers import hash_outputs, nbdcopy_procs
 
 MiB = 1 << 20
@@ -65,19 +65,6 @@ def layout(size: int) -> list[tuple[int, int, int]]:
             runs.append((off, n, flags))
     return runs
 
-
-def require_holes(path: Path) -> None:
-    """Skip unless the file system reports the image's holes (SEEK_HOLE/SEEK_DATA)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        ok = os.lseek(fd, 3 * MiB, os.SEEK_HOLE) == 3 * MiB
-        ok = ok and os.lseek(fd, 3 * MiB, os.SEEK_DATA) == 4 * MiB
-    except OSError:
-        ok = False
-    finally:
-        os.close(fd)
-    if not ok:
-        pytest.skip(f"the file system of {path.parent} does not report holes")
 
 
 # ------------------------------------------------------------------ clients
