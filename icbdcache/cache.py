@@ -69,6 +69,9 @@ class HotSet:
     def __len__(self) -> int:
         return len(self._d)
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._d
+
 
 @dataclass
 class CacheStats:
@@ -105,14 +108,18 @@ class ChunkCache:
         self._seen: set[bytes] = set()
         self._seen_max = 1 << 18
 
-    def lookup(self, key: bytes, reader: ChunkReader | None = None) -> bytes | None:
-        """A held chunk's bytes, or None. Never blocks on the network. ``reader`` shares one
-        LMDB read transaction between the chunks of one request."""
+    def holds(self, key: bytes) -> bool:
+        """Whether chunk ``key`` is held (in memory, queued, or in LMDB), without copying it."""
+        return (key in self.hot or self.writer.pending(key) is not None
+                or self.store.has_chunk(key))
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """A held chunk's bytes (entering the hot set), or None. Never blocks on the network."""
         data = self.hot.get(key)
         if data is None:
             data = self.writer.pending(key)
             if data is None:
-                data = reader.get(key) if reader is not None else self.store.get_chunk(key)
+                data = self.store.get_chunk(key)
                 if data is None:
                     return None
             self.hot.put(key, data)
@@ -163,10 +170,6 @@ class ChunkReader:
             self._txn = self.store.env.begin(db=self.store.db["chunks"], buffers=True)
         buf = self._txn.get(key)
         return memoryview(buf) if buf is not None else None
-
-    def get(self, key: bytes) -> bytes | None:
-        buf = self.buffer(key)
-        return bytes(buf) if buf is not None else None
 
     def close(self) -> None:
         if self._txn is not None:
@@ -249,7 +252,7 @@ class VersionBackend(Backend):
         if shared.prefetching >= shared.max_prefetch:
             return False
         d = self.digest_at(index)
-        if d == ZERO or (d != UNKNOWN and shared.lookup(d) is not None):
+        if d == ZERO or (d != UNKNOWN and shared.holds(d)):
             return True
         if (d if d != UNKNOWN else (self.key, index)) in shared.inflight:
             return True

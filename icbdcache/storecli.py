@@ -333,7 +333,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
             async with sem:
                 d = backend.digest_at(i)
                 try:
-                    if d != ZERO and backend.shared.lookup(d) is None:
+                    if d != ZERO and not backend.shared.holds(d):
                         await backend.fault(i)
                 except OSError:
                     failed += 1
