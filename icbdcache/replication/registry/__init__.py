@@ -1,0 +1,20 @@
+"""The registry (name server): iMIs and their versions, sites and their replicas,
+subscriptions and keep-alives, behind one small interface with two backends:
+
+* :class:`~icbdcache.replication.registry.embedded.EmbeddedRegistry` (default): kept in the
+  master's own LMDB store;
+* :class:`~icbdcache.replication.registry.etcd.EtcdRegistry`: an etcd cluster (leases for
+  keep-alive, watches for changes), so several masters and many sites share one view.
+
+Chunk maps and chunks never live in the registry: they stay in the stores.
+"""
+
+from icbdcache.replication.registry.base import (
+    Registry,
+    RegistryError,
+    SiteRecord,
+    VersionRecord,
+    open_registry,
+)
+
+__all__ = ["Registry", "RegistryError", "SiteRecord", "VersionRecord", "open_registry"]

@@ -1,0 +1,125 @@
+"""The registry interface shared by the master, the admin API and both backends."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RegistryError(Exception):
+    """The registry cannot do what was asked: unknown site or version, backend unreachable."""
+
+
+@dataclass
+class VersionRecord:
+    """One published iMI version as the registry knows it. ``size`` and ``chunk_size`` in
+    bytes; ``manifest``: hex xxh3-128 of the chunk map; ``distinct_bytes``: bytes of its
+    distinct non-zero chunks (what a full replication moves before compression);
+    ``published``: seconds since the epoch; ``retired``: no longer offered to replicas."""
+
+    imi: str
+    version: str
+    size: int
+    chunk_size: int
+    manifest: str
+    distinct_bytes: int = 0
+    published: float = 0.0
+    retired: bool = False
+    master: str = ""  # URL of the master that holds its chunks
+
+    @property
+    def key(self) -> str:
+        return f"{self.imi}@{self.version}"
+
+
+@dataclass
+class SiteRecord:
+    """One site (a replica). ``last_seen``: seconds since the epoch of its last keep-alive;
+    ``up``: a keep-alive arrived within the registry's ``down_after`` seconds; ``report``: the
+    replica's last keep-alive body (versions held, bytes behind, state, errors; see
+    docs/replication.md, 'Keep-alive')."""
+
+    name: str
+    address: str = ""
+    subscriptions: list[str] = field(default_factory=list)
+    last_seen: float = 0.0
+    up: bool = False
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Registry(ABC):
+    """The registry. Every method may raise RegistryError. ``down_after``: seconds without a
+    keep-alive after which a site is shown down."""
+
+    down_after: float = 30.0
+
+    # ------------------------------------------------------------------ catalog
+    @abstractmethod
+    async def publish(self, record: VersionRecord) -> None:
+        """Add a version (replacing nothing: publishing an existing IMI@VERSION with another
+        manifest raises RegistryError). Advances the generation."""
+
+    @abstractmethod
+    async def retire(self, imi: str, version: str) -> None:
+        """Mark a version retired. Raises RegistryError if unknown. Advances the generation."""
+
+    @abstractmethod
+    async def versions(self, imi: str | None = None) -> list[VersionRecord]:
+        """Published versions (retired ones included), oldest first, of one iMI or all."""
+
+    @abstractmethod
+    async def generation(self) -> int:
+        """A number that grows whenever the catalog or any subscription changes."""
+
+    @abstractmethod
+    async def wait_change(self, since: int, timeout: float) -> int:
+        """Return the generation as soon as it is greater than ``since``, or after
+        ``timeout`` seconds (then it may equal ``since``)."""
+
+    # ------------------------------------------------------------------ sites
+    @abstractmethod
+    async def register(self, site: str, address: str) -> SiteRecord:
+        """Create or update a site (its NBD address for the admin's view)."""
+
+    @abstractmethod
+    async def keepalive(self, site: str, report: dict[str, Any]) -> SiteRecord:
+        """Record a keep-alive of ``site`` now (registering it if new). Returns its record."""
+
+    @abstractmethod
+    async def subscribe(self, site: str, imi: str) -> None:
+        """Subscribe ``site`` to ``imi`` (creating the site if new). Advances the generation."""
+
+    @abstractmethod
+    async def unsubscribe(self, site: str, imi: str) -> None:
+        """Drop a subscription (no error if absent). Advances the generation."""
+
+    @abstractmethod
+    async def sites(self) -> list[SiteRecord]:
+        """Every site, by name, with ``up`` computed from ``down_after``."""
+
+    async def site(self, name: str) -> SiteRecord | None:
+        for s in await self.sites():
+            if s.name == name:
+                return s
+        return None
+
+    async def close(self) -> None:
+        """Release connections (no-op by default)."""
+
+
+def open_registry(spec: str | None, *, store: Any = None, down_after: float = 30.0) -> Registry:
+    """The registry ``spec`` names: None or ``embedded`` (kept in ``store``, the master's
+    :class:`~icbdcache.store.Store`), or ``etcd://HOST:PORT[,HOST:PORT...][/PREFIX]``.
+    Raises ValueError on an unknown scheme or an embedded registry without a store."""
+    if spec in (None, "", "embedded"):
+        if store is None:
+            raise ValueError("the embedded registry needs the master's store")
+        from icbdcache.replication.registry.embedded import EmbeddedRegistry
+
+        return EmbeddedRegistry(store, down_after=down_after)
+    if spec.startswith("etcd://"):
+        from icbdcache.replication.registry.etcd import EtcdRegistry
+
+        return EtcdRegistry.from_uri(spec, down_after=down_after)
+    raise ValueError(f"unknown registry {spec!r} (embedded or etcd://HOST:PORT)")

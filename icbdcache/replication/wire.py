@@ -1,0 +1,168 @@
+"""The replication wire format, sans-IO: bytes in, frames out (docs/replication.md, 'Wire').
+
+Control messages are JSON over HTTP; two bodies are binary:
+
+* **manifest** (``GET /v1/manifest/IMI/VERSION``): a version's chunk map, 16 bytes per chunk
+  index (xxh3-128 digests, :data:`~icbdcache.store.chunks.ZERO` for all-zero chunks). Its
+  xxh3-128 (hex) is the version's ``manifest`` field in the catalog, so a replica can check it.
+* **chunk stream** (``POST /v1/chunks``, request body: up to :data:`MAX_BATCH` digests
+  concatenated): one frame per digest asked for, in order, then an end frame::
+
+      frame := digest (16 bytes) | length (u32, big-endian) | data (length bytes)
+      length = MISSING (0xFFFFFFFF): the sender does not hold that chunk (no data follows)
+      end   := ZERO digest | length 0
+
+  With ``X-Icbd-Encoding: zstd`` the whole frame sequence is one zstd stream (one compressor
+  context per response), flushed at frame boundaries so a receiver decodes as bytes arrive.
+  A stream without its end frame was cut short.
+
+The receiver checks every chunk against its digest before it keeps it (the store does too):
+:class:`ChunkStreamDecoder` reports frames; it does not trust them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import zstandard
+
+from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, ZERO
+
+#: Path prefix of every endpoint of the replication API.
+API = "/v1"
+#: Most digests one chunk request may ask for (64 KiB of request body).
+MAX_BATCH = 4096
+#: Largest chunk a frame may carry, in bytes.
+MAX_CHUNK = 4 * CHUNK_SIZE
+#: Length value of a frame whose chunk the sender does not hold.
+MISSING = 0xFFFFFFFF
+#: Header naming the encoding of a chunk stream (``zstd``; absent: plain).
+ENCODING_HEADER = "X-Icbd-Encoding"
+#: Content type of chunk streams and manifests.
+CONTENT_TYPE = "application/x-icbd-chunks"
+
+_HEAD = struct.Struct(">16sI")
+
+
+class WireError(Exception):
+    """A body that does not follow the wire format (bad length, cut short, bad zstd)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFrame:
+    """One frame of a chunk stream: ``data`` is None when the sender lacks the chunk."""
+
+    digest: bytes
+    data: bytes | None
+
+
+def encode_digests(digests: list[bytes]) -> bytes:
+    """The body of a chunk request. Raises WireError on more than MAX_BATCH digests or a
+    digest that is not 16 bytes."""
+    if len(digests) > MAX_BATCH:
+        raise WireError(f"{len(digests)} digests in one request (at most {MAX_BATCH})")
+    if any(len(d) != DIGEST_SIZE for d in digests):
+        raise WireError("a digest is not 16 bytes")
+    return b"".join(digests)
+
+
+def parse_digests(body: bytes) -> list[bytes]:
+    """The digests of a chunk request body. Raises WireError if the body is not a whole
+    number of 16-byte digests, is empty, or asks for more than MAX_BATCH."""
+    if not body or len(body) % DIGEST_SIZE:
+        raise WireError(f"request body of {len(body)} bytes is not a list of 16-byte digests")
+    n = len(body) // DIGEST_SIZE
+    if n > MAX_BATCH:
+        raise WireError(f"{n} digests in one request (at most {MAX_BATCH})")
+    return [body[i : i + DIGEST_SIZE] for i in range(0, len(body), DIGEST_SIZE)]
+
+
+class ChunkStreamEncoder:
+    """Sender side of a chunk stream. ``level``: zstd level, or None for a plain stream.
+    Each method returns the bytes to send next (possibly empty while zstd buffers)."""
+
+    def __init__(self, level: int | None = None) -> None:
+        self._z = (zstandard.ZstdCompressor(level=level).compressobj()
+                   if level is not None else None)
+        self.raw_bytes = 0  # frame bytes before compression
+
+    def _out(self, raw: bytes, flush: bool) -> bytes:
+        self.raw_bytes += len(raw)
+        if self._z is None:
+            return raw
+        out = self._z.compress(raw)
+        if flush:
+            out += self._z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return out
+
+    def frame(self, digest: bytes, data: bytes | None, *, flush: bool = True) -> bytes:
+        """A frame for ``digest``: its ``data``, or MISSING when None. ``flush``: end a zstd
+        block here (set False to let several frames share one block)."""
+        if data is None:
+            return self._out(_HEAD.pack(digest, MISSING), flush)
+        return self._out(_HEAD.pack(digest, len(data)) + data, flush)
+
+    def end(self) -> bytes:
+        """The end frame (and the end of the zstd stream)."""
+        out = self._out(_HEAD.pack(ZERO, 0), False)
+        if self._z is not None:
+            out += self._z.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        return out
+
+
+class ChunkStreamDecoder:
+    """Receiver side of a chunk stream. ``encoding``: None or ``"zstd"`` (the
+    ENCODING_HEADER value). Feed it bytes as they arrive; it returns whole frames.
+    Raises WireError on an unknown encoding, bad zstd data, a frame longer than MAX_CHUNK,
+    or bytes after the end frame."""
+
+    def __init__(self, encoding: str | None = None) -> None:
+        if encoding not in (None, "", "plain", "zstd"):
+            raise WireError(f"unknown chunk stream encoding {encoding!r}")
+        self._z = zstandard.ZstdDecompressor().decompressobj() if encoding == "zstd" else None
+        self._buf = bytearray()
+        self.finished = False
+        self.wire_bytes = 0  # bytes fed, as received
+
+    def feed(self, data: bytes) -> list[ChunkFrame]:
+        self.wire_bytes += len(data)
+        if self._z is not None:
+            try:
+                data = self._z.decompress(data)
+            except zstandard.ZstdError as e:
+                raise WireError(f"bad zstd data in chunk stream: {e}") from e
+        if self.finished:
+            if data:
+                raise WireError("bytes after the end frame")
+            return []
+        self._buf += data
+        frames: list[ChunkFrame] = []
+        pos = 0
+        buf = self._buf
+        while len(buf) - pos >= _HEAD.size:
+            digest, length = _HEAD.unpack_from(buf, pos)
+            if length == MISSING:
+                frames.append(ChunkFrame(digest, None))
+                pos += _HEAD.size
+                continue
+            if digest == ZERO and length == 0:
+                pos += _HEAD.size
+                self.finished = True
+                if pos != len(buf):
+                    raise WireError("bytes after the end frame")
+                break
+            if length > MAX_CHUNK or length == 0:
+                raise WireError(f"frame of {length} bytes (1 to {MAX_CHUNK} allowed)")
+            if len(buf) - pos - _HEAD.size < length:
+                break
+            start = pos + _HEAD.size
+            frames.append(ChunkFrame(digest, bytes(buf[start : start + length])))
+            pos = start + length
+        del buf[:pos]
+        return frames
+
+    def close(self) -> None:
+        """The body ended. Raises WireError if the end frame was not seen."""
+        if not self.finished:
+            raise WireError("chunk stream cut short (no end frame)")
