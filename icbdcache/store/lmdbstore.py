@@ -12,6 +12,8 @@ versions    ``IMI@VERSION``               JSON :class:`VersionMeta`
 meta        text key                      ``held`` (u64 bytes of chunks), ``tick``,
                                           ``latest:IMI``, ``stats`` (JSON counters)
 profiles    ``IMI@VERSION``               u32 big-endian chunk indexes in first-read order
+records     text key                      opaque bytes of other parts (the embedded
+                                          registry, the replica's state)
 ==========  ============================  ==================================================
 
 Rules (py-lmdb): a buffer from a read transaction is only valid inside it, so every read here
@@ -37,7 +39,7 @@ import lmdb
 from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, UNKNOWN, ZERO, chunk_count, digest
 
 _U64 = struct.Struct(">Q")
-_DBS = ("chunks", "atime", "maps", "versions", "meta", "profiles")
+_DBS = ("chunks", "atime", "maps", "versions", "meta", "profiles", "records")
 
 
 class StoreError(Exception):
@@ -353,6 +355,54 @@ class Store:
                 if d != UNKNOWN and txn.get(d) is not None:
                     held += n
         return held, need
+
+    def delete_version(self, key: str) -> None:
+        """Forget version ``key``: its metadata, chunk map and profile (its chunks stay until
+        evicted; a ``latest`` pointer at it is removed). No error if unknown."""
+        imi, ver = split_key(key)
+
+        def fn(txn: lmdb.Transaction) -> int:
+            k = key.encode()
+            for db in ("versions", "maps", "profiles"):
+                txn.delete(k, db=self.db[db])
+            lk = f"latest:{imi}".encode()
+            if ver is not None and txn.get(lk, db=self.db["meta"]) == ver.encode():
+                txn.delete(lk, db=self.db["meta"])
+            return 0
+
+        with self._write_lock:
+            self._retry(fn)
+
+    # ------------------------------------------------------------------ records
+
+    def put_record(self, key: str, value: bytes | None) -> None:
+        """Set (or with None delete) record ``key`` of the ``records`` database."""
+        def fn(txn: lmdb.Transaction) -> int:
+            if value is None:
+                txn.delete(key.encode(), db=self.db["records"])
+            else:
+                txn.put(key.encode(), value, db=self.db["records"])
+            return 0
+
+        with self._write_lock:
+            self._retry(fn)
+
+    def record(self, key: str) -> bytes | None:
+        with self.env.begin(db=self.db["records"]) as txn:
+            raw = txn.get(key.encode())
+            return bytes(raw) if raw is not None else None
+
+    def records(self, prefix: str) -> list[tuple[str, bytes]]:
+        """(key, value) of every record whose key starts with ``prefix``, in key order."""
+        p = prefix.encode()
+        out: list[tuple[str, bytes]] = []
+        with self.env.begin(db=self.db["records"]) as txn, txn.cursor() as cur:
+            if cur.set_range(p):
+                for k, v in cur:
+                    if not bytes(k).startswith(p):
+                        break
+                    out.append((bytes(k).decode(), bytes(v)))
+        return out
 
     # ------------------------------------------------------------------ profiles, stats
 
