@@ -104,6 +104,8 @@ class ChunkCache:
         #: Background faults (readahead, CACHE) in flight, and their bound.
         self.prefetching = 0
         self.max_prefetch = 64
+        #: Chunks faulted ahead of a sequential miss (0: off); see VersionBackend._sequential.
+        self.seq_ahead = 8
         #: Chunks read once from LMDB since they were last admitted (admission on 2nd read).
         self._seen: set[bytes] = set()
         self._seen_max = 1 << 18
@@ -236,7 +238,31 @@ class VersionBackend(Backend):
         if not missing:
             return out
         stats.misses += len(missing)
+        if self.shared.seq_ahead:
+            self._sequential(first, last)
         return self._complete(out, missing)
+
+    def _present(self, index: int) -> bool:
+        """Whether chunk ``index`` is zero, held, or being faulted."""
+        d = self.digest_at(index)
+        if d == ZERO:
+            return True
+        if d == UNKNOWN:
+            return (self.key, index) in self.shared.inflight
+        return d in self.shared.inflight or self.shared.holds(d)
+
+    def _sequential(self, first: int, last: int) -> None:
+        """Sequential readahead on a miss (what a version's first boot, with no boot profile
+        yet, relies on): when the chunk before ``first`` is present, the reader is going forward,
+        so the next ``ChunkCache.seq_ahead`` chunks are faulted in the background and arrive
+        in one WAN round trip with this one instead of one round trip each. Measured on the
+        recorded boot: 506 of its 748 first-touched chunks follow the chunk before them."""
+        if first == 0 or not self._present(first - 1):
+            return
+        stop = min(last + 1 + self.shared.seq_ahead, (self.size + self.cs - 1) // self.cs)
+        for i in range(last + 1, stop):
+            if not self.cache_hint(i):
+                break
 
     async def _complete(self, out: list[Buffer],
                         missing: list[tuple[int, int, int, int]]) -> list[Buffer]:

@@ -99,6 +99,9 @@ def _serve_parser(sub: Any) -> None:
                    help="a read waiting on a missing chunk fails with EIO after this (default 10)")
     g.add_argument("--source-timeout", type=float, metavar="SECONDS", default=None,
                    help="per request to a source (default 5)")
+    g.add_argument("--readahead", type=int, metavar="CHUNKS", default=None,
+                   help="chunks faulted ahead of a sequential miss that no boot profile "
+                        "foresees (default 8; 0 turns it off; docs/store.md)")
     pxecli.add_serve_args(p)
     _verbosity(p)
 
@@ -133,6 +136,7 @@ FILE_SETTINGS: dict[str, tuple[str, str]] = {
     "hot_bytes": ("hot_bytes", "size"),
     "fault_timeout": ("fault_timeout", "float"),
     "source_timeout": ("source_timeout", "float"),
+    "readahead": ("readahead", "int"),
 }
 _KINDS = {
     "str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
@@ -227,7 +231,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     for key in ("default_export", "tls_cert", "tls_key", "tls_required", "max_connections",
                 "handshake_timeout", "grace", "cow_dir", "cow_linger", "workers",
                 "debug_requests", "trace", "store", "store_cow", "store_size", "hot_bytes",
-                "fault_timeout", "source_timeout"):
+                "fault_timeout", "source_timeout", "readahead"):
         value = pick(key)
         if value is not None:
             setattr(cfg, key, value)

@@ -80,6 +80,7 @@ class ServeConfig:
     hot_bytes: int = 1 << 30
     fault_timeout: float = 10.0
     source_timeout: float = 5.0
+    readahead: int = 8
     pxe: PxeConfig | None = None  # serve --pxe: TFTP and HTTP boot in the same loop
 
 
@@ -584,8 +585,10 @@ def open_node(config: ServeConfig) -> Node | None:
     if config.store is None:
         return None
     store = Store(config.store, size_limit=config.store_size)
-    return Node(store, hot_bytes=config.hot_bytes, fault_timeout=config.fault_timeout,
+    node = Node(store, hot_bytes=config.hot_bytes, fault_timeout=config.fault_timeout,
                 source_timeout=config.source_timeout)
+    node.cache.seq_ahead = max(0, config.readahead)
+    return node
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -379,6 +379,38 @@ def test_fifteen_cold_readers_fetch_each_chunk_once(
     assert s.get("fault_errors", 0) == 0
 
 
+def test_sequential_misses_fault_the_next_chunks_ahead(
+    server_factory: ServerFactory, upstream: Callable[..., Upstream], img32: Image,
+    tmp_path: Path,
+) -> None:
+    """A first boot has no boot profile: a miss right after a present chunk (a reader going
+    forward) faults the next ``--readahead`` chunks too, so they cross the WAN in one round
+    trip; a lone miss (random access) faults only itself; ``--readahead 0`` turns it off."""
+    up = upstream(img32.path)
+    start = 16 * CHUNK  # MiB 1: data (MiB 0, 4, 8, ... are holes)
+    far = 13 * MiB + 5 * CHUNK
+    for ahead, store in ((4, tmp_path / "s4"), (0, tmp_path / "s0")):
+        srv = server_factory(*store_args(store, "--export", f"lab@1={up.uri}",
+                                         "--readahead", str(ahead)))
+        before = len(up.reads())
+
+        async def main(port: int = srv.port) -> None:
+            # chunk 16 (a lone miss), then chunk 17: a sequential miss
+            assert await _read(port, "lab@1", start, 4096) == img32.read(start, 4096)
+            assert await _read(port, "lab@1", start + CHUNK, 4096) == img32.read(start + CHUNK,
+                                                                                 4096)
+            assert await _read(port, "lab@1", far, 4096) == img32.read(far, 4096)
+
+        asyncio.run(main())
+        assert srv.stop() == 0
+        up.wait_idle()
+        fetched = {o // CHUNK for o, _ in up.reads()[before:]}
+        want = {16, 17, far // CHUNK} | set(range(18, 18 + ahead))
+        assert fetched == want, (ahead, sorted(fetched))
+        assert stats(store).get("prefetched", 0) == ahead
+        assert verify(store).startswith("OK")
+
+
 # ------------------------------------------------------------------ 2. warm passes, restart
 
 
