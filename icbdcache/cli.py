@@ -100,8 +100,8 @@ def _serve_parser(sub: Any) -> None:
     g.add_argument("--source-timeout", type=float, metavar="SECONDS", default=None,
                    help="per request to a source (default 5)")
     g.add_argument("--readahead", type=int, metavar="CHUNKS", default=None,
-                   help="chunks faulted ahead of a sequential miss that no boot profile "
-                        "foresees (default 8; 0 turns it off; docs/store.md)")
+                   help="chunks faulted ahead of a sequential miss (a first boot has no boot "
+                        "profile yet; default 8, 0 turns it off; docs/store.md)")
     pxecli.add_serve_args(p)
     _verbosity(p)
 
