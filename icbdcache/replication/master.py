@@ -1,0 +1,583 @@
+"""``icbd-cache master``: the HTTP API v1 of docs/replication.md over the master's store and
+registry (aiohttp).
+
+Replica-facing: catalog, watch (long poll), manifests, chunk streams, boot files, register and
+keep-alive. Admin: status (the holistic view), ls, subscribe, unsubscribe, retire. Credentials
+are checked by one middleware (:mod:`icbdcache.replication.auth`); every error is JSON
+``{"error": "..."}``.
+
+Chunk streams read each slice of a request from LMDB in one read transaction (chunks copied out
+before it ends) and encode/compress it in a worker thread while the previous slice is being
+sent, so a response holds at most two slices (:data:`SLICE_CHUNKS` chunks each) in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from aiohttp import web
+
+from icbdcache.log import kv
+from icbdcache.replication import wire
+from icbdcache.replication.auth import (
+    Auth,
+    load_admin_tokens,
+    load_site_tokens,
+    server_ssl_context,
+)
+from icbdcache.replication.publish import manifest_digest
+from icbdcache.replication.registry.base import (
+    Registry,
+    RegistryError,
+    SiteRecord,
+    VersionRecord,
+    open_registry,
+)
+from icbdcache.store import Store, StoreError, version_key
+from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
+
+log = logging.getLogger("icbdcache.master")
+
+#: Default port of the master's HTTP API.
+DEFAULT_MASTER_PORT = 10810
+#: Chunks read, encoded and sent as one piece of a chunk stream (4 MiB of 64 KiB chunks).
+SLICE_CHUNKS = 64
+#: Bounds of ``/v1/watch``'s ``timeout`` (seconds) and its default.
+WATCH_MIN, WATCH_MAX, WATCH_DEFAULT = 1.0, 60.0, 30.0
+#: Seconds between flushes of the master's counters into the store's ``stats``.
+STATS_FLUSH = 5.0
+#: Keys of :class:`Master`'s counters (``admin status`` ``master``; in the store's stats
+#: with the prefix ``master_``).
+COUNTERS = ("chunk_requests", "chunks_sent", "chunks_missing", "raw_bytes", "wire_bytes",
+            "manifests")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _bad_name(name: str) -> str | None:
+    """Why ``name`` cannot be a site, iMI or version name, or None."""
+    if not name:
+        return "empty name"
+    if any(c in "@/?" or c.isspace() for c in name):
+        return f"name {name!r} may not contain '@', '/', '?' or whitespace"
+    return None
+
+
+def latest_versions(records: list[VersionRecord]) -> dict[str, VersionRecord]:
+    """Each iMI's latest version: its most recently published record (registry order, oldest
+    first) that is not retired."""
+    out: dict[str, VersionRecord] = {}
+    for r in records:
+        if not r.retired:
+            cur = out.get(r.imi)
+            if cur is None or r.published >= cur.published:
+                out[r.imi] = r
+    return out
+
+
+def site_view(site: SiteRecord, latest: dict[str, VersionRecord], now: float) -> dict[str, Any]:
+    """One site of ``admin status``: its record, ``age`` (seconds since its last keep-alive,
+    None if never), ``state`` (``down`` when not up) and ``lag`` per subscribed iMI."""
+    report = site.report or {}
+    reported = report.get("versions")
+    versions: dict[str, Any] = reported if isinstance(reported, dict) else {}
+    lag: dict[str, Any] = {}
+    for imi in site.subscriptions:
+        rec = latest.get(imi)
+        if rec is None:
+            lag[imi] = {"latest": None, "complete": True, "behind_bytes": 0}
+            continue
+        held = versions.get(rec.key)
+        if isinstance(held, dict):
+            complete = bool(held.get("complete"))
+            behind = 0 if complete else max(0, int(held.get("need", 0)) - int(held.get("held", 0)))
+        else:
+            complete, behind = False, rec.distinct_bytes
+        lag[imi] = {"latest": rec.key, "complete": complete, "behind_bytes": behind}
+    return {
+        "name": site.name, "address": site.address or str(report.get("address") or ""),
+        "up": site.up, "last_seen": site.last_seen or None,
+        "age": round(now - site.last_seen, 3) if site.last_seen else None,
+        "state": str(report.get("state") or "registered") if site.up else "down",
+        "error": report.get("error"), "pulling": report.get("pulling"),
+        "behind_bytes": report.get("behind_bytes"),
+        "subscriptions": list(site.subscriptions), "versions": versions, "lag": lag,
+    }
+
+
+@dataclass
+class MasterConfig:
+    """Settings of ``icbd-cache master`` (times in seconds)."""
+
+    store: str
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_MASTER_PORT
+    registry: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    client_ca: str | None = None
+    token_file: str | None = None
+    admin_token_file: str | None = None
+    down_after: float = 30.0
+    keepalive_interval: float = 5.0
+
+
+class Master:
+    """The API over ``store`` and ``registry``. ``keepalive_interval``: seconds between
+    keep-alives asked of replicas."""
+
+    def __init__(self, store: Store, registry: Registry, auth: Auth | None = None, *,
+                 keepalive_interval: float = 5.0) -> None:
+        self.store = store
+        self.registry = registry
+        self.auth = auth or Auth()
+        self.keepalive_interval = keepalive_interval
+        self.counters: Counter[str] = Counter()
+        self._unflushed: Counter[str] = Counter()
+        self._closing = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+        self._unflushed[name] += n
+
+    # ------------------------------------------------------------------ app
+
+    def app(self) -> web.Application:
+        """The aiohttp application (routes, middlewares, background tasks)."""
+        app = web.Application(middlewares=[self._errors, self._check_auth])
+        p = wire.API
+        app.router.add_get(f"{p}/catalog", self.catalog)
+        app.router.add_get(f"{p}/watch", self.watch)
+        app.router.add_get(p + "/manifest/{imi}/{version}", self.manifest)
+        app.router.add_post(f"{p}/chunks", self.chunks)
+        app.router.add_get(p + "/boot/{imi}/{version}/{which}", self.boot)
+        app.router.add_post(p + "/sites/{site}/register", self.register)
+        app.router.add_post(p + "/sites/{site}/keepalive", self.keepalive)
+        app.router.add_get(f"{p}/admin/status", self.admin_status)
+        app.router.add_get(f"{p}/admin/ls", self.admin_ls)
+        app.router.add_post(f"{p}/admin/subscribe", self.admin_subscribe)
+        app.router.add_post(f"{p}/admin/unsubscribe", self.admin_unsubscribe)
+        app.router.add_post(f"{p}/admin/retire", self.admin_retire)
+        app.on_startup.append(self._start)
+        app.on_shutdown.append(self._shutdown)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        self._tasks = [asyncio.create_task(self._flush_loop()),
+                       asyncio.create_task(self._watch_sites())]
+
+    async def _shutdown(self, app: web.Application) -> None:
+        self._closing.set()  # pending long polls answer now
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.flush_stats()
+
+    async def flush_stats(self) -> None:
+        """Add the counters not yet written to the store's ``stats`` (``master_NAME``)."""
+        delta = {f"master_{k}": v for k, v in self._unflushed.items() if v}
+        self._unflushed.clear()
+        if delta:
+            try:
+                await asyncio.to_thread(self.store.write_batch, stats=delta)
+            except StoreError as e:
+                log.warning(kv(event="stats_flush", error=e))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_FLUSH)
+            await self.flush_stats()
+
+    async def _watch_sites(self) -> None:
+        """Log each site going down or coming back (the registry computes ``up``)."""
+        was: dict[str, bool] = {}
+        while True:
+            await asyncio.sleep(max(0.5, min(5.0, self.registry.down_after / 2)))
+            try:
+                sites = await self.registry.sites()
+            except RegistryError as e:
+                log.warning(kv(event="registry", error=e))
+                continue
+            for s in sites:
+                if s.name in was and was[s.name] != s.up:
+                    (log.info if s.up else log.warning)(
+                        kv(event="site_up" if s.up else "site_down", site=s.name,
+                           last_seen=round(s.last_seen, 3)))
+                was[s.name] = s.up
+
+    # ------------------------------------------------------------------ middlewares
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            resp = _error(e.status, e.reason)
+        except RegistryError as e:
+            log.error(kv(event="registry", path=request.path, error=e))
+            resp = _error(503, f"registry: {e}")
+        except StoreError as e:
+            log.error(kv(event="store", path=request.path, error=e))
+            resp = _error(500, f"store: {e}")
+        log.debug(kv(request=request.method, path=request.path, status=resp.status,
+                     peer=request.remote))
+        return resp
+
+    @web.middleware
+    async def _check_auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        auth_header = request.headers.get("Authorization")
+        if request.path.startswith(f"{wire.API}/admin/"):
+            refused = self.auth.check_admin(auth_header, request.remote)
+            if refused is not None:
+                return _error(*refused)
+        else:
+            transport = request.transport
+            cert = transport.get_extra_info("peercert") if transport is not None else None
+            why = self.auth.check_replica(auth_header, bool(cert),
+                                          request.match_info.get("site"))
+            if why is not None:
+                log.info(kv(event="refused", path=request.path, peer=request.remote, why=why))
+                return _error(401, why)
+        return await handler(request)
+
+    # ------------------------------------------------------------------ catalog
+
+    async def catalog_body(self) -> dict[str, Any]:
+        """``{"generation", "versions"}``. The generation is read first: a change between the
+        two reads shows up again at the next watch, never gets lost."""
+        generation = await self.registry.generation()
+        versions = await self.registry.versions()
+        return {"generation": generation, "versions": [asdict(r) for r in versions]}
+
+    async def catalog(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.catalog_body())
+
+    async def watch(self, request: web.Request) -> web.Response:
+        try:
+            since = int(request.query.get("since", "-1"))
+            timeout = float(request.query.get("timeout", WATCH_DEFAULT))
+        except ValueError:
+            return _error(400, "since must be an integer and timeout a number of seconds")
+        timeout = min(WATCH_MAX, max(WATCH_MIN, timeout))
+        waiter = asyncio.create_task(self.registry.wait_change(since, timeout))
+        closing = asyncio.create_task(self._closing.wait())
+        try:
+            await asyncio.wait({waiter, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (waiter, closing):
+                if not t.done():
+                    t.cancel()
+        if waiter.done() and not waiter.cancelled():
+            waiter.result()  # a RegistryError goes to the error middleware
+        return web.json_response(await self.catalog_body())
+
+    async def _published(self, imi: str, version: str) -> VersionRecord | None:
+        """The registry's record of a version that is offered (not retired), or None."""
+        for r in await self.registry.versions(imi):
+            if r.version == version and not r.retired:
+                return r
+        return None
+
+    # ------------------------------------------------------------------ manifests, chunks
+
+    async def manifest(self, request: web.Request) -> web.Response:
+        imi, version = request.match_info["imi"], request.match_info["version"]
+        key = version_key(imi, version)
+        if await self._published(imi, version) is None:
+            return _error(404, f"{key} is not published (or retired)")
+        meta = self.store.version(key)
+        if meta is None:
+            return _error(404, f"{key} is not in this master's store")
+        body = bytes(await asyncio.to_thread(self.store.chunk_map, key))
+        self.count("manifests")
+        return web.Response(body=body, content_type=wire.CONTENT_TYPE, headers={
+            "X-Icbd-Size": str(meta.size), "X-Icbd-Chunk-Size": str(meta.chunk_size),
+            "X-Icbd-Manifest": manifest_digest(body)})
+
+    def _read_slice(self, digests: list[bytes], enc: wire.ChunkStreamEncoder,
+                    last: bool) -> tuple[bytes, int]:
+        """(encoded frames, missing count) of one slice: read in one LMDB read transaction,
+        copied out before it ends, then encoded (compressed). Runs in a worker thread."""
+        store = self.store
+        with store.env.begin(db=store.db["chunks"], buffers=True) as txn:
+            datas = []
+            for d in digests:
+                buf = txn.get(d)
+                datas.append(bytes(buf) if buf is not None else None)
+        out = bytearray()
+        for j, (d, data) in enumerate(zip(digests, datas, strict=True)):
+            out += enc.frame(d, data, flush=j == len(digests) - 1)
+        if last:
+            out += enc.end()
+        return bytes(out), sum(1 for x in datas if x is None)
+
+    async def chunks(self, request: web.Request) -> web.StreamResponse:
+        level: int | None = None
+        if "zstd" in request.query:
+            text = request.query["zstd"]
+            if not text.isdigit() or not 1 <= int(text) <= 19:
+                return _error(400, f"zstd level {text!r} is not 1 to 19")
+            level = int(text)
+        body = await request.read()
+        if body and len(body) % DIGEST_SIZE == 0 and len(body) // DIGEST_SIZE > wire.MAX_BATCH:
+            return _error(413, f"{len(body) // DIGEST_SIZE} digests in one request "
+                               f"(at most {wire.MAX_BATCH})")
+        try:
+            digests = wire.parse_digests(body)
+        except wire.WireError as e:
+            return _error(400, str(e))
+        resp = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE})
+        if level is not None:
+            resp.headers[wire.ENCODING_HEADER] = "zstd"
+        await resp.prepare(request)
+        self.count("chunk_requests")
+        enc = wire.ChunkStreamEncoder(level)
+        slices = [digests[i : i + SLICE_CHUNKS] for i in range(0, len(digests), SLICE_CHUNKS)]
+        loop = asyncio.get_running_loop()
+
+        def start(i: int) -> asyncio.Future[tuple[bytes, int]]:
+            return loop.run_in_executor(None, self._read_slice, slices[i], enc,
+                                        i == len(slices) - 1)
+
+        fut = start(0)
+        wire_bytes = missing = 0
+        try:
+            for i in range(len(slices)):
+                out, miss = await fut
+                missing += miss
+                if i + 1 < len(slices):
+                    fut = start(i + 1)  # read and compress the next slice while this one goes
+                await resp.write(out)
+                wire_bytes += len(out)
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            fut.cancel()
+            raise
+        finally:
+            self.count("wire_bytes", wire_bytes)
+            self.count("raw_bytes", enc.raw_bytes)
+            self.count("chunks_missing", missing)
+            self.count("chunks_sent", len(digests) - missing)
+        return resp
+
+    async def boot(self, request: web.Request) -> web.StreamResponse:
+        from pxe import bootfiles
+
+        imi, version = request.match_info["imi"], request.match_info["version"]
+        which = request.match_info["which"]
+        if which not in ("kernel", "initrd"):
+            return _error(404, f"no boot file {which!r} (kernel or initrd)")
+        key = version_key(imi, version)
+        meta = self.store.version(key)
+        if meta is None or await self._published(imi, version) is None:
+            return _error(404, f"{key} is not published (or retired)")
+        kept = bootfiles.kept(self.store, meta)
+        if kept is None:
+            return _error(404, f"{key} has no kernel and initrd kept")
+        path = kept.kernel if which == "kernel" else kept.initrd
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+    # ------------------------------------------------------------------ sites
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(reason="the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(reason="the body is not a JSON object")
+        return body
+
+    async def _site_answer(self, site: str) -> dict[str, Any]:
+        rec = await self.registry.site(site)
+        return {"subscriptions": list(rec.subscriptions) if rec else [],
+                "interval": self.keepalive_interval,
+                "generation": await self.registry.generation()}
+
+    async def register(self, request: web.Request) -> web.Response:
+        site = request.match_info["site"]
+        body = await self._json(request)
+        address, subscribe = body.get("address", ""), body.get("subscribe", [])
+        bad = _bad_name(site)
+        if bad is None and not isinstance(address, str):
+            bad = "address must be a string (HOST:PORT or empty)"
+        if bad is None and not (isinstance(subscribe, list)
+                                and all(isinstance(x, str) for x in subscribe)):
+            bad = "subscribe must be a list of iMI names"
+        if bad is None:
+            bad = next((m for m in map(_bad_name, subscribe) if m), None)
+        if bad is not None:
+            return _error(400, bad)
+        await self.registry.register(site, address)
+        for imi in subscribe:
+            await self.registry.subscribe(site, imi)
+        log.info(kv(event="register", site=site, address=address or "-", peer=request.remote,
+                    subscribe=",".join(subscribe) or "-"))
+        return web.json_response(await self._site_answer(site))
+
+    async def keepalive(self, request: web.Request) -> web.Response:
+        site = request.match_info["site"]
+        bad = _bad_name(site)
+        if bad is not None:
+            return _error(400, bad)
+        report = await self._json(request)
+        await self.registry.keepalive(site, report)
+        return web.json_response(await self._site_answer(site))
+
+    # ------------------------------------------------------------------ admin
+
+    async def status_body(self) -> dict[str, Any]:
+        """The body of ``GET /v1/admin/status`` (docs/replication.md)."""
+        generation = await self.registry.generation()
+        records = await self.registry.versions()
+        latest = latest_versions(records)
+        now = time.time()
+        sites = [site_view(s, latest, now) for s in await self.registry.sites()]
+        imis: dict[str, Any] = {}
+        for r in records:
+            entry = imis.setdefault(r.imi, {"latest": None, "versions": []})
+            if not r.retired:
+                entry["versions"].append(r.version)
+        for imi, rec in latest.items():
+            imis[imi]["latest"] = rec.version
+        return {"generation": generation, "down_after": self.registry.down_after,
+                "sites": sites, "imis": imis,
+                "master": {k: self.counters.get(k, 0) for k in COUNTERS}}
+
+    async def admin_status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.status_body())
+
+    async def admin_ls(self, request: web.Request) -> web.Response:
+        generation = await self.registry.generation()
+        records = await self.registry.versions()
+        latest = latest_versions(records)
+        imis: dict[str, Any] = {}
+        for r in records:
+            entry = imis.setdefault(r.imi, {"latest": None, "distinct_bytes": 0,
+                                            "versions": []})
+            entry["versions"].append(asdict(r))
+        for imi, entry in imis.items():
+            rec = latest.get(imi)
+            entry["latest"] = rec.version if rec else None
+            entry["distinct_bytes"] = await asyncio.to_thread(self._distinct_of, imi)
+        return web.json_response({"generation": generation, "imis": imis})
+
+    def _distinct_of(self, imi: str) -> int:
+        """Bytes of the distinct non-zero chunks of every version of ``imi`` in the store
+        (what the master holds for it, shared chunks counted once)."""
+        seen: dict[bytes, int] = {}
+        for m in self.store.versions():
+            if m.imi != imi:
+                continue
+            blob = self.store.chunk_map(m.key)
+            for i in range(m.chunks):
+                d = bytes(blob[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
+                if d not in seen and d not in (ZERO, UNKNOWN):
+                    seen[d] = min(m.chunk_size, m.size - i * m.chunk_size)
+        return sum(seen.values())
+
+    async def _site_imi(self, request: web.Request) -> tuple[str, str]:
+        body = await self._json(request)
+        site, imi = body.get("site"), body.get("imi")
+        if not isinstance(site, str) or not isinstance(imi, str):
+            raise web.HTTPBadRequest(reason='the body must be {"site": NAME, "imi": NAME}')
+        bad = _bad_name(site) or _bad_name(imi)
+        if bad is not None:
+            raise web.HTTPBadRequest(reason=bad)
+        return site, imi
+
+    async def admin_subscribe(self, request: web.Request) -> web.Response:
+        site, imi = await self._site_imi(request)
+        await self.registry.subscribe(site, imi)
+        log.info(kv(event="subscribe", site=site, imi=imi))
+        rec = await self.registry.site(site)
+        return web.json_response({"site": site,
+                                  "subscriptions": rec.subscriptions if rec else []})
+
+    async def admin_unsubscribe(self, request: web.Request) -> web.Response:
+        site, imi = await self._site_imi(request)
+        await self.registry.unsubscribe(site, imi)
+        log.info(kv(event="unsubscribe", site=site, imi=imi))
+        rec = await self.registry.site(site)
+        return web.json_response({"site": site,
+                                  "subscriptions": rec.subscriptions if rec else []})
+
+    async def admin_retire(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        imi, version = body.get("imi"), body.get("version")
+        if not isinstance(imi, str) or not isinstance(version, str):
+            return _error(400, 'the body must be {"imi": NAME, "version": NAME}')
+        key = version_key(imi, version)
+        if not any(r.version == version for r in await self.registry.versions(imi)):
+            return _error(404, f"unknown version {key}")
+        await self.registry.retire(imi, version)
+        log.info(kv(event="retire", version=key))
+        return web.json_response({"retired": key})
+
+
+# ---------------------------------------------------------------------------- runner
+
+
+def build_auth(cfg: MasterConfig) -> Auth:
+    """The credentials ``cfg`` names, loaded. Raises AuthConfigError naming the file."""
+    return Auth(site_tokens=load_site_tokens(cfg.token_file) if cfg.token_file else {},
+                client_ca=bool(cfg.client_ca),
+                admin_tokens=load_admin_tokens(cfg.admin_token_file)
+                if cfg.admin_token_file else set())
+
+
+async def serve(cfg: MasterConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the master until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
+    Raises AuthConfigError, StoreError, ValueError (registry spec) or OSError (bind) at
+    startup."""
+    auth = build_auth(cfg)
+    ssl_ctx = (server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.client_ca)
+               if cfg.tls_cert and cfg.tls_key else None)
+    store = Store(cfg.store)
+    registry: Registry | None = None
+    runner: web.AppRunner | None = None
+    try:
+        registry = open_registry(cfg.registry, store=store, down_after=cfg.down_after)
+        master = Master(store, registry, auth, keepalive_interval=cfg.keepalive_interval)
+        runner = web.AppRunner(master.app(), access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)
+        await site.start()
+        loop = asyncio.get_running_loop()
+        if stop is None:
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+        log.info(kv(event="listening", address=f"{cfg.host}:{cfg.port}",
+                    tls="yes" if ssl_ctx else "no", registry=cfg.registry or "embedded",
+                    tokens=len(auth.site_tokens), client_ca=cfg.client_ca or "-",
+                    admin_tokens=len(auth.admin_tokens)))
+        await stop.wait()
+        log.info(kv(event="stopping"))
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if registry is not None:
+            await registry.close()
+        store.close()
+
+
+__all__ = ["DEFAULT_MASTER_PORT", "Master", "MasterConfig", "latest_versions", "serve",
+           "site_view"]

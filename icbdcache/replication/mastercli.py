@@ -1,0 +1,417 @@
+"""Master commands of the CLI: ``master``, ``publish``, and ``admin`` (a client of the admin
+API, docs/replication.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import sys
+import textwrap
+import time
+from typing import Any
+
+from icbdcache.replication.auth import AuthConfigError, client_ssl_context, read_token
+from icbdcache.replication.master import DEFAULT_MASTER_PORT, MasterConfig
+
+DEFAULT_MASTER_URL = os.environ.get("ICBD_MASTER", f"http://127.0.0.1:{DEFAULT_MASTER_PORT}")
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` (port 10810) or ``:PORT``. Raises
+    argparse.ArgumentTypeError."""
+    from icbdcache.server import parse_listen
+
+    bare = not text.startswith("[") and ":" not in text
+    bare = bare or (text.startswith("[") and text.endswith("]"))
+    try:
+        return parse_listen(f"{text}:{DEFAULT_MASTER_PORT}" if bare else text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return v
+
+
+# ---------------------------------------------------------------------------- master
+
+
+def cmd_master(args: argparse.Namespace) -> int:
+    from icbdcache.replication import master
+    from icbdcache.server import new_event_loop
+    from icbdcache.store import StoreError
+
+    host, port = args.listen
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("icbd-cache master: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.client_ca and not args.tls_cert:
+        print("icbd-cache master: --client-ca needs --tls-cert and --tls-key (client "
+              "certificates come over TLS)", file=sys.stderr)
+        return 2
+    for opt, f in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                   ("--client-ca", args.client_ca), ("--token-file", args.token_file),
+                   ("--admin-token-file", args.admin_token_file)):
+        if f is not None and not os.path.isfile(f):
+            print(f"icbd-cache master: {opt} {f}: no such file", file=sys.stderr)
+            return 2
+    cfg = MasterConfig(store=args.store, host=host, port=port, registry=args.registry,
+                       tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
+                       token_file=args.token_file, admin_token_file=args.admin_token_file,
+                       down_after=args.down_after, keepalive_interval=args.keepalive_interval)
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(master.serve(cfg))
+    except (AuthConfigError, StoreError, ValueError, OSError) as e:
+        print(f"icbd-cache master: {e}", file=sys.stderr)
+        return 2
+    finally:
+        loop.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------- publish
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from icbdcache.replication.publish import PublishError, publish
+    from icbdcache.replication.registry.base import RegistryError, open_registry
+    from icbdcache.store import Store, StoreError
+    from icbdcache.storecli import _keep_boot_files, _progress, check_name
+
+    problems = [m for m in (check_name("--imi", args.imi),
+                            None if args.version is None else check_name("--version",
+                                                                         args.version))
+                if m is not None]
+    if bool(args.kernel) != bool(args.initrd):
+        problems.append("--kernel and --initrd go together")
+    for opt, f in (("--kernel", args.kernel), ("--initrd", args.initrd), ("FILE", args.file)):
+        if f is not None and not os.path.isfile(f) and not (
+                opt == "FILE" and os.path.exists(f) and not os.path.isdir(f)):
+            problems.append(f"{opt} {f}: no such file")
+    if problems:
+        for m in problems:
+            print(f"icbd-cache publish: {m}", file=sys.stderr)
+        return 2
+    try:
+        store = Store(args.store)
+    except StoreError as e:
+        print(f"icbd-cache publish: {e}", file=sys.stderr)
+        return 2
+
+    def keep_boot(meta: Any, image: str) -> None:
+        _keep_boot_files(store, meta, image, quiet=args.quiet, command="publish")
+
+    async def run() -> int:
+        registry = open_registry(args.registry, store=store)
+        try:
+            size = os.path.getsize(args.file) if os.path.isfile(args.file) else 0
+            with _progress(size, f"publish {args.imi}") as bar:
+                done = await publish(store, registry, args.file, args.imi, args.version,
+                                     master_url=args.master_url or "", kernel=args.kernel,
+                                     initrd=args.initrd,
+                                     progress=None if bar.disable else bar.update,
+                                     keep_boot=keep_boot)
+        finally:
+            await registry.close()
+        r = done.record
+        if not args.quiet:
+            print(f"published {r.key}: {r.size} bytes, {done.chunks} chunks, "
+                  f"{r.distinct_bytes} bytes of distinct non-zero chunks, {done.added} bytes "
+                  f"added to the store, manifest {r.manifest}, {done.seconds:.1f} s")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except (PublishError, RegistryError, StoreError, OSError, ValueError) as e:
+        print(f"icbd-cache publish: {e}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------- admin
+
+
+class AdminError(Exception):
+    """The admin request failed (the master's message, or why it could not be reached)."""
+
+
+async def admin_request(url: str, method: str, path: str, body: Any = None, *,
+                        token: str | None = None, ssl_ctx: ssl.SSLContext | None = None,
+                        timeout: float = 30.0) -> Any:
+    """One admin API call: ``method`` on ``url`` + ``/v1/admin/`` + ``path`` with a JSON
+    ``body``; returns the decoded JSON answer. Raises AdminError with the master's error
+    message (and HTTP status) or the connection problem."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    full = f"{url.rstrip('/')}/v1/admin/{path}"
+    try:
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout)) as session, \
+                session.request(method, full, json=body, headers=headers,
+                                ssl=ssl_ctx if ssl_ctx is not None else True) as resp:
+            try:
+                answer = await resp.json(content_type=None)
+            except ValueError:
+                answer = None
+            if resp.status >= 400:
+                msg = answer.get("error") if isinstance(answer, dict) else None
+                raise AdminError(f"{resp.status} {msg or resp.reason}")
+            return answer
+    except aiohttp.ClientConnectorCertificateError as e:
+        raise AdminError(f"cannot verify the master's certificate at {url}: "
+                         f"{e.certificate_error}") from e
+    except (aiohttp.ClientError, OSError) as e:
+        raise AdminError(f"cannot reach the master at {url}: {e}") from e
+    except TimeoutError as e:
+        raise AdminError(f"no answer from the master at {url} within {timeout} s") from e
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f}MiB"
+
+
+def status_table(status: dict[str, Any]) -> str:
+    """The ``admin status`` table: one line per site (name, UP/DOWN, age of its last
+    keep-alive, state, versions held complete, lag per subscribed iMI), then the iMIs."""
+    rows = [("SITE", "UP", "SEEN", "STATE", "ADDRESS", "HELD", "LAG")]
+    for s in status.get("sites", []):
+        held = sorted(k for k, v in (s.get("versions") or {}).items()
+                      if isinstance(v, dict) and v.get("complete"))
+        lag = []
+        for imi, entry in sorted((s.get("lag") or {}).items()):
+            if entry.get("latest") is None:
+                lag.append(f"{imi}:-")
+            elif entry.get("complete"):
+                lag.append(f"{imi}:ok")
+            else:
+                lag.append(f"{entry['latest']}:-{_mib(int(entry.get('behind_bytes') or 0))}")
+        rows.append((s["name"], "up" if s.get("up") else "DOWN", _age(s.get("age")),
+                     str(s.get("state") or "-"), s.get("address") or "-",
+                     ",".join(held) or "-", " ".join(lag) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    lines.append("")
+    lines.append(f"generation {status.get('generation')}, sites down after "
+                 f"{status.get('down_after')} s")
+    for imi, info in sorted((status.get("imis") or {}).items()):
+        lines.append(f"{imi}: latest {info.get('latest') or '-'}, versions "
+                     f"{', '.join(info.get('versions') or []) or '-'}")
+    return "\n".join(lines)
+
+
+def ls_table(listing: dict[str, Any]) -> str:
+    """The ``admin ls`` table: one line per published version."""
+    rows = [("IMI", "VERSION", "SIZE", "DISTINCT", "PUBLISHED", "STATE")]
+    for imi, info in sorted((listing.get("imis") or {}).items()):
+        for v in info.get("versions", []):
+            state = "retired" if v.get("retired") else (
+                "latest" if v.get("version") == info.get("latest") else "")
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.get("published") or 0))
+            rows.append((imi, str(v.get("version")), str(v.get("size")),
+                         str(v.get("distinct_bytes")), when, state))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from icbdcache.store import split_key
+
+    try:
+        token = read_token(args.admin_token_file) if args.admin_token_file else None
+        ssl_ctx = client_ssl_context(args.ca) if args.ca else None
+    except AuthConfigError as e:
+        print(f"icbd-cache admin: {e}", file=sys.stderr)
+        return 2
+    action = args.action
+    if action in ("ls", "status"):
+        method, path, body = "GET", action, None
+    elif action in ("subscribe", "unsubscribe"):
+        method, path, body = "POST", action, {"site": args.site, "imi": args.imi}
+    else:
+        imi, version = split_key(args.version)
+        if version is None:
+            print(f"icbd-cache admin retire: give IMI@VERSION, not {args.version!r}",
+                  file=sys.stderr)
+            return 2
+        method, path, body = "POST", "retire", {"imi": imi, "version": version}
+    try:
+        answer = asyncio.run(admin_request(args.master, method, path, body, token=token,
+                                           ssl_ctx=ssl_ctx))
+    except AdminError as e:
+        print(f"icbd-cache admin {action}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    elif action == "status":
+        print(status_table(answer))
+    elif action == "ls":
+        print(ls_table(answer))
+    elif action == "retire":
+        print(f"retired {answer.get('retired')}")
+    else:
+        print(f"{args.site}: subscriptions {', '.join(answer.get('subscriptions', [])) or '-'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parsers
+
+
+def _add_master(sub: Any, verbosity: Any) -> None:
+    from icbdcache.storecli import add_store_arg
+
+    p = sub.add_parser(
+        "master", help="run the master: the replication API over a store and its registry",
+        description=textwrap.fill(
+            "Serve the replication API v1 (docs/replication.md) over HTTP(S): the catalog of "
+            "published versions, manifests and chunk streams for replicas, their registration "
+            "and keep-alives, and the admin API. Versions are published into the same store "
+            "with 'icbd-cache publish', also while the master runs.", 78),
+        epilog="examples:\n"
+               "  icbd-cache master --store /srv/master\n"
+               "  icbd-cache master --store /srv/master --listen 0.0.0.0:10810 \\\n"
+               "      --tls-cert master.pem --tls-key master.key --client-ca sites-ca.pem \\\n"
+               "      --token-file /etc/icbd-cache/tokens --admin-token-file "
+               "/etc/icbd-cache/admin\n"
+               "token file: one 'SITE TOKEN' a line ('*' as SITE: any site), # comments",
+        formatter_class=_RAW)
+    add_store_arg(p)
+    p.add_argument("--listen", type=_listen, default=("0.0.0.0", DEFAULT_MASTER_PORT),
+                   metavar="HOST:PORT",
+                   help=f"address of the HTTP(S) API (default 0.0.0.0:{DEFAULT_MASTER_PORT})")
+    p.add_argument("--registry", default=None, metavar="SPEC",
+                   help="embedded (default: in the store) or etcd://HOST:PORT[,...][/PREFIX]")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain): serve HTTPS")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--client-ca", metavar="FILE",
+                   help="accept replicas with a client certificate signed by this CA")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="replica tokens, 'SITE TOKEN' a line; with it (or --client-ca) "
+                        "replicas must authenticate")
+    p.add_argument("--admin-token-file", metavar="FILE",
+                   help="admin tokens, one a line; without it the admin API answers loopback "
+                        "only")
+    p.add_argument("--down-after", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="a site without a keep-alive this long is shown down (default 30)")
+    p.add_argument("--keepalive-interval", type=_seconds, default=5.0, metavar="SECONDS",
+                   help="keep-alive interval asked of replicas (default 5)")
+    verbosity(p)
+
+
+def _add_publish(sub: Any, verbosity: Any) -> None:
+    from icbdcache.storecli import add_store_arg
+
+    p = sub.add_parser(
+        "publish", help="publish an image file as a new iMI version of the master",
+        description=textwrap.fill(
+            "Read FILE (a raw image, ideally a read-only snapshot) once, copy its non-zero "
+            "chunks into the master's store, pin the version, keep its kernel and initrd, and "
+            "record it in the registry, where replicas see it. A published version never "
+            "changes. Run fstrim on the image's file system first: freed blocks then cost "
+            "nothing to send.", 78),
+        epilog="examples:\n"
+               "  icbd-cache publish /snap/lab-8.img --imi lab --store /srv/master\n"
+               "  icbd-cache publish lab.img --imi lab --version 8 --store /srv/master \\\n"
+               "      --master-url https://master:10810 --kernel vmlinuz --initrd initrd.img",
+        formatter_class=_RAW)
+    p.add_argument("file", help="the raw image (a read-only snapshot)")
+    p.add_argument("--imi", required=True, help="iMI name (no '@', '/', '?' or whitespace)")
+    p.add_argument("--version", help="version name (default: the next number)")
+    add_store_arg(p)
+    p.add_argument("--registry", default=None, metavar="SPEC",
+                   help="embedded (default: in the store) or etcd://HOST:PORT[,...][/PREFIX]")
+    p.add_argument("--master-url", metavar="URL",
+                   help="URL of the master serving this store (recorded with the version)")
+    p.add_argument("--kernel", metavar="FILE", help="the version's kernel (PXE)")
+    p.add_argument("--initrd", metavar="FILE", help="the version's initrd (PXE)")
+    verbosity(p)
+
+
+def _add_admin(sub: Any, verbosity: Any) -> None:
+    p = sub.add_parser(
+        "admin", help="the master's admin API: ls, status, subscribe, unsubscribe, retire",
+        description=textwrap.fill(
+            "Ask a running master (its admin API, docs/replication.md): 'status' shows every "
+            "site (up or DOWN, last keep-alive, state, versions held, lag per iMI), 'ls' the "
+            "published versions; subscribe/unsubscribe a site to an iMI; retire a version "
+            "(no longer offered to replicas).", 78),
+        epilog="examples:\n"
+               "  icbd-cache admin status\n"
+               "  icbd-cache admin --master https://master:10810 --ca ca.pem \\\n"
+               "      --admin-token-file admin.token status --json\n"
+               "  icbd-cache admin subscribe site-a lab\n"
+               "  icbd-cache admin retire lab@3",
+        formatter_class=_RAW)
+    _admin_options(p, None)
+    verbosity(p)
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = acts.add_parser("ls", help="published versions per iMI",
+                         epilog="example:\n  icbd-cache admin ls", formatter_class=_RAW)
+    st = acts.add_parser("status", help="every site: up/DOWN, last seen, state, held, lag",
+                         epilog="example:\n  icbd-cache admin status --json",
+                         formatter_class=_RAW)
+    actions = [ls, st]
+    for name, what in (("subscribe", "subscribe SITE to IMI (its new versions are pulled)"),
+                       ("unsubscribe", "drop the subscription of SITE to IMI")):
+        a = acts.add_parser(name, help=what, epilog=f"example:\n  icbd-cache admin {name} "
+                                                    "site-a lab", formatter_class=_RAW)
+        a.add_argument("site", help="site name")
+        a.add_argument("imi", help="iMI name")
+        actions.append(a)
+    a = acts.add_parser("retire", help="retire IMI@VERSION (no longer offered to replicas)",
+                        epilog="example:\n  icbd-cache admin retire lab@3", formatter_class=_RAW)
+    a.add_argument("version", help="IMI@VERSION")
+    actions.append(a)
+    for a in actions:  # the options also after the action: admin status --json
+        _admin_options(a, argparse.SUPPRESS)
+
+
+def _admin_options(p: argparse.ArgumentParser, suppress: str | None) -> None:
+    """The admin client's options; ``suppress`` (argparse.SUPPRESS) on an action's parser so
+    that an option given before the action is not reset by the action's defaults."""
+    def default(value: Any) -> Any:
+        return suppress if suppress is not None else value
+
+    p.add_argument("--master", default=default(DEFAULT_MASTER_URL), metavar="URL",
+                   help=f"the master's URL (default $ICBD_MASTER or {DEFAULT_MASTER_URL})")
+    p.add_argument("--admin-token-file", metavar="FILE", default=default(None),
+                   help="file holding the admin token (its first line's last word)")
+    p.add_argument("--ca", metavar="FILE", default=default(None),
+                   help="CA (PEM) that signed the master's certificate")
+    p.add_argument("--json", action="store_true", default=default(False),
+                   help="print the API's JSON answer")
+
+
+def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
+    """Add ``master``, ``publish`` and ``admin``; return their handlers by name."""
+    _add_master(sub, verbosity)
+    _add_publish(sub, verbosity)
+    _add_admin(sub, verbosity)
+    return {"master": cmd_master, "publish": cmd_publish, "admin": cmd_admin}
+
+
+__all__ = ["add_parsers", "admin_request", "ls_table", "status_table"]
