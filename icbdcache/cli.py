@@ -381,12 +381,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _demo_parser(sub)
     store_handlers = storecli.add_parsers(sub, _verbosity)
     pxe_handlers = pxecli.add_parsers(sub, _verbosity)
+    from icbdcache.replication import mastercli
+
+    master_handlers = mastercli.add_parsers(sub, _verbosity)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     logsetup.setup(-1 if args.quiet else args.verbose)
     handlers = {"serve": cmd_serve, "demo": cmd_demo, **store_handlers, **pxe_handlers}
+    handlers.update(master_handlers)
     return int(handlers[args.command](args))
 
 

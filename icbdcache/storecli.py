@@ -194,16 +194,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keep_boot_files(store: Store, meta: VersionMeta, image: str, *, quiet: bool) -> None:
-    """import's best effort for PXE: the --kernel/--initrd given, or those inside an ext4
-    image, copied to STORE/boot/IMI@VERSION (pxe.bootfiles). A failure is a warning."""
+def _keep_boot_files(store: Store, meta: VersionMeta, image: str, *, quiet: bool,
+                     command: str = "import") -> None:
+    """import's (and publish's) best effort for PXE: the --kernel/--initrd given, or those
+    inside an ext4 image, copied to STORE/boot/IMI@VERSION (pxe.bootfiles). A failure is a
+    warning naming ``icbd-cache COMMAND``."""
     from pxe import bootfiles
 
     try:
         bf = bootfiles.prepare_at_import(store, meta, image)
     except Exception as e:  # best effort: the version is imported whatever happens here
-        print(f"icbd-cache import: warning: {meta.key}: no kernel and initrd kept for PXE: {e}",
-              file=sys.stderr)
+        print(f"icbd-cache {command}: warning: {meta.key}: no kernel and initrd kept for PXE: "
+              f"{e}", file=sys.stderr)
         return
     if bf is not None and not quiet:
         print(f"boot files {bf.kernel.parent}/: {bf.kernel.name} {bf.kernel.stat().st_size} "
