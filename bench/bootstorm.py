@@ -82,6 +82,9 @@ UPSTREAM_SERVERS = frozenset({"icbd-cold", "icbd-warm", "nbdkit-cache"})
 #: The servers of ``--quick``.
 QUICK_SERVERS: tuple[str, ...] = ("icbd-cold", "icbd-warm", "nbdkit-cache")
 
+#: The servers of ``--quick --driver vm`` (2 guests at once, no baseline: about 2 minutes).
+QUICK_VM_SERVERS: tuple[str, ...] = ("icbd-cold",)
+
 #: The baseline of the "cache vs cache" ratio.
 CACHE_BASELINE = "nbdkit-cache"
 
@@ -125,9 +128,15 @@ def _int_list(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def _names(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+#: Short names ``--server`` also takes: ``icbd`` is icbd-cache cold, then warm.
+SERVER_ALIASES: dict[str, tuple[str, ...]] = {"icbd": ("icbd-cold", "icbd-warm")}
+
+
+def _names(choices: Sequence[str], what: str,
+           aliases: dict[str, tuple[str, ...]] | None = None) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
+        names = [m for n in text.split(",") if n.strip()
+                 for m in (aliases or {}).get(n.strip(), (n.strip(),))]
         bad = [n for n in names if n not in choices]
         if bad or not names:
             raise argparse.ArgumentTypeError(
@@ -185,8 +194,11 @@ def register(subparsers: Any) -> None:
                     "filter and qemu-nbd, over a shaped WAN and LAN.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--driver", choices=("trace", "vm"), default="trace",
-                   help="trace: replay a recorded boot (default); vm: real QEMU guests over "
-                        "PXE (not available yet)")
+                   help="trace: replay a recorded boot (default); vm: real QEMU guests "
+                        "PXE-booting the test iMI (bench/vmdriver.py)")
+    p.add_argument("--reps", type=int, default=1, metavar="N",
+                   help="repeat every (scenario, server) run N times; the report gives the "
+                        "median over repetitions and their spread (default 1)")
     p.add_argument("--clients", type=_int_list, metavar="N[,N...]",
                    help="clients per storm (default 15; --quick 5)")
     p.add_argument("--mode", type=_names(("simultaneous", "sequential"), "mode"),
@@ -196,7 +208,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sweep", type=_int_list, metavar="N,N,...",
                    help="run a storm of each client count (replaces --clients)")
     p.add_argument("--server", "--servers", dest="servers",
-                   type=_names(SERVER_NAMES, "server"), metavar="NAME[,NAME...]",
+                   type=_names(SERVER_NAMES, "server", SERVER_ALIASES),
+                   metavar="NAME[,NAME...]",
                    help=f"servers (default all: {','.join(SERVER_NAMES)}; --quick "
                         f"{','.join(QUICK_SERVERS)})")
     p.add_argument("--trace", type=Path, default=replay.DEFAULT_TRACE,
@@ -232,6 +245,15 @@ def register(subparsers: Any) -> None:
                    help="limit of one run's replay (default from the trace and client count)")
     p.add_argument("--icbd-args", default="",
                    help="extra arguments for 'icbd-cache serve', one shell-quoted string")
+    g = p.add_argument_group("vm driver")
+    g.add_argument("--vm-mem", type=int, default=320, metavar="MIB",
+                   help="RAM per guest, MiB (default %(default)s)")
+    g.add_argument("--vm-timeout", type=float, metavar="SECONDS",
+                   help="limit from a guest's start to its boot marker; a guest past it "
+                        "counts as not booted (default: 300 s under TCG, 120 s under KVM, "
+                        "times the guests per CPU in a simultaneous storm)")
+    g.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
+                   help="auto: KVM when usable (hardware VMX/SVM), else TCG (default)")
     p.add_argument("--out", type=Path,
                    help="output directory (default out/bench/bootstorm-YYYYmmdd-HHMMSS)")
     p.add_argument("--tmpdir", type=Path,
@@ -258,21 +280,28 @@ class Settings:
     out: Path
     tmpdir: Path | None
     sweep: bool
+    driver: str = "trace"
+    reps: int = 1
+    vm_mem: int = 320
+    vm_timeout: float | None = None
+    accel: str = "auto"
 
 
 def resolve(args: argparse.Namespace) -> Settings:
     """Turn parsed arguments into :class:`Settings`."""
     quick = bool(args.quick)
-    counts = args.sweep or args.clients or ([5] if quick else [15])
+    vm = getattr(args, "driver", "trace") == "vm"
+    counts = args.sweep or args.clients or ([2 if vm else 5] if quick else [15])
     scenarios: list[Scenario] = []
-    if not args.no_baseline:
+    if not args.no_baseline and not (vm and quick):
         scenarios.append(Scenario("simultaneous", 1))
     for mode in args.mode:
         for n in counts:
             sc = Scenario(mode, n)
             if all(s.key != sc.key for s in scenarios):
                 scenarios.append(sc)
-    names = args.servers or list(QUICK_SERVERS if quick else SERVER_NAMES)
+    names = args.servers or list((QUICK_VM_SERVERS if vm else QUICK_SERVERS) if quick
+                                 else SERVER_NAMES)
     names = sorted(names, key=SERVER_NAMES.index)
     out = args.out or Path("out/bench") / dt.datetime.now().strftime("bootstorm-%Y%m%d-%H%M%S")
     wan_rate, wan_delay = args.wan
@@ -283,7 +312,10 @@ def resolve(args: argparse.Namespace) -> Settings:
         shaping=netlab.Shaping(wan_rate, wan_delay, args.lan), net=args.net,
         timeout=args.timeout, wait_idle=args.wait_idle, wait_idle_max=args.wait_idle_max,
         icbd_args=shlex.split(args.icbd_args), out=out,
-        tmpdir=args.tmpdir, sweep=bool(args.sweep))
+        tmpdir=args.tmpdir, sweep=bool(args.sweep),
+        driver=getattr(args, "driver", "trace"), reps=max(1, getattr(args, "reps", 1)),
+        vm_mem=getattr(args, "vm_mem", 320), vm_timeout=getattr(args, "vm_timeout", None),
+        accel=getattr(args, "accel", "auto"))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -370,13 +402,14 @@ def spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = No
 
 
 def wait_ready(net: netlab.Network, role: str, host: str, port: int,
-               procs: Sequence[servers.RunningServer], timeout: float = 60.0) -> int:
-    """Wait until an NBD export ``img`` answers on ``host:port`` as seen from ``role``;
+               procs: Sequence[servers.RunningServer], timeout: float = 60.0,
+               export: str = EXPORT) -> int:
+    """Wait until NBD export ``export`` answers on ``host:port`` as seen from ``role``;
     return its size in bytes. Raises ServerError when a process in ``procs`` exits first or
     after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     probe = net.argv(role, [sys.executable, "-m", "bench.replay", "probe", host, str(port),
-                            EXPORT, "--timeout", "3"])
+                            export, "--timeout", "3"])
     last = ""
     while time.monotonic() < deadline:
         for p in procs:
@@ -387,7 +420,7 @@ def wait_ready(net: netlab.Network, role: str, host: str, port: int,
         if out.returncode == 0:
             return int(out.stdout.strip())
         last = out.stderr.strip()[-500:]
-    raise servers.ServerError(f"nothing served {host}:{port}/{EXPORT} within {timeout:.0f} s: "
+    raise servers.ServerError(f"nothing served {host}:{port}/{export} within {timeout:.0f} s: "
                               f"{last}")
 
 
@@ -455,14 +488,15 @@ def upstream(net: netlab.Network, nbdkit: str, image: Path, run_dir: Path,
 
 
 def server_argv(name: str, binary: str, image: Path, host: str, port: int,
-                up: tuple[str, int] | None, store: Path | None, extra: Sequence[str]
-                ) -> list[str]:
+                up: tuple[str, int] | None, store: Path | None, extra: Sequence[str],
+                export: str = EXPORT) -> list[str]:
     """The argv of server ``name`` listening on ``host:port`` (before the namespace prefix);
-    ``up`` is the upstream's (host, port), ``store`` icbd-cache's store directory."""
+    ``up`` is the upstream's (host, port), ``store`` icbd-cache's store directory, ``export``
+    the name clients ask for (nbdkit serves any name; the upstream's is always ``img``)."""
     if name in ("icbd-cold", "icbd-warm"):
         assert up is not None and store is not None
         return [binary, "serve", "--store", str(store), "--export",
-                f"{EXPORT}=nbd://{up[0]}:{up[1]}/{EXPORT}", "--listen", f"{host}:{port}",
+                f"{export}=nbd://{up[0]}:{up[1]}/{EXPORT}", "--listen", f"{host}:{port}",
                 *extra]
     if name == "nbdkit":
         return [binary, "-r", "-f", "-p", str(port), "-i", host, "--exit-with-parent",
@@ -473,7 +507,7 @@ def server_argv(name: str, binary: str, image: Path, host: str, port: int,
                 "--filter=cache", "nbd", f"hostname={up[0]}", f"port={up[1]}",
                 f"export={EXPORT}", "cache-on-read=true"]
     if name == "qemu-nbd":
-        return [binary, "-r", "-t", "-e", "0", "-x", EXPORT, "-p", str(port), "-b", host,
+        return [binary, "-r", "-t", "-e", "0", "-x", export, "-p", str(port), "-b", host,
                 "-f", "raw", str(image)]
     raise ValueError(f"unknown server {name!r}")
 
@@ -1209,12 +1243,14 @@ def _meta(s: Settings, ctx: Context, names: list[str], missing: dict[str, str],
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``icbd-bench bootstorm`` given parsed arguments; returns the exit
     status."""
-    if args.driver == "vm":
-        print("bootstorm: --driver vm (real QEMU guests booting over PXE) is not available "
-              "yet: it needs the PXE boot path that is still being built. Use --driver trace.",
-              file=sys.stderr)
-        return 2
     if args.requests is not None and args.requests < 1:
         print("bootstorm: --requests must be at least 1", file=sys.stderr)
         return 2
+    if args.reps < 1:
+        print("bootstorm: --reps must be at least 1", file=sys.stderr)
+        return 2
+    if args.driver == "vm":
+        from bench import vmdriver
+
+        return vmdriver.run(resolve(args))
     return run(resolve(args))
