@@ -60,26 +60,36 @@ class EtcdServer:
 
     @classmethod
     def start(cls, directory: Path, timeout: float = 30.0) -> EtcdServer:
-        binary = etcd_binary()
-        if binary is None:
-            raise EtcdMissing("etcd is not installed (Debian package etcd-server; "
-                              "scripts/setup installs it)")
         directory.mkdir(parents=True, exist_ok=True)
         client, peer = _free_port(), _free_port()
         while peer == client:
             peer = _free_port()
+        return cls._launch(directory, client, peer, timeout)
+
+    def restart(self, timeout: float = 30.0) -> EtcdServer:
+        """Stop it, then start it again on the same ports and data (a new object)."""
+        self.stop()
+        return self._launch(self.data_dir.parent, self.client_port, self.peer_port, timeout)
+
+    @classmethod
+    def _launch(cls, directory: Path, client: int, peer: int, timeout: float) -> EtcdServer:
+        binary = etcd_binary()
+        if binary is None:
+            raise EtcdMissing("etcd is not installed (Debian package etcd-server; "
+                              "scripts/setup installs it)")
         data = directory / "data"
         log_path = directory / "etcd.log"
         curl, purl = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+        state = "existing" if (data / "member").exists() else "new"
         cmd = [
             binary, "--name", "test", "--data-dir", str(data),
             "--listen-client-urls", curl, "--advertise-client-urls", curl,
             "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
-            "--initial-cluster", f"test={purl}", "--initial-cluster-state", "new",
+            "--initial-cluster", f"test={purl}", "--initial-cluster-state", state,
             "--logger", "zap", "--log-level", "warn",
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
         server = cls(proc, client, peer, data, log_path)

@@ -509,3 +509,80 @@ def test_open_registry_specs(tmp_path: Path) -> None:
         assert type(open_registry("embedded", store=store)).__name__ == "EmbeddedRegistry"
     finally:
         store.close()
+
+
+def test_etcd_alive_key_expires(etcd_server: EtcdServer) -> None:
+    """A silent site's liveness key, under its lease, vanishes from etcd."""
+    async def body() -> None:
+        from icbdcache.replication.registry.etcd import EtcdRegistry
+
+        reg = EtcdRegistry.from_uri(etcd_server.uri(f"/t-{uuid.uuid4().hex[:12]}"),
+                                    down_after=1.0)
+        try:
+            await reg.keepalive("quiet", {})
+            key = reg._alive + b"quiet"
+            assert await reg._get(key) is not None
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and await reg._get(key) is not None:
+                await asyncio.sleep(0.25)
+            assert await reg._get(key) is None, "the alive key outlived its lease by 30 s"
+            site = await reg.site("quiet")
+            assert site is not None and not site.up and site.last_seen > 0
+            # the next keep-alive takes a new lease
+            assert (await reg.keepalive("quiet", {})).up
+            assert await reg._get(key) is not None
+        finally:
+            await reg.close()
+
+    run(body())
+
+
+def test_etcd_lost_and_back(tmp_path: Path) -> None:
+    """etcd stops while a master waits for a change: the wait and every call raise
+    RegistryError saying it is unreachable; once etcd is back (same data) the same registry
+    object works again and the state is intact."""
+    pytest.importorskip("aetcd", reason="aetcd is not installed (scripts/setup installs it)")
+    try:
+        server = EtcdServer.start(tmp_path / "etcd")
+    except EtcdMissing as e:
+        pytest.skip(str(e))
+
+    async def body() -> None:
+        nonlocal server
+        reg = open_registry(server.uri(), down_after=30)
+        try:
+            await reg.publish(vrec("lab", "1"))
+            gen = await reg.generation()
+            waiter = asyncio.ensure_future(reg.wait_change(gen, 60))
+            await asyncio.sleep(0.5)
+            server.stop()
+            with pytest.raises(RegistryError, match="unreachable"):
+                await asyncio.wait_for(waiter, 30)
+            with pytest.raises(RegistryError, match="unreachable"):
+                await reg.keepalive("site-a", {})
+            with pytest.raises(RegistryError, match="unreachable"):
+                await reg.versions()
+            server = server.restart()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    versions = await reg.versions()
+                    break
+                except RegistryError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.25)
+            assert [v.key for v in versions] == ["lab@1"]
+            assert await reg.generation() == gen
+            waiter = asyncio.ensure_future(reg.wait_change(gen, 60))
+            await asyncio.sleep(0.3)
+            await reg.subscribe("site-a", "lab")
+            assert await asyncio.wait_for(waiter, 30) > gen
+            assert (await reg.keepalive("site-a", {})).up
+        finally:
+            await reg.close()
+
+    try:
+        run(body())
+    finally:
+        server.stop()

@@ -317,7 +317,9 @@ class EtcdRegistry(Registry):
             except exc.RevisionCompactedError:
                 return None
             if isinstance(ev, BaseException):  # the watch stream broke
-                raise RegistryError(f"etcd {self._endpoint()}: watch failed: {_brief(ev)}")
+                where = self._endpoint()
+                await self._drop_client()
+                raise RegistryError(f"etcd unreachable ({where}: watch broke: {_brief(ev)})")
             return int(ev.kv.mod_revision)
 
         try:
@@ -467,5 +469,7 @@ class EtcdRegistry(Registry):
 
 
 def _brief(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
+    """One line of an error: a gRPC error's details, else its text."""
+    details = getattr(e, "details", None)
+    text = str(details() if callable(details) else e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
