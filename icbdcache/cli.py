@@ -103,6 +103,9 @@ def _serve_parser(sub: Any) -> None:
                    help="chunks faulted ahead of a sequential miss (a first boot has no boot "
                         "profile yet; default 8, 0 turns it off; docs/store.md)")
     pxecli.add_serve_args(p)
+    from icbdcache.replication import replicacli
+
+    replicacli.add_transfer_args(p, required=False)
     _verbosity(p)
 
 
@@ -320,6 +323,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from icbdcache.store import Store
 
             Store(cfg.store, size_limit=cfg.store_size).close()
+        from icbdcache.replication import replicacli
+
+        if args.master:
+            from icbdcache import node
+
+            node.DEFAULT_SERVICES.append(replicacli.serve_service(
+                args, cfg.listen, workers=cfg.workers, store=cfg.store))
+        elif replicacli.has_transfer_args(args):
+            raise ValueError("--site, --subscribe and the other replication options need "
+                             "--master URL")
     except (ValueError, OSError, StoreError) as e:
         print(f"icbd-cache serve: {e}", file=sys.stderr)
         return 2
@@ -384,6 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from icbdcache.replication import mastercli
 
     master_handlers = mastercli.add_parsers(sub, _verbosity)
+    from icbdcache.replication import replicacli
+
+    master_handlers.update(replicacli.add_parsers(sub, _verbosity))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -3,6 +3,11 @@
 ``icbd-cache serve --store DIR`` exports every version in the store as ``IMI@VERSION`` and the
 latest of each iMI as ``IMI``; ``--export NAME=nbd://...`` adds a version faulted from an NBD
 upstream (its chunk map learned as it is read).
+
+A node may run **services** beside its versions (``serve --master``: the replica,
+:mod:`icbdcache.replication.replica`): each is started with the node, closed before it, and may
+open sources the store only names (``icbd+http(s)://`` specs of versions being replicated,
+whose credentials live in the service, never in the store).
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
 from icbdcache.cache import CacheStats, ChunkCache, VersionBackend
 from icbdcache.log import kv
@@ -64,16 +71,38 @@ async def probe_upstream(uri: str, chunk_size: int, timeout: float) -> tuple[int
         await client.close()
 
 
+class NodeService(Protocol):
+    """Something that runs with a node (``serve --master``: the replica)."""
+
+    def open_source(self, spec: str, meta: VersionMeta, timeout: float) -> Source | None:
+        """The source ``spec`` of version ``meta`` if this service opens that kind, else
+        None. ``timeout``: seconds per read. Raises ValueError on a spec it cannot use."""
+
+    def start(self, node: Node) -> None:
+        """Start (in the running event loop) with the node's store and cache."""
+
+    async def close(self) -> None:
+        """Stop; called before the node closes its store's writer."""
+
+
+#: Services of every Node made without an explicit ``services`` argument: ``serve --master``
+#: puts its replica here before the server (which makes the Node) starts.
+DEFAULT_SERVICES: list[NodeService] = []
+
+
 class Node:
     """The versions of one store, opened on demand and kept open.
 
     ``source_timeout`` is seconds per source request; ``fault_timeout`` the deadline of a
-    missing chunk (well inside the kernel client's 30 s request timeout).
+    missing chunk (well inside the kernel client's 30 s request timeout). ``services``: see
+    the module docstring (default: :data:`DEFAULT_SERVICES`).
     """
 
     def __init__(self, store: Store, *, hot_bytes: int = 1 << 30, fault_timeout: float = 10.0,
-                 source_timeout: float = 5.0, upstream_connections: int = 4) -> None:
+                 source_timeout: float = 5.0, upstream_connections: int = 4,
+                 services: Sequence[NodeService] | None = None) -> None:
         self.store = store
+        self.services = list(DEFAULT_SERVICES if services is None else services)
         self.cache = ChunkCache(store, hot_bytes=hot_bytes, fault_timeout=fault_timeout)
         self.source_timeout = source_timeout
         self.upstream_connections = upstream_connections
@@ -96,8 +125,19 @@ class Node:
         sources: list[Source] = []
         for spec in meta.sources:
             try:
-                sources.append(open_source(spec, size=meta.size, timeout=self.source_timeout,
-                                           connections=self.upstream_connections))
+                src = None
+                for svc in self.services:
+                    src = svc.open_source(spec, meta, self.source_timeout)
+                    if src is not None:
+                        break
+                if src is None and spec.startswith("icbd+"):
+                    # a master named by a replica: only the process running it has the client
+                    log.info(kv(version=meta.key, source=spec,
+                                skipped="no replica in this process (serve --master)"))
+                    continue
+                sources.append(src or open_source(
+                    spec, size=meta.size, timeout=self.source_timeout,
+                    connections=self.upstream_connections))
             except ValueError as e:  # a bad source spec costs that source, not the version
                 log.error(kv(version=meta.key, source=spec, error=e))
         backend = VersionBackend(self.cache, meta, self.store.chunk_map(meta.key), sources)
@@ -155,6 +195,8 @@ class Node:
     def start(self) -> None:
         """Start the periodic task that persists counters and boot profiles."""
         self._task = asyncio.get_running_loop().create_task(self._persist_loop())
+        for svc in self.services:
+            svc.start(self)
 
     async def _persist_loop(self) -> None:
         while True:
@@ -176,6 +218,11 @@ class Node:
                 log.warning(kv(profile=b.key, error=e))
 
     async def close(self) -> None:
+        for svc in self.services:
+            try:
+                await svc.close()
+            except Exception as e:  # one service's failure must not keep the store open
+                log.error(kv(service=type(svc).__name__, close_error=e))
         if self._task is not None:
             self._task.cancel()
         self.persist()

@@ -244,13 +244,50 @@ def cmd_stats(args: argparse.Namespace) -> int:
     store = _open_ro(args.store)
     if store is None:
         return 2
-    s = {**dict.fromkeys(COUNTERS, 0), **store.stats()}
+    s: dict[str, Any] = {**dict.fromkeys(COUNTERS, 0), **store.stats()}
+    from icbdcache.replication.replica import read_state
+
+    replica = read_state(store)
     if args.json:
+        if replica is not None:
+            s["replica"] = replica
         print(json.dumps(s, indent=2, sort_keys=True))
         return 0
     for k in sorted(s):
         print(f"{k:32} {s[k]}")
+    if replica is not None:
+        print(replica_lines(replica))
     return 0
+
+
+def replica_lines(r: dict[str, Any], now: float | None = None) -> str:
+    """The replica state record (``replica/state``, written by the replica of ``serve
+    --master`` or ``icbd-cache replica``) as the lines ``stats`` prints."""
+    now = time.time() if now is None else now
+    state = str(r.get("state"))
+    since = r.get("cut_off_since")
+    if state == "cut-off" and isinstance(since, int | float):
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        state = f"cut-off since {stamp} ({now - since:.0f} s), serving complete versions"
+    lines = [f"{'replica.master':32} {r.get('master')}",
+             f"{'replica.site':32} {r.get('site')}",
+             f"{'replica.state':32} {state}"]
+    if r.get("error"):
+        lines.append(f"{'replica.error':32} {r['error']}")
+    if r.get("pulling"):
+        lines.append(f"{'replica.pulling':32} {r['pulling']}")
+    versions = r.get("versions") or {}
+    done = [k for k, v in versions.items() if v.get("complete")]
+    partial = [f"{k} ({v.get('held', 0)}/{v.get('need', 0)} bytes)"
+               for k, v in versions.items() if not v.get("complete")]
+    lines.append(f"{'replica.complete':32} {', '.join(sorted(done)) or '-'}")
+    if partial:
+        lines.append(f"{'replica.incomplete':32} {', '.join(sorted(partial))}")
+    lines.append(f"{'replica.behind_bytes':32} {r.get('behind_bytes', 0)}")
+    updated = r.get("updated")
+    if isinstance(updated, int | float):
+        lines.append(f"{'replica.updated':32} {now - updated:.0f} s ago (pid {r.get('pid')})")
+    return "\n".join(lines)
 
 
 def _usable(source: str) -> bool:

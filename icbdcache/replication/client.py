@@ -1,0 +1,401 @@
+"""The replica's HTTP(S) client of a master's API v1 (docs/replication.md, 'HTTP API').
+
+One :class:`MasterClient` per master: an aiohttp session (created on first use, in the running
+event loop) with a TLS context that verifies the master's certificate (the system's CAs, or
+``ca`` alone when given) and optionally presents a client certificate; a bearer token, when
+given, goes with every request. Credentials live in this object only, never in the store.
+
+Errors are :class:`MasterError` subclasses, chosen by what a caller should do about them:
+
+- :class:`MasterUnreachable`: connection refused or lost, timeout, a 5xx answer, a chunk stream
+  cut short. Transient: back off and try again (the site is cut off meanwhile).
+- :class:`MasterAuthError`: 401/403: this replica's token or certificate is refused.
+- :class:`MasterTLSError`: the master's certificate is not trusted (wrong CA, wrong name) or the
+  TLS handshake failed.
+- :class:`MasterNotFound`: 404 (an unknown or retired version, no boot file).
+- :class:`MasterProtocolError`: an answer that does not follow the API (bad JSON, a manifest
+  whose digest does not match, a malformed chunk stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import xxhash
+
+from icbdcache.replication.registry.base import VersionRecord
+from icbdcache.replication.wire import (
+    API,
+    CONTENT_TYPE,
+    ENCODING_HEADER,
+    ChunkFrame,
+    ChunkStreamDecoder,
+    WireError,
+    encode_digests,
+)
+from icbdcache.store.chunks import DIGEST_SIZE, chunk_count
+
+
+class MasterError(Exception):
+    """The master could not answer as asked (see the module docstring for the subclasses)."""
+
+
+class MasterUnreachable(MasterError):
+    """No answer now: refused, lost, timed out, 5xx, stream cut short. Try again later."""
+
+
+class MasterAuthError(MasterError):
+    """The master refused this replica's credentials (HTTP 401 or 403)."""
+
+
+class MasterTLSError(MasterError):
+    """The master's certificate could not be verified, or TLS failed."""
+
+
+class MasterNotFound(MasterError):
+    """HTTP 404: no such version (or it is retired), no such boot file."""
+
+
+class MasterProtocolError(MasterError):
+    """An answer that does not follow the API: bad JSON, bad manifest, bad chunk stream."""
+
+
+@dataclass
+class Catalog:
+    """``GET /v1/catalog`` and ``/v1/watch``: the generation and every published version."""
+
+    generation: int
+    versions: list[VersionRecord] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """A version's chunk map as served: ``size`` and ``chunk_size`` in bytes, ``digest`` the
+    hex xxh3-128 of ``chunk_map`` (checked on receipt)."""
+
+    imi: str
+    version: str
+    size: int
+    chunk_size: int
+    digest: str
+    chunk_map: bytes
+
+
+@dataclass
+class TransferCounters:
+    """Bytes this client moved, since it was made: ``wire_bytes`` of chunk-stream bodies as
+    received (compressed when zstd), ``raw_bytes`` of frames after decompression,
+    ``request_bytes`` of chunk-request bodies sent, ``requests`` chunk requests made."""
+
+    wire_bytes: int = 0
+    raw_bytes: int = 0
+    request_bytes: int = 0
+    requests: int = 0
+
+
+def manifest_digest(chunk_map: bytes) -> str:
+    """The catalog's ``manifest`` field of a chunk map: its xxh3-128, lower-case hex."""
+    return xxhash.xxh3_128_hexdigest(chunk_map)
+
+
+def parse_compress(text: str) -> int | None:
+    """``plain`` -> None, ``zstd`` -> 3, ``zstd:LEVEL`` -> LEVEL (1..19, the master's range).
+    Raises ValueError."""
+    t = text.strip().lower()
+    if t in ("plain", "none", ""):
+        return None
+    name, _, level = t.partition(":")
+    if name != "zstd":
+        raise ValueError(f"--compress {text!r}: give plain, zstd or zstd:LEVEL")
+    if not level:
+        return 3
+    if not level.isdigit() or not 1 <= int(level) <= 19:
+        raise ValueError(f"--compress {text!r}: the zstd level is 1 to 19")
+    return int(level)
+
+
+def _version_record(d: Any) -> VersionRecord:
+    if not isinstance(d, dict):
+        raise MasterProtocolError(f"catalog entry is not an object: {d!r}")
+    try:
+        return VersionRecord(
+            imi=str(d["imi"]), version=str(d["version"]), size=int(d["size"]),
+            chunk_size=int(d["chunk_size"]), manifest=str(d["manifest"]).lower(),
+            distinct_bytes=int(d.get("distinct_bytes", 0)),
+            published=float(d.get("published", 0.0)), retired=bool(d.get("retired", False)),
+            master=str(d.get("master", "") or ""))
+    except (KeyError, TypeError, ValueError) as e:
+        raise MasterProtocolError(f"bad catalog entry {d!r}: {e}") from e
+
+
+def _catalog(body: Any) -> Catalog:
+    if not isinstance(body, dict) or not isinstance(body.get("versions"), list):
+        raise MasterProtocolError("catalog: not an object with a versions list")
+    try:
+        gen = int(body["generation"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MasterProtocolError(f"catalog: bad generation: {e}") from e
+    return Catalog(gen, [_version_record(v) for v in body["versions"]])
+
+
+class MasterClient:
+    """Client of one master at ``url`` (``http://HOST:PORT`` or ``https://HOST:PORT``).
+
+    ``ca``: PEM file of the CA(s) that sign the master's certificate (https only; default: the
+    system's). ``cert``/``key``: PEM client certificate and key (TLS client authentication).
+    ``token``: bearer token. ``zstd_level``: ask for zstd chunk streams at this level (None:
+    plain). ``timeout``: seconds for a control request, and the longest pause inside a chunk
+    stream. Raises ValueError on a bad URL, OSError/ssl.SSLError when the TLS files cannot be
+    loaded (checked here, at once).
+    """
+
+    def __init__(self, url: str, *, ca: str | None = None, cert: str | None = None,
+                 key: str | None = None, token: str | None = None,
+                 zstd_level: int | None = None, timeout: float = 30.0,
+                 connections: int = 16) -> None:
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"master URL {url!r}: give http://HOST:PORT or https://HOST:PORT")
+        if u.scheme == "http" and (ca or cert):
+            raise ValueError(f"master URL {url!r}: --master-ca/--master-cert need https://")
+        if bool(cert) != bool(key):
+            raise ValueError("--master-cert and --master-key go together")
+        self.url = url.rstrip("/")
+        self.ca = ca
+        self.token = token
+        self.zstd_level = zstd_level
+        self.timeout = timeout
+        self.connections = connections
+        self.counters = TransferCounters()
+        self.has_cert = bool(cert)
+        self._ssl: ssl.SSLContext | None = None
+        if u.scheme == "https":
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if cert and key:
+                ctx.load_cert_chain(cert, key)
+            self._ssl = ctx
+        self._session: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"User-Agent": "icbd-cache-replica"}
+            if self.token:
+                headers["Authorization"] = f"Bearer {self.token}"
+            conn = aiohttp.TCPConnector(limit=self.connections,
+                                        ssl=self._ssl if self._ssl is not None else False)
+            self._session = aiohttp.ClientSession(
+                connector=conn, headers=headers, auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout, 10.0),
+                                              sock_read=self.timeout))
+        return self._session
+
+    async def close(self) -> None:
+        """Close the session and its connections. The client may be used again after."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _error(self, e: BaseException, what: str) -> MasterError:
+        if isinstance(e, MasterError):
+            return e
+        if isinstance(e, aiohttp.ClientConnectorCertificateError):
+            ca = f"--master-ca {self.ca}" if self.ca else "the system's CAs"
+            return MasterTLSError(f"{self.url}: the master's TLS certificate is not trusted "
+                                  f"by {ca}: {e.certificate_error}")
+        if isinstance(e, aiohttp.ClientSSLError | ssl.SSLError):
+            return MasterTLSError(f"{self.url}: TLS failed: {e}")
+        if isinstance(e, TimeoutError):
+            return MasterUnreachable(f"{self.url}: {what}: timed out")
+        if isinstance(e, aiohttp.ClientError | OSError):
+            return MasterUnreachable(f"{self.url}: {what}: {e or type(e).__name__}")
+        return MasterError(f"{self.url}: {what}: {e}")
+
+    async def _check(self, resp: aiohttp.ClientResponse, what: str) -> None:
+        if resp.status < 400:
+            return
+        try:
+            text = (await resp.read())[:2000].decode(errors="replace")
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            text = ""
+        try:
+            msg = str(json.loads(text).get("error", text))
+        except (ValueError, AttributeError):
+            msg = text.strip() or resp.reason or ""
+        detail = f"{self.url}: {what}: HTTP {resp.status} {msg}".rstrip()
+        if resp.status in (401, 403):
+            hint = ("" if self.token or self.has_cert
+                    else " (none given: --master-token-file, or --master-cert and --master-key)")
+            raise MasterAuthError(f"{detail}: the master refused this replica's credentials"
+                                  f"{hint}")
+        if resp.status == 404:
+            raise MasterNotFound(detail)
+        if resp.status >= 500:
+            raise MasterUnreachable(detail)
+        raise MasterError(detail)
+
+    async def _json(self, method: str, path: str, body: Any = None,
+                    timeout: float | None = None) -> Any:
+        what = f"{method} {path}"
+        try:
+            async with self._get_session().request(
+                    method, self.url + path, json=body,
+                    timeout=aiohttp.ClientTimeout(total=timeout or self.timeout)) as resp:
+                await self._check(resp, what)
+                raw = await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
+            raise self._error(e, what) from e
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise MasterProtocolError(f"{self.url}: {what}: not JSON: {e}") from e
+
+    # ------------------------------------------------------------------ API
+
+    async def catalog(self) -> Catalog:
+        """``GET /v1/catalog``. Raises MasterError."""
+        return _catalog(await self._json("GET", f"{API}/catalog"))
+
+    async def watch(self, since: int, timeout: float = 30.0) -> Catalog:
+        """``GET /v1/watch``: the catalog as soon as its generation passes ``since``, else after
+        ``timeout`` seconds (clamped to 1..60). Raises MasterError."""
+        t = max(1, min(60, int(timeout)))
+        return _catalog(await self._json("GET", f"{API}/watch?since={since}&timeout={t}",
+                                         timeout=t + self.timeout))
+
+    async def register(self, site: str, address: str, subscribe: list[str]) -> dict[str, Any]:
+        """``POST /v1/sites/SITE/register``: {"subscriptions", "interval", "generation"}."""
+        out = await self._json("POST", f"{API}/sites/{quote(site, safe='')}/register",
+                               {"address": address, "subscribe": subscribe})
+        return _site_answer(out)
+
+    async def keepalive(self, site: str, report: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/sites/SITE/keepalive`` with ``report`` (address, state, error, pulling,
+        behind_bytes, versions). Returns {"subscriptions", "interval", "generation"}."""
+        out = await self._json("POST", f"{API}/sites/{quote(site, safe='')}/keepalive", report)
+        return _site_answer(out)
+
+    async def manifest(self, imi: str, version: str) -> Manifest:
+        """``GET /v1/manifest/IMI/VERSION``, checked: the body is a whole chunk map for
+        X-Icbd-Size bytes and hashes to X-Icbd-Manifest. Raises MasterNotFound (unknown or
+        retired), MasterProtocolError (a check failed), other MasterError."""
+        path = f"{API}/manifest/{quote(imi, safe='')}/{quote(version, safe='')}"
+        what = f"GET {path}"
+        try:
+            async with self._get_session().get(
+                    self.url + path, timeout=aiohttp.ClientTimeout(
+                        total=None, sock_read=self.timeout)) as resp:
+                await self._check(resp, what)
+                body = await resp.read()
+                h = resp.headers
+        except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
+            raise self._error(e, what) from e
+        try:
+            size = int(h["X-Icbd-Size"])
+            chunk_size = int(h["X-Icbd-Chunk-Size"])
+            want = h["X-Icbd-Manifest"].strip().lower()
+        except (KeyError, ValueError) as e:
+            raise MasterProtocolError(f"{self.url}: {what}: missing or bad header {e}") from e
+        got = manifest_digest(body)
+        if got != want:
+            raise MasterProtocolError(f"{self.url}: {what}: manifest digest {got} differs "
+                                      f"from X-Icbd-Manifest {want}")
+        if chunk_size <= 0 or len(body) != chunk_count(size, chunk_size) * DIGEST_SIZE:
+            raise MasterProtocolError(f"{self.url}: {what}: {len(body)} bytes of chunk map for "
+                                      f"{size} bytes in chunks of {chunk_size}")
+        return Manifest(imi, version, size, chunk_size, got, body)
+
+    async def boot_file(self, imi: str, version: str, kind: str) -> bytes | None:
+        """``GET /v1/boot/IMI/VERSION/KIND`` (``kernel`` or ``initrd``): the bytes, or None
+        when the master has none. Raises MasterError."""
+        path = f"{API}/boot/{quote(imi, safe='')}/{quote(version, safe='')}/{kind}"
+        try:
+            async with self._get_session().get(
+                    self.url + path, timeout=aiohttp.ClientTimeout(
+                        total=None, sock_read=self.timeout)) as resp:
+                if resp.status == 404:
+                    return None
+                await self._check(resp, f"GET {path}")
+                return await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
+            raise self._error(e, f"GET {path}") from e
+
+    async def chunks(self, digests: list[bytes],
+                     tally: TransferCounters | None = None) -> AsyncIterator[ChunkFrame]:
+        """``POST /v1/chunks``: the frames of the chunks ``digests`` (at most
+        wire.MAX_BATCH), in request order, as they arrive; ``data`` None for a chunk the master
+        lacks. The frames are NOT verified: check each chunk's digest. Raises
+        MasterUnreachable when the stream is cut short, MasterProtocolError when it is
+        malformed, other MasterError. ``tally``: counters of this request alone (also added
+        to :attr:`counters`)."""
+        body = encode_digests(digests)
+        path = f"{API}/chunks" + (f"?zstd={self.zstd_level}" if self.zstd_level else "")
+        what = f"POST {API}/chunks"
+        tallies = [self.counters] if tally is None else [self.counters, tally]
+        for c in tallies:
+            c.requests += 1
+            c.request_bytes += len(body)
+        try:
+            async with self._get_session().post(
+                    self.url + path, data=body, headers={"Content-Type": CONTENT_TYPE},
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout)) as resp:
+                await self._check(resp, what)
+                try:
+                    dec = ChunkStreamDecoder(resp.headers.get(ENCODING_HEADER) or None)
+                except WireError as e:
+                    raise MasterProtocolError(f"{self.url}: {what}: {e}") from e
+                async for data in resp.content.iter_any():
+                    for c in tallies:
+                        c.wire_bytes += len(data)
+                    try:
+                        frames = dec.feed(data)
+                    except WireError as e:
+                        raise MasterProtocolError(f"{self.url}: {what}: {e}") from e
+                    for f in frames:
+                        n = 20 + (len(f.data) if f.data is not None else 0)
+                        for c in tallies:
+                            c.raw_bytes += n
+                        yield f
+                try:
+                    dec.close()
+                except WireError as e:
+                    raise MasterUnreachable(f"{self.url}: {what}: {e}") from e
+        except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
+            raise self._error(e, what) from e
+
+
+def _site_answer(out: Any) -> dict[str, Any]:
+    if not isinstance(out, dict):
+        raise MasterProtocolError(f"site answer is not an object: {out!r}")
+    subs = out.get("subscriptions", [])
+    if not isinstance(subs, list):
+        raise MasterProtocolError(f"subscriptions is not a list: {subs!r}")
+    try:
+        interval = float(out.get("interval", 10.0))
+        generation = int(out.get("generation", 0))
+    except (TypeError, ValueError) as e:
+        raise MasterProtocolError(f"bad site answer {out!r}: {e}") from e
+    return {"subscriptions": [str(s) for s in subs], "interval": max(0.2, interval),
+            "generation": generation}
+
+
+async def sleep_backoff(delay: float) -> float:
+    """Sleep ``delay`` seconds; return the next delay (doubled, at most 10 s)."""
+    await asyncio.sleep(delay)
+    return min(delay * 2, 10.0)
+
+
+__all__ = [
+    "Catalog", "Manifest", "MasterAuthError", "MasterClient", "MasterError", "MasterNotFound",
+    "MasterProtocolError", "MasterTLSError", "MasterUnreachable", "TransferCounters",
+    "manifest_digest", "parse_compress",
+]

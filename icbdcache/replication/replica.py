@@ -1,0 +1,715 @@
+"""The replica: a site's loop that keeps its store in step with a master (docs/replication.md).
+
+What it does, in order, and why:
+
+1. **Register** (``POST /v1/sites/SITE/register`` with the ``--subscribe`` list); the answer
+   gives the subscriptions (the master's view: the admin may add some), the keep-alive interval
+   and the generation.
+2. **Keep-alive** every ``interval`` seconds (a task of its own): state (``idle``, ``syncing``,
+   ``cut-off``, ``error``), the error, the version being pulled, bytes behind, and per version
+   of a subscribed iMI the bytes held and needed.
+3. **Learn of changes** by long-polling ``/v1/watch?since=GENERATION`` (at most 30 s a poll;
+   never a tight loop). Every answer (a change, or the poll's timeout, which retries what
+   failed) is followed by a keep-alive, whose answer carries the subscriptions, then a sync.
+4. **Sync**: for each subscribed iMI its newest version that is not retired is pulled: the
+   manifest (checked: X-Icbd-Manifest = xxh3-128 of the body = the catalog's ``manifest``),
+   stored at once with the source ``icbd+http(s)://MASTER/IMI@VERSION`` so that a site serving
+   with ``serve --master`` can boot it before it is complete (misses fault from the master,
+   :mod:`icbdcache.sources.master`); then the chunks the store lacks (``Store.missing`` of its
+   distinct non-zero digests: every chunk for a full replication, only the new ones for a
+   delta), ``batch`` digests per request, ``parallel`` requests in flight. Each chunk is checked
+   against its digest: a bad one is refused, counted (``replica_corrupt_chunks``) and asked for
+   again in a later round; a chunk the master lacks is retried in a later round, then reported.
+   Chunks are committed one LMDB transaction per batch (``Store.write_batch``, in a worker
+   thread; a request waits for its batch to commit before the next one starts: back-pressure,
+   and what an interrupted pull leaves in the store is never fetched again). The counters of a
+   batch are added in the same transaction as its chunks. When every chunk is held the version
+   is made the iMI's ``latest``, only then.
+5. **Pinning**: a version is pinned when its pull starts (so eviction cannot undo the pull),
+   after a check that the store's bound (``--store-size``) can hold it beside the pinned
+   versions; a store that cannot is the error ``store full``, and the pull of that version
+   stops (the versions held stay intact and served). Versions older than the newest complete
+   one stay pinned until retired.
+6. **Retired** versions are unpinned and deleted, unless one is the only complete version of its
+   iMI: then it is kept (and served), with a log line saying why.
+
+Cut off from the master (refused, timed out, 5xx), the replica backs off 0.5 s doubling to 10 s,
+keeps everything complete served, and says ``cut-off`` with the time since. Its state is kept in
+the store record ``replica/state`` (JSON, :func:`read_state`), so ``icbd-cache stats`` shows it
+from any process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from icbdcache.log import Throttled, kv
+from icbdcache.replication.client import (
+    Catalog,
+    Manifest,
+    MasterAuthError,
+    MasterClient,
+    MasterError,
+    MasterNotFound,
+    MasterProtocolError,
+    MasterTLSError,
+    MasterUnreachable,
+    TransferCounters,
+    manifest_digest,
+)
+from icbdcache.replication.registry.base import VersionRecord
+from icbdcache.sources import Source
+from icbdcache.sources.master import MasterSource, is_master_spec, master_spec
+from icbdcache.store import Store, StoreError, VersionMeta
+from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO, digest
+
+log = logging.getLogger("icbdcache.replica")
+warn = Throttled(log)
+
+#: Key of the replica's state in the store's ``records`` database (JSON).
+STATE_RECORD = "replica/state"
+#: Back-off while the master is unreachable: first and longest wait, seconds.
+BACKOFF = (0.5, 10.0)
+#: Rounds over a version's missing chunks that may bring nothing before the pull gives up
+#: (until the next sync).
+MAX_IDLE_ROUNDS = 3
+
+
+class PullError(Exception):
+    """A version could not be completed now (chunks the master lacks, chunks that kept failing
+    their digest, a store full or failing); the message says which. Retried at the next sync."""
+
+
+class StoreFull(PullError):
+    """The store's bound cannot hold the version beside the pinned versions."""
+
+
+@dataclass
+class ReplicaConfig:
+    """Settings of a replica. ``site``: its name at the master; ``subscribe``: iMIs to
+    subscribe to at registration; ``address``: its NBD ``HOST:PORT`` for the admin's view;
+    ``batch``: digests per chunk request; ``parallel``: chunk requests in flight;
+    ``watch_timeout``: seconds of one long poll; ``once``: pull what is subscribed, then stop;
+    ``progress``: a progress bar (None: when stderr is a terminal)."""
+
+    site: str
+    subscribe: list[str] = field(default_factory=list)
+    address: str = ""
+    batch: int = 256
+    parallel: int = 3
+    watch_timeout: float = 30.0
+    once: bool = False
+    once_cutoff_limit: float = 60.0
+    progress: bool | None = None
+
+
+@dataclass
+class Counters:
+    """What the replica moved since it started. Bytes: ``wire_bytes`` of chunk streams as
+    received, ``chunk_bytes`` of good chunks received; ``chunks`` received good, ``corrupt``
+    refused for a wrong digest, ``missing`` MISSING frames, ``requests`` chunk requests."""
+
+    wire_bytes: int = 0
+    chunk_bytes: int = 0
+    chunks: int = 0
+    corrupt: int = 0
+    missing: int = 0
+    requests: int = 0
+
+
+def read_state(store: Store) -> dict[str, Any] | None:
+    """The replica state record of ``store`` (see :meth:`Replica.state_dict`), or None."""
+    raw = store.record(STATE_RECORD)
+    if raw is None:
+        return None
+    try:
+        out = json.loads(raw)
+    except ValueError:
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def _distinct(chunk_map: bytes, size: int, chunk_size: int) -> dict[bytes, int]:
+    """Distinct non-zero digests of a chunk map -> their chunk's length in bytes."""
+    out: dict[bytes, int] = {}
+    for off in range(0, len(chunk_map), DIGEST_SIZE):
+        d = chunk_map[off : off + DIGEST_SIZE]
+        if d != ZERO and d != UNKNOWN and d not in out:
+            i = off // DIGEST_SIZE
+            out[d] = min(chunk_size, size - i * chunk_size)
+    return out
+
+
+class Replica:
+    """The sync loop of one site against the master behind ``client``, filling ``store``.
+
+    :meth:`run` runs until cancelled (or, with ``config.once``, until what is subscribed is
+    pulled) and returns an exit status. ``on_version``: called with ``IMI@VERSION`` when a
+    version is stored, completed or deleted (a node drops its opened copy). Errors of the
+    master and of the store are caught, reported and retried; nothing is raised but
+    CancelledError.
+    """
+
+    def __init__(self, store: Store, client: MasterClient, config: ReplicaConfig,
+                 on_version: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.client = client
+        self.config = config
+        self.on_version = on_version
+        self.subscriptions: list[str] = list(config.subscribe)
+        self.interval = 10.0
+        self.generation = -1
+        self.catalog: Catalog | None = None
+        self.state = "syncing"
+        self.error: str | None = None
+        self.cut_off_since: float | None = None
+        self.pulling: str | None = None
+        self.counters = Counters()
+        self.registered = False
+        self._kept_logged: set[str] = set()
+        self._last_save = 0.0
+        self._reported_wire = 0
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._progress_at = 0.0
+
+    # ------------------------------------------------------------------ state
+
+    def _versions_report(self) -> tuple[dict[str, dict[str, Any]], int]:
+        versions: dict[str, dict[str, Any]] = {}
+        subs = set(self.subscriptions)
+        for m in self.store.versions():
+            if m.imi not in subs:
+                continue
+            try:
+                held, need = self.store.held_of(m.key)
+            except StoreError:
+                continue
+            versions[m.key] = {"held": held, "need": need, "complete": held == need}
+        behind = 0
+        for rec in self._targets():
+            v = versions.get(rec.key)
+            behind += (v["need"] - v["held"]) if v is not None else rec.distinct_bytes
+        return versions, behind
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as stored in ``replica/state`` and shown by ``stats``: ``master``,
+        ``site``, ``state``, ``error``, ``cut_off_since`` (seconds since the epoch, or None),
+        ``pulling``, ``behind_bytes``, ``versions`` (``{IMI@V: {held, need, complete}}``,
+        bytes), ``subscriptions``, ``generation``, ``counters`` (see :class:`Counters`),
+        ``updated`` (seconds since the epoch), ``pid``."""
+        versions, behind = self._versions_report()
+        return {
+            "master": self.client.url, "site": self.config.site, "state": self.state,
+            "error": self.error, "cut_off_since": self.cut_off_since, "pulling": self.pulling,
+            "behind_bytes": behind, "versions": versions, "subscriptions": self.subscriptions,
+            "generation": self.generation, "counters": self.counters.__dict__.copy(),
+            "updated": time.time(), "pid": os.getpid(),
+        }
+
+    def save_state(self, force: bool = True) -> None:
+        """Write the state record (at most once a second unless ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._last_save < 1.0:
+            return
+        self._last_save = now
+        try:
+            self.store.put_record(STATE_RECORD, json.dumps(self.state_dict()).encode())
+        except (StoreError, lmdb.Error, OSError) as e:
+            warn.warning(kv(replica="state", error=e))
+
+    def _set(self, state: str, error: str | None = None) -> None:
+        changed = (state, error) != (self.state, self.error)
+        self.state, self.error = state, error
+        if changed:
+            self.save_state()
+
+    def _cut_off(self, e: Exception) -> None:
+        if self.cut_off_since is None:
+            self.cut_off_since = time.time()
+            log.warning(kv(replica=self.config.site, master=self.client.url, state="cut-off",
+                           error=e, serving="complete versions"))
+        self._set("cut-off", str(e))
+
+    def _reachable(self) -> None:
+        if self.cut_off_since is not None:
+            log.info(kv(replica=self.config.site, master=self.client.url, state="reachable",
+                        cut_off_s=round(time.time() - self.cut_off_since, 1)))
+            self.cut_off_since = None
+            if self.state == "cut-off":
+                self._set("syncing")
+
+    def _report(self) -> dict[str, Any]:
+        versions, behind = self._versions_report()
+        return {"address": self.config.address, "state": self.state, "error": self.error,
+                "pulling": self.pulling, "behind_bytes": behind, "versions": versions}
+
+    def _apply(self, answer: dict[str, Any]) -> None:
+        self.subscriptions = list(answer["subscriptions"])
+        self.interval = float(answer["interval"])
+
+    # ------------------------------------------------------------------ loop
+
+    async def run(self) -> int:
+        """The loop. Returns 0 (``once``: everything subscribed is complete), 1 (``once``: a
+        pull failed, credentials or TLS refused, or the master stayed unreachable for
+        ``once_cutoff_limit`` seconds)."""
+        delay = BACKOFF[0]
+        fresh = True  # ask for the catalog at once (first time, after an outage)
+        try:
+            while True:
+                try:
+                    if not self.registered:
+                        self._apply(await self.client.register(
+                            self.config.site, self.config.address, self.config.subscribe))
+                        self.registered = True
+                        log.info(kv(replica=self.config.site, master=self.client.url,
+                                    registered=",".join(self.subscriptions) or "-",
+                                    interval=self.interval))
+                        if self._keepalive_task is None:
+                            self._keepalive_task = asyncio.ensure_future(self._keepalive_loop())
+                    if fresh:
+                        cat = await self.client.catalog()
+                    else:
+                        cat = await self.client.watch(self.generation, self.config.watch_timeout)
+                    self._reachable()
+                    fresh = False
+                    delay = BACKOFF[0]
+                    self.catalog = cat
+                    self.generation = cat.generation
+                    self._apply(await self.client.keepalive(self.config.site, self._report()))
+                    ok = await self.sync(cat)
+                    if self.config.once:
+                        return 0 if ok else 1
+                except MasterUnreachable as e:
+                    self._cut_off(e)
+                    if self.config.once and self.cut_off_since is not None and \
+                            time.time() - self.cut_off_since > self.config.once_cutoff_limit:
+                        print(f"icbd-cache replica: {e}", file=sys.stderr)
+                        return 1
+                    fresh = True
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF[1])
+                except (MasterAuthError, MasterTLSError) as e:
+                    log.error(kv(replica=self.config.site, master=self.client.url, error=e))
+                    self._set("error", str(e))
+                    if self.config.once:
+                        print(f"icbd-cache replica: {e}", file=sys.stderr)
+                        return 1
+                    fresh = True
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF[1])
+                except MasterError as e:
+                    log.error(kv(replica=self.config.site, master=self.client.url, error=e))
+                    self._set("error", str(e))
+                    if self.config.once:
+                        print(f"icbd-cache replica: {e}", file=sys.stderr)
+                        return 1
+                    fresh = True
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF[1])
+        finally:
+            if self._keepalive_task is not None:
+                self._keepalive_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._keepalive_task
+                self._keepalive_task = None
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self._apply(await self.client.keepalive(self.config.site, self._report()))
+                self._reachable()
+            except MasterUnreachable as e:
+                self._cut_off(e)
+            except MasterError as e:
+                warn.warning(kv(replica=self.config.site, keepalive="refused", error=e))
+            except Exception as e:  # the loop must outlive anything one report does
+                log.exception(kv(replica=self.config.site, keepalive="failed", error=e))
+            self.save_state(force=False)
+
+    # ------------------------------------------------------------------ sync
+
+    def _targets(self) -> list[VersionRecord]:
+        """Per subscribed iMI, its newest version that is not retired (catalog order)."""
+        if self.catalog is None:
+            return []
+        out: list[VersionRecord] = []
+        for imi in self.subscriptions:
+            live = [v for v in self.catalog.versions if v.imi == imi and not v.retired]
+            if live:
+                out.append(live[-1])
+        return out
+
+    async def sync(self, cat: Catalog) -> bool:
+        """Pull every subscribed iMI's newest version, then apply retirements. Returns whether
+        every target is complete. Raises MasterUnreachable (the caller backs off) and other
+        MasterError."""
+        self.catalog = cat
+        ok = True
+        for rec in self._targets():
+            try:
+                await self.pull(rec)
+            except MasterNotFound as e:  # retired or withdrawn meanwhile
+                log.warning(kv(pull=rec.key, error=e))
+                ok = False
+            except PullError as e:
+                log.error(kv(pull=rec.key, error=e))
+                self.pulling = None
+                self._set("error", f"{rec.key}: {e}")
+                ok = False
+            finally:
+                self.pulling = None
+        self._retire(cat)
+        if ok:
+            self._set("idle")
+        self.save_state()
+        with contextlib.suppress(MasterError):  # report the outcome now, not in `interval` s
+            self._apply(await self.client.keepalive(self.config.site, self._report()))
+        return ok
+
+    def _complete(self, key: str) -> bool:
+        try:
+            held, need = self.store.held_of(key)
+        except StoreError:
+            return False
+        return held == need
+
+    async def pull(self, rec: VersionRecord) -> None:
+        """Make ``rec`` complete, pinned and latest in the store. Raises PullError,
+        MasterError."""
+        key = rec.key
+        meta = self.store.version(key)
+        if meta is not None and self._complete(key) and \
+                manifest_digest(bytes(self.store.chunk_map(key))) == rec.manifest:
+            self._finish(rec, meta, announce=False)
+            return
+        self.pulling = key
+        self._set("syncing")
+        chunk_map = await self._manifest(rec, meta)
+        meta = self.store.version(key)
+        assert meta is not None
+        lengths = _distinct(chunk_map, meta.size, meta.chunk_size)
+        self._check_space(key, lengths)
+        if not meta.pinned:
+            self.store.set_pinned(key, True)
+        await self._boot_files(rec)
+        await self._fetch_all(key, lengths)
+        meta = self.store.version(key)
+        if meta is None:
+            raise PullError("the version vanished from the store during the pull")
+        held, need = self.store.held_of(key)
+        if held != need:
+            raise PullError(f"{need - held} bytes still missing after the pull")
+        self._finish(rec, meta, announce=True)
+
+    def _finish(self, rec: VersionRecord, meta: VersionMeta, *, announce: bool) -> None:
+        if not meta.pinned:
+            self.store.set_pinned(rec.key, True)
+        if self.store.latest(rec.imi) != rec.version:
+            self.store.set_latest(rec.imi, rec.version)
+            announce = True
+        if announce:
+            _, need = self.store.held_of(rec.key)
+            log.info(kv(replica=self.config.site, complete=rec.key, latest=rec.key,
+                        bytes=need, received_bytes=self.counters.chunk_bytes,
+                        wire_bytes=self.counters.wire_bytes))
+            if self.on_version is not None:
+                self.on_version(rec.key)
+
+    async def _manifest(self, rec: VersionRecord, meta: VersionMeta | None) -> bytes:
+        """The version's chunk map: the stored one if it is the catalog's, else fetched,
+        checked and stored (with the master as the version's source)."""
+        key = rec.key
+        if meta is not None:
+            stored = bytes(self.store.chunk_map(key))
+            if manifest_digest(stored) == rec.manifest:
+                return stored
+            if not any(is_master_spec(s) for s in meta.sources):
+                raise PullError(f"the store already has a version {key} that is not the "
+                                "master's (imported here?); delete or rename it")
+        m: Manifest = await self.client.manifest(rec.imi, rec.version)
+        if m.digest != rec.manifest:
+            raise MasterError(f"manifest of {key}: digest {m.digest} differs from the "
+                              f"catalog's {rec.manifest}")
+        if m.size != rec.size or m.chunk_size != rec.chunk_size:
+            raise MasterError(f"manifest of {key}: size {m.size}/{m.chunk_size} differs from "
+                              f"the catalog's {rec.size}/{rec.chunk_size}")
+        new = VersionMeta(rec.imi, rec.version, m.size, m.chunk_size,
+                          [master_spec(self.client.url, key)],
+                          pinned=meta.pinned if meta is not None else False,
+                          created=time.time())
+        try:
+            self.store.put_version(new, m.chunk_map)
+        except (StoreError, lmdb.Error, OSError) as e:
+            raise PullError(f"store: {e}") from e
+        log.info(kv(replica=self.config.site, manifest=key, size=m.size,
+                    distinct_bytes=rec.distinct_bytes))
+        if self.on_version is not None:
+            self.on_version(key)
+        return m.chunk_map
+
+    async def _boot_files(self, rec: VersionRecord) -> None:
+        """Keep the version's kernel and initrd as import does (best effort: a warning)."""
+        meta = self.store.version(rec.key)
+        if meta is None or (meta.kernel and meta.initrd and Path(meta.kernel).is_file()):
+            return
+        try:
+            kernel = await self.client.boot_file(rec.imi, rec.version, "kernel")
+            initrd = await self.client.boot_file(rec.imi, rec.version, "initrd")
+        except (MasterNotFound, MasterProtocolError) as e:  # a warning, as at import
+            log.warning(kv(boot_files=rec.key, error=e))
+            return
+        if kernel is None or initrd is None:
+            return
+        from pxe.bootfiles import INITRD_NAME, KERNEL_NAME, boot_root, check_key
+
+        try:
+            d = boot_root(self.store.path) / check_key(rec.key)
+            d.mkdir(parents=True, exist_ok=True)
+            for name, data in ((KERNEL_NAME, kernel), (INITRD_NAME, initrd)):
+                tmp = d / f".{name}.tmp"
+                tmp.write_bytes(data)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, d / name)
+            cur = self.store.version(rec.key) or meta
+            cur.kernel, cur.initrd = str(d / KERNEL_NAME), str(d / INITRD_NAME)
+            self.store.put_version(cur)
+        except Exception as e:  # best effort, as at import
+            log.warning(kv(boot_files=rec.key, error=e))
+
+    def _check_space(self, key: str, lengths: dict[bytes, int]) -> None:
+        """Raise StoreFull unless the store's bound holds the version's chunks beside those
+        of every other pinned version (pinned chunks are never evicted, store.md)."""
+        limit = self.store.size_limit
+        if limit is None:
+            return
+        pinned: set[bytes] = set()
+        for m in self.store.versions():
+            if m.pinned and m.key != key:
+                blob = bytes(self.store.chunk_map(m.key))
+                pinned.update(blob[i : i + DIGEST_SIZE] for i in range(0, len(blob), DIGEST_SIZE))
+        pinned.discard(ZERO)
+        pinned.discard(UNKNOWN)
+        held_pinned = 0
+        with self.store.env.begin(db=self.store.db["chunks"], buffers=True) as txn:
+            for d in pinned:
+                v = txn.get(d)
+                if v is not None:
+                    held_pinned += len(v)
+        new = sum(n for d, n in lengths.items() if d not in pinned)
+        if held_pinned + new > limit:
+            raise StoreFull(f"store full: {key} needs {new} bytes of chunks beside "
+                            f"{held_pinned} bytes of pinned versions, and the store is bounded "
+                            f"to {limit} bytes (--store-size)")
+
+    # ------------------------------------------------------------------ chunks
+
+    async def _fetch_all(self, key: str, lengths: dict[bytes, int]) -> None:
+        missing = self.store.missing(lengths)
+        total = sum(lengths[d] for d in missing)
+        bar = self._bar(total, key)
+        idle_rounds = 0
+        try:
+            while missing:
+                before = len(missing)
+                await self._round(key, missing, lengths, bar)
+                missing = self.store.missing(missing)
+                if len(missing) >= before:
+                    idle_rounds += 1
+                    if idle_rounds >= MAX_IDLE_ROUNDS:
+                        raise PullError(
+                            f"{len(missing)} chunks not received after {idle_rounds} rounds "
+                            f"(the master lacks some: {self.counters.missing} missing frames; "
+                            f"refused for a bad digest: {self.counters.corrupt})")
+                    await asyncio.sleep(0.5 * idle_rounds)
+                else:
+                    idle_rounds = 0
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _bar(self, total: int, key: str) -> Any:
+        show = self.config.progress
+        if show is None:
+            show = sys.stderr.isatty()
+        if not show:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=f"pull {key}", leave=False)
+
+    async def _round(self, key: str, missing: list[bytes], lengths: dict[bytes, int],
+                     bar: Any) -> None:
+        batches = iter([missing[i : i + self.config.batch]
+                        for i in range(0, len(missing), self.config.batch)])
+        total = sum(lengths[d] for d in missing)
+        done = 0
+
+        async def worker() -> None:
+            nonlocal done
+            for batch in batches:
+                got = await self._fetch_batch(batch)
+                done += sum(len(v) for _, v in got)
+                if bar is not None:
+                    bar.update(sum(len(v) for _, v in got))
+                self._progress(key, done, total)
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, self.config.parallel))]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    def _progress(self, key: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._progress_at >= 5.0 or done >= total:
+            self._progress_at = now
+            log.info(kv(pull=key, received_bytes=done, of_bytes=total,
+                        pct=round(100 * done / total, 1) if total else 100.0))
+        self.save_state(force=False)
+
+    async def _fetch_batch(self, batch: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """One chunk request: the good chunks, committed before returning. Raises
+        MasterError, PullError (the store refused the write)."""
+        c = self.counters
+        c.requests += 1
+        good: list[tuple[bytes, bytes]] = []
+        corrupt = missing = 0
+        tally = TransferCounters()
+        try:
+            async for f in self.client.chunks(batch, tally):
+                if f.data is None:
+                    missing += 1
+                elif digest(f.data) != f.digest:
+                    corrupt += 1
+                    warn.warning(kv(pull=self.pulling, chunk=f.digest.hex(),
+                                    refused="digest mismatch", retry="later"))
+                else:
+                    good.append((f.digest, f.data))
+        finally:
+            wire = tally.wire_bytes
+            c.wire_bytes += wire
+            c.corrupt += corrupt
+            c.missing += missing
+        nbytes = sum(len(v) for _, v in good)
+        stats = {"replica_wire_bytes": wire, "replica_chunk_bytes": nbytes,
+                 "replica_chunks": len(good), "replica_corrupt_chunks": corrupt,
+                 "replica_missing_frames": missing, "replica_requests": 1}
+        try:
+            await asyncio.to_thread(self.store.write_batch, good, (), (), stats)
+        except (StoreError, lmdb.Error, OSError) as e:
+            raise PullError(f"store write failed: {e}") from e
+        c.chunk_bytes += nbytes
+        c.chunks += len(good)
+        return good
+
+    # ------------------------------------------------------------------ retire
+
+    def _retire(self, cat: Catalog) -> None:
+        retired = {v.key for v in cat.versions if v.retired}
+        order = {v.key: n for n, v in enumerate(cat.versions)}
+        metas = self.store.versions()
+        for meta in metas:
+            if meta.key not in retired or not any(is_master_spec(s) for s in meta.sources):
+                continue
+            others = [m for m in metas if m.imi == meta.imi and m.key != meta.key
+                      and m.key not in retired and self._complete(m.key)]
+            if not others and self._complete(meta.key):
+                if meta.key not in self._kept_logged:
+                    self._kept_logged.add(meta.key)
+                    log.warning(kv(retired=meta.key, kept="the only complete version of its "
+                                   "iMI here; deleted once another one is complete"))
+                continue
+            try:
+                self.store.set_pinned(meta.key, False)
+                self.store.delete_version(meta.key)
+            except (StoreError, lmdb.Error, OSError) as e:
+                log.error(kv(retired=meta.key, error=e))
+                continue
+            metas = [m for m in metas if m.key != meta.key]
+            with contextlib.suppress(OSError, ImportError):
+                from pxe.bootfiles import boot_root
+
+                shutil.rmtree(boot_root(self.store.path) / meta.key, ignore_errors=True)
+            log.info(kv(retired=meta.key, deleted="unpinned, chunks evictable"))
+            if self.store.latest(meta.imi) is None and others:
+                newest = max(others, key=lambda m: (order.get(m.key, -1), m.created))
+                self.store.set_latest(meta.imi, newest.version)
+            if self.on_version is not None:
+                self.on_version(meta.key)
+
+
+class ReplicaService:
+    """The replica inside ``icbd-cache serve --master`` (a
+    :class:`~icbdcache.node.NodeService`): runs :class:`Replica` on the node's store and opens
+    the ``icbd+http(s)://`` sources of versions being replicated with its client."""
+
+    def __init__(self, client: MasterClient, config: ReplicaConfig) -> None:
+        self.client = client
+        self.config = config
+        self.replica: Replica | None = None
+        self._task: asyncio.Task[int] | None = None
+        self._node: Any = None
+
+    def open_source(self, spec: str, meta: VersionMeta, timeout: float) -> Source | None:
+        if not is_master_spec(spec) or self._node is None:
+            return None
+        chunk_map = bytes(self._node.store.chunk_map(meta.key))
+        return MasterSource(self.client, meta.key, chunk_map, meta.size, meta.chunk_size,
+                            timeout=timeout, name=spec)
+
+    def start(self, node: Any) -> None:
+        self._node = node
+        self.replica = Replica(node.store, self.client, self.config,
+                               on_version=self._forget)
+        self._task = asyncio.ensure_future(self._run())
+
+    def _forget(self, key: str) -> None:
+        backend = self._node.backends.get(key) if self._node is not None else None
+        if backend is not None and self._node.store.version(key) is None:
+            self._node.backends.pop(key, None)
+
+    async def _run(self) -> int:
+        assert self.replica is not None
+        while True:
+            try:
+                return await self.replica.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # never take the NBD server down
+                log.exception(kv(replica=self.config.site, crashed=e, restart_in=5))
+                self.replica._set("error", f"internal error: {e}")
+                await asyncio.sleep(5.0)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.replica is not None:
+            self.replica.state = "stopped"
+            self.replica.save_state()
+        await self.client.close()
+
+
+__all__ = ["STATE_RECORD", "Counters", "PullError", "Replica", "ReplicaConfig",
+           "ReplicaService", "StoreFull", "read_state"]

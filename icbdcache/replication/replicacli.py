@@ -1,0 +1,221 @@
+"""``icbd-cache replica`` (a site's replica alone), and the replica options of ``icbd-cache serve
+--master`` (one process serving NBD and replicating). See docs/replication.md, 'REPLICA'."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import ssl
+import sys
+import textwrap
+from typing import Any
+
+from icbdcache.replication.auth import AuthConfigError, read_token
+from icbdcache.replication.client import MasterClient, parse_compress
+from icbdcache.replication.replica import Replica, ReplicaConfig, ReplicaService
+
+REPLICA_EXAMPLES = """\
+examples:
+  # pull what site-a is subscribed to (and lab), keep pulling new versions
+  icbd-cache replica --store /var/lib/icbd-cache/store --master http://master:10810 \\
+      --site site-a --subscribe lab
+
+  # once, over TLS with zstd and a token, for a script (exit 0 when complete)
+  icbd-cache replica --store DIR --master https://master:10810 --master-ca ca.pem \\
+      --master-token-file site-a.token --compress zstd:3 --site site-a --once
+
+  # serve NBD and replicate in one process
+  icbd-cache serve --store DIR --listen 10.0.0.5:10809 --master http://master:10810 \\
+      --site site-a --subscribe lab
+"""
+
+
+def _compress_arg(text: str) -> int | None:
+    try:
+        return parse_compress(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
+
+
+def add_transfer_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """The master and transfer options shared by ``replica`` and ``serve``."""
+    g = p.add_argument_group("replication (see docs/replication.md)")
+    g.add_argument("--master", metavar="URL", required=required, default=None,
+                   help="the master, http://HOST:PORT or https://HOST:PORT"
+                        + ("" if required else ": also replicate into --store"))
+    g.add_argument("--site", metavar="NAME", default=None,
+                   help="this site's name at the master")
+    g.add_argument("--subscribe", metavar="IMI", action="append", default=None,
+                   help="subscribe to this iMI at registration (repeatable; the master's "
+                        "subscriptions of the site are pulled too)")
+    g.add_argument("--compress", metavar="plain|zstd[:LEVEL]", type=_compress_arg,
+                   default=None, help="chunk streams compressed with zstd at LEVEL (1-19, "
+                                      "default 3), or plain (default)")
+    g.add_argument("--master-ca", metavar="FILE", default=None,
+                   help="PEM CA that signs the master's certificate (https; default: the "
+                        "system's CAs)")
+    g.add_argument("--master-cert", metavar="FILE", default=None,
+                   help="PEM client certificate presented to the master")
+    g.add_argument("--master-key", metavar="FILE", default=None,
+                   help="PEM private key of --master-cert")
+    g.add_argument("--master-token-file", metavar="FILE", default=None,
+                   help="file holding this site's token (the last word of its first line)")
+    g.add_argument("--site-address", metavar="HOST:PORT", default=None,
+                   help="this site's NBD address, shown by 'icbd-cache admin status' "
+                        "(serve: default its first --listen)")
+    g.add_argument("--pull-batch", type=_positive, default=256, metavar="N",
+                   help="chunk digests per request (default 256)")
+    g.add_argument("--pull-parallel", type=_positive, default=3, metavar="N",
+                   help="chunk requests in flight (default 3)")
+
+
+def has_transfer_args(args: argparse.Namespace) -> bool:
+    """Whether any replication option was given (serve refuses them without --master)."""
+    return any(getattr(args, k, None) is not None for k in (
+        "site", "subscribe", "compress", "master_ca", "master_cert", "master_key",
+        "master_token_file", "site_address"))
+
+
+def client_from_args(args: argparse.Namespace) -> MasterClient:
+    """The MasterClient of the options. Raises ValueError naming the option and file."""
+    for opt, f in (("--master-ca", args.master_ca), ("--master-cert", args.master_cert),
+                   ("--master-key", args.master_key),
+                   ("--master-token-file", args.master_token_file)):
+        if f is not None and not os.path.isfile(f):
+            raise ValueError(f"{opt} {f}: no such file")
+    token = None
+    if args.master_token_file:
+        try:
+            token = read_token(args.master_token_file)
+        except AuthConfigError as e:
+            raise ValueError(str(e)) from e
+    try:
+        return MasterClient(args.master, ca=args.master_ca, cert=args.master_cert,
+                            key=args.master_key, token=token, zstd_level=args.compress)
+    except ssl.SSLError as e:
+        raise ValueError(f"cannot use --master-ca/--master-cert/--master-key: {e}") from e
+    except OSError as e:
+        raise ValueError(f"cannot read the TLS files: {e.strerror or e}") from e
+
+
+def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConfig:
+    """The ReplicaConfig of the options. Raises ValueError."""
+    from icbdcache.storecli import check_name
+
+    if not args.site:
+        raise ValueError("--master needs --site NAME")
+    for what, name in [("--site", args.site)] + [("--subscribe", s)
+                                                  for s in args.subscribe or []]:
+        why = check_name(what, name)
+        if why is not None:
+            raise ValueError(why)
+    return ReplicaConfig(site=args.site, subscribe=list(args.subscribe or []),
+                         address=args.site_address or address, batch=args.pull_batch,
+                         parallel=args.pull_parallel, once=bool(getattr(args, "once", False)))
+
+
+def serve_service(args: argparse.Namespace, listen: list[tuple[str, int]], *,
+                  workers: int, store: str | None) -> ReplicaService:
+    """``serve --master``: the replica service for the node. Raises ValueError."""
+    if not store:
+        raise ValueError("--master needs --store DIR (the store it replicates into)")
+    if workers > 1:
+        raise ValueError("--master needs --workers 1 (one replica per store)")
+    address = ""
+    if listen:
+        host, port = listen[0]
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cfg = config_from_args(args, address)
+    return ReplicaService(client_from_args(args), cfg)
+
+
+def cmd_replica(args: argparse.Namespace) -> int:
+    from icbdcache.server import new_event_loop
+    from icbdcache.store import Store, StoreError
+
+    try:
+        cfg = config_from_args(args)
+        client = client_from_args(args)
+    except ValueError as e:
+        print(f"icbd-cache replica: {e}", file=sys.stderr)
+        return 2
+    try:
+        store = Store(args.store, size_limit=args.store_size)
+    except StoreError as e:
+        print(f"icbd-cache replica: {e}", file=sys.stderr)
+        return 2
+    replica = Replica(store, client, cfg)
+
+    async def run() -> int:
+        task = asyncio.ensure_future(replica.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return 0
+        finally:
+            replica.state = "stopped" if not cfg.once else replica.state
+            replica.save_state()
+            await client.close()
+
+    loop = new_event_loop()
+    try:
+        code = loop.run_until_complete(run())
+        if cfg.once and code == 0 and not args.quiet:
+            done = ", ".join(k for k, v in replica.state_dict()["versions"].items()
+                             if v["complete"]) or "nothing subscribed"
+            c = replica.counters
+            print(f"replicated {done}: {c.chunks} chunks, {c.chunk_bytes} bytes of chunks, "
+                  f"{c.wire_bytes} bytes on the wire")
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        store.close()
+    return code
+
+
+def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
+    """Add ``replica``; return its handler by name."""
+    from icbdcache.storecli import add_store_arg, size_arg
+
+    p = sub.add_parser(
+        "replica", help="keep a site's store in step with a master (pull new versions)",
+        description=textwrap.fill(
+            "Register with the master as --site, subscribe, and pull the newest version of "
+            "each subscribed iMI: its manifest, then only the chunks the store lacks (a "
+            "delta against everything held), each checked against its digest; pinned, and "
+            "made the iMI's latest once complete. Keeps long-polling for new versions until "
+            "stopped (SIGTERM), or with --once stops when what is subscribed is complete. "
+            "'icbd-cache serve --master' does the same inside the NBD server.", 78),
+        epilog=REPLICA_EXAMPLES + "\nexit status (--once): 0 complete, 1 a pull failed or "
+                                  "the master refused us or stayed unreachable, 2 bad usage",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_store_arg(p)
+    p.add_argument("--store-size", type=size_arg, default=None, metavar="BYTES",
+                   help="bound of the store's chunks; a version that does not fit beside the "
+                        "pinned ones is an error (store full)")
+    p.add_argument("--once", action="store_true",
+                   help="pull what is subscribed, then exit (0 when complete)")
+    add_transfer_args(p, required=True)
+    verbosity(p)
+    return {"replica": cmd_replica}
+
+
+__all__ = ["add_parsers", "add_transfer_args", "client_from_args", "has_transfer_args",
+           "serve_service"]
