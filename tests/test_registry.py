@@ -308,6 +308,37 @@ def test_embedded_state_survives_reopen(tmp_path: Path) -> None:
     run(read(run(write())))
 
 
+def test_embedded_keepalives_are_batched(tmp_path: Path) -> None:
+    """Keep-alives of known sites do not each cost an LMDB write transaction: they are
+    written together (here on close), and then another registry object sees them."""
+    from icbdcache.replication.registry.embedded import EmbeddedRegistry
+
+    store = Store(tmp_path / "store")
+
+    async def body() -> None:
+        reg = EmbeddedRegistry(store, flush_every=3600)
+        names = [f"site-{i:03d}" for i in range(100)]
+        for n in names:
+            await reg.keepalive(n, {"round": 0})
+        await reg.close()
+        txn0 = store.env.info()["last_txnid"]
+        for r in (1, 2, 3):
+            for n in names:
+                assert (await reg.keepalive(n, {"round": r})).up
+        assert store.env.info()["last_txnid"] == txn0
+        assert {s.report["round"] for s in await reg.sites()} == {3}  # its own view
+        await reg.close()
+        assert store.env.info()["last_txnid"] == txn0 + 1
+        other = EmbeddedRegistry(store)
+        sites = await other.sites()
+        assert len(sites) == 100 and all(s.up and s.report == {"round": 3} for s in sites)
+
+    try:
+        run(body())
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------------------- sites
 
 def test_register_keepalive_subscriptions(make: Factory) -> None:

@@ -20,8 +20,11 @@ writes.
 
 Keep-alives are frequent (every few seconds from each of hundreds of sites) and each LMDB write
 transaction is synced to disk, so they are kept in memory and written together in one
-transaction at most every ``flush_every`` seconds (and on :meth:`~EmbeddedRegistry.close`):
-this object's own view always includes them, another process's lags by up to that much.
+transaction at most every ``flush_every`` seconds (checked on each keep-alive, each poll of
+:meth:`~EmbeddedRegistry.wait_change` and each :meth:`~EmbeddedRegistry.sites`; written on
+:meth:`~EmbeddedRegistry.close`): this object's own view always includes them, another
+process's may lag (an LMDB write transaction is synced: about 2.5 ms here, so one per
+keep-alive of hundreds of sites would hold the event loop for a good part of each second).
 """
 
 from __future__ import annotations
@@ -220,6 +223,7 @@ class EmbeddedRegistry(Registry):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         while True:
+            self._maybe_flush()
             gen = self._gen_now()
             left = deadline - loop.time()
             if gen > since or left <= 0:
@@ -284,9 +288,12 @@ class EmbeddedRegistry(Registry):
         else:
             d = _loads(self._read(SITE_PREFIX + site))
         self._pending[site] = (now, dict(report))
-        if now - self._last_flush >= self.flush_every:
-            self.flush()
+        self._maybe_flush()
         return self._make(site, d, now, dict(report))
+
+    def _maybe_flush(self) -> None:
+        if self._pending and time.time() - self._last_flush >= self.flush_every:
+            self.flush()
 
     def flush(self) -> None:
         """Write the keep-alives held in memory (one transaction)."""
@@ -336,6 +343,7 @@ class EmbeddedRegistry(Registry):
     async def sites(self) -> list[SiteRecord]:
         """Every site, by name; ``up`` if its last keep-alive is at most ``down_after``
         seconds old."""
+        self._maybe_flush()
         seen = {k[len(SEEN_PREFIX):]: _loads(v) for k, v in self._scan(SEEN_PREFIX)}
         out = []
         for key, raw in self._scan(SITE_PREFIX):
