@@ -617,3 +617,24 @@ def test_etcd_lost_and_back(tmp_path: Path) -> None:
         run(body())
     finally:
         server.stop()
+
+
+def test_etcd_under_uvloop(etcd_server: EtcdServer) -> None:
+    """The master runs on uvloop: aetcd's gRPC calls and watches work there too."""
+    uvloop = pytest.importorskip("uvloop")
+    uri = etcd_server.uri(f"/t-{uuid.uuid4().hex[:12]}")
+
+    async def body() -> None:
+        a, b = open_registry(uri), open_registry(uri)
+        try:
+            gen = await a.generation()
+            waiter = asyncio.ensure_future(a.wait_change(gen, 60))
+            await asyncio.sleep(0.3)
+            await b.publish(vrec("lab", "1"))
+            assert await asyncio.wait_for(waiter, 30) > gen
+            assert (await a.keepalive("site-a", {})).up
+            assert [s.name for s in await b.sites()] == ["site-a"]
+        finally:
+            await closing(a, b)
+
+    uvloop.run(body())

@@ -316,6 +316,8 @@ class EtcdRegistry(Registry):
                 return None
             except exc.RevisionCompactedError:
                 return None
+            if ev is None:  # the client was closed under the watch (by another call)
+                return None
             if isinstance(ev, BaseException):  # the watch stream broke
                 where = self._endpoint()
                 await self._drop_client()
