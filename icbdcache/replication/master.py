@@ -312,21 +312,23 @@ class Master:
             "X-Icbd-Manifest": manifest_digest(body)})
 
     def _read_slice(self, digests: list[bytes], enc: wire.ChunkStreamEncoder,
-                    last: bool) -> tuple[bytes, int]:
-        """(encoded frames, missing count) of one slice: read in one LMDB read transaction,
-        copied out before it ends, then encoded (compressed). Runs in a worker thread."""
+                    last: bool) -> tuple[bytes, int, int]:
+        """(encoded frames, missing count, frame bytes before compression) of one slice: read
+        in one LMDB read transaction, copied out before it ends, then encoded (compressed).
+        Runs in a worker thread."""
         store = self.store
         with store.env.begin(db=store.db["chunks"], buffers=True) as txn:
             datas = []
             for d in digests:
                 buf = txn.get(d)
                 datas.append(bytes(buf) if buf is not None else None)
+        raw_before = enc.raw_bytes
         out = bytearray()
         for j, (d, data) in enumerate(zip(digests, datas, strict=True)):
             out += enc.frame(d, data, flush=j == len(digests) - 1)
         if last:
             out += enc.end()
-        return bytes(out), sum(1 for x in datas if x is None)
+        return bytes(out), sum(1 for x in datas if x is None), enc.raw_bytes - raw_before
 
     async def chunks(self, request: web.Request) -> web.StreamResponse:
         level: int | None = None
@@ -352,29 +354,26 @@ class Master:
         slices = [digests[i : i + SLICE_CHUNKS] for i in range(0, len(digests), SLICE_CHUNKS)]
         loop = asyncio.get_running_loop()
 
-        def start(i: int) -> asyncio.Future[tuple[bytes, int]]:
+        def start(i: int) -> asyncio.Future[tuple[bytes, int, int]]:
             return loop.run_in_executor(None, self._read_slice, slices[i], enc,
                                         i == len(slices) - 1)
 
         fut = start(0)
-        wire_bytes = missing = 0
         try:
             for i in range(len(slices)):
-                out, miss = await fut
-                missing += miss
+                out, miss, raw = await fut
                 if i + 1 < len(slices):
                     fut = start(i + 1)  # read and compress the next slice while this one goes
+                # counted before it is sent: a client that has the bytes sees them counted
+                self.count("wire_bytes", len(out))
+                self.count("raw_bytes", raw)
+                self.count("chunks_missing", miss)
+                self.count("chunks_sent", len(slices[i]) - miss)
                 await resp.write(out)
-                wire_bytes += len(out)
             await resp.write_eof()
         except (ConnectionError, asyncio.CancelledError):
             fut.cancel()
             raise
-        finally:
-            self.count("wire_bytes", wire_bytes)
-            self.count("raw_bytes", enc.raw_bytes)
-            self.count("chunks_missing", missing)
-            self.count("chunks_sent", len(digests) - missing)
         return resp
 
     async def boot(self, request: web.Request) -> web.StreamResponse:
