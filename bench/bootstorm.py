@@ -567,6 +567,7 @@ class RunRecord:
     n_clients: int
     server: str
     clients: list[dict[str, Any]] = field(default_factory=list)
+    rep: int = 0
     wall_s: float | None = None
     server_cpu_s: float | None = None
     peak_rss: int | None = None
@@ -659,11 +660,12 @@ def run_replay(ctx: Context, sc: Scenario, host: str, port: int, run_dir: Path,
 
 
 def run_one(ctx: Context, sc: Scenario, name: str, store: Path | None = None,
-            tag: str | None = None) -> RunRecord:
+            tag: str | None = None, rep: int = 0) -> RunRecord:
     """Start the upstream (when needed) and server ``name`` (icbd-cache on ``store``), replay
-    ``sc``, stop them. ``tag`` names the run's logs (default ``SCENARIO-SERVER``)."""
-    rec = RunRecord(sc.key, sc.mode, sc.clients, name)
-    tag = tag or f"{sc.key}-{name}"
+    ``sc``, stop them. ``tag`` names the run's logs (default ``SCENARIO-SERVER``, with
+    ``-rN`` for repetitions after the first); ``rep``: the repetition (from 0)."""
+    rec = RunRecord(sc.key, sc.mode, sc.clients, name, rep=rep)
+    tag = tag or f"{sc.key}-{name}" + (f"-r{rep + 1}" if rep else "")
     run_dir = ctx.work / tag
     run_dir.mkdir(parents=True, exist_ok=True)
     net = ctx.net
@@ -700,7 +702,8 @@ def run_one(ctx: Context, sc: Scenario, name: str, store: Path | None = None,
             wan0 = net.wan_bytes() if up else None
             relay0 = up.relay_counts() if up else None
             times0 = psutil.cpu_times()
-            progress = ctx.progress.runner(sc, name, len(ctx.trace.head(ctx.s.requests)))
+            progress = ctx.progress.runner(sc, name, len(ctx.trace.head(ctx.s.requests)),
+                                           rep, ctx.s.reps)
             doc = run_replay(ctx, sc, host, port, run_dir, progress)
             rec.host_cpu_pct, rec.softirq_pct = cpu_busy(times0, psutil.cpu_times())
             elapsed = time.monotonic() - t0
@@ -752,10 +755,11 @@ class StormProgress(Progress):
         super().__init__(total)
         self._last_log = 0.0
 
-    def runner(self, sc: Scenario, server: str, requests: int
+    def runner(self, sc: Scenario, server: str, requests: int, rep: int = 0, reps: int = 1
                ) -> Callable[[dict[str, Any]], None]:
-        """The callback for the replay's progress lines of one run."""
-        head = f"[{self.done + 1}/{self.total}] {sc.label} {server}"
+        """The callback for the replay's progress lines of one run (``rep`` of ``reps``)."""
+        head = f"[{self.done + 1}/{self.total}] {sc.label} {server}" + (
+            f" rep {rep + 1}/{reps}" if reps > 1 else "")
         if not self.tty:
             self._emit(f"{head}: started", True)
         self._last_log = time.monotonic()
@@ -775,7 +779,7 @@ class StormProgress(Progress):
         """Report a finished run: its medians, or why it failed."""
         self.done += 1
         head = f"[{self.done}/{self.total}] {Scenario(rec.mode, rec.n_clients).label} " \
-               f"{rec.server}"
+               f"{rec.server}" + (f" rep {rec.rep + 1}" if rec.rep else "")
         if rec.error:
             lines = [ln.strip() for ln in rec.error.splitlines() if ln.strip()] or ["error"]
             why = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
@@ -798,52 +802,100 @@ class StormProgress(Progress):
 # --------------------------------------------------------------------------- summary
 
 
+#: Per-run figures that are counts: summed over repetitions rather than taken the median of.
+_SUMMED = frozenset({"complete_clients", "requests", "errors", "mismatches"})
+#: Per-run medians whose spread over repetitions (lowest, highest) the rows carry.
+_SPREAD = ("io_wait_s_median", "replay_s_median")
+
+
 def summarize(runs: Sequence[dict[str, Any]], expected_requests: int,
               expected_bytes: int) -> list[dict[str, Any]]:
-    """One row per run: medians, p95 and max over its clients, and the ratios.
+    """One row per (scenario, server): medians, p95 and max over its clients, and the
+    ratios; with several repetitions (runs with ``rep`` 0, 1, ...), the median over
+    repetitions of each run's figure.
 
-    ``vs_alone``: median I/O wait / the same server's median with one client alone;
-    ``vs_cache``: median I/O wait / nbdkit-cache's in the same scenario. Times in seconds,
-    latencies in ms, sizes in bytes.
+    ``vs_alone``: median I/O wait / the same server's median with one client alone (of the
+    same repetition; with several, the median of those ratios); ``vs_cache``: / nbdkit-cache's
+    in the same scenario and repetition. ``reps``: repetitions; ``io_wait_s_median_spread`` and
+    ``replay_s_median_spread``: [lowest, highest] per-repetition median (None with one);
+    ``complete_clients``, ``requests``, ``errors``, ``mismatches``: summed over repetitions,
+    ``clients_total``: ``n_clients`` x repetitions. Times in seconds, latencies in ms, sizes in
+    bytes.
     """
-    rows: list[dict[str, Any]] = []
-    for r in runs:
-        cl = r["clients"]
-        row: dict[str, Any] = {"scenario": r["scenario"], "mode": r["mode"],
-                               "n_clients": r["n_clients"], "server": r["server"],
-                               "error": r["error"]}
-        if cl:
-            complete = [c for c in cl if c["requests"] == expected_requests
-                        and c["bytes"] == expected_bytes and not c["mismatches"]
-                        and not c["error"]]
-            for metric in ("io_wait_s", "replay_s", "io_busy_s"):
-                vals = [float(c[metric]) for c in cl]
-                row[f"{metric}_median"] = statistics.median(vals)
-                row[f"{metric}_p95"] = replay.percentile(vals, 95)
-                row[f"{metric}_max"] = max(vals)
-            row["lat_p50_ms"] = statistics.median(c["lat_p50_ms"] for c in cl)
-            row["lat_p95_ms"] = statistics.median(c["lat_p95_ms"] for c in cl)
-            row["lat_max_ms"] = max(c["lat_max_ms"] for c in cl)
-            row["lag_s_median"] = statistics.median(c["lag_s"] for c in cl)
-            row["complete_clients"] = len(complete)
-            row["requests"] = sum(c["requests"] for c in cl)
-            row["errors"] = sum(c["errors"] for c in cl)
-            row["mismatches"] = sum(c["mismatches"] for c in cl)
-        for k in ("server_cpu_s", "peak_rss", "upstream_cpu_s", "upstream_reads",
-                  "upstream_read_bytes", "wan_down", "wan_up", "relay_down", "relay_up",
-                  "client_cpu_s", "host_cpu_pct", "softirq_pct", "other_cpu_pct",
-                  "idle_cpu_pct", "idle_wait_s", "wall_s"):
-            row[k] = r.get(k)
-        rows.append(row)
-    alone = {r["server"]: r.get("io_wait_s_median") for r in rows if r["scenario"] == "alone"}
-    cache = {r["scenario"]: r.get("io_wait_s_median") for r in rows
+    per_run = [_run_row(r, expected_requests, expected_bytes) for r in runs]
+    alone = {(r["server"], r["rep"]): r.get("io_wait_s_median") for r in per_run
+             if r["scenario"] == "alone"}
+    cache = {(r["scenario"], r["rep"]): r.get("io_wait_s_median") for r in per_run
              if r["server"] == CACHE_BASELINE}
-    for row in rows:
+    for row in per_run:
         w = row.get("io_wait_s_median")
-        a, c = alone.get(row["server"]), cache.get(row["scenario"])
+        a = alone.get((row["server"], row["rep"]))
+        c = cache.get((row["scenario"], row["rep"]))
         row["vs_alone"] = w / a if w is not None and a else None
         row["vs_cache"] = w / c if w is not None and c else None
-    return rows
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in per_run:
+        groups.setdefault((row["scenario"], row["server"]), []).append(row)
+    return [_aggregate(rs) for rs in groups.values()]
+
+
+def _aggregate(rs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The row of one (scenario, server) from its per-repetition rows (see
+    :func:`summarize`)."""
+    first = rs[0]
+    row: dict[str, Any] = {"scenario": first["scenario"], "mode": first["mode"],
+                           "n_clients": first["n_clients"], "server": first["server"],
+                           "error": next((r["error"] for r in rs if r["error"]), None),
+                           "reps": len(rs), "clients_total": first["n_clients"] * len(rs)}
+    keys = [k for k in first if k not in row and k != "rep"]
+    for r in rs[1:]:
+        keys += [k for k in r if k not in keys and k not in row and k != "rep"]
+    for k in keys:
+        vals = [r[k] for r in rs if r.get(k) is not None]
+        if not vals:
+            row[k] = None
+        elif k in _SUMMED:
+            row[k] = sum(vals)
+        elif len(vals) == 1:
+            row[k] = vals[0]
+        else:
+            row[k] = statistics.median(vals)
+    for k in _SPREAD:
+        vals = [r[k] for r in rs if r.get(k) is not None]
+        row[f"{k}_spread"] = [min(vals), max(vals)] if len(rs) > 1 and vals else None
+    return row
+
+
+def _run_row(r: dict[str, Any], expected_requests: int, expected_bytes: int
+             ) -> dict[str, Any]:
+    """Medians, p95 and max over the clients of one run."""
+    cl = r["clients"]
+    row: dict[str, Any] = {"scenario": r["scenario"], "mode": r["mode"],
+                           "n_clients": r["n_clients"], "server": r["server"],
+                           "rep": int(r.get("rep", 0)), "error": r["error"]}
+    if cl:
+        complete = [c for c in cl if c["requests"] == expected_requests
+                    and c["bytes"] == expected_bytes and not c["mismatches"]
+                    and not c["error"]]
+        for metric in ("io_wait_s", "replay_s", "io_busy_s"):
+            vals = [float(c[metric]) for c in cl]
+            row[f"{metric}_median"] = statistics.median(vals)
+            row[f"{metric}_p95"] = replay.percentile(vals, 95)
+            row[f"{metric}_max"] = max(vals)
+        row["lat_p50_ms"] = statistics.median(c["lat_p50_ms"] for c in cl)
+        row["lat_p95_ms"] = statistics.median(c["lat_p95_ms"] for c in cl)
+        row["lat_max_ms"] = max(c["lat_max_ms"] for c in cl)
+        row["lag_s_median"] = statistics.median(c["lag_s"] for c in cl)
+        row["complete_clients"] = len(complete)
+        row["requests"] = sum(c["requests"] for c in cl)
+        row["errors"] = sum(c["errors"] for c in cl)
+        row["mismatches"] = sum(c["mismatches"] for c in cl)
+    for k in ("server_cpu_s", "peak_rss", "upstream_cpu_s", "upstream_reads",
+              "upstream_read_bytes", "wan_down", "wan_up", "relay_down", "relay_up",
+              "client_cpu_s", "host_cpu_pct", "softirq_pct", "other_cpu_pct",
+              "idle_cpu_pct", "idle_wait_s", "wall_s"):
+        row[k] = r.get(k)
+    return row
 
 
 def _f(v: float | None, fmt: str) -> str:
@@ -889,7 +941,15 @@ def markdown(doc: dict[str, Any]) -> str:
                      "changes** (shared checkout): " + "; ".join(seen) + ".")
     if meta.get("interrupted"):
         lines.append("**Interrupted**: partial results.")
-    lines += ["", "| scenario | server | I/O wait s median | p95 | max | replay s median | p95 "
+    reps = max((int(r.get("reps", 1)) for r in rows), default=1)
+    if reps > 1:
+        lines.append(f"**{reps} repetitions per cell**: every figure is the median over "
+                     "repetitions of the run's own figure; in brackets the lowest and highest "
+                     "per-repetition median. Per-client tables and plots: the first "
+                     "repetition.")
+    spread_head = " (min-max)" if reps > 1 else ""
+    lines += ["", f"| scenario | server | I/O wait s median{spread_head} | p95 | max "
+              f"| replay s median{spread_head} | p95 "
               "| max | lat ms p50 | p95 | max | WAN MiB | upstream MiB | CPU s | peak RSS MiB "
               f"| vs alone | vs {CACHE_BASELINE} | other CPU % | clients ok |",
               "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
@@ -901,14 +961,21 @@ def markdown(doc: dict[str, Any]) -> str:
                          + "|" * 17)
             continue
         wan = r["wan_down"] if r["wan_down"] is not None else r["relay_down"]
+        wait, rep_s = f"{r['io_wait_s_median']:.2f}", f"{r['replay_s_median']:.1f}"
+        if r.get("io_wait_s_median_spread"):
+            lo, hi = r["io_wait_s_median_spread"]
+            wait += f" ({lo:.2f}-{hi:.2f})"
+        if r.get("replay_s_median_spread"):
+            lo, hi = r["replay_s_median_spread"]
+            rep_s += f" ({lo:.1f}-{hi:.1f})"
         lines.append(
-            f"| {label} | {r['server']} | {r['io_wait_s_median']:.2f} | {r['io_wait_s_p95']:.2f} "
-            f"| {r['io_wait_s_max']:.2f} | {r['replay_s_median']:.1f} | {r['replay_s_p95']:.1f} "
+            f"| {label} | {r['server']} | {wait} | {r['io_wait_s_p95']:.2f} "
+            f"| {r['io_wait_s_max']:.2f} | {rep_s} | {r['replay_s_p95']:.1f} "
             f"| {r['replay_s_max']:.1f} | {r['lat_p50_ms']:.2f} | {r['lat_p95_ms']:.1f} "
             f"| {r['lat_max_ms']:.0f} | {_mib(wan)} | {_mib(r['upstream_read_bytes'])} "
             f"| {_f(r['server_cpu_s'], '.1f')} | {_mib(r['peak_rss'])} | {_x(r['vs_alone'])} "
             f"| {_x(r['vs_cache'])} | {_f(r['other_cpu_pct'], '.0f')} "
-            f"| {r['complete_clients']}/{r['n_clients']} |")
+            f"| {r['complete_clients']}/{r.get('clients_total', r['n_clients'])} |")
     lines += ["", "I/O wait: sum of a client's read latencies; replay: its first read sent to "
               "its last reply; lat: per-client p50/p95 (median over clients) and the largest "
               "of all. WAN MiB: received by the site over the WAN during the replay (veth, "
@@ -918,7 +985,8 @@ def markdown(doc: dict[str, Any]) -> str:
               f"{CACHE_BASELINE}: / {CACHE_BASELINE}'s in the same scenario. other CPU: "
               "machine CPU busy % used neither by the bench's processes nor in soft "
               "interrupts (other work on a shared machine, steal included). "
-              "clients ok: replayed every read with the right bytes.", ""]
+              "clients ok: replayed every read with the right bytes (over all "
+              "repetitions).", ""]
     lines += ratio_lines(rows)
     lags = [r["lag_s_median"] for r in rows if r.get("lag_s_median") is not None]
     cpus = [r["host_cpu_pct"] for r in rows if r.get("host_cpu_pct") is not None]
@@ -956,7 +1024,8 @@ def per_client_tables(doc: dict[str, Any], limit: int = 30) -> list[str]:
     out: list[str] = []
     runs: list[dict[str, Any]] = doc["runs"]
     for key in dict.fromkeys(r["scenario"] for r in runs):
-        rs = [r for r in runs if r["scenario"] == key and r["clients"]]
+        rs = [r for r in runs if r["scenario"] == key and r["clients"]
+              and not r.get("rep", 0)]
         if not rs or rs[0]["n_clients"] > limit:
             continue
         label = Scenario(rs[0]["mode"], rs[0]["n_clients"]).label
@@ -982,7 +1051,8 @@ def plot_clients(doc: dict[str, Any], path: Path, limit: int = 30) -> bool:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    runs = [r for r in doc["runs"] if r["clients"] and r["n_clients"] <= limit]
+    runs = [r for r in doc["runs"] if r["clients"] and r["n_clients"] <= limit
+            and not r.get("rep", 0)]
     keys = list(dict.fromkeys(r["scenario"] for r in runs))
     if not keys:
         return False
@@ -1114,7 +1184,7 @@ def run(s: Settings) -> int:
 
     log_dir = s.out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    runs_total = len(s.scenarios) * len(names)
+    runs_total = len(s.scenarios) * len(names) * s.reps
     progress = StormProgress(runs_total)
     records: list[RunRecord] = []
     meta: dict[str, Any] = {}
@@ -1146,18 +1216,22 @@ def run(s: Settings) -> int:
             ctx = Context(s, net, image, size, trace, binaries, work, log_dir, progress)
             meta.update(_meta(s, ctx, names, missing, fallback))
             for sc in s.scenarios:
-                store = work / f"store-{sc.key}"
-                for name in names:
-                    if name == "icbd-warm" and not (store / "data.mdb").exists():
-                        progress.note(f"bootstorm: priming the icbd-warm store for {sc.label} "
-                                      "with one unmeasured client")
-                        prime = run_one(ctx, Scenario("simultaneous", 1), "icbd-cold", store,
-                                        f"{sc.key}-prime")
-                        if prime.error:
-                            progress.note(f"bootstorm: priming failed: {prime.error}")
-                    rec = run_one(ctx, sc, name, store if name.startswith("icbd") else None)
-                    records.append(rec)
-                    progress.finished(rec)
+                for rep in range(s.reps):
+                    # each repetition's icbd-cold starts from an empty store of its own
+                    store = work / (f"store-{sc.key}" + (f"-r{rep + 1}" if rep else ""))
+                    for name in names:
+                        if name == "icbd-warm" and not (store / "data.mdb").exists():
+                            progress.note(f"bootstorm: priming the icbd-warm store for "
+                                          f"{sc.label} with one unmeasured client")
+                            prime = run_one(ctx, Scenario("simultaneous", 1), "icbd-cold",
+                                            store, f"{sc.key}-prime"
+                                            + (f"-r{rep + 1}" if rep else ""))
+                            if prime.error:
+                                progress.note(f"bootstorm: priming failed: {prime.error}")
+                        rec = run_one(ctx, sc, name, store if name.startswith("icbd") else None,
+                                      rep=rep)
+                        records.append(rec)
+                        progress.finished(rec)
     except KeyboardInterrupt:
         progress.note("bootstorm: interrupted; writing what was measured")
         if not records:
@@ -1188,7 +1262,7 @@ def run(s: Settings) -> int:
     print(f"\nbootstorm: wrote {', '.join(map(str, written))}, logs in {log_dir}")
     if interrupted:
         return 130
-    bad = [r for r in rows if r["error"] or r.get("complete_clients") != r["n_clients"]]
+    bad = [r for r in rows if r["error"] or r.get("complete_clients") != r["clients_total"]]
     if bad:
         print(f"bootstorm: {len(bad)} of {len(rows)} runs had failures (see the logs)",
               file=sys.stderr)

@@ -23,7 +23,6 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +33,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, REPO, Server, free_port, require, sha256_file, start_server, wait_port
 
+from bench.vm import GUEST_APPEND, LINGER_RX, MARKER_RX, Unavailable, Vm, boot_vm, build_test_imi
 from pxe.render import (
     BootEntry,
     BootSettings,
@@ -605,78 +605,7 @@ def test_serve_pxe_refusals(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------ real workstations
 
-GUEST_APPEND = "console=ttyS0,115200 no_timer_check panic=-1 quiet loglevel=3"
-MARKER_RX = re.compile(r"ICBD-BOOT-OK (\S+) nbdroot=(\S+) release=(\S+)")
-LINGER_RX = re.compile(r"ICBD-LINGER-OK (\S+) release=(\S+)")
 BOOT_TIMEOUT = 240.0
-
-
-@dataclass
-class Vm:
-    """A QEMU workstation booting from the network; its console is collected by a thread."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    t0: float = field(default_factory=time.monotonic)
-    lines: list[tuple[float, str]] = field(default_factory=list)
-    thread: threading.Thread | None = None
-
-    def _reader(self) -> None:
-        assert self.proc.stdout is not None
-        with open(self.log, "w") as f:
-            for raw in iter(self.proc.stdout.readline, b""):
-                t = time.monotonic()
-                line = raw.decode(errors="replace").rstrip("\r\n")
-                self.lines.append((t, line))
-                f.write(f"{t - self.t0:8.3f} {line}\n")
-                f.flush()
-
-    def wait_for(self, rx: re.Pattern[str], timeout: float) -> tuple[float, re.Match[str]]:
-        """(host time, match) of the first console line matching ``rx``; fails the test
-        with the console's tail on timeout or if QEMU exits first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for t, line in list(self.lines):
-                m = rx.search(line)
-                if m:
-                    return t, m
-            if self.proc.poll() is not None and self.thread is not None \
-                    and not self.thread.is_alive():
-                break
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        tail = "\n".join(line for _, line in self.lines[-40:])
-        pytest.fail(f"{self.name}: no {rx.pattern!r} after {time.monotonic() - self.t0:.0f} s "
-                    f"(qemu rc={self.proc.poll()}); console tail:\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.thread is not None:
-            self.thread.join(5)
-
-
-def boot_vm(name: str, bootfile: str, mac: str, log: Path) -> Vm:
-    """Start QEMU (TCG) with an e1000 NIC whose iPXE ROM boots ``bootfile`` from QEMU's
-    DHCP (user networking)."""
-    cmd = ["qemu-system-x86_64", "-name", name, "-accel", "tcg,tb-size=128", "-cpu", "qemu64",
-           "-smp", "1", "-m", "320", "-nodefaults", "-no-user-config", "-display", "none",
-           "-monitor", "none", "-serial", "stdio", "-no-reboot",
-           "-netdev", f"user,id=n0,bootfile={bootfile}",
-           "-device", f"e1000,netdev=n0,mac={mac}", "-boot", "n"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    vm = Vm(name, proc, log)
-    vm.thread = threading.Thread(target=vm._reader, daemon=True)
-    vm.thread.start()
-    return vm
 
 
 @dataclass
@@ -706,17 +635,10 @@ MAC_LINGER = "52:54:00:1c:bd:01"
 def test_imi() -> Path:
     """scripts/build-test-imi's output directory (built once, then cached)."""
     require("qemu-system-x86_64", "debootstrap", "debugfs")
-    if os.geteuid() != 0:
-        pytest.skip("building the test iMI needs root (debootstrap)")
-    if not list(Path("/usr/share/qemu").glob("*e1000*.rom")) and \
-            not Path("/usr/lib/ipxe/qemu/efi-e1000.rom").exists():
-        pytest.skip("no iPXE ROM for QEMU's e1000 (package ipxe-qemu)")
-    p = subprocess.run([str(REPO / "scripts" / "build-test-imi")], capture_output=True,
-                       text=True, timeout=900, check=False)
-    if p.returncode == 77:
-        pytest.skip(f"test iMI unavailable: {p.stderr.strip().splitlines()[-1]}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    return Path(p.stdout.strip().splitlines()[-1])
+    try:
+        return build_test_imi()
+    except Unavailable as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
