@@ -453,6 +453,11 @@ def test_full_then_delta_real_pair(real_pair: Pair, tmp_path: Path, procs: Procs
     assert s2["replica_chunks"] - s1["replica_chunks"] == len(new)
     assert s2["replica_chunk_bytes"] - s1["replica_chunk_bytes"] == sum(new.values())
     assert s2["replica_corrupt_chunks"] == 0
+    # the kernel and initrd the master kept (publish extracts them) came along, for PXE
+    for key in ("lab@1", "lab@2"):
+        for name in ("vmlinuz", "initrd.img"):
+            theirs, ours = mstore / "boot" / key / name, rstore / "boot" / key / name
+            assert theirs.is_file() and sha256_file(ours) == sha256_file(theirs)
     srv = procs.serve("--store", str(rstore))
     assert nbd_sha256(srv.port, "lab@1") == sha256_file(pair.v1)
     assert nbd_sha256(srv.port, "lab@2") == sha256_file(pair.v2)
@@ -497,6 +502,32 @@ def test_master_killed_mid_transfer(tmp_path: Path, procs: Procs) -> None:
     wait_for("state idle", lambda: stats(rstore)["replica"]["state"] == "idle")
     assert nbd_sha256(site.port, "lab@2") == sha256_file(v2)
     assert nbd_sha256(site.port, "lab") == sha256_file(v2)
+
+
+def test_replica_killed_mid_transfer_resumes(tmp_path: Path, procs: Procs) -> None:
+    """icbd-cache replica SIGKILLed in the middle of a pull: started again, it fetches only
+    what it did not commit, and the store verifies."""
+    v1 = make_image(tmp_path / "v1.img", 64 << 20, seed=4)
+    c1 = chunks_of(v1)
+    mstore, rstore = tmp_path / "master", tmp_path / "replica"
+    publish(mstore, v1)
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}"
+    args = ["--store", str(rstore), "--master", url, "--site", "s1", "--subscribe", "lab",
+            "--pull-batch", "1", "--pull-parallel", "1"]
+    r = procs.replica("r1", *args)
+    wait_for("a part of lab@1", lambda: (rstore / "data.mdb").exists()
+             and stats(rstore).get("replica_chunks", 0) >= 100, every=0.05)
+    r.kill()
+    got = stats(rstore)["replica_chunks"]
+    assert 100 <= got < len(c1), "the pull was not interrupted"
+    assert ls(rstore)["lab@1"]["pinned"] and not ls(rstore)["lab@1"]["latest"]
+    run("replica", *args, "--once")
+    s = stats(rstore)
+    assert s["replica_chunks"] == len(c1)  # nothing committed before the kill came again
+    assert s["replica_chunk_bytes"] == sum(c1.values())
+    assert complete(rstore, "lab@1") and ls(rstore)["lab@1"]["latest"]
+    assert run("verify", "--store", str(rstore)).returncode == 0
 
 
 def test_chunk_altered_in_transit_is_refused_and_refetched(tmp_path: Path,
