@@ -1,4 +1,4 @@
-"""The replica: a site's loop that keeps its store in step with a master (docs/replication.md).
+"""The replica: a site's loop that keeps its store in step with a master (docs/replica.md).
 
 What it does, in order, and why:
 

@@ -1,5 +1,5 @@
 """``icbd-cache replica`` (a site's replica alone), and the replica options of ``icbd-cache serve
---master`` (one process serving NBD and replicating). See docs/replication.md, 'REPLICA'."""
+--master`` (one process serving NBD and replicating). See docs/replica.md."""
 
 from __future__ import annotations
 
