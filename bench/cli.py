@@ -11,11 +11,11 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from bench import bootstorm, chunksize, serve
+from bench import bootstorm, chunksize, replication, serve
 
 #: The modules that register a subcommand, in the order ``--help`` lists them.
 SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (serve.register, chunksize.register,
-                                                   bootstorm.register)
+                                                   bootstorm.register, replication.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

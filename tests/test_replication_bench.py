@@ -1,0 +1,74 @@
+"""Smoke test of ``icbd-bench replication`` on a tiny synthetic pair: every row, byte counts
+that make sense, the site's copies verified. Never timings.
+
+The pair (``--pair DIR``): v1 is 16 MiB of random 64 KiB chunks with every fourth chunk zero;
+v2 is v1 with 12 chunks rewritten (random data). Random data does not compress, so every way of
+sending it moves about the same bytes: a full copy at least v2's non-zero bytes, a delta at
+least the rewritten chunks and far less than a full copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from conftest import BIN, require
+
+from bench.replication import KINDS, TOOLS
+
+CHUNK = 64 * 1024
+CHUNKS = 256
+CHANGED = (3, 5, 17, 18, 40, 41, 42, 90, 131, 200, 201, 250)
+
+
+def _write_pair(d: Path) -> int:
+    """v1.img and v2.img in ``d``; returns v2's non-zero bytes."""
+    rng = random.Random(6)
+    blocks = [bytes(CHUNK) if i % 4 == 0 else rng.randbytes(CHUNK) for i in range(CHUNKS)]
+    (d / "v1.img").write_bytes(b"".join(blocks))
+    for i in CHANGED:
+        blocks[i] = rng.randbytes(CHUNK)
+    (d / "v2.img").write_bytes(b"".join(blocks))
+    return sum(len(b) for b in blocks if any(b))
+
+
+def test_replication_bench_quick_pair(tmp_path: Path) -> None:
+    require("rsync")
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    nonzero = _write_pair(pair)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(BIN / "icbd-bench"), "replication", "--quick", "--pair", str(pair),
+         "--out", str(out), "--work", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=900, check=False,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc: dict[str, Any] = json.loads((out / "replication.json").read_text())
+
+    a = doc["analysis"]
+    assert a["changed_chunks"] == len(CHANGED)
+    assert a["changed_bytes"] == len(CHANGED) * CHUNK
+    assert a["v2_distinct_bytes"] == nonzero
+    runs = {(r["kind"], r["tool"]): r for r in doc["runs"]}
+    assert set(runs) == {(k, t) for k in KINDS for t in TOOLS}
+    for key, r in runs.items():
+        assert not r.get("error"), (key, r.get("error"))
+        assert r["verified"] is True, key
+        assert r["bytes"] is not None and r["bytes"] > 0, key
+        assert r["cpu_s"] >= 0 and r["wall_s"] > 0, key
+    size = CHUNKS * CHUNK
+    for tool in TOOLS:
+        full, delta = runs[("full", tool)]["bytes"], runs[("delta", tool)]["bytes"]
+        assert nonzero <= full <= 1.3 * size, (tool, full)
+        assert len(CHANGED) * CHUNK <= delta < full / 2, (tool, delta, full)
+    rows = {(r["kind"], r["tool"]) for r in doc["rows"]}
+    assert rows == set(runs)
+    assert all(r["ok"] == 1 for r in doc["rows"])
+    assert (out / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "replication.md").read_text()
+    assert "| delta | icbd-zstd-tls |" in md and "Targets" in md
