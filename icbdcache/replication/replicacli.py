@@ -11,11 +11,11 @@ import signal
 import ssl
 import sys
 import textwrap
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from icbdcache.replication.auth import AuthConfigError, read_token
-from icbdcache.replication.client import MasterClient, parse_compress
-from icbdcache.replication.replica import Replica, ReplicaConfig, ReplicaService
+if TYPE_CHECKING:  # imported when used: aiohttp stays out of every other command's start
+    from icbdcache.replication.client import MasterClient
+    from icbdcache.replication.replica import ReplicaConfig, ReplicaService
 
 REPLICA_EXAMPLES = """\
 examples:
@@ -34,6 +34,8 @@ examples:
 
 
 def _compress_arg(text: str) -> int | None:
+    from icbdcache.replication.client import parse_compress
+
     try:
         return parse_compress(text)
     except ValueError as e:
@@ -91,6 +93,8 @@ def has_transfer_args(args: argparse.Namespace) -> bool:
 
 def client_from_args(args: argparse.Namespace) -> MasterClient:
     """The MasterClient of the options. Raises ValueError naming the option and file."""
+    from icbdcache.replication.auth import AuthConfigError, read_token
+    from icbdcache.replication.client import MasterClient
     for opt, f in (("--master-ca", args.master_ca), ("--master-cert", args.master_cert),
                    ("--master-key", args.master_key),
                    ("--master-token-file", args.master_token_file)):
@@ -113,6 +117,7 @@ def client_from_args(args: argparse.Namespace) -> MasterClient:
 
 def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConfig:
     """The ReplicaConfig of the options. Raises ValueError."""
+    from icbdcache.replication.replica import ReplicaConfig
     from icbdcache.storecli import check_name
 
     if not args.site:
@@ -130,6 +135,8 @@ def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConf
 def serve_service(args: argparse.Namespace, listen: list[tuple[str, int]], *,
                   workers: int, store: str | None) -> ReplicaService:
     """``serve --master``: the replica service for the node. Raises ValueError."""
+    from icbdcache.replication.replica import ReplicaService
+
     if not store:
         raise ValueError("--master needs --store DIR (the store it replicates into)")
     if workers > 1:
@@ -143,6 +150,7 @@ def serve_service(args: argparse.Namespace, listen: list[tuple[str, int]], *,
 
 
 def cmd_replica(args: argparse.Namespace) -> int:
+    from icbdcache.replication.replica import Replica
     from icbdcache.server import new_event_loop
     from icbdcache.store import Store, StoreError
 
