@@ -551,6 +551,32 @@ def test_chunk_altered_in_transit_is_refused_and_refetched(tmp_path: Path,
     assert run("verify", "--store", str(rstore)).returncode == 0
 
 
+def test_chunk_the_master_lacks_is_reported(tmp_path: Path, procs: Procs) -> None:
+    """A chunk the master answers MISSING for is asked again in later rounds, then the pull
+    stops with an error that says so; the version is not made latest."""
+    from icbdcache.store import Store
+
+    v1 = make_image(tmp_path / "v1.img", 8 << 20, seed=5)
+    mstore, rstore = tmp_path / "master", tmp_path / "replica"
+    publish(mstore, v1)
+    lost = next(iter(chunks_of(v1)))
+    st = Store(mstore)
+    with st.env.begin(write=True, db=st.db["chunks"]) as txn:
+        assert txn.delete(lost)
+    st.close()
+    m = procs.master(mstore)
+    p = run("replica", "--store", str(rstore), "--master", f"http://127.0.0.1:{m.port}",
+            "--site", "s1", "--subscribe", "lab", "--once", check=False)
+    assert p.returncode == 1
+    s = stats(rstore)
+    from icbdcache.replication.replica import MAX_IDLE_ROUNDS
+
+    assert s["replica_missing_frames"] == 1 + MAX_IDLE_ROUNDS  # asked again, round by round
+    assert s["replica_chunks"] == len(chunks_of(v1)) - 1
+    assert s["replica"]["state"] == "error" and "1 chunks not received" in s["replica"]["error"]
+    assert not ls(rstore)["lab@1"]["latest"]
+
+
 def test_store_full_reports_and_keeps_v1(tmp_path: Path, procs: Procs) -> None:
     require("nbdcopy")
     v1 = make_image(tmp_path / "v1.img", 16 << 20, seed=1)
