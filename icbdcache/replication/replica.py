@@ -184,6 +184,7 @@ class Replica:
         self._reported_wire = 0
         self._keepalive_task: asyncio.Task[None] | None = None
         self._progress_at = 0.0
+        self._writes: set[asyncio.Future[int]] = set()  # write_batch calls in worker threads
 
     # ------------------------------------------------------------------ state
 
@@ -362,7 +363,10 @@ class Replica:
         ok = True
         for rec in self._targets():
             try:
-                await self.pull(rec)
+                try:
+                    await self.pull(rec)
+                except (StoreError, lmdb.Error, OSError) as e:
+                    raise PullError(f"store: {e}") from e
             except MasterNotFound as e:  # retired or withdrawn meanwhile
                 log.warning(kv(pull=rec.key, error=e))
                 ok = False
@@ -614,13 +618,24 @@ class Replica:
         stats = {"replica_wire_bytes": wire, "replica_chunk_bytes": nbytes,
                  "replica_chunks": len(good), "replica_corrupt_chunks": corrupt,
                  "replica_missing_frames": missing, "replica_requests": 1}
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, self.store.write_batch, good, (), (), stats)
+        self._writes.add(fut)
+        fut.add_done_callback(self._writes.discard)
         try:
-            await asyncio.to_thread(self.store.write_batch, good, (), (), stats)
+            # shielded: a cancelled pull still lets its transaction finish (see drain())
+            await asyncio.shield(fut)
         except (StoreError, lmdb.Error, OSError) as e:
             raise PullError(f"store write failed: {e}") from e
         c.chunk_bytes += nbytes
         c.chunks += len(good)
         return good
+
+    async def drain(self) -> None:
+        """Wait for the store writes still running in worker threads (a cancelled pull's):
+        call it before the store is closed."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
 
     # ------------------------------------------------------------------ retire
 
@@ -706,6 +721,7 @@ class ReplicaService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         if self.replica is not None:
+            await self.replica.drain()
             self.replica.state = "stopped"
             self.replica.save_state()
         await self.client.close()

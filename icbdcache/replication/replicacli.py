@@ -177,6 +177,7 @@ def cmd_replica(args: argparse.Namespace) -> int:
         except asyncio.CancelledError:
             return 0
         finally:
+            await replica.drain()
             replica.state = "stopped" if not cfg.once else replica.state
             replica.save_state()
             await client.close()
