@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -366,6 +367,35 @@ def test_sigterm_with_a_pending_watch(img: Path, store: Path,
     r = result["r"]
     if isinstance(r, tuple):  # answered on shutdown with the catalog
         assert r[0] == 200 and json.loads(r[2])["generation"] == g
+
+
+def test_replica_gone_mid_stream(img: Path, store: Path, start_master: MasterFactory) -> None:
+    """A replica that closes its connection in the middle of a chunk stream costs the master
+    nothing: no error logged, the next request is served."""
+    publish(img, store)
+    m = start_master(store)
+    d = chunk_map(img)[:16]
+    body = d * wire.MAX_BATCH  # 256 MiB of frames
+    port = int(m.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/chunks HTTP/1.1\r\nHost: master\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\n\r\n" + body)
+        got = 0
+        while got < 1 << 20:
+            b = s.recv(1 << 16)
+            assert b, "the stream ended before 1 MiB"
+            got += len(b)
+    deadline = time.monotonic() + 20
+    while b"event=chunks_cut" not in m.log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b"event=chunks_cut" in m.log.read_bytes()
+    status, _, answer = http("POST", f"{m.url}/v1/chunks", d)
+    assert status == 200 and decode_stream(answer, None)[0].data == img.read_bytes()[:CHUNK_SIZE]
+    log = m.log.read_bytes()
+    assert b"Traceback" not in log and b"ERROR" not in log
+    st = get_json(f"{m.url}/v1/admin/status")["master"]
+    assert st["chunk_requests"] == 2
+    assert st["chunks_sent"] < wire.MAX_BATCH  # it stopped reading when the replica left
 
 
 # ------------------------------------------------------------------------------ credentials

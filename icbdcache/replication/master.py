@@ -76,15 +76,9 @@ def _bad_name(name: str) -> str | None:
 
 
 def latest_versions(records: list[VersionRecord]) -> dict[str, VersionRecord]:
-    """Each iMI's latest version: its most recently published record (registry order, oldest
-    first) that is not retired."""
-    out: dict[str, VersionRecord] = {}
-    for r in records:
-        if not r.retired:
-            cur = out.get(r.imi)
-            if cur is None or r.published >= cur.published:
-                out[r.imi] = r
-    return out
+    """Each iMI's latest version: its last record in registry order (publication order,
+    oldest first) that is not retired."""
+    return {r.imi: r for r in records if not r.retired}
 
 
 def site_view(site: SiteRecord, latest: dict[str, VersionRecord], now: float) -> dict[str, Any]:
@@ -371,7 +365,11 @@ class Master:
                 self.count("chunks_sent", len(slices[i]) - miss)
                 await resp.write(out)
             await resp.write_eof()
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError as e:  # the replica went away: not the master's error
+            fut.cancel()
+            log.info(kv(event="chunks_cut", peer=request.remote, digests=len(digests),
+                        error=e))
+        except asyncio.CancelledError:
             fut.cancel()
             raise
         return resp
