@@ -837,3 +837,53 @@ def _meta(s: Settings, ctx: VmContext, names: list[str], missing: dict[str, str]
         "servers": srv,
         "host": host_info(),
     }
+
+
+# --------------------------------------------------------------------------- merging runs
+
+
+def merge(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results document from several vm-driver runs of the same machine (e.g. the 15
+    simultaneous and the 5 sequential scenario, run one after the other): their runs
+    concatenated, rows summarized again (so a storm's ``vs alone`` uses the ``1 alone`` row
+    of another run), the first run's meta with every run's command line and start time."""
+    if not docs:
+        raise ValueError("nothing to merge")
+    meta = dict(docs[0]["meta"])
+    meta["merged"] = [{"argv": d["meta"].get("argv"), "started": d["meta"].get("started"),
+                       "finished": d["meta"].get("finished")} for d in docs]
+    servers_meta: dict[str, Any] = {}
+    for d in docs:
+        servers_meta.update(d["meta"].get("servers", {}))
+    meta["servers"] = servers_meta
+    meta["interrupted"] = any(d["meta"].get("interrupted") for d in docs)
+    runs = [r for d in docs for r in d["runs"]]
+    order = {"alone": 0}
+    runs.sort(key=lambda r: (order.get(r["scenario"], 1), r["mode"] != "sequential",
+                             r["n_clients"]))
+    return {"meta": meta, "rows": summarize(runs), "runs": runs}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.vmdriver merge --out DIR RUN.json...``: write the merged
+    bootstorm.json, bootstorm.md and bootstorm-guests.png of several vm-driver runs."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.vmdriver",
+                                description="Merge the results of vm-driver runs.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge bootstorm.json files of vm-driver runs")
+    m.add_argument("--out", type=Path, required=True, help="directory to write")
+    m.add_argument("inputs", type=Path, nargs="+", help="bootstorm.json files")
+    args = p.parse_args(argv)
+    doc = merge([json.loads(f.read_text()) for f in args.inputs])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bootstorm.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (args.out / "bootstorm.md").write_text(markdown(doc))
+    plot_guests(doc, args.out / "bootstorm-guests.png")
+    print(f"wrote {args.out}/bootstorm.json, bootstorm.md, bootstorm-guests.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
