@@ -4,12 +4,16 @@ Notes on the design:
 
 - **Driver.** ``--driver trace`` replays a recorded boot (``bench/replay.py``: one NBD
   connection per client, each read sent at its recorded time relative to the reads it depended
-  on; see that module for the timing model). ``--driver vm`` (real QEMU guests booting over
-  PXE) is not available yet.
+  on; see that module for the timing model). ``--driver vm`` boots real QEMU guests over
+  PXE against the same servers (``bench/vmdriver.py``).
 - **Scenarios.** ``--clients N --mode simultaneous`` starts N clients at once;
   ``--mode sequential`` runs them one after another; ``--sweep 1,5,15`` runs each count.
   One client alone is always measured too (``--no-baseline`` leaves it out): it is what the
   I/O wait of a storm is compared with, on the same server and in the same run.
+  ``--reps N`` runs every (scenario, server) cell N times, interleaved (scenario by scenario,
+  all servers once per repetition, each repetition's icbd-cold on an empty store of its own);
+  the rows give the median over repetitions of each run's figure and the lowest and highest
+  per-repetition median.
 - **Servers**, all serving the same image as export ``img``, each started fresh for a run and
   stopped by PID right after it:
 
@@ -172,6 +176,9 @@ examples:
   icbd-bench bootstorm --clients 5 --mode sequential --server icbd-cold,icbd-warm,nbdkit-cache
   icbd-bench bootstorm --sweep 1,5,15,30,60,120 --wan 100mbit,10ms --lan 1gbit
   icbd-bench bootstorm --clients 5 --net loopback --wan none --no-think --requests 200
+  icbd-bench bootstorm --clients 15 --reps 3                # median of 3 runs per cell
+  icbd-bench bootstorm --driver vm --quick                  # 2 real guests, icbd-cold, ~2 min
+  icbd-bench bootstorm --driver vm --clients 15 --server icbd,nbdkit
 
 servers: icbd-cold, icbd-warm (icbd-cache serve faulting from the upstream over the WAN: empty
 store, then the store that run left), nbdkit (file, local), nbdkit-cache (cache filter over
