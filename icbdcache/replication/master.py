@@ -425,6 +425,9 @@ class Master:
         await self.registry.register(site, address)
         for imi in subscribe:
             await self.registry.subscribe(site, imi)
+        # a registration is a sign of life: the site is up (state "registered") until its
+        # first keep-alive replaces this report
+        await self.registry.keepalive(site, {"address": address, "state": "registered"})
         log.info(kv(event="register", site=site, address=address or "-", peer=request.remote,
                     subscribe=",".join(subscribe) or "-"))
         return web.json_response(await self._site_answer(site))
