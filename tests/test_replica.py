@@ -137,6 +137,24 @@ def stats(store: Path) -> dict[str, Any]:
     return out
 
 
+def received(store: Path) -> int:
+    """``replica_chunks`` of the store, read in this process (fast enough to poll)."""
+    import lmdb
+
+    from icbdcache.store import Store
+
+    if not (store / "data.mdb").exists():
+        return 0
+    try:
+        st = Store(store, readonly=True)
+    except lmdb.Error:  # being created: its databases are not there yet
+        return 0
+    try:
+        return int(st.stats().get("replica_chunks", 0))
+    finally:
+        st.close()
+
+
 def ls(store: Path) -> dict[str, dict[str, Any]]:
     rows = json.loads(run("ls", "--json", "--store", str(store)).stdout)
     return {f"{r['imi']}@{r['version']}": r for r in rows}
@@ -481,8 +499,7 @@ def test_master_killed_mid_transfer(tmp_path: Path, procs: Procs) -> None:
                        "--subscribe", "lab", "--pull-batch", "1", "--pull-parallel", "1")
     wait_for("lab@1 complete", lambda: complete(rstore, "lab@1"))
     publish(mstore, v2)
-    wait_for("a part of lab@2", lambda: stats(rstore).get("replica_chunks", 0)
-             >= len(c1) + 100, every=0.05)
+    wait_for("a part of lab@2", lambda: received(rstore) >= len(c1) + 100, every=0.02)
     m.kill()
     got = stats(rstore)["replica_chunks"] - len(c1)
     assert 100 <= got < len(c2), "the pull was not interrupted"
@@ -516,8 +533,7 @@ def test_replica_killed_mid_transfer_resumes(tmp_path: Path, procs: Procs) -> No
     args = ["--store", str(rstore), "--master", url, "--site", "s1", "--subscribe", "lab",
             "--pull-batch", "1", "--pull-parallel", "1"]
     r = procs.replica("r1", *args)
-    wait_for("a part of lab@1", lambda: (rstore / "data.mdb").exists()
-             and stats(rstore).get("replica_chunks", 0) >= 100, every=0.05)
+    wait_for("a part of lab@1", lambda: received(rstore) >= 100, every=0.02)
     r.kill()
     got = stats(rstore)["replica_chunks"]
     assert 100 <= got < len(c1), "the pull was not interrupted"
