@@ -617,6 +617,57 @@ def test_help_has_examples() -> None:
         assert "example" in out, cmd
 
 
+@pytest.fixture
+def etcd_uri(tmp_path: Path) -> Iterator[str]:
+    try:
+        import aetcd  # noqa: F401
+    except ImportError:
+        pytest.skip("aetcd is not installed (pip install -e '.[etcd]'; scripts/setup does)")
+    from etcd import EtcdMissing, EtcdServer
+
+    try:
+        server = EtcdServer.start(tmp_path / "etcd")
+    except EtcdMissing as e:
+        pytest.skip(str(e))
+    try:
+        yield server.uri("/master-test")
+    finally:
+        server.stop()
+
+
+def test_master_with_etcd_registry(img: Path, store: Path, tmp_path: Path, etcd_uri: str,
+                                   start_master: MasterFactory) -> None:
+    """The registry in etcd, chunks and maps in the store: publish before and while the
+    master runs, a long poll woken through etcd, sites and admin status."""
+    publish(img, store, "lab", "--registry", etcd_uri)
+    m = start_master(store, "--registry", etcd_uri)
+    cat = get_json(f"{m.url}/v1/catalog")
+    assert [v["version"] for v in cat["versions"]] == ["1"]
+    assert http("GET", f"{m.url}/v1/manifest/lab/1")[2] == chunk_map(img)
+    result: dict[str, Any] = {}
+
+    def watch() -> None:
+        result["body"] = get_json(f"{m.url}/v1/watch?since={cat['generation']}&timeout=60")
+
+    t = threading.Thread(target=watch)
+    t.start()
+    img2 = make_image(tmp_path / "lab-2.img", seed=2)
+    publish(img2, store, "lab", "--registry", etcd_uri)
+    t.join(90)
+    assert not t.is_alive()
+    assert [v["version"] for v in result["body"]["versions"]] == ["1", "2"]
+    again = publish(img2, store, "lab", "--version", "2", "--registry", etcd_uri, check=False)
+    assert again.returncode == 2 and "already published" in again.stderr
+    status, _, body = http("POST", f"{m.url}/v1/sites/site-a/register",
+                           {"address": "10.0.0.5:10809", "subscribe": ["lab"]})
+    assert status == 200 and json.loads(body)["subscriptions"] == ["lab"]
+    st = get_json(f"{m.url}/v1/admin/status")
+    [site] = st["sites"]
+    assert site["name"] == "site-a" and site["up"] is True
+    assert site["lag"]["lab"]["latest"] == "lab@2"
+    assert st["imis"]["lab"] == {"latest": "2", "versions": ["1", "2"]}
+
+
 # ------------------------------------------------------------------------------ units
 
 
