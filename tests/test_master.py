@@ -275,6 +275,12 @@ def test_bad_requests_and_404s(img: Path, store: Path, start_master: MasterFacto
         assert status == want, (method, path, answer)
         assert headers["Content-Type"].startswith("application/json"), path
         assert isinstance(json.loads(answer)["error"], str)
+    # a report with nonsense in it is kept, and the admin view still answers
+    junk = {"state": 5, "versions": {"lab@1": {"need": "lots", "held": None}, "x": 3}}
+    assert http("POST", f"{m.url}/v1/sites/s2/keepalive", junk)[0] == 200
+    assert http("POST", f"{m.url}/v1/admin/subscribe", {"site": "s2", "imi": "lab"})[0] == 200
+    [s2] = get_json(f"{m.url}/v1/admin/status")["sites"]
+    assert s2["lag"] == {"lab": {"latest": "lab@1", "complete": False, "behind_bytes": 0}}
     # exactly MAX_BATCH is fine
     status, _, body = http("POST", f"{m.url}/v1/chunks", d * wire.MAX_BATCH)
     assert status == 200

@@ -54,6 +54,10 @@ SLICE_CHUNKS = 64
 WATCH_MIN, WATCH_MAX, WATCH_DEFAULT = 1.0, 60.0, 30.0
 #: Seconds between flushes of the master's counters into the store's ``stats``.
 STATS_FLUSH = 5.0
+#: LMDB address space reserved for a master's store (bytes; nothing is allocated). A process
+#: cannot read past a map another process grew (LMDB: MDB_MAP_RESIZED), and ``publish`` grows a
+#: master's store while ``master`` reads it, so both reserve this much up front.
+MASTER_MAP_SIZE = 1 << 40
 #: Keys of :class:`Master`'s counters (``admin status`` ``master``; in the store's stats
 #: with the prefix ``master_``).
 COUNTERS = ("chunk_requests", "chunks_sent", "chunks_missing", "raw_bytes", "wire_bytes",
@@ -73,6 +77,11 @@ def _bad_name(name: str) -> str | None:
     if any(c in "@/?" or c.isspace() for c in name):
         return f"name {name!r} may not contain '@', '/', '?' or whitespace"
     return None
+
+
+def _int(value: Any) -> int:
+    """A count from a replica's report (anything not a number: 0)."""
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def latest_versions(records: list[VersionRecord]) -> dict[str, VersionRecord]:
@@ -96,7 +105,7 @@ def site_view(site: SiteRecord, latest: dict[str, VersionRecord], now: float) ->
         held = versions.get(rec.key)
         if isinstance(held, dict):
             complete = bool(held.get("complete"))
-            behind = 0 if complete else max(0, int(held.get("need", 0)) - int(held.get("held", 0)))
+            behind = 0 if complete else max(0, _int(held.get("need")) - _int(held.get("held")))
         else:
             complete, behind = False, rec.distinct_bytes
         lag[imi] = {"latest": rec.key, "complete": complete, "behind_bytes": behind}
@@ -550,7 +559,7 @@ async def serve(cfg: MasterConfig, stop: asyncio.Event | None = None) -> None:
     auth = build_auth(cfg)
     ssl_ctx = (server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.client_ca)
                if cfg.tls_cert and cfg.tls_key else None)
-    store = Store(cfg.store)
+    store = Store(cfg.store, map_size=MASTER_MAP_SIZE)
     registry: Registry | None = None
     runner: web.AppRunner | None = None
     try:

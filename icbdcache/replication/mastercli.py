@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from icbdcache.replication.auth import AuthConfigError, client_ssl_context, read_token
-from icbdcache.replication.master import DEFAULT_MASTER_PORT, MasterConfig
+from icbdcache.replication.master import DEFAULT_MASTER_PORT, MASTER_MAP_SIZE, MasterConfig
 
 DEFAULT_MASTER_URL = os.environ.get("ICBD_MASTER", f"http://127.0.0.1:{DEFAULT_MASTER_PORT}")
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -104,7 +104,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             print(f"icbd-cache publish: {m}", file=sys.stderr)
         return 2
     try:
-        store = Store(args.store)
+        store = Store(args.store, map_size=MASTER_MAP_SIZE)
     except StoreError as e:
         print(f"icbd-cache publish: {e}", file=sys.stderr)
         return 2
