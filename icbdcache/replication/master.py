@@ -153,6 +153,7 @@ class Master:
         self._tasks: list[asyncio.Task[None]] = []
 
     def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name`` (one of :data:`COUNTERS`)."""
         self.counters[name] += n
         self._unflushed[name] += n
 
@@ -270,9 +271,13 @@ class Master:
         return {"generation": generation, "versions": [asdict(r) for r in versions]}
 
     async def catalog(self, request: web.Request) -> web.Response:
+        """``GET /v1/catalog``: :meth:`catalog_body` as JSON."""
         return web.json_response(await self.catalog_body())
 
     async def watch(self, request: web.Request) -> web.Response:
+        """``GET /v1/watch?since=G&timeout=S``: the catalog once the generation passes ``G``,
+        else after ``S`` seconds (clamped to 1..60, default 30), or at once on shutdown.
+        400 if ``since`` is not an integer or ``timeout`` not a number."""
         try:
             since = int(request.query.get("since", "-1"))
             timeout = float(request.query.get("timeout", WATCH_DEFAULT))
@@ -301,6 +306,9 @@ class Master:
     # ------------------------------------------------------------------ manifests, chunks
 
     async def manifest(self, request: web.Request) -> web.Response:
+        """``GET /v1/manifest/IMI/VERSION``: the chunk map (16 bytes per chunk), with
+        X-Icbd-Size, X-Icbd-Chunk-Size (bytes) and X-Icbd-Manifest (hex xxh3-128 of the body).
+        404 unless published, not retired, and in this master's store."""
         imi, version = request.match_info["imi"], request.match_info["version"]
         key = version_key(imi, version)
         if await self._published(imi, version) is None:
@@ -334,6 +342,9 @@ class Master:
         return bytes(out), sum(1 for x in datas if x is None), enc.raw_bytes - raw_before
 
     async def chunks(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chunks[?zstd=LEVEL]``: a chunk stream (:mod:`~icbdcache.replication.wire`)
+        of the digests in the body, in order, MISSING for those not held. 400 on a body that
+        is not 1..MAX_BATCH digests or a level outside 1..19, 413 over MAX_BATCH."""
         level: int | None = None
         if "zstd" in request.query:
             text = request.query["zstd"]
@@ -384,6 +395,8 @@ class Master:
         return resp
 
     async def boot(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/boot/IMI/VERSION/kernel|initrd``: the boot file kept with a published
+        version (pxe.bootfiles), 404 if none."""
         from pxe import bootfiles
 
         imi, version = request.match_info["imi"], request.match_info["version"]
@@ -418,6 +431,8 @@ class Master:
                 "generation": await self.registry.generation()}
 
     async def register(self, request: web.Request) -> web.Response:
+        """``POST /v1/sites/SITE/register`` ``{"address", "subscribe"}``: create or update the
+        site, add its subscriptions, count it as a keep-alive. 400 on a bad name or body."""
         site = request.match_info["site"]
         body = await self._json(request)
         address, subscribe = body.get("address", ""), body.get("subscribe", [])
@@ -442,6 +457,8 @@ class Master:
         return web.json_response(await self._site_answer(site))
 
     async def keepalive(self, request: web.Request) -> web.Response:
+        """``POST /v1/sites/SITE/keepalive`` with the replica's report (a JSON object, kept as
+        is). 400 if the body is not an object."""
         site = request.match_info["site"]
         bad = _bad_name(site)
         if bad is not None:
@@ -471,9 +488,12 @@ class Master:
                 "master": {k: self.counters.get(k, 0) for k in COUNTERS}}
 
     async def admin_status(self, request: web.Request) -> web.Response:
+        """``GET /v1/admin/status``: :meth:`status_body` as JSON."""
         return web.json_response(await self.status_body())
 
     async def admin_ls(self, request: web.Request) -> web.Response:
+        """``GET /v1/admin/ls``: per iMI its latest version, every record, and the bytes of
+        its distinct non-zero chunks in this store."""
         generation = await self.registry.generation()
         records = await self.registry.versions()
         latest = latest_versions(records)
@@ -513,6 +533,7 @@ class Master:
         return site, imi
 
     async def admin_subscribe(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/subscribe`` ``{"site", "imi"}``: the site's subscriptions after."""
         site, imi = await self._site_imi(request)
         await self.registry.subscribe(site, imi)
         log.info(kv(event="subscribe", site=site, imi=imi))
@@ -521,6 +542,7 @@ class Master:
                                   "subscriptions": rec.subscriptions if rec else []})
 
     async def admin_unsubscribe(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/unsubscribe`` ``{"site", "imi"}``: the site's subscriptions after."""
         site, imi = await self._site_imi(request)
         await self.registry.unsubscribe(site, imi)
         log.info(kv(event="unsubscribe", site=site, imi=imi))
@@ -529,6 +551,7 @@ class Master:
                                   "subscriptions": rec.subscriptions if rec else []})
 
     async def admin_retire(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/retire`` ``{"imi", "version"}``: no longer offered; 404 if unknown."""
         body = await self._json(request)
         imi, version = body.get("imi"), body.get("version")
         if not isinstance(imi, str) or not isinstance(version, str):
