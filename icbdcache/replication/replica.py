@@ -20,11 +20,13 @@ What it does, in order, and why:
    delta), ``batch`` digests per request, ``parallel`` requests in flight. Each chunk is checked
    against its digest: a bad one is refused, counted (``replica_corrupt_chunks``) and asked for
    again in a later round; a chunk the master lacks is retried in a later round, then reported.
-   Chunks are committed one LMDB transaction per batch (``Store.write_batch``, in a worker
-   thread; a request waits for its batch to commit before the next one starts: back-pressure,
-   and what an interrupted pull leaves in the store is never fetched again). The counters of a
-   batch are added in the same transaction as its chunks. When every chunk is held the version
-   is made the iMI's ``latest``, only then.
+   One committer writes the verified chunks (``Store.write_batch`` in a worker thread): all
+   the batches queued while the previous transaction ran, at most COMMIT_BYTES, in one
+   transaction, while the requests go on; at most ``parallel`` batches wait for it, so a slow
+   store slows the requests (back-pressure). The counters of those batches are added in the
+   same transaction as their chunks, and what an interrupted pull committed is never fetched
+   again. (Not the node's BatchWriter: a write error must reach the pull, with its reason.)
+   When every chunk is held the version is made the iMI's ``latest``, only then.
 5. **Pinning**: a version is pinned when its pull starts (so eviction cannot undo the pull),
    after a check that the store's bound (``--store-size``) can hold it beside the pinned
    versions; a store that cannot is the error ``store full``, and the pull of that version
@@ -86,6 +88,21 @@ BACKOFF = (0.5, 10.0)
 #: Rounds over a version's missing chunks that may bring nothing before the pull gives up
 #: (until the next sync).
 MAX_IDLE_ROUNDS = 3
+
+
+#: Most bytes of chunks committed in one LMDB transaction by a pull.
+COMMIT_BYTES = 64 << 20
+
+
+@dataclass
+class _Fetched:
+    """What one chunk request brought: good chunks (digest, bytes) and its counts."""
+
+    chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
+    bytes: int = 0
+    wire: int = 0
+    corrupt: int = 0
+    missing: int = 0
 
 
 class PullError(Exception):
@@ -559,29 +576,54 @@ class Replica:
 
     async def _round(self, key: str, missing: list[bytes], lengths: dict[bytes, int],
                      bar: Any) -> None:
+        """One pass over ``missing``: ``parallel`` fetchers, each a request at a time, hand
+        their verified chunks to one committer, which writes everything queued meanwhile in
+        one transaction (at most COMMIT_BYTES) while the fetchers go on. The queue holds at
+        most ``parallel`` batches: a slow store slows the fetchers (back-pressure). Raises
+        MasterError, PullError."""
         batches = iter([missing[i : i + self.config.batch]
                         for i in range(0, len(missing), self.config.batch)])
         total = sum(lengths[d] for d in missing)
+        parallel = max(1, self.config.parallel)
+        queue: asyncio.Queue[_Fetched | None] = asyncio.Queue(maxsize=parallel)
         done = 0
 
-        async def worker() -> None:
-            nonlocal done
+        async def fetcher() -> None:
             for batch in batches:
-                got = await self._fetch_batch(batch)
-                done += sum(len(v) for _, v in got)
+                await queue.put(await self._fetch_batch(batch))
+
+        async def fetchers() -> None:
+            await asyncio.gather(*(fetcher() for _ in range(parallel)))
+            await queue.put(None)
+
+        async def committer() -> None:
+            nonlocal done
+            end = False
+            while not end:
+                item = await queue.get()
+                if item is None:
+                    break
+                items = [item]
+                size = item.bytes
+                while size < COMMIT_BYTES and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if nxt is None:
+                        end = True
+                        break
+                    items.append(nxt)
+                    size += nxt.bytes
+                await self._commit(items)
+                done += size
                 if bar is not None:
-                    bar.update(sum(len(v) for _, v in got))
+                    bar.update(size)
                 self._progress(key, done, total)
 
-        tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, self.config.parallel))]
         try:
-            await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(committer())
+                tg.create_task(fetchers())
+        except ExceptionGroup as eg:  # the first failure says why the round stopped
+            raise eg.exceptions[0] from None
 
     def _progress(self, key: str, done: int, total: int) -> None:
         now = time.monotonic()
@@ -591,35 +633,43 @@ class Replica:
                         pct=round(100 * done / total, 1) if total else 100.0))
         self.save_state(force=False)
 
-    async def _fetch_batch(self, batch: list[bytes]) -> list[tuple[bytes, bytes]]:
-        """One chunk request: the good chunks, committed before returning. Raises
-        MasterError, PullError (the store refused the write)."""
+    async def _fetch_batch(self, batch: list[bytes]) -> _Fetched:
+        """One chunk request: its good chunks and its counters (not committed yet). Raises
+        MasterError."""
         c = self.counters
         c.requests += 1
-        good: list[tuple[bytes, bytes]] = []
-        corrupt = missing = 0
+        out = _Fetched()
         tally = TransferCounters()
         try:
             async for f in self.client.chunks(batch, tally):
                 if f.data is None:
-                    missing += 1
+                    out.missing += 1
                 elif digest(f.data) != f.digest:
-                    corrupt += 1
+                    out.corrupt += 1
                     warn.warning(kv(pull=self.pulling, chunk=f.digest.hex(),
                                     refused="digest mismatch", retry="later"))
                 else:
-                    good.append((f.digest, f.data))
+                    out.chunks.append((f.digest, f.data))
+                    out.bytes += len(f.data)
         finally:
-            wire = tally.wire_bytes
-            c.wire_bytes += wire
-            c.corrupt += corrupt
-            c.missing += missing
-        nbytes = sum(len(v) for _, v in good)
-        stats = {"replica_wire_bytes": wire, "replica_chunk_bytes": nbytes,
-                 "replica_chunks": len(good), "replica_corrupt_chunks": corrupt,
-                 "replica_missing_frames": missing, "replica_requests": 1}
+            out.wire = tally.wire_bytes
+            c.wire_bytes += out.wire
+            c.corrupt += out.corrupt
+            c.missing += out.missing
+        return out
+
+    async def _commit(self, items: list[_Fetched]) -> None:
+        """Write the chunks of ``items`` and their counters in one transaction (a worker
+        thread). Raises PullError when the store refuses."""
+        chunks = [kv_ for it in items for kv_ in it.chunks]
+        stats = {"replica_wire_bytes": sum(it.wire for it in items),
+                 "replica_chunk_bytes": sum(it.bytes for it in items),
+                 "replica_chunks": len(chunks),
+                 "replica_corrupt_chunks": sum(it.corrupt for it in items),
+                 "replica_missing_frames": sum(it.missing for it in items),
+                 "replica_requests": len(items)}
         fut = asyncio.get_running_loop().run_in_executor(
-            None, self.store.write_batch, good, (), (), stats)
+            None, self.store.write_batch, chunks, (), (), stats)
         self._writes.add(fut)
         fut.add_done_callback(self._writes.discard)
         try:
@@ -627,9 +677,8 @@ class Replica:
             await asyncio.shield(fut)
         except (StoreError, lmdb.Error, OSError) as e:
             raise PullError(f"store write failed: {e}") from e
-        c.chunk_bytes += nbytes
-        c.chunks += len(good)
-        return good
+        self.counters.chunk_bytes += stats["replica_chunk_bytes"]
+        self.counters.chunks += len(chunks)
 
     async def drain(self) -> None:
         """Wait for the store writes still running in worker threads (a cancelled pull's):
