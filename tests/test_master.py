@@ -244,6 +244,13 @@ def test_publish_catalog_manifest_and_chunks(img: Path, store: Path,
     assert st["raw_bytes"] == 2 * sizes[None]
     assert st["wire_bytes"] == sizes[None] + sizes["zstd"]
 
+    # one chunk by GET, cacheable forever by any HTTP cache; the catalog is not cacheable
+    status, headers, body = http("GET", f"{m.url}/v1/chunk/{wanted[3].hex()}")
+    assert status == 200 and body == by_digest[wanted[3]]
+    assert "immutable" in headers["Cache-Control"]
+    assert http("GET", f"{m.url}/v1/catalog")[1]["Cache-Control"] == "no-store"
+    assert "immutable" in http("GET", f"{m.url}/v1/manifest/lab/1")[1]["Cache-Control"]
+
 
 def test_bad_requests_and_404s(img: Path, store: Path, start_master: MasterFactory) -> None:
     publish(img, store)
@@ -269,6 +276,9 @@ def test_bad_requests_and_404s(img: Path, store: Path, start_master: MasterFacto
         ("POST", "/v1/sites/s1/register", {"subscribe": ["lab", "x/y"]}, 400),
         ("POST", "/v1/sites/s1/keepalive", b"[1, 2]", 400),
         ("GET", "/v1/nothing", None, 404),
+        ("GET", "/v1/chunk/" + "ab" * 16, None, 404),
+        ("GET", "/v1/chunk/xyz", None, 400),
+        ("GET", "/v1/chunk/" + "ab" * 15, None, 400),
     ]
     for method, path, body, want in cases:
         status, headers, answer = http(method, m.url + path, body)
@@ -672,6 +682,40 @@ def test_master_with_etcd_registry(img: Path, store: Path, tmp_path: Path, etcd_
     assert site["name"] == "site-a" and site["up"] is True
     assert site["lag"]["lab"]["latest"] == "lab@2"
     assert st["imis"]["lab"] == {"latest": "2", "versions": ["1", "2"]}
+
+
+def test_regional_master_serves_children(img: Path, store: Path, tmp_path: Path,
+                                         etcd_uri: str, start_master: MasterFactory) -> None:
+    """docs/replication.md, 'Serving children': a regional site's store that holds a version
+    (here imported with --copy, as a replica would have pulled it), served by its own
+    ``icbd-cache master`` on the shared etcd registry, answers children as the central master
+    does: same catalog, same manifest, same chunks; MISSING for what it lacks."""
+    publish(img, store, "lab", "--registry", etcd_uri)
+    regional = tmp_path / "regional-store"
+    run_cli("import", str(img), "--imi", "lab", "--version", "1", "--copy", "--pin",
+            "--store", str(regional), "-q")
+    central, relay = start_master(store, "--registry", etcd_uri), start_master(
+        regional, "--registry", etcd_uri)
+    assert (get_json(f"{relay.url}/v1/catalog")["versions"]
+            == get_json(f"{central.url}/v1/catalog")["versions"])
+    status, headers, manifest = http("GET", f"{relay.url}/v1/manifest/lab/1")
+    assert status == 200 and manifest == chunk_map(img)
+    assert headers["X-Icbd-Manifest"] == get_json(
+        f"{central.url}/v1/catalog")["versions"][0]["manifest"]
+    ask = [manifest[i : i + 16] for i in range(0, len(manifest), 16)]
+    ask = [d for d in ask if d != ZERO]
+    by_digest = chunks_by_digest(img)
+    frames = decode_stream(http("POST", f"{relay.url}/v1/chunks?zstd=1", b"".join(ask))[2],
+                           "zstd")
+    assert [(f.digest, f.data) for f in frames] == [(d, by_digest[d]) for d in ask]
+    # a version published later is in the shared catalog but not (yet) in the regional store
+    img2 = make_image(tmp_path / "lab-2.img", seed=2)
+    publish(img2, store, "lab", "--registry", etcd_uri)
+    assert http("GET", f"{relay.url}/v1/manifest/lab/2")[0] == 404
+    new = [d for d in {digest(c) for c in chunks_by_digest(img2).values()} - set(ask)
+           if d != ZERO]
+    frames = decode_stream(http("POST", f"{relay.url}/v1/chunks", b"".join(new))[2], None)
+    assert frames and all(f.data is None for f in frames)
 
 
 # ------------------------------------------------------------------------------ units

@@ -54,6 +54,8 @@ SLICE_CHUNKS = 64
 WATCH_MIN, WATCH_MAX, WATCH_DEFAULT = 1.0, 60.0, 30.0
 #: Seconds between flushes of the master's counters into the store's ``stats``.
 STATS_FLUSH = 5.0
+#: Cache-Control of answers that never change (manifests, boot files, chunks by digest).
+IMMUTABLE = "public, max-age=31536000, immutable"
 #: LMDB address space reserved for a master's store (bytes; nothing is allocated). A process
 #: cannot read past a map another process grew (LMDB: MDB_MAP_RESIZED), and ``publish`` grows a
 #: master's store while ``master`` reads it, so both reserve this much up front.
@@ -167,6 +169,7 @@ class Master:
         app.router.add_get(f"{p}/watch", self.watch)
         app.router.add_get(p + "/manifest/{imi}/{version}", self.manifest)
         app.router.add_post(f"{p}/chunks", self.chunks)
+        app.router.add_get(p + "/chunk/{digest}", self.chunk)
         app.router.add_get(p + "/boot/{imi}/{version}/{which}", self.boot)
         app.router.add_post(p + "/sites/{site}/register", self.register)
         app.router.add_post(p + "/sites/{site}/keepalive", self.keepalive)
@@ -240,6 +243,8 @@ class Master:
         except StoreError as e:
             log.error(kv(event="store", path=request.path, error=e))
             resp = _error(500, f"store: {e}")
+        if not resp.prepared and "Cache-Control" not in resp.headers:
+            resp.headers["Cache-Control"] = "no-store"  # only immutable answers are cacheable
         log.debug(kv(request=request.method, path=request.path, status=resp.status,
                      peer=request.remote))
         return resp
@@ -320,7 +325,7 @@ class Master:
         self.count("manifests")
         return web.Response(body=body, content_type=wire.CONTENT_TYPE, headers={
             "X-Icbd-Size": str(meta.size), "X-Icbd-Chunk-Size": str(meta.chunk_size),
-            "X-Icbd-Manifest": manifest_digest(body)})
+            "X-Icbd-Manifest": manifest_digest(body), "Cache-Control": IMMUTABLE})
 
     def _read_slice(self, digests: list[bytes], enc: wire.ChunkStreamEncoder,
                     last: bool) -> tuple[bytes, int, int]:
@@ -411,7 +416,27 @@ class Master:
         if kept is None:
             return _error(404, f"{key} has no kernel and initrd kept")
         path = kept.kernel if which == "kernel" else kept.initrd
-        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
+                                               "Cache-Control": IMMUTABLE})
+
+    async def chunk(self, request: web.Request) -> web.Response:
+        """``GET /v1/chunk/DIGEST`` (32 hex digits): one chunk's bytes, cacheable forever by
+        any HTTP cache (content-addressed, immutable). 400 on a bad digest, 404 if not held."""
+        text = request.match_info["digest"]
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) != DIGEST_SIZE:
+            return _error(400, f"{text!r} is not a digest (32 hex digits)")
+        data = await asyncio.to_thread(self.store.get_chunk, key)
+        if data is None:
+            return _error(404, f"chunk {text} is not held here")
+        self.count("chunks_sent")
+        self.count("raw_bytes", len(data))
+        self.count("wire_bytes", len(data))
+        return web.Response(body=data, content_type="application/octet-stream",
+                            headers={"Cache-Control": IMMUTABLE, "ETag": f'"{key.hex()}"'})
 
     # ------------------------------------------------------------------ sites
 
