@@ -54,7 +54,7 @@ def _positive(text: str) -> int:
 
 def add_transfer_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     """The master and transfer options shared by ``replica`` and ``serve``."""
-    g = p.add_argument_group("replication (see docs/replication.md)")
+    g = p.add_argument_group("replication (see docs/replica.md)")
     g.add_argument("--master", metavar="URL", required=required, default=None,
                    help="the master, http://HOST:PORT or https://HOST:PORT"
                         + ("" if required else ": also replicate into --store"))
@@ -79,7 +79,7 @@ def add_transfer_args(p: argparse.ArgumentParser, *, required: bool) -> None:
                    help="this site's NBD address, shown by 'icbd-cache admin status' "
                         "(serve: default its first --listen)")
     g.add_argument("--pull-batch", type=_positive, default=256, metavar="N",
-                   help="chunk digests per request (default 256)")
+                   help="chunk digests per request (default 256, at most 4096)")
     g.add_argument("--pull-parallel", type=_positive, default=3, metavar="N",
                    help="chunk requests in flight (default 3)")
 
@@ -118,10 +118,14 @@ def client_from_args(args: argparse.Namespace) -> MasterClient:
 def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConfig:
     """The ReplicaConfig of the options. Raises ValueError."""
     from icbdcache.replication.replica import ReplicaConfig
+    from icbdcache.replication.wire import MAX_BATCH
     from icbdcache.storecli import check_name
 
     if not args.site:
         raise ValueError("--master needs --site NAME")
+    if args.pull_batch > MAX_BATCH:
+        raise ValueError(f"--pull-batch {args.pull_batch}: at most {MAX_BATCH} digests a "
+                         "request")
     for what, name in [("--site", args.site)] + [("--subscribe", s)
                                                   for s in args.subscribe or []]:
         why = check_name(what, name)
