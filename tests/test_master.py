@@ -317,6 +317,30 @@ def test_publish_refuses_existing_version_and_counts_versions(img: Path, store: 
     assert e.returncode == 2 and "empty image" in e.stderr
 
 
+def test_publish_stores_only_new_non_zero_chunks(img: Path, store: Path,
+                                                 tmp_path: Path) -> None:
+    """Trim-aware publishing: v2 = v1 with 10 chunks freed and zeroed (what fstrim does to an
+    image on a loop device) and 4 chunks rewritten. Publishing v2 adds exactly the 4 new chunks
+    to the store, and its distinct bytes drop by the freed chunks."""
+    publish(img, store)
+    data = bytearray(img.read_bytes())
+    rng = random.Random(9)
+    random_chunks = [i for i in range(N_CHUNKS) if i % 3 != 2 and i % 5 != 4 and i not in (1, 7)]
+    freed, rewritten = random_chunks[:10], random_chunks[10:14]
+    for i in freed:
+        data[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] = bytes(CHUNK_SIZE)
+    for i in rewritten:
+        data[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] = rng.randbytes(CHUNK_SIZE)
+    v2 = tmp_path / "lab-2.img"
+    v2.write_bytes(bytes(data))
+    out = publish(v2, store).stdout
+    assert f" {4 * CHUNK_SIZE} bytes added to the store," in out
+    d1 = sum(len(c) for d, c in chunks_by_digest(img).items() if d != ZERO)
+    d2 = sum(len(c) for d, c in chunks_by_digest(v2).items() if d != ZERO)
+    assert d2 == d1 - 10 * CHUNK_SIZE
+    assert f"{d2} bytes of distinct non-zero chunks" in out
+
+
 def test_boot_files_served(img: Path, store: Path, tmp_path: Path,
                            start_master: MasterFactory) -> None:
     kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
