@@ -621,6 +621,55 @@ def test_store_full_reports_and_keeps_v1(tmp_path: Path, procs: Procs) -> None:
     assert served_sha256(procs, rstore, "lab") == sha256_file(v1)
 
 
+def test_disk_full_reports_and_keeps_v1(tmp_path: Path, procs: Procs) -> None:
+    """A replica store on a 16 MiB tmpfs (in a private mount namespace): v1 fits, v2 does
+    not; the write fails, the replica says so (disk full) and v1 stays intact and served."""
+    require("nbdcopy", "unshare")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    v1 = make_image(tmp_path / "v1.img", 8 << 20, seed=1)
+    v2 = make_image(tmp_path / "v2.img", 32 << 20, seed=2)
+    mstore, rstore = tmp_path / "master", tmp_path / "replica"
+    rstore.mkdir()
+    publish(mstore, v1)
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}"
+    nbd = free_port()
+    script = f"""
+set -u
+mount -t tmpfs -o size=16m tmpfs {rstore} || exit 77
+{ICBD} replica --store {rstore} --master {url} --site s1 --subscribe lab --once -q || exit 3
+{ICBD} publish {v2} --store {mstore} --imi lab -q || exit 4
+{ICBD} replica --store {rstore} --master {url} --site s1 --once -q 2> {tmp_path}/rc2.err
+echo $? > {tmp_path}/rc2
+{ICBD} stats --json --store {rstore} > {tmp_path}/stats.json
+{ICBD} ls --json --store {rstore} > {tmp_path}/ls.json
+{ICBD} verify --store {rstore} > {tmp_path}/verify.out; echo $? > {tmp_path}/verify.rc
+{ICBD} serve --store {rstore} --listen 127.0.0.1:{nbd} 2> {tmp_path}/serve.err &
+pid=$!
+for i in $(seq 100); do nbdinfo nbd://127.0.0.1:{nbd}/lab >/dev/null 2>&1 && break; sleep 0.1; done
+nbdcopy nbd://127.0.0.1:{nbd}/lab - | sha256sum > {tmp_path}/lab.sha
+kill $pid; wait $pid
+"""
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=300, check=False)
+    if p.returncode == 77:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "rc2").read_text().strip() == "1"
+    r = json.loads((tmp_path / "stats.json").read_text())["replica"]
+    assert r["state"] == "error" and "disk full" in r["error"] and "lab@2" in r["error"]
+    rows = {f"{x['imi']}@{x['version']}": x for x in json.loads((tmp_path / "ls.json")
+                                                                 .read_text())}
+    assert rows["lab@1"]["latest"] and rows["lab@1"]["held"] == rows["lab@1"]["needed"]
+    assert not rows["lab@2"]["latest"]
+    assert (tmp_path / "verify.rc").read_text().strip() == "0"
+    assert (tmp_path / "lab.sha").read_text().split()[0] == sha256_file(v1)
+    status = json.loads(run("admin", "--master", url, "--json", "status").stdout)
+    site = next(s for s in status["sites"] if s["name"] == "s1")
+    assert site["state"] == "error"
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     trustme = pytest.importorskip("trustme")

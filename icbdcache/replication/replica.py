@@ -676,9 +676,21 @@ class Replica:
             # shielded: a cancelled pull still lets its transaction finish (see drain())
             await asyncio.shield(fut)
         except (StoreError, lmdb.Error, OSError) as e:
-            raise PullError(f"store write failed: {e}") from e
+            raise PullError(f"store write failed: {e}{self._disk_note()}") from e
         self.counters.chunk_bytes += stats["replica_chunk_bytes"]
         self.counters.chunks += len(chunks)
+
+    def _disk_note(self) -> str:
+        """`` (disk full: ...)`` when the store's file system has no room left (LMDB reports
+        a failed write as an I/O error), else empty."""
+        try:
+            st = os.statvfs(self.store.path)
+        except OSError:
+            return ""
+        free = st.f_bavail * st.f_frsize
+        if free >= 1 << 20:
+            return ""
+        return f" (disk full: {free} bytes free on the file system of {self.store.path})"
 
     async def drain(self) -> None:
         """Wait for the store writes still running in worker threads (a cancelled pull's):
