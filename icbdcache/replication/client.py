@@ -199,6 +199,12 @@ class MasterClient:
                                               sock_read=self.timeout))
         return self._session
 
+    def _stream_timeout(self) -> aiohttp.ClientTimeout:
+        """Bodies of any length: no total, but connecting within 10 s and no pause longer
+        than ``timeout`` s."""
+        return aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout, 10.0),
+                                     sock_read=self.timeout)
+
     async def close(self) -> None:
         """Close the session and its connections. The client may be used again after."""
         if self._session is not None:
@@ -249,7 +255,9 @@ class MasterClient:
         try:
             async with self._get_session().request(
                     method, self.url + path, json=body,
-                    timeout=aiohttp.ClientTimeout(total=timeout or self.timeout)) as resp:
+                    timeout=aiohttp.ClientTimeout(
+                        total=timeout or self.timeout,
+                        sock_connect=min(self.timeout, 10.0))) as resp:
                 await self._check(resp, what)
                 raw = await resp.read()
         except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
@@ -292,8 +300,7 @@ class MasterClient:
         what = f"GET {path}"
         try:
             async with self._get_session().get(
-                    self.url + path, timeout=aiohttp.ClientTimeout(
-                        total=None, sock_read=self.timeout)) as resp:
+                    self.url + path, timeout=self._stream_timeout()) as resp:
                 await self._check(resp, what)
                 body = await resp.read()
                 h = resp.headers
@@ -320,8 +327,7 @@ class MasterClient:
         path = f"{API}/boot/{quote(imi, safe='')}/{quote(version, safe='')}/{kind}"
         try:
             async with self._get_session().get(
-                    self.url + path, timeout=aiohttp.ClientTimeout(
-                        total=None, sock_read=self.timeout)) as resp:
+                    self.url + path, timeout=self._stream_timeout()) as resp:
                 if resp.status == 404:
                     return None
                 await self._check(resp, f"GET {path}")
@@ -347,7 +353,7 @@ class MasterClient:
         try:
             async with self._get_session().post(
                     self.url + path, data=body, headers={"Content-Type": CONTENT_TYPE},
-                    timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout)) as resp:
+                    timeout=self._stream_timeout()) as resp:
                 await self._check(resp, what)
                 try:
                     dec = ChunkStreamDecoder(resp.headers.get(ENCODING_HEADER) or None)
