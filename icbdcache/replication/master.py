@@ -243,6 +243,11 @@ class Master:
         except StoreError as e:
             log.error(kv(event="store", path=request.path, error=e))
             resp = _error(500, f"store: {e}")
+        except ConnectionError:
+            raise  # the peer is gone: nobody to answer
+        except Exception as e:  # a bug or an LMDB failure: still a JSON answer, and logged
+            log.exception(kv(event="error", path=request.path, error=e))
+            resp = _error(500, f"internal error: {e}")
         if not resp.prepared and "Cache-Control" not in resp.headers:
             resp.headers["Cache-Control"] = "no-store"  # only immutable answers are cacheable
         log.debug(kv(request=request.method, path=request.path, status=resp.status,
@@ -397,6 +402,9 @@ class Master:
         except asyncio.CancelledError:
             fut.cancel()
             raise
+        except Exception as e:  # LMDB failed mid-stream: the stream ends without its end frame
+            fut.cancel()
+            log.error(kv(event="chunks_failed", peer=request.remote, error=e))
         return resp
 
     async def boot(self, request: web.Request) -> web.StreamResponse:
