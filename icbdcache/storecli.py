@@ -286,7 +286,16 @@ def replica_lines(r: dict[str, Any], now: float | None = None) -> str:
     lines.append(f"{'replica.behind_bytes':32} {r.get('behind_bytes', 0)}")
     updated = r.get("updated")
     if isinstance(updated, int | float):
-        lines.append(f"{'replica.updated':32} {now - updated:.0f} s ago (pid {r.get('pid')})")
+        pid = r.get("pid")
+        running = ""
+        if isinstance(pid, int) and state != "stopped":
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                running = ", not running"
+            except OSError:
+                pass
+        lines.append(f"{'replica.updated':32} {now - updated:.0f} s ago (pid {pid}{running})")
     return "\n".join(lines)
 
 

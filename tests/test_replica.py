@@ -538,6 +538,7 @@ def test_replica_killed_mid_transfer_resumes(tmp_path: Path, procs: Procs) -> No
     got = stats(rstore)["replica_chunks"]
     assert 100 <= got < len(c1), "the pull was not interrupted"
     assert ls(rstore)["lab@1"]["pinned"] and not ls(rstore)["lab@1"]["latest"]
+    assert "not running" in run("stats", "--store", str(rstore)).stdout
     run("replica", *args, "--once")
     s = stats(rstore)
     assert s["replica_chunks"] == len(c1)  # nothing committed before the kill came again
