@@ -126,6 +126,9 @@ def register(subparsers: Any) -> None:
                    help="do not check the site's copy after each run")
     p.add_argument("--work", type=Path, metavar="DIR",
                    help="work directory (default: a new one in /var/tmp, removed at the end)")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="only write the markdown and PNG again from a replication.json "
+                        "(into --out), measuring nothing")
     p.add_argument("--icbd", default=None, metavar="PATH",
                    help="the icbd-cache command (default: next to this Python, or on PATH)")
     p.set_defaults(func=main)
@@ -915,7 +918,8 @@ def summarize(runs: Sequence[dict[str, Any]], kinds: Sequence[str], tools: Seque
             row: dict[str, Any] = {"kind": kind, "tool": tool, "ok": len(ok),
                                    "failed": len(failed),
                                    "error": failed[0]["error"] if failed and not ok else None}
-            for m in ("wall_s", "cpu_s", "cpu_server_s", "cpu_client_s", "bytes"):
+            for m in ("wall_s", "cpu_s", "cpu_server_s", "cpu_client_s", "bytes", "tool_bytes",
+                      "boot_file_bytes"):
                 vals = [float(r[m]) for r in ok if r.get(m) is not None]
                 row[m] = statistics.median(vals) if vals else None
             for m in ("wall_s", "cpu_s", "bytes"):
@@ -950,6 +954,9 @@ def targets(rows: Sequence[dict[str, Any]], a: Analysis, link_bps: int | None
             if "zstd" in t and r["bytes"] is not None and a.changed_zstd:
                 add("delta bytes vs zstd of the changed chunks", ("delta", t),
                     r["bytes"] / a.changed_zstd, 1.15)
+                if r.get("tool_bytes") is not None:
+                    add("(the chunk stream alone, replica's count)", ("delta", t),
+                        r["tool_bytes"] / a.changed_zstd, 1.15)
         r = by.get(("full", t))
         if r is not None:
             if link_bps is None:
@@ -1009,18 +1016,26 @@ def markdown(doc: dict[str, Any]) -> str:
              f"- {meta['reps']} repetition(s); medians; ratios are paired with rsync (plain) "
              f"of the same repetition; bytes = {doc['bytes_source']}", "",
              "| kind | tool | wall s | CPU s (server + client) | MiB on the wire | time vs rsync "
-             "| CPU vs rsync | bytes vs rsync |",
-             "|---|---|--:|--:|--:|--:|--:|--:|"]
+             "| CPU vs rsync | bytes vs rsync | tool's own count, MiB |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in doc["rows"]:
         if r["ok"] == 0:
             why = str(r.get("error") or "not run").splitlines()[0][:120]
-            lines.append(f"| {r['kind']} | {r['tool']} | failed: {why} | | | | | |")
+            lines.append(f"| {r['kind']} | {r['tool']} | failed: {why} | | | | | | |")
             continue
         lines.append(
             f"| {r['kind']} | {r['tool']} | {_f(r['wall_s'])} | {_f(r['cpu_s'])} "
             f"({_f(r['cpu_server_s'])} + {_f(r['cpu_client_s'])}) | {_mib(r['bytes'])} | "
             f"{_x(r['wall_s_vs_rsync'])} | {_x(r['cpu_s_vs_rsync'])} | "
-            f"{_x(r['bytes_vs_rsync'])} |")
+            f"{_x(r['bytes_vs_rsync'])} | {_mib(r.get('tool_bytes'))} |")
+    boot = [r["boot_file_bytes"] for r in doc["rows"] if r.get("boot_file_bytes")]
+    lines += ["", "Tool's own count: rsync's `--stats` total bytes sent + received; for icbd "
+              "the replica's chunk-stream bytes (HTTP bodies after zstd: no manifest, headers, "
+              "TLS or boot files)."]
+    if boot:
+        lines += [f"icbd's bytes on the wire include the version's kernel and initrd, which "
+                  f"the replica fetches whole over `/v1/boot` ({max(boot) / MIB:,.1f} MiB, "
+                  f"not compressed, also for a delta); rsync finds them inside the image."]
     lines += ["", "Targets (issue 6):", "",
               "| target | run | value | limit | met |", "|---|---|--:|--:|---|"]
     for t in doc["targets"]:
@@ -1032,8 +1047,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
-    """Bars per tool, full and delta side by side: wall time and bytes on the wire, ratios
-    to rsync (log scale), with the delta bytes reference as a line. False without
+    """Bars per tool, full and delta side by side: wall time (s), CPU of both ends (s) and
+    bytes on the wire (MiB), with the delta bytes target as a line. False without
     matplotlib."""
     try:
         import matplotlib
@@ -1059,7 +1074,9 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
                     v = v / MIB
                 vals.append(v or 0.0)
             xs = [j + (i - (len(tools) - 1) / 2) * width for j in range(len(kinds))]
-            ax.bar(xs, vals, width, label=tool)
+            bars = ax.bar(xs, vals, width, label=tool)
+            ax.bar_label(bars, fmt="%.0f" if metric == "bytes" else "%.1f", fontsize=6,
+                         padding=1)
         if metric == "bytes":
             ref = doc["analysis"]["changed_zstd"] / MIB
             if "delta" in kinds:
@@ -1068,7 +1085,6 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
                         label="delta target (1.15x zstd of new chunks)")
         ax.set_xticks(range(len(kinds)), kinds)
         ax.set_title(title)
-        ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
     axes[2].legend(fontsize=7)
     fig.suptitle(f"icbd-bench replication: {doc['network_short']}, "
@@ -1218,4 +1234,11 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"replication: {e}", file=sys.stderr)
         return 2
+    if args.report is not None:
+        doc = json.loads(args.report.read_text())
+        s.out.mkdir(parents=True, exist_ok=True)
+        (s.out / "replication.md").write_text(markdown(doc))
+        plot(doc, s.out / "replication.png")
+        print(f"wrote {s.out / 'replication.md'}, replication.png")
+        return 0
     return run(s)
