@@ -1002,6 +1002,13 @@ def markdown(doc: dict[str, Any]) -> str:
              f"MiB of distinct non-zero chunks ({a['v2_zero_chunks']} of {a['v2_chunks']} "
              f"chunks are zeros), {a['changed_bytes'] / MIB:,.1f} MiB "
              f"({a['changed_chunks']} chunks) of them new in v2",
+             *([f"- pair recipe: v1 = the test iMI + `update-imi "
+                 f"{' '.join(pair['steps']['v1']['args'])}` "
+                 f"({pair['steps']['v1']['fs_used_bytes'] / 1e9:.2f} GB used); v2 = v1 + "
+                 f"`update-imi {' '.join(pair['steps']['v2']['args'])}` "
+                 f"({pair['steps']['v2']['fs_used_bytes'] / 1e9:.2f} GB used)"]
+               if pair.get("steps") and pair["steps"]["v1"].get("fs_used_bytes")
+               and pair["steps"]["v2"].get("fs_used_bytes") else []),
              f"- reference: zstd -{a['zstd_level']} of v2's new chunks "
              f"{a['changed_zstd'] / MIB:,.1f} MiB (delta target 1.15x = "
              f"{a['changed_zstd'] * 1.15 / MIB:,.1f} MiB); of all v2's distinct chunks "
@@ -1207,8 +1214,7 @@ def run(s: Settings) -> int:
         "bytes_source": ("kernel interface counters (both directions, headers included)"
                          if net is not None and net.kind != "host"
                          else "the tools' own counts"),
-        "pair": {k: v for k, v in pair.meta.items() if k != "steps"} | {
-            "v1": str(pair.v1), "v2": str(pair.v2)},
+        "pair": dict(pair.meta) | {"v1": str(pair.v1), "v2": str(pair.v2)},
         "analysis": {k: v for k, v in vars(analysis).items() if k != "v2_map"},
         "publish_s": ctx.icbd.publish_s if ctx is not None and ctx.icbd else {},
         "runs": runs, "rows": rows, "targets": tgts,
