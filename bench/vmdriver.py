@@ -568,8 +568,9 @@ def markdown(doc: dict[str, Any]) -> str:
     spread_head = f" (min-max of {reps} reps)" if reps > 1 else ""
     lines += ["", f"| scenario | server | booted | boot s median{spread_head} | p95 | max "
               "| vs alone | server requests | read MiB | server lat ms p50 | p95 | p99 | max "
-              "| upstream MiB | WAN MiB | server CPU s | peak RSS MiB | QEMU CPU s |",
-              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+              "| upstream MiB | WAN MiB | server CPU s | peak RSS MiB | QEMU CPU s "
+              "| machine busy % |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         label = Scenario(r["mode"], r["n_clients"]).label
         med = _n(r["boot_s_median"], ".1f")
@@ -586,7 +587,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {_n(r['server_lat_p50_ms'], '.2f')} | {_n(r['server_lat_p95_ms'], '.1f')} "
             f"| {_n(r['server_lat_p99_ms'], '.1f')} | {_n(r['server_lat_max_ms'], '.0f')} "
             f"| {_mib(r['upstream_read_bytes'])} | {_mib(wan)} | {_n(r['server_cpu_s'], '.1f')} "
-            f"| {_mib(r['peak_rss'])} | {_n(r['qemu_cpu_s'], '.0f')} |"
+            f"| {_mib(r['peak_rss'])} | {_n(r['qemu_cpu_s'], '.0f')} "
+            f"| {_n(r['host_cpu_pct'], '.0f')} |"
             + (f" FAILED: {r['error'].splitlines()[0][:100]}" if r["error"] else ""))
     lines += ["", "booted: guests that printed the marker within the timeout / guests started "
               "(over all repetitions). Boot s: median, p95 and max over the guests of a run "
@@ -596,7 +598,9 @@ def markdown(doc: dict[str, Any]) -> str:
               "(icbd-cache's --trace; n/a: server not instrumented). upstream MiB: read from "
               "the upstream over the WAN (its log filter); WAN MiB: received by the site over "
               "the WAN veth, headers included. server CPU: user+system during the storm; "
-              "peak RSS: VmHWM. QEMU CPU: all guests' QEMU processes.", ""]
+              "peak RSS: VmHWM. QEMU CPU: all guests' QEMU processes (user+system). machine "
+              "busy: CPU busy % of the whole machine during the storm (other work on a shared "
+              "machine included).", ""]
     for r in rows:
         if r["booted"] < r["guests"]:
             lines.append(f"- {Scenario(r['mode'], r['n_clients']).label} {r['server']}: "
