@@ -358,8 +358,11 @@ class Master:
         level: int | None = None
         if "zstd" in request.query:
             text = request.query["zstd"]
-            if not text.isdigit() or not 1 <= int(text) <= 19:
-                return _error(400, f"zstd level {text!r} is not 1 to 19")
+            # ASCII digits only, at most 3 of them: str.isdigit() also accepts '²' (which
+            # int() refuses) and int() refuses thousands of digits
+            if not (text.isascii() and text.isdigit() and len(text) <= 3) \
+                    or not 1 <= int(text) <= 19:
+                return _error(400, f"zstd level {text[:20]!r} is not 1 to 19")
             level = int(text)
         body = await request.read()
         if body and len(body) % DIGEST_SIZE == 0 and len(body) // DIGEST_SIZE > wire.MAX_BATCH:
