@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
@@ -33,7 +33,10 @@ ICBD = str(BIN / "icbd-cache")
 # ------------------------------------------------------------------------------ master side
 
 
-Probe = Callable[[str, str], Awaitable[tuple[int, Any]]]
+class Probe(Protocol):
+    """``probe(method, path, **request_kw)`` -> (status, JSON body, or bytes if not JSON)."""
+
+    def __call__(self, method: str, path: str, **kw: Any) -> Awaitable[tuple[int, Any]]: ...
 
 
 def with_master(tmp_path: Path, body: Callable[[Probe, Master], Awaitable[None]],
@@ -86,5 +89,46 @@ def test_master_zstd_level_garbage_is_400(tmp_path: Path) -> None:
             assert "zstd level" in answer["error"]
         status, raw = await probe("POST", "/v1/chunks?zstd=03", data=d)
         assert status == 200 and raw[:16] != b"{"
+
+    with_master(tmp_path, body)
+
+
+def test_master_deeply_nested_json_is_400(tmp_path: Path) -> None:
+    """A body of 100000 '[' (or nested objects) made json.loads raise RecursionError, which
+    the handlers did not expect: a 500. It is a 400 on every JSON endpoint."""
+
+    async def body(probe: Probe, m: Master) -> None:
+        for nested in ("[" * 100000, '{"a":' * 100000):
+            for path in ("/v1/sites/s1/register", "/v1/sites/s1/keepalive",
+                         "/v1/admin/subscribe", "/v1/admin/unsubscribe", "/v1/admin/retire"):
+                status, answer = await probe("POST", path, data=nested.encode())
+                assert status == 400, (path, status, answer)
+                assert "JSON" in answer["error"]
+
+    with_master(tmp_path, body)
+
+
+def test_master_refuses_overlong_and_control_names(tmp_path: Path) -> None:
+    """A 600-character site name overflowed LMDB's key size in the registry: a 503 'registry'
+    error (which tells a replica the master is down); a NUL or other control character in a
+    site or iMI name was accepted and stored. Both are a 400 now, and nothing is stored."""
+
+    async def body(probe: Probe, m: Master) -> None:
+        long = "s" * 600
+        for site in (long, "a%00b", "a%1Bb", "a%7Fb"):
+            for what in ("register", "keepalive"):
+                status, answer = await probe("POST", f"/v1/sites/{site}/{what}", json={})
+                assert status == 400, (site[:10], what, status, answer)
+        for sub in (["x" * 600], ["a\x00b"], ["ok", "\n"]):
+            status, answer = await probe("POST", "/v1/sites/good/register",
+                                         json={"subscribe": sub})
+            assert status == 400, (sub, status, answer)
+        for site, imi in ((long, "lab"), ("s2", "x" * 600), ("a\x00", "lab"), ("s2", "l\x01")):
+            status, answer = await probe("POST", "/v1/admin/subscribe",
+                                         json={"site": site, "imi": imi})
+            assert status == 400, (site[:10], imi[:10], status, answer)
+        assert [s.name for s in await m.registry.sites()] == []
+        status, answer = await probe("POST", "/v1/sites/good/register", json={"subscribe": ["lab"]})
+        assert status == 200 and answer["subscriptions"] == ["lab"]
 
     with_master(tmp_path, body)

@@ -72,13 +72,7 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _bad_name(name: str) -> str | None:
-    """Why ``name`` cannot be a site, iMI or version name, or None."""
-    if not name:
-        return "empty name"
-    if any(c in "@/?" or c.isspace() for c in name):
-        return f"name {name!r} may not contain '@', '/', '?' or whitespace"
-    return None
+_bad_name = wire.bad_name
 
 
 def _int(value: Any) -> int:
@@ -454,8 +448,9 @@ class Master:
     async def _json(self, request: web.Request) -> dict[str, Any]:
         try:
             body = await request.json()
-        except ValueError:
-            raise web.HTTPBadRequest(reason="the body is not JSON") from None
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
+            raise web.HTTPBadRequest(reason="the body is not JSON (or nested too deep)") \
+                from None
         if not isinstance(body, dict):
             raise web.HTTPBadRequest(reason="the body is not a JSON object")
         return body

@@ -42,7 +42,25 @@ ENCODING_HEADER = "X-Icbd-Encoding"
 #: Content type of chunk streams and manifests.
 CONTENT_TYPE = "application/x-icbd-chunks"
 
+#: Longest site, iMI or version name, in UTF-8 bytes (registry and store keys hold names, and
+#: an LMDB key is at most 511 bytes).
+MAX_NAME = 200
+
 _HEAD = struct.Struct(">16sI")
+
+
+def bad_name(name: str) -> str | None:
+    """Why ``name`` cannot be a site, iMI or version name, or None. Names become paths of the
+    API, registry and store keys and directories (``STORE/boot/IMI@VERSION``): no ``@``,
+    ``/``, ``?``, whitespace or control character, at most MAX_NAME bytes."""
+    if not name:
+        return "empty name"
+    shown = repr(name[:40]) + ("..." if len(name) > 40 else "")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        return f"name {shown} is longer than {MAX_NAME} bytes"
+    if any(c in "@/?" or c.isspace() or not c.isprintable() for c in name):
+        return f"name {shown} may not contain '@', '/', '?', whitespace or control characters"
+    return None
 
 
 class WireError(Exception):
