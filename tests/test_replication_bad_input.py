@@ -11,21 +11,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 from conftest import BIN
 from yarl import URL
 
+from icbdcache.replication import wire
 from icbdcache.replication.auth import Auth
+from icbdcache.replication.client import MasterClient, manifest_digest
 from icbdcache.replication.master import Master
 from icbdcache.replication.publish import publish
 from icbdcache.replication.registry.embedded import EmbeddedRegistry
+from icbdcache.replication.replica import Replica, ReplicaConfig
 from icbdcache.store import Store
-from icbdcache.store.chunks import CHUNK_SIZE
+from icbdcache.store.chunks import CHUNK_SIZE, digest
 
 ICBD = str(BIN / "icbd-cache")
 
@@ -132,3 +137,192 @@ def test_master_refuses_overlong_and_control_names(tmp_path: Path) -> None:
         assert status == 200 and answer["subscriptions"] == ["lab"]
 
     with_master(tmp_path, body)
+
+
+# ------------------------------------------------------------------------------ replica side
+
+
+@dataclass
+class Image:
+    """A small image: its chunks by index, size, chunk map and chunks by digest."""
+
+    chunks: list[bytes]
+    size: int
+    chunk_map: bytes
+    by_digest: dict[bytes, bytes]
+
+    @staticmethod
+    def make(n: int = 4, tail: int = 1000) -> Image:
+        chunks = [os.urandom(CHUNK_SIZE) for _ in range(n)] + [os.urandom(tail)]
+        ds = [digest(c) for c in chunks]
+        by_digest = dict(zip(ds, chunks, strict=True))
+        return Image(chunks, sum(map(len, chunks)), b"".join(ds), by_digest)
+
+
+def entry(imi: str, version: str, img: Image, *, retired: bool = False) -> dict[str, Any]:
+    """A catalog entry of ``img`` as ``imi@version``."""
+    return {"imi": imi, "version": version, "size": img.size, "chunk_size": CHUNK_SIZE,
+            "manifest": manifest_digest(img.chunk_map), "distinct_bytes": img.size,
+            "published": 1.0, "retired": retired, "master": ""}
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Fake:
+    """A fake master: serves ``versions`` (catalog entries) whose manifests are in
+    ``images`` (by IMI@VERSION), the chunks of all of them, and ``boot`` files. Any route
+    can be replaced through ``override`` (path pattern -> handler)."""
+
+    versions: list[dict[str, Any]] = field(default_factory=list)
+    images: dict[str, Image] = field(default_factory=dict)
+    boot: dict[str, bytes] = field(default_factory=dict)
+    subscriptions: list[str] = field(default_factory=lambda: ["lab"])
+    override: dict[str, Handler] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)
+
+    def add(self, imi: str, version: str, img: Image, *, retired: bool = False) -> None:
+        self.versions.append(entry(imi, version, img, retired=retired))
+        self.images[f"{imi}@{version}"] = img
+
+    def chunk(self, d: bytes) -> bytes | None:
+        for img in self.images.values():
+            if d in img.by_digest:
+                return img.by_digest[d]
+        return None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        routes: list[tuple[str, str, Handler]] = [
+            ("GET", "/v1/catalog", self.catalog), ("GET", "/v1/watch", self.catalog),
+            ("POST", "/v1/sites/{site}/{what}", self.site),
+            ("GET", "/v1/manifest/{imi}/{version}", self.manifest),
+            ("POST", "/v1/chunks", self.chunks),
+            ("GET", "/v1/boot/{imi}/{version}/{which}", self.bootfile)]
+        for method, path, handler in routes:
+            app.router.add_route(method, path, self._counted(path, self.override.get(path,
+                                                                                   handler)))
+        return app
+
+    def _counted(self, path: str, handler: Handler) -> Handler:
+        async def h(request: web.Request) -> web.StreamResponse:
+            self.hits[path] = self.hits.get(path, 0) + 1
+            return await handler(request)
+        return h
+
+    async def catalog(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"generation": 1, "versions": self.versions})
+
+    async def site(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"subscriptions": self.subscriptions, "interval": 3600,
+                                  "generation": 1})
+
+    async def manifest(self, request: web.Request) -> web.StreamResponse:
+        key = f"{request.match_info['imi']}@{request.match_info['version']}"
+        img = self.images.get(key)
+        if img is None:
+            return web.json_response({"error": "no"}, status=404)
+        return web.Response(body=img.chunk_map, headers={
+            "X-Icbd-Size": str(img.size), "X-Icbd-Chunk-Size": str(CHUNK_SIZE),
+            "X-Icbd-Manifest": manifest_digest(img.chunk_map)})
+
+    async def chunks(self, request: web.Request) -> web.StreamResponse:
+        digests = wire.parse_digests(await request.read())
+        enc = wire.ChunkStreamEncoder()
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for d in digests:
+            await resp.write(enc.frame(d, self.chunk(d)))
+        await resp.write(enc.end())
+        return resp
+
+    async def bootfile(self, request: web.Request) -> web.StreamResponse:
+        data = self.boot.get(request.match_info["which"])
+        if data is None:
+            return web.json_response({"error": "no"}, status=404)
+        return web.Response(body=data)
+
+
+@dataclass
+class Outcome:
+    """What a replica run left: its exit status and error, the versions of its store, the
+    iMI latest versions, and the chunks held."""
+
+    rc: int
+    error: str | None
+    versions: list[str]
+    latest: dict[str, str | None]
+    chunks: set[bytes]
+
+
+def run_replica(fake: Fake, store_dir: Path, *, timeout: float = 10.0,
+                client_kw: dict[str, Any] | None = None) -> Outcome:
+    """Run a ``once`` replica of site ``s1`` against ``fake``, then check its store with
+    ``icbd-cache verify``."""
+
+    async def main() -> Outcome:
+        srv = TestServer(fake.app(), host="127.0.0.1")
+        await srv.start_server()
+        client = MasterClient(f"http://127.0.0.1:{srv.port}", timeout=timeout,
+                              token="site-token", **(client_kw or {}))
+        store = Store(store_dir)
+        try:
+            replica = Replica(store, client, ReplicaConfig(
+                site="s1", subscribe=["lab"], once=True, once_cutoff_limit=0.0,
+                progress=False))
+            rc = await replica.run()
+            await replica.drain()
+            metas = store.versions()
+            with store.env.begin(db=store.db["chunks"]) as txn:
+                held = {bytes(k) for k, _ in txn.cursor()}
+            return Outcome(rc, replica.error, sorted(m.key for m in metas),
+                           {m.imi: store.latest(m.imi) for m in metas}, held)
+        finally:
+            await client.close()
+            store.close()
+            await srv.close()
+
+    out = asyncio.run(main())
+    v = subprocess.run([ICBD, "verify", "--store", str(store_dir)], capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert v.returncode == 0, v.stdout + v.stderr
+    return out
+
+
+def test_replica_baseline_against_the_fake_master(tmp_path: Path) -> None:
+    """The harness itself: an honest fake master is replicated completely."""
+    fake, img = Fake(), Image.make()
+    fake.add("lab", "1", img)
+    out = run_replica(fake, tmp_path / "store")
+    assert (out.rc, out.versions, out.latest) == (0, ["lab@1"], {"lab": "1"})
+    assert out.chunks == set(img.by_digest)
+
+
+def test_replica_refuses_catalog_names_that_leave_the_store(tmp_path: Path) -> None:
+    """A catalog naming iMI '../../victim' was taken as is: the version was stored as
+    '../../victim@x', and once retired the replica ran shutil.rmtree(STORE/boot/KEY), which is
+    tmp/victim@x, outside the store. Names are now checked as the master checks them; a
+    catalog with a bad one is refused whole (a clear error), and nothing outside the store is
+    touched."""
+    victim = tmp_path / "victim@x"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    store_dir = tmp_path / "store"
+    (store_dir / "boot").mkdir(parents=True)
+    a, b = Image.make(), Image.make()
+    fake = Fake(subscriptions=["../../victim"])
+    fake.add("../../victim", "x", a)
+    out1 = run_replica(fake, store_dir)
+    fake.versions[0]["retired"] = True
+    fake.add("../../victim", "y", b)
+    out2 = run_replica(fake, store_dir)
+    assert (victim / "precious").read_text() == "keep me"
+    for out in (out1, out2):
+        assert out.rc == 1 and out.error is not None and "name" in out.error, out.error
+        assert out.versions == []
+    for bad in ("a/b", "a\x00b", "a b", "x" * 300, "a?b"):
+        fake = Fake(subscriptions=[bad])
+        fake.add(bad, "1", a)
+        out = run_replica(fake, store_dir)
+        assert out.rc == 1 and out.versions == [], (bad[:10], out)

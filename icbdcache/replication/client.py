@@ -38,6 +38,7 @@ from icbdcache.replication.wire import (
     ChunkFrame,
     ChunkStreamDecoder,
     WireError,
+    bad_name,
     encode_digests,
 )
 from icbdcache.store.chunks import DIGEST_SIZE, chunk_count
@@ -125,7 +126,7 @@ def _version_record(d: Any) -> VersionRecord:
     if not isinstance(d, dict):
         raise MasterProtocolError(f"catalog entry is not an object: {d!r}")
     try:
-        return VersionRecord(
+        rec = VersionRecord(
             imi=str(d["imi"]), version=str(d["version"]), size=int(d["size"]),
             chunk_size=int(d["chunk_size"]), manifest=str(d["manifest"]).lower(),
             distinct_bytes=int(d.get("distinct_bytes", 0)),
@@ -133,6 +134,12 @@ def _version_record(d: Any) -> VersionRecord:
             master=str(d.get("master", "") or ""))
     except (KeyError, TypeError, ValueError) as e:
         raise MasterProtocolError(f"bad catalog entry {d!r}: {e}") from e
+    # names become store keys and directories (STORE/boot/IMI@VERSION): '../..' must not
+    bad = bad_name(rec.imi) or bad_name(rec.version)
+    if bad is not None:
+        raise MasterProtocolError(f"catalog entry {rec.key[:100]!r}: bad iMI or version "
+                                  f"{bad}")
+    return rec
 
 
 def _catalog(body: Any) -> Catalog:

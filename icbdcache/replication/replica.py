@@ -723,9 +723,12 @@ class Replica:
                 continue
             metas = [m for m in metas if m.key != meta.key]
             with contextlib.suppress(OSError, ImportError):
-                from pxe.bootfiles import boot_root
+                from pxe.bootfiles import BootFilesError, boot_root, check_key
 
-                shutil.rmtree(boot_root(self.store.path) / meta.key, ignore_errors=True)
+                # check_key: a name that is not one directory under boot/ is never removed
+                with contextlib.suppress(BootFilesError):
+                    shutil.rmtree(boot_root(self.store.path) / check_key(meta.key),
+                                  ignore_errors=True)
             log.info(kv(retired=meta.key, deleted="unpinned, chunks evictable"))
             if self.store.latest(meta.imi) is None and others:
                 newest = max(others, key=lambda m: (order.get(m.key, -1), m.created))
