@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 from conftest import BIN
@@ -326,3 +327,84 @@ def test_replica_refuses_catalog_names_that_leave_the_store(tmp_path: Path) -> N
         fake.add(bad, "1", a)
         out = run_replica(fake, store_dir)
         assert out.rc == 1 and out.versions == [], (bad[:10], out)
+
+
+def _frames_then(extra: Callable[[wire.ChunkStreamEncoder, list[bytes], Fake],
+                                 list[bytes]], fake: Fake, sent: list[int]) -> Handler:
+    """A chunks handler: the honest frames of the request, then the frames ``extra`` makes,
+    then the end frame; ``sent`` gets the number of extra frames written before the replica
+    hung up (all of them if it did not)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        digests = wire.parse_digests(await request.read())
+        enc = wire.ChunkStreamEncoder()
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for d in digests:
+            await resp.write(enc.frame(d, fake.chunk(d)))
+        n = 0
+        try:
+            for frame in extra(enc, digests, fake):
+                await resp.write(frame)
+                n += 1
+            await resp.write(enc.end())
+        except ConnectionError:
+            pass
+        finally:
+            sent.append(n)
+        return resp
+
+    return handler
+
+
+def test_replica_refuses_frames_not_asked_for(tmp_path: Path) -> None:
+    """A frame for a chunk the replica did not ask for (its data matching its digest) was
+    kept and written to the store: a master could fill a replica's store with anything. A
+    chunk stream must now answer exactly the digests asked, in order; anything else is a
+    protocol error and nothing of that request is kept."""
+    junk = os.urandom(CHUNK_SIZE)
+    fake, img, sent = Fake(), Image.make(), list[int]()
+    fake.add("lab", "1", img)
+    fake.override["/v1/chunks"] = _frames_then(
+        lambda enc, ds, f: [enc.frame(digest(junk), junk)], fake, sent)
+    out = run_replica(fake, tmp_path / "store")
+    assert digest(junk) not in out.chunks
+    assert out.rc == 1 and out.error is not None and "asked" in out.error, out.error
+    assert out.latest == {"lab": None}  # stored (bootable from the master), not complete
+
+
+def test_replica_refuses_an_endless_chunk_stream(tmp_path: Path) -> None:
+    """A master repeating a requested chunk after the answer: every copy was kept in memory
+    (and written) until the stream ended, so a stream that never ends grew without bound. The
+    replica now stops at the first frame beyond its request and hangs up."""
+    fake, img, sent = Fake(), Image.make(), list[int]()
+    fake.add("lab", "1", img)
+    limit = 3000  # 190 MiB of frames if the replica read them all
+
+    def repeat(enc: wire.ChunkStreamEncoder, ds: list[bytes], f: Fake) -> list[bytes]:
+        frame = enc.frame(ds[0], f.chunk(ds[0]))
+        return [frame] * limit
+
+    fake.override["/v1/chunks"] = _frames_then(repeat, fake, sent)
+    out = run_replica(fake, tmp_path / "store")
+    assert out.rc == 1 and out.error is not None and "asked" in out.error, out.error
+    assert sent and max(sent) < limit  # the replica hung up
+
+
+def test_chunk_stream_decoder_frame_order_and_count() -> None:
+    """The decoder, given the digests asked for, refuses a frame out of order, a frame too
+    many, and an end frame before every digest is answered."""
+    a, b = os.urandom(100), os.urandom(200)
+    da, db = digest(a), digest(b)
+    enc = wire.ChunkStreamEncoder()
+    good = enc.frame(da, a) + enc.frame(db, None) + enc.end()
+    dec = wire.ChunkStreamDecoder(None, expect=[da, db])
+    assert [f.digest for f in dec.feed(good)] == [da, db]
+    dec.close()
+    enc = wire.ChunkStreamEncoder()
+    for body, why in ((enc.frame(db, b), "asked"),
+                      (enc.frame(da, a) + enc.frame(db, b) + enc.frame(da, a), "asked"),
+                      (enc.frame(da, a) + enc.end(), "end frame")):
+        dec = wire.ChunkStreamDecoder(None, expect=[da, db])
+        with pytest.raises(wire.WireError, match=why):
+            dec.feed(body)

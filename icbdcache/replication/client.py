@@ -346,7 +346,8 @@ class MasterClient:
                      tally: TransferCounters | None = None) -> AsyncIterator[ChunkFrame]:
         """``POST /v1/chunks``: the frames of the chunks ``digests`` (at most
         wire.MAX_BATCH), in request order, as they arrive; ``data`` None for a chunk the master
-        lacks. The frames are NOT verified: check each chunk's digest. Raises
+        lacks. The stream must answer exactly ``digests``, in order (else
+        MasterProtocolError), but the data is NOT verified: check each chunk's digest. Raises
         MasterUnreachable when the stream is cut short, MasterProtocolError when it is
         malformed, other MasterError. ``tally``: counters of this request alone (also added
         to :attr:`counters`)."""
@@ -363,7 +364,8 @@ class MasterClient:
                     timeout=self._stream_timeout()) as resp:
                 await self._check(resp, what)
                 try:
-                    dec = ChunkStreamDecoder(resp.headers.get(ENCODING_HEADER) or None)
+                    dec = ChunkStreamDecoder(resp.headers.get(ENCODING_HEADER) or None,
+                                             expect=digests)
                 except WireError as e:
                     raise MasterProtocolError(f"{self.url}: {what}: {e}") from e
                 async for data in resp.content.iter_any():

@@ -23,6 +23,7 @@ The receiver checks every chunk against its digest before it keeps it (the store
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import zstandard
@@ -131,17 +132,35 @@ class ChunkStreamEncoder:
 
 class ChunkStreamDecoder:
     """Receiver side of a chunk stream. ``encoding``: None or ``"zstd"`` (the
-    ENCODING_HEADER value). Feed it bytes as they arrive; it returns whole frames.
-    Raises WireError on an unknown encoding, bad zstd data, a frame longer than MAX_CHUNK,
-    or bytes after the end frame."""
+    ENCODING_HEADER value). ``expect``: the digests asked for; then the stream must answer
+    exactly those, in order (a frame for another digest, a frame too many or an end frame too
+    early is an error: a sender cannot push chunks nobody asked for, nor stream forever).
+    Feed it bytes as they arrive; it returns whole frames. Raises WireError on an unknown
+    encoding, bad zstd data, a frame longer than MAX_CHUNK, bytes after the end frame, or a
+    frame ``expect`` does not allow."""
 
-    def __init__(self, encoding: str | None = None) -> None:
+    def __init__(self, encoding: str | None = None,
+                 expect: Sequence[bytes] | None = None) -> None:
         if encoding not in (None, "", "plain", "zstd"):
             raise WireError(f"unknown chunk stream encoding {encoding!r}")
         self._z = zstandard.ZstdDecompressor().decompressobj() if encoding == "zstd" else None
         self._buf = bytearray()
+        self._expect = expect
+        self._n = 0  # frames seen
         self.finished = False
         self.wire_bytes = 0  # bytes fed, as received
+
+    def _check(self, d: bytes) -> None:
+        """Count a frame for ``d``; raise WireError unless it is the next one asked for."""
+        want = self._expect
+        if want is not None:
+            if self._n >= len(want):
+                raise WireError(f"frame {self._n + 1} for {d.hex()}: only {len(want)} "
+                                "digests were asked for")
+            if d != want[self._n]:
+                raise WireError(f"frame {self._n + 1} is for {d.hex()}, not the digest asked "
+                                f"for ({want[self._n].hex()})")
+        self._n += 1
 
     def feed(self, data: bytes) -> list[ChunkFrame]:
         self.wire_bytes += len(data)
@@ -161,6 +180,7 @@ class ChunkStreamDecoder:
         while len(buf) - pos >= _HEAD.size:
             digest, length = _HEAD.unpack_from(buf, pos)
             if length == MISSING:
+                self._check(digest)
                 frames.append(ChunkFrame(digest, None))
                 pos += _HEAD.size
                 continue
@@ -169,11 +189,15 @@ class ChunkStreamDecoder:
                 self.finished = True
                 if pos != len(buf):
                     raise WireError("bytes after the end frame")
+                if self._expect is not None and self._n != len(self._expect):
+                    raise WireError(f"end frame after {self._n} frames of the "
+                                    f"{len(self._expect)} digests asked for")
                 break
             if length > MAX_CHUNK or length == 0:
                 raise WireError(f"frame of {length} bytes (1 to {MAX_CHUNK} allowed)")
             if len(buf) - pos - _HEAD.size < length:
                 break
+            self._check(digest)
             start = pos + _HEAD.size
             frames.append(ChunkFrame(digest, bytes(buf[start : start + length])))
             pos = start + length
