@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 import subprocess
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+import zstandard
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 from conftest import BIN
@@ -408,3 +411,54 @@ def test_chunk_stream_decoder_frame_order_and_count() -> None:
         dec = wire.ChunkStreamDecoder(None, expect=[da, db])
         with pytest.raises(wire.WireError, match=why):
             dec.feed(body)
+
+
+BOMB_RAW = 64 << 20  # what the bombs below expand to
+
+
+def _zeros_bomb() -> bytes:
+    """64 MiB of zeros as one zstd frame (a few KiB): decoded, an end frame then garbage."""
+    c = zstandard.ZstdCompressor(level=1).compressobj()
+    block = bytes(1 << 20)
+    return b"".join(c.compress(block) for _ in range(BOMB_RAW >> 20)) + c.flush()
+
+
+def test_chunk_stream_decoder_zstd_bomb_memory_is_bounded() -> None:
+    """A few KiB of zstd expanding to 64 MiB was decompressed whole by one feed() before any
+    frame was looked at (and 64 KiB of wire can expand to gigabytes). The decoder now
+    decompresses in bounded pieces and stops at the first bad frame: its peak memory stays
+    far below the bomb's size."""
+    d = digest(b"x")
+    frame = struct.pack(">16sI", d, wire.MAX_CHUNK) + bytes(wire.MAX_CHUNK)
+    c = zstandard.ZstdCompressor(level=1).compressobj()
+    frames_bomb = b"".join(c.compress(frame * 16) for _ in range(BOMB_RAW // len(frame) // 16))
+    frames_bomb += c.flush()
+    for bomb, why in ((_zeros_bomb(), "after the end frame"), (frames_bomb, "asked")):
+        assert len(bomb) < BOMB_RAW // 1000
+        dec = wire.ChunkStreamDecoder("zstd", expect=[d])
+        tracemalloc.start()
+        try:
+            with pytest.raises(wire.WireError, match=why):
+                for i in range(0, len(bomb), 65536):
+                    dec.feed(bomb[i : i + 65536])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * wire.MAX_CHUNK + (2 << 20), peak
+
+
+def test_replica_refuses_a_zstd_bomb(tmp_path: Path) -> None:
+    """End to end: a zstd chunk stream that expands to 64 MiB of zeros is refused as a
+    malformed stream; the store stays consistent and holds none of it."""
+    fake, img = Fake(), Image.make()
+    fake.add("lab", "1", img)
+    bomb = _zeros_bomb()
+
+    async def chunks(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(body=bomb, headers={wire.ENCODING_HEADER: "zstd"})
+
+    fake.override["/v1/chunks"] = chunks
+    out = run_replica(fake, tmp_path / "store")
+    assert out.rc == 1 and out.error is not None and "end frame" in out.error, out.error
+    assert out.chunks == set() and out.latest == {"lab": None}

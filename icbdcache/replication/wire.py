@@ -23,8 +23,9 @@ The receiver checks every chunk against its digest before it keeps it (the store
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import IO, cast
 
 import zstandard
 
@@ -36,6 +37,8 @@ API = "/v1"
 MAX_BATCH = 4096
 #: Largest chunk a frame may carry, in bytes.
 MAX_CHUNK = 4 * CHUNK_SIZE
+#: Bytes a zstd chunk stream is decompressed by, at most, before its frames are checked.
+ZSTD_PIECE = 1 << 17
 #: Length value of a frame whose chunk the sender does not hold.
 MISSING = 0xFFFFFFFF
 #: Header naming the encoding of a chunk stream (``zstd``; absent: plain).
@@ -130,6 +133,20 @@ class ChunkStreamEncoder:
         return out
 
 
+class _Sink:
+    """The output of a zstd stream writer, handed to a function as it is decompressed."""
+
+    def __init__(self, fn: Callable[[bytes], None]) -> None:
+        self._fn = fn
+
+    def write(self, data: bytes) -> int:
+        self._fn(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
 class ChunkStreamDecoder:
     """Receiver side of a chunk stream. ``encoding``: None or ``"zstd"`` (the
     ENCODING_HEADER value). ``expect``: the digests asked for; then the stream must answer
@@ -143,7 +160,12 @@ class ChunkStreamDecoder:
                  expect: Sequence[bytes] | None = None) -> None:
         if encoding not in (None, "", "plain", "zstd"):
             raise WireError(f"unknown chunk stream encoding {encoding!r}")
-        self._z = zstandard.ZstdDecompressor().decompressobj() if encoding == "zstd" else None
+        # zstd: decompressed ZSTD_PIECE bytes at a time into _parse (a stream writer), so a
+        # few bytes that expand to gigabytes are looked at, and refused, piece by piece
+        self._z = (zstandard.ZstdDecompressor().stream_writer(
+            cast(IO[bytes], _Sink(self._parse)), write_size=ZSTD_PIECE, write_return_read=True)
+            if encoding == "zstd" else None)
+        self._frames: list[ChunkFrame] = []
         self._buf = bytearray()
         self._expect = expect
         self._n = 0  # frames seen
@@ -166,15 +188,22 @@ class ChunkStreamDecoder:
         self.wire_bytes += len(data)
         if self._z is not None:
             try:
-                data = self._z.decompress(data)
+                self._z.write(data)
             except zstandard.ZstdError as e:
                 raise WireError(f"bad zstd data in chunk stream: {e}") from e
+        else:
+            self._parse(data)
+        frames, self._frames = self._frames, []
+        return frames
+
+    def _parse(self, data: bytes) -> None:
+        """Add the whole frames of ``data`` (after those buffered) to ``_frames``."""
         if self.finished:
             if data:
                 raise WireError("bytes after the end frame")
-            return []
+            return
         self._buf += data
-        frames: list[ChunkFrame] = []
+        frames = self._frames
         pos = 0
         buf = self._buf
         while len(buf) - pos >= _HEAD.size:
@@ -202,7 +231,6 @@ class ChunkStreamDecoder:
             frames.append(ChunkFrame(digest, bytes(buf[start : start + length])))
             pos = start + length
         del buf[:pos]
-        return frames
 
     def close(self) -> None:
         """The body ended. Raises WireError if the end frame was not seen."""
