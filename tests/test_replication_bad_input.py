@@ -462,3 +462,65 @@ def test_replica_refuses_a_zstd_bomb(tmp_path: Path) -> None:
     out = run_replica(fake, tmp_path / "store")
     assert out.rc == 1 and out.error is not None and "end frame" in out.error, out.error
     assert out.chunks == set() and out.latest == {"lab": None}
+
+
+def _manifest_handler(body: bytes, size: int, chunk_size: int) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, headers={
+            "X-Icbd-Size": str(size), "X-Icbd-Chunk-Size": str(chunk_size),
+            "X-Icbd-Manifest": manifest_digest(body)})
+    return handler
+
+
+@pytest.mark.parametrize("size,chunk_size,n_digests", [
+    (-1, CHUNK_SIZE, 0), (0, CHUNK_SIZE, 0), (1 << 30, 1 << 30, 1), (100, -7, 0)])
+def test_replica_refuses_manifest_with_bad_sizes(tmp_path: Path, size: int, chunk_size: int,
+                                                 n_digests: int) -> None:
+    """A catalog and manifest that agree with each other on a size of -1 or 0 (an empty chunk
+    map) made a version 'complete' at once, latest, served with a negative size; a chunk size
+    of 1 GiB (beyond MAX_CHUNK: no frame can carry such a chunk) was stored too. The client
+    refuses a size < 1 and a chunk size outside 1..MAX_CHUNK before storing anything."""
+    img = Image.make()
+    body = img.chunk_map[: n_digests * 16]
+    fake = Fake()
+    fake.versions.append(dict(entry("lab", "1", img), size=size, chunk_size=chunk_size,
+                              manifest=manifest_digest(body)))
+    fake.override["/v1/manifest/{imi}/{version}"] = _manifest_handler(body, size, chunk_size)
+    out = run_replica(fake, tmp_path / "store")
+    assert out.rc == 1 and out.error is not None and "size" in out.error, out.error
+    assert out.versions == [] and out.chunks == set()
+
+
+def test_replica_reads_no_more_manifest_than_its_size_needs(tmp_path: Path) -> None:
+    """A manifest body far longer than X-Icbd-Size needs (here 64 MiB for 5 chunks) was read
+    whole into memory before its length was checked. The client now reads at most one byte
+    more than the chunk map's length, refuses, and hangs up."""
+    img, sent = Image.make(), list[int]()
+    total = 64 << 20
+    junk = img.chunk_map + bytes(total - len(img.chunk_map))
+    piece = 1 << 16
+
+    async def manifest(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={
+            "X-Icbd-Size": str(img.size), "X-Icbd-Chunk-Size": str(CHUNK_SIZE),
+            "X-Icbd-Manifest": manifest_digest(junk)})
+        await resp.prepare(request)
+        n = 0
+        try:
+            for i in range(0, total, piece):
+                await resp.write(junk[i : i + piece])
+                n += piece
+            await resp.write_eof()
+        except ConnectionError:
+            pass
+        finally:
+            sent.append(n)
+        return resp
+
+    fake = Fake()
+    fake.add("lab", "1", img)
+    fake.override["/v1/manifest/{imi}/{version}"] = manifest
+    out = run_replica(fake, tmp_path / "store")
+    assert out.rc == 1 and out.error is not None and "manifest" in out.error, out.error
+    assert out.versions == []
+    assert sent and max(sent) < total

@@ -35,6 +35,7 @@ from icbdcache.replication.wire import (
     API,
     CONTENT_TYPE,
     ENCODING_HEADER,
+    MAX_CHUNK,
     ChunkFrame,
     ChunkStreamDecoder,
     WireError,
@@ -42,6 +43,9 @@ from icbdcache.replication.wire import (
     encode_digests,
 )
 from icbdcache.store.chunks import DIGEST_SIZE, chunk_count
+
+#: Longest chunk map a replica takes, in bytes (4 TiB in 64 KiB chunks).
+MAX_MANIFEST = 1 << 30
 
 
 class MasterError(Exception):
@@ -120,6 +124,17 @@ def parse_compress(text: str) -> int | None:
     if not level.isdigit() or not 1 <= int(level) <= 19:
         raise ValueError(f"--compress {text!r}: the zstd level is 1 to 19")
     return int(level)
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of ``resp``, but no more than ``limit`` bytes of it (the rest is not read)."""
+    buf = bytearray()
+    while len(buf) < limit:
+        piece = await resp.content.read(min(limit - len(buf), 1 << 20))
+        if not piece:
+            break
+        buf += piece
+    return bytes(buf)
 
 
 def _version_record(d: Any) -> VersionRecord:
@@ -309,23 +324,36 @@ class MasterClient:
             async with self._get_session().get(
                     self.url + path, timeout=self._stream_timeout()) as resp:
                 await self._check(resp, what)
-                body = await resp.read()
                 h = resp.headers
+                try:
+                    size = int(h["X-Icbd-Size"])
+                    chunk_size = int(h["X-Icbd-Chunk-Size"])
+                    want = h["X-Icbd-Manifest"].strip().lower()
+                except (KeyError, ValueError) as e:
+                    raise MasterProtocolError(f"{self.url}: {what}: missing or bad header "
+                                              f"{e}") from e
+                # checked before the body is read: a chunk no frame can carry, an empty or
+                # negative size (a 'complete' version of nothing), a map too big to hold
+                if size < 1 or not 1 <= chunk_size <= MAX_CHUNK:
+                    raise MasterProtocolError(
+                        f"{self.url}: {what}: bad size {size} or chunk size {chunk_size} "
+                        f"(at least 1 byte, in chunks of 1 to {MAX_CHUNK} bytes)")
+                length = chunk_count(size, chunk_size) * DIGEST_SIZE
+                if length > MAX_MANIFEST:
+                    raise MasterProtocolError(
+                        f"{self.url}: {what}: a chunk map of {length} bytes for size {size} "
+                        f"is more than this replica takes ({MAX_MANIFEST})")
+                body = await _read_at_most(resp, length + 1)  # a byte more: too long?
         except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
             raise self._error(e, what) from e
-        try:
-            size = int(h["X-Icbd-Size"])
-            chunk_size = int(h["X-Icbd-Chunk-Size"])
-            want = h["X-Icbd-Manifest"].strip().lower()
-        except (KeyError, ValueError) as e:
-            raise MasterProtocolError(f"{self.url}: {what}: missing or bad header {e}") from e
+        if len(body) != length:
+            got_n = f"more than {length}" if len(body) > length else str(len(body))
+            raise MasterProtocolError(f"{self.url}: {what}: {got_n} bytes of chunk map for "
+                                      f"size {size} in chunks of {chunk_size}")
         got = manifest_digest(body)
         if got != want:
             raise MasterProtocolError(f"{self.url}: {what}: manifest digest {got} differs "
                                       f"from X-Icbd-Manifest {want}")
-        if chunk_size <= 0 or len(body) != chunk_count(size, chunk_size) * DIGEST_SIZE:
-            raise MasterProtocolError(f"{self.url}: {what}: {len(body)} bytes of chunk map for "
-                                      f"{size} bytes in chunks of {chunk_size}")
         return Manifest(imi, version, size, chunk_size, got, body)
 
     async def boot_file(self, imi: str, version: str, kind: str) -> bytes | None:
