@@ -524,3 +524,40 @@ def test_replica_reads_no_more_manifest_than_its_size_needs(tmp_path: Path) -> N
     assert out.rc == 1 and out.error is not None and "manifest" in out.error, out.error
     assert out.versions == []
     assert sent and max(sent) < total
+
+
+def test_replica_boot_files_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A boot file endpoint answering gigabytes was read whole into memory, then written into
+    the store's boot directory. The client now reads at most client.MAX_BOOT_FILE bytes (made
+    1 MiB here) and refuses a longer file; the version is still replicated (boot files are
+    best effort, as at import), without them."""
+    from pxe.bootfiles import boot_root
+
+    monkeypatch.setattr("icbdcache.replication.client.MAX_BOOT_FILE", 1 << 20, raising=False)
+    fake, img = Fake(), Image.make()
+    fake.add("lab", "1", img)
+    fake.boot = {"kernel": bytes(4 << 20), "initrd": b"initrd"}
+    store_dir = tmp_path / "store"
+    out = run_replica(fake, store_dir)
+    assert (out.rc, out.latest) == (0, {"lab": "1"})
+    kept = boot_root(store_dir) / "lab@1"
+    assert not kept.exists() or not any(kept.iterdir()), list(kept.iterdir())
+
+
+    async def chunked(request: web.Request) -> web.StreamResponse:  # no Content-Length
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(64):
+            await resp.write(bytes(1 << 16))
+        await resp.write_eof()
+        return resp
+
+    fake.override["/v1/boot/{imi}/{version}/{which}"] = chunked
+    out = run_replica(fake, tmp_path / "store3")
+    assert (out.rc, out.latest) == (0, {"lab": "1"})
+    assert not (boot_root(tmp_path / "store3") / "lab@1" / "vmlinuz").exists()
+    del fake.override["/v1/boot/{imi}/{version}/{which}"]
+    fake.boot = {"kernel": b"kernel", "initrd": b"initrd"}  # a sane size is kept
+    out = run_replica(fake, tmp_path / "store2")
+    assert sorted(p.read_bytes() for p in (boot_root(tmp_path / "store2") / "lab@1").iterdir()) \
+        == [b"initrd", b"kernel"]

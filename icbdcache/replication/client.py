@@ -46,6 +46,8 @@ from icbdcache.store.chunks import DIGEST_SIZE, chunk_count
 
 #: Longest chunk map a replica takes, in bytes (4 TiB in 64 KiB chunks).
 MAX_MANIFEST = 1 << 30
+#: Longest kernel or initrd a replica takes, in bytes (each is held in memory once).
+MAX_BOOT_FILE = 512 << 20
 
 
 class MasterError(Exception):
@@ -358,7 +360,8 @@ class MasterClient:
 
     async def boot_file(self, imi: str, version: str, kind: str) -> bytes | None:
         """``GET /v1/boot/IMI/VERSION/KIND`` (``kernel`` or ``initrd``): the bytes, or None
-        when the master has none. Raises MasterError."""
+        when the master has none. Raises MasterProtocolError for a file over MAX_BOOT_FILE
+        bytes (not read further), other MasterError."""
         path = f"{API}/boot/{quote(imi, safe='')}/{quote(version, safe='')}/{kind}"
         try:
             async with self._get_session().get(
@@ -366,7 +369,15 @@ class MasterClient:
                 if resp.status == 404:
                     return None
                 await self._check(resp, f"GET {path}")
-                return await resp.read()
+                if (resp.content_length or 0) > MAX_BOOT_FILE:
+                    raise MasterProtocolError(f"{self.url}: GET {path}: a boot file of "
+                                              f"{resp.content_length} bytes (at most "
+                                              f"{MAX_BOOT_FILE})")
+                data = await _read_at_most(resp, MAX_BOOT_FILE + 1)
+                if len(data) > MAX_BOOT_FILE:
+                    raise MasterProtocolError(f"{self.url}: GET {path}: a boot file of more "
+                                              f"than {MAX_BOOT_FILE} bytes")
+                return data
         except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
             raise self._error(e, f"GET {path}") from e
 
