@@ -561,3 +561,41 @@ def test_replica_boot_files_are_bounded(tmp_path: Path, monkeypatch: pytest.Monk
     out = run_replica(fake, tmp_path / "store2")
     assert sorted(p.read_bytes() for p in (boot_root(tmp_path / "store2") / "lab@1").iterdir()) \
         == [b"initrd", b"kernel"]
+
+
+def test_replica_does_not_follow_redirects(tmp_path: Path) -> None:
+    """A master answering 302 to another server (here another port of 127.0.0.1) was
+    followed: the replica took its catalog, manifests and chunks from wherever the master
+    pointed, with its bearer token sent along to the same host. Redirects are now refused as
+    a protocol error and not followed."""
+    other = Fake()
+    other.add("lab", "1", Image.make())
+    seen: list[str | None] = []
+
+    async def main() -> Outcome:
+        app = other.app()
+
+        @web.middleware
+        async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+            seen.append(request.headers.get("Authorization"))
+            return await handler(request)
+
+        app.middlewares.append(record)
+        srv = TestServer(app, host="127.0.0.1")
+        await srv.start_server()
+        try:
+            fake = Fake()
+
+            async def moved(request: web.Request) -> web.StreamResponse:
+                raise web.HTTPFound(f"http://127.0.0.1:{srv.port}{request.path_qs}")
+
+            for path in ("/v1/catalog", "/v1/watch", "/v1/sites/{site}/{what}"):
+                fake.override[path] = moved
+            return await asyncio.to_thread(run_replica, fake, tmp_path / "store")
+        finally:
+            await srv.close()
+
+    out = asyncio.run(main())
+    assert seen == []
+    assert out.rc == 1 and out.error is not None and "redirect" in out.error, out.error
+    assert out.versions == []

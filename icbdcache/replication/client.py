@@ -50,6 +50,16 @@ MAX_MANIFEST = 1 << 30
 MAX_BOOT_FILE = 512 << 20
 
 
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH = (62, 64)
+
+
+def is_name_mismatch(e: BaseException) -> bool:
+    """Whether a certificate error is a certificate that verifies but names another host
+    (not a CA problem)."""
+    return getattr(e, "verify_code", None) in _NAME_MISMATCH
+
+
 class MasterError(Exception):
     """The master could not answer as asked (see the module docstring for the subclasses)."""
 
@@ -239,6 +249,11 @@ class MasterClient:
         if isinstance(e, MasterError):
             return e
         if isinstance(e, aiohttp.ClientConnectorCertificateError):
+            if is_name_mismatch(e.certificate_error):
+                return MasterTLSError(
+                    f"{self.url}: the master's TLS certificate is not issued for "
+                    f"{e.host} (its subjectAltName must list the host of --master): "
+                    f"{e.certificate_error}")
             ca = f"--master-ca {self.ca}" if self.ca else "the system's CAs"
             return MasterTLSError(f"{self.url}: the master's TLS certificate is not trusted "
                                   f"by {ca}: {e.certificate_error}")
@@ -251,8 +266,13 @@ class MasterClient:
         return MasterError(f"{self.url}: {what}: {e}")
 
     async def _check(self, resp: aiohttp.ClientResponse, what: str) -> None:
-        if resp.status < 400:
+        if resp.status < 300:
             return
+        if resp.status < 400:  # redirects are not followed (allow_redirects=False)
+            raise MasterProtocolError(
+                f"{self.url}: {what}: HTTP {resp.status}, a redirect (to "
+                f"{resp.headers.get('Location', '?')[:200]!r}): not followed; give the "
+                "master's own URL")
         try:
             text = (await resp.read())[:2000].decode(errors="replace")
         except (aiohttp.ClientError, OSError, TimeoutError):
@@ -281,7 +301,8 @@ class MasterClient:
                     method, self.url + path, json=body,
                     timeout=aiohttp.ClientTimeout(
                         total=timeout or self.timeout,
-                        sock_connect=min(self.timeout, 10.0))) as resp:
+                        sock_connect=min(self.timeout, 10.0)),
+                    allow_redirects=False) as resp:
                 await self._check(resp, what)
                 raw = await resp.read()
         except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
@@ -324,7 +345,8 @@ class MasterClient:
         what = f"GET {path}"
         try:
             async with self._get_session().get(
-                    self.url + path, timeout=self._stream_timeout()) as resp:
+                    self.url + path, timeout=self._stream_timeout(),
+                    allow_redirects=False) as resp:
                 await self._check(resp, what)
                 h = resp.headers
                 try:
@@ -365,7 +387,8 @@ class MasterClient:
         path = f"{API}/boot/{quote(imi, safe='')}/{quote(version, safe='')}/{kind}"
         try:
             async with self._get_session().get(
-                    self.url + path, timeout=self._stream_timeout()) as resp:
+                    self.url + path, timeout=self._stream_timeout(),
+                    allow_redirects=False) as resp:
                 if resp.status == 404:
                     return None
                 await self._check(resp, f"GET {path}")
@@ -400,7 +423,7 @@ class MasterClient:
         try:
             async with self._get_session().post(
                     self.url + path, data=body, headers={"Content-Type": CONTENT_TYPE},
-                    timeout=self._stream_timeout()) as resp:
+                    timeout=self._stream_timeout(), allow_redirects=False) as resp:
                 await self._check(resp, what)
                 try:
                     dec = ChunkStreamDecoder(resp.headers.get(ENCODING_HEADER) or None,
