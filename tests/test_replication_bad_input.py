@@ -599,3 +599,29 @@ def test_replica_does_not_follow_redirects(tmp_path: Path) -> None:
     assert seen == []
     assert out.rc == 1 and out.error is not None and "redirect" in out.error, out.error
     assert out.versions == []
+
+
+@pytest.mark.parametrize("where", ["size", "chunk_size", "distinct_bytes", "generation",
+                                   "site_generation"])
+def test_replica_refuses_infinite_numbers(tmp_path: Path, where: str) -> None:
+    """JSON 'Infinity' (which json.loads accepts) as a catalog entry's size, the catalog's
+    generation or a site answer's generation made int() raise OverflowError, which the
+    client did not expect: the replica's run() died with a traceback. It is a protocol error
+    now, reported like any other; nothing is stored."""
+    fake, img = Fake(), Image.make()
+    fake.add("lab", "1", img)
+    inf = float("inf")
+    if where in ("size", "chunk_size", "distinct_bytes"):
+        fake.versions[0][where] = inf
+    elif where == "generation":
+        async def catalog(request: web.Request) -> web.StreamResponse:
+            return web.json_response({"generation": inf, "versions": fake.versions})
+        fake.override["/v1/catalog"] = catalog
+    else:
+        async def site(request: web.Request) -> web.StreamResponse:
+            return web.json_response({"subscriptions": ["lab"], "interval": 1,
+                                      "generation": inf})
+        fake.override["/v1/sites/{site}/{what}"] = site
+    out = run_replica(fake, tmp_path / "store")
+    assert out.rc == 1 and out.error is not None, out
+    assert out.versions == []

@@ -159,7 +159,7 @@ def _version_record(d: Any) -> VersionRecord:
             distinct_bytes=int(d.get("distinct_bytes", 0)),
             published=float(d.get("published", 0.0)), retired=bool(d.get("retired", False)),
             master=str(d.get("master", "") or ""))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise MasterProtocolError(f"bad catalog entry {d!r}: {e}") from e
     # names become store keys and directories (STORE/boot/IMI@VERSION): '../..' must not
     bad = bad_name(rec.imi) or bad_name(rec.version)
@@ -174,7 +174,7 @@ def _catalog(body: Any) -> Catalog:
         raise MasterProtocolError("catalog: not an object with a versions list")
     try:
         gen = int(body["generation"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise MasterProtocolError(f"catalog: bad generation: {e}") from e
     return Catalog(gen, [_version_record(v) for v in body["versions"]])
 
@@ -459,7 +459,7 @@ def _site_answer(out: Any) -> dict[str, Any]:
     try:
         interval = float(out.get("interval", 10.0))
         generation = int(out.get("generation", 0))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise MasterProtocolError(f"bad site answer {out!r}: {e}") from e
     return {"subscriptions": [str(s) for s in subs], "interval": max(0.2, interval),
             "generation": generation}
