@@ -961,7 +961,8 @@ def targets(rows: Sequence[dict[str, Any]], a: Analysis, link_bps: int | None
         if r is not None:
             if link_bps is None:
                 add("full time vs rsync", ("full", t), r["wall_s_vs_rsync"], 0.5)
-            elif r["bytes"] and r["wall_s"]:
+            elif r["bytes"] and r["wall_s"] and "zstd" not in t:
+                # compressed streams are bound by the compressor, not by the link
                 add("full: share of the link used", ("full", t),
                     r["bytes"] * 8 / r["wall_s"] / link_bps, 0.9, upper=False)
             rz = by.get(("full", "rsync-zstd"))
