@@ -329,7 +329,7 @@ def find_boot_files(image: Path) -> tuple[str, str]:
         raise BootFilesError(f"{image}: kernel {kernels[0]} has no /boot/initrd.img-"
                              f"{kernels[0].removeprefix('vmlinuz-')}")
     raise BootFilesError(f"{image}: no /vmlinuz and no /boot/vmlinuz-* (give --kernel and "
-                         "--initrd to icbd-cache import)")
+                         "--initrd to icbd-cache import or publish)")
 
 
 def debugfs_dump(image: Path, path: str, dest: Path) -> None:
