@@ -99,7 +99,8 @@ def client_from_args(args: argparse.Namespace) -> MasterClient:
                    ("--master-key", args.master_key),
                    ("--master-token-file", args.master_token_file)):
         if f is not None and not os.path.isfile(f):
-            raise ValueError(f"{opt} {f}: no such file")
+            raise ValueError(f"{opt} {f}: "
+                             f"{'not a file' if os.path.exists(f) else 'no such file'}")
     token = None
     if args.master_token_file:
         try:
