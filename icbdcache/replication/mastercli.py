@@ -63,7 +63,8 @@ def cmd_master(args: argparse.Namespace) -> int:
                    ("--client-ca", args.client_ca), ("--token-file", args.token_file),
                    ("--admin-token-file", args.admin_token_file)):
         if f is not None and not os.path.isfile(f):
-            print(f"icbd-cache master: {opt} {f}: no such file", file=sys.stderr)
+            what = "not a file" if os.path.exists(f) else "no such file"
+            print(f"icbd-cache master: {opt} {f}: {what}", file=sys.stderr)
             return 2
     cfg = MasterConfig(store=args.store, host=host, port=port, registry=args.registry,
                        tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
@@ -98,7 +99,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     for opt, f in (("--kernel", args.kernel), ("--initrd", args.initrd), ("FILE", args.file)):
         if f is not None and not os.path.isfile(f) and not (
                 opt == "FILE" and os.path.exists(f) and not os.path.isdir(f)):
-            problems.append(f"{opt} {f}: no such file")
+            what = "not a file" if os.path.exists(f) else "no such file"
+            problems.append(f"{opt} {f}: {what}")
     if problems:
         for m in problems:
             print(f"icbd-cache publish: {m}", file=sys.stderr)
@@ -168,10 +170,19 @@ async def admin_request(url: str, method: str, path: str, body: Any = None, *,
                 answer = None
             if resp.status >= 400:
                 msg = answer.get("error") if isinstance(answer, dict) else None
-                raise AdminError(f"{resp.status} {msg or resp.reason}")
+                hint = " (give --admin-token-file FILE)" if resp.status == 401 and not token \
+                    else ""
+                raise AdminError(f"{resp.status} {msg or resp.reason}{hint}")
             return answer
     except aiohttp.ClientConnectorCertificateError as e:
-        raise AdminError(f"cannot verify the master's certificate at {url}: "
+        from icbdcache.replication.client import is_name_mismatch
+        if is_name_mismatch(e.certificate_error):
+            hint = f" (it is not issued for {e.host}: its subjectAltName must list it)"
+        elif ssl_ctx is None:
+            hint = " (give --ca FILE, the CA that signed it)"
+        else:
+            hint = " (not signed by --ca)"
+        raise AdminError(f"cannot verify the master's certificate at {url}{hint}: "
                          f"{e.certificate_error}") from e
     except (aiohttp.ClientError, OSError) as e:
         raise AdminError(f"cannot reach the master at {url}: {e}") from e
