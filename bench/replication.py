@@ -127,8 +127,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--work", type=Path, metavar="DIR",
                    help="work directory (default: a new one in /var/tmp, removed at the end)")
     p.add_argument("--report", type=Path, metavar="JSON",
-                   help="only write the markdown and PNG again from a replication.json "
-                        "(into --out), measuring nothing")
+                   help="measure nothing: summarize the runs of a replication.json again "
+                        "(rows, targets) and write JSON, markdown and PNG into --out")
     p.add_argument("--icbd", default=None, metavar="PATH",
                    help="the icbd-cache command (default: next to this Python, or on PATH)")
     p.set_defaults(func=main)
@@ -1207,7 +1207,7 @@ def run(s: Settings) -> int:
     doc: dict[str, Any] = {
         "meta": {"started": started, "host": _host_info(), "reps": s.reps,
                  "load1_start": load_start, "load1_end": os.getloadavg()[0],
-                 "zstd_level": s.zstd_level, "argv": sys.argv[1:],
+                 "zstd_level": s.zstd_level, "argv": sys.argv[1:], "link_bps": s.link_bps,
                  "net_fallback": fallback},
         "network": network,
         "network_short": (f"{netlab.fmt_rate(s.link_bps)} link" if s.link_bps
@@ -1243,7 +1243,13 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.report is not None:
         doc = json.loads(args.report.read_text())
+        doc["rows"] = summarize(doc["runs"], [k for k in KINDS if any(
+            r["kind"] == k for r in doc["runs"])], [t for t in TOOLS if any(
+            r["tool"] == t for r in doc["runs"])])
+        doc["targets"] = targets(doc["rows"], Analysis(**doc["analysis"]),
+                                 doc["meta"].get("link_bps"))
         s.out.mkdir(parents=True, exist_ok=True)
+        (s.out / "replication.json").write_text(json.dumps(doc, indent=1))
         (s.out / "replication.md").write_text(markdown(doc))
         plot(doc, s.out / "replication.png")
         print(f"wrote {s.out / 'replication.md'}, replication.png")
