@@ -625,3 +625,36 @@ def test_replica_refuses_infinite_numbers(tmp_path: Path, where: str) -> None:
     out = run_replica(fake, tmp_path / "store")
     assert out.rc == 1 and out.error is not None, out
     assert out.versions == []
+
+
+def test_replica_reads_a_bounded_json_answer(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A catalog (or any JSON answer) was read whole (resp.read()) however long it was. The
+    client now reads at most client.MAX_JSON bytes (made 1 MiB here), refuses a longer
+    answer and hangs up."""
+    monkeypatch.setattr("icbdcache.replication.client.MAX_JSON", 1 << 20, raising=False)
+    sent: list[int] = []
+    total = 64 << 20
+
+    async def catalog(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        n = 0
+        try:
+            await resp.write(b'{"generation": 1, "versions": [')
+            while n < total:
+                await resp.write(b" " * (1 << 16))
+                n += 1 << 16
+            await resp.write(b"]}")
+            await resp.write_eof()
+        except ConnectionError:
+            pass
+        finally:
+            sent.append(n)
+        return resp
+
+    fake = Fake()
+    fake.override["/v1/catalog"] = catalog
+    out = run_replica(fake, tmp_path / "store")
+    assert out.rc == 1 and out.error is not None and "bytes" in out.error, out.error
+    assert sent and max(sent) < total

@@ -46,6 +46,8 @@ from icbdcache.store.chunks import DIGEST_SIZE, chunk_count
 
 #: Longest chunk map a replica takes, in bytes (4 TiB in 64 KiB chunks).
 MAX_MANIFEST = 1 << 30
+#: Longest JSON answer (catalog, site answer) a replica takes, in bytes.
+MAX_JSON = 64 << 20
 #: Longest kernel or initrd a replica takes, in bytes (each is held in memory once).
 MAX_BOOT_FILE = 512 << 20
 
@@ -304,9 +306,12 @@ class MasterClient:
                         sock_connect=min(self.timeout, 10.0)),
                     allow_redirects=False) as resp:
                 await self._check(resp, what)
-                raw = await resp.read()
+                raw = await _read_at_most(resp, MAX_JSON + 1)
         except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
             raise self._error(e, what) from e
+        if len(raw) > MAX_JSON:
+            raise MasterProtocolError(f"{self.url}: {what}: an answer of more than {MAX_JSON} "
+                                      "bytes (not read further)")
         try:
             return json.loads(raw)
         except ValueError as e:
