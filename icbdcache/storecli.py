@@ -480,7 +480,10 @@ def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
                            "Print the store's counters, summed over every server that used "
                            "it: hits, misses, coalesced, faults, fault_errors, corrupt_chunks, "
                            "prefetched, evicted_bytes, held_bytes, chunks, and "
-                           "bytes_from:SOURCE per source that answered. A running server adds "
+                           "bytes_from:SOURCE per source that answered; on a master's store "
+                           "master_* (chunks served), on a site's replica_* (chunks pulled) and "
+                           "the replica's state (replica.*: master, cut off or not, complete "
+                           "and incomplete versions; docs/replica.md). A running server adds "
                            "its counts about every 5 s and at shutdown; a counter never counted "
                            "shows 0.", 78),
                        epilog="example:\n  icbd-cache stats --store DIR --json",
@@ -489,6 +492,10 @@ def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
     p.add_argument("--json", action="store_true", help="one JSON object")
     verbosity(p)
     p = sub.add_parser("verify", help="check every chunk of a store against its digest",
+                       description=textwrap.fill(
+                           "Read every chunk of the store and check it against its digest, and "
+                           "the held-bytes counter against the chunks; --repair deletes bad "
+                           "chunks (they are faulted again from the version's sources).", 78),
                        epilog="example:\n  icbd-cache verify --store DIR\n"
                               "  icbd-cache verify --store DIR --repair\n"
                               "exit status: 0 consistent (or repaired), 1 damaged, 2 no store",
