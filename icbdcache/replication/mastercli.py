@@ -185,7 +185,9 @@ async def admin_request(url: str, method: str, path: str, body: Any = None, *,
         raise AdminError(f"cannot verify the master's certificate at {url}{hint}: "
                          f"{e.certificate_error}") from e
     except (aiohttp.ClientError, OSError) as e:
-        raise AdminError(f"cannot reach the master at {url}: {e}") from e
+        hint = " (a master with --tls-cert speaks HTTPS only: use https://)" if isinstance(
+            e, aiohttp.ServerDisconnectedError) and url.startswith("http://") else ""
+        raise AdminError(f"cannot reach the master at {url}: {e}{hint}") from e
     except TimeoutError as e:
         raise AdminError(f"no answer from the master at {url} within {timeout} s") from e
 
