@@ -658,3 +658,24 @@ def test_replica_reads_a_bounded_json_answer(tmp_path: Path,
     out = run_replica(fake, tmp_path / "store")
     assert out.rc == 1 and out.error is not None and "bytes" in out.error, out.error
     assert sent and max(sent) < total
+
+
+def test_replica_refuses_deeply_nested_json(tmp_path: Path) -> None:
+    """A catalog nested 100000 deep made json.loads raise RecursionError in the client,
+    which it did not expect: the replica's run() died with a traceback. It is a protocol
+    error now."""
+
+    async def catalog(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"[" * 100000, content_type="application/json")
+
+    fake = Fake()
+    fake.override["/v1/catalog"] = catalog
+    out = run_replica(fake, tmp_path / "store")
+    assert out.rc == 1 and out.error is not None and "JSON" in out.error, out.error
+
+    async def refused(request: web.Request) -> web.StreamResponse:  # an error answer too
+        return web.Response(status=400, body=b"[" * 1999, content_type="application/json")
+
+    fake.override["/v1/catalog"] = refused
+    out = run_replica(fake, tmp_path / "store")
+    assert out.rc == 1 and out.error is not None and "HTTP 400 [[[" in out.error, out.error

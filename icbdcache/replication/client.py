@@ -281,7 +281,7 @@ class MasterClient:
             text = ""
         try:
             msg = str(json.loads(text).get("error", text))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             msg = text.strip() or resp.reason or ""
         detail = f"{self.url}: {what}: HTTP {resp.status} {msg}".rstrip()
         if resp.status in (401, 403):
@@ -314,7 +314,7 @@ class MasterClient:
                                       "bytes (not read further)")
         try:
             return json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
             raise MasterProtocolError(f"{self.url}: {what}: not JSON: {e}") from e
 
     # ------------------------------------------------------------------ API
