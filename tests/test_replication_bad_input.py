@@ -679,3 +679,65 @@ def test_replica_refuses_deeply_nested_json(tmp_path: Path) -> None:
     fake.override["/v1/catalog"] = refused
     out = run_replica(fake, tmp_path / "store")
     assert out.rc == 1 and out.error is not None and "HTTP 400 [[[" in out.error, out.error
+
+
+# ------------------------------------------------------------------------------ what held
+
+
+HELD = ["manifest_vs_header", "manifest_short", "manifest_vs_catalog", "frame_too_long",
+        "chunk_corrupt", "chunks_500", "never_answers", "stream_cut_short", "bad_zstd"]
+
+
+@pytest.mark.parametrize("case", HELD)
+def test_replica_refuses_bad_answers_that_held(tmp_path: Path, case: str) -> None:
+    """Bad answers the replica already refused before this review (kept as regressions):
+    the run fails with a clear error, the store is consistent (checked by run_replica) and
+    holds no chunk that is not the image's."""
+    fake, img = Fake(), Image.make()
+    fake.add("lab", "1", img)
+    other = Image.make()
+    why = {"manifest_vs_header": "X-Icbd-Manifest", "manifest_short": "chunk map",
+           "manifest_vs_catalog": "catalog", "frame_too_long": "frame of",
+           "chunk_corrupt": "bad digest: ", "chunks_500": "HTTP 500",
+           "never_answers": "timed out", "stream_cut_short": "cut short",
+           "bad_zstd": "zstd"}[case]
+
+    async def manifest(request: web.Request) -> web.StreamResponse:
+        body = {"manifest_short": img.chunk_map[:-16],
+                "manifest_vs_catalog": other.chunk_map}.get(case, img.chunk_map)
+        want = manifest_digest(other.chunk_map if case == "manifest_vs_header" else body)
+        return web.Response(body=body, headers={
+            "X-Icbd-Size": str(img.size), "X-Icbd-Chunk-Size": str(CHUNK_SIZE),
+            "X-Icbd-Manifest": want})
+
+    async def chunks(request: web.Request) -> web.StreamResponse:
+        digests = wire.parse_digests(await request.read())
+        if case == "chunks_500":
+            return web.json_response({"error": "boom"}, status=500)
+        if case == "never_answers":
+            await asyncio.Event().wait()
+        resp = web.StreamResponse(
+            headers={wire.ENCODING_HEADER: "zstd"} if case == "bad_zstd" else {})
+        await resp.prepare(request)
+        if case == "bad_zstd":
+            await resp.write(b"\x28\xb5\x2f\xfd" + os.urandom(4000))
+            return resp
+        enc = wire.ChunkStreamEncoder()
+        for d in digests:
+            data = fake.chunk(d)
+            if case == "frame_too_long":
+                await resp.write(struct.pack(">16sI", d, wire.MAX_CHUNK + 1))
+                await resp.write(bytes(wire.MAX_CHUNK + 1))
+            elif case == "chunk_corrupt" and data is not None:
+                await resp.write(enc.frame(d, data[:-1] + bytes([data[-1] ^ 1])))
+            else:
+                await resp.write(enc.frame(d, data))
+        if case != "stream_cut_short":
+            await resp.write(enc.end())
+        return resp
+
+    fake.override["/v1/manifest/{imi}/{version}"] = manifest
+    fake.override["/v1/chunks"] = chunks
+    out = run_replica(fake, tmp_path / "store", timeout=1.0)
+    assert out.rc == 1 and out.error is not None and why in out.error, out.error
+    assert out.chunks <= set(img.by_digest) and out.latest.get("lab") is None
