@@ -49,7 +49,7 @@ class Probe(Protocol):
 
 
 def with_master(tmp_path: Path, body: Callable[[Probe, Master], Awaitable[None]],
-                auth: Auth | None = None) -> None:
+                auth: Auth | None = None, port_out: list[int] | None = None) -> None:
     """Run ``body(probe, master)`` against an in-process master over a store holding
     ``lab@1``; ``probe(method, path, **kw)`` returns (status, JSON body or bytes). After
     ``body``, the master must still serve its catalog."""
@@ -64,6 +64,8 @@ def with_master(tmp_path: Path, body: Callable[[Probe, Master], Awaitable[None]]
         srv = TestServer(master.app(), host="127.0.0.1")
         await srv.start_server()
         base = f"http://127.0.0.1:{srv.port}"
+        if port_out is not None:
+            port_out.append(int(srv.port or 0))
         try:
             async with ClientSession() as s:
 
@@ -741,3 +743,55 @@ def test_replica_refuses_bad_answers_that_held(tmp_path: Path, case: str) -> Non
     out = run_replica(fake, tmp_path / "store", timeout=1.0)
     assert out.rc == 1 and out.error is not None and why in out.error, out.error
     assert out.chunks <= set(img.by_digest) and out.latest.get("lab") is None
+
+
+def test_master_slow_reader_and_many_long_polls_held(tmp_path: Path) -> None:
+    """Held before this review: a client that asks for 4096 chunks (256 MiB) and reads
+    nothing has the master stop after a few slices (the counted wire bytes stay bounded), and
+    gets every frame once it reads; meanwhile a slowloris (headers never finished), 200
+    pending long polls and a client vanishing mid-stream do not stop the master answering
+    others."""
+
+    async def body(probe: Probe, m: Master) -> None:
+        cmap = bytes(m.store.chunk_map("lab@1"))
+        req = (cmap * 2000)[: wire.MAX_BATCH * 16]
+        port = m_port[0]
+        ds = wire.parse_digests(req)
+        want = sum(20 + len(m.store.get_chunk(d) or b"") for d in ds) + 20
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(f"POST /v1/chunks HTTP/1.1\r\nHost: x\r\nContent-Length: {len(req)}\r\n\r\n"
+                .encode() + req)
+        lazy = await asyncio.open_connection("127.0.0.1", port)
+        lazy[1].write(b"GET /v1/catalog HTTP/1.1\r\nHost: x\r\n")  # never finished
+        gone = await asyncio.open_connection("127.0.0.1", port)
+        gone[1].write(f"POST /v1/chunks HTTP/1.1\r\nHost: x\r\nContent-Length: {len(req)}"
+                      "\r\n\r\n".encode() + req)
+        await gone[0].read(1 << 16)
+        gone[1].transport.abort()
+        polls = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
+        for _, pw in polls:
+            pw.write(b"GET /v1/watch?since=99&timeout=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+        stable, last = 0, -1
+        for _ in range(600):  # until the master stops writing to the lazy reader
+            await asyncio.sleep(0.05)
+            now = m.counters["wire_bytes"]
+            stable = stable + 1 if now == last else 0
+            last = now
+            if stable >= 10:
+                break
+        assert last < 64 << 20, last
+        status, cat = await probe("GET", "/v1/catalog")
+        assert status == 200 and cat["versions"]
+        n = 0
+        while b := await r.read(1 << 20):
+            n += len(b)
+            if n >= want:
+                break
+        assert n >= want  # every frame (and the HTTP chunked framing)
+        w.close()
+        lazy[1].close()
+        for _, pw in polls:
+            pw.close()
+
+    m_port: list[int] = []
+    with_master(tmp_path, body, port_out=m_port)
