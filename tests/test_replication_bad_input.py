@@ -700,7 +700,7 @@ def test_replica_refuses_bad_answers_that_held(tmp_path: Path, case: str) -> Non
     other = Image.make()
     why = {"manifest_vs_header": "X-Icbd-Manifest", "manifest_short": "chunk map",
            "manifest_vs_catalog": "catalog", "frame_too_long": "frame of",
-           "chunk_corrupt": "bad digest: ", "chunks_500": "HTTP 500",
+           "chunk_corrupt": "bad digest", "chunks_500": "HTTP 500",
            "never_answers": "timed out", "stream_cut_short": "cut short",
            "bad_zstd": "zstd"}[case]
 
@@ -795,3 +795,22 @@ def test_master_slow_reader_and_many_long_polls_held(tmp_path: Path) -> None:
 
     m_port: list[int] = []
     with_master(tmp_path, body, port_out=m_port)
+
+
+def test_replica_refuses_a_chunk_of_the_wrong_length(tmp_path: Path) -> None:
+    """A manifest whose chunk 1 is the digest of 5 bytes (in a version of 64 KiB chunks): the
+    chunk matched its digest, so the replica kept it and called the version complete, though
+    reading chunk 1 gives 5 bytes where 65536 are due (a short NBD read). A chunk whose length
+    is not its place's in the chunk map is now refused like a corrupt one."""
+    img = Image.make()
+    short = b"short"
+    ds = [img.chunk_map[i : i + 16] for i in range(0, len(img.chunk_map), 16)]
+    ds[1] = digest(short)
+    bad = Image([img.chunks[0], short, *img.chunks[2:]], img.size, b"".join(ds),
+                img.by_digest | {digest(short): short})
+    fake = Fake()
+    fake.add("lab", "1", bad)
+    out = run_replica(fake, tmp_path / "store")
+    assert out.rc == 1 and out.latest == {"lab": None}, out
+    assert out.error is not None and "length" in out.error, out.error
+    assert digest(short) not in out.chunks

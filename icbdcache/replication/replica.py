@@ -555,7 +555,7 @@ class Replica:
                         raise PullError(
                             f"{len(missing)} chunks not received after {idle_rounds} rounds "
                             f"(the master lacks some: {self.counters.missing} missing frames; "
-                            f"refused for a bad digest: {self.counters.corrupt})")
+                            f"refused for a bad digest or length: {self.counters.corrupt})")
                     await asyncio.sleep(0.5 * idle_rounds)
                 else:
                     idle_rounds = 0
@@ -590,7 +590,7 @@ class Replica:
 
         async def fetcher() -> None:
             for batch in batches:
-                await queue.put(await self._fetch_batch(batch))
+                await queue.put(await self._fetch_batch(batch, lengths))
 
         async def fetchers() -> None:
             await asyncio.gather(*(fetcher() for _ in range(parallel)))
@@ -633,9 +633,9 @@ class Replica:
                         pct=round(100 * done / total, 1) if total else 100.0))
         self.save_state(force=False)
 
-    async def _fetch_batch(self, batch: list[bytes]) -> _Fetched:
-        """One chunk request: its good chunks and its counters (not committed yet). Raises
-        MasterError."""
+    async def _fetch_batch(self, batch: list[bytes], lengths: dict[bytes, int]) -> _Fetched:
+        """One chunk request: its good chunks (their digest, and their length in the chunk
+        map: ``lengths``) and its counters (not committed yet). Raises MasterError."""
         c = self.counters
         c.requests += 1
         out = _Fetched()
@@ -648,6 +648,13 @@ class Replica:
                     out.corrupt += 1
                     warn.warning(kv(pull=self.pulling, chunk=f.digest.hex(),
                                     refused="digest mismatch", retry="later"))
+                elif len(f.data) != lengths.get(f.digest, len(f.data)):
+                    # its digest, but not the length of its place in the chunk map: a
+                    # manifest that does not describe the image (reads would come up short)
+                    out.corrupt += 1
+                    warn.warning(kv(pull=self.pulling, chunk=f.digest.hex(),
+                                    refused=f"length {len(f.data)}, not "
+                                            f"{lengths[f.digest]}", retry="later"))
                 else:
                     out.chunks.append((f.digest, f.data))
                     out.bytes += len(f.data)
