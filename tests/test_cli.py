@@ -394,6 +394,8 @@ def test_help_texts(command: str, words: list[str], capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize(("command", "doc"), [
     ("serve", "serve.md"), ("import", "store.md"), ("warm", "store.md"), ("demo", "store.md"),
     ("verify", "store.md"), ("pin", "store.md"), ("ls", "store.md"), ("stats", "store.md"),
+    ("master", "replication.md"), ("publish", "replication.md"), ("admin", "replication.md"),
+    ("replica", "replica.md"),
 ])
 def test_every_option_is_documented(command: str, doc: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -401,7 +403,7 @@ def test_every_option_is_documented(command: str, doc: str,
     assert rc == 0
     options = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", out)) - {"--help", "--verbose",
                                                                    "--quiet"}
-    text = (REPO / "docs" / doc).read_text() + (REPO / "docs" / "store.md").read_text()
+    text = "".join((REPO / "docs" / d).read_text() for d in (doc, "store.md", "replication.md"))
     missing = sorted(o for o in options if f"`{o}" not in text and f"{o} " not in text)
     assert not missing, f"{command}: {missing} not in docs/{doc}"
 
