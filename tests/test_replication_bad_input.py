@@ -814,3 +814,25 @@ def test_replica_refuses_a_chunk_of_the_wrong_length(tmp_path: Path) -> None:
     assert out.rc == 1 and out.latest == {"lab": None}, out
     assert out.error is not None and "length" in out.error, out.error
     assert digest(short) not in out.chunks
+
+
+def test_replica_keeps_a_complete_version_whose_manifest_changes(tmp_path: Path) -> None:
+    """A version never changes, but a master (reset, or hostile) may offer lab@1 again with
+    another manifest. The replica replaced the chunk map of its complete, served lab@1 in
+    place: clients reading it would see another disk. It now refuses (a clear error) and
+    keeps the version it has."""
+    a, b = Image.make(), Image.make()
+    fake = Fake()
+    fake.add("lab", "1", a)
+    store_dir = tmp_path / "store"
+    assert run_replica(fake, store_dir).rc == 0
+    fake = Fake()
+    fake.add("lab", "1", b)
+    out = run_replica(fake, store_dir)
+    assert out.rc == 1 and out.error is not None and "changed" in out.error, out.error
+    store = Store(store_dir)
+    try:
+        assert bytes(store.chunk_map("lab@1")) == a.chunk_map
+        assert store.held_of("lab@1")[0] == a.size and store.latest("lab") == "1"
+    finally:
+        store.close()

@@ -462,6 +462,11 @@ class Replica:
             if not any(is_master_spec(s) for s in meta.sources):
                 raise PullError(f"the store already has a version {key} that is not the "
                                 "master's (imported here?); delete or rename it")
+            if self._complete(key):  # served as it is: a version never changes under clients
+                raise PullError(f"the master's manifest of {key} changed (catalog "
+                                f"{rec.manifest}, held here {manifest_digest(stored)}): a "
+                                "version never changes; the one held here is kept (delete it "
+                                "to take the master's)")
         m: Manifest = await self.client.manifest(rec.imi, rec.version)
         if m.digest != rec.manifest:
             raise MasterError(f"manifest of {key}: digest {m.digest} differs from the "
