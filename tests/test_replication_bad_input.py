@@ -836,3 +836,24 @@ def test_replica_keeps_a_complete_version_whose_manifest_changes(tmp_path: Path)
         assert store.held_of("lab@1")[0] == a.size and store.latest("lab") == "1"
     finally:
         store.close()
+
+
+def test_master_bounds_the_subscriptions_of_a_registration(tmp_path: Path) -> None:
+    """One registration subscribing to 130000 iMIs (1 MiB of JSON) was taken: one registry
+    write each, on the event loop (about 3 ms each here: minutes during which the master
+    answered nobody). A registration may now name at most master.MAX_SUBSCRIBE iMIs
+    (duplicates counted once); more is a 400 and nothing is stored."""
+    from icbdcache.replication import master as master_mod
+
+    cap = getattr(master_mod, "MAX_SUBSCRIBE", 256)
+
+    async def body(probe: Probe, m: Master) -> None:
+        names = [f"i{n}" for n in range(cap + 1)]
+        status, answer = await probe("POST", "/v1/sites/s1/register", json={"subscribe": names})
+        assert status == 400 and "subscri" in answer["error"], (status, answer)
+        assert await m.registry.sites() == []
+        status, answer = await probe("POST", "/v1/sites/s1/register",
+                                     json={"subscribe": ["lab"] * (cap * 4) + names[:cap - 1]})
+        assert status == 200 and len(answer["subscriptions"]) == cap
+
+    with_master(tmp_path, body)

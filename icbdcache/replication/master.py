@@ -52,6 +52,8 @@ DEFAULT_MASTER_PORT = 10810
 SLICE_CHUNKS = 64
 #: Bounds of ``/v1/watch``'s ``timeout`` (seconds) and its default.
 WATCH_MIN, WATCH_MAX, WATCH_DEFAULT = 1.0, 60.0, 30.0
+#: Most distinct iMIs one registration may subscribe to (each is a registry write).
+MAX_SUBSCRIBE = 256
 #: Seconds between flushes of the master's counters into the store's ``stats``.
 STATS_FLUSH = 5.0
 #: Cache-Control of answers that never change (manifests, boot files, chunks by digest).
@@ -475,6 +477,11 @@ class Master:
             bad = "subscribe must be a list of iMI names"
         if bad is None:
             bad = next((m for m in map(_bad_name, subscribe) if m), None)
+        if bad is None:
+            subscribe = list(dict.fromkeys(subscribe))  # each once
+            if len(subscribe) > MAX_SUBSCRIBE:
+                bad = (f"{len(subscribe)} iMIs to subscribe to in one registration "
+                       f"(at most {MAX_SUBSCRIBE})")
         if bad is not None:
             return _error(400, bad)
         await self.registry.register(site, address)
