@@ -189,6 +189,12 @@ the WAN delay added by a relay; loopback if namespaces cannot be made, or with -
 Writes bootstorm.json, bootstorm.md, bootstorm-clients.png (and bootstorm-sweep.png for a
 sweep) and logs/ under --out. Exit status: 0 when every client of every run replayed every
 read correctly, 1 when some did not, 2 when the benchmark could not run.
+
+--driver vm boots real QEMU guests (the test iMI of scripts/build-test-imi, PXE over iPXE/HTTP
+from 'icbd-cache pxe serve', root over NBD from the server under test; KVM when usable, else
+TCG) and times each from QEMU's start to ICBD-BOOT-OK on its serial console; it writes
+bootstorm-guests.png instead of the client plots. A guest that does not boot within
+--vm-timeout counts as failed (exit status 1).
 """
 
 
