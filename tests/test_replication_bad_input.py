@@ -889,3 +889,32 @@ def test_master_auth_under_odd_paths_held(tmp_path: Path) -> None:
         assert status == 200
 
     with_master(tmp_path, body, auth)
+
+
+def test_master_log_lines_cannot_be_forged(tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Log injection: a request path with %0A (decoded into the refusal's log line), a site
+    named with %0A in the path of a refused token, or a registration's address holding a
+    newline wrote a forged line into the master's log ('event=site_down site=prod'). Paths
+    are now logged as received (percent-encoded), the refusal quotes the site, and an address
+    must be printable (400 otherwise)."""
+    caplog.set_level("DEBUG", logger="icbdcache.master")
+    auth = Auth(site_tokens={"ta": "a"}, admin_tokens={"adm"})
+    forged = "%0Aevent=site_down%20site=prod"
+
+    async def body(probe: Probe, m: Master) -> None:
+        ta = {"Authorization": "Bearer ta"}
+        await probe("GET", f"/v1/catalog{forged}")
+        await probe("POST", f"/v1/sites/b{forged}/register", json={}, headers=ta)
+        await probe("POST", f"/v1/sites/b{forged}/keepalive", json={})
+        await probe("GET", f"/v1/manifest/lab/1{forged}", headers=ta)
+        status, answer = await probe("POST", "/v1/sites/a/register", headers=ta,
+                                     json={"address": "h:1\nevent=site_down site=prod"})
+        assert status == 400 and "address" in answer["error"], (status, answer)
+        status, _ = await probe("POST", "/v1/sites/a/register", headers=ta,
+                                json={"address": "h:1"})
+        assert status == 200
+
+    with_master(tmp_path, body, auth)
+    lines = [r.getMessage() for r in caplog.records if r.name == "icbdcache.master"]
+    assert lines and not [x for x in lines if "\n" in x or "\r" in x], lines

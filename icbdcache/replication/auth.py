@@ -132,7 +132,7 @@ class Auth:
                 owner = self.site_tokens[found]
                 if site is None or owner in (ANY_SITE, site):
                     return None
-                return f"this token is not for site {site}"
+                return f"this token is not for site {site!r}"  # quoted: it is logged
             if not has_client_cert:
                 return "unknown token"
         if has_client_cert and self.client_ca:

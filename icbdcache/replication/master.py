@@ -234,19 +234,20 @@ class Master:
                 raise
             resp = _error(e.status, e.reason)
         except RegistryError as e:
-            log.error(kv(event="registry", path=request.path, error=e))
+            log.error(kv(event="registry", path=request.raw_path, error=e))
             resp = _error(503, f"registry: {e}")
         except StoreError as e:
-            log.error(kv(event="store", path=request.path, error=e))
+            log.error(kv(event="store", path=request.raw_path, error=e))
             resp = _error(500, f"store: {e}")
         except ConnectionError:
             raise  # the peer is gone: nobody to answer
         except Exception as e:  # a bug or an LMDB failure: still a JSON answer, and logged
-            log.exception(kv(event="error", path=request.path, error=e))
+            log.exception(kv(event="error", path=request.raw_path, error=e))
             resp = _error(500, f"internal error: {e}")
         if not resp.prepared and "Cache-Control" not in resp.headers:
             resp.headers["Cache-Control"] = "no-store"  # only immutable answers are cacheable
-        log.debug(kv(request=request.method, path=request.path, status=resp.status,
+        # raw_path: as received, percent-encoded (a decoded %0A would forge a log line)
+        log.debug(kv(request=request.method, path=request.raw_path, status=resp.status,
                      peer=request.remote))
         return resp
 
@@ -263,7 +264,7 @@ class Master:
             why = self.auth.check_replica(auth_header, bool(cert),
                                           request.match_info.get("site"))
             if why is not None:
-                log.info(kv(event="refused", path=request.path, peer=request.remote, why=why))
+                log.info(kv(event="refused", path=request.raw_path, peer=request.remote, why=why))
                 return _error(401, why)
         return await handler(request)
 
@@ -470,8 +471,9 @@ class Master:
         body = await self._json(request)
         address, subscribe = body.get("address", ""), body.get("subscribe", [])
         bad = _bad_name(site)
-        if bad is None and not isinstance(address, str):
-            bad = "address must be a string (HOST:PORT or empty)"
+        if bad is None and not (isinstance(address, str) and len(address) <= 300
+                                and address.isprintable()):
+            bad = "address must be a string (HOST:PORT or empty, printable, 300 at most)"
         if bad is None and not (isinstance(subscribe, list)
                                 and all(isinstance(x, str) for x in subscribe)):
             bad = "subscribe must be a list of iMI names"
