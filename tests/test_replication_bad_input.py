@@ -918,3 +918,22 @@ def test_master_log_lines_cannot_be_forged(tmp_path: Path,
     with_master(tmp_path, body, auth)
     lines = [r.getMessage() for r in caplog.records if r.name == "icbdcache.master"]
     assert lines and not [x for x in lines if "\n" in x or "\r" in x], lines
+
+
+def test_replica_log_lines_cannot_be_forged_by_the_master(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The text of a master's error answer went as is into the replica's error (its log, its
+    state record, its keep-alive report): a newline in it forged log lines. Control
+    characters are now shown as '?'."""
+    caplog.set_level("DEBUG", logger="icbdcache")
+
+    async def refused(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": "no\nevent=site_down site=prod\r"}, status=400)
+
+    fake = Fake()
+    fake.override["/v1/catalog"] = refused
+    out = run_replica(fake, tmp_path / "store")
+    assert out.rc == 1 and out.error is not None and "event=site_down" in out.error
+    assert "\n" not in out.error and "\r" not in out.error
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("icbdcache")]
+    assert lines and not [x for x in lines if "\n" in x or "\r" in x], lines

@@ -283,6 +283,8 @@ class MasterClient:
             msg = str(json.loads(text).get("error", text))
         except (ValueError, AttributeError, RecursionError):
             msg = text.strip() or resp.reason or ""
+        # the master's words go into logs, the state record and reports: no control character
+        msg = "".join(c if c.isprintable() else "?" for c in msg.strip())
         detail = f"{self.url}: {what}: HTTP {resp.status} {msg}".rstrip()
         if resp.status in (401, 403):
             hint = ("" if self.token or self.has_cert
