@@ -9,6 +9,7 @@ outside it. Assertions are on statuses, bytes and counts, never on times.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import struct
@@ -937,3 +938,40 @@ def test_replica_log_lines_cannot_be_forged_by_the_master(
     assert "\n" not in out.error and "\r" not in out.error
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("icbdcache")]
     assert lines and not [x for x in lines if "\n" in x or "\r" in x], lines
+
+
+def test_master_drops_a_chunk_stream_nobody_reads(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that asks for 4096 chunks and never reads held its stream, and the slices
+    read for it (megabytes), for as long as it kept the connection open: a few hundred such
+    clients took the master's memory. A slice that cannot be sent within
+    master.STALL_TIMEOUT (made 0.5 s here) now ends the stream and closes the connection;
+    a client that reads gets every frame as before."""
+    monkeypatch.setattr("icbdcache.replication.master.STALL_TIMEOUT", 0.5, raising=False)
+    port: list[int] = []
+
+    async def body(probe: Probe, m: Master) -> None:
+        cmap = bytes(m.store.chunk_map("lab@1"))
+        req = (cmap * 2000)[: wire.MAX_BATCH * 16]
+        want = sum(20 + len(m.store.get_chunk(d) or b"") for d in wire.parse_digests(req))
+        r, w = await asyncio.open_connection("127.0.0.1", port[0])
+        w.write(f"POST /v1/chunks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"Content-Length: {len(req)}\r\n\r\n".encode() + req)
+        stable, last = 0, -1
+        for _ in range(1200):  # until the master gives up on this reader (bounded wait)
+            await asyncio.sleep(0.05)
+            now = m.counters["wire_bytes"]
+            stable = stable + 1 if now == last else 0
+            last = now
+            if stable >= 40:
+                break
+        n = 0
+        with contextlib.suppress(ConnectionError):
+            while b := await r.read(1 << 20):
+                n += len(b)
+        w.close()
+        assert 0 < n < want  # cut: no end of stream
+        status, raw = await probe("POST", "/v1/chunks", data=req)  # a reader gets it all
+        assert status == 200 and len(raw) == want + 20
+
+    with_master(tmp_path, body, port_out=port)

@@ -52,6 +52,9 @@ DEFAULT_MASTER_PORT = 10810
 SLICE_CHUNKS = 64
 #: Bounds of ``/v1/watch``'s ``timeout`` (seconds) and its default.
 WATCH_MIN, WATCH_MAX, WATCH_DEFAULT = 1.0, 60.0, 30.0
+#: Seconds one slice of a chunk stream may take to be sent: a client that reads nothing
+#: for that long has its stream ended and its connection closed (its slices freed).
+STALL_TIMEOUT = 120.0
 #: Most distinct iMIs one registration may subscribe to (each is a registry write).
 MAX_SUBSCRIBE = 256
 #: Seconds between flushes of the master's counters into the store's ``stats``.
@@ -393,7 +396,14 @@ class Master:
                 self.count("raw_bytes", raw)
                 self.count("chunks_missing", miss)
                 self.count("chunks_sent", len(slices[i]) - miss)
-                await resp.write(out)
+                try:
+                    async with asyncio.timeout(STALL_TIMEOUT):
+                        await resp.write(out)
+                except TimeoutError:  # the client stopped reading: free its slices
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise ConnectionResetError(f"no slice sent in {STALL_TIMEOUT} s: the "
+                                               "client stopped reading") from None
             await resp.write_eof()
         except ConnectionError as e:  # the replica went away: not the master's error
             fut.cancel()
