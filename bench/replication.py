@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import re
@@ -554,11 +555,15 @@ def _wait_port(net: BenchNet, host: str, port: int, server: Server, timeout: flo
     raise RuntimeError(f"{server.name} does not listen on {host}:{port}: {server.tail()}")
 
 
+#: Ports handed out in the bench's own namespaces (all free there).
+_NS_PORTS = itertools.count(20001)
+
+
 def _port(net: BenchNet) -> int:
-    """A port for a listener: any in a namespace of the bench's own, a free one otherwise."""
+    """A port for a listener: the next one in a namespace of the bench's own, a free one of
+    the host otherwise."""
     if isinstance(net, LoopbackNs | LinkNs):
-        _port.counter = getattr(_port, "counter", 20000) + 1  # type: ignore[attr-defined]
-        return int(_port.counter)  # type: ignore[attr-defined]
+        return next(_NS_PORTS)
     return netlab.free_port()
 
 
