@@ -975,3 +975,41 @@ def test_master_drops_a_chunk_stream_nobody_reads(tmp_path: Path,
         assert status == 200 and len(raw) == want + 20
 
     with_master(tmp_path, body, port_out=port)
+
+
+def test_replica_does_not_spin_on_a_watch_that_answers_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A master (or a proxy in front of it) answering /v1/watch at once, without waiting for
+    a change, had the replica loop as fast as it could: about 600 watches and 1200
+    keep-alives a second here, and a state-record write to its store each time. Watches now
+    start at most one per replica.WATCH_GAP seconds (made an hour here: one watch only)."""
+    monkeypatch.setattr("icbdcache.replication.replica.WATCH_GAP", 3600.0, raising=False)
+    fake, img = Fake(), Image.make()
+    fake.add("lab", "1", img)
+
+    async def main() -> dict[str, int]:
+        srv = TestServer(fake.app(), host="127.0.0.1")
+        await srv.start_server()
+        client = MasterClient(f"http://127.0.0.1:{srv.port}")
+        store = Store(tmp_path / "store")
+        replica = Replica(store, client, ReplicaConfig(site="s1", subscribe=["lab"],
+                                                       progress=False))
+        task = asyncio.ensure_future(replica.run())
+        try:
+            for _ in range(600):  # the first watch answered and its sync done
+                await asyncio.sleep(0.05)
+                if fake.hits.get("/v1/watch", 0) >= 1 and replica.state == "idle":
+                    break
+            await asyncio.sleep(1.0)  # room for the bug to show: no assertion on time
+            return dict(fake.hits)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await replica.drain()
+            await client.close()
+            store.close()
+            await srv.close()
+
+    hits = asyncio.run(main())
+    assert hits.get("/v1/watch") == 1, hits

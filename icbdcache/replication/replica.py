@@ -85,6 +85,9 @@ warn = Throttled(log)
 STATE_RECORD = "replica/state"
 #: Back-off while the master is unreachable: first and longest wait, seconds.
 BACKOFF = (0.5, 10.0)
+#: Shortest time between the starts of two watches (seconds): a watch answered at once
+#: must not make a tight loop.
+WATCH_GAP = 1.0
 #: Rounds over a version's missing chunks that may bring nothing before the pull gives up
 #: (until the next sync).
 MAX_IDLE_ROUNDS = 3
@@ -286,6 +289,8 @@ class Replica:
         ``once_cutoff_limit`` seconds)."""
         delay = BACKOFF[0]
         fresh = True  # ask for the catalog at once (first time, after an outage)
+        loop = asyncio.get_running_loop()
+        last_watch: float | None = None  # loop time the last watch started
         try:
             while True:
                 try:
@@ -301,6 +306,12 @@ class Replica:
                     if fresh:
                         cat = await self.client.catalog()
                     else:
+                        # a watch answered at once (a master or proxy that does not wait)
+                        # must not make a tight loop: one watch per WATCH_GAP at most
+                        now = loop.time()
+                        if last_watch is not None and now - last_watch < WATCH_GAP:
+                            await asyncio.sleep(WATCH_GAP - (now - last_watch))
+                        last_watch = loop.time()
                         cat = await self.client.watch(self.generation, self.config.watch_timeout)
                     self._reachable()
                     fresh = False
