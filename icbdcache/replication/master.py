@@ -332,24 +332,57 @@ class Master:
             "X-Icbd-Size": str(meta.size), "X-Icbd-Chunk-Size": str(meta.chunk_size),
             "X-Icbd-Manifest": manifest_digest(body), "Cache-Control": IMMUTABLE})
 
-    def _read_slice(self, digests: list[bytes], enc: wire.ChunkStreamEncoder,
-                    last: bool) -> tuple[bytes, int, int]:
-        """(encoded frames, missing count, frame bytes before compression) of one slice: read
-        in one LMDB read transaction, copied out before it ends, then encoded (compressed).
-        Runs in a worker thread."""
+    def _lengths(self, digests: list[bytes]) -> list[int | None]:
+        """Bytes of each chunk held (None if not), read in one LMDB read transaction without
+        copying the chunks. Runs in a worker thread."""
         store = self.store
         with store.env.begin(db=store.db["chunks"], buffers=True) as txn:
-            datas = []
+            out: list[int | None] = []
             for d in digests:
                 buf = txn.get(d)
-                datas.append(bytes(buf) if buf is not None else None)
-        raw_before = enc.raw_bytes
-        out = bytearray()
-        for j, (d, data) in enumerate(zip(digests, datas, strict=True)):
-            out += enc.frame(d, data, flush=j == len(digests) - 1)
-        if last:
-            out += enc.end()
-        return bytes(out), sum(1 for x in datas if x is None), enc.raw_bytes - raw_before
+                out.append(len(buf) if buf is not None else None)
+        return out
+
+    def _read_slice(self, digests: list[bytes], enc: wire.ChunkStreamEncoder, last: bool,
+                    lengths: list[int | None] | None) -> tuple[bytes | bytearray, int, int]:
+        """(encoded frames, missing count, frame bytes before compression) of one slice, read
+        in one LMDB read transaction and encoded before it ends (py-lmdb: its buffers die with
+        it). A plain stream (``lengths``: what :meth:`_lengths` found) is built with one copy
+        straight from LMDB into the slice; a compressed one goes through the compressor.
+        Raises StoreError if a chunk came or went since its length was taken (the stream is
+        then cut short). Runs in a worker thread."""
+        store = self.store
+        with store.env.begin(db=store.db["chunks"], buffers=True) as txn:
+            if lengths is not None:
+                head = wire.HEADER_SIZE
+                size = sum(head + (n or 0) for n in lengths) + (head if last else 0)
+                out = bytearray(size)
+                pos = miss = 0
+                for d, n in zip(digests, lengths, strict=True):
+                    buf = txn.get(d)
+                    if (len(buf) if buf is not None else None) != n:
+                        raise StoreError(f"chunk {d.hex()} changed while being sent")
+                    out[pos : pos + head] = wire.frame_header(d, n)
+                    pos += head
+                    if buf is None or n is None:
+                        miss += 1
+                    else:
+                        out[pos : pos + n] = buf
+                        pos += n
+                if last:
+                    out[pos:] = wire.frame_header(ZERO, 0)  # the end frame
+                enc.raw_bytes += size
+                return out, miss, size
+            raw_before = enc.raw_bytes
+            parts: list[bytes] = []
+            miss = 0
+            for j, d in enumerate(digests):
+                buf = txn.get(d)
+                miss += buf is None
+                parts.append(enc.frame(d, buf, flush=j == len(digests) - 1))
+            if last:
+                parts.append(enc.end())
+        return b"".join(parts), miss, enc.raw_bytes - raw_before
 
     async def chunks(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chunks[?zstd=LEVEL]``: a chunk stream (:mod:`~icbdcache.replication.wire`)
@@ -373,17 +406,25 @@ class Master:
         except wire.WireError as e:
             return _error(400, str(e))
         resp = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE})
+        loop = asyncio.get_running_loop()
+        lengths: list[int | None] | None = None
         if level is not None:
             resp.headers[wire.ENCODING_HEADER] = "zstd"
+        else:
+            # a plain stream's length is known: a Content-Length, not chunked encoding (which
+            # costs aiohttp a copy of every slice)
+            lengths = await loop.run_in_executor(None, self._lengths, digests)
+            resp.content_length = wire.plain_stream_size(lengths)
         await resp.prepare(request)
         self.count("chunk_requests")
         enc = wire.ChunkStreamEncoder(level)
         slices = [digests[i : i + SLICE_CHUNKS] for i in range(0, len(digests), SLICE_CHUNKS)]
-        loop = asyncio.get_running_loop()
 
-        def start(i: int) -> asyncio.Future[tuple[bytes, int, int]]:
+        def start(i: int) -> asyncio.Future[tuple[bytes | bytearray, int, int]]:
+            part = (lengths[i * SLICE_CHUNKS : (i + 1) * SLICE_CHUNKS]
+                    if lengths is not None else None)
             return loop.run_in_executor(None, self._read_slice, slices[i], enc,
-                                        i == len(slices) - 1)
+                                        i == len(slices) - 1, part)
 
         fut = start(0)
         try:

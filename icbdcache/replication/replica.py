@@ -95,6 +95,8 @@ MAX_IDLE_ROUNDS = 3
 
 #: Most bytes of chunks committed in one LMDB transaction by a pull.
 COMMIT_BYTES = 64 << 20
+#: Seconds an incomplete version's held/need scan is reused in state reports.
+REPORT_EVERY = 10.0
 
 
 @dataclass
@@ -201,6 +203,9 @@ class Replica:
         self.registered = False
         self._kept_logged: set[str] = set()
         self._last_save = 0.0
+        #: IMI@V -> (monotonic time, held, need) of the last held_of scan (a scan reads the
+        #: whole chunk map: a complete version's result is kept, others' for REPORT_EVERY s)
+        self._held: dict[str, tuple[float, int, int]] = {}
         self._reported_wire = 0
         self._keepalive_task: asyncio.Task[None] | None = None
         self._progress_at = 0.0
@@ -215,7 +220,7 @@ class Replica:
             if m.imi not in subs:
                 continue
             try:
-                held, need = self.store.held_of(m.key)
+                held, need = self._held_of(m.key)
             except StoreError:
                 continue
             versions[m.key] = {"held": held, "need": need, "complete": held == need}
@@ -224,6 +229,17 @@ class Replica:
             v = versions.get(rec.key)
             behind += (v["need"] - v["held"]) if v is not None else rec.distinct_bytes
         return versions, behind
+
+    def _held_of(self, key: str) -> tuple[int, int]:
+        """store.held_of(key), scanned again only if incomplete and older than REPORT_EVERY s
+        (progress reports come every second during a pull). Raises StoreError."""
+        now = time.monotonic()
+        seen = self._held.get(key)
+        if seen is not None and (seen[1] == seen[2] or now - seen[0] < REPORT_EVERY):
+            return seen[1], seen[2]
+        held, need = self.store.held_of(key)
+        self._held[key] = (now, held, need)
+        return held, need
 
     def state_dict(self) -> dict[str, Any]:
         """The state as stored in ``replica/state`` and shown by ``stats``: ``master``,
@@ -449,6 +465,7 @@ class Replica:
         self._finish(rec, meta, announce=True)
 
     def _finish(self, rec: VersionRecord, meta: VersionMeta, *, announce: bool) -> None:
+        self._held.pop(rec.key, None)
         if not meta.pinned:
             self.store.set_pinned(rec.key, True)
         if self.store.latest(rec.imi) != rec.version:

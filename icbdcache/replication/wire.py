@@ -100,6 +100,21 @@ def parse_digests(body: bytes) -> list[bytes]:
     return [body[i : i + DIGEST_SIZE] for i in range(0, len(body), DIGEST_SIZE)]
 
 
+#: Bytes of a frame header (digest and length), and so of a MISSING frame and the end frame.
+HEADER_SIZE = _HEAD.size
+
+
+def frame_header(digest: bytes, length: int | None) -> bytes:
+    """The header of a frame carrying ``length`` bytes of chunk ``digest`` (None: MISSING)."""
+    return _HEAD.pack(digest, MISSING if length is None else length)
+
+
+def plain_stream_size(lengths: list[int | None]) -> int:
+    """Bytes of a whole plain chunk stream whose frames carry ``lengths`` (None: MISSING),
+    end frame included: its Content-Length."""
+    return sum(HEADER_SIZE + (n or 0) for n in lengths) + HEADER_SIZE
+
+
 class ChunkStreamEncoder:
     """Sender side of a chunk stream. ``level``: zstd level, or None for a plain stream.
     Each method returns the bytes to send next (possibly empty while zstd buffers)."""
@@ -107,6 +122,7 @@ class ChunkStreamEncoder:
     def __init__(self, level: int | None = None) -> None:
         self._z = (zstandard.ZstdCompressor(level=level).compressobj()
                    if level is not None else None)
+        self.plain = level is None
         self.raw_bytes = 0  # frame bytes before compression
 
     def _out(self, raw: bytes, flush: bool) -> bytes:
@@ -118,7 +134,8 @@ class ChunkStreamEncoder:
             out += self._z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
         return out
 
-    def frame(self, digest: bytes, data: bytes | None, *, flush: bool = True) -> bytes:
+    def frame(self, digest: bytes, data: bytes | memoryview | None, *,
+              flush: bool = True) -> bytes:
         """A frame for ``digest``: its ``data``, or MISSING when None. ``flush``: end a zstd
         block here (set False to let several frames share one block)."""
         if data is None:
@@ -197,40 +214,53 @@ class ChunkStreamDecoder:
         return frames
 
     def _parse(self, data: bytes) -> None:
-        """Add the whole frames of ``data`` (after those buffered) to ``_frames``."""
+        """Add the whole frames of ``data`` (after those buffered) to ``_frames``. Each
+        chunk is copied once, from the bytes received into its frame; only an unfinished
+        frame's bytes are kept over to the next call."""
         if self.finished:
             if data:
                 raise WireError("bytes after the end frame")
             return
-        self._buf += data
+        buffered = bool(self._buf)
+        if buffered:
+            self._buf += data
+        src: bytes | bytearray = self._buf if buffered else data
         frames = self._frames
         pos = 0
-        buf = self._buf
-        while len(buf) - pos >= _HEAD.size:
-            digest, length = _HEAD.unpack_from(buf, pos)
-            if length == MISSING:
+        end = len(src)
+        head = _HEAD.size
+        view = memoryview(src)
+        try:
+            while end - pos >= head:
+                digest, length = _HEAD.unpack_from(view, pos)
+                if length == MISSING:
+                    self._check(digest)
+                    frames.append(ChunkFrame(digest, None))
+                    pos += head
+                    continue
+                if digest == ZERO and length == 0:
+                    pos += head
+                    self.finished = True
+                    if pos != end:
+                        raise WireError("bytes after the end frame")
+                    if self._expect is not None and self._n != len(self._expect):
+                        raise WireError(f"end frame after {self._n} frames of the "
+                                        f"{len(self._expect)} digests asked for")
+                    break
+                if length > MAX_CHUNK or length == 0:
+                    raise WireError(f"frame of {length} bytes (1 to {MAX_CHUNK} allowed)")
+                if end - pos - head < length:
+                    break
                 self._check(digest)
-                frames.append(ChunkFrame(digest, None))
-                pos += _HEAD.size
-                continue
-            if digest == ZERO and length == 0:
-                pos += _HEAD.size
-                self.finished = True
-                if pos != len(buf):
-                    raise WireError("bytes after the end frame")
-                if self._expect is not None and self._n != len(self._expect):
-                    raise WireError(f"end frame after {self._n} frames of the "
-                                    f"{len(self._expect)} digests asked for")
-                break
-            if length > MAX_CHUNK or length == 0:
-                raise WireError(f"frame of {length} bytes (1 to {MAX_CHUNK} allowed)")
-            if len(buf) - pos - _HEAD.size < length:
-                break
-            self._check(digest)
-            start = pos + _HEAD.size
-            frames.append(ChunkFrame(digest, bytes(buf[start : start + length])))
-            pos = start + length
-        del buf[:pos]
+                start = pos + head
+                frames.append(ChunkFrame(digest, bytes(view[start : start + length])))
+                pos = start + length
+        finally:
+            view.release()
+        if buffered:
+            del self._buf[:pos]
+        elif pos < end:
+            self._buf += data[pos:]
 
     def close(self) -> None:
         """The body ended. Raises WireError if the end frame was not seen."""
