@@ -23,6 +23,7 @@ still being faulted in) fails with a message naming ``icbd-cache warm IMI@VERSIO
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -70,6 +71,15 @@ def check_key(key: str) -> str:
         raise BootFilesError(f"version name {key!r} cannot be used in boot paths "
                              "(letters, digits and . _ + @ - only)")
     return key
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file's bytes, read 1 MiB at a time. Raises OSError."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def kept(store: Store, meta: VersionMeta) -> BootFiles | None:

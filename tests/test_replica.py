@@ -476,6 +476,10 @@ def test_full_then_delta_real_pair(real_pair: Pair, tmp_path: Path, procs: Procs
         for name in ("vmlinuz", "initrd.img"):
             theirs, ours = mstore / "boot" / key / name, rstore / "boot" / key / name
             assert theirs.is_file() and sha256_file(ours) == sha256_file(theirs)
+    # v2 boots v1's kernel: the master answered 304 to the site's If-None-Match, nothing sent
+    boot1 = sum((mstore / "boot" / "lab@1" / n).stat().st_size for n in ("vmlinuz", "initrd.img"))
+    assert s1["replica_boot_bytes"] == boot1
+    assert s2["replica_boot_bytes"] == boot1 and s2["replica_boot_reused"] == 2
     srv = procs.serve("--store", str(rstore))
     assert nbd_sha256(srv.port, "lab@1") == sha256_file(pair.v1)
     assert nbd_sha256(srv.port, "lab@2") == sha256_file(pair.v2)

@@ -20,10 +20,12 @@ Errors are :class:`MasterError` subclasses, chosen by what a caller should do ab
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -36,6 +38,7 @@ from icbdcache.replication.wire import (
     CONTENT_TYPE,
     ENCODING_HEADER,
     MAX_CHUNK,
+    SHA256_HEADER,
     ChunkFrame,
     ChunkStreamDecoder,
     WireError,
@@ -111,12 +114,16 @@ class Manifest:
 class TransferCounters:
     """Bytes this client moved, since it was made: ``wire_bytes`` of chunk-stream bodies as
     received (compressed when zstd), ``raw_bytes`` of frames after decompression,
-    ``request_bytes`` of chunk-request bodies sent, ``requests`` chunk requests made."""
+    ``request_bytes`` of chunk-request bodies sent, ``requests`` chunk requests made,
+    ``boot_bytes`` of boot files received, ``boot_reused`` boot files the master did not send
+    because this site had their bytes (304)."""
 
     wire_bytes: int = 0
     raw_bytes: int = 0
     request_bytes: int = 0
     requests: int = 0
+    boot_bytes: int = 0
+    boot_reused: int = 0
 
 
 def manifest_digest(chunk_map: bytes) -> str:
@@ -387,29 +394,49 @@ class MasterClient:
                                       f"from X-Icbd-Manifest {want}")
         return Manifest(imi, version, size, chunk_size, got, body)
 
-    async def boot_file(self, imi: str, version: str, kind: str) -> bytes | None:
+    async def boot_file(self, imi: str, version: str, kind: str,
+                        have: Mapping[str, Path] | None = None) -> bytes | None:
         """``GET /v1/boot/IMI/VERSION/KIND`` (``kernel`` or ``initrd``): the bytes, or None
-        when the master has none. Raises MasterProtocolError for a file over MAX_BOOT_FILE
-        bytes (not read further), other MasterError."""
+        when the master has none. ``have``: boot files this site keeps already, by sha256
+        (hex); they are named in If-None-Match, and when the master answers 304 for one of
+        them its bytes come from the local file (counted in ``boot_reused``, not sent).
+        Bytes received are checked against the master's sha256 header. Raises
+        MasterProtocolError for a file over MAX_BOOT_FILE bytes (not read further), a
+        mismatch, or a 304 for a file not offered; other MasterError."""
         path = f"{API}/boot/{quote(imi, safe='')}/{quote(version, safe='')}/{kind}"
+        what = f"GET {path}"
+        headers = {"If-None-Match": ", ".join(f'"{sha}"' for sha in have)} if have else {}
         try:
             async with self._get_session().get(
-                    self.url + path, timeout=self._stream_timeout(),
+                    self.url + path, timeout=self._stream_timeout(), headers=headers,
                     allow_redirects=False) as resp:
                 if resp.status == 404:
                     return None
-                await self._check(resp, f"GET {path}")
+                if resp.status == 304:
+                    sha = resp.headers.get("ETag", "").strip('"')
+                    local = (have or {}).get(sha)
+                    if local is None:
+                        raise MasterProtocolError(f"{self.url}: {what}: 304 for a file this "
+                                                  "site did not offer")
+                    self.counters.boot_reused += 1
+                    return await asyncio.to_thread(local.read_bytes)
+                await self._check(resp, what)
                 if (resp.content_length or 0) > MAX_BOOT_FILE:
-                    raise MasterProtocolError(f"{self.url}: GET {path}: a boot file of "
+                    raise MasterProtocolError(f"{self.url}: {what}: a boot file of "
                                               f"{resp.content_length} bytes (at most "
                                               f"{MAX_BOOT_FILE})")
                 data = await _read_at_most(resp, MAX_BOOT_FILE + 1)
                 if len(data) > MAX_BOOT_FILE:
-                    raise MasterProtocolError(f"{self.url}: GET {path}: a boot file of more "
+                    raise MasterProtocolError(f"{self.url}: {what}: a boot file of more "
                                               f"than {MAX_BOOT_FILE} bytes")
+                want = resp.headers.get(SHA256_HEADER)
+                if want is not None and hashlib.sha256(data).hexdigest() != want.lower():
+                    raise MasterProtocolError(f"{self.url}: {what}: the bytes received do not "
+                                              f"match their sha256 {want[:80]!r}")
+                self.counters.boot_bytes += len(data)
                 return data
         except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
-            raise self._error(e, f"GET {path}") from e
+            raise self._error(e, what) from e
 
     async def chunks(self, digests: list[bytes],
                      tally: TransferCounters | None = None) -> AsyncIterator[ChunkFrame]:

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +44,7 @@ from icbdcache.replication.registry.base import (
 )
 from icbdcache.store import Store, StoreError, version_key
 from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
+from pxe.bootfiles import file_sha256
 
 log = logging.getLogger("icbdcache.master")
 
@@ -150,6 +152,7 @@ class Master:
         self.keepalive_interval = keepalive_interval
         self.counters: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
+        self._file_sha: dict[tuple[str, int, int], str] = {}  # (path, mtime ns, size) -> sha
         self._closing = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -475,8 +478,30 @@ class Master:
         if kept is None:
             return _error(404, f"{key} has no kernel and initrd kept")
         path = kept.kernel if which == "kernel" else kept.initrd
-        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
-                                               "Cache-Control": IMMUTABLE})
+        try:
+            sha = await asyncio.to_thread(self._sha256, path)
+        except OSError as e:
+            return _error(404, f"{key}: its {which} cannot be read: {e}")
+        headers = {"ETag": f'"{sha}"', wire.SHA256_HEADER: sha, "Cache-Control": IMMUTABLE}
+        if sha in wire.etags(request.headers.get("If-None-Match", "")):
+            # the replica has these bytes already (another version's kernel, most often)
+            self.count("boot_not_modified")
+            return web.Response(status=304, headers=headers)
+        body = await asyncio.to_thread(path.read_bytes)
+        self.count("boot_bytes", len(body))
+        return web.Response(body=body, content_type="application/octet-stream",
+                            headers=headers)
+
+    def _sha256(self, path: Path) -> str:
+        """sha256 (hex) of a boot file, remembered while its mtime and size stay. Raises
+        OSError. Runs in a worker thread."""
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        sha = self._file_sha.get(key)
+        if sha is None:
+            sha = file_sha256(path)
+            self._file_sha[key] = sha
+        return sha
 
     async def chunk(self, request: web.Request) -> web.Response:
         """``GET /v1/chunk/DIGEST`` (32 hex digits): one chunk's bytes, cacheable forever by

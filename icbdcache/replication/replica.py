@@ -206,6 +206,7 @@ class Replica:
         #: IMI@V -> (monotonic time, held, need) of the last held_of scan (a scan reads the
         #: whole chunk map: a complete version's result is kept, others' for REPORT_EVERY s)
         self._held: dict[str, tuple[float, int, int]] = {}
+        self._file_sha: dict[tuple[str, int, int], str] = {}  # boot files: (path, mtime, size)
         self._reported_wire = 0
         self._keepalive_task: asyncio.Task[None] | None = None
         self._progress_at = 0.0
@@ -521,9 +522,13 @@ class Replica:
         meta = self.store.version(rec.key)
         if meta is None or (meta.kernel and meta.initrd and Path(meta.kernel).is_file()):
             return
+        have = await asyncio.to_thread(self._kept_boot_files, rec.key)
+        sent0, reused0 = self.client.counters.boot_bytes, self.client.counters.boot_reused
         try:
-            kernel = await self.client.boot_file(rec.imi, rec.version, "kernel")
-            initrd = await self.client.boot_file(rec.imi, rec.version, "initrd")
+            kernel = await self.client.boot_file(rec.imi, rec.version, "kernel",
+                                                 have["kernel"])
+            initrd = await self.client.boot_file(rec.imi, rec.version, "initrd",
+                                                 have["initrd"])
         except (MasterNotFound, MasterProtocolError) as e:  # a warning, as at import
             log.warning(kv(boot_files=rec.key, error=e))
             return
@@ -542,8 +547,42 @@ class Replica:
             cur = self.store.version(rec.key) or meta
             cur.kernel, cur.initrd = str(d / KERNEL_NAME), str(d / INITRD_NAME)
             self.store.put_version(cur)
+            c = self.client.counters
+            self.store.write_batch([], (), (), {
+                "replica_boot_bytes": c.boot_bytes - sent0,
+                "replica_boot_reused": c.boot_reused - reused0})
         except Exception as e:  # best effort, as at import
             log.warning(kv(boot_files=rec.key, error=e))
+
+    def _kept_boot_files(self, key: str) -> dict[str, dict[str, Path]]:
+        """The kernels and initrds this store keeps for versions other than ``key``, by
+        sha256: ``{"kernel": {sha: path}, "initrd": {...}}``, from the newest 8 versions
+        that have them (a new version mostly boots the kernel of the one before: the master
+        then answers 304 and nothing is sent). Runs in a worker thread."""
+        from pxe.bootfiles import file_sha256, kept
+
+        out: dict[str, dict[str, Path]] = {"kernel": {}, "initrd": {}}
+        metas = sorted((m for m in self.store.versions() if m.key != key),
+                       key=lambda m: m.created, reverse=True)
+        found = 0
+        for m in metas:
+            files = kept(self.store, m)
+            if files is None:
+                continue
+            try:
+                for kind, path in (("kernel", files.kernel), ("initrd", files.initrd)):
+                    st = path.stat()
+                    memo = (str(path), st.st_mtime_ns, st.st_size)
+                    sha = self._file_sha.get(memo)
+                    if sha is None:
+                        sha = self._file_sha[memo] = file_sha256(path)
+                    out[kind][sha] = path
+            except OSError:
+                continue
+            found += 1
+            if found >= 8:
+                break
+        return out
 
     def _check_space(self, key: str, lengths: dict[bytes, int]) -> None:
         """Raise StoreFull unless the store's bound holds the version's chunks beside those

@@ -67,6 +67,22 @@ def bad_name(name: str) -> str | None:
     return None
 
 
+#: Response header of a boot file: the sha256 (hex) of its bytes, also its ETag; a replica
+#: names the boot files it already has in If-None-Match and gets 304 for one of them.
+SHA256_HEADER = "X-Icbd-Sha256"
+
+
+def etags(header: str) -> set[str]:
+    """The entity tags of an If-None-Match header value, without quotes or ``W/``
+    (RFC 9110, 'If-None-Match')."""
+    out = set()
+    for part in header.split(","):
+        tag = part.strip().removeprefix("W/").strip('"')
+        if tag:
+            out.add(tag)
+    return out
+
+
 class WireError(Exception):
     """A body that does not follow the wire format (bad length, cut short, bad zstd)."""
 
