@@ -559,18 +559,19 @@ class Replica:
         sha256: ``{"kernel": {sha: path}, "initrd": {...}}``, from the newest 8 versions
         that have them (a new version mostly boots the kernel of the one before: the master
         then answers 304 and nothing is sent). Runs in a worker thread."""
-        from pxe.bootfiles import file_sha256, kept
+        from pxe.bootfiles import INITRD_NAME, KERNEL_NAME, boot_root, file_sha256
 
         out: dict[str, dict[str, Path]] = {"kernel": {}, "initrd": {}}
         metas = sorted((m for m in self.store.versions() if m.key != key),
                        key=lambda m: m.created, reverse=True)
         found = 0
+        root = boot_root(self.store.path)
         for m in metas:
-            files = kept(self.store, m)
-            if files is None:
-                continue
+            # the files in this store's boot directory (a store copied elsewhere still has
+            # them there, whatever paths its metadata recorded)
+            d = root / m.key
             try:
-                for kind, path in (("kernel", files.kernel), ("initrd", files.initrd)):
+                for kind, path in (("kernel", d / KERNEL_NAME), ("initrd", d / INITRD_NAME)):
                     st = path.stat()
                     memo = (str(path), st.st_mtime_ns, st.st_size)
                     sha = self._file_sha.get(memo)
