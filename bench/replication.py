@@ -1046,9 +1046,11 @@ def markdown(doc: dict[str, Any]) -> str:
               "the replica's chunk-stream bytes (HTTP bodies after zstd: no manifest, headers, "
               "TLS or boot files)."]
     if boot:
-        lines += [f"icbd's bytes on the wire include the version's kernel and initrd, which "
-                  f"the replica fetches whole over `/v1/boot` ({max(boot) / MIB:,.1f} MiB, "
-                  f"not compressed, also for a delta); rsync finds them inside the image."]
+        lines += [f"icbd's bytes on the wire include the version's kernel and initrd "
+                  f"({max(boot) / MIB:,.1f} MiB, fetched over `/v1/boot` unless the site "
+                  f"already keeps the same bytes for another version: then the master answers "
+                  f"304 and a delta whose kernel did not change sends none); rsync finds them "
+                  f"inside the image."]
     lines += ["", "Targets (issue 6):", "",
               "| target | run | value | limit | met |", "|---|---|--:|--:|---|"]
     for t in doc["targets"]:
