@@ -520,7 +520,12 @@ def test_master_killed_mid_transfer(tmp_path: Path, procs: Procs) -> None:
     s = stats(rstore)
     assert s["replica_chunks"] == len(c1) + len(c2)  # every chunk received once
     assert s["replica_chunk_bytes"] == sum(c1.values()) + sum(c2.values())
-    wait_for("state idle", lambda: stats(rstore)["replica"]["state"] == "idle")
+    state = wait_for("state idle", lambda: (lambda r: r if r["state"] == "idle" else None)(
+        stats(rstore)["replica"]))
+    # the process's own counters (one process since the start) agree with the store's, also
+    # for the transactions that committed while the master was being killed
+    assert state["counters"]["chunks"] == s["replica_chunks"]
+    assert state["counters"]["chunk_bytes"] == s["replica_chunk_bytes"]
     assert nbd_sha256(site.port, "lab@2") == sha256_file(v2)
     assert nbd_sha256(site.port, "lab") == sha256_file(v2)
 

@@ -752,13 +752,20 @@ class Replica:
             None, self.store.write_batch, chunks, (), (), stats)
         self._writes.add(fut)
         fut.add_done_callback(self._writes.discard)
+
+        def counted(f: asyncio.Future[int]) -> None:
+            # when the transaction commits, even if the pull waiting on it was cancelled
+            # (the master went away): the process's counters follow the store's
+            if not f.cancelled() and f.exception() is None:
+                self.counters.chunk_bytes += stats["replica_chunk_bytes"]
+                self.counters.chunks += len(chunks)
+
+        fut.add_done_callback(counted)
         try:
             # shielded: a cancelled pull still lets its transaction finish (see drain())
             await asyncio.shield(fut)
         except (StoreError, lmdb.Error, OSError) as e:
             raise PullError(f"store write failed: {e}{self._disk_note()}") from e
-        self.counters.chunk_bytes += stats["replica_chunk_bytes"]
-        self.counters.chunks += len(chunks)
 
     def _disk_note(self) -> str:
         """`` (disk full: ...)`` when the store's file system has no room left (LMDB reports
