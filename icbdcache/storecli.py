@@ -75,10 +75,15 @@ def check_name(what: str, name: str) -> str | None:
     export name everywhere), or None."""
     if not name:
         return f"{what} is empty"
-    bad = sorted({c for c in name if c in "@/?" or c.isspace()})
+    bad = sorted({c for c in name if c in "@/?" or c.isspace() or not c.isprintable()})
     if bad:
-        shown = ", ".join("whitespace" if c.isspace() else repr(c) for c in bad)
-        return f"{what} {name!r} may not contain {shown} (versions are named IMI@VERSION)"
+        shown = ", ".join(dict.fromkeys(
+            "whitespace" if c.isspace() else repr(c) if c.isprintable() else
+            "control characters" for c in bad))
+        return (f"{what} {name!r} may not contain {shown} (names become export names "
+                "IMI@VERSION, URL paths and directory names)")
+    if len(name.encode("utf-8", "surrogatepass")) > 200:
+        return f"{what} is longer than 200 bytes"
     return None
 
 
