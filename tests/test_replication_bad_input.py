@@ -1013,3 +1013,44 @@ def test_replica_does_not_spin_on_a_watch_that_answers_at_once(
 
     hits = asyncio.run(main())
     assert hits.get("/v1/watch") == 1, hits
+
+
+def test_master_bounds_chunk_streams_per_peer_and_the_zstd_level(tmp_path: Path) -> None:
+    """Found in review: nothing bounded how many chunk streams one client held open (each
+    holds slices in memory and a worker thread), and any client could ask for zstd level 19 on
+    4096 chunks. Now a peer holding PEER_STREAMS streams that it does not read gets 429 for the
+    next one (others are still served), and a level above MAX_ZSTD_LEVEL is sent at it."""
+    from icbdcache.replication import master as master_mod
+
+    async def body(probe: Probe, m: Master) -> None:
+        cmap = bytes(m.store.chunk_map("lab@1"))
+        req = (cmap * 2000)[: wire.MAX_BATCH * 16]
+        port = m_port[0]
+        held = []
+        for _ in range(master_mod.PEER_STREAMS):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(f"POST /v1/chunks HTTP/1.1\r\nHost: x\r\nContent-Length: {len(req)}"
+                    "\r\n\r\n".encode() + req)
+            await r.readuntil(b"\r\n\r\n")  # the stream started; then nothing is read
+            held.append(w)
+        status, _ = await probe("POST", "/v1/chunks", data=req[:16])
+        assert status == 429
+        for w in held:
+            w.transport.abort()
+        for _ in range(200):  # the master notices the closed streams
+            status, _ = await probe("POST", "/v1/chunks", data=req[:16])
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200
+        ds = wire.parse_digests(req[: 64 * 16])
+        status, got = await probe("POST", "/v1/chunks?zstd=19", data=b"".join(ds))
+        assert status == 200
+        # the body is exactly the stream a level-MAX_ZSTD_LEVEL encoder makes of those frames
+        enc = wire.ChunkStreamEncoder(master_mod.MAX_ZSTD_LEVEL)
+        want = b"".join(enc.frame(d, m.store.get_chunk(d), flush=j == len(ds) - 1)
+                        for j, d in enumerate(ds)) + enc.end()
+        assert master_mod.MAX_ZSTD_LEVEL < 19 and got == want
+
+    m_port: list[int] = []
+    with_master(tmp_path, body, port_out=m_port)

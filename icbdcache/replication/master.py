@@ -57,6 +57,13 @@ WATCH_MIN, WATCH_MAX, WATCH_DEFAULT = 1.0, 60.0, 30.0
 #: Seconds one slice of a chunk stream may take to be sent: a client that reads nothing
 #: for that long has its stream ended and its connection closed (its slices freed).
 STALL_TIMEOUT = 120.0
+#: Chunk streams sent at once (each holds up to two slices, about 8 MiB, and a worker thread);
+#: more wait their turn. A peer may hold at most PEER_STREAMS of them (429 beyond).
+MAX_STREAMS = 32
+PEER_STREAMS = 8
+#: Highest zstd level the master compresses at: a replica asking for more gets this (levels
+#: above 9 cost the sender many times the CPU for a few per cent of bytes).
+MAX_ZSTD_LEVEL = 9
 #: Most distinct iMIs one registration may subscribe to (each is a registry write).
 MAX_SUBSCRIBE = 256
 #: Seconds between flushes of the master's counters into the store's ``stats``.
@@ -153,6 +160,8 @@ class Master:
         self.counters: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
         self._file_sha: dict[tuple[str, int, int], str] = {}  # (path, mtime ns, size) -> sha
+        self._streams = asyncio.Semaphore(MAX_STREAMS)
+        self._peer_streams: Counter[str] = Counter()
         self._closing = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -390,7 +399,9 @@ class Master:
     async def chunks(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chunks[?zstd=LEVEL]``: a chunk stream (:mod:`~icbdcache.replication.wire`)
         of the digests in the body, in order, MISSING for those not held. 400 on a body that
-        is not 1..MAX_BATCH digests or a level outside 1..19, 413 over MAX_BATCH."""
+        is not 1..MAX_BATCH digests or a level outside 1..19 (above MAX_ZSTD_LEVEL it is sent
+        at MAX_ZSTD_LEVEL), 413 over MAX_BATCH, 429 when the peer has PEER_STREAMS streams
+        open; at most MAX_STREAMS are sent at once, the others wait."""
         level: int | None = None
         if "zstd" in request.query:
             text = request.query["zstd"]
@@ -399,7 +410,20 @@ class Master:
             if not (text.isascii() and text.isdigit() and len(text) <= 3) \
                     or not 1 <= int(text) <= 19:
                 return _error(400, f"zstd level {text[:20]!r} is not 1 to 19")
-            level = int(text)
+            level = min(int(text), MAX_ZSTD_LEVEL)
+        peer = request.remote or "?"
+        if self._peer_streams[peer] >= PEER_STREAMS:
+            return _error(429, f"{PEER_STREAMS} chunk streams from {peer} already")
+        self._peer_streams[peer] += 1
+        try:
+            async with self._streams:
+                return await self._chunks(request, level)
+        finally:
+            self._peer_streams[peer] -= 1
+            if not self._peer_streams[peer]:
+                del self._peer_streams[peer]
+
+    async def _chunks(self, request: web.Request, level: int | None) -> web.StreamResponse:
         body = await request.read()
         if body and len(body) % DIGEST_SIZE == 0 and len(body) // DIGEST_SIZE > wire.MAX_BATCH:
             return _error(413, f"{len(body) // DIGEST_SIZE} digests in one request "
