@@ -81,7 +81,7 @@ def add_transfer_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     g.add_argument("--pull-batch", type=_positive, default=256, metavar="N",
                    help="chunk digests per request (default 256, at most 4096)")
     g.add_argument("--pull-parallel", type=_positive, default=3, metavar="N",
-                   help="chunk requests in flight (default 3)")
+                   help="chunk requests in flight (default 3, at most 8)")
 
 
 def has_transfer_args(args: argparse.Namespace) -> bool:
@@ -124,6 +124,9 @@ def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConf
 
     if not args.site:
         raise ValueError("--master needs --site NAME")
+    if args.pull_parallel > 8:
+        raise ValueError(f"--pull-parallel {args.pull_parallel}: at most 8 (the master "
+                         "answers 429 to a ninth stream from one address)")
     if args.pull_batch > MAX_BATCH:
         raise ValueError(f"--pull-batch {args.pull_batch}: at most {MAX_BATCH} digests a "
                          "request")
