@@ -375,7 +375,8 @@ def test_fifteen_cold_readers_fetch_each_chunk_once(
     assert s["chunks"] == len(img64.distinct())
     # Counters flushed at shutdown: one fault per chunk, however many readers missed it.
     assert s["faults"] == len(img64.distinct())
-    assert s["misses"] >= s["faults"] and s["hits"] > 0
+    # a fault is a reader's miss or a readahead (a miss right after a present chunk)
+    assert s["misses"] + s.get("prefetched", 0) >= s["faults"] and s["hits"] > 0
     assert s.get("fault_errors", 0) == 0
 
 
@@ -679,7 +680,8 @@ def test_warm_faults_in_the_boot_profile_then_everything(
     want = img.nonzero_bytes_of(profile)
     assert 0 < want < img.nonzero_bytes
     assert any(img.keys[i] is None for i in profile)  # a hole too: in the profile, not held
-    srv = server_factory(*store_args(store))
+    # no sequential readahead: the boot pass holds exactly what it read (the profile)
+    srv = server_factory(*store_args(store, "--readahead", "0"))
 
     async def boot_pass() -> None:
         client = await aio.connect("127.0.0.1", srv.port, "lab@1", timeout=10)
