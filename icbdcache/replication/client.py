@@ -30,7 +30,6 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
-import xxhash
 
 from icbdcache.replication.registry.base import VersionRecord
 from icbdcache.replication.wire import (
@@ -44,6 +43,7 @@ from icbdcache.replication.wire import (
     WireError,
     bad_name,
     encode_digests,
+    manifest_digest,
 )
 from icbdcache.store.chunks import DIGEST_SIZE, chunk_count
 
@@ -124,11 +124,6 @@ class TransferCounters:
     requests: int = 0
     boot_bytes: int = 0
     boot_reused: int = 0
-
-
-def manifest_digest(chunk_map: bytes) -> str:
-    """The catalog's ``manifest`` field of a chunk map: its xxh3-128, lower-case hex."""
-    return xxhash.xxh3_128_hexdigest(chunk_map)
 
 
 def parse_compress(text: str) -> int | None:

@@ -34,7 +34,6 @@ from icbdcache.replication.auth import (
     load_site_tokens,
     server_ssl_context,
 )
-from icbdcache.replication.publish import manifest_digest
 from icbdcache.replication.registry.base import (
     Registry,
     RegistryError,
@@ -342,7 +341,7 @@ class Master:
         self.count("manifests")
         return web.Response(body=body, content_type=wire.CONTENT_TYPE, headers={
             "X-Icbd-Size": str(meta.size), "X-Icbd-Chunk-Size": str(meta.chunk_size),
-            "X-Icbd-Manifest": manifest_digest(body), "Cache-Control": IMMUTABLE})
+            "X-Icbd-Manifest": wire.manifest_digest(body), "Cache-Control": IMMUTABLE})
 
     def _lengths(self, digests: list[bytes]) -> list[int | None]:
         """Bytes of each chunk held (None if not), read in one LMDB read transaction without

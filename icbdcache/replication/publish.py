@@ -18,12 +18,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import xxhash
-
 from icbdcache.log import kv
 from icbdcache.replication.registry.base import Registry, VersionRecord
+from icbdcache.replication.wire import manifest_digest
 from icbdcache.store import BatchWriter, Store, VersionMeta, digest, version_key
-from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, ZERO
+from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, ZERO, distinct_chunks
 
 log = logging.getLogger("icbdcache.publish")
 
@@ -32,21 +31,10 @@ class PublishError(Exception):
     """The version cannot be published (exists, bad name, unreadable or empty file)."""
 
 
-def manifest_digest(chunk_map: bytes | bytearray) -> str:
-    """The ``manifest`` of a version: hex xxh3-128 of its whole chunk map (the body of
-    ``GET /v1/manifest``), 32 hex digits."""
-    return xxhash.xxh3_128_hexdigest(bytes(chunk_map))
-
-
 def distinct_bytes(chunk_map: bytes | bytearray, size: int, chunk_size: int = CHUNK_SIZE) -> int:
     """Bytes of the distinct non-zero chunks of a map of an image of ``size`` bytes (what a
-    full replication moves before compression; the last chunk may be short)."""
-    seen: dict[bytes, int] = {}
-    for i in range(len(chunk_map) // DIGEST_SIZE):
-        d = bytes(chunk_map[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
-        if d != ZERO and d not in seen:
-            seen[d] = min(chunk_size, size - i * chunk_size)
-    return sum(seen.values())
+    full replication moves before compression)."""
+    return sum(distinct_chunks(chunk_map, size, chunk_size).values())
 
 
 @dataclass

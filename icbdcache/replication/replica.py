@@ -76,7 +76,7 @@ from icbdcache.replication.registry.base import VersionRecord
 from icbdcache.sources import Source
 from icbdcache.sources.master import MasterSource, is_master_spec, master_spec
 from icbdcache.store import Store, StoreError, VersionMeta
-from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO, digest
+from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO, digest, distinct_chunks
 
 log = logging.getLogger("icbdcache.replica")
 warn = Throttled(log)
@@ -162,17 +162,6 @@ def read_state(store: Store) -> dict[str, Any] | None:
     except ValueError:
         return None
     return out if isinstance(out, dict) else None
-
-
-def _distinct(chunk_map: bytes, size: int, chunk_size: int) -> dict[bytes, int]:
-    """Distinct non-zero digests of a chunk map -> their chunk's length in bytes."""
-    out: dict[bytes, int] = {}
-    for off in range(0, len(chunk_map), DIGEST_SIZE):
-        d = chunk_map[off : off + DIGEST_SIZE]
-        if d != ZERO and d != UNKNOWN and d not in out:
-            i = off // DIGEST_SIZE
-            out[d] = min(chunk_size, size - i * chunk_size)
-    return out
 
 
 class Replica:
@@ -451,7 +440,7 @@ class Replica:
         chunk_map = await self._manifest(rec, meta)
         meta = self.store.version(key)
         assert meta is not None
-        lengths = _distinct(chunk_map, meta.size, meta.chunk_size)
+        lengths = distinct_chunks(chunk_map, meta.size, meta.chunk_size)
         self._check_space(key, lengths)
         if not meta.pinned:
             self.store.set_pinned(key, True)

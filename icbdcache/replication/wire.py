@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, cast
 
+import xxhash
 import zstandard
 
 from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, ZERO
@@ -81,6 +82,12 @@ def etags(header: str) -> set[str]:
         if tag:
             out.add(tag)
     return out
+
+
+def manifest_digest(chunk_map: bytes | bytearray) -> str:
+    """A version's ``manifest``: the xxh3-128 of its whole chunk map (the body of
+    ``GET /v1/manifest``), 32 lower-case hex digits."""
+    return xxhash.xxh3_128_hexdigest(bytes(chunk_map))
 
 
 class WireError(Exception):

@@ -53,3 +53,16 @@ def chunk_span(index: int, size: int, chunk_size: int = CHUNK_SIZE) -> tuple[int
     """(offset, length) in bytes of chunk ``index`` of an image of ``size`` bytes."""
     offset = index * chunk_size
     return offset, min(chunk_size, size - offset)
+
+
+def distinct_chunks(chunk_map: bytes | bytearray, size: int,
+                    chunk_size: int = CHUNK_SIZE) -> dict[bytes, int]:
+    """The distinct non-zero, known digests of a chunk map (DIGEST_SIZE bytes per index) of
+    an image of ``size`` bytes -> the length in bytes of their chunk (the last may be
+    short)."""
+    out: dict[bytes, int] = {}
+    for off in range(0, len(chunk_map), DIGEST_SIZE):
+        d = bytes(chunk_map[off : off + DIGEST_SIZE])
+        if d != ZERO and d != UNKNOWN and d not in out:
+            out[d] = min(chunk_size, size - (off // DIGEST_SIZE) * chunk_size)
+    return out
