@@ -24,6 +24,20 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                 timeout: float = 15.0) -> int:
+    """Send ``sig`` to a process this test started, wait ``timeout`` seconds, then SIGKILL;
+    its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1 (the kernel picks it)."""
     with socket.socket() as s:
@@ -108,14 +122,7 @@ class Server:
         return f"nbd://{self.host}:{self.port}/{export}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return stop_process(self.proc, sig, timeout)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

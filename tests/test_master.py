@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import trustme
 import xxhash
-from conftest import BIN, free_port, wait_port
+from conftest import BIN, free_port, stop_process, wait_port
 
 from icbdcache.replication import wire
 from icbdcache.replication.auth import Auth, load_admin_tokens, load_site_tokens
@@ -119,14 +119,7 @@ class Master:
     store: Path
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return stop_process(self.proc, sig, timeout)
 
 
 MasterFactory = Callable[..., Master]

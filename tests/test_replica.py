@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BIN, REPO, free_port, make_image, require, sha256_file, wait_port
+from conftest import (
+    BIN,
+    REPO,
+    free_port,
+    make_image,
+    require,
+    sha256_file,
+    stop_process,
+    wait_port,
+)
 
 from icbdcache.store.chunks import CHUNK_SIZE, ZERO, digest
 
@@ -60,14 +69,7 @@ class Proc:
     port: int = 0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return stop_process(self.proc, sig, timeout)
 
     def kill(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
