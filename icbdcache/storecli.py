@@ -14,17 +14,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from icbdcache.log import kv
 from icbdcache.store import (
     BatchWriter,
     Store,
     StoreError,
     VersionMeta,
-    digest,
     split_key,
     version_key,
 )
 from icbdcache.store.chunks import CHUNK_SIZE, ZERO
+from icbdcache.store.index import index_image
 
 log = logging.getLogger("icbdcache.cli")
 DEFAULT_STORE = os.environ.get("ICBD_STORE", "/var/lib/icbd-cache/store")
@@ -152,26 +151,21 @@ def cmd_import(args: argparse.Namespace) -> int:
     held_before = store.held
     evicted_before = store.stats().get("evicted_bytes", 0)
     writer = BatchWriter(store) if args.copy else None
-    chunk_map = bytearray()
     t0 = time.monotonic()
-    copied = 0
-    last_log = t0
-    with open(path, "rb", buffering=0) as f, _progress(size, key) as bar:
-        pos = 0
-        while pos < size:
-            data = f.read(min(CHUNK_SIZE, size - pos))
-            if not data:
-                break
-            d = digest(data)
-            chunk_map += d
-            if writer is not None and d != ZERO:
-                writer.put(d, data)
-                copied += len(data)
-            pos += len(data)
-            bar.update(len(data))
-            if bar.disable and time.monotonic() - last_log > 10:
-                last_log = time.monotonic()
-                log.info(kv(importing=key, done=f"{100 * pos // max(size, 1)}%"))
+    try:
+        with _progress(size, key) as bar:
+            chunk_map = index_image(path, size, writer,
+                                    progress=None if bar.disable else bar.update, label=key)
+    except (OSError, EOFError) as e:
+        if writer is not None:
+            writer.close()
+        store.close()
+        print(f"icbd-cache import: {e}", file=sys.stderr)
+        return 2
+    # bytes of the non-zero chunks queued for the store (duplicates included)
+    copied = sum(min(CHUNK_SIZE, size - i * CHUNK_SIZE)
+                 for i in range(len(chunk_map) // 16)
+                 if chunk_map[i * 16 : (i + 1) * 16] != ZERO) if args.copy else 0
     sources = list(dict.fromkeys(([] if args.copy else [path]) + extra))  # once each, in order
     meta = VersionMeta(args.imi, version, size, CHUNK_SIZE, sources, pinned=args.pin,
                        created=time.time(),

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from icbdcache.log import kv
 from icbdcache.replication.registry.base import Registry, VersionRecord
 from icbdcache.replication.wire import manifest_digest
-from icbdcache.store import BatchWriter, Store, VersionMeta, digest, version_key
-from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, ZERO, distinct_chunks
+from icbdcache.store import BatchWriter, Store, VersionMeta, version_key
+from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, distinct_chunks
+from icbdcache.store.index import index_image
 
 log = logging.getLogger("icbdcache.publish")
 
@@ -58,30 +59,14 @@ async def next_version(store: Store, registry: Registry, imi: str) -> str:
 
 def _read_into_store(store: Store, path: str, size: int, key: str,
                      progress: Callable[[int], object] | None) -> tuple[bytearray, int]:
-    """Read ``path`` chunk by chunk, queue its non-zero chunks in a BatchWriter; return
-    (chunk map, bytes added to the store). Raises OSError, PublishError on a write error."""
+    """Index ``path`` into the store: (chunk map, bytes added to the store). Raises OSError,
+    PublishError when the file ends early or a write fails."""
     held_before = store.held
     writer = BatchWriter(store)
-    chunk_map = bytearray()
-    last_log = time.monotonic()
     try:
-        with open(path, "rb", buffering=0) as f:
-            pos = 0
-            while pos < size:
-                data = f.read(min(CHUNK_SIZE, size - pos))
-                if not data:
-                    raise PublishError(f"{path} ended at {pos} of {size} bytes (changed while "
-                                       "read? publish a read-only snapshot)")
-                d = digest(data)
-                chunk_map += d
-                if d != ZERO:
-                    writer.put(d, data)
-                pos += len(data)
-                if progress is not None:
-                    progress(len(data))
-                elif time.monotonic() - last_log > 10:
-                    last_log = time.monotonic()
-                    log.info(kv(publishing=key, done=f"{100 * pos // max(size, 1)}%"))
+        chunk_map = index_image(path, size, writer, progress=progress, label=key)
+    except EOFError as e:
+        raise PublishError(str(e)) from e
     finally:
         writer.close()
     if writer.errors:
