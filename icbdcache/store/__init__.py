@@ -4,7 +4,10 @@ in one LMDB environment (:mod:`icbdcache.store.lmdbstore`), written by one batch
 
 from icbdcache.store.chunks import CHUNK_SIZE, UNKNOWN, ZERO, digest
 from icbdcache.store.lmdbstore import (
+    ChunkGet,
     ChunkMismatch,
+    RecordGet,
+    RecordPut,
     Store,
     StoreError,
     VersionMeta,
@@ -14,6 +17,6 @@ from icbdcache.store.lmdbstore import (
 from icbdcache.store.writer import BatchWriter
 
 __all__ = [
-    "CHUNK_SIZE", "UNKNOWN", "ZERO", "BatchWriter", "ChunkMismatch", "Store", "StoreError",
-    "VersionMeta", "digest", "split_key", "version_key",
+    "CHUNK_SIZE", "UNKNOWN", "ZERO", "BatchWriter", "ChunkGet", "ChunkMismatch", "RecordGet",
+    "RecordPut", "Store", "StoreError", "VersionMeta", "digest", "split_key", "version_key",
 ]

@@ -1,38 +1,59 @@
 """The node's store: one LMDB environment holding chunks, chunk maps and metadata.
 
-Databases (LMDB named sub-databases) and their records:
+Databases (LMDB named sub-databases), their records, and the :class:`Store` methods that
+reach them:
 
-==========  ============================  ==================================================
-db          key                           value
-==========  ============================  ==================================================
-chunks      digest (16 bytes)             the chunk's bytes (never all zeros)
-atime       digest                        u64 big-endian access tick (for eviction)
-maps        ``IMI@VERSION`` (UTF-8)       digests, 16 bytes per chunk index (ZERO, UNKNOWN)
-versions    ``IMI@VERSION``               JSON :class:`VersionMeta`
-meta        text key                      ``held`` (u64 bytes of chunks), ``tick``,
-                                          ``latest:IMI``, ``stats`` (JSON counters)
-profiles    ``IMI@VERSION``               u32 big-endian chunk indexes in first-read order
-records     text key                      opaque bytes of other parts (the embedded
-                                          registry, the replica's state)
-==========  ============================  ==================================================
+==========  =========================  ======================================  ===================
+db          key                        value                                   methods
+==========  =========================  ======================================  ===================
+chunks      digest (16 bytes)          the chunk's bytes (never all zeros)     get_chunk,
+                                                                               has_chunk,
+                                                                               missing,
+                                                                               chunk_lengths,
+                                                                               held_bytes,
+                                                                               with_chunks,
+                                                                               write_batch, verify
+atime       digest                     u64 big-endian access tick (eviction)   write_batch
+maps        ``IMI@VERSION`` (UTF-8)    digests, 16 bytes per chunk index       chunk_map,
+                                       (ZERO, UNKNOWN)                         map_entry,
+                                                                               put_version
+versions    ``IMI@VERSION``            JSON :class:`VersionMeta`               version, versions,
+                                                                               put_version,
+                                                                               delete_version
+meta        text key                   ``held`` (u64 bytes of chunks),         held, stats,
+                                       ``tick``, ``latest:IMI``, ``stats``     latest, set_latest
+                                       (JSON counters)
+profiles    ``IMI@VERSION``            u32 big-endian chunk indexes in         profile,
+                                       first-read order                        put_profile
+records     text key                   opaque bytes of other parts (the        record, records,
+                                       embedded registry, the replica's        put_record,
+                                       state)                                  update_records
+==========  =========================  ======================================  ===================
 
 Rules (py-lmdb): a buffer from a read transaction is only valid inside it, so every read here
-copies out what it returns before the transaction ends; one environment per process, opened
-after any fork; writes go through one writer at a time (:class:`~icbdcache.store.writer.
-BatchWriter` batches many chunks per transaction). Every chunk is checked against its digest
-before it is stored. The ``held`` counter changes in the same transaction as the chunks, so a
-killed process leaves it consistent.
+copies out what it returns before the transaction ends (:meth:`Store.with_chunks` hands its
+caller the buffers and ends the transaction when the caller returns); one environment per
+process, opened after any fork; writes go through one writer at a time (:class:`~icbdcache.
+store.writer.BatchWriter` batches many chunks per transaction). Every chunk is checked against
+its digest before it is stored. The ``held`` counter changes in the same transaction as the
+chunks, so a killed process leaves it consistent.
+
+The store is sealed: ``lmdb`` is imported, and environments and transactions are opened, only
+in this package (``tests/store/test_sealed.py`` checks the imports); ``Store.env`` and
+``Store.db`` are its own. Every method raises :class:`StoreError` where LMDB fails, so callers
+never see ``lmdb.Error``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import lmdb
 
@@ -40,6 +61,17 @@ from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, UNKNOWN, ZERO, chunk
 
 _U64 = struct.Struct(">Q")
 _DBS = ("chunks", "atime", "maps", "versions", "meta", "profiles", "records")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: ``get(digest)``: a held chunk's bytes as a buffer into LMDB (valid only inside the read
+#: transaction that handed out ``get``), or None if the chunk is not held.
+ChunkGet = Callable[[bytes], memoryview | None]
+#: ``get(key)``: the value of record ``key``, or None.
+RecordGet = Callable[[str], bytes | None]
+#: ``put(key, value)``: set record ``key``; a value of None deletes it.
+RecordPut = Callable[[str, bytes | None], None]
 
 
 class StoreError(Exception):
@@ -84,12 +116,26 @@ def split_key(key: str) -> tuple[str, str | None]:
     return (imi, version) if sep else (key, None)
 
 
+def _lmdb_errors(method: Callable[Concatenate[Store, P], T]) -> Callable[Concatenate[Store, P], T]:
+    """A :class:`Store` method that raises StoreError where LMDB raised ``lmdb.Error``, so
+    nothing outside this package needs ``lmdb`` (the caller's own exceptions pass through)."""
+    @functools.wraps(method)
+    def wrapper(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except lmdb.Error as e:
+            raise self._failed(e) from e
+
+    return wrapper
+
+
 class Store:
     """An LMDB store at ``path`` (a directory, created if missing).
 
     ``size_limit`` bounds the bytes of chunks held (None: unbounded); chunks of pinned versions
     are never evicted. ``map_size`` is LMDB's address-space reservation (grown on demand).
-    Raises StoreError if the environment cannot be opened.
+    Raises StoreError if the environment cannot be opened; every method raises StoreError
+    when LMDB fails (an I/O error, a key too long, ...).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, size_limit: int | None = None,
@@ -109,25 +155,46 @@ class Store:
             )
         except lmdb.Error as e:
             raise StoreError(f"cannot open store {self.path}: {e}") from e
-        self.env.reader_check()
-        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS}
+        try:
+            self.env.reader_check()
+            self.db = {name: self.env.open_db(name.encode(), create=not readonly)
+                       for name in _DBS}
+        except lmdb.Error as e:  # read-only, and a database not created yet
+            self.env.close()
+            raise StoreError(f"cannot open store {self.path}: {e}") from e
         self._write_lock = threading.Lock()
 
+    def _failed(self, e: Exception) -> StoreError:
+        """The StoreError for LMDB's failure ``e`` in this store."""
+        return StoreError(f"store {self.path}: {e}")
+
+    @_lmdb_errors
     def close(self) -> None:
         self.env.close()
 
     # ------------------------------------------------------------------ chunks
 
+    # get_chunk, has_chunk and map_entry run on each read that misses the hot set: they
+    # catch lmdb.Error themselves (free in Python 3.11) instead of paying _lmdb_errors' call.
+
     def get_chunk(self, key: bytes) -> bytes | None:
         """The bytes of chunk ``key`` (copied out of LMDB), or None if not held."""
-        with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
-            buf = txn.get(key)
-            return bytes(buf) if buf is not None else None
+        try:
+            with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
+                buf = txn.get(key)
+                return bytes(buf) if buf is not None else None
+        except lmdb.Error as e:
+            raise self._failed(e) from e
 
     def has_chunk(self, key: bytes) -> bool:
-        with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
-            return txn.get(key) is not None
+        """Whether chunk ``key`` is held."""
+        try:
+            with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
+                return txn.get(key) is not None
+        except lmdb.Error as e:
+            raise self._failed(e) from e
 
+    @_lmdb_errors
     def missing(self, keys: Iterable[bytes]) -> list[bytes]:
         """The keys in ``keys`` (not ZERO or UNKNOWN) that are not held, without duplicates."""
         out: list[bytes] = []
@@ -141,6 +208,40 @@ class Store:
                     out.append(k)
         return out
 
+    @_lmdb_errors
+    def chunk_lengths(self, keys: Iterable[bytes]) -> list[int | None]:
+        """The length in bytes of each chunk of ``keys`` (None where not held), in order, read
+        in one read transaction without copying the chunks."""
+        with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
+            out: list[int | None] = []
+            for k in keys:
+                buf = txn.get(k)
+                out.append(len(buf) if buf is not None else None)
+        return out
+
+    @_lmdb_errors
+    def held_bytes(self, keys: Iterable[bytes]) -> int:
+        """Bytes of the chunks of ``keys`` that are held, each distinct digest counted once,
+        read in one read transaction."""
+        held = 0
+        with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
+            for k in set(keys):
+                buf = txn.get(k)
+                if buf is not None:
+                    held += len(buf)
+        return held
+
+    @_lmdb_errors
+    def with_chunks(self, fn: Callable[[ChunkGet], T]) -> T:
+        """``fn(get)`` inside one read transaction, returning what it returns: ``get(digest)``
+        is the held chunk's bytes as a buffer into LMDB, or None. The buffers are valid only
+        until ``fn`` returns (py-lmdb), so ``fn`` copies out what it keeps; this is how a
+        caller moves chunks with one copy. The chunks seen are one consistent snapshot.
+        Exceptions of ``fn`` pass through; an LMDB failure raises StoreError."""
+        with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
+            return fn(txn.get)
+
+    @_lmdb_errors
     def write_batch(
         self,
         chunks: Iterable[tuple[bytes, bytes]] = (),
@@ -161,11 +262,13 @@ class Store:
         with self._write_lock:
             return self._retry(lambda txn: self._write(txn, items, updates, touched, stats))
 
-    def _retry(self, fn: Any) -> int:
+    def _retry(self, fn: Callable[[Any], T]) -> T:
+        """``fn(txn)`` in one write transaction, run again in a new one after growing the map
+        if it was full (at most 8 times). Call with ``_write_lock`` held."""
         for _ in range(8):
             try:
                 with self.env.begin(write=True) as txn:
-                    return int(fn(txn))
+                    return fn(txn)
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
         raise StoreError("LMDB map full after growing it 8 times")
@@ -253,6 +356,7 @@ class Store:
         return out
 
     @property
+    @_lmdb_errors
     def held(self) -> int:
         """Bytes of chunks held."""
         with self.env.begin(db=self.db["meta"]) as txn:
@@ -260,6 +364,7 @@ class Store:
 
     # ------------------------------------------------------------------ versions
 
+    @_lmdb_errors
     def put_version(self, meta: VersionMeta, chunk_map: bytes | None = None) -> None:
         """Create or replace a version's metadata and (if given) its chunk map; a version
         without a map gets one of UNKNOWN entries. Raises StoreError on a bad map length."""
@@ -278,6 +383,7 @@ class Store:
         with self._write_lock:
             self._retry(fn)
 
+    @_lmdb_errors
     def version(self, key: str) -> VersionMeta | None:
         """The version ``IMI@VERSION``, or the latest of ``IMI``; None if unknown."""
         imi, ver = split_key(key)
@@ -290,6 +396,7 @@ class Store:
             raw = txn.get(key.encode(), db=self.db["versions"])
             return VersionMeta(**json.loads(bytes(raw))) if raw is not None else None
 
+    @_lmdb_errors
     def versions(self) -> list[VersionMeta]:
         with self.env.begin() as txn:
             return list(self._versions(txn))
@@ -299,6 +406,7 @@ class Store:
             for _, v in cur:
                 yield VersionMeta(**json.loads(bytes(v)))
 
+    @_lmdb_errors
     def chunk_map(self, key: str) -> bytearray:
         """The chunk map of version ``key`` (a copy). Raises StoreError if unknown."""
         with self.env.begin(db=self.db["maps"]) as txn:
@@ -310,13 +418,17 @@ class Store:
     def map_entry(self, key: str, index: int) -> bytes:
         """Entry ``index`` of the stored chunk map of version ``key`` (a digest, ZERO or
         UNKNOWN); UNKNOWN if there is no such map or index. Reads 16 bytes, not the map."""
-        with self.env.begin(db=self.db["maps"], buffers=True) as txn:
-            raw = txn.get(key.encode())
-            if raw is None:
-                return UNKNOWN
-            entry = bytes(raw[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
-            return entry if len(entry) == DIGEST_SIZE else UNKNOWN
+        try:
+            with self.env.begin(db=self.db["maps"], buffers=True) as txn:
+                raw = txn.get(key.encode())
+                if raw is None:
+                    return UNKNOWN
+                entry = bytes(raw[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
+                return entry if len(entry) == DIGEST_SIZE else UNKNOWN
+        except lmdb.Error as e:
+            raise self._failed(e) from e
 
+    @_lmdb_errors
     def set_latest(self, imi: str, version: str) -> None:
         """Point ``IMI`` (the export name without a version) at ``version``, atomically."""
         def fn(txn: lmdb.Transaction) -> int:
@@ -326,11 +438,13 @@ class Store:
         with self._write_lock:
             self._retry(fn)
 
+    @_lmdb_errors
     def latest(self, imi: str) -> str | None:
         with self.env.begin(db=self.db["meta"]) as txn:
             raw = txn.get(f"latest:{imi}".encode())
             return bytes(raw).decode() if raw is not None else None
 
+    @_lmdb_errors
     def set_pinned(self, key: str, pinned: bool) -> None:
         meta = self.version(key)
         if meta is None:
@@ -338,6 +452,7 @@ class Store:
         meta.pinned = pinned
         self.put_version(meta)
 
+    @_lmdb_errors
     def held_of(self, key: str) -> tuple[int, int]:
         """(bytes held, bytes needed) of version ``key``: non-zero chunks present / all."""
         meta = self.version(key)
@@ -356,6 +471,7 @@ class Store:
                     held += n
         return held, need
 
+    @_lmdb_errors
     def delete_version(self, key: str) -> None:
         """Forget version ``key``: its metadata, chunk map and profile (its chunks stay until
         evicted; a ``latest`` pointer at it is removed). No error if unknown."""
@@ -377,21 +493,45 @@ class Store:
 
     def put_record(self, key: str, value: bytes | None) -> None:
         """Set (or with None delete) record ``key`` of the ``records`` database."""
-        def fn(txn: lmdb.Transaction) -> int:
-            if value is None:
-                txn.delete(key.encode(), db=self.db["records"])
-            else:
-                txn.put(key.encode(), value, db=self.db["records"])
-            return 0
+        def fn(_get: RecordGet, put: RecordPut) -> None:
+            put(key, value)
+
+        self.update_records(fn)
+
+    @_lmdb_errors
+    def update_records(self, fn: Callable[[RecordGet, RecordPut], T]) -> T:
+        """``fn(get, put)`` as ONE write transaction of the ``records`` database, under this
+        process's writer lock (LMDB serialises writers across processes), returning what ``fn``
+        returns: a read-check-write is atomic. ``get(key) -> bytes | None`` sees the writes
+        ``put(key, bytes | None)`` made before it (None deletes). If ``fn`` raises, nothing is
+        written and its exception passes through. ``fn`` runs again in a new transaction if the
+        map had to grow, so it must not depend on having run once. An LMDB failure (a key
+        over 511 bytes, an I/O error) raises StoreError."""
+        db = self.db["records"]
+
+        def body(txn: Any) -> T:
+            def get(key: str) -> bytes | None:
+                raw = txn.get(key.encode(), db=db)
+                return bytes(raw) if raw is not None else None
+
+            def put(key: str, value: bytes | None) -> None:
+                if value is None:
+                    txn.delete(key.encode(), db=db)
+                else:
+                    txn.put(key.encode(), value, db=db)
+
+            return fn(get, put)
 
         with self._write_lock:
-            self._retry(fn)
+            return self._retry(body)
 
+    @_lmdb_errors
     def record(self, key: str) -> bytes | None:
         with self.env.begin(db=self.db["records"]) as txn:
             raw = txn.get(key.encode())
             return bytes(raw) if raw is not None else None
 
+    @_lmdb_errors
     def records(self, prefix: str) -> list[tuple[str, bytes]]:
         """(key, value) of every record whose key starts with ``prefix``, in key order."""
         p = prefix.encode()
@@ -406,6 +546,7 @@ class Store:
 
     # ------------------------------------------------------------------ profiles, stats
 
+    @_lmdb_errors
     def put_profile(self, key: str, indexes: list[int]) -> None:
         """Record the boot profile of version ``key``: chunk indexes in first-read order."""
         raw = struct.pack(f">{len(indexes)}I", *indexes)
@@ -417,6 +558,7 @@ class Store:
         with self._write_lock:
             self._retry(fn)
 
+    @_lmdb_errors
     def profile(self, key: str) -> list[int]:
         with self.env.begin(db=self.db["profiles"]) as txn:
             raw = txn.get(key.encode())
@@ -425,6 +567,7 @@ class Store:
             raw = bytes(raw)
             return list(struct.unpack(f">{len(raw) // 4}I", raw))
 
+    @_lmdb_errors
     def stats(self) -> dict[str, int]:
         """Persistent counters (bytes from each source, evictions, ...) and ``held``."""
         with self.env.begin(db=self.db["meta"]) as txn:
@@ -436,6 +579,7 @@ class Store:
 
     # ------------------------------------------------------------------ verify
 
+    @_lmdb_errors
     def verify(self, repair: bool = False) -> dict[str, int]:
         """Check every chunk against its digest and the ``held`` counter against the chunks.
         With ``repair``, bad chunks are deleted and the counter fixed. Returns counts:
