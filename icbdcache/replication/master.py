@@ -34,7 +34,7 @@ from icbdcache.replication.auth import (
     load_site_tokens,
     server_ssl_context,
 )
-from icbdcache.replication.registry.base import (
+from icbdcache.replication.registry import (
     Registry,
     RegistryError,
     SiteRecord,

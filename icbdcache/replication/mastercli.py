@@ -86,7 +86,7 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from icbdcache.replication.publish import PublishError, publish
-    from icbdcache.replication.registry.base import RegistryError, open_registry
+    from icbdcache.replication.registry import RegistryError, open_registry
     from icbdcache.store import Store, StoreError
     from icbdcache.storecli import _keep_boot_files, _progress, check_name
 

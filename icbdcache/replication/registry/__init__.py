@@ -7,6 +7,9 @@ subscriptions and keep-alives, behind one small interface with two backends:
   keep-alive, watches for changes), so several masters and many sites share one view.
 
 Chunk maps and chunks never live in the registry: they stay in the stores.
+
+Modules: :mod:`.base` the interface and records, :mod:`.records` their JSON (shared by both
+backends), :mod:`.factory` :func:`open_registry`; each backend imports those, never the other.
 """
 
 from icbdcache.replication.registry.base import (
@@ -14,7 +17,7 @@ from icbdcache.replication.registry.base import (
     RegistryError,
     SiteRecord,
     VersionRecord,
-    open_registry,
 )
+from icbdcache.replication.registry.factory import open_registry
 
 __all__ = ["Registry", "RegistryError", "SiteRecord", "VersionRecord", "open_registry"]

@@ -1,4 +1,5 @@
-"""The registry interface shared by the master, the admin API and both backends."""
+"""The registry interface shared by the master, the admin API and both backends (which
+import it; it imports none of them: :mod:`.factory` opens one)."""
 
 from __future__ import annotations
 
@@ -107,19 +108,3 @@ class Registry(ABC):
     async def close(self) -> None:
         """Release connections (no-op by default)."""
 
-
-def open_registry(spec: str | None, *, store: Any = None, down_after: float = 30.0) -> Registry:
-    """The registry ``spec`` names: None or ``embedded`` (kept in ``store``, the master's
-    :class:`~icbdcache.store.Store`), or ``etcd://HOST:PORT[,HOST:PORT...][/PREFIX]``.
-    Raises ValueError on an unknown scheme or an embedded registry without a store."""
-    if spec in (None, "", "embedded"):
-        if store is None:
-            raise ValueError("the embedded registry needs the master's store")
-        from icbdcache.replication.registry.embedded import EmbeddedRegistry
-
-        return EmbeddedRegistry(store, down_after=down_after)
-    if spec.startswith("etcd://"):
-        from icbdcache.replication.registry.etcd import EtcdRegistry
-
-        return EtcdRegistry.from_uri(spec, down_after=down_after)
-    raise ValueError(f"unknown registry {spec!r} (embedded or etcd://HOST:PORT)")

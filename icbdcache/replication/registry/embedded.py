@@ -32,7 +32,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import asdict, fields, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from icbdcache.replication.registry.base import (
@@ -41,42 +42,22 @@ from icbdcache.replication.registry.base import (
     SiteRecord,
     VersionRecord,
 )
+from icbdcache.replication.registry.records import (
+    check_republish,
+    site_dict,
+    version_from_json,
+    version_to_json,
+)
+from icbdcache.store import RecordGet, RecordPut, Store, StoreError
 
 GEN_KEY = "reg/gen"
 VERSION_PREFIX = "reg/version/"
 SITE_PREFIX = "reg/site/"
 SEEN_PREFIX = "reg/seen/"
 
-_VERSION_FIELDS = frozenset(f.name for f in fields(VersionRecord))
-
-
-def version_to_json(record: VersionRecord, **extra: Any) -> bytes:
-    """The JSON of ``record`` (plus ``extra`` fields), as stored by both backends."""
-    return json.dumps({**asdict(record), **extra}, sort_keys=True).encode()
-
-
-def version_from_json(raw: bytes) -> VersionRecord:
-    """A :class:`VersionRecord` from :func:`version_to_json` output (extra fields ignored).
-    Raises RegistryError on a malformed record."""
-    try:
-        d = json.loads(raw)
-        return VersionRecord(**{k: v for k, v in d.items() if k in _VERSION_FIELDS})
-    except (ValueError, TypeError) as e:
-        raise RegistryError(f"malformed version record: {e}") from e
-
-
-def check_republish(old: VersionRecord, new: VersionRecord) -> None:
-    """Raise RegistryError unless ``new`` describes the same image as the published ``old``
-    (publishing the same version twice is allowed and changes nothing)."""
-    if (old.manifest, old.size, old.chunk_size) != (new.manifest, new.size, new.chunk_size):
-        raise RegistryError(
-            f"{new.key} is already published with manifest {old.manifest} "
-            f"({old.size} bytes); a version never changes: publish a new version")
-
-
-def site_dict(name: str, address: str = "", subscriptions: list[str] | None = None
-              ) -> dict[str, Any]:
-    return {"name": name, "address": address, "subscriptions": list(subscriptions or [])}
+def _store_failed(store: Store, e: Exception) -> str:
+    """The RegistryError text of a failure of ``store`` (a StoreError names the store)."""
+    return f"registry {e}" if isinstance(e, StoreError) else f"registry store {store.path}: {e}"
 
 
 def _loads(raw: bytes | None) -> dict[str, Any]:
@@ -99,7 +80,7 @@ class EmbeddedRegistry(Registry):
     ``flush_every``: seconds keep-alives may wait in memory before they are written.
     Store failures raise RegistryError."""
 
-    def __init__(self, store: Any, down_after: float = 30.0, *, poll: float = 0.25,
+    def __init__(self, store: Store, down_after: float = 30.0, *, poll: float = 0.25,
                  flush_every: float = 1.0) -> None:
         self.store = store
         self.down_after = down_after
@@ -112,49 +93,31 @@ class EmbeddedRegistry(Registry):
 
     # ------------------------------------------------------------------ storage
 
-    def _db(self) -> Any:
-        return self.store.db["records"]
-
-    def _write(self, fn: Any) -> None:
-        """Run ``fn(get, put)`` in one LMDB write transaction (the store's writer lock held,
-        the map grown if full). ``get(key) -> bytes | None``, ``put(key, bytes)``."""
-        db = self._db()
-
-        def body(txn: Any) -> int:
-            def get(key: str) -> bytes | None:
-                raw = txn.get(key.encode(), db=db)
-                return bytes(raw) if raw is not None else None
-
-            def put(key: str, value: bytes) -> None:
-                txn.put(key.encode(), value, db=db)
-
-            fn(get, put)
-            return 0
-
+    def _write(self, fn: Callable[[RecordGet, RecordPut], None]) -> None:
+        """Run ``fn(get, put)`` as one write transaction of the store's records
+        (:meth:`~icbdcache.store.Store.update_records`: the check and the write together).
+        Raises RegistryError (fn's own, or for a store failure)."""
         try:
-            with self.store._write_lock:
-                self.store._retry(body)
+            self.store.update_records(fn)
         except RegistryError:
             raise
         except Exception as e:
-            raise RegistryError(f"registry store {self.store.path}: {e}") from e
+            raise RegistryError(_store_failed(self.store, e)) from e
 
     def _read(self, key: str) -> bytes | None:
         try:
-            value: bytes | None = self.store.record(key)
+            return self.store.record(key)
         except Exception as e:
-            raise RegistryError(f"registry store {self.store.path}: {e}") from e
-        return value
+            raise RegistryError(_store_failed(self.store, e)) from e
 
     def _scan(self, prefix: str) -> list[tuple[str, bytes]]:
         try:
-            rows: list[tuple[str, bytes]] = self.store.records(prefix)
+            return self.store.records(prefix)
         except Exception as e:
-            raise RegistryError(f"registry store {self.store.path}: {e}") from e
-        return rows
+            raise RegistryError(_store_failed(self.store, e)) from e
 
     @staticmethod
-    def _bump(get: Any, put: Any) -> int:
+    def _bump(get: RecordGet, put: RecordPut) -> int:
         raw = get(GEN_KEY)
         gen = int(raw) + 1 if raw else 1
         put(GEN_KEY, str(gen).encode())
@@ -173,7 +136,7 @@ class EmbeddedRegistry(Registry):
         rec = replace(record, published=record.published or time.time())
         key = VERSION_PREFIX + rec.key
 
-        def fn(get: Any, put: Any) -> None:
+        def fn(get: RecordGet, put: RecordPut) -> None:
             old = get(key)
             if old is not None:
                 check_republish(version_from_json(old), rec)
@@ -188,7 +151,7 @@ class EmbeddedRegistry(Registry):
         unknown. Advances the generation."""
         key = f"{VERSION_PREFIX}{imi}@{version}"
 
-        def fn(get: Any, put: Any) -> None:
+        def fn(get: RecordGet, put: RecordPut) -> None:
             raw = get(key)
             if raw is None:
                 raise RegistryError(f"unknown version {imi}@{version}")
@@ -255,7 +218,7 @@ class EmbeddedRegistry(Registry):
         bool`` (whether it changed); the generation advances if ``bump`` and it changed."""
         out: dict[str, Any] = {}
 
-        def fn(get: Any, put: Any) -> None:
+        def fn(get: RecordGet, put: RecordPut) -> None:
             key = SITE_PREFIX + name
             raw = get(key)
             site = _loads(raw) if raw is not None else site_dict(name)
@@ -302,7 +265,7 @@ class EmbeddedRegistry(Registry):
         if not pending:
             return
 
-        def fn(get: Any, put: Any) -> None:
+        def fn(get: RecordGet, put: RecordPut) -> None:
             for name, (last_seen, report) in pending.items():
                 put(SEEN_PREFIX + name,
                     json.dumps({"last_seen": last_seen, "report": report}).encode())

@@ -45,7 +45,7 @@ from icbdcache.replication.registry.base import (
     SiteRecord,
     VersionRecord,
 )
-from icbdcache.replication.registry.embedded import (
+from icbdcache.replication.registry.records import (
     check_republish,
     site_dict,
     version_from_json,
