@@ -141,15 +141,13 @@ def stats(store: Path) -> dict[str, Any]:
 
 def received(store: Path) -> int:
     """``replica_chunks`` of the store, read in this process (fast enough to poll)."""
-    import lmdb
-
-    from icbdcache.store import Store
+    from icbdcache.store import Store, StoreError
 
     if not (store / "data.mdb").exists():
         return 0
     try:
         st = Store(store, readonly=True)
-    except lmdb.Error:  # being created: its databases are not there yet
+    except StoreError:  # being created: its databases are not there yet
         return 0
     try:
         return int(st.stats().get("replica_chunks", 0))

@@ -6,9 +6,10 @@ keep-alive. Admin: status (the holistic view), ls, subscribe, unsubscribe, retir
 are checked by one middleware (:mod:`icbdcache.replication.auth`); every error is JSON
 ``{"error": "..."}``.
 
-Chunk streams read each slice of a request from LMDB in one read transaction (chunks copied out
-before it ends) and encode/compress it in a worker thread while the previous slice is being
-sent, so a response holds at most two slices (:data:`SLICE_CHUNKS` chunks each) in memory.
+Chunk streams read each slice of a request from the store in one read transaction
+(:meth:`~icbdcache.store.Store.with_chunks`: chunks copied out before it ends) and
+encode/compress it in a worker thread while the previous slice is being sent, so a response
+holds at most two slices (:data:`SLICE_CHUNKS` chunks each) in memory.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from icbdcache.replication.registry import (
     VersionRecord,
     open_registry,
 )
-from icbdcache.store import Store, StoreError, version_key
+from icbdcache.store import ChunkGet, Store, StoreError, version_key
 from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
 from pxe.bootfiles import file_sha256
 
@@ -343,34 +344,25 @@ class Master:
             "X-Icbd-Size": str(meta.size), "X-Icbd-Chunk-Size": str(meta.chunk_size),
             "X-Icbd-Manifest": wire.manifest_digest(body), "Cache-Control": IMMUTABLE})
 
-    def _lengths(self, digests: list[bytes]) -> list[int | None]:
-        """Bytes of each chunk held (None if not), read in one LMDB read transaction without
-        copying the chunks. Runs in a worker thread."""
-        store = self.store
-        with store.env.begin(db=store.db["chunks"], buffers=True) as txn:
-            out: list[int | None] = []
-            for d in digests:
-                buf = txn.get(d)
-                out.append(len(buf) if buf is not None else None)
-        return out
-
     def _read_slice(self, digests: list[bytes], enc: wire.ChunkStreamEncoder, last: bool,
                     lengths: list[int | None] | None) -> tuple[bytes | bytearray, int, int]:
         """(encoded frames, missing count, frame bytes before compression) of one slice, read
-        in one LMDB read transaction and encoded before it ends (py-lmdb: its buffers die with
-        it). A plain stream (``lengths``: what :meth:`_lengths` found) is built with one copy
-        straight from LMDB into the slice; a compressed one goes through the compressor.
-        Raises StoreError if a chunk came or went since its length was taken (the stream is
-        then cut short). Runs in a worker thread."""
-        store = self.store
-        with store.env.begin(db=store.db["chunks"], buffers=True) as txn:
-            if lengths is not None:
+        in one store read transaction and encoded before it ends (:meth:`Store.with_chunks`:
+        its buffers die with it). A plain stream (``lengths``: what
+        :meth:`Store.chunk_lengths` found) is built with one copy straight from LMDB into the
+        slice; a compressed one goes through the compressor. Raises StoreError if a chunk
+        came or went since its length was taken (the stream is then cut short). Runs in a
+        worker thread."""
+        if lengths is not None:
+            plain = lengths
+
+            def build_plain(get: ChunkGet) -> tuple[bytes | bytearray, int, int]:
                 head = wire.HEADER_SIZE
-                size = sum(head + (n or 0) for n in lengths) + (head if last else 0)
+                size = sum(head + (n or 0) for n in plain) + (head if last else 0)
                 out = bytearray(size)
                 pos = miss = 0
-                for d, n in zip(digests, lengths, strict=True):
-                    buf = txn.get(d)
+                for d, n in zip(digests, plain, strict=True):
+                    buf = get(d)
                     if (len(buf) if buf is not None else None) != n:
                         raise StoreError(f"chunk {d.hex()} changed while being sent")
                     out[pos : pos + head] = wire.frame_header(d, n)
@@ -384,16 +376,22 @@ class Master:
                     out[pos:] = wire.frame_header(ZERO, 0)  # the end frame
                 enc.raw_bytes += size
                 return out, miss, size
+
+            return self.store.with_chunks(build_plain)
+
+        def build_compressed(get: ChunkGet) -> tuple[bytes | bytearray, int, int]:
             raw_before = enc.raw_bytes
             parts: list[bytes] = []
             miss = 0
             for j, d in enumerate(digests):
-                buf = txn.get(d)
+                buf = get(d)
                 miss += buf is None
                 parts.append(enc.frame(d, buf, flush=j == len(digests) - 1))
             if last:
                 parts.append(enc.end())
-        return b"".join(parts), miss, enc.raw_bytes - raw_before
+            return b"".join(parts), miss, enc.raw_bytes - raw_before
+
+        return self.store.with_chunks(build_compressed)
 
     async def chunks(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chunks[?zstd=LEVEL]``: a chunk stream (:mod:`~icbdcache.replication.wire`)
@@ -439,7 +437,7 @@ class Master:
         else:
             # a plain stream's length is known: a Content-Length, not chunked encoding (which
             # costs aiohttp a copy of every slice)
-            lengths = await loop.run_in_executor(None, self._lengths, digests)
+            lengths = await loop.run_in_executor(None, self.store.chunk_lengths, digests)
             resp.content_length = wire.plain_stream_size(lengths)
         await resp.prepare(request)
         self.count("chunk_requests")

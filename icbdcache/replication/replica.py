@@ -56,8 +56,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lmdb
-
 from icbdcache.log import Throttled, kv
 from icbdcache.replication.client import (
     Catalog,
@@ -254,7 +252,7 @@ class Replica:
         self._last_save = now
         try:
             self.store.put_record(STATE_RECORD, json.dumps(self.state_dict()).encode())
-        except (StoreError, lmdb.Error, OSError) as e:
+        except (StoreError, OSError) as e:
             warn.warning(kv(replica="state", error=e))
 
     def _set(self, state: str, error: str | None = None) -> None:
@@ -399,7 +397,7 @@ class Replica:
             try:
                 try:
                     await self.pull(rec)
-                except (StoreError, lmdb.Error, OSError) as e:
+                except (StoreError, OSError) as e:
                     raise PullError(f"store: {e}") from e
             except MasterNotFound as e:  # retired or withdrawn meanwhile
                 log.warning(kv(pull=rec.key, error=e))
@@ -498,7 +496,7 @@ class Replica:
                           created=time.time())
         try:
             self.store.put_version(new, m.chunk_map)
-        except (StoreError, lmdb.Error, OSError) as e:
+        except (StoreError, OSError) as e:
             raise PullError(f"store: {e}") from e
         log.info(kv(replica=self.config.site, manifest=key, size=m.size,
                     distinct_bytes=rec.distinct_bytes))
@@ -587,12 +585,7 @@ class Replica:
                 pinned.update(blob[i : i + DIGEST_SIZE] for i in range(0, len(blob), DIGEST_SIZE))
         pinned.discard(ZERO)
         pinned.discard(UNKNOWN)
-        held_pinned = 0
-        with self.store.env.begin(db=self.store.db["chunks"], buffers=True) as txn:
-            for d in pinned:
-                v = txn.get(d)
-                if v is not None:
-                    held_pinned += len(v)
+        held_pinned = self.store.held_bytes(pinned)
         new = sum(n for d, n in lengths.items() if d not in pinned)
         if held_pinned + new > limit:
             raise StoreFull(f"store full: {key} needs {new} bytes of chunks beside "
@@ -753,7 +746,7 @@ class Replica:
         try:
             # shielded: a cancelled pull still lets its transaction finish (see drain())
             await asyncio.shield(fut)
-        except (StoreError, lmdb.Error, OSError) as e:
+        except (StoreError, OSError) as e:
             raise PullError(f"store write failed: {e}{self._disk_note()}") from e
 
     def _disk_note(self) -> str:
@@ -794,7 +787,7 @@ class Replica:
             try:
                 self.store.set_pinned(meta.key, False)
                 self.store.delete_version(meta.key)
-            except (StoreError, lmdb.Error, OSError) as e:
+            except (StoreError, OSError) as e:
                 log.error(kv(retired=meta.key, error=e))
                 continue
             metas = [m for m in metas if m.key != meta.key]
