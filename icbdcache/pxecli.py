@@ -267,8 +267,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from icbdcache.store import Store, StoreError
-    from pxe import bootfiles
+    from icbdcache.store import Store, StoreError, bootfiles
 
     try:
         _check_store(args.store)

@@ -198,7 +198,7 @@ def _keep_boot_files(store: Store, meta: VersionMeta, image: str, *, quiet: bool
     """import's (and publish's) best effort for PXE: the --kernel/--initrd given, or those
     inside an ext4 image, copied to STORE/boot/IMI@VERSION (pxe.bootfiles). A failure is a
     warning naming ``icbd-cache COMMAND``."""
-    from pxe import bootfiles
+    from icbdcache.store import bootfiles
 
     try:
         bf = bootfiles.prepare_at_import(store, meta, image)

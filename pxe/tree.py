@@ -13,7 +13,7 @@ path                                    what
 ``boot.ipxe``                           the iPXE menu script
 ``ipxe/aa-bb-cc-dd-ee-ff.ipxe``         a pinned machine's iPXE script
 ``boot/IMI@VERSION/vmlinuz``,           each version's kernel and initrd
-``boot/IMI@VERSION/initrd.img``         (:mod:`pxe.bootfiles`, kept in ``STORE/boot``)
+``boot/IMI@VERSION/initrd.img``         (:mod:`icbdcache.store.bootfiles`, kept in ``STORE/boot``)
 ======================================  ===================================================
 
 The TFTP and HTTP servers look paths up here and nowhere else, so nothing outside the tree
@@ -34,8 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from icbdcache.log import kv
-from icbdcache.store import Store, VersionMeta
-from pxe import bootfiles
+from icbdcache.store import Store, VersionMeta, bootfiles
 from pxe.render import BootEntry, BootSettings, render_configs
 from pxe.tftp import BytesReader, FileReader, Reader
 

@@ -536,7 +536,7 @@ def test_replica_boot_files_are_bounded(tmp_path: Path, monkeypatch: pytest.Monk
     the store's boot directory. The client now reads at most client.MAX_BOOT_FILE bytes (made
     1 MiB here) and refuses a longer file; the version is still replicated (boot files are
     best effort, as at import), without them."""
-    from pxe.bootfiles import boot_root
+    from icbdcache.store.bootfiles import boot_root
 
     monkeypatch.setattr("icbdcache.replication.client.MAX_BOOT_FILE", 1 << 20, raising=False)
     fake, img = Fake(), Image.make()

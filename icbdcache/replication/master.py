@@ -42,9 +42,8 @@ from icbdcache.replication.registry import (
     VersionRecord,
     open_registry,
 )
-from icbdcache.store import ChunkGet, Store, StoreError, version_key
+from icbdcache.store import ChunkGet, Store, StoreError, bootfiles, version_key
 from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
-from pxe.bootfiles import file_sha256
 
 log = logging.getLogger("icbdcache.master")
 
@@ -484,9 +483,7 @@ class Master:
 
     async def boot(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/boot/IMI/VERSION/kernel|initrd``: the boot file kept with a published
-        version (pxe.bootfiles), 404 if none."""
-        from pxe import bootfiles
-
+        version (:mod:`icbdcache.store.bootfiles`), 404 if none."""
         imi, version = request.match_info["imi"], request.match_info["version"]
         which = request.match_info["which"]
         if which not in ("kernel", "initrd"):
@@ -520,7 +517,7 @@ class Master:
         key = (str(path), st.st_mtime_ns, st.st_size)
         sha = self._file_sha.get(key)
         if sha is None:
-            sha = file_sha256(path)
+            sha = bootfiles.file_sha256(path)
             self._file_sha[key] = sha
         return sha
 

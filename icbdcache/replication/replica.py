@@ -74,6 +74,14 @@ from icbdcache.replication.registry.base import VersionRecord
 from icbdcache.sources import Source
 from icbdcache.sources.master import MasterSource, is_master_spec, master_spec
 from icbdcache.store import Store, StoreError, VersionMeta
+from icbdcache.store.bootfiles import (
+    INITRD_NAME,
+    KERNEL_NAME,
+    BootFilesError,
+    boot_root,
+    check_key,
+    file_sha256,
+)
 from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO, digest, distinct_chunks
 
 log = logging.getLogger("icbdcache.replica")
@@ -521,8 +529,6 @@ class Replica:
             return
         if kernel is None or initrd is None:
             return
-        from pxe.bootfiles import INITRD_NAME, KERNEL_NAME, boot_root, check_key
-
         try:
             d = boot_root(self.store.path) / check_key(rec.key)
             d.mkdir(parents=True, exist_ok=True)
@@ -546,8 +552,6 @@ class Replica:
         sha256: ``{"kernel": {sha: path}, "initrd": {...}}``, from the newest 8 versions
         that have them (a new version mostly boots the kernel of the one before: the master
         then answers 304 and nothing is sent). Runs in a worker thread."""
-        from pxe.bootfiles import INITRD_NAME, KERNEL_NAME, boot_root, file_sha256
-
         out: dict[str, dict[str, Path]] = {"kernel": {}, "initrd": {}}
         metas = sorted((m for m in self.store.versions() if m.key != key),
                        key=lambda m: m.created, reverse=True)
@@ -791,13 +795,10 @@ class Replica:
                 log.error(kv(retired=meta.key, error=e))
                 continue
             metas = [m for m in metas if m.key != meta.key]
-            with contextlib.suppress(OSError, ImportError):
-                from pxe.bootfiles import BootFilesError, boot_root, check_key
-
-                # check_key: a name that is not one directory under boot/ is never removed
-                with contextlib.suppress(BootFilesError):
-                    shutil.rmtree(boot_root(self.store.path) / check_key(meta.key),
-                                  ignore_errors=True)
+            # check_key: a name that is not one directory under boot/ is never removed
+            with contextlib.suppress(OSError, BootFilesError):
+                shutil.rmtree(boot_root(self.store.path) / check_key(meta.key),
+                              ignore_errors=True)
             log.info(kv(retired=meta.key, deleted="unpinned, chunks evictable"))
             if self.store.latest(meta.imi) is None and others:
                 newest = max(others, key=lambda m: (order.get(m.key, -1), m.created))

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from icbdcache.log import kv
-from icbdcache.store import UNKNOWN, ZERO, Store, VersionMeta
-from icbdcache.store.chunks import DIGEST_SIZE
+from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
+from icbdcache.store.lmdbstore import Store, VersionMeta
 
-log = logging.getLogger("pxe.bootfiles")
+log = logging.getLogger("icbdcache.bootfiles")
 
 KERNEL_NAME = "vmlinuz"
 INITRD_NAME = "initrd.img"
