@@ -128,6 +128,12 @@ class Store:
         with self.env.begin(db=self.db["chunks"], buffers=True) as txn:
             return txn.get(key) is not None
 
+    def begin_chunks(self) -> Any:
+        """A read transaction on the chunks (``get(digest) -> buffer | None``, ``abort()``)
+        whose buffers are valid until it is aborted: for :class:`~icbdcache.store.reader.
+        ReadTxn`, the read path's one transaction per request."""
+        return self.env.begin(db=self.db["chunks"], buffers=True)
+
     def missing(self, keys: Iterable[bytes]) -> list[bytes]:
         """The keys in ``keys`` (not ZERO or UNKNOWN) that are not held, without duplicates."""
         out: list[bytes] = []
