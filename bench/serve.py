@@ -207,6 +207,10 @@ def register(subparsers: Any) -> None:
                         "from an nbdkit upstream on loopback) to the servers")
     p.add_argument("--quick", action="store_true",
                    help="a fast sanity run: 64 MiB image, 2 s runs, 1 rep (flags given win)")
+    p.add_argument("--baseline-bin", type=Path, metavar="PATH",
+                   help="another build of icbd-cache (e.g. the previous commit installed in a "
+                        "venv of its own) measured in the same run: each icbd server gets a "
+                        "'-base' twin run right after it")
     p.add_argument("--icbd-args", default="",
                    help="extra arguments for 'icbd-cache serve', one shell-quoted string; "
                         "write it as --icbd-args='--flag value'")
@@ -237,6 +241,20 @@ class Settings:
     json_path: Path
     plot_path: Path
     tmpdir: Path | None
+    baseline_bin: str | None = None
+
+
+def _with_twins(names: list[str], baseline: Path | None) -> list[str]:
+    """``names`` with each icbd server's ``-base`` twin right after it when ``baseline`` (an
+    icbd-cache binary) is given."""
+    if baseline is None:
+        return names
+    out: list[str] = []
+    for n in names:
+        out.append(n)
+        if n.startswith("icbd") and not n.endswith(servers.BASE_SUFFIX):
+            out.append(servers.base_twin(n))
+    return out
 
 
 def resolve(args: argparse.Namespace) -> Settings:
@@ -245,8 +263,9 @@ def resolve(args: argparse.Namespace) -> Settings:
     out = args.out or Path("out/bench") / dt.datetime.now().strftime("serve-%Y%m%d-%H%M%S")
     chosen = set(args.workloads)
     return Settings(
-        servers=list(args.servers) + [n for n in (servers.STORE_SERVERS if args.store else ())
-                                      if n not in args.servers],
+        servers=_with_twins(list(args.servers) + [
+            n for n in (servers.STORE_SERVERS if args.store else ()) if n not in args.servers],
+            args.baseline_bin),
         workloads=[w for w in WORKLOADS if w.name in chosen],
         image=args.image,
         image_size=args.image_size or (64 * MIB if quick else 1 << 30),
@@ -260,6 +279,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         json_path=args.json or out / "serve.json",
         plot_path=args.plot or out / "serve.png",
         tmpdir=args.tmpdir,
+        baseline_bin=str(args.baseline_bin.resolve()) if args.baseline_bin else None,
     )
 
 
@@ -455,7 +475,7 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
             r.idle_cpu_pct, r.load1, r.idle_wait_s = wait_for_idle(
                 s.idle_sample, s.wait_idle, s.wait_idle_max)
             r.warm_s = warm_page_cache(image)
-            if name == "icbd-store" and "nbdcopy" in tools:
+            if servers.kind(name) == "icbd-store" and "nbdcopy" in tools:
                 # "Warm store": the server's own hot set filled as a boot storm would leave it
                 # (a chunk enters it on its second read), not just LMDB's pages.
                 for _ in range(2):
@@ -546,7 +566,7 @@ def run(s: Settings) -> int:
     binaries: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for name in s.servers:
-        b = servers.server_binary(name)
+        b = servers.server_binary(name, s.baseline_bin)
         if b is None:
             msg = servers.missing_message(servers.binary_name(name))
             if name == "icbd":

@@ -17,6 +17,10 @@ The servers serve the same raw file read-only under the export name ``img``:
   any export name)
 - ``qemu-nbd``: ``qemu-nbd -r -t -e 0 -x img -p PORT -b 127.0.0.1 -f raw PATH`` (``-e 0``: any
   number of clients, since qemu-nbd otherwise accepts one connection at a time)
+
+Each icbd server has a ``-base`` twin (``icbd-store-base``, ...) run with another build of
+``icbd-cache`` (``icbd-bench serve --baseline-bin PATH``, e.g. the previous release installed in
+a venv of its own), so a change is measured before and after in one run.
 """
 
 from __future__ import annotations
@@ -45,6 +49,25 @@ STORE_SERVERS: tuple[str, ...] = ("icbd-store", "icbd-cold")
 
 #: The server the ratios are taken against.
 BASELINE = "nbdkit"
+
+#: Suffix of an icbd server run with the ``--baseline-bin`` build.
+BASE_SUFFIX = "-base"
+
+
+def kind(name: str) -> str:
+    """The server a name runs: ``icbd-store-base`` runs ``icbd-store`` with the baseline build."""
+    return name.removesuffix(BASE_SUFFIX)
+
+
+def base_twin(name: str) -> str:
+    """The ``-base`` twin of an icbd server name."""
+    return name + BASE_SUFFIX
+
+
+def known(name: str) -> bool:
+    """Whether ``name`` is a server the benchmark can run."""
+    k = kind(name)
+    return k in SERVER_NAMES and (k == name or k.startswith("icbd"))
 
 #: Export name every server is asked to serve (nbdkit ignores it and serves any name).
 EXPORT = "img"
@@ -76,14 +99,17 @@ def missing_message(tool: str) -> str:
     return f"{tool} not found on PATH (install: {_PACKAGE.get(tool, tool)})"
 
 
-def server_binary(name: str) -> str | None:
-    """Path of the executable for server ``name`` (one of :data:`SERVER_NAMES`), or None."""
+def server_binary(name: str, baseline: str | None = None) -> str | None:
+    """Path of the executable for server ``name`` (one of :data:`SERVER_NAMES`, or an icbd
+    server's ``-base`` twin, which runs ``baseline``), or None."""
+    if name != kind(name):
+        return baseline if baseline and os.access(baseline, os.X_OK) else None
     return find_tool(_BINARY[name])
 
 
 def binary_name(name: str) -> str:
     """The executable's name for server ``name``, e.g. ``icbd-cache`` for ``icbd``."""
-    return _BINARY[name]
+    return _BINARY[kind(name)]
 
 
 def server_command(name: str, binary: str, image: Path, port: int,
@@ -93,6 +119,7 @@ def server_command(name: str, binary: str, image: Path, port: int,
     ``extra`` is appended for ``icbd`` only (the ``--icbd-args`` of the CLI).
     """
     path = str(image)
+    name = kind(name)
     if name == "icbd":
         return [binary, "serve", "--export", f"{EXPORT}={path}",
                 "--listen", f"127.0.0.1:{port}", *extra]

@@ -325,10 +325,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             Store(cfg.store, size_limit=cfg.store_size).close()
         from icbdcache.replication import replicacli
 
+        services = []
         if args.master:
-            from icbdcache import node
-
-            node.DEFAULT_SERVICES.append(replicacli.serve_service(
+            services.append(replicacli.serve_service(
                 args, cfg.listen, workers=cfg.workers, store=cfg.store))
         elif replicacli.has_transfer_args(args):
             raise ValueError("--site, --subscribe and the other replication options need "
@@ -337,7 +336,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"icbd-cache serve: {e}", file=sys.stderr)
         return 2
     try:
-        return run(cfg)
+        return run(cfg, services)
     except (OSError, StoreError) as e:
         print(f"icbd-cache serve: {e}", file=sys.stderr)
         return 1

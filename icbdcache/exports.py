@@ -1,37 +1,28 @@
-"""Exports: what ``icbd-cache serve`` offers by name, and how a connection gets its stack.
+"""Exports: what ``icbd-cache serve`` offers by name, and the stack each connection talks to.
 
 An export name may carry options after ``?`` (``lab?boot=ID``); the catalog resolves the bare
-name and hands the options to the connection (see :mod:`icbdcache.overlay` for ``boot``).
+name once per NBD_OPT_GO/INFO and its answer (:class:`Resolved`) travels with the export's
+:class:`~nbd.events.ExportInfo` into transmission, so a connection is attached to exactly the
+export whose size and flags it was told (a name such as ``lab``, the latest version, may point
+elsewhere a moment later). The transmission flags are built from the stack's ``can_*``
+answers (:func:`~icbdcache.layers.base.transmission_flags`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import parse_qsl
 
-from icbdcache.backend import Backend, FileBackend
+from icbdcache.layers.base import Client, Layer, transmission_flags
+from icbdcache.layers.file import FileLayer
+from icbdcache.layers.overlay import OverlayLayer
 from icbdcache.log import kv
-from icbdcache.overlay import CowOverlay, OverlayRegistry
-from nbd.constants import TransmissionFlag
 from nbd.events import ExportInfo
 
 log = logging.getLogger("icbdcache.exports")
-
-READ_ONLY_FLAGS = (
-    TransmissionFlag.READ_ONLY | TransmissionFlag.SEND_CACHE | TransmissionFlag.CAN_MULTI_CONN
-)
-#: A ,cow export: every connection of one client shares its overlay in this process and
-#: replies only after a write is applied, so FLUSH/FUA effects are visible across that
-#: client's connections (CAN_MULTI_CONN's promise, NBD proto.md 'Transmission flags').
-COW_FLAGS = (
-    TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM
-    | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO
-    | TransmissionFlag.SEND_CACHE | TransmissionFlag.CAN_MULTI_CONN
-)
 
 
 @dataclass(frozen=True)
@@ -68,49 +59,75 @@ class ExportSpec:
 
 
 class Export:
-    """A served export: its base layer, and for ,cow exports the per-client overlays."""
+    """A served export: ``stack`` (its top layer, shared by every connection; for a writable
+    export the :class:`~icbdcache.layers.overlay.OverlayLayer`) and ``owned``, the layers this
+    export made and closes (a version's own layers belong to the node)."""
 
-    def __init__(self, name: str, base: Backend, *, cow: bool = False,
-                 cow_dir: str | None = None, cow_linger: float = 120.0,
-                 description: str | None = None) -> None:
+    def __init__(self, name: str, stack: Layer, *, description: str,
+                 owned: Sequence[Layer] = ()) -> None:
         self.name = name
-        self.base = base
-        mode = "copy-on-write per client" if cow else "read-only"
-        self.info = ExportInfo(
-            name=name,
-            size=base.size,
-            flags=COW_FLAGS if cow else READ_ONLY_FLAGS,
-            description=description or f"{_human(base.size)}, {mode}",
-        )
-        self.overlays: OverlayRegistry | None = None
+        self.stack = stack
+        self.size = stack.size
+        self.description = description
+        self.owned = list(owned)
+        self.overlays = stack if isinstance(stack, OverlayLayer) else None
+
+    @classmethod
+    def of_layer(cls, name: str, base: Layer, *, cow: bool = False, cow_dir: str | None = None,
+                 cow_linger: float = 120.0, what: str = "") -> Export:
+        """``base`` as an export, under a copy-on-write overlay per client if ``cow``;
+        ``what`` starts the description (NBD_INFO_DESCRIPTION)."""
+        owned: list[Layer] = []
+        stack = base
         if cow:
-            self.overlays = OverlayRegistry(lambda: CowOverlay(base, cow_dir), cow_linger)
+            stack = OverlayLayer(base, cow_dir, cow_linger)
+            owned.append(stack)
+        mode = "copy-on-write per client" if cow else "read-only"
+        text = f"{what}, " if what else ""
+        return cls(name, stack, description=f"{text}{_human(base.size)}, {mode}", owned=owned)
 
     @classmethod
     def from_file(cls, spec: ExportSpec, *, cow_dir: str | None = None,
                   cow_linger: float = 120.0) -> Export:
         """An export of a raw image file. Raises OSError if it cannot be opened."""
-        return cls(spec.name, FileBackend(spec.path), cow=spec.cow, cow_dir=cow_dir,
-                   cow_linger=cow_linger)
+        base = FileLayer(spec.path)
+        export = cls.of_layer(spec.name, base, cow=spec.cow, cow_dir=cow_dir,
+                              cow_linger=cow_linger)
+        export.owned.append(base)
+        return export
 
-    def open(self, identity: str, options: dict[str, str]) -> Backend:
-        """The stack a new connection of client ``identity`` reads and writes."""
-        profile = getattr(self.base, "profile", None)
-        if profile is not None:
-            profile.client_started(time.monotonic())
-        if self.overlays is None:
-            return self.base
-        return self.overlays.acquire(identity, options.get("boot"), time.monotonic())
+    @property
+    def writable(self) -> bool:
+        return self.stack.can_write()
 
-    def release(self, identity: str, backend: Backend) -> None:
-        """A connection of ``identity`` that used ``backend`` (from :meth:`open`) closed."""
-        if self.overlays is not None and isinstance(backend, CowOverlay):
-            self.overlays.release(identity, backend, time.monotonic())
+    def info(self, handle: object = None) -> ExportInfo:
+        """What a client is told of this export; flags from the stack's ``can_*``."""
+        return ExportInfo(name=self.name, size=self.size, flags=transmission_flags(self.stack),
+                          description=self.description, handle=handle)
+
+    def connect(self, client: Client) -> Layer:
+        """The layer a new connection of ``client`` talks to. Raises OSError (no overlay)."""
+        return self.stack.connect(client)
+
+    def disconnect(self, client: Client, view: Layer) -> None:
+        """A connection of ``client`` that talked to ``view`` closed."""
+        self.stack.disconnect(client, view)
+
+    def expire(self, now: float) -> int:
+        """Drop overlays idle beyond their linger (``now``: monotonic seconds); how many."""
+        return self.overlays.expire(now) if self.overlays is not None else 0
 
     def close(self) -> None:
-        if self.overlays is not None:
-            self.overlays.close()
-        self.base.close()
+        for layer in self.owned:
+            layer.close()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The catalog's answer for a requested name: the export, and the options after ``?``."""
+
+    export: Export
+    options: dict[str, str] = field(default_factory=dict)
 
 
 def split_name(requested: str) -> tuple[str, dict[str, str]]:
@@ -119,10 +136,20 @@ def split_name(requested: str) -> tuple[str, dict[str, str]]:
     return name, dict(parse_qsl(query, keep_blank_values=True))
 
 
-class VersionSource(Protocol):
-    """Versions in a store (icbdcache.node.Node), exported by name on demand."""
+class OpenedVersion(Protocol):
+    """A store version opened by the node: its key (``IMI@VERSION``) and its stack's top."""
 
-    def resolve(self, name: str) -> Backend | None: ...
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def top(self) -> Layer: ...
+
+
+class VersionSource(Protocol):
+    """Versions in a store (:class:`icbdcache.node.Node`), exported by name on demand."""
+
+    def resolve(self, name: str) -> OpenedVersion | None: ...
 
     def exports(self) -> list[tuple[str, str]]: ...
 
@@ -131,9 +158,10 @@ class Catalog:
     """Exports by name, answering the NBD state machine's questions (nbd.server.ExportCatalog).
 
     Fixed exports (``--export``) come first; other names are looked up in ``versions`` (the
-    store: ``IMI@VERSION``, or ``IMI`` for its latest version, resolved when a client connects,
+    store: ``IMI@VERSION``, or ``IMI`` for its latest version, resolved when a client asks,
     so a client keeps the version it opened). The empty name is the default export:
-    ``default`` if given, else the first fixed export.
+    ``default`` if given (a fixed export, a version or an iMI), else the first fixed export.
+    Raises ValueError if ``default`` names nothing.
     """
 
     def __init__(self, exports: Sequence[Export], default: str | None = None,
@@ -144,45 +172,58 @@ class Catalog:
         self.versions_cow = versions_cow
         self.cow_dir = cow_dir
         self.cow_linger = cow_linger
-        self._version_exports: dict[int, Export] = {}
+        #: Exports of opened versions by key, with the stack top they were made over.
+        self._version_exports: dict[str, tuple[Layer, Export]] = {}
+        #: Exports of versions reopened since (their connections may still use them).
+        self._retired: list[Export] = []
         if default is not None and default not in self.by_name and (
                 versions is None or versions.resolve(default) is None):
             raise ValueError(f"--default-export {default!r} is not an export")
         self.default = default if default is not None else (exports[0].name if exports else None)
 
-    def resolve(self, requested: str) -> tuple[Export, dict[str, str]] | None:
+    def resolve(self, requested: str) -> Resolved | None:
+        """The export ``requested`` names (options after ``?`` split off), or None."""
         name, options = split_name(requested)
         if not name and self.default is not None:
             name = self.default
         export = self.by_name.get(name)
         if export is None and self.versions is not None and name:
             try:
-                backend = self.versions.resolve(name)
+                opened = self.versions.resolve(name)
             except Exception:  # a damaged version must not break option haggling for others
                 log.exception(kv(export=name, error="cannot open version"))
                 return None
-            if backend is not None:
-                export = self._version_exports.get(id(backend))
-                if export is None:
-                    meta = getattr(backend, "meta", None)
-                    mode = "copy-on-write per client" if self.versions_cow else "read-only"
-                    export = Export(getattr(meta, "key", name), backend,
-                                    cow=self.versions_cow, cow_dir=self.cow_dir,
-                                    cow_linger=self.cow_linger,
-                                    description=f"iMI version, {_human(backend.size)}, {mode}")
-                    self._version_exports[id(backend)] = export
-        return (export, options) if export is not None else None
+            if opened is not None:
+                export = self._version_export(opened)
+        return Resolved(export, options) if export is not None else None
+
+    def _version_export(self, opened: OpenedVersion) -> Export:
+        top = opened.top
+        cached = self._version_exports.get(opened.key)
+        if cached is not None and cached[0] is top:
+            return cached[1]
+        export = Export.of_layer(opened.key, top, cow=self.versions_cow, cow_dir=self.cow_dir,
+                                 cow_linger=self.cow_linger, what="iMI version")
+        if cached is not None:
+            self._retired.append(cached[1])  # still used by its connections
+        self._version_exports[opened.key] = (top, export)
+        return export
 
     def lookup(self, name: str) -> ExportInfo | None:
         found = self.resolve(name)
-        return found[0].info if found else None
+        return found.export.info(handle=found) if found is not None else None
 
     def exports(self) -> Sequence[tuple[str, str]]:
-        fixed = [(e.name, e.info.description) for e in self.by_name.values()]
+        fixed = [(e.name, e.description) for e in self.by_name.values()]
         return fixed + (self.versions.exports() if self.versions is not None else [])
 
+    def all(self) -> list[Export]:
+        """Every export made so far: fixed ones and opened versions."""
+        return [*self.by_name.values(), *(e for _, e in self._version_exports.values()),
+                *self._retired]
+
     def close(self) -> None:
-        for e in self.by_name.values():
+        for e in self.all():
             e.close()
 
 

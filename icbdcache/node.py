@@ -1,4 +1,4 @@
-"""A node's cached versions: the store, the shared read path, and one backend per version.
+"""A node's cached versions: the store, the shared read path, and one layer stack per version.
 
 ``icbd-cache serve --store DIR`` exports every version in the store as ``IMI@VERSION`` and the
 latest of each iMI as ``IMI``; ``--export NAME=nbd://...`` adds a version faulted from an NBD
@@ -15,14 +15,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from icbdcache.cache import CacheStats, ChunkCache, VersionBackend
+from icbdcache.layers.base import Layer
+from icbdcache.layers.fault import FaultLayer, Faults
+from icbdcache.layers.profile import BootProfile
+from icbdcache.layers.readahead import ReadaheadLayer
+from icbdcache.layers.stats import ReadStats
+from icbdcache.layers.version import VersionLayer
 from icbdcache.log import kv
 from icbdcache.sources import Source, open_source
 from icbdcache.store import UNKNOWN, ZERO, Store, StoreError, VersionMeta, split_key, version_key
 from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE
+from icbdcache.store.reader import StoreReader
 from nbd import aio
 from nbd.constants import BASE_ALLOCATION, StateFlag
 from nbd.errors import NegotiationError, RequestError
@@ -85,43 +92,68 @@ class NodeService(Protocol):
         """Stop; called before the node closes its store's writer."""
 
 
-#: Services of every Node made without an explicit ``services`` argument: ``serve --master``
-#: puts its replica here before the server (which makes the Node) starts.
-DEFAULT_SERVICES: list[NodeService] = []
+@dataclass
+class VersionStack:
+    """The layers of one opened version, bottom up: ``version`` (chunk map, hits only),
+    ``fault`` (sources, single-flight), ``readahead`` (the top, shared by every connection;
+    an export may put a per-client overlay over it)."""
+
+    meta: VersionMeta
+    version: VersionLayer
+    fault: FaultLayer
+    readahead: ReadaheadLayer
+
+    @property
+    def key(self) -> str:
+        return self.meta.key
+
+    @property
+    def top(self) -> Layer:
+        return self.readahead
 
 
 class Node:
     """The versions of one store, opened on demand and kept open.
 
-    ``source_timeout`` is seconds per source request; ``fault_timeout`` the deadline of a
-    missing chunk (well inside the kernel client's 30 s request timeout). ``services``: see
-    the module docstring (default: :data:`DEFAULT_SERVICES`).
+    ``hot_bytes``: the store's memory tier (bytes). ``source_timeout`` is seconds per source
+    request; ``fault_timeout`` the deadline of a missing chunk (well inside the kernel
+    client's 30 s request timeout); ``readahead``: chunks faulted ahead of a sequential miss.
+    ``services``: see the module docstring.
     """
 
     def __init__(self, store: Store, *, hot_bytes: int = 1 << 30, fault_timeout: float = 10.0,
                  source_timeout: float = 5.0, upstream_connections: int = 4,
-                 services: Sequence[NodeService] | None = None) -> None:
+                 readahead: int = 8, services: Sequence[NodeService] = ()) -> None:
         self.store = store
-        self.services = list(DEFAULT_SERVICES if services is None else services)
-        self.cache = ChunkCache(store, hot_bytes=hot_bytes, fault_timeout=fault_timeout)
+        self.services = list(services)
+        self.stats = ReadStats()
+        self.reader = StoreReader(store, hot_bytes=hot_bytes)
+        self.faults = Faults(self.stats, fault_timeout=fault_timeout)
         self.source_timeout = source_timeout
         self.upstream_connections = upstream_connections
-        self.backends: dict[str, VersionBackend] = {}
-        self._reported = CacheStats()
+        self.readahead = max(0, readahead)
+        self.versions: dict[str, VersionStack] = {}
+        self._reported = ReadStats()
         self._task: asyncio.Task[None] | None = None
 
-    def resolve(self, name: str) -> VersionBackend | None:
-        """The backend of ``IMI@VERSION``, or of the latest version of ``IMI``; None if the
-        store has no such version."""
+    def resolve(self, name: str) -> VersionStack | None:
+        """The stack of ``IMI@VERSION``, or of the latest version of ``IMI``; None if the
+        store has no such version. Raises StoreError if the store cannot be read."""
         meta = self.store.version(name)
         if meta is None:
             return None
-        backend = self.backends.get(meta.key)
-        if backend is None:
-            backend = self._open(meta)
-        return backend
+        stack = self.versions.get(meta.key)
+        if stack is None:
+            stack = self._open(meta)
+        return stack
 
-    def _open(self, meta: VersionMeta) -> VersionBackend:
+    def forget(self, key: str) -> None:
+        """Drop the opened stack of version ``key`` if the store no longer has the version
+        (retired): the next client opens what the store holds then."""
+        if key in self.versions and self.store.version(key) is None:
+            del self.versions[key]
+
+    def _open(self, meta: VersionMeta) -> VersionStack:
         sources: list[Source] = []
         for spec in meta.sources:
             try:
@@ -140,11 +172,46 @@ class Node:
                     connections=self.upstream_connections))
             except ValueError as e:  # a bad source spec costs that source, not the version
                 log.error(kv(version=meta.key, source=spec, error=e))
-        backend = VersionBackend(self.cache, meta, self.store.chunk_map(meta.key), sources)
-        self.backends[meta.key] = backend
-        return backend
+        version = VersionLayer(self.reader, meta, self.store.chunk_map(meta.key), self.stats)
+        fault = FaultLayer(version, sources, self.faults)
+        readahead = ReadaheadLayer(fault, BootProfile(self.store, meta.key), meta.chunk_size,
+                                   self.readahead)
+        stack = VersionStack(meta, version, fault, readahead)
+        self.versions[meta.key] = stack
+        return stack
 
-    async def add_upstream(self, name: str, uri: str) -> VersionBackend:
+    async def warm(self, name: str, indexes: list[int] | None, *, parallel: int = 16,
+                   progress: Callable[[int], None] | None = None) -> tuple[str, int, int]:
+        """Fault chunks ``indexes`` of version ``name`` (None: its boot profile) into the
+        store, ``parallel`` at a time; ``progress(n)`` after each ``n`` chunks. Returns
+        (version key, chunks asked, chunks that failed). Raises StoreError for an unknown
+        version, ValueError when it has no boot profile yet."""
+        stack = self.resolve(name)
+        if stack is None:
+            raise StoreError(f"unknown version {name}")
+        todo = self.store.profile(stack.key) if indexes is None else indexes
+        if not todo:
+            raise ValueError(f"{stack.key} has no boot profile yet (boot a client once, or "
+                             "use --all)")
+        sem = asyncio.Semaphore(max(1, parallel))
+        failed = 0
+
+        async def one(i: int) -> None:
+            nonlocal failed
+            async with sem:
+                try:
+                    if not stack.version.held(i):
+                        await stack.fault.fault(i)
+                except OSError:
+                    failed += 1
+
+        for coro in asyncio.as_completed([one(i) for i in todo]):
+            await coro
+            if progress is not None:
+                progress(1)
+        return stack.key, len(todo), failed
+
+    async def add_upstream(self, name: str, uri: str) -> VersionStack:
         """Register ``name`` (``IMI@VERSION``, or ``IMI`` = ``IMI@upstream``) as a version
         faulted from the NBD upstream ``uri``. The size comes from the upstream (or from the
         store when the upstream is down and the version is known); a new version's all-zero
@@ -177,7 +244,7 @@ class Node:
             self.store.put_version(meta)
         if self.store.latest(imi) is None:
             self.store.set_latest(imi, version)
-        self.backends.pop(key, None)
+        self.versions.pop(key, None)
         return self._open(meta)
 
     def exports(self) -> list[tuple[str, str]]:
@@ -205,17 +272,17 @@ class Node:
 
     def persist(self) -> None:
         """Write counter deltas and changed boot profiles to the store (through the writer)."""
-        s, r = self.cache.stats, self._reported
-        for name in ("hits", "misses", "coalesced", "faults", "fault_errors", "prefetched"):
+        s, r = self.stats, self._reported
+        for name in ReadStats.COUNTERS:
             delta = getattr(s, name) - getattr(r, name)
             if delta:
-                self.cache.writer.count(name, delta)
+                self.reader.count(name, delta)
                 setattr(r, name, getattr(s, name))
-        for b in self.backends.values():
+        for v in self.versions.values():
             try:
-                b.profile.save()
+                v.readahead.profile.save()
             except StoreError as e:
-                log.warning(kv(profile=b.key, error=e))
+                log.warning(kv(profile=v.key, error=e))
 
     async def close(self) -> None:
         for svc in self.services:
@@ -226,7 +293,7 @@ class Node:
         if self._task is not None:
             self._task.cancel()
         self.persist()
-        for b in self.backends.values():
-            for src in b.sources:
+        for v in self.versions.values():
+            for src in v.fault.sources:
                 await src.close()
-        self.cache.close()
+        self.reader.close()

@@ -25,15 +25,15 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
-from icbdcache.backend import Backend, Buffer
-from icbdcache.exports import Catalog, Export, ExportSpec
+from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
+from icbdcache.layers.base import Buffer, Client, Layer
 from icbdcache.log import Throttled, kv, tag_process
-from icbdcache.node import Node
+from icbdcache.node import Node, NodeService
 from icbdcache.store import Store, StoreError
 from nbd.constants import Cmd, CmdFlag, Errno
 from nbd.errors import RemoteProtocolError
@@ -51,6 +51,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("icbdcache.server")
 reqlog = logging.getLogger("icbdcache.requests")
+
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_WRITE_LIKE = frozenset({Cmd.WRITE, Cmd.FLUSH, Cmd.WRITE_ZEROES, Cmd.TRIM})
+
+
+def _write_like(b: Layer, req: Request) -> Awaitable[None] | None:
+    """Carry out a WRITE, FLUSH, WRITE_ZEROES or TRIM on ``b``: None when done, else an
+    awaitable that completes when it is (FUA: durable)."""
+    fua = bool(req.flags & _FUA)
+    cmd = req.command
+    if cmd is Cmd.WRITE:
+        return b.pwrite(req.offset, req.data, fua)
+    if cmd is Cmd.FLUSH:
+        return b.flush()
+    if cmd is Cmd.WRITE_ZEROES:
+        return b.zero(req.offset, req.length, bool(req.flags & _NO_HOLE), fua)
+    return b.trim(req.offset, req.length, fua)
 
 DEFAULT_PORT = 10809
 
@@ -164,8 +182,9 @@ class NBDProtocol(asyncio.Protocol):
         self.sm = ServerConnection(
             server.catalog, tls=server.ssl is not None, tls_required=server.config.tls_required
         )
-        self.backend: Backend | None = None
+        self.backend: Layer | None = None
         self.export: Export | None = None
+        self.client: Client | None = None
         self.identity = "unknown"
         self.peer = "?"
         self.inflight = 0
@@ -217,8 +236,8 @@ class NBDProtocol(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.server.connections.discard(self)
-        if self.export is not None and self.backend is not None:
-            self.export.release(self.identity, self.backend)
+        if self.export is not None and self.backend is not None and self.client is not None:
+            self.export.disconnect(replace(self.client, now=time.monotonic()), self.backend)
             log.debug(kv(conn=self.id, peer=self.peer, closed=self.reason,
                          requests=self.requests, error=exc or ""))
         self.backend = None
@@ -312,29 +331,31 @@ class NBDProtocol(asyncio.Protocol):
         self.sm.tls_started()
 
     def _start(self, ev: TransmissionStarted) -> None:
-        found = self.server.catalog.resolve(ev.requested)
-        if found is None:  # the catalog answered the state machine, so this cannot happen
+        resolved = ev.export.handle
+        if not isinstance(resolved, Resolved):  # the catalog answered the GO: always ours
             self._close()
             return
-        export, options = found
+        export = resolved.export
+        client = Client(self.identity, resolved.options, time.monotonic())
         try:
-            self.backend = export.open(self.identity, options)
+            self.backend = export.connect(client)
         except OSError as e:
             log.error(kv(conn=self.id, peer=self.peer, export=export.name, error=e))
             self._close()
             return
         self.export = export
+        self.client = client
         if self.tracer is not None:
-            self.tracer.opened(self.id, export.name, export.info.size)
+            self.tracer.opened(self.id, export.name, export.size)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         log.info(kv(
             conn=self.id, peer=self.peer, export=ev.requested or f"(default) {export.name}",
-            size=export.info.size, opt=ev.option.name,
+            size=ev.export.size, opt=ev.option.name,
             structured="yes" if ev.structured_replies else "no",
             meta=",".join(ev.meta_contexts) or "-", tls="yes" if self.tls else "no",
-            mode="cow" if export.overlays is not None else "ro",
+            mode="cow" if export.writable else "ro",
         ))
 
     # ------------------------------------------------------------ requests
@@ -359,28 +380,16 @@ class NBDProtocol(asyncio.Protocol):
                 else:
                     self._wait(req, cast(Awaitable[list[Buffer]], result), start)
                     return
-            elif cmd is Cmd.WRITE:
-                pending = b.pwrite(req.offset, req.data)
-                if pending is not None:
-                    self._wait(req, pending, start)
-                    return
-                sm.reply_ok(req)
             elif cmd is Cmd.BLOCK_STATUS:
                 sm.reply_block_status(req, b.extents(req.offset, req.length))
-            elif cmd is Cmd.FLUSH:
-                b.flush()
+            elif cmd is Cmd.CACHE:
+                b.cache(req.offset, req.length)
                 sm.reply_ok(req)
-            elif cmd is Cmd.WRITE_ZEROES:
-                pending = b.zero(req.offset, req.length, bool(req.flags & CmdFlag.NO_HOLE))
+            elif cmd in _WRITE_LIKE:
+                pending = _write_like(b, req)
                 if pending is not None:
                     self._wait(req, pending, start)
                     return
-                sm.reply_ok(req)
-            elif cmd is Cmd.TRIM:
-                b.trim(req.offset, req.length)
-                sm.reply_ok(req)
-            elif cmd is Cmd.CACHE:
-                b.cache(req.offset, req.length)
                 sm.reply_ok(req)
             else:
                 sm.reply_error(req, Errno.EINVAL, f"{cmd.name} is not supported")
@@ -496,9 +505,10 @@ class Server:
         while True:
             await asyncio.sleep(max(1.0, min(30.0, self.config.cow_linger / 2)))
             now = time.monotonic()
-            for e in self.catalog.by_name.values():
-                if e.overlays is not None and e.overlays.expire(now):
-                    log.debug(kv(export=e.name, overlays=len(e.overlays)))
+            for e in self.catalog.all():
+                dropped = e.expire(now)
+                if dropped:
+                    log.debug(kv(export=e.name, overlays_expired=dropped))
 
     def request_stop(self) -> None:
         """Ask :meth:`serve` to shut down (signal handlers call this)."""
@@ -580,15 +590,15 @@ def build_catalog(config: ServeConfig, node: Node | None = None) -> Catalog:
                    cow_dir=config.cow_dir, cow_linger=config.cow_linger)
 
 
-def open_node(config: ServeConfig) -> Node | None:
-    """The store of ``--store``, or None. Raises StoreError."""
+def open_node(config: ServeConfig, services: Sequence[NodeService] = ()) -> Node | None:
+    """The store of ``--store`` with ``services`` running beside it, or None. Raises
+    StoreError."""
     if config.store is None:
         return None
     store = Store(config.store, size_limit=config.store_size)
-    node = Node(store, hot_bytes=config.hot_bytes, fault_timeout=config.fault_timeout,
-                source_timeout=config.source_timeout)
-    node.cache.seq_ahead = max(0, config.readahead)
-    return node
+    return Node(store, hot_bytes=config.hot_bytes, fault_timeout=config.fault_timeout,
+                source_timeout=config.source_timeout, readahead=config.readahead,
+                services=services)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -617,8 +627,8 @@ async def _start_pxe(server: Server, config: PxeConfig, node: Node) -> None:
 
 
 async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
-               reuse_port: bool = False) -> None:
-    node = open_node(config)
+               reuse_port: bool = False, services: Sequence[NodeService] = ()) -> None:
+    node = open_node(config, services)
     if node is not None:
         for spec in config.exports:
             if spec.is_upstream:
@@ -645,19 +655,19 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
     await server.serve()
 
 
-def run(config: ServeConfig) -> int:
+def run(config: ServeConfig, services: Sequence[NodeService] = ()) -> int:
     """Serve until SIGTERM/SIGINT; with ``workers`` > 1, one process per worker sharing the
-    port with SO_REUSEPORT. Returns the exit status. Raises OSError or StoreError when it
-    cannot start."""
+    port with SO_REUSEPORT. ``services`` run beside the store (``serve --master``: the
+    replica). Returns the exit status. Raises OSError or StoreError when it cannot start."""
     _raise_fd_limit()
     if config.workers <= 1:
         loop = new_event_loop()
         try:
-            loop.run_until_complete(_run(config))
+            loop.run_until_complete(_run(config, services=services))
         finally:
             loop.close()
         return 0
-    return _run_workers(config)
+    return _run_workers(config, services)
 
 
 def _raise_fd_limit() -> None:
@@ -669,7 +679,7 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _run_workers(config: ServeConfig) -> int:
+def _run_workers(config: ServeConfig, services: Sequence[NodeService]) -> int:
     unix_sock = None
     if config.unix:
         with contextlib.suppress(FileNotFoundError):
@@ -685,7 +695,8 @@ def _run_workers(config: ServeConfig) -> int:
             code = 0
             try:
                 loop = new_event_loop()
-                loop.run_until_complete(_run(config, unix_sock=unix_sock, reuse_port=True))
+                loop.run_until_complete(_run(config, unix_sock=unix_sock, reuse_port=True,
+                                             services=services))
             except BaseException:
                 log.exception("worker failed")
                 code = 1

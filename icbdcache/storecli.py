@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -196,7 +195,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def _keep_boot_files(store: Store, meta: VersionMeta, image: str, *, quiet: bool,
                      command: str = "import") -> None:
     """import's (and publish's) best effort for PXE: the --kernel/--initrd given, or those
-    inside an ext4 image, copied to STORE/boot/IMI@VERSION (pxe.bootfiles). A failure is a
+    inside an ext4 image, copied to STORE/boot/IMI@VERSION (icbdcache.store.bootfiles). A failure is a
     warning naming ``icbd-cache COMMAND``."""
     from icbdcache.store import bootfiles
 
@@ -363,34 +362,26 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         node = Node(store)
-        backend = node.resolve(args.version)
-        if backend is None:
+        try:
+            indexes = None
+            if args.all:
+                meta = store.version(args.version)
+                indexes = list(range(meta.chunks)) if meta is not None else None
+            with _progress(0, f"warm {args.version}") as bar:
+                def step(n: int) -> None:
+                    bar.update(n)
+
+                key, asked, failed = await node.warm(args.version, indexes,
+                                                     parallel=args.parallel, progress=step)
+        except StoreError:
             print(f"icbd-cache warm: unknown version {args.version}", file=sys.stderr)
             return 2
-        indexes = list(range(backend.meta.chunks)) if args.all else store.profile(backend.key)
-        if not indexes:
-            print(f"icbd-cache warm: {backend.key} has no boot profile yet (boot a client once, "
-                  "or use --all)", file=sys.stderr)
+        except ValueError as e:
+            print(f"icbd-cache warm: {e}", file=sys.stderr)
             return 1
-        sem = asyncio.Semaphore(args.parallel)
-        failed = 0
-
-        async def one(i: int) -> None:
-            nonlocal failed
-            async with sem:
-                d = backend.digest_at(i)
-                try:
-                    if d != ZERO and not backend.shared.holds(d):
-                        await backend.fault(i)
-                except OSError:
-                    failed += 1
-
-        with _progress(len(indexes), f"warm {backend.key}") as bar:
-            for coro in asyncio.as_completed([one(i) for i in indexes]):
-                await coro
-                bar.update(1)
-        await node.close()
-        print(f"warmed {backend.key}: {len(indexes)} chunks, {failed} failed")
+        finally:
+            await node.close()
+        print(f"warmed {key}: {asked} chunks, {failed} failed")
         return 1 if failed else 0
 
     from icbdcache.server import new_event_loop

@@ -27,6 +27,9 @@ class ExportInfo:
     min_block: int = 1
     preferred_block: int = 4096
     max_block: int = 32 * 1024 * 1024
+    #: The catalog's own answer for this export (opaque to the protocol), handed back
+    #: unchanged in :class:`TransmissionStarted`, so the caller never resolves the name twice.
+    handle: object = field(default=None, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------- server side

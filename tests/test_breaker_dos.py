@@ -19,7 +19,7 @@ import pytest
 from conftest import BIN, Server, free_port, require, wait_port
 from nbdraw import ServerClosed, connect
 
-from icbdcache.cache import MAX_SCAN
+from icbdcache.layers.version import MAX_SCAN
 from icbdcache.store.chunks import CHUNK_SIZE
 from nbd import aio, wire
 from nbd.constants import BASE_ALLOCATION, REQUEST_MAGIC, Cmd

@@ -46,7 +46,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[ServeConfig]:
     """The ServeConfig that ``serve`` would run with, instead of running it."""
     seen: list[ServeConfig] = []
 
-    def fake_run(cfg: ServeConfig) -> int:
+    def fake_run(cfg: ServeConfig, services: object = ()) -> int:
         seen.append(cfg)
         return 0
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from icbdcache.backend import FileBackend
-from icbdcache.overlay import BLOCK, CowOverlay, OverlayRegistry
+from icbdcache.layers.file import FileLayer
+from icbdcache.layers.overlay import BLOCK, CowOverlay, OverlayRegistry
 from tests.conftest import sha256_file
 
 SIZE = 64 * BLOCK + 123  # not a multiple of the block size: the last block is partial
@@ -43,7 +43,7 @@ ops = st.lists(
 def test_overlay_matches_model(tmp_path: Path, seq: list[tuple[str, int, int, int]]) -> None:
     base_path = _base(tmp_path)
     before = sha256_file(base_path)
-    base = FileBackend(base_path)
+    base = FileLayer(base_path)
     ov = CowOverlay(base, str(tmp_path))
     model = bytearray(base_path.read_bytes())
     trimmed = bytearray(SIZE)  # bytes whose contents a TRIM made unspecified
@@ -74,7 +74,7 @@ def test_overlay_matches_model(tmp_path: Path, seq: list[tuple[str, int, int, in
 
 def test_trim_only_whole_blocks(tmp_path: Path) -> None:
     base_path = _base(tmp_path)
-    ov = CowOverlay(FileBackend(base_path), str(tmp_path))
+    ov = CowOverlay(FileLayer(base_path), str(tmp_path))
     orig = base_path.read_bytes()
     ov.trim(100, 3 * BLOCK)  # covers block 1 and 2 whole, parts of 0 and 3
     got = _read(ov, 0, 5 * BLOCK)
@@ -84,7 +84,7 @@ def test_trim_only_whole_blocks(tmp_path: Path) -> None:
 
 
 def test_extents_report_zeroed_blocks(tmp_path: Path) -> None:
-    ov = CowOverlay(FileBackend(_base(tmp_path)), str(tmp_path))
+    ov = CowOverlay(FileLayer(_base(tmp_path)), str(tmp_path))
     ov.zero(BLOCK, 2 * BLOCK)
     ov.pwrite(3 * BLOCK, b"x" * BLOCK)
     assert ov.extents(BLOCK, 4 * BLOCK)[0] == (2 * BLOCK, 3)
@@ -95,7 +95,7 @@ def test_extents_report_zeroed_blocks(tmp_path: Path) -> None:
 
 
 def test_registry_identity_linger_and_boot_id(tmp_path: Path) -> None:
-    base = FileBackend(_base(tmp_path))
+    base = FileLayer(_base(tmp_path))
     reg = OverlayRegistry(lambda: CowOverlay(base, str(tmp_path)), linger=10.0)
     a = reg.acquire("10.0.0.1", None, now=0.0)
     a2 = reg.acquire("10.0.0.1", None, now=0.5)  # a second connection of the same client

@@ -833,9 +833,8 @@ class ReplicaService:
         self._task = asyncio.ensure_future(self._run())
 
     def _forget(self, key: str) -> None:
-        backend = self._node.backends.get(key) if self._node is not None else None
-        if backend is not None and self._node.store.version(key) is None:
-            self._node.backends.pop(key, None)
+        if self._node is not None:
+            self._node.forget(key)
 
     async def _run(self) -> int:
         assert self.replica is not None

@@ -1,9 +1,12 @@
 """Sources: where a cache miss gets its bytes.
 
 A :class:`Source` returns the bytes of a byte range of one iMI version, asynchronously. The read
-path asks for whole chunks (``offset = index * chunk_size``, ``length = min(chunk_size, size -
-offset)``), tries the first healthy source, verifies the digest and does single-flight; a source
-only fetches, and owns its timeouts, retries on transient errors and connection pools.
+path's fault layer (:mod:`icbdcache.layers.fault`) asks for whole chunks (``offset = index *
+chunk_size``, ``length = min(chunk_size, size - offset)``) with :meth:`Source.fetch`, healthy
+sources first, and does single-flight. Sources own everything about getting the bytes: their
+timeouts, connection pools, and the one retry policy (:class:`RetryPolicy`, applied by
+:meth:`Source.fetch` around single attempts of :meth:`Source.read`, with the caller's
+check of the bytes, the digest, counted as a failed attempt).
 
 Errors: every failure of :meth:`Source.read` is a :class:`SourceError`, one of
 
@@ -22,8 +25,10 @@ spec string.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 #: Default TCP port of NBD (IANA), used when an ``nbd://`` spec has none.
@@ -55,6 +60,24 @@ class SourceStats:
     errors: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How :meth:`Source.fetch` retries: at most ``attempts`` attempts in all, waiting
+    ``first_wait`` seconds before the second and twice as long before each further one, and
+    never past the caller's deadline."""
+
+    attempts: int = 3
+    first_wait: float = 0.05
+
+    def wait(self, attempt: int) -> float:
+        """Seconds to wait before attempt number ``attempt`` (0-based; 0 for the first)."""
+        return 0.0 if attempt == 0 else self.first_wait * 2 ** (attempt - 1)
+
+
+#: The policy of every source unless given another.
+DEFAULT_RETRY = RetryPolicy()
+
+
 class Source(ABC):
     """Where missing chunks come from. One instance serves one iMI version.
 
@@ -66,6 +89,8 @@ class Source(ABC):
     name: str
     #: Expected image size in bytes, or None while unknown.
     size: int | None = None
+    #: How :meth:`fetch` retries.
+    retry: RetryPolicy = DEFAULT_RETRY
 
     def __init__(self, name: str, size: int | None = None) -> None:
         self.name = name
@@ -110,6 +135,42 @@ class Source(ABC):
         self.stats.requests += 1
         self.stats.bytes += length
         return data
+
+    async def fetch(self, offset: int, length: int, *,
+                    check: Callable[[bytes], bool] | None = None,
+                    deadline: float | None = None) -> bytes:
+        """:meth:`read` under this source's :attr:`retry` policy: a failed attempt (a
+        SourceError, or bytes that ``check`` refuses) is tried again after a wait, until
+        the policy's attempts are spent or ``deadline`` (``time.monotonic()`` seconds) has
+        passed. Raises the last attempt's SourceError (a refused check is a
+        SourceDataError naming the source); ValueError as :meth:`read`."""
+        error: SourceError = SourceUnavailable(f"{self.name}: no attempt before the deadline")
+        for attempt in range(max(1, self.retry.attempts)):
+            wait = self.retry.wait(attempt)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= wait:
+                    break
+            if wait:
+                await asyncio.sleep(wait)
+            try:
+                if deadline is None:
+                    data = await self.read(offset, length)
+                else:
+                    data = await asyncio.wait_for(self.read(offset, length),
+                                                  deadline - time.monotonic())
+            except TimeoutError:
+                error = SourceUnavailable(f"{self.name}: no data before the deadline")
+                break
+            except SourceError as e:
+                error = e
+                continue
+            if check is not None and not check(data):
+                self.stats.errors += 1
+                error = SourceDataError(f"{self.name}: bytes at {offset} failed their check")
+                continue
+            return data
+        raise error
 
     @abstractmethod
     async def _read(self, offset: int, length: int) -> bytes:
@@ -182,8 +243,10 @@ def open_source(
 
 
 __all__ = [
+    "DEFAULT_RETRY",
     "NBD_PORT",
     "RetryClock",
+    "RetryPolicy",
     "Source",
     "SourceDataError",
     "SourceError",

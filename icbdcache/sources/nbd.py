@@ -18,8 +18,9 @@ Notes on the design:
   left, :meth:`read` raises SourceUnavailable at once instead of waiting, so the read path can
   answer EIO fast or fall back. Several connections lost at once count as one failure. An idle
   connection that the upstream closes is only dropped: the next read connects again.
-- A read whose connection is lost (or whose upstream answers ESHUTDOWN) is tried again, up to
-  ``retries`` times, on another live connection; during a back-off without one it fails.
+- A read whose connection is lost (or whose upstream answers ESHUTDOWN) fails with
+  SourceUnavailable; it is not tried again here. Retrying is :meth:`Source.fetch`'s one
+  policy (the next attempt takes another live connection, or connects anew).
 - The upstream export must have the expected size (when given) on every connection; reads are
   widened to the upstream's minimum block size and split at its maximum block size.
 """
@@ -62,9 +63,8 @@ class NBDSource(Source):
     name. ``size``: expected export size in bytes (an export of another size is refused with
     SourceDataError); without it the size of the first connection's export is expected from
     every later one. ``timeout``: seconds per read, everything included (also the limit of one
-    connection attempt). ``connections``: most connections open at once. ``retries``: further
-    attempts of a read whose connection was lost or whose upstream answered ESHUTDOWN.
-    ``backoff``: (first, longest) wait in seconds after failures.
+    connection attempt). ``connections``: most connections open at once. ``backoff``:
+    (first, longest) wait in seconds after failures.
 
     Raises nothing until used; :meth:`read` raises SourceUnavailable (unreachable, refused,
     lost, timed out, backing off, upstream I/O error) or SourceDataError (wrong export size,
@@ -80,7 +80,6 @@ class NBDSource(Source):
         size: int | None = None,
         timeout: float = 5.0,
         connections: int = 4,
-        retries: int = 1,
         backoff: tuple[float, float] = (BACKOFF_INITIAL, BACKOFF_MAX),
     ) -> None:
         if connections < 1:
@@ -96,7 +95,6 @@ class NBDSource(Source):
         self.export = export
         self.timeout = timeout
         self.connections = connections
-        self.retries = retries
         self._clock = RetryClock(*backoff)
         self._conns: list[aio.AsyncClient] = []
         self._connecting: asyncio.Task[aio.AsyncClient] | None = None
@@ -291,28 +289,24 @@ class NBDSource(Source):
     async def _read(self, offset: int, length: int) -> bytes:
         """Raises SourceUnavailable or SourceDataError (see the class docstring)."""
         deadline = asyncio.get_running_loop().time() + self.timeout
-        tries = 0
-        while True:
-            client: aio.AsyncClient | None = None
-            cm = asyncio.timeout_at(deadline)
-            try:
-                async with cm:
-                    client = await self._pick()
-                    return await self._attempt(client, offset, length)
-            except TimeoutError as e:
-                if not cm.expired():  # not ours: an OS-level ETIMEDOUT
-                    raise SourceUnavailable(f"{self.name}: {e}") from e
-                if client is not None:
-                    self._failed(f"no reply in {self.timeout:g} s")
-                    if client in self._conns:
-                        log.info(kv(source=self.name, retired=f"no reply in {self.timeout:g} s",
-                                    connections=len(self._conns) - 1))
-                        self._retire(client)
-                raise SourceUnavailable(f"{self.name}: no data in {self.timeout:g} s") from None
-            except _Lost as e:
-                tries += 1
-                if tries > self.retries:
-                    raise SourceUnavailable(f"{self.name}: {e}") from None
+        client: aio.AsyncClient | None = None
+        cm = asyncio.timeout_at(deadline)
+        try:
+            async with cm:
+                client = await self._pick()
+                return await self._attempt(client, offset, length)
+        except TimeoutError as e:
+            if not cm.expired():  # not ours: an OS-level ETIMEDOUT
+                raise SourceUnavailable(f"{self.name}: {e}") from e
+            if client is not None:
+                self._failed(f"no reply in {self.timeout:g} s")
+                if client in self._conns:
+                    log.info(kv(source=self.name, retired=f"no reply in {self.timeout:g} s",
+                                connections=len(self._conns) - 1))
+                    self._retire(client)
+            raise SourceUnavailable(f"{self.name}: no data in {self.timeout:g} s") from None
+        except _Lost as e:
+            raise SourceUnavailable(f"{self.name}: {e}") from None
 
     async def close(self) -> None:
         """Stop connecting and close every connection: each waits for its requests in flight

@@ -194,6 +194,15 @@ class Store:
         except lmdb.Error as e:
             raise self._failed(e) from e
 
+    def begin_chunks(self) -> Any:
+        """A read transaction on the chunks (``get(digest) -> buffer | None``, ``abort()``)
+        whose buffers are valid until it is aborted: for :class:`~icbdcache.store.reader.
+        ReadTxn`, the read path's one transaction per request. Raises StoreError."""
+        try:
+            return self.env.begin(db=self.db["chunks"], buffers=True)
+        except lmdb.Error as e:
+            raise self._failed(e) from e
+
     @_lmdb_errors
     def missing(self, keys: Iterable[bytes]) -> list[bytes]:
         """The keys in ``keys`` (not ZERO or UNKNOWN) that are not held, without duplicates."""

@@ -1,4 +1,4 @@
-"""Per-client copy-on-write overlays for writable (``,cow``) exports.
+"""The overlay layer: per-client copy-on-write for writable exports (``,cow``, ``--store-cow``).
 
 Notes on the design
 -------------------
@@ -43,7 +43,7 @@ import os
 import tempfile
 from collections.abc import Awaitable, Callable
 
-from icbdcache.backend import HOLE, Backend, Buffer, ReadResult
+from icbdcache.layers.base import HOLE, Buffer, Client, Layer, ReadResult, WriteResult
 from nbd.constants import StateFlag
 
 BLOCK = 4096
@@ -51,17 +51,47 @@ BASE, DATA, ZERO, ZALLOC = 0, 1, 2, 3
 _ZERO_BLOCKS = bytes(1 << 20)
 
 
-class CowOverlay(Backend):
+class _Writable(Layer):
+    """What a copy-on-write overlay answers: every write request is carried out here, so
+    writes, flushes, trims and zeroes are offered whatever the layers below are. Reads are
+    shared by every connection of a client in this process, so CAN_MULTI_CONN holds; CACHE
+    and block status pass to the layers below."""
+
+    def can_write(self) -> bool:
+        return True
+
+    def can_flush(self) -> bool:
+        return True
+
+    def can_fua(self) -> bool:
+        return True
+
+    def can_trim(self) -> bool:
+        return True
+
+    def can_zero(self) -> bool:
+        return True
+
+    def can_fast_zero(self) -> bool:
+        return True
+
+    def can_multi_conn(self) -> bool:
+        return True
+
+    def can_extents(self) -> bool:
+        return True
+
+
+class CowOverlay(_Writable):
     """A copy-on-write layer over ``below`` for one client identity.
 
     ``directory`` holds the overlay file (created sparse and unlinked at once).
     Raises OSError if the file cannot be created.
     """
 
-    def __init__(self, below: Backend, directory: str | None = None) -> None:
+    def __init__(self, below: Layer, directory: str | None = None) -> None:
+        super().__init__(below)
         self.below = below
-        self.size = below.size
-        self.read_only = False
         nblocks = (self.size + BLOCK - 1) // BLOCK
         self.state = bytearray(nblocks)
         self.touched = 0  # blocks not in BASE state; 0 means every read goes below
@@ -152,7 +182,7 @@ class CowOverlay(Backend):
         after = 0 if kind == BASE else last - first
         self.touched += after - before
 
-    def pwrite(self, offset: int, data: Buffer) -> Awaitable[None] | None:
+    def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> WriteResult:
         end = offset + len(data)
         first = offset // BLOCK
         last = (end - 1) // BLOCK
@@ -189,7 +219,8 @@ class CowOverlay(Backend):
         _pwrite_all(self.fd, data, offset)
         self._set(offset // BLOCK, (offset + len(data) - 1) // BLOCK + 1, DATA)
 
-    def zero(self, offset: int, length: int, no_hole: bool = False) -> Awaitable[None] | None:
+    def zero(self, offset: int, length: int, no_hole: bool = False,
+             fua: bool = False) -> WriteResult:
         end = offset + length
         first_full = (offset + BLOCK - 1) // BLOCK
         last_full = end // BLOCK if end != self.size else (end + BLOCK - 1) // BLOCK
@@ -205,7 +236,7 @@ class CowOverlay(Backend):
         self._set(first_full, last_full, ZALLOC if no_hole else ZERO)
         return _all(edges) if edges else None
 
-    def trim(self, offset: int, length: int) -> None:
+    def trim(self, offset: int, length: int, fua: bool = False) -> WriteResult:
         # Trimmed contents are unspecified (NBD proto.md, NBD_CMD_TRIM): only whole blocks are
         # released, as zeros, so no byte outside the range changes.
         first_full = (offset + BLOCK - 1) // BLOCK
@@ -214,6 +245,7 @@ class CowOverlay(Backend):
             last_full = (self.size + BLOCK - 1) // BLOCK
         if first_full < last_full:
             self._set(first_full, last_full, ZERO)
+        return None
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         first = offset // BLOCK
@@ -320,3 +352,37 @@ class _Entry:
         self.overlay = overlay
         self.boot_id = boot_id
         self.idle_since = 0.0
+
+
+class OverlayLayer(_Writable):
+    """The overlay layer of one export over ``next``: makes each client's
+    :class:`CowOverlay` (its file in ``directory``) when a connection starts, and keeps it
+    ``linger`` seconds after the client's last connection (:class:`OverlayRegistry`). Requests
+    never reach this layer itself: every connection talks to its client's overlay."""
+
+    def __init__(self, next: Layer, directory: str | None = None,
+                 linger: float = 120.0) -> None:
+        super().__init__(next)
+        self.directory = directory
+        below = next
+        self.registry = OverlayRegistry(lambda: CowOverlay(below, directory), linger)
+
+    def connect(self, client: Client) -> Layer:
+        """The client's overlay (a fresh one if it boots anew). Raises OSError if an overlay
+        file cannot be made."""
+        assert self.next is not None
+        self.next.connect(client)
+        return self.registry.acquire(client.identity, client.options.get("boot"), client.now)
+
+    def disconnect(self, client: Client, view: Layer) -> None:
+        if isinstance(view, CowOverlay):
+            self.registry.release(client.identity, view, client.now)
+        assert self.next is not None
+        self.next.disconnect(client, view)
+
+    def expire(self, now: float) -> int:
+        """Drop overlays idle for more than the linger; return how many."""
+        return self.registry.expire(now)
+
+    def close(self) -> None:
+        self.registry.close()

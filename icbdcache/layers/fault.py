@@ -1,0 +1,229 @@
+"""The fault layer: what the version below does not hold is fetched once, checked and stored.
+
+Notes on the design
+-------------------
+* The only layer that talks to sources. It sits on a :class:`~icbdcache.layers.version.
+  VersionLayer`; a read that finds every chunk held passes straight through (no task, no
+  await); a read that misses (:class:`~icbdcache.layers.version.ChunksMissing`) becomes a
+  coroutine that waits for the missing chunks and then answers with all the read's buffers.
+* **Single-flight**: one fetch per digest however many clients and versions wait for it
+  (versions share chunks); the in-flight table (:class:`Faults`) is shared by every version of
+  a process. A chunk whose digest is not known yet (UNKNOWN: a plain NBD upstream) is keyed by
+  (version, index) instead. Faults of different chunks run in parallel.
+* A fetch asks the version's sources in order, healthy ones first
+  (:attr:`~icbdcache.sources.Source.healthy`), each through :meth:`~icbdcache.sources.
+  Source.fetch`: the sources own the retry policy; this layer only moves on to the next
+  source, within one deadline (``fault_timeout``) for the whole fault.
+* The bytes are checked against the chunk map's digest before they are stored or served (the
+  check runs inside the source's attempt, so a corrupt answer is retried like a failed one).
+  A version whose map is not known learns each digest on its first fetch; before a fetch it
+  looks in the stored map, where another process sharing the store (``icbd-cache warm``,
+  another ``--workers`` process) may have learned it already.
+* ``cache`` (NBD_CMD_CACHE, and the readahead layer above) faults missing chunks in the
+  background, at most ``Faults.max_prefetch`` at a time; a hint beyond that is dropped.
+* A read that cannot be served in time fails with EIO for that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Sequence
+
+from icbdcache.layers.base import Buffer, Layer, ReadResult
+from icbdcache.layers.stats import ReadStats
+from icbdcache.layers.version import MAX_SCAN, ChunksMissing, VersionLayer
+from icbdcache.log import Throttled, kv
+from icbdcache.sources import Source, SourceError
+from icbdcache.store import UNKNOWN, ZERO, digest
+
+log = logging.getLogger("icbdcache.fault")
+warn = Throttled(log)
+
+
+class Faults:
+    """What every version's fault layer in a process shares: the faults in flight (by digest,
+    or by (version key, index) for unknown digests), the background budget, the deadline of a
+    fault (``fault_timeout``, seconds) and the counters."""
+
+    def __init__(self, stats: ReadStats, *, fault_timeout: float = 10.0,
+                 max_prefetch: int = 64) -> None:
+        self.stats = stats
+        self.fault_timeout = fault_timeout
+        self.inflight: dict[object, asyncio.Future[bytes]] = {}
+        #: Background faults (readahead, CACHE) in flight, and their bound.
+        self.prefetching = 0
+        self.max_prefetch = max_prefetch
+
+
+class FaultLayer(Layer):
+    """Faults the chunks ``next`` (a version) lacks from ``sources``, sharing ``faults``."""
+
+    next: VersionLayer
+
+    def __init__(self, next: VersionLayer, sources: Sequence[Source],
+                 faults: Faults) -> None:
+        super().__init__(next)
+        self.version = next
+        self.sources = list(sources)
+        self.faults = faults
+        self.reader = next.reader
+
+    # ---------------------------------------------------------------- reads
+
+    def pread(self, offset: int, length: int) -> ReadResult:
+        try:
+            return self.version.pread(offset, length)
+        except ChunksMissing as m:
+            self.faults.stats.misses += len(m.missing)
+            return self._complete(m.out, m.missing)
+
+    async def _complete(self, out: list[Buffer],
+                        missing: list[tuple[int, int, int, int]]) -> list[Buffer]:
+        datas = await asyncio.gather(*(self.fault(i) for _, i, _, _ in missing))
+        for (slot, _, lo, hi), data in zip(missing, datas, strict=True):
+            out[slot] = memoryview(data)[lo:hi]
+        return out
+
+    def present(self, index: int) -> bool:
+        """Whether chunk ``index`` is all zeros, held, or being faulted."""
+        v = self.version
+        d = v.digest_at(index)
+        if d == ZERO:
+            return True
+        if d == UNKNOWN:
+            return (v.key, index) in self.faults.inflight
+        return d in self.faults.inflight or self.reader.holds(d)
+
+    # ---------------------------------------------------------------- background
+
+    def cache(self, offset: int, length: int) -> None:
+        """NBD_CMD_CACHE: fault the range's missing chunks in the background, within the
+        background budget (a hint may be ignored, NBD proto.md 'NBD_CMD_CACHE'; at most
+        ``MAX_SCAN`` chunks are looked at per request)."""
+        cs = self.version.cs
+        first = offset // cs
+        last = min((offset + length - 1) // cs, first + MAX_SCAN - 1)
+        for i in range(first, last + 1):
+            if not self.prefetch(i):
+                break
+
+    def prefetch(self, index: int) -> bool:
+        """Fault chunk ``index`` in the background if it is missing. Returns False when the
+        background budget is spent (the caller stops asking)."""
+        f = self.faults
+        if f.prefetching >= f.max_prefetch:
+            return False
+        if self.present(index):
+            return True
+        f.stats.prefetched += 1
+        f.prefetching += 1
+        task = asyncio.ensure_future(self.fault(index))
+        task.add_done_callback(self._prefetched)
+        return True
+
+    def _prefetched(self, task: asyncio.Future[bytes]) -> None:
+        self.faults.prefetching -= 1
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed prefetch was logged by the fault
+
+    def can_cache(self) -> bool:
+        return True
+
+    # ---------------------------------------------------------------- faults
+
+    async def fault(self, index: int) -> bytes:
+        """The bytes of chunk ``index``, fetched once however many readers wait.
+        Raises OSError(EIO) when no source delivers good bytes within the deadline."""
+        v = self.version
+        d = v.digest_at(index)
+        key: object = d if d != UNKNOWN else (v.key, index)
+        f = self.faults
+        fut = f.inflight.get(key)
+        if fut is not None:
+            f.stats.coalesced += 1
+            return await asyncio.shield(fut)
+        if d == UNKNOWN:
+            d = self._stored_entry(index)
+            if d == ZERO:
+                return bytes(v.chunk_length(index))
+            if d != UNKNOWN:
+                return await self.fault(index)  # known now: by digest, maybe held
+        else:
+            held = self.reader.lookup(d)  # filled while this reader was queued
+            if held is not None:
+                return held
+        fut = asyncio.get_running_loop().create_future()
+        f.inflight[key] = fut
+        try:
+            data = await self._fetch(index, d)
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiters get it; nobody else must log it
+            raise
+        else:
+            fut.set_result(data)
+            return data
+        finally:
+            del f.inflight[key]
+
+    def _stored_entry(self, index: int) -> bytes:
+        """Map entry ``index`` as stored now (another process may have learned it since this
+        map was loaded); a known entry is copied into this map."""
+        d = self.reader.store.map_entry(self.version.key, index)
+        if d != UNKNOWN:
+            self.version.learn(index, d)
+        return d
+
+    def _ordered_sources(self) -> list[Source]:
+        healthy = [s for s in self.sources if s.healthy]
+        return healthy + [s for s in self.sources if not s.healthy]
+
+    async def _fetch(self, index: int, want: bytes) -> bytes:
+        v = self.version
+        stats = self.faults.stats
+        offset = index * v.cs
+        n = v.chunk_length(index)
+        deadline = time.monotonic() + self.faults.fault_timeout
+        last_error = "no source"
+        stats.faults += 1
+
+        def check(data: bytes) -> bool:
+            if want == UNKNOWN or digest(data) == want:
+                return True
+            stats.corrupt += 1
+            self.reader.count("corrupt_chunks")
+            warn.warning(kv(version=v.key, chunk=index, refused="digest mismatch"))
+            return False
+
+        for src in self._ordered_sources():
+            if time.monotonic() >= deadline:
+                break
+            try:
+                data = await src.fetch(offset, n, check=check, deadline=deadline)
+            except (SourceError, OSError) as e:
+                text = str(e) or type(e).__name__
+                last_error = text if text.startswith(src.name) else f"{src.name}: {text}"
+                continue
+            self._keep(index, want, data, src.name)
+            return data
+        stats.fault_errors += 1
+        warn.warning(kv(version=v.key, chunk=index, error=last_error, reply="EIO"))
+        raise OSError(errno.EIO, f"chunk {index} of {v.key} unavailable ({last_error})")
+
+    def _keep(self, index: int, want: bytes, data: bytes, source: str) -> None:
+        stats = self.faults.stats
+        stats.bytes_from[source] = stats.bytes_from.get(source, 0) + len(data)
+        self.reader.count(f"bytes_from:{source}", len(data))
+        got = want if want != UNKNOWN else digest(data)
+        updates: list[tuple[str, int, bytes]] = []
+        if want == UNKNOWN:
+            self.version.learn(index, got)
+            updates.append((self.version.key, index, got))
+        if got == ZERO:
+            if updates:
+                self.reader.learn(updates)
+            return
+        self.reader.keep(got, data, updates)

@@ -1,0 +1,123 @@
+"""The store as the read path sees it: chunk bytes from three tiers, fastest first.
+
+1. the hot set (:mod:`icbdcache.store.hotset`, process memory),
+2. chunks queued in the batched writer and not yet committed,
+3. LMDB, through one short read transaction per request (:class:`ReadTxn`).
+
+A chunk read from LMDB enters the hot set on its second read only, so one-time reads (a scan,
+``nbdcopy`` of a whole version) do not flush what the boot storm needs; until then only the
+requested slice is copied out of the transaction (py-lmdb: a buffer dies with its
+transaction). Every read notes the chunk's access for the store's eviction (with the writer's
+next batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from icbdcache.store.hotset import HotSet
+from icbdcache.store.lmdbstore import Store
+from icbdcache.store.writer import BatchWriter
+
+Buffer = bytes | bytearray | memoryview
+
+
+class ReadTxn:
+    """One LMDB read transaction, opened on the first chunk not found in memory and ended by
+    :meth:`close`."""
+
+    __slots__ = ("_txn", "store")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._txn: Any = None
+
+    def buffer(self, key: bytes) -> memoryview | None:
+        """The chunk's bytes inside the transaction: valid until :meth:`close`."""
+        if self._txn is None:
+            self._txn = self.store.begin_chunks()
+        buf = self._txn.get(key)
+        return memoryview(buf) if buf is not None else None
+
+    def close(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+
+
+class StoreReader:
+    """Reads chunks of ``store`` through the hot set (``hot_bytes`` bytes) and ``writer``
+    (made here when not given; closed by :meth:`close`)."""
+
+    def __init__(self, store: Store, *, hot_bytes: int = 1 << 30,
+                 writer: BatchWriter | None = None) -> None:
+        self.store = store
+        self.writer = writer or BatchWriter(store)
+        self.hot = HotSet(hot_bytes)
+        #: Chunks read once from LMDB since they were last admitted (admission on 2nd read).
+        self._seen: set[bytes] = set()
+        self._seen_max = 1 << 18
+
+    def txn(self) -> ReadTxn:
+        """A read transaction for one request's chunks (opened lazily)."""
+        return ReadTxn(self.store)
+
+    def holds(self, key: bytes) -> bool:
+        """Whether chunk ``key`` is held (in memory, queued, or in LMDB), without copying it."""
+        return (key in self.hot or self.writer.pending(key) is not None
+                or self.store.has_chunk(key))
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """A held chunk's bytes (entering the hot set), or None. Never blocks on the network."""
+        data = self.hot.get(key)
+        if data is None:
+            data = self.writer.pending(key)
+            if data is None:
+                data = self.store.get_chunk(key)
+                if data is None:
+                    return None
+            self.hot.put(key, data)
+        self.writer.touch(key)
+        return data
+
+    def read(self, key: bytes, lo: int, hi: int, txn: ReadTxn) -> Buffer | None:
+        """Bytes ``lo:hi`` of a held chunk, or None if it is not held."""
+        data = self.hot.get(key)
+        if data is None:
+            data = self.writer.pending(key)
+            if data is None:
+                buf = txn.buffer(key)
+                if buf is None:
+                    return None
+                seen = self._seen
+                if key not in seen:
+                    if len(seen) >= self._seen_max:
+                        seen.clear()
+                    seen.add(key)
+                    self.writer.touch(key)
+                    return bytes(buf[lo:hi])
+                seen.discard(key)
+                data = bytes(buf)
+            self.hot.put(key, data)
+        self.writer.touch(key)
+        return memoryview(data)[lo:hi]
+
+    def keep(self, key: bytes, data: bytes,
+             updates: Sequence[tuple[str, int, bytes]] = ()) -> None:
+        """Store a verified chunk (queued for the writer, readable at once, in the hot set)
+        with learned map entries ((version key, index, digest))."""
+        self.writer.put(key, data, updates)
+        self.hot.put(key, data)
+
+    def learn(self, updates: Sequence[tuple[str, int, bytes]]) -> None:
+        """Store learned map entries that come with no chunk (all-zero chunks)."""
+        self.writer.put_updates(updates)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the store's persistent counter ``name``."""
+        self.writer.count(name, n)
+
+    def close(self) -> None:
+        """Commit what the writer holds and stop it."""
+        self.writer.close()

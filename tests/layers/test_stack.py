@@ -1,0 +1,414 @@
+"""The read path's layers in-process, each over a fake ``next`` or a fake source.
+
+Covers what only subprocess tests reached before: single-flight (N waiters, one fetch), the
+store's memory tier (admission on a second read, LRU eviction), readahead along a boot profile
+while serving, CACHE passing through an overlay down to the fault layer, pass-through of
+whatever a layer does not define, and transmission flags built from the stack's answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from icbdcache.exports import Catalog, Export, Resolved
+from icbdcache.layers.base import Buffer, Client, Layer, ReadResult, transmission_flags
+from icbdcache.layers.fault import FaultLayer, Faults
+from icbdcache.layers.file import FileLayer
+from icbdcache.layers.overlay import CowOverlay, OverlayLayer
+from icbdcache.layers.profile import BootProfile
+from icbdcache.layers.readahead import ReadaheadLayer
+from icbdcache.layers.stats import ReadStats
+from icbdcache.layers.version import ChunksMissing, VersionLayer
+from icbdcache.node import Node
+from icbdcache.sources import RetryPolicy, Source, SourceUnavailable
+from icbdcache.store import Store, VersionMeta, digest
+from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
+from icbdcache.store.hotset import HotSet
+from icbdcache.store.reader import StoreReader
+from nbd.constants import TransmissionFlag as TF
+
+CS = 64 * 1024
+CHUNKS = 32
+
+
+def image_bytes() -> bytes:
+    """32 chunks; chunk 3 is all zeros, chunks 10 and 11 are equal (one digest)."""
+    out = bytearray()
+    for i in range(CHUNKS):
+        if i == 3:
+            out += bytes(CS)
+        else:
+            seed = 10 if i == 11 else i
+            out += bytes((seed * 31 + j) % 251 for j in range(256)) * (CS // 256)
+    return bytes(out)
+
+
+DATA = image_bytes()
+
+
+def chunk_map(data: bytes = DATA) -> bytearray:
+    return bytearray(b"".join(digest(data[i * CS : (i + 1) * CS]) for i in range(CHUNKS)))
+
+
+class FakeSource(Source):
+    """An image in memory; counts reads per offset; ``gate`` (an event) holds every read;
+    ``fail`` makes reads raise SourceUnavailable; ``flip`` corrupts the first N reads."""
+
+    def __init__(self, data: bytes, name: str = "fake") -> None:
+        super().__init__(name, len(data))
+        self.data = data
+        self.reads: list[int] = []
+        self.gate: asyncio.Event | None = None
+        self.fail = False
+        self.flip = 0
+        self.retry = RetryPolicy(attempts=3, first_wait=0.001)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.fail
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        self.reads.append(offset)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise SourceUnavailable(f"{self.name}: down")
+        out = self.data[offset : offset + length]
+        if self.flip:
+            self.flip -= 1
+            out = bytes([out[0] ^ 0xFF]) + out[1:]
+        return out
+
+
+class Recorder(Layer):
+    """A bottom layer that records what reaches it and answers reads with zeros."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(None)
+        self.size = size
+        self.calls: list[tuple[str, int, int]] = []
+
+    def pread(self, offset: int, length: int) -> ReadResult:
+        self.calls.append(("pread", offset, length))
+        return [bytes(length)]
+
+    def cache(self, offset: int, length: int) -> None:
+        self.calls.append(("cache", offset, length))
+
+    def can_cache(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def version_stack(store: Store, src: FakeSource, *, key_map: bytearray | None = None,
+                  hot: int = 1 << 30) -> tuple[StoreReader, VersionLayer, FaultLayer]:
+    meta = VersionMeta("lab", "1", len(DATA), CS, ["fake"])
+    m = key_map if key_map is not None else chunk_map()
+    store.put_version(meta, bytes(m))
+    reader = StoreReader(store, hot_bytes=hot)
+    stats = ReadStats()
+    version = VersionLayer(reader, meta, bytearray(m), stats)
+    fault = FaultLayer(version, [src], Faults(stats, fault_timeout=5.0))
+    return reader, version, fault
+
+
+def joined(bufs: list[Buffer]) -> bytes:
+    return b"".join(bytes(b) for b in bufs)
+
+
+async def read(layer: Layer, offset: int, length: int) -> bytes:
+    r = layer.pread(offset, length)
+    return joined(r if isinstance(r, list) else await r)
+
+
+# ---------------------------------------------------------------- pass-through
+
+
+def test_a_layer_passes_through_what_it_does_not_define() -> None:
+    bottom = Recorder(10 * CS)
+
+    class Middle(Layer):
+        pass
+
+    top = Middle(Middle(bottom))
+    assert top.size == bottom.size
+    assert joined(top.pread(5, 7)) == bytes(7)  # type: ignore[arg-type]
+    top.cache(CS, 2 * CS)
+    assert bottom.calls == [("pread", 5, 7), ("cache", CS, 2 * CS)]
+    assert top.can_cache() and not top.can_write() and not top.can_flush()
+    with pytest.raises(PermissionError):
+        top.pwrite(0, b"x")
+
+
+# ---------------------------------------------------------------- flags from can_*
+
+
+def test_flags_are_built_from_the_stack(tmp_path: Path, store: Store) -> None:
+    path = tmp_path / "base.img"
+    path.write_bytes(DATA[: 4 * CS])
+    file_layer = FileLayer(path)
+    ro = transmission_flags(file_layer)
+    assert ro & TF.READ_ONLY and ro & TF.SEND_CACHE and ro & TF.CAN_MULTI_CONN
+    assert not ro & (TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES)
+
+    cow = transmission_flags(OverlayLayer(file_layer, str(tmp_path)))
+    assert not cow & TF.READ_ONLY
+    for flag in (TF.SEND_FLUSH, TF.SEND_FUA, TF.SEND_TRIM, TF.SEND_WRITE_ZEROES,
+                 TF.SEND_FAST_ZERO, TF.SEND_CACHE, TF.CAN_MULTI_CONN):
+        assert cow & flag, flag
+
+    # a bottom that cannot CACHE: neither it nor an overlay over it advertises SEND_CACHE
+    plain = Recorder(CS)
+    plain.can_cache = lambda: False  # type: ignore[method-assign]
+    assert not transmission_flags(plain) & TF.SEND_CACHE
+    assert not transmission_flags(OverlayLayer(plain, str(tmp_path))) & TF.SEND_CACHE
+
+    # a store version: the version layer alone is hits only (no CACHE); the fault layer adds it
+    _, version, fault = version_stack(store, FakeSource(DATA))
+    assert not transmission_flags(version) & TF.SEND_CACHE
+    assert transmission_flags(fault) & TF.SEND_CACHE
+    file_layer.close()
+
+
+def test_the_catalog_hands_its_answer_to_transmission(tmp_path: Path) -> None:
+    path = tmp_path / "base.img"
+    path.write_bytes(DATA[: 2 * CS])
+    export = Export.of_layer("scratch", FileLayer(path), cow=True, cow_dir=str(tmp_path))
+    catalog = Catalog([export])
+    info = catalog.lookup("scratch?boot=abc")
+    assert info is not None and info.size == 2 * CS
+    assert isinstance(info.handle, Resolved)
+    assert info.handle.export is export and info.handle.options == {"boot": "abc"}
+    assert info.flags == transmission_flags(export.stack)
+    view = export.connect(Client("10.0.0.7", info.handle.options, 1.0))
+    assert isinstance(view, CowOverlay)
+    assert export.connect(Client("10.0.0.7", {"boot": "abc"}, 2.0)) is view  # same client
+    catalog.close()
+
+
+# ---------------------------------------------------------------- hot set
+
+
+def test_hot_set_evicts_the_least_recently_used() -> None:
+    hot = HotSet(3 * 100)
+    for k in (b"a", b"b", b"c"):
+        hot.put(k, bytes(100))
+    assert hot.get(b"a") is not None  # a is now the most recent
+    hot.put(b"d", bytes(100))
+    assert b"b" not in hot and b"a" in hot and b"c" in hot and b"d" in hot
+    assert hot.used == 300 and len(hot) == 3
+    off = HotSet(0)
+    off.put(b"x", b"y")
+    assert len(off) == 0
+
+
+def test_a_chunk_enters_the_hot_set_on_its_second_read(store: Store) -> None:
+    d = digest(DATA[:CS])
+    store.write_batch([(d, DATA[:CS])])
+    reader = StoreReader(store, hot_bytes=1 << 20)
+    try:
+        txn = reader.txn()
+        assert bytes(reader.read(d, 10, 20, txn) or b"") == DATA[10:20]
+        txn.close()
+        assert d not in reader.hot  # one read (a scan) does not admit
+        txn = reader.txn()
+        assert bytes(reader.read(d, 0, CS, txn) or b"") == DATA[:CS]
+        txn.close()
+        assert d in reader.hot
+        assert reader.read(digest(b"x" * 10), 0, 1, reader.txn()) is None
+    finally:
+        reader.close()
+
+
+# ---------------------------------------------------------------- version and fault
+
+
+def test_the_version_layer_answers_hits_and_names_what_it_lacks(store: Store) -> None:
+    reader, version, _ = version_stack(store, FakeSource(DATA))
+    reader.keep(digest(DATA[:CS]), DATA[:CS])
+    with pytest.raises(ChunksMissing) as e:
+        version.pread(CS - 5, 10)  # chunk 0 held, chunk 1 not
+    assert [(slot, index, lo, hi) for slot, index, lo, hi in e.value.missing] == [(1, 1, 0, 5)]
+    assert bytes(e.value.out[0]) == DATA[CS - 5 : CS]
+    assert joined(version.pread(3 * CS, 100)) == bytes(100)  # type: ignore[arg-type]
+    assert version.stats.hits == 1  # chunk 0; the zero chunk is no store hit
+    assert version.extents(2 * CS, 3 * CS) == [(CS, 0), (CS, 3), (CS, 0)]
+    reader.close()
+
+
+def test_single_flight_many_waiters_one_fetch(store: Store) -> None:
+    src = FakeSource(DATA)
+    reader, _version, fault = version_stack(store, src)
+
+    async def main() -> None:
+        src.gate = asyncio.Event()
+        waiters = [fault.pread(5 * CS + 100 * i, 100) for i in range(20)]
+        # chunks 10 and 11 share a digest: both reads wait for one fetch
+        waiters += [fault.pread(10 * CS, 10), fault.pread(11 * CS + 1, 10)]
+        assert all(not isinstance(w, list) for w in waiters)
+        tasks = [asyncio.ensure_future(w) for w in waiters]  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        assert len(src.reads) == 2  # every waiter is waiting; two fetches started
+        src.gate.set()
+        got = [joined(b) for b in await asyncio.gather(*tasks)]
+        assert got[:20] == [DATA[5 * CS + 100 * i : 5 * CS + 100 * i + 100] for i in range(20)]
+        assert got[20:] == [DATA[10 * CS : 10 * CS + 10], DATA[11 * CS + 1 : 11 * CS + 11]]
+
+    asyncio.run(main())
+    assert sorted(src.reads) == [5 * CS, 10 * CS]
+    stats = fault.faults.stats
+    assert stats.faults == 2 and stats.misses == 22 and stats.coalesced == 20
+    assert joined(fault.pread(5 * CS, CS)) == DATA[5 * CS : 6 * CS]  # type: ignore[arg-type]
+    reader.close()
+
+
+def test_a_corrupt_answer_is_refused_and_fetched_again(store: Store) -> None:
+    src = FakeSource(DATA)
+    src.flip = 1
+    reader, _, fault = version_stack(store, src)
+    got = asyncio.run(read(fault, 7 * CS, CS))
+    assert got == DATA[7 * CS : 8 * CS]
+    assert src.reads == [7 * CS, 7 * CS] and fault.faults.stats.corrupt == 1
+    reader.close()
+
+
+def test_a_dead_source_is_eio_for_that_read_only(store: Store) -> None:
+    src = FakeSource(DATA)
+    reader, _version, fault = version_stack(store, src)
+    reader.keep(digest(DATA[2 * CS : 3 * CS]), DATA[2 * CS : 3 * CS])
+    src.fail = True
+    with pytest.raises(OSError) as e:
+        asyncio.run(read(fault, 4 * CS, 10))
+    assert e.value.errno == 5 and "fake: down" in str(e.value)
+    assert len(src.reads) == 3  # the source's retry policy: three attempts
+    assert joined(fault.pread(2 * CS, 10)) == DATA[2 * CS : 2 * CS + 10]  # type: ignore[arg-type]
+    reader.close()
+
+
+def test_an_unknown_map_is_learned_and_checked_after(store: Store) -> None:
+    unknown = bytearray(UNKNOWN * CHUNKS)
+    src = FakeSource(DATA)
+    reader, version, fault = version_stack(store, src, key_map=unknown)
+    assert asyncio.run(read(fault, 3 * CS, 10)) == bytes(10)  # zero chunk, learned as ZERO
+    assert asyncio.run(read(fault, 9 * CS, 10)) == DATA[9 * CS : 9 * CS + 10]
+    assert version.digest_at(3) == ZERO and version.digest_at(9) == digest(DATA[9 * CS:10 * CS])
+    assert reader.writer.flush()
+    stored = store.chunk_map("lab@1")
+    assert bytes(stored[9 * DIGEST_SIZE : 10 * DIGEST_SIZE]) == version.digest_at(9)
+    reader.close()
+
+
+# ---------------------------------------------------------------- readahead
+
+
+def test_profile_readahead_while_serving(store: Store) -> None:
+    """A client that reads along the recorded profile: its misses hint the next chunks of
+    the profile down the stack, and reads of marked chunks keep the window moving."""
+    store.put_profile("lab@1", [2, 9, 4, 20, 21, 22, 5, 30])
+    bottom = Recorder(CHUNKS * CS)
+    profile = BootProfile(store, "lab@1", ahead=3)
+    ra = ReadaheadLayer(bottom, profile, CS, seq_ahead=0)
+    # a hit on chunk 2 (in the profile, unmarked): no hint
+    ra.pread(2 * CS, 10)
+    assert [c for c in bottom.calls if c[0] == "cache"] == []
+    # a miss on chunk 2: hint the next 3 of the profile and mark the middle one
+    bottom.pread = lambda o, n: asyncio.sleep(0, [bytes(n)])  # type: ignore[method-assign,assignment,return-value]
+    r = ra.pread(2 * CS, 10)
+    asyncio.run(r)  # type: ignore[arg-type]
+    hints = [o // CS for k, o, _ in bottom.calls if k == "cache"]
+    assert hints == [9, 4, 20] and profile.marks == {4}
+    # a later hit on the marked chunk 4 moves the window on
+    bottom.pread = lambda o, n: [bytes(n)]  # type: ignore[method-assign,assignment,return-value]
+    ra.pread(4 * CS, 10)
+    hints = [o // CS for k, o, _ in bottom.calls if k == "cache"]
+    assert hints == [9, 4, 20, 20, 21, 22] and profile.marks == {21}
+
+
+def test_recording_a_profile_then_saving_it(store: Store) -> None:
+    bottom = Recorder(CHUNKS * CS)
+    ra = ReadaheadLayer(bottom, BootProfile(store, "lab@1"), CS, seq_ahead=0)
+    ra.pread(0, 10)  # no client connected: nothing recorded
+    ra.connect(Client("10.0.0.1", {}, 0.0))  # a client at t=0: outside the window now
+    import time as _time
+    ra.connect(Client("10.0.0.2", {}, _time.monotonic()))
+    for idx in (7, 7, 1, 12):
+        ra.pread(idx * CS, 10)
+    ra.pread(2 * CS - 1, 2)  # spans chunks 1 and 2
+    ra.profile.save()
+    assert store.profile("lab@1") == [7, 1, 12, 2]
+
+
+def test_sequential_miss_hints_the_next_chunks(store: Store) -> None:
+    bottom = Recorder(CHUNKS * CS)
+    ra = ReadaheadLayer(bottom, BootProfile(store, "lab@1"), CS, seq_ahead=4)
+    bottom.pread = lambda o, n: asyncio.sleep(0, [bytes(n)])  # type: ignore[method-assign,assignment,return-value]
+
+    def hints() -> list[int]:
+        return [o // CS for k, o, _ in bottom.calls if k == "cache"]
+
+    asyncio.run(ra.pread(5 * CS, 10))  # type: ignore[arg-type]  # a lone miss
+    assert hints() == []
+    asyncio.run(ra.pread(6 * CS, 10))  # type: ignore[arg-type]  # follows chunk 5
+    assert [(o // CS, n // CS) for k, o, n in bottom.calls if k == "cache"] == [(7, 4)]
+
+
+# ---------------------------------------------------------------- CACHE through an overlay
+
+
+def test_cache_through_an_overlay_reaches_the_sources(tmp_path: Path, store: Store) -> None:
+    src = FakeSource(DATA)
+    reader, version, fault = version_stack(store, src)
+    ra = ReadaheadLayer(fault, BootProfile(store, "lab@1"), CS, seq_ahead=0)
+    export = Export.of_layer("lab@1", ra, cow=True, cow_dir=str(tmp_path))
+    assert transmission_flags(export.stack) & TF.SEND_CACHE
+
+    async def main() -> None:
+        view = export.connect(Client("10.0.0.9", {}, 1.0))
+        assert isinstance(view, CowOverlay)
+        view.cache(12 * CS + 1, 3 * CS)  # chunks 12..15
+        for _ in range(100):
+            if fault.faults.prefetching == 0 and len(src.reads) == 4:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert sorted(src.reads) == [12 * CS, 13 * CS, 14 * CS, 15 * CS]
+    assert reader.writer.flush()
+    assert all(version.held(i) for i in range(12, 16))
+    export.close()
+    reader.close()
+
+
+# ---------------------------------------------------------------- the node
+
+
+def test_node_warm_faults_the_profile_once(tmp_path: Path, store: Store) -> None:
+    img = tmp_path / "lab.img"
+    img.write_bytes(DATA)
+    meta = VersionMeta("lab", "1", len(DATA), CS, [str(img)])
+    store.put_version(meta, bytes(chunk_map()))
+    store.set_latest("lab", "1")
+    store.put_profile("lab@1", [4, 5, 6, 3])
+
+    async def main() -> tuple[str, int, int]:
+        node = Node(store)
+        try:
+            return await node.warm("lab", None, parallel=2)
+        finally:
+            await node.close()
+
+    assert asyncio.run(main()) == ("lab@1", 4, 0)
+    assert store.held == 3 * CS  # chunk 3 is zeros: never stored
+    assert store.stats()["faults"] == 3
+    assert os.path.exists(img)
