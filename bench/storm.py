@@ -48,7 +48,7 @@ SERVER_NAMES: tuple[str, ...] = ("icbd-cold", "icbd-warm", "nbdkit", "nbdkit-cac
 #: Servers that read the image from the upstream across the WAN.
 UPSTREAM_SERVERS = frozenset({"icbd-cold", "icbd-warm", "nbdkit-cache"})
 
-#: The export name every server under test serves (the upstream's is always this one).
+#: The export name the servers under test serve by default; the upstream's is always this one.
 EXPORT = servers.EXPORT
 
 #: The executable of each server.
