@@ -1,6 +1,6 @@
 """Real diskless workstations: QEMU guests that network-boot the project's test iMI.
 
-Shared by the PXE tests (``tests/test_pxe.py``) and ``icbd-bench bootstorm --driver vm``
+Shared by the PXE tests (``tests/pxeboot/test_pxe.py``) and ``icbd-bench bootstorm --driver vm``
 (``bench/vmdriver.py``).
 
 - The test iMI is ``scripts/build-test-imi``'s Debian image (built once, cached in

@@ -14,7 +14,7 @@ Notes on the design:
   boot configs name the server under test at the site's LAN address, which QEMU's user network
   reaches from the clients' namespace through the shaped LAN. On loopback the guests reach the
   server at 10.0.2.2.
-- **Servers** are the trace driver's (:func:`bench.bootstorm.server_argv`), started the same way,
+- **Servers** are the trace driver's (:func:`bench.storm.server_argv`), started the same way,
   with the export named as the PXE config names it (``lab@1``; nbdkit serves any name). The
   upstream serves the test iMI's ``imi.ext4``. icbd-cache runs with ``--trace`` (one CSV line per
   request: the latency from a request's arrival to its reply being queued), which gives
@@ -47,24 +47,28 @@ from typing import Any
 
 import psutil
 
-from bench import bootstorm, netlab, servers, vm
-from bench.bootstorm import (
+from bench import netlab, servers, vm
+from bench.replay import percentile
+from bench.serve import Progress, host_info, warm_page_cache
+from bench.storm import (
     MIB,
     UPSTREAM_SERVERS,
     Scenario,
     Settings,
+    Upstream,
     cpu_busy,
+    find_binaries,
     icbd_code_version,
     icbd_stats,
     log_reads,
     peak_rss,
+    server_argv,
+    sigterm_handler,
     spawn,
     upstream,
     wait_ready,
     warm_store,
 )
-from bench.replay import percentile
-from bench.serve import Progress, host_info, warm_page_cache
 
 #: The iMI name the test image is imported under; the boot configs name ``lab@1``.
 IMI = "lab"
@@ -337,7 +341,7 @@ def run_vm_one(ctx: VmContext, sc: Scenario, name: str, rep: int, store: Path | 
     t_start = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:
-            up: bootstorm.Upstream | None = None
+            up: Upstream | None = None
             if name in UPSTREAM_SERVERS:
                 up = stack.enter_context(upstream(net, ctx.binaries["upstream"], ctx.image,
                                                   run_dir, ctx.log_dir, tag))
@@ -347,7 +351,7 @@ def run_vm_one(ctx: VmContext, sc: Scenario, name: str, rep: int, store: Path | 
             extra = list(ctx.s.icbd_args)
             if name.startswith("icbd"):
                 extra += ["--trace", str(trace)]
-            argv = bootstorm.server_argv(name, ctx.binaries[name], ctx.image, host, port,
+            argv = server_argv(name, ctx.binaries[name], ctx.image, host, port,
                                          (up.host, up.port) if up else None, store, extra,
                                          export=ctx.key)
             env = {"TMPDIR": str(run_dir)} if name == "nbdkit-cache" else None
@@ -711,7 +715,7 @@ def run(s: Settings) -> int:
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         print(f"bootstorm: {e}", file=sys.stderr)
         return 2
-    binaries, missing = bootstorm._find_binaries(s.servers)
+    binaries, missing = find_binaries(s.servers)
     for name, why_missing in missing.items():
         print(f"bootstorm: skipping {name}: {why_missing}")
     names = [n for n in s.servers if n in binaries]
@@ -728,8 +732,7 @@ def run(s: Settings) -> int:
     records: list[VmRunRecord] = []
     meta: dict[str, Any] = {}
     interrupted = False
-    old = signal.signal(signal.SIGTERM, bootstorm._sigterm)
-    bootstorm._MAIN_PID = os.getpid()
+    old = signal.signal(signal.SIGTERM, sigterm_handler(os.getpid()))
     net: netlab.Network | None = None
     try:
         try:
@@ -812,7 +815,7 @@ def _meta(s: Settings, ctx: VmContext, names: list[str], missing: dict[str, str]
     for n in names:
         b = ctx.binaries[n]
         up = (net.upstream_host, 0) if n in UPSTREAM_SERVERS else None
-        argv = bootstorm.server_argv(n, b, ctx.image, net.site_host, 0, up, Path("STORE"),
+        argv = server_argv(n, b, ctx.image, net.site_host, 0, up, Path("STORE"),
                                      s.icbd_args, export=ctx.key)
         srv[n] = {"binary": b, "version": servers.tool_version(b),
                   "cmd": shlex.join(argv).replace(":0", ":PORT").replace("port=0", "port=PORT")}

@@ -195,8 +195,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 def _keep_boot_files(store: Store, meta: VersionMeta, image: str, *, quiet: bool,
                      command: str = "import") -> None:
     """import's (and publish's) best effort for PXE: the --kernel/--initrd given, or those
-    inside an ext4 image, copied to STORE/boot/IMI@VERSION (icbdcache.store.bootfiles). A failure is a
-    warning naming ``icbd-cache COMMAND``."""
+    inside an ext4 image, copied to STORE/boot/IMI@VERSION (icbdcache.store.bootfiles). A
+    failure is a warning naming ``icbd-cache COMMAND``."""
     from icbdcache.store import bootfiles
 
     try:

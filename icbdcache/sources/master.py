@@ -28,7 +28,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from icbdcache.log import kv
-from icbdcache.sources import RetryClock, Source, SourceDataError, SourceUnavailable
+from icbdcache.sources.base import RetryClock, Source, SourceDataError, SourceUnavailable
 from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO, digest
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ import logging
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from icbdcache.log import kv
-from icbdcache.sources import (
+from icbdcache.sources.base import (
     NBD_PORT,
     RetryClock,
     Source,

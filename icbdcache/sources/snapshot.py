@@ -24,7 +24,7 @@ from functools import partial
 from typing import TypeVar
 
 from icbdcache.log import kv
-from icbdcache.sources import RetryClock, Source, SourceDataError, SourceUnavailable
+from icbdcache.sources.base import RetryClock, Source, SourceDataError, SourceUnavailable
 
 log = logging.getLogger("icbdcache.sources")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import sha256_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from icbdcache.layers.file import FileLayer
 from icbdcache.layers.overlay import BLOCK, CowOverlay, OverlayRegistry
-from tests.conftest import sha256_file
 
 SIZE = 64 * BLOCK + 123  # not a multiple of the block size: the last block is partial
 

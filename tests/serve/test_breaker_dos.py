@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,14 @@ from nbd.constants import BASE_ALLOCATION, REQUEST_MAGIC, Cmd
 MiB = 1 << 20
 GiB = 1 << 30
 ServerFactory = Callable[..., Server]
+
+
+def pattern(offset: int, length: int) -> bytes:
+    """What ``nbdkit pattern`` serves at ``offset``: every 8-byte word holds its own offset,
+    big-endian."""
+    first = offset - offset % 8
+    words = b"".join(struct.pack(">Q", o) for o in range(first, offset + length, 8))
+    return words[offset - first : offset - first + length]
 
 
 def _rss_anon_mib(pid: int) -> int:
@@ -107,9 +116,9 @@ def test_cache_request_on_cold_store_is_bounded(
     with connect(srv.port, "pat") as c:
         assert c.simple(Cmd.CACHE, 0, 1 * GiB) == 0
         with connect(srv.port, "pat", timeout=60.0) as other:
-            err, _ = other.read(32 * GiB, 4096)
+            err, data = other.read(32 * GiB + 100, 4096)
         grown = _rss_anon_mib(srv.proc.pid) - before
-    assert err == 0
+    assert err == 0 and data == pattern(32 * GiB + 100, 4096)
     assert grown < 600, f"one CACHE request grew the server's anonymous memory by {grown} MiB"
     srv.stop()  # counters reach the store at shutdown
     stats = json.loads(subprocess.run(
@@ -133,4 +142,4 @@ def test_disc_answers_outstanding_cache_miss_read(
             err, data = c.reply(cookie)
         except ServerClosed as e:
             pytest.fail(f"the READ before NBD_CMD_DISC was never answered: {e}")
-        assert err == 0 and len(data) == 4096
+        assert err == 0 and data == pattern(100 * MiB, 4096)

@@ -16,7 +16,7 @@ from typing import Any
 
 from conftest import BIN, require
 
-from bench import bootstorm
+from bench import bootstorm, storm
 from bench.replay import DEFAULT_TRACE, load_trace
 
 
@@ -34,7 +34,7 @@ def _run(tmp_path: Path, *args: str) -> dict[str, Any]:
 def test_quick_every_client_replays_every_read(tmp_path: Path) -> None:
     require("nbdkit", "qemu-nbd")
     requests = 60
-    names = list(bootstorm.SERVER_NAMES)
+    names = list(storm.SERVER_NAMES)
     doc = _run(tmp_path, "--quick", "--wan", "none", "--lan", "none", "--clients", "3",
                "--requests", str(requests), "--server", ",".join(names))
     trace = load_trace(DEFAULT_TRACE).head(requests)
@@ -68,8 +68,8 @@ def test_icbd_cold_fetches_each_chunk_once(tmp_path: Path) -> None:
     assert all(c["requests"] == requests and not c["mismatches"] for c in run["clients"])
     trace = load_trace(DEFAULT_TRACE).head(requests)
     size = doc["meta"]["image_bytes"]
-    chunk = bootstorm.CHUNK_SIZE
-    reads = bootstorm.log_reads(Path(run["upstream_log"]))
+    chunk = storm.CHUNK_SIZE
+    reads = storm.log_reads(Path(run["upstream_log"]))
     fetched = [off // chunk for off, _ in reads]
     assert all(off % chunk == 0 and n == min(chunk, size - off) for off, n in reads), reads[:5]
     assert len(fetched) == len(set(fetched)), "a chunk was fetched twice"

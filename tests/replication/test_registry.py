@@ -516,7 +516,7 @@ def test_etcd_second_endpoint_used(etcd_server: EtcdServer) -> None:
 
 
 def test_etcd_uri_parsing() -> None:
-    pytest.importorskip("aetcd")
+    pytest.importorskip("aetcd", reason="aetcd is not installed (scripts/setup installs it)")
     from icbdcache.replication.registry.etcd import EtcdRegistry
 
     r = EtcdRegistry.from_uri("etcd://10.0.0.1:2379,10.0.0.2:2380/sites/eu", down_after=7)
@@ -621,7 +621,8 @@ def test_etcd_lost_and_back(tmp_path: Path) -> None:
 
 def test_etcd_under_uvloop(etcd_server: EtcdServer) -> None:
     """The master runs on uvloop: aetcd's gRPC calls and watches work there too."""
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop
+
     uri = etcd_server.uri(f"/t-{uuid.uuid4().hex[:12]}")
 
     async def body() -> None:

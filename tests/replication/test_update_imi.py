@@ -13,10 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from icbdcache.store.chunks import CHUNK_SIZE, ZERO, digest
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def build_test_imi() -> Path:

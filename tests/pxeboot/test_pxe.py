@@ -357,7 +357,9 @@ def test_import_with_given_kernel_and_initrd(tmp_path: Path) -> None:
     assert (store / "boot" / key / "initrd.img").read_bytes() == b"given initrd"
     assert f"{key}: kernel" in run(ICBD, "pxe", "extract", "--store", str(store)).stdout
     p = run(ICBD, "import", str(img), "--imi", "raw", "--store", str(store))
+    assert re.search(r"imported raw@2:", p.stdout), p.stdout  # the summary, without boot files
     assert "boot files" not in p.stdout and "warning" not in p.stderr, "not ext4: no attempt"
+    assert not (store / "boot" / "raw@2").exists()
     bad = "raw@2"
     p = run(ICBD, "pxe", "extract", bad, "--store", str(store), check=False)
     assert p.returncode == 1 and "not an ext2/3/4 image" in p.stderr
@@ -383,12 +385,16 @@ def test_render_cli_writes_the_tree(fake_imi: FakeImi, tmp_path: Path) -> None:
     assert "nbdroot=10.9.8.7:10810/lab@1" in (out / "boot.ipxe").read_text()
     assert (out / "pxelinux.cfg/01-52-54-00-aa-00-01").is_file()
     assert (out / "ipxe/52-54-00-aa-00-01.ipxe").is_file()
-    if Path("/usr/lib/PXELINUX/pxelinux.0").is_file():
+    pxelinux = Path("/usr/lib/PXELINUX/pxelinux.0").is_file()
+    if pxelinux:
         for name in ("pxelinux.0", "ldlinux.c32", "menu.c32", "libutil.c32", "libcom32.c32"):
             assert (out / name).stat().st_size > 0, name
     run(*args)  # the pin is gone: so are its files
     assert not (out / "pxelinux.cfg/01-52-54-00-aa-00-01").exists()
     assert not (out / "ipxe/52-54-00-aa-00-01.ipxe").exists()
+    if not pxelinux:  # all else was checked; say what was not
+        pytest.skip("PXELINUX is not installed (packages pxelinux, syslinux-common): its files "
+                    "in the tree were not checked")
 
 
 # ------------------------------------------------------------------------------------- TFTP
@@ -568,7 +574,7 @@ def test_serve_pxe_in_one_process(fake_imi: FakeImi, tmp_path: Path) -> None:
         run("curl", "-sSf", "-o", str(tmp_path / "k"), f"tftp://127.0.0.1:{tftp}/boot/{key}/vmlinuz")
         assert (tmp_path / "k").read_bytes() == fake_imi.kernel
         pxelinux = Path("/usr/lib/PXELINUX/pxelinux.0")
-        if pxelinux.is_file():
+        if pxelinux.is_file():  # else skipped at the end, once the rest is checked
             run("curl", "-sSf", "-o", str(tmp_path / "p"), f"tftp://127.0.0.1:{tftp}/pxelinux.0")
             assert (tmp_path / "p").read_bytes() == pxelinux.read_bytes()
         run("nbdcopy", srv.uri(key), str(tmp_path / "copy.img"))
@@ -584,6 +590,9 @@ def test_serve_pxe_in_one_process(fake_imi: FakeImi, tmp_path: Path) -> None:
     for port, kind in ((http, socket.SOCK_STREAM), (srv.port, socket.SOCK_STREAM)):
         with socket.socket(socket.AF_INET, kind) as s, pytest.raises(OSError):
             s.connect(("127.0.0.1", port))
+    if not pxelinux.is_file():
+        pytest.skip("PXELINUX is not installed (packages pxelinux, syslinux-common): "
+                    "pxelinux.0 over TFTP was not checked")
 
 
 def test_serve_pxe_refusals(tmp_path: Path) -> None:

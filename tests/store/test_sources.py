@@ -43,7 +43,8 @@ def chunk_range(index: int, size: int = SIZE) -> tuple[int, int]:
 def run(coro: Callable[[], Awaitable[None]], loop: str = "asyncio") -> None:
     """Run a test body on a fresh loop: plain asyncio, or uvloop (what the server uses)."""
     if loop == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
+        import uvloop  # a dependency of the project: never skipped
+
         uvloop.run(coro())
     else:
         asyncio.run(coro())  # type: ignore[arg-type]

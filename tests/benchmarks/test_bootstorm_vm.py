@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import BIN, require
 
-from bench import bootstorm
+from bench import storm
 from bench.vm import Unavailable, build_test_imi
 
 
@@ -52,8 +52,8 @@ def test_two_guests_boot_at_once_from_a_cold_store(tmp_path: Path) -> None:
     assert run["server_lat_p50_ms"] is not None and run["server_lat_max_ms"] is not None
     assert run["server_cpu_s"] is not None and run["peak_rss"] > 0
     # the upstream served whole 64 KiB chunks, none twice, fewer bytes than the guests read
-    reads = bootstorm.log_reads(Path(run["upstream_log"]))
-    chunks = [off // bootstorm.CHUNK_SIZE for off, _ in reads]
+    reads = storm.log_reads(Path(run["upstream_log"]))
+    chunks = [off // storm.CHUNK_SIZE for off, _ in reads]
     assert reads and len(chunks) == len(set(chunks)), "a chunk crossed the WAN twice"
     assert run["upstream_read_bytes"] == sum(n for _, n in reads)
     assert 0 < run["upstream_read_bytes"] < (imi / "imi.ext4").stat().st_size

@@ -538,13 +538,15 @@ def test_replica_boot_files_are_bounded(tmp_path: Path, monkeypatch: pytest.Monk
     best effort, as at import), without them."""
     from icbdcache.store.bootfiles import boot_root
 
-    monkeypatch.setattr("icbdcache.replication.client.MAX_BOOT_FILE", 1 << 20, raising=False)
+    monkeypatch.setattr("icbdcache.replication.client.MAX_BOOT_FILE", 1 << 20)
     fake, img = Fake(), Image.make()
     fake.add("lab", "1", img)
     fake.boot = {"kernel": bytes(4 << 20), "initrd": b"initrd"}
     store_dir = tmp_path / "store"
     out = run_replica(fake, store_dir)
     assert (out.rc, out.latest) == (0, {"lab": "1"})
+    boot = "/v1/boot/{imi}/{version}/{which}"
+    assert fake.hits.get(boot, 0) >= 1, fake.hits  # asked for, then refused
     kept = boot_root(store_dir) / "lab@1"
     assert not kept.exists() or not any(kept.iterdir()), list(kept.iterdir())
 
@@ -558,8 +560,10 @@ def test_replica_boot_files_are_bounded(tmp_path: Path, monkeypatch: pytest.Monk
         return resp
 
     fake.override["/v1/boot/{imi}/{version}/{which}"] = chunked
+    asked = fake.hits.get(boot, 0)
     out = run_replica(fake, tmp_path / "store3")
     assert (out.rc, out.latest) == (0, {"lab": "1"})
+    assert fake.hits.get(boot, 0) > asked, fake.hits
     assert not (boot_root(tmp_path / "store3") / "lab@1" / "vmlinuz").exists()
     del fake.override["/v1/boot/{imi}/{version}/{which}"]
     fake.boot = {"kernel": b"kernel", "initrd": b"initrd"}  # a sane size is kept
@@ -637,7 +641,7 @@ def test_replica_reads_a_bounded_json_answer(tmp_path: Path,
     """A catalog (or any JSON answer) was read whole (resp.read()) however long it was. The
     client now reads at most client.MAX_JSON bytes (made 1 MiB here), refuses a longer
     answer and hangs up."""
-    monkeypatch.setattr("icbdcache.replication.client.MAX_JSON", 1 << 20, raising=False)
+    monkeypatch.setattr("icbdcache.replication.client.MAX_JSON", 1 << 20)
     sent: list[int] = []
     total = 64 << 20
 
@@ -848,7 +852,7 @@ def test_master_bounds_the_subscriptions_of_a_registration(tmp_path: Path) -> No
     (duplicates counted once); more is a 400 and nothing is stored."""
     from icbdcache.replication import master as master_mod
 
-    cap = getattr(master_mod, "MAX_SUBSCRIBE", 256)
+    cap = master_mod.MAX_SUBSCRIBE
 
     async def body(probe: Probe, m: Master) -> None:
         names = [f"i{n}" for n in range(cap + 1)]
@@ -947,7 +951,7 @@ def test_master_drops_a_chunk_stream_nobody_reads(tmp_path: Path,
     clients took the master's memory. A slice that cannot be sent within
     master.STALL_TIMEOUT (made 0.5 s here) now ends the stream and closes the connection;
     a client that reads gets every frame as before."""
-    monkeypatch.setattr("icbdcache.replication.master.STALL_TIMEOUT", 0.5, raising=False)
+    monkeypatch.setattr("icbdcache.replication.master.STALL_TIMEOUT", 0.5)
     port: list[int] = []
 
     async def body(probe: Probe, m: Master) -> None:
@@ -983,7 +987,7 @@ def test_replica_does_not_spin_on_a_watch_that_answers_at_once(
     a change, had the replica loop as fast as it could: about 600 watches and 1200
     keep-alives a second here, and a state-record write to its store each time. Watches now
     start at most one per replica.WATCH_GAP seconds (made an hour here: one watch only)."""
-    monkeypatch.setattr("icbdcache.replication.replica.WATCH_GAP", 3600.0, raising=False)
+    monkeypatch.setattr("icbdcache.replication.replica.WATCH_GAP", 3600.0)
     fake, img = Fake(), Image.make()
     fake.add("lab", "1", img)
 

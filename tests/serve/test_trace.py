@@ -6,8 +6,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from conftest import require
+
 from bench.chunksize import load_trace
-from tests.conftest import require
 
 
 def test_trace_records_every_read(tmp_path: Path, image: Path, server_factory: Any) -> None:
