@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,22 @@ def server_factory(tmp_path: Path) -> Iterator[object]:
 
 
 os.environ.setdefault("LIBNBD_DEBUG", "0")
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[Any]:
+    """``upstream(image, **kw)`` starts an nbdkit upstream with its log filter
+    (:class:`upstreams.Upstream`); every one started is killed at teardown."""
+    from upstreams import Upstream
+
+    require("nbdkit")
+    started: list[Upstream] = []
+
+    def factory(img: Path, **kw: Any) -> Upstream:
+        up = Upstream(img, tmp_path / f"nbdkit-{len(started)}.log", **kw).start()
+        started.append(up)
+        return up
+
+    yield factory
+    for up in started:
+        up.stop()

@@ -15,13 +15,11 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,14 +28,13 @@ import pytest
 from conftest import (
     BIN,
     Server,
-    free_port,
     make_image,
     require,
     require_holes,
     sha256_file,
-    wait_port,
 )
 from readers import hash_outputs, nbdcopy_procs
+from upstreams import Upstream
 
 from nbd import aio
 from nbd.constants import Cmd, Errno, TransmissionFlag
@@ -163,90 +160,6 @@ def copies_match(uris: Sequence[str], img: Image) -> None:
 
 def store_args(store: Path, *more: str) -> tuple[str, ...]:
     return ("--store", str(store), *more)
-
-
-# ------------------------------------------------------------------ nbdkit upstream
-
-_READ = re.compile(r"(?:^|\s)Read id=\d+ offset=0x([0-9a-fA-F]+) count=0x([0-9a-fA-F]+)")
-
-
-class Upstream:
-    """``nbdkit -r -f -p PORT -i 127.0.0.1 --filter=log [FILTERS] file IMAGE logfile=LOG``.
-
-    The log filter writes one ``Read id=N offset=0x.. count=0x.. ...`` line when a read
-    starts and one ``...Read id=N return=..`` line when it ends; only the first kind is counted.
-    The log is appended to across restarts (same port, same log).
-    """
-
-    def __init__(self, image: Path, log: Path, *, filters: Sequence[str] = (),
-                 params: Sequence[str] = (), options: Sequence[str] = ()) -> None:
-        self.image = image
-        self.log = log
-        self.filters = filters
-        self.params = params
-        self.options = options
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/"
-
-    def start(self) -> Upstream:
-        cmd = ["nbdkit", "-r", "-f", "--exit-with-parent", "-p", str(self.port),
-               "-i", "127.0.0.1", *self.options, "--filter=log",
-               *(f"--filter={f}" for f in self.filters),
-               "file", str(self.image), f"logfile={self.log}", "logappend=true", *self.params]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_port("127.0.0.1", self.port)
-        except TimeoutError:
-            self.stop()
-            raise
-        return self
-
-    def stop(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            self.proc.wait(15)
-        self.proc = None
-
-    def reads(self) -> list[tuple[int, int]]:
-        """(offset, count) of every read request the upstream was asked for."""
-        if not self.log.exists():
-            return []
-        text = self.log.read_text(errors="replace")
-        return [(int(o, 16), int(c, 16)) for o, c in _READ.findall(text)]
-
-    def read_bytes(self) -> int:
-        return sum(c for _, c in self.reads())
-
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        """Wait until every connection the upstream accepted has ended (so that requests a
-        killed client left queued are logged before the log is counted)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.log.read_text(errors="replace") if self.log.exists() else ""
-            if text.count(" Connect export=") == text.count(" Disconnect transactions="):
-                return
-            assert time.monotonic() < deadline, f"upstream connections never ended:\n{text}"
-            time.sleep(0.05)
-
-
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[Callable[..., Upstream]]:
-    """Start an nbdkit upstream on an image; every one started is killed at teardown."""
-    require("nbdkit")
-    started: list[Upstream] = []
-
-    def factory(img: Path, **kw: Any) -> Upstream:
-        up = Upstream(img, tmp_path / f"nbdkit-{len(started)}.log", **kw).start()
-        started.append(up)
-        return up
-
-    yield factory
-    for up in started:
-        up.stop()
 
 
 # ------------------------------------------------------------------ a corrupting upstream
