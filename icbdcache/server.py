@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, cast
 from icbdcache.backend import Backend, Buffer
 from icbdcache.exports import Catalog, Export, ExportSpec
 from icbdcache.log import Throttled, kv, tag_process
+from icbdcache.loop import new_event_loop
 from icbdcache.node import Node
 from icbdcache.store import Store, StoreError
 from nbd.constants import Cmd, CmdFlag, Errno
@@ -589,16 +590,6 @@ def open_node(config: ServeConfig) -> Node | None:
                 source_timeout=config.source_timeout)
     node.cache.seq_ahead = max(0, config.readahead)
     return node
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop loop, or asyncio's own where uvloop is missing."""
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.new_event_loop()
 
 
 async def _start_pxe(server: Server, config: PxeConfig, node: Node) -> None:

@@ -149,7 +149,7 @@ async def _serve(config: PxeConfig, ready: asyncio.Event | None = None) -> None:
 def run(config: PxeConfig) -> int:
     """Serve until SIGTERM/SIGINT. Returns the exit status; raises OSError or StoreError
     when it cannot start."""
-    from icbdcache.server import new_event_loop
+    from icbdcache.loop import new_event_loop
 
     loop = new_event_loop()
     try:

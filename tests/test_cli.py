@@ -423,7 +423,7 @@ def test_installed_cli_is_on_the_venv_path() -> None:
 
 
 def test_serve_doc_config_example_loads(tmp_path: Path) -> None:
-    from icbdcache.cli import load_config
+    from icbdcache.commands.serve import load_config
 
     text = (REPO / "docs" / "serve.md").read_text()
     example = re.search(r"```toml\n(.*?)```", text, re.S)

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from icbdcache.storecli import DEFAULT_STORE
+from icbdcache.commands.store import DEFAULT_STORE
 
 PXE_EXAMPLES = """\
 examples:

@@ -118,9 +118,9 @@ def client_from_args(args: argparse.Namespace) -> MasterClient:
 
 def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConfig:
     """The ReplicaConfig of the options. Raises ValueError."""
+    from icbdcache.commands.store import check_name
     from icbdcache.replication.replica import ReplicaConfig
     from icbdcache.replication.wire import MAX_BATCH
-    from icbdcache.storecli import check_name
 
     if not args.site:
         raise ValueError("--master needs --site NAME")
@@ -158,8 +158,8 @@ def serve_service(args: argparse.Namespace, listen: list[tuple[str, int]], *,
 
 
 def cmd_replica(args: argparse.Namespace) -> int:
+    from icbdcache.loop import new_event_loop
     from icbdcache.replication.replica import Replica
-    from icbdcache.server import new_event_loop
     from icbdcache.store import Store, StoreError
 
     try:
@@ -209,7 +209,7 @@ def cmd_replica(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
     """Add ``replica``; return its handler by name."""
-    from icbdcache.storecli import add_store_arg, size_arg
+    from icbdcache.commands.store import add_store_arg, size_arg
 
     p = sub.add_parser(
         "replica", help="keep a site's store in step with a master (pull new versions)",

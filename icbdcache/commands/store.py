@@ -393,7 +393,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         print(f"warmed {backend.key}: {len(indexes)} chunks, {failed} failed")
         return 1 if failed else 0
 
-    from icbdcache.server import new_event_loop
+    from icbdcache.loop import new_event_loop
 
     loop = new_event_loop()
     try:

@@ -13,12 +13,14 @@ import tomllib
 from collections.abc import Sequence
 from typing import Any
 
-from icbdcache import __version__, pxecli, storecli
+from icbdcache import __version__
 from icbdcache import log as logsetup
+from icbdcache.commands import pxe as pxecli
+from icbdcache.commands import store as storecli
+from icbdcache.commands.store import parse_bytes, size_arg
 from icbdcache.exports import ExportSpec
 from icbdcache.server import DEFAULT_PORT, ServeConfig, parse_listen
 from icbdcache.store import StoreError
-from icbdcache.storecli import parse_bytes, size_arg
 
 SERVE_EXAMPLES = """\
 examples:
@@ -103,7 +105,7 @@ def _serve_parser(sub: Any) -> None:
                    help="chunks faulted ahead of a sequential miss (a first boot has no boot "
                         "profile yet; default 8, 0 turns it off; docs/store.md)")
     pxecli.add_serve_args(p)
-    from icbdcache.replication import replicacli
+    from icbdcache.commands import replica as replicacli
 
     replicacli.add_transfer_args(p, required=False)
     _verbosity(p)
@@ -323,7 +325,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from icbdcache.store import Store
 
             Store(cfg.store, size_limit=cfg.store_size).close()
-        from icbdcache.replication import replicacli
+        from icbdcache.commands import replica as replicacli
 
         if args.master:
             from icbdcache import node
@@ -371,10 +373,10 @@ def _demo_parser(sub: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.boot:
-        from icbdcache.bootdemo import run_boot_demo
+        from icbdcache.commands.bootdemo import run_boot_demo
 
         return run_boot_demo()
-    from icbdcache.demo import run_demo
+    from icbdcache.commands.demo import run_demo
 
     return run_demo(args.size, args.image, args.clients)
 
@@ -394,10 +396,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _demo_parser(sub)
     store_handlers = storecli.add_parsers(sub, _verbosity)
     pxe_handlers = pxecli.add_parsers(sub, _verbosity)
-    from icbdcache.replication import mastercli
+    from icbdcache.commands import master as mastercli
 
     master_handlers = mastercli.add_parsers(sub, _verbosity)
-    from icbdcache.replication import replicacli
+    from icbdcache.commands import replica as replicacli
 
     master_handlers.update(replicacli.add_parsers(sub, _verbosity))
     args = parser.parse_args(argv)

@@ -47,8 +47,8 @@ def _seconds(text: str) -> float:
 
 
 def cmd_master(args: argparse.Namespace) -> int:
+    from icbdcache.loop import new_event_loop
     from icbdcache.replication import master
-    from icbdcache.server import new_event_loop
     from icbdcache.store import StoreError
 
     host, port = args.listen
@@ -85,10 +85,10 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    from icbdcache.commands.store import _keep_boot_files, _progress, check_name
     from icbdcache.replication.publish import PublishError, publish
     from icbdcache.replication.registry.base import RegistryError, open_registry
     from icbdcache.store import Store, StoreError
-    from icbdcache.storecli import _keep_boot_files, _progress, check_name
 
     problems = [m for m in (check_name("--imi", args.imi),
                             None if args.version is None else check_name("--version",
@@ -295,7 +295,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 def _add_master(sub: Any, verbosity: Any) -> None:
-    from icbdcache.storecli import add_store_arg
+    from icbdcache.commands.store import add_store_arg
 
     p = sub.add_parser(
         "master", help="run the master: the replication API over a store and its registry",
@@ -336,7 +336,7 @@ def _add_master(sub: Any, verbosity: Any) -> None:
 
 
 def _add_publish(sub: Any, verbosity: Any) -> None:
-    from icbdcache.storecli import add_store_arg
+    from icbdcache.commands.store import add_store_arg
 
     p = sub.add_parser(
         "publish", help="publish an image file as a new iMI version of the master",
