@@ -25,7 +25,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, cast
@@ -34,7 +34,7 @@ from icbdcache.backend import Backend, Buffer
 from icbdcache.exports import Catalog, Export, ExportSpec
 from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import new_event_loop
-from icbdcache.node import Node
+from icbdcache.node import Node, NodeService
 from icbdcache.store import Store, StoreError
 from nbd.constants import Cmd, CmdFlag, Errno
 from nbd.errors import RemoteProtocolError
@@ -581,13 +581,13 @@ def build_catalog(config: ServeConfig, node: Node | None = None) -> Catalog:
                    cow_dir=config.cow_dir, cow_linger=config.cow_linger)
 
 
-def open_node(config: ServeConfig) -> Node | None:
-    """The store of ``--store``, or None. Raises StoreError."""
+def open_node(config: ServeConfig, services: Sequence[NodeService] = ()) -> Node | None:
+    """The store of ``--store`` with ``services``, or None. Raises StoreError."""
     if config.store is None:
         return None
     store = Store(config.store, size_limit=config.store_size)
     node = Node(store, hot_bytes=config.hot_bytes, fault_timeout=config.fault_timeout,
-                source_timeout=config.source_timeout)
+                source_timeout=config.source_timeout, services=services)
     node.cache.seq_ahead = max(0, config.readahead)
     return node
 
@@ -608,8 +608,8 @@ async def _start_pxe(server: Server, config: PxeConfig, node: Node) -> None:
 
 
 async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
-               reuse_port: bool = False) -> None:
-    node = open_node(config)
+               reuse_port: bool = False, services: Sequence[NodeService] = ()) -> None:
+    node = open_node(config, services)
     if node is not None:
         for spec in config.exports:
             if spec.is_upstream:
@@ -636,15 +636,18 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
     await server.serve()
 
 
-def run(config: ServeConfig) -> int:
+def run(config: ServeConfig, *, services: Sequence[NodeService] = ()) -> int:
     """Serve until SIGTERM/SIGINT; with ``workers`` > 1, one process per worker sharing the
-    port with SO_REUSEPORT. Returns the exit status. Raises OSError or StoreError when it
-    cannot start."""
+    port with SO_REUSEPORT. ``services`` run with the store's node (``serve --master``: the
+    replica; one worker only). Returns the exit status. Raises OSError or StoreError when it
+    cannot start, ValueError for services with more than one worker."""
     _raise_fd_limit()
+    if services and config.workers > 1:
+        raise ValueError("node services need workers = 1")
     if config.workers <= 1:
         loop = new_event_loop()
         try:
-            loop.run_until_complete(_run(config))
+            loop.run_until_complete(_run(config, services=services))
         finally:
             loop.close()
         return 0
