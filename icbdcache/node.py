@@ -85,8 +85,9 @@ class NodeService(Protocol):
         """The source ``spec`` of version ``meta`` if this service opens that kind, else
         None. ``timeout``: seconds per read. Raises ValueError on a spec it cannot use."""
 
-    def start(self, node: Node) -> None:
-        """Start (in the running event loop) with the node's store and cache."""
+    async def start(self, node: Node) -> None:
+        """Start (in the running event loop) with the node's store and read path. Raises
+        OSError when it cannot (a port in use): the server then does not start."""
 
     async def close(self) -> None:
         """Stop; called before the node closes its store's writer."""
@@ -191,8 +192,7 @@ class Node:
             raise StoreError(f"unknown version {name}")
         todo = self.store.profile(stack.key) if indexes is None else indexes
         if not todo:
-            raise ValueError(f"{stack.key} has no boot profile yet (boot a client once, or "
-                             "use --all)")
+            raise ValueError(f"{stack.key} has no boot profile yet")
         sem = asyncio.Semaphore(max(1, parallel))
         failed = 0
 
@@ -259,11 +259,18 @@ class Node:
         out += [(imi, f"latest version of iMI {imi} (now {v})") for imi, v in latest.items()]
         return out
 
-    def start(self) -> None:
-        """Start the periodic task that persists counters and boot profiles."""
+    async def start(self) -> None:
+        """Start the periodic task that persists counters and boot profiles, then the
+        services. Raises what a service's start raises (after closing the ones started)."""
         self._task = asyncio.get_running_loop().create_task(self._persist_loop())
-        for svc in self.services:
-            svc.start(self)
+        started: list[NodeService] = []
+        try:
+            for svc in self.services:
+                await svc.start(self)
+                started.append(svc)
+        except BaseException:
+            self.services = started
+            raise
 
     async def _persist_loop(self) -> None:
         while True:

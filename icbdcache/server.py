@@ -28,11 +28,12 @@ import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
 from icbdcache.log import Throttled, kv, tag_process
+from icbdcache.loop import new_event_loop
 from icbdcache.node import Node, NodeService
 from icbdcache.store import Store, StoreError
 from nbd.constants import Cmd, CmdFlag, Errno
@@ -45,9 +46,6 @@ from nbd.events import (
     TransmissionStarted,
 )
 from nbd.server import ServerConnection
-
-if TYPE_CHECKING:
-    from pxe.service import PxeConfig, PxeService
 
 log = logging.getLogger("icbdcache.server")
 reqlog = logging.getLogger("icbdcache.requests")
@@ -99,7 +97,6 @@ class ServeConfig:
     fault_timeout: float = 10.0
     source_timeout: float = 5.0
     readahead: int = 8
-    pxe: PxeConfig | None = None  # serve --pxe: TFTP and HTTP boot in the same loop
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -471,7 +468,6 @@ class Server:
         self.node: Node | None = None
         self.tracer = RequestTrace(config.trace) if config.trace else None
         self.read_errors = Throttled(log)
-        self.pxe: PxeService | None = None  # serve --pxe; closed by shutdown()
 
     async def start(self, *, unix_sock: socket.socket | None = None,
                     reuse_port: bool = False) -> None:
@@ -524,8 +520,6 @@ class Server:
         self.stopping = True
         for srv in self.servers:
             srv.close()
-        # serve --pxe: TFTP and HTTP stop now too, and are closed before the store is
-        pxe_closed = asyncio.ensure_future(self.pxe.close()) if self.pxe is not None else None
         conns = list(self.connections)
         log.info(kv(shutdown="begin", connections=len(conns), grace=self.config.grace))
         for c in conns:
@@ -551,8 +545,6 @@ class Server:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.unix)
         self.catalog.close()
-        if pxe_closed is not None:
-            await pxe_closed
         if self.node is not None:
             await self.node.close()
             self.node.store.close()
@@ -601,31 +593,6 @@ def open_node(config: ServeConfig, services: Sequence[NodeService] = ()) -> Node
                 services=services)
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop loop, or asyncio's own where uvloop is missing."""
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.new_event_loop()
-
-
-async def _start_pxe(server: Server, config: PxeConfig, node: Node) -> None:
-    """``serve --pxe``: the boot tree of the node's store over TFTP and HTTP, in this loop;
-    :meth:`Server.shutdown` closes it. If it cannot start (port 69 without root, a port in
-    use), the NBD server is shut down too and the error raised."""
-    from pxe.service import PxeService
-
-    service = PxeService(config, node.store)
-    try:
-        await service.start()
-    except Exception:
-        await server.shutdown()
-        raise
-    server.pxe = service
-
-
 async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                reuse_port: bool = False, services: Sequence[NodeService] = ()) -> None:
     node = open_node(config, services)
@@ -638,7 +605,12 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                     # One unreachable upstream must not take down what the store holds.
                     log.error(kv(export=spec.name, upstream=spec.path, error=e,
                                  serving="without it"))
-        node.start()
+        try:
+            await node.start()  # its services (the replica, PXE) before any client
+        except BaseException:
+            await node.close()
+            node.store.close()
+            raise
     catalog = build_catalog(config, node)
     if node is not None:
         for name in catalog.by_name:
@@ -649,17 +621,22 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
-    await server.start(unix_sock=unix_sock, reuse_port=reuse_port)
-    if config.pxe is not None and node is not None:
-        await _start_pxe(server, config.pxe, node)
+    try:
+        await server.start(unix_sock=unix_sock, reuse_port=reuse_port)
+    except BaseException:
+        await server.shutdown()  # closes the node and its store
+        raise
     await server.serve()
 
 
-def run(config: ServeConfig, services: Sequence[NodeService] = ()) -> int:
+def run(config: ServeConfig, *, services: Sequence[NodeService] = ()) -> int:
     """Serve until SIGTERM/SIGINT; with ``workers`` > 1, one process per worker sharing the
-    port with SO_REUSEPORT. ``services`` run beside the store (``serve --master``: the
-    replica). Returns the exit status. Raises OSError or StoreError when it cannot start."""
+    port with SO_REUSEPORT. ``services`` run with the store's node (``serve --master``: the
+    replica; one worker only). Returns the exit status. Raises OSError or StoreError when it
+    cannot start, ValueError for services with more than one worker."""
     _raise_fd_limit()
+    if services and config.workers > 1:
+        raise ValueError("node services need workers = 1")
     if config.workers <= 1:
         loop = new_event_loop()
         try:

@@ -1,7 +1,8 @@
 """The PXE service: the boot tree of a store over TFTP and HTTP, kept up to date.
 
-``icbd-cache pxe serve`` runs it alone; it is also meant to run inside ``icbd-cache serve``'s
-event loop (``serve --pxe``): :class:`PxeService` only needs a running loop and a Store.
+``icbd-cache pxe serve`` runs it alone; inside ``icbd-cache serve`` (``serve --pxe``) it runs
+in the server's event loop as a service of the store's node (:class:`PxeNodeService`):
+:class:`PxeService` only needs a running loop and a Store.
 
 Refreshing: the tree is refreshed before each config request (a cheap LMDB read when nothing
 changed) and every ``refresh_interval`` seconds in the background, so boot files of a newly
@@ -16,13 +17,17 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from icbdcache.log import kv
-from icbdcache.store import Store
+from icbdcache.store import Store, VersionMeta
 from pxe.http import HttpServer
 from pxe.render import BootSettings
 from pxe.tftp import MAX_BLKSIZE, Reader, TftpServer
 from pxe.tree import BootTree, is_config
+
+if TYPE_CHECKING:
+    from icbdcache.node import Node
 
 log = logging.getLogger("pxe.service")
 
@@ -130,6 +135,29 @@ class PxeService:
             self._own_store = False
 
 
+class PxeNodeService:
+    """``serve --pxe``: :class:`PxeService` over the node's own store, started with the node
+    (a :class:`~icbdcache.node.NodeService`) and closed before the store is."""
+
+    def __init__(self, config: PxeConfig) -> None:
+        self.config = config
+        self.service: PxeService | None = None
+
+    def open_source(self, spec: str, meta: VersionMeta, timeout: float) -> None:
+        return None  # boot files only; no chunk sources
+
+    async def start(self, node: Node) -> None:
+        """Listen on the TFTP and HTTP ports. Raises OSError (a port in use, port 69 as a
+        user without CAP_NET_BIND_SERVICE)."""
+        self.service = PxeService(self.config, node.store)
+        await self.service.start()
+
+    async def close(self) -> None:
+        if self.service is not None:
+            await self.service.close()
+            self.service = None
+
+
 async def _serve(config: PxeConfig, ready: asyncio.Event | None = None) -> None:
     service = PxeService(config)
     stop = asyncio.Event()
@@ -149,7 +177,7 @@ async def _serve(config: PxeConfig, ready: asyncio.Event | None = None) -> None:
 def run(config: PxeConfig) -> int:
     """Serve until SIGTERM/SIGINT. Returns the exit status; raises OSError or StoreError
     when it cannot start."""
-    from icbdcache.server import new_event_loop
+    from icbdcache.loop import new_event_loop
 
     loop = new_event_loop()
     try:

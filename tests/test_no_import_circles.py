@@ -9,14 +9,12 @@ against the importing module's package. Parent packages that Python runs on the 
 ``__init__.py`` files) are not counted as edges of their own.
 
 A circle is a strongly connected component of that graph with more than one module; the test
-fails naming one cycle through each component, as ``a -> b -> a``. The known circles of
-:data:`KNOWN_CIRCLES` are let through with a warning (shown in pytest's summary).
+fails naming one cycle through each component, as ``a -> b -> a``.
 """
 
 from __future__ import annotations
 
 import ast
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -24,16 +22,6 @@ from conftest import REPO
 
 #: The top-level packages of the project.
 PACKAGES = ("nbd", "icbdcache", "pxe", "bench")
-
-#: TEMPORARY allowance, to be emptied: circles that other branches remove (issue 10, item 5).
-#: Each entry is the set of modules of one strongly connected component. The test warns of
-#: each; :func:`test_the_known_circles_are_still_there` fails once one of them is gone, so that
-#: the allowance is deleted together with the circle.
-KNOWN_CIRCLES: frozenset[frozenset[str]] = frozenset({
-    # server.py imports pxe.service, which imports server.new_event_loop
-    frozenset({"icbdcache.server", "pxe.service"}),
-})
-
 
 def module_name(path: Path, root: Path) -> str:
     """``icbdcache/replication/registry/base.py`` -> ``icbdcache.replication.registry.base``;
@@ -209,17 +197,5 @@ def test_the_walker_sees_every_kind_of_import(tmp_path: Path) -> None:
 def test_no_import_circles() -> None:
     graph = import_graph()
     assert len(graph) > 50 and "icbdcache.server" in graph  # the walk found the project
-    found = components(graph)
-    allowed = [c for c in found if c in KNOWN_CIRCLES]
-    for c in allowed:
-        warnings.warn(f"known import circle (temporary allowance): {describe(graph, c)}",
-                      stacklevel=1)
-    new = [describe(graph, c) for c in found if c not in KNOWN_CIRCLES]
-    assert not new, "import circles:\n" + "\n".join(new)
-
-
-def test_the_known_circles_are_still_there() -> None:
-    """An allowance outlives its circle only by mistake: delete it from KNOWN_CIRCLES."""
-    found = set(components(import_graph()))
-    gone = [sorted(c) for c in KNOWN_CIRCLES if c not in found]
-    assert not gone, f"these circles are gone; remove them from KNOWN_CIRCLES: {gone}"
+    found = [describe(graph, c) for c in components(graph)]
+    assert not found, "import circles:\n" + "\n".join(found)

@@ -826,7 +826,7 @@ class ReplicaService:
         return MasterSource(self.client, meta.key, chunk_map, meta.size, meta.chunk_size,
                             timeout=timeout, name=spec)
 
-    def start(self, node: Any) -> None:
+    async def start(self, node: Any) -> None:
         self._node = node
         self.replica = Replica(node.store, self.client, self.config,
                                on_version=self._forget)

@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from icbdcache.commands.options import Command, Option
 from icbdcache.store import (
     BatchWriter,
     Store,
@@ -28,37 +29,20 @@ log = logging.getLogger("icbdcache.cli")
 DEFAULT_STORE = os.environ.get("ICBD_STORE", "/var/lib/icbd-cache/store")
 
 
-SIZE_FORMS = "bytes, or a number with K, M, G or T (powers of 1024), e.g. 65536, 64M, 50G"
+def store_option(default: str | None = DEFAULT_STORE, help: str | None = None,
+                 group: str | None = None) -> Option:
+    """``--store DIR`` (every command on a store has it)."""
+    return Option("store", default=default, metavar="DIR", group=group, help=help or (
+        f"the store directory (default $ICBD_STORE or {DEFAULT_STORE})"))
 
 
-def parse_bytes(text: str) -> int:
-    """``64K``, ``512M``, ``20G``, ``1T`` or a number of bytes -> bytes. Raises ValueError
-    naming the accepted forms."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        n = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except (ValueError, OverflowError):
-        n = -1
-    if n < 0:
-        raise ValueError(f"{text!r} is not a size: give {SIZE_FORMS}")
-    return n
+def store_size_option(help: str, group: str | None = None) -> Option:
+    """``--store-size BYTES``: the bound of the store's chunks."""
+    return Option("store-size", "size", metavar="BYTES", help=help, group=group)
 
 
-def size_arg(text: str) -> int:
-    """:func:`parse_bytes` as an argparse type (its message, not argparse's)."""
-    try:
-        return parse_bytes(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_store_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=DEFAULT_STORE, metavar="DIR",
-                   help=f"the store directory (default $ICBD_STORE or {DEFAULT_STORE})")
-
-
-def _progress(total: int, desc: str) -> tqdm[Any]:
+def progress_bar(total: int | None, desc: str) -> tqdm[Any]:
+    """A byte (or chunk) progress bar on stderr, shown only on a terminal."""
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 disable=not sys.stderr.isatty(), leave=False)
 
@@ -152,7 +136,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     writer = BatchWriter(store) if args.copy else None
     t0 = time.monotonic()
     try:
-        with _progress(size, key) as bar:
+        with progress_bar(size, key) as bar:
             chunk_map = index_image(path, size, writer,
                                     progress=None if bar.disable else bar.update, label=key)
     except (OSError, EOFError) as e:
@@ -187,12 +171,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"imported {key}: {size} bytes, {len(chunk_map) // 16} chunks ({distinct} "
               f"distinct non-zero), {where}, {time.monotonic() - t0:.1f} s")
-    _keep_boot_files(store, meta, path, quiet=args.quiet)
+    keep_boot_files(store, meta, path, quiet=args.quiet)
     store.close()
     return 0
 
 
-def _keep_boot_files(store: Store, meta: VersionMeta, image: str, *, quiet: bool,
+def keep_boot_files(store: Store, meta: VersionMeta, image: str, *, quiet: bool,
                      command: str = "import") -> None:
     """import's (and publish's) best effort for PXE: the --kernel/--initrd given, or those
     inside an ext4 image, copied to STORE/boot/IMI@VERSION (icbdcache.store.bootfiles). A
@@ -354,6 +338,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 def cmd_warm(args: argparse.Namespace) -> int:
     """Fault in a version's boot profile (or with --all, every chunk) ahead of a boot storm."""
+    from icbdcache.loop import new_event_loop
     from icbdcache.node import Node
 
     store = _open_store(args.store, "warm", size_limit=args.store_size)
@@ -361,30 +346,30 @@ def cmd_warm(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> int:
-        node = Node(store)
+        node = Node(store, services=())
+        indexes = None
+        if args.all:
+            meta = store.version(args.version)
+            indexes = list(range(meta.chunks)) if meta is not None else None
         try:
-            indexes = None
-            if args.all:
-                meta = store.version(args.version)
-                indexes = list(range(meta.chunks)) if meta is not None else None
-            with _progress(0, f"warm {args.version}") as bar:
-                def step(n: int) -> None:
+            with progress_bar(None if indexes is None else len(indexes),
+                              f"warm {args.version}") as bar:
+
+                def progress(n: int) -> None:
                     bar.update(n)
 
-                key, asked, failed = await node.warm(args.version, indexes,
-                                                     parallel=args.parallel, progress=step)
+                key, asked, failed = await node.warm(
+                    args.version, indexes, parallel=args.parallel, progress=progress)
         except StoreError:
             print(f"icbd-cache warm: unknown version {args.version}", file=sys.stderr)
             return 2
         except ValueError as e:
-            print(f"icbd-cache warm: {e}", file=sys.stderr)
+            print(f"icbd-cache warm: {e} (boot a client once, or use --all)", file=sys.stderr)
             return 1
         finally:
             await node.close()
         print(f"warmed {key}: {asked} chunks, {failed} failed")
         return 1 if failed else 0
-
-    from icbdcache.server import new_event_loop
 
     loop = new_event_loop()
     try:
@@ -412,110 +397,110 @@ def _open_store(path: str, command: str | None, *, readonly: bool = False,
         return None
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return n
+_NAME_RULE = "no '@', '/', '?' or whitespace"
+
+IMPORT = Command(
+    "import", "index a snapshot file as a new iMI version",
+    textwrap.fill(
+        "Make a new version of an iMI from a raw image snapshot: its chunk map (xxh3-128 per "
+        "64 KiB chunk), and its bytes either left in the file (the version's first source) or "
+        "copied into the store (--copy).", 78),
+    "example:\n  icbd-cache import /snap/lab-7.img --imi lab --store /var/lib/icbd-cache/store\n"
+    "  icbd-cache import lab.img --imi lab --version 8 --copy --pin --source "
+    "nbd://master/lab@8",
+    (Option("file", positional=True, help="the raw image (a read-only snapshot)"),
+     Option("imi", required=True, metavar="IMI", help=f"iMI name ({_NAME_RULE})"),
+     Option("version", metavar="VERSION",
+            help=f"version name (default: next number; {_NAME_RULE})"),
+     store_option(),
+     store_size_option("bound of the store's chunks (e.g. 50G; with --copy, cold unpinned "
+                       "chunks are evicted to make room)"),
+     Option("copy", "bool", default=False, help="copy the bytes into the store"),
+     Option("source", "list", metavar="URI",
+            help="another source to fault from when the file is gone: an image file or "
+                 "nbd://HOST[:PORT]/EXPORT (repeatable)"),
+     Option("pin", "bool", default=False, help="never evict this version's chunks"),
+     Option("no-latest", "bool", default=False, help="do not make it the latest"),
+     Option("kernel", metavar="FILE", help="the version's kernel file (PXE)"),
+     Option("initrd", metavar="FILE", help="the version's initrd file (PXE)"),
+     Option("force", "bool", default=False, help="replace an existing version")),
+    doc="store.md")
+
+LS = Command(
+    "ls", "list iMIs and versions in the store",
+    textwrap.fill(
+        "List every version in the store: its size, the bytes of its chunks held here (HELD, "
+        "and HELD% of its non-zero bytes), whether it is pinned, and (*) the latest version "
+        "of its iMI.", 78),
+    "example:\n  icbd-cache ls --store /var/lib/icbd-cache/store",
+    (store_option(),
+     Option("json", "bool", default=False, help="a JSON list, with each version's sources")),
+    doc="store.md")
+
+STATS = Command(
+    "stats", "cache counters: hits, misses, coalesced, bytes per source",
+    textwrap.fill(
+        "Print the store's counters, summed over every server that used it: hits, misses, "
+        "coalesced, faults, fault_errors, corrupt_chunks, prefetched, evicted_bytes, "
+        "held_bytes, chunks, and bytes_from:SOURCE per source that answered; on a master's "
+        "store master_* (chunks served), on a site's replica_* (chunks pulled) and the "
+        "replica's state (replica.*: master, cut off or not, complete and incomplete "
+        "versions; docs/replica.md). A running server adds its counts about every 5 s and at "
+        "shutdown; a counter never counted shows 0.", 78),
+    "example:\n  icbd-cache stats --store DIR --json",
+    (store_option(), Option("json", "bool", default=False, help="one JSON object")),
+    doc="store.md")
+
+VERIFY = Command(
+    "verify", "check every chunk of a store against its digest",
+    textwrap.fill(
+        "Read every chunk of the store and check it against its digest, and the held-bytes "
+        "counter against the chunks; --repair deletes bad chunks (they are faulted again "
+        "from the version's sources).", 78),
+    "example:\n  icbd-cache verify --store DIR\n  icbd-cache verify --store DIR --repair\n"
+    "exit status: 0 consistent (or repaired), 1 damaged, 2 no store",
+    (store_option(),
+     Option("repair", "bool", default=False,
+            help="delete bad chunks, fix the held counter, then warn about versions left "
+                 "with missing chunks and no source")),
+    doc="store.md")
+
+WARM = Command(
+    "warm", "fault a version's boot profile in before a boot storm",
+    textwrap.fill(
+        "Fault the chunks of a version's boot profile (the chunks clients read while "
+        "booting it, recorded by the server), or with --all every chunk, into the store "
+        "from its sources, ahead of a boot storm.", 78),
+    "example:\n  icbd-cache warm lab@7 --store DIR\n  icbd-cache warm lab --all",
+    (Option("version", positional=True, help="IMI@VERSION or IMI (latest)"),
+     store_option(),
+     Option("all", "bool", default=False, help="every chunk, not only the profile"),
+     store_size_option("the bound the store is served with (evicts cold chunks as it "
+                       "fills)"),
+     Option("parallel", "count", default=16, metavar="N",
+            help="faults in flight (default 16)")),
+    doc="store.md")
+
+PIN = Command(
+    "pin", "pin (or --unpin) a version: its chunks are never evicted",
+    "Pin a version: its chunks are never evicted (--unpin: they may be again).",
+    "example:\n  icbd-cache pin lab@7 --store DIR",
+    (Option("version", positional=True, help="IMI@VERSION, or IMI for its latest version"),
+     store_option(),
+     Option("unpin", "bool", default=False,
+            help="unpin instead: its chunks may be evicted again")),
+    doc="store.md")
+
+#: The store commands' tables, in ``--help`` order.
+COMMANDS = (IMPORT, LS, STATS, VERIFY, WARM, PIN)
 
 
-def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
-    """Add the store subcommands; return their handlers by name."""
-    raw = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("import", help="index a snapshot file as a new iMI version",
-                       description=textwrap.fill(
-                           "Make a new version of an iMI from a raw image snapshot: its chunk "
-                           "map (xxh3-128 per 64 KiB chunk), and its bytes either left in the "
-                           "file (the version's first source) or copied into the store "
-                           "(--copy).", 78),
-                       epilog="example:\n  icbd-cache import /snap/lab-7.img --imi lab --store "
-                              "/var/lib/icbd-cache/store\n  icbd-cache import lab.img --imi lab "
-                              "--version 8 --copy --pin --source nbd://master/lab@8",
-                       formatter_class=raw)
-    p.add_argument("file", help="the raw image (a read-only snapshot)")
-    p.add_argument("--imi", required=True,
-                   help="iMI name (no '@', '/', '?' or whitespace)")
-    p.add_argument("--version", help="version name (default: next number; no '@', '/', '?' "
-                                     "or whitespace)")
-    add_store_arg(p)
-    p.add_argument("--store-size", type=size_arg, default=None, metavar="BYTES",
-                   help="bound of the store's chunks (e.g. 50G; with --copy, cold unpinned "
-                        "chunks are evicted to make room)")
-    p.add_argument("--copy", action="store_true", help="copy the bytes into the store")
-    p.add_argument("--source", action="append", metavar="URI",
-                   help="another source to fault from when the file is gone: an image file or "
-                        "nbd://HOST[:PORT]/EXPORT (repeatable)")
-    p.add_argument("--pin", action="store_true", help="never evict this version's chunks")
-    p.add_argument("--no-latest", action="store_true", help="do not make it the latest")
-    p.add_argument("--kernel", help="the version's kernel file (PXE)")
-    p.add_argument("--initrd", help="the version's initrd file (PXE)")
-    p.add_argument("--force", action="store_true", help="replace an existing version")
-    verbosity(p)
-    p = sub.add_parser("ls", help="list iMIs and versions in the store",
-                       description=textwrap.fill(
-                           "List every version in the store: its size, the bytes of its chunks "
-                           "held here (HELD, and HELD% of its non-zero bytes), whether it is "
-                           "pinned, and (*) the latest version of its iMI.", 78),
-                       epilog="example:\n  icbd-cache ls --store /var/lib/icbd-cache/store",
-                       formatter_class=raw)
-    add_store_arg(p)
-    p.add_argument("--json", action="store_true",
-                   help="a JSON list, with each version's sources")
-    verbosity(p)
-    p = sub.add_parser("stats", help="cache counters: hits, misses, coalesced, bytes per source",
-                       description=textwrap.fill(
-                           "Print the store's counters, summed over every server that used "
-                           "it: hits, misses, coalesced, faults, fault_errors, corrupt_chunks, "
-                           "prefetched, evicted_bytes, held_bytes, chunks, and "
-                           "bytes_from:SOURCE per source that answered; on a master's store "
-                           "master_* (chunks served), on a site's replica_* (chunks pulled) and "
-                           "the replica's state (replica.*: master, cut off or not, complete "
-                           "and incomplete versions; docs/replica.md). A running server adds "
-                           "its counts about every 5 s and at shutdown; a counter never counted "
-                           "shows 0.", 78),
-                       epilog="example:\n  icbd-cache stats --store DIR --json",
-                       formatter_class=raw)
-    add_store_arg(p)
-    p.add_argument("--json", action="store_true", help="one JSON object")
-    verbosity(p)
-    p = sub.add_parser("verify", help="check every chunk of a store against its digest",
-                       description=textwrap.fill(
-                           "Read every chunk of the store and check it against its digest, and "
-                           "the held-bytes counter against the chunks; --repair deletes bad "
-                           "chunks (they are faulted again from the version's sources).", 78),
-                       epilog="example:\n  icbd-cache verify --store DIR\n"
-                              "  icbd-cache verify --store DIR --repair\n"
-                              "exit status: 0 consistent (or repaired), 1 damaged, 2 no store",
-                       formatter_class=raw)
-    add_store_arg(p)
-    p.add_argument("--repair", action="store_true",
-                   help="delete bad chunks, fix the held counter, then warn about versions "
-                        "left with missing chunks and no source")
-    verbosity(p)
-    p = sub.add_parser("warm", help="fault a version's boot profile in before a boot storm",
-                       epilog="example:\n  icbd-cache warm lab@7 --store DIR\n"
-                              "  icbd-cache warm lab --all",
-                       formatter_class=raw)
-    p.add_argument("version", help="IMI@VERSION or IMI (latest)")
-    add_store_arg(p)
-    p.add_argument("--all", action="store_true", help="every chunk, not only the profile")
-    p.add_argument("--store-size", type=size_arg, default=None, metavar="BYTES",
-                   help="the bound the store is served with (evicts cold chunks as it fills)")
-    p.add_argument("--parallel", type=_positive, default=16, metavar="N",
-                   help="faults in flight (default 16)")
-    verbosity(p)
-    p = sub.add_parser("pin", help="pin (or --unpin) a version: its chunks are never evicted",
-                       epilog="example:\n  icbd-cache pin lab@7 --store DIR", formatter_class=raw)
-    p.add_argument("version", help="IMI@VERSION, or IMI for its latest version")
-    add_store_arg(p)
-    p.add_argument("--unpin", action="store_true",
-                   help="unpin instead: its chunks may be evicted again")
-    verbosity(p)
-    return {"import": cmd_import, "ls": cmd_ls, "stats": cmd_stats, "verify": cmd_verify,
-            "warm": cmd_warm, "pin": cmd_pin}
+def register(sub: Any) -> None:
+    """Add the store commands to ``sub`` (argparse subparsers)."""
+    handlers = (cmd_import, cmd_ls, cmd_stats, cmd_verify, cmd_warm, cmd_pin)
+    for command, handler in zip(COMMANDS, handlers, strict=True):
+        command.add_parser(sub, handler)
 
 
-__all__ = ["add_parsers", "parse_bytes", "split_key"]
+__all__ = ["COMMANDS", "DEFAULT_STORE", "check_name", "keep_boot_files", "progress_bar",
+           "register", "split_key", "store_option", "store_size_option"]

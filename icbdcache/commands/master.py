@@ -13,6 +13,8 @@ import textwrap
 import time
 from typing import Any
 
+from icbdcache.commands.options import Command, Option
+from icbdcache.commands.store import store_option
 from icbdcache.replication.auth import AuthConfigError, client_ssl_context, read_token
 from icbdcache.replication.master import DEFAULT_MASTER_PORT, MASTER_MAP_SIZE, MasterConfig
 
@@ -20,35 +22,21 @@ DEFAULT_MASTER_URL = os.environ.get("ICBD_MASTER", f"http://127.0.0.1:{DEFAULT_M
 _RAW = argparse.RawDescriptionHelpFormatter
 
 
-def _listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` (port 10810) or ``:PORT``. Raises
-    argparse.ArgumentTypeError."""
+def parse_master_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` (port 10810) or ``:PORT``. Raises ValueError."""
     from icbdcache.server import parse_listen
 
     bare = not text.startswith("[") and ":" not in text
     bare = bare or (text.startswith("[") and text.endswith("]"))
-    try:
-        return parse_listen(f"{text}:{DEFAULT_MASTER_PORT}" if bare else text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return v
+    return parse_listen(f"{text}:{DEFAULT_MASTER_PORT}" if bare else text)
 
 
 # ---------------------------------------------------------------------------- master
 
 
 def cmd_master(args: argparse.Namespace) -> int:
+    from icbdcache.loop import new_event_loop
     from icbdcache.replication import master
-    from icbdcache.server import new_event_loop
     from icbdcache.store import StoreError
 
     host, port = args.listen
@@ -85,10 +73,10 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    from icbdcache.commands.store import check_name, keep_boot_files, progress_bar
     from icbdcache.replication.publish import PublishError, publish
     from icbdcache.replication.registry import RegistryError, open_registry
     from icbdcache.store import Store, StoreError
-    from icbdcache.storecli import _keep_boot_files, _progress, check_name
 
     problems = [m for m in (check_name("--imi", args.imi),
                             None if args.version is None else check_name("--version",
@@ -112,13 +100,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return 2
 
     def keep_boot(meta: Any, image: str) -> None:
-        _keep_boot_files(store, meta, image, quiet=args.quiet, command="publish")
+        keep_boot_files(store, meta, image, quiet=args.quiet, command="publish")
 
     async def run() -> int:
         registry = open_registry(args.registry, store=store)
         try:
             size = os.path.getsize(args.file) if os.path.isfile(args.file) else 0
-            with _progress(size, f"publish {args.imi}") as bar:
+            with progress_bar(size, f"publish {args.imi}") as bar:
                 done = await publish(store, registry, args.file, args.imi, args.version,
                                      master_url=args.master_url or "", kernel=args.kernel,
                                      initrd=args.initrd,
@@ -291,96 +279,99 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- parsers
+# ---------------------------------------------------------------------------- tables
 
 
-def _add_master(sub: Any, verbosity: Any) -> None:
-    from icbdcache.storecli import add_store_arg
-
-    p = sub.add_parser(
-        "master", help="run the master: the replication API over a store and its registry",
-        description=textwrap.fill(
-            "Serve the replication API v1 (docs/replication.md) over HTTP(S): the catalog of "
-            "published versions, manifests and chunk streams for replicas, their registration "
-            "and keep-alives, and the admin API. Versions are published into the same store "
-            "with 'icbd-cache publish', also while the master runs.", 78),
-        epilog="examples:\n"
-               "  icbd-cache master --store /srv/master\n"
-               "  icbd-cache master --store /srv/master --listen 0.0.0.0:10810 \\\n"
-               "      --tls-cert master.pem --tls-key master.key --client-ca sites-ca.pem \\\n"
-               "      --token-file /etc/icbd-cache/tokens --admin-token-file "
-               "/etc/icbd-cache/admin\n"
-               "token file: one 'SITE TOKEN' a line ('*' as SITE: any site), # comments",
-        formatter_class=_RAW)
-    add_store_arg(p)
-    p.add_argument("--listen", type=_listen, default=("0.0.0.0", DEFAULT_MASTER_PORT),
-                   metavar="HOST:PORT",
-                   help=f"address of the HTTP(S) API (default 0.0.0.0:{DEFAULT_MASTER_PORT})")
-    p.add_argument("--registry", default=None, metavar="SPEC",
-                   help="embedded (default: in the store) or etcd://HOST:PORT[,...][/PREFIX]")
-    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain): serve HTTPS")
-    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    p.add_argument("--client-ca", metavar="FILE",
-                   help="accept replicas with a client certificate signed by this CA")
-    p.add_argument("--token-file", metavar="FILE",
-                   help="replica tokens, 'SITE TOKEN' a line; with it (or --client-ca) "
-                        "replicas must authenticate")
-    p.add_argument("--admin-token-file", metavar="FILE",
-                   help="admin tokens, one a line; without it the admin API answers loopback "
-                        "only")
-    p.add_argument("--down-after", type=_seconds, default=30.0, metavar="SECONDS",
-                   help="a site without a keep-alive this long is shown down (default 30)")
-    p.add_argument("--keepalive-interval", type=_seconds, default=5.0, metavar="SECONDS",
-                   help="keep-alive interval asked of replicas (default 5)")
-    verbosity(p)
+def _registry_option() -> Option:
+    return Option("registry", metavar="SPEC",
+                  help="embedded (default: in the store) or etcd://HOST:PORT[,...][/PREFIX]")
 
 
-def _add_publish(sub: Any, verbosity: Any) -> None:
-    from icbdcache.storecli import add_store_arg
+MASTER = Command(
+    "master", "run the master: the replication API over a store and its registry",
+    textwrap.fill(
+        "Serve the replication API v1 (docs/replication.md) over HTTP(S): the catalog of "
+        "published versions, manifests and chunk streams for replicas, their registration "
+        "and keep-alives, and the admin API. Versions are published into the same store "
+        "with 'icbd-cache publish', also while the master runs.", 78),
+    "examples:\n"
+    "  icbd-cache master --store /srv/master\n"
+    "  icbd-cache master --store /srv/master --listen 0.0.0.0:10810 \\\n"
+    "      --tls-cert master.pem --tls-key master.key --client-ca sites-ca.pem \\\n"
+    "      --token-file /etc/icbd-cache/tokens --admin-token-file /etc/icbd-cache/admin\n"
+    "  icbd-cache master --config /etc/icbd-cache/master.toml\n"
+    "token file: one 'SITE TOKEN' a line ('*' as SITE: any site), # comments",
+    (store_option(),
+     Option("listen", default=("0.0.0.0", DEFAULT_MASTER_PORT), metavar="HOST:PORT",
+            parse=parse_master_listen,
+            help=f"address of the HTTP(S) API (default 0.0.0.0:{DEFAULT_MASTER_PORT})"),
+     _registry_option(),
+     Option("tls-cert", metavar="FILE", help="PEM certificate (chain): serve HTTPS"),
+     Option("tls-key", metavar="FILE", help="PEM private key of --tls-cert"),
+     Option("client-ca", metavar="FILE",
+            help="accept replicas with a client certificate signed by this CA"),
+     Option("token-file", metavar="FILE",
+            help="replica tokens, 'SITE TOKEN' a line; with it (or --client-ca) replicas must "
+                 "authenticate"),
+     Option("admin-token-file", metavar="FILE",
+            help="admin tokens, one a line; without it the admin API answers loopback only"),
+     Option("down-after", "seconds", default=30.0, metavar="SECONDS",
+            help="a site without a keep-alive this long is shown down (default 30)"),
+     Option("keepalive-interval", "seconds", default=5.0, metavar="SECONDS",
+            help="keep-alive interval asked of replicas (default 5)")),
+    doc="replication.md", config_file=True)
 
-    p = sub.add_parser(
-        "publish", help="publish an image file as a new iMI version of the master",
-        description=textwrap.fill(
-            "Read FILE (a raw image, ideally a read-only snapshot) once, copy its non-zero "
-            "chunks into the master's store, pin the version, keep its kernel and initrd, and "
-            "record it in the registry, where replicas see it. A published version never "
-            "changes. Run fstrim on the image's file system first: freed blocks then cost "
-            "nothing to send.", 78),
-        epilog="examples:\n"
-               "  icbd-cache publish /snap/lab-8.img --imi lab --store /srv/master\n"
-               "  icbd-cache publish lab.img --imi lab --version 8 --store /srv/master \\\n"
-               "      --master-url https://master:10810 --kernel vmlinuz --initrd initrd.img",
-        formatter_class=_RAW)
-    p.add_argument("file", help="the raw image (a read-only snapshot)")
-    p.add_argument("--imi", required=True, help="iMI name (no '@', '/', '?' or whitespace)")
-    p.add_argument("--version", help="version name (default: the next number)")
-    add_store_arg(p)
-    p.add_argument("--registry", default=None, metavar="SPEC",
-                   help="embedded (default: in the store) or etcd://HOST:PORT[,...][/PREFIX]")
-    p.add_argument("--master-url", metavar="URL",
-                   help="URL of the master serving this store (recorded with the version)")
-    p.add_argument("--kernel", metavar="FILE", help="the version's kernel (PXE)")
-    p.add_argument("--initrd", metavar="FILE", help="the version's initrd (PXE)")
-    verbosity(p)
+PUBLISH = Command(
+    "publish", "publish an image file as a new iMI version of the master",
+    textwrap.fill(
+        "Read FILE (a raw image, ideally a read-only snapshot) once, copy its non-zero "
+        "chunks into the master's store, pin the version, keep its kernel and initrd, and "
+        "record it in the registry, where replicas see it. A published version never "
+        "changes. Run fstrim on the image's file system first: freed blocks then cost "
+        "nothing to send.", 78),
+    "examples:\n"
+    "  icbd-cache publish /snap/lab-8.img --imi lab --store /srv/master\n"
+    "  icbd-cache publish lab.img --imi lab --version 8 --store /srv/master \\\n"
+    "      --master-url https://master:10810 --kernel vmlinuz --initrd initrd.img",
+    (Option("file", positional=True, help="the raw image (a read-only snapshot)"),
+     Option("imi", required=True, metavar="IMI",
+            help="iMI name (no '@', '/', '?' or whitespace)"),
+     Option("version", metavar="VERSION", help="version name (default: the next number)"),
+     store_option(),
+     _registry_option(),
+     Option("master-url", metavar="URL",
+            help="URL of the master serving this store (recorded with the version)"),
+     Option("kernel", metavar="FILE", help="the version's kernel (PXE)"),
+     Option("initrd", metavar="FILE", help="the version's initrd (PXE)")),
+    doc="replication.md")
+
+ADMIN = Command(
+    "admin", "the master's admin API: ls, status, subscribe, unsubscribe, retire",
+    textwrap.fill(
+        "Ask a running master (its admin API, docs/replication.md): 'status' shows every "
+        "site (up or DOWN, last keep-alive, state, versions held, lag per iMI), 'ls' the "
+        "published versions; subscribe/unsubscribe a site to an iMI; retire a version "
+        "(no longer offered to replicas).", 78),
+    "examples:\n"
+    "  icbd-cache admin status\n"
+    "  icbd-cache admin --master https://master:10810 --ca ca.pem \\\n"
+    "      --admin-token-file admin.token status --json\n"
+    "  icbd-cache admin subscribe site-a lab\n"
+    "  icbd-cache admin retire lab@3",
+    (Option("master", default=DEFAULT_MASTER_URL, metavar="URL",
+            help=f"the master's URL (default $ICBD_MASTER or {DEFAULT_MASTER_URL})"),
+     Option("admin-token-file", metavar="FILE",
+            help="file holding the admin token (its first line's last word)"),
+     Option("ca", metavar="FILE", help="CA (PEM) that signed the master's certificate"),
+     Option("json", "bool", default=False, help="print the API's JSON answer")),
+    doc="replication.md")
+
+#: The master side's tables.
+COMMANDS = (MASTER, PUBLISH, ADMIN)
 
 
-def _add_admin(sub: Any, verbosity: Any) -> None:
-    p = sub.add_parser(
-        "admin", help="the master's admin API: ls, status, subscribe, unsubscribe, retire",
-        description=textwrap.fill(
-            "Ask a running master (its admin API, docs/replication.md): 'status' shows every "
-            "site (up or DOWN, last keep-alive, state, versions held, lag per iMI), 'ls' the "
-            "published versions; subscribe/unsubscribe a site to an iMI; retire a version "
-            "(no longer offered to replicas).", 78),
-        epilog="examples:\n"
-               "  icbd-cache admin status\n"
-               "  icbd-cache admin --master https://master:10810 --ca ca.pem \\\n"
-               "      --admin-token-file admin.token status --json\n"
-               "  icbd-cache admin subscribe site-a lab\n"
-               "  icbd-cache admin retire lab@3",
-        formatter_class=_RAW)
-    _admin_options(p, None)
-    verbosity(p)
+def _add_admin(sub: Any) -> None:
+    p = ADMIN.add_parser(sub, cmd_admin)
     acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = acts.add_parser("ls", help="published versions per iMI",
                          epilog="example:\n  icbd-cache admin ls", formatter_class=_RAW)
@@ -400,31 +391,14 @@ def _add_admin(sub: Any, verbosity: Any) -> None:
     a.add_argument("version", help="IMI@VERSION")
     actions.append(a)
     for a in actions:  # the options also after the action: admin status --json
-        _admin_options(a, argparse.SUPPRESS)
+        ADMIN.add_options(a, suppress=True)
 
 
-def _admin_options(p: argparse.ArgumentParser, suppress: str | None) -> None:
-    """The admin client's options; ``suppress`` (argparse.SUPPRESS) on an action's parser so
-    that an option given before the action is not reset by the action's defaults."""
-    def default(value: Any) -> Any:
-        return suppress if suppress is not None else value
-
-    p.add_argument("--master", default=default(DEFAULT_MASTER_URL), metavar="URL",
-                   help=f"the master's URL (default $ICBD_MASTER or {DEFAULT_MASTER_URL})")
-    p.add_argument("--admin-token-file", metavar="FILE", default=default(None),
-                   help="file holding the admin token (its first line's last word)")
-    p.add_argument("--ca", metavar="FILE", default=default(None),
-                   help="CA (PEM) that signed the master's certificate")
-    p.add_argument("--json", action="store_true", default=default(False),
-                   help="print the API's JSON answer")
+def register(sub: Any) -> None:
+    """Add ``master``, ``publish`` and ``admin`` to ``sub`` (argparse subparsers)."""
+    MASTER.add_parser(sub, cmd_master)
+    PUBLISH.add_parser(sub, cmd_publish)
+    _add_admin(sub)
 
 
-def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
-    """Add ``master``, ``publish`` and ``admin``; return their handlers by name."""
-    _add_master(sub, verbosity)
-    _add_publish(sub, verbosity)
-    _add_admin(sub, verbosity)
-    return {"master": cmd_master, "publish": cmd_publish, "admin": cmd_admin}
-
-
-__all__ = ["add_parsers", "admin_request", "ls_table", "status_table"]
+__all__ = ["COMMANDS", "admin_request", "ls_table", "register", "status_table"]

@@ -13,6 +13,9 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING, Any
 
+from icbdcache.commands.options import Command, Option, given
+from icbdcache.commands.store import check_name, store_option, store_size_option
+
 if TYPE_CHECKING:  # imported when used: aiohttp stays out of every other command's start
     from icbdcache.replication.client import MasterClient
     from icbdcache.replication.replica import ReplicaConfig, ReplicaService
@@ -30,71 +33,61 @@ examples:
   # serve NBD and replicate in one process
   icbd-cache serve --store DIR --listen 10.0.0.5:10809 --master http://master:10810 \\
       --site site-a --subscribe lab
+
+  # the settings in a file (keys: the long options with _)
+  icbd-cache replica --config /etc/icbd-cache/replica.toml
 """
 
 
-def _compress_arg(text: str) -> int | None:
+def parse_compress_text(text: str) -> str:
+    """``plain`` or ``zstd[:LEVEL]``, checked and kept as text (``plain`` must not read as
+    "not given"). Raises ValueError."""
     from icbdcache.replication.client import parse_compress
 
-    try:
-        return parse_compress(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    parse_compress(text)
+    return text
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return n
+TRANSFER_GROUP = "replication (see docs/replica.md)"
 
 
-def add_transfer_args(p: argparse.ArgumentParser, *, required: bool) -> None:
-    """The master and transfer options shared by ``replica`` and ``serve``."""
-    g = p.add_argument_group("replication (see docs/replica.md)")
-    g.add_argument("--master", metavar="URL", required=required, default=None,
-                   help="the master, http://HOST:PORT or https://HOST:PORT"
-                        + ("" if required else ": also replicate into --store"))
-    g.add_argument("--site", metavar="NAME", default=None,
-                   help="this site's name at the master")
-    g.add_argument("--subscribe", metavar="IMI", action="append", default=None,
-                   help="subscribe to this iMI at registration (repeatable; the master's "
-                        "subscriptions of the site are pulled too)")
-    g.add_argument("--compress", metavar="plain|zstd[:LEVEL]", type=_compress_arg,
-                   default=None, help="chunk streams compressed with zstd at LEVEL (1-19, "
-                                      "default 3), or plain (default)")
-    g.add_argument("--master-ca", metavar="FILE", default=None,
-                   help="PEM CA that signs the master's certificate (https; default: the "
-                        "system's CAs)")
-    g.add_argument("--master-cert", metavar="FILE", default=None,
-                   help="PEM client certificate presented to the master")
-    g.add_argument("--master-key", metavar="FILE", default=None,
-                   help="PEM private key of --master-cert")
-    g.add_argument("--master-token-file", metavar="FILE", default=None,
-                   help="file holding this site's token (the last word of its first line)")
-    g.add_argument("--site-address", metavar="HOST:PORT", default=None,
-                   help="this site's NBD address, shown by 'icbd-cache admin status' "
-                        "(serve: default its first --listen)")
-    g.add_argument("--pull-batch", type=_positive, default=256, metavar="N",
-                   help="chunk digests per request (default 256, at most 4096)")
-    g.add_argument("--pull-parallel", type=_positive, default=3, metavar="N",
-                   help="chunk requests in flight (default 3, at most 8)")
-
-
-def has_transfer_args(args: argparse.Namespace) -> bool:
-    """Whether any replication option was given (serve refuses them without --master)."""
-    return any(getattr(args, k, None) is not None for k in (
-        "site", "subscribe", "compress", "master_ca", "master_cert", "master_key",
-        "master_token_file", "site_address"))
+def transfer_options(*, in_serve: bool) -> tuple[Option, ...]:
+    """The master and transfer options of ``replica``, and of ``serve`` (``in_serve``: where
+    ``--master`` is optional and turns the replica on)."""
+    g = TRANSFER_GROUP
+    return (
+        Option("master", required=not in_serve, metavar="URL", group=g,
+               help="the master, http://HOST:PORT or https://HOST:PORT"
+                    + (": also replicate into --store" if in_serve else "")),
+        Option("site", metavar="NAME", group=g, help="this site's name at the master"),
+        Option("subscribe", "list", metavar="IMI", group=g,
+               help="subscribe to this iMI at registration (repeatable; the master's "
+                    "subscriptions of the site are pulled too)"),
+        Option("compress", metavar="plain|zstd[:LEVEL]", parse=parse_compress_text, group=g,
+               help="chunk streams compressed with zstd at LEVEL (1-19, default 3), or plain "
+                    "(default)"),
+        Option("master-ca", metavar="FILE", group=g,
+               help="PEM CA that signs the master's certificate (https; default: the "
+                    "system's CAs)"),
+        Option("master-cert", metavar="FILE", group=g,
+               help="PEM client certificate presented to the master"),
+        Option("master-key", metavar="FILE", group=g, help="PEM private key of --master-cert"),
+        Option("master-token-file", metavar="FILE", group=g,
+               help="file holding this site's token (the last word of its first line)"),
+        Option("site-address", metavar="HOST:PORT", group=g,
+               help="this site's NBD address, shown by 'icbd-cache admin status'"
+                    + (" (default: the first --listen)" if in_serve else "")),
+        Option("pull-batch", "count", default=256, metavar="N", group=g,
+               help="chunk digests per request (default 256, at most 4096)"),
+        Option("pull-parallel", "count", default=3, metavar="N", group=g,
+               help="chunk requests in flight (default 3, at most 8)"),
+    )
 
 
 def client_from_args(args: argparse.Namespace) -> MasterClient:
     """The MasterClient of the options. Raises ValueError naming the option and file."""
     from icbdcache.replication.auth import AuthConfigError, read_token
-    from icbdcache.replication.client import MasterClient
+    from icbdcache.replication.client import MasterClient, parse_compress
     for opt, f in (("--master-ca", args.master_ca), ("--master-cert", args.master_cert),
                    ("--master-key", args.master_key),
                    ("--master-token-file", args.master_token_file)):
@@ -109,7 +102,8 @@ def client_from_args(args: argparse.Namespace) -> MasterClient:
             raise ValueError(str(e)) from e
     try:
         return MasterClient(args.master, ca=args.master_ca, cert=args.master_cert,
-                            key=args.master_key, token=token, zstd_level=args.compress)
+                            key=args.master_key, token=token,
+                            zstd_level=parse_compress(args.compress) if args.compress else None)
     except ssl.SSLError as e:
         raise ValueError(f"cannot use --master-ca/--master-cert/--master-key: {e}") from e
     except OSError as e:
@@ -120,7 +114,6 @@ def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConf
     """The ReplicaConfig of the options. Raises ValueError."""
     from icbdcache.replication.replica import ReplicaConfig
     from icbdcache.replication.wire import MAX_BATCH
-    from icbdcache.storecli import check_name
 
     if not args.site:
         raise ValueError("--master needs --site NAME")
@@ -140,11 +133,19 @@ def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConf
                          parallel=args.pull_parallel, once=bool(getattr(args, "once", False)))
 
 
-def serve_service(args: argparse.Namespace, listen: list[tuple[str, int]], *,
-                  workers: int, store: str | None) -> ReplicaService:
-    """``serve --master``: the replica service for the node. Raises ValueError."""
+def serve_services(args: argparse.Namespace, listen: list[tuple[str, int]], *,
+                   workers: int, store: str | None) -> list[ReplicaService]:
+    """``serve --master``: the replica service for the node (none without ``--master``),
+    from the resolved options of :func:`transfer_options`. Raises ValueError, also for a
+    replication option given without ``--master``."""
     from icbdcache.replication.replica import ReplicaService
 
+    if not args.master:
+        explicit = given(args)
+        named = [o.flag for o in transfer_options(in_serve=True) if o.dest in explicit]
+        if named:
+            raise ValueError(f"{', '.join(named)}: the replication options need --master URL")
+        return []
     if not store:
         raise ValueError("--master needs --store DIR (the store it replicates into)")
     if workers > 1:
@@ -154,12 +155,12 @@ def serve_service(args: argparse.Namespace, listen: list[tuple[str, int]], *,
         host, port = listen[0]
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     cfg = config_from_args(args, address)
-    return ReplicaService(client_from_args(args), cfg)
+    return [ReplicaService(client_from_args(args), cfg)]
 
 
 def cmd_replica(args: argparse.Namespace) -> int:
+    from icbdcache.loop import new_event_loop
     from icbdcache.replication.replica import Replica
-    from icbdcache.server import new_event_loop
     from icbdcache.store import Store, StoreError
 
     try:
@@ -207,32 +208,32 @@ def cmd_replica(args: argparse.Namespace) -> int:
     return code
 
 
-def add_parsers(sub: Any, verbosity: Any) -> dict[str, Any]:
-    """Add ``replica``; return its handler by name."""
-    from icbdcache.storecli import add_store_arg, size_arg
+REPLICA = Command(
+    "replica", "keep a site's store in step with a master (pull new versions)",
+    textwrap.fill(
+        "Register with the master as --site, subscribe, and pull the newest version of each "
+        "subscribed iMI: its manifest, then only the chunks the store lacks (a delta against "
+        "everything held), each checked against its digest; pinned, and made the iMI's "
+        "latest once complete. Keeps long-polling for new versions until stopped (SIGTERM), "
+        "or with --once stops when what is subscribed is complete. 'icbd-cache serve "
+        "--master' does the same inside the NBD server.", 78),
+    REPLICA_EXAMPLES + "\nexit status (--once): 0 complete, 1 a pull failed or the master "
+                       "refused us or stayed unreachable, 2 bad usage",
+    (store_option(),
+     store_size_option("bound of the store's chunks; a version that does not fit beside the "
+                       "pinned ones is an error (store full)"),
+     Option("once", "bool", default=False,
+            help="pull what is subscribed, then exit (0 when complete)"),
+     *transfer_options(in_serve=False)),
+    doc="replica.md", config_file=True)
 
-    p = sub.add_parser(
-        "replica", help="keep a site's store in step with a master (pull new versions)",
-        description=textwrap.fill(
-            "Register with the master as --site, subscribe, and pull the newest version of "
-            "each subscribed iMI: its manifest, then only the chunks the store lacks (a "
-            "delta against everything held), each checked against its digest; pinned, and "
-            "made the iMI's latest once complete. Keeps long-polling for new versions until "
-            "stopped (SIGTERM), or with --once stops when what is subscribed is complete. "
-            "'icbd-cache serve --master' does the same inside the NBD server.", 78),
-        epilog=REPLICA_EXAMPLES + "\nexit status (--once): 0 complete, 1 a pull failed or "
-                                  "the master refused us or stayed unreachable, 2 bad usage",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_store_arg(p)
-    p.add_argument("--store-size", type=size_arg, default=None, metavar="BYTES",
-                   help="bound of the store's chunks; a version that does not fit beside the "
-                        "pinned ones is an error (store full)")
-    p.add_argument("--once", action="store_true",
-                   help="pull what is subscribed, then exit (0 when complete)")
-    add_transfer_args(p, required=True)
-    verbosity(p)
-    return {"replica": cmd_replica}
+#: The replica's table.
+COMMANDS = (REPLICA,)
 
 
-__all__ = ["add_parsers", "add_transfer_args", "client_from_args", "has_transfer_args",
-           "serve_service"]
+def register(sub: Any) -> None:
+    """Add ``replica`` to ``sub`` (argparse subparsers)."""
+    REPLICA.add_parser(sub, cmd_replica)
+
+
+__all__ = ["COMMANDS", "client_from_args", "register", "serve_services", "transfer_options"]

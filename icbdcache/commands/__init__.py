@@ -1,0 +1,1 @@
+"""The ``icbd-cache`` commands, one module per family."""

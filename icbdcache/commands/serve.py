@@ -1,0 +1,265 @@
+"""``icbd-cache serve``: its option table, the settings it is run with (ServeConfig) and the
+checks made before anything is served (docs/serve.md)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import ssl
+import sys
+import tempfile
+import textwrap
+from typing import Any
+
+from icbdcache.commands import pxe, replica
+from icbdcache.commands.options import Command, Option
+from icbdcache.commands.store import store_option, store_size_option
+from icbdcache.exports import ExportSpec
+from icbdcache.node import NodeService
+from icbdcache.server import DEFAULT_PORT, ServeConfig, parse_listen
+from icbdcache.store import StoreError
+
+SERVE_EXAMPLES = """\
+examples:
+  # one read-only iMI on the default port, for every address of the host
+  icbd-cache serve --export lab=/srv/imi/lab-7.img
+
+  # two exports on loopback, the second writable through per-client copy-on-write
+  icbd-cache serve --listen 127.0.0.1:10809 --export lab=/srv/lab.img \\
+      --export scratch=/srv/base.img,cow --default-export lab
+
+  # TLS required (STARTTLS), settings from a file, flags override it
+  icbd-cache serve --config /etc/icbd-cache/serve.toml --tls-cert srv.pem \\
+      --tls-key srv.key --tls-required
+
+clients:
+  nbdinfo nbd://HOST/lab          qemu-img info nbd://HOST:10809/lab
+  nbd-client HOST 10809 /dev/nbd0 -N lab
+"""
+
+
+CACHE_GROUP = "cache (see docs/store.md)"
+
+SERVE = Command(
+    "serve", "serve iMI images over NBD",
+    textwrap.fill(
+        "Serve raw disk images (iMIs) to NBD clients: the kernel's nbd-client, qemu, libnbd. "
+        "Read-only by default; ',cow' gives each client its own copy-on-write overlay. See "
+        "docs/serve.md.", 78),
+    SERVE_EXAMPLES,
+    (Option("listen", "list", metavar="HOST:PORT", parse=parse_listen,
+            help=f"TCP address to listen on, repeatable (default 0.0.0.0:{DEFAULT_PORT} "
+                 "unless --unix is given)"),
+     Option("unix", metavar="PATH", help="also listen on a Unix socket"),
+     Option("export", "list", metavar="NAME=PATH[,cow]", dest="exports", aliases=("exports",),
+            parse=ExportSpec.parse,
+            help="an export: a raw image file; ',cow' = writable per client, the file itself "
+                 "is never written (repeatable)"),
+     Option("default-export", metavar="NAME",
+            help="export for clients that ask for the empty name: an --export, or with "
+                 "--store a version IMI@VERSION or an iMI (its latest) (default: the first "
+                 "--export)"),
+     Option("tls-cert", metavar="FILE", help="PEM certificate (chain)"),
+     Option("tls-key", metavar="FILE", help="PEM private key"),
+     Option("tls-required", "bool",
+            help="refuse every option but STARTTLS/ABORT until TLS is up"),
+     Option("max-connections", "int", metavar="N",
+            help="connections beyond this are closed at once (default 512)"),
+     Option("handshake-timeout", "float", metavar="SECONDS",
+            help="time a client has to reach transmission (default 10)"),
+     Option("grace", "float", metavar="SECONDS",
+            help="on SIGTERM/SIGINT, time to finish in-flight replies (default 10)"),
+     Option("cow-dir", metavar="DIR",
+            help="where copy-on-write overlay files live (default: $TMPDIR)"),
+     Option("cow-linger", "float", metavar="SECONDS",
+            help="a client's overlay outlives its last connection this long; a client that "
+                 "comes back later boots anew (default 120)"),
+     Option("workers", "int", metavar="N",
+            help="server processes sharing the port with SO_REUSEPORT (default 1; read-only "
+                 "exports only)"),
+     Option("debug-requests", "bool", help="log every request (debug level)"),
+     Option("trace", metavar="FILE",
+            help="write every request as t_ms,conn,op,offset,count,lat_us (a boot trace for "
+                 "icbd-bench bootstorm)"),
+     store_option(default=None, group=CACHE_GROUP,
+                  help="serve every version in this store as IMI@VERSION and IMI (latest); "
+                       "--export NAME=nbd://HOST:PORT/EXPORT then faults NAME from an "
+                       "upstream"),
+     Option("store-cow", "bool", group=CACHE_GROUP,
+            help="make the store's versions writable through a per-client copy-on-write "
+                 "overlay (workstations that mount their root rw)"),
+     store_size_option("bound of the store's chunks (e.g. 50G); cold unpinned chunks are "
+                       "evicted", group=CACHE_GROUP),
+     Option("hot-size", "size", metavar="BYTES", dest="hot_bytes", aliases=("hot_bytes",),
+            group=CACHE_GROUP, help="chunks kept in process memory (default 1G)"),
+     Option("fault-timeout", "float", metavar="SECONDS", group=CACHE_GROUP,
+            help="a read waiting on a missing chunk fails with EIO after this (default 10)"),
+     Option("source-timeout", "float", metavar="SECONDS", group=CACHE_GROUP,
+            help="per request to a source (default 5)"),
+     Option("readahead", "int", metavar="CHUNKS", group=CACHE_GROUP,
+            help="chunks faulted ahead of a sequential miss (a first boot has no boot profile "
+                 "yet; default 8, 0 turns it off; docs/store.md)"),
+     *pxe.serve_options(),
+     *replica.transfer_options(in_serve=True)),
+    doc="serve.md", config_file=True)
+
+#: serve's table.
+COMMANDS = (SERVE,)
+
+#: The options that are ServeConfig fields; a value not given keeps the field's default.
+#: (``pxe``, the flag, becomes a PXE service of the node: :func:`pxe.serve_pxe_config`.)
+_CONFIG_FIELDS = (frozenset(f.name for f in dataclasses.fields(ServeConfig))
+                  & frozenset(o.dest for o in SERVE.options)) - {"pxe"}
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of the resolved options (:meth:`Command.resolve`). Raises ValueError
+    for the user."""
+    values = {d: getattr(args, d) for d in _CONFIG_FIELDS}
+    listen = values.pop("listen") or []
+    if not listen and not values["unix"]:
+        listen = [parse_listen(f"0.0.0.0:{DEFAULT_PORT}")]
+    cfg = ServeConfig(exports=values.pop("exports") or [], listen=listen,
+                      **{k: v for k, v in values.items() if v is not None})
+    if not cfg.exports and not cfg.store:
+        raise ValueError("nothing to serve: give --export NAME=PATH or --store DIR")
+    if any(e.is_upstream for e in cfg.exports) and not cfg.store:
+        raise ValueError("--export NAME=nbd://... needs --store DIR (the cache it fills)")
+    if any(e.is_upstream and e.cow for e in cfg.exports):
+        raise ValueError("upstream exports are read-only")
+    names = [e.name for e in cfg.exports]
+    if len(set(names)) != len(names):
+        raise ValueError("export names must be unique")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if cfg.tls_required and not cfg.tls_cert:
+        raise ValueError("--tls-required needs --tls-cert and --tls-key")
+    if cfg.workers > 1 and any(e.cow for e in cfg.exports):
+        raise ValueError("copy-on-write exports need --workers 1 (overlays live in one process)")
+    if cfg.workers > 1 and cfg.trace:
+        raise ValueError("--trace needs --workers 1 (one file, one writer)")
+    if cfg.max_connections < 1 or cfg.workers < 1:
+        raise ValueError("--max-connections and --workers must be at least 1")
+    return cfg
+
+
+def check_default_export(cfg: ServeConfig) -> None:
+    """Refuse a ``--default-export`` that names neither an ``--export`` nor a version the
+    store resolves (``IMI@VERSION``, or ``IMI`` with a latest version). The store must exist;
+    it is opened read-only. Raises ValueError naming what was looked for, or StoreError."""
+    name = cfg.default_export
+    if name is None or name in {e.name for e in cfg.exports}:
+        return
+    if cfg.store:
+        from icbdcache.store import Store
+
+        store = Store(cfg.store, readonly=True)
+        try:
+            if store.version(name) is not None:
+                return
+        finally:
+            store.close()
+        where = (f"not an --export name, and the store {cfg.store} has no version {name!r} "
+                 "(IMI@VERSION, or IMI with a latest version; see icbd-cache ls)")
+    else:
+        where = "not an --export name (a store version needs --store DIR)"
+    raise ValueError(f"--default-export {name!r} is not an export: {where}")
+
+
+def check_cow_dir(path: str) -> None:
+    """Refuse a ``--cow-dir`` where overlay files cannot be made. Raises ValueError."""
+    if not os.path.isdir(path):
+        what = "not a directory" if os.path.exists(path) else "no such directory"
+        raise ValueError(f"--cow-dir {path}: {what}")
+    try:
+        fd, name = tempfile.mkstemp(prefix="icbd-cow-check-", dir=path)
+    except OSError as e:
+        raise ValueError(f"--cow-dir {path}: cannot create overlay files there "
+                         f"({e.strerror or e})") from e
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_tls(cert: str, key: str) -> None:
+    """Load ``--tls-cert``/``--tls-key`` once, so that a bad pair is refused at startup with
+    the files named. Raises ValueError."""
+    from icbdcache.server import tls_context
+
+    texts = {}
+    for opt, path, marker, what in (
+            ("--tls-cert", cert, b"-----BEGIN CERTIFICATE-----", "a PEM certificate"),
+            ("--tls-key", key, b" PRIVATE KEY-----", "a PEM private key")):
+        try:
+            with open(path, "rb") as f:
+                texts[opt] = f.read(1 << 20)
+        except OSError as e:
+            raise ValueError(f"{opt} {path}: {e.strerror or e}") from e
+        if marker not in texts[opt]:
+            raise ValueError(f"{opt} {path}: not {what} (no '{marker.decode().strip()}' line)")
+    if any(m in texts["--tls-key"] for m in (b"ENCRYPTED PRIVATE KEY-----",
+                                              b"Proc-Type: 4,ENCRYPTED")):
+        raise ValueError(f"--tls-key {key}: the key is encrypted and the server cannot ask for "
+                         "its passphrase (decrypt it: openssl pkey -in KEY -out PLAIN)")
+    try:
+        tls_context(cert, key)
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"--tls-key {key} does not match the certificate in --tls-cert "
+                             f"{cert}") from e
+        raise ValueError(f"cannot use --tls-cert {cert} with --tls-key {key}: {e}") from e
+    except OSError as e:
+        raise ValueError(f"cannot use --tls-cert {cert} with --tls-key {key}: "
+                         f"{e.strerror or e}") from e
+
+
+def check_startup(cfg: ServeConfig) -> None:
+    """Everything checked before serving, each refusal naming the option or file: the
+    ``--cow-dir``, the TLS files, that every file export opens, the store (created when
+    missing), the default export. Raises ValueError, OSError or StoreError."""
+    from icbdcache.server import build_catalog
+
+    if cfg.cow_dir:
+        check_cow_dir(cfg.cow_dir)
+    if cfg.tls_cert and cfg.tls_key:
+        check_tls(cfg.tls_cert, cfg.tls_key)
+    # every file export opens, with the export named, before forking (the default export
+    # may be a store version, checked below against the store)
+    build_catalog(dataclasses.replace(cfg, default_export=None)).close()
+    if cfg.store:
+        from icbdcache.store import Store
+
+        Store(cfg.store, size_limit=cfg.store_size).close()
+    check_default_export(cfg)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from icbdcache import server
+
+    try:
+        cfg = serve_config(args)
+        pxe_config = pxe.serve_pxe_config(args, cfg)
+        check_startup(cfg)
+        services: list[NodeService] = list(replica.serve_services(
+            args, cfg.listen, workers=cfg.workers, store=cfg.store))
+        if pxe_config is not None:
+            from pxe.service import PxeNodeService
+
+            services.append(PxeNodeService(pxe_config))
+    except (ValueError, OSError, StoreError) as e:
+        print(f"icbd-cache serve: {e}", file=sys.stderr)
+        return 2
+    try:
+        return server.run(cfg, services=services)
+    except (OSError, StoreError) as e:
+        print(f"icbd-cache serve: {e}", file=sys.stderr)
+        return 1
+
+
+def register(sub: Any) -> None:
+    """Add ``serve`` to ``sub`` (argparse subparsers)."""
+    SERVE.add_parser(sub, cmd_serve)
+
+
+__all__ = ["COMMANDS", "SERVE", "check_default_export", "check_startup", "register",
+           "serve_config"]
