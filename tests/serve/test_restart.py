@@ -46,6 +46,27 @@ MiB = 1 << 20
 SERVE_BOUND = 10.0
 
 
+def stable_port() -> int:
+    """A free TCP port outside the kernel's ephemeral range: a port a restarted server binds
+    again after seconds down must not be taken meanwhile by some process's outgoing
+    connection (free_port's ports are ephemeral ones)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    candidates = [p for p in range(10000, 32768) if not low <= p <= high]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
+
+
 @dataclass
 class Proc:
     """One ``icbd-cache serve`` process of a test (started here, stopped by PID)."""
@@ -223,7 +244,7 @@ def test_handover_rolls_back_when_the_successor_fails(servers: Servers, tmp_path
     store = tmp_path / "store"
     subprocess.run([ICBD, "import", str(image), "--imi", "lab", "--store", str(store)],
                    check=True, capture_output=True)
-    port, http = free_port(), free_port()
+    port, http = stable_port(), stable_port()
     common = ["--store", str(store), "--listen", f"127.0.0.1:{port}", "--handover",
               str(tmp_path / "handover.sock"), "--pxe", "--pxe-tftp-port", "off"]
     old = servers.start(*common, "--pxe-http-port", str(http))
