@@ -44,7 +44,8 @@
  *   -N NAME  export name     -b BYTES  block size (512)     -C N  connections (1)
  *   -t SECONDS  I/O timeout (overrides icbd.io_timeout)     -R SECONDS  icbd.reconnect
  *   -nofork  stay in the foreground    -swap -persist -systemd-mark  accepted (always on)
- * Exit status: 0 attached (the daemon keeps it), 1 attaching failed, 2 usage.
+ * Exit status: 0 attached (the daemon keeps it), 1 attaching failed, 2 usage. The daemon
+ * exits when the device is disconnected on purpose (NBD_CMD_STATUS: not connected).
  * Messages go to stderr while attaching and to the kernel log (/dev/kmsg) always.
  */
 #define _GNU_SOURCE
@@ -415,9 +416,27 @@ static void nl_end(struct nlmsg *m, struct nlattr *nest)
 static int nl_sock = -1;
 static uint32_t nl_seq;
 
-/* Send M and read until its ACK; a reply's attributes go to FOUND (type, u16 value) when
- * asked. Returns 0 or a negative errno. */
-static int nl_talk(struct nlmsg *m, uint16_t want_attr, uint16_t *found)
+/* The attribute TYPE among the LEN bytes of attributes at START, or NULL. */
+static struct nlattr *attr_find(void *start, int len, uint16_t type)
+{
+    struct nlattr *a = start;
+    while (len >= NLA_HDRLEN && a->nla_len >= NLA_HDRLEN && a->nla_len <= len) {
+        if ((a->nla_type & NLA_TYPE_MASK) == type)
+            return a;
+        len -= NLA_ALIGN(a->nla_len);
+        a = (struct nlattr *)((char *)a + NLA_ALIGN(a->nla_len));
+    }
+    return NULL;
+}
+
+static void *attr_data(struct nlattr *a) { return (char *)a + NLA_HDRLEN; }
+static int attr_len(struct nlattr *a) { return a->nla_len - NLA_HDRLEN; }
+
+typedef void (*on_reply)(struct nlattr *attrs, int len, void *arg);
+
+/* Send M and read until its ACK, giving each reply's attributes to CB. Returns 0 or a
+ * negative errno. */
+static int nl_talk(struct nlmsg *m, on_reply cb, void *arg)
 {
     m->h.nlmsg_seq = ++nl_seq;
     struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
@@ -439,18 +458,18 @@ static int nl_talk(struct nlmsg *m, uint16_t want_attr, uint16_t *found)
                 struct nlmsgerr *e = NLMSG_DATA(h);
                 return e->error;
             }
-            if (!want_attr || !found)
-                continue;
-            struct nlattr *a = (struct nlattr *)((char *)NLMSG_DATA(h) + GENL_HDRLEN);
-            int left = (int)h->nlmsg_len - NLMSG_LENGTH(GENL_HDRLEN);
-            while (left >= NLA_HDRLEN && a->nla_len >= NLA_HDRLEN && a->nla_len <= left) {
-                if ((a->nla_type & NLA_TYPE_MASK) == want_attr && a->nla_len >= NLA_HDRLEN + 2)
-                    memcpy(found, (char *)a + NLA_HDRLEN, 2);
-                left -= NLA_ALIGN(a->nla_len);
-                a = (struct nlattr *)((char *)a + NLA_ALIGN(a->nla_len));
-            }
+            if (cb)
+                cb((struct nlattr *)((char *)NLMSG_DATA(h) + GENL_HDRLEN),
+                   (int)h->nlmsg_len - NLMSG_LENGTH(GENL_HDRLEN), arg);
         }
     }
+}
+
+static void family_id(struct nlattr *attrs, int len, void *arg)
+{
+    struct nlattr *a = attr_find(attrs, len, CTRL_ATTR_FAMILY_ID);
+    if (a && attr_len(a) >= 2)
+        memcpy(arg, attr_data(a), 2);
 }
 
 static uint16_t nbd_family;
@@ -466,13 +485,23 @@ static int nl_open(void)
     nl_init(&m, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1);
     nl_put(&m, CTRL_ATTR_FAMILY_NAME, NBD_GENL_FAMILY_NAME, sizeof NBD_GENL_FAMILY_NAME);
     uint16_t id = 0;
-    int rc = nl_talk(&m, CTRL_ATTR_FAMILY_ID, &id);
+    int rc = nl_talk(&m, family_id, &id);
     if (rc)
         return rc;
     if (!id)
         return -ENOENT;
     nbd_family = id;
     return 0;
+}
+
+static void device_connected(struct nlattr *attrs, int len, void *arg)
+{
+    struct nlattr *list = attr_find(attrs, len, NBD_ATTR_DEVICE_LIST);
+    struct nlattr *item = list ? attr_find(attr_data(list), attr_len(list), NBD_DEVICE_ITEM) : NULL;
+    struct nlattr *c = item ? attr_find(attr_data(item), attr_len(item), NBD_DEVICE_CONNECTED)
+                            : NULL;
+    if (c && attr_len(c) >= 1)
+        *(int *)arg = *(unsigned char *)attr_data(c) ? 1 : 0;
 }
 
 static void nl_sockets(struct nlmsg *m, const int *fds, int n)
@@ -641,7 +670,18 @@ static int attach(const struct settings *s, const int *fds, const struct export_
     nl_u64(&m, NBD_ATTR_TIMEOUT, s->io_timeout);
     nl_u64(&m, NBD_ATTR_DEAD_CONN_TIMEOUT, s->reconnect);
     nl_sockets(&m, fds, (int)s->conns);
-    return nl_talk(&m, 0, NULL);
+    return nl_talk(&m, NULL, NULL);
+}
+
+/* 1 while the device is attached (NBD_CMD_STATUS), 0 once it was disconnected, -errno. */
+static int attached(const struct settings *s)
+{
+    struct nlmsg m;
+    nl_init(&m, nbd_family, NBD_CMD_STATUS, NBD_GENL_VERSION);
+    nl_u32(&m, NBD_ATTR_INDEX, s->index);
+    int connected = -ENODATA;
+    int rc = nl_talk(&m, device_connected, &connected);
+    return rc ? rc : connected;
 }
 
 static int reconfigure(const struct settings *s, int fd)
@@ -650,7 +690,7 @@ static int reconfigure(const struct settings *s, int fd)
     nl_init(&m, nbd_family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION);
     nl_u32(&m, NBD_ATTR_INDEX, s->index);
     nl_sockets(&m, &fd, 1);
-    return nl_talk(&m, 0, NULL);
+    return nl_talk(&m, NULL, NULL);
 }
 
 static void become_daemon(char **argv)
@@ -754,6 +794,10 @@ int main(int argc, char **argv)
             if (poll(&p, 1, 0) != 1 || !(p.revents & (POLLHUP | POLLERR)))
                 continue; /* alive (a half-closed one waits for the driver to give it up) */
             lost++;
+            if (attached(&s) == 0) {
+                say("%s was disconnected: exiting", devname);
+                return 0;
+            }
             double t0 = now_s();
             say("connection %u to %s:%u lost; reconnecting (requests are held up to %lu s)", i,
                 s.t.host, s.t.port, s.reconnect);
@@ -772,8 +816,8 @@ int main(int argc, char **argv)
                     break;
                 }
                 close(fd);
-                if (rc == -ENODEV || rc == -ENOENT) {
-                    say("%s is no longer attached: exiting", devname);
+                if (attached(&s) == 0) {
+                    say("%s was disconnected: exiting", devname);
                     return 0;
                 }
                 say("NBD_CMD_RECONFIGURE failed: %s; retrying", strerror(-rc));
