@@ -128,7 +128,7 @@ class Node:
         self.store = store
         self.services = list(services)
         self.stats = ReadStats()
-        self.reader = StoreReader(store, hot_bytes=hot_bytes)
+        self.reader = StoreReader(store, hot_bytes=hot_bytes, hits=self.stats)
         self.faults = Faults(self.stats, fault_timeout=fault_timeout)
         self.source_timeout = source_timeout
         self.upstream_connections = upstream_connections

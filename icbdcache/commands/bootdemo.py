@@ -1,15 +1,20 @@
-"""``icbd-cache demo --boot``: boot a real diskless workstation from a served iMI, end to end.
+"""``icbd-cache demo --boot``: boot a real diskless workstation from a site cache that faults
+from its master, end to end.
 
 1. builds (once; cached in ``~/.cache/icbd-cache/imi``) the Debian test iMI with
    ``scripts/build-test-imi`` (root, debootstrap, the host's apt mirror);
-2. imports it into a temporary store (``icbd-cache import``, which keeps its kernel and initrd);
-3. serves it with ``icbd-cache serve --store --pxe`` on 127.0.0.1 (free high ports): NBD, TFTP
-   and HTTP in one process;
+2. publishes it on a master as ``lab@1`` (``icbd-cache publish``, which keeps its kernel and
+   initrd; ``icbd-cache master``), as ``icbd-cache demo`` does with its small image;
+3. starts a site with an empty store, ``icbd-cache serve --master URL --site demo-site
+   --subscribe lab --on-demand --pxe`` on 127.0.0.1 (free high ports): NBD, TFTP and HTTP in
+   one process; it takes lab@1's manifest, kernel and initrd from the master, and faults each
+   chunk of the image from the master when the workstation first reads it;
 4. boots one QEMU workstation under TCG with QEMU's user network, where the host's 127.0.0.1 is
    10.0.2.2: the e1000 NIC's iPXE ROM fetches ``boot.ipxe``, the kernel and the initrd over
    HTTP; the initramfs attaches its root over NBD; systemd reaches multi-user and the image's
    ``icbd-boot-ok`` service prints ``ICBD-BOOT-OK`` on the serial console and powers off;
-5. prints the export the workstation opened, from the server's log.
+5. prints the export the workstation opened, from the site's log, then stops the site and
+   prints what crossed from the master for the boot (``icbd-cache stats --json``).
 
 Exit status 0 when the marker came, 1 when the boot failed, 2 when this machine cannot run it
 (not root, debootstrap or QEMU missing, no clone of the repository).
@@ -20,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -29,9 +33,24 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from icbdcache.commands.demostack import (
+    DemoError,
+    PassCounts,
+    Proc,
+    free_port,
+    mib,
+    publish,
+    read_stats,
+    say,
+    shown,
+    site_args,
+    start_master,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-test-imi"
 QEMU = "qemu-system-x86_64"
 #: The host's loopback as QEMU's user network shows it to the guest.
@@ -42,10 +61,6 @@ MARKER_RX = re.compile(r"ICBD-BOOT-OK (\S+) nbdroot=(\S+) release=(\S+)")
 CONN_RX = re.compile(r"conn=\d+ peer=(\S+) export=(\S+).*")
 HTTP_RX = re.compile(r"event=http .*method=GET path=/(\S+) status=200 bytes=(\d+)")
 BOOT_TIMEOUT = 300.0
-
-
-def _say(tag: str, text: str) -> None:
-    print(f"{tag:7} {text}", flush=True)
 
 
 def _fail(text: str, code: int) -> int:
@@ -78,20 +93,9 @@ def preflight() -> str | None:
     return None
 
 
-def _free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cli(*args: str) -> list[str]:
-    """``icbd-cache ARGS`` as this interpreter's module (no PATH needed)."""
-    return [sys.executable, "-m", "icbdcache.cli", *args]
-
-
 def build_image() -> Path | int:
     """scripts/build-test-imi's output directory, or an exit status after saying why."""
-    _say("image", "scripts/build-test-imi: the Debian test iMI (built once, about 2 minutes; "
+    say("image", "scripts/build-test-imi: the Debian test iMI (built once, about 2 minutes; "
                   "cached in ~/.cache/icbd-cache/imi)")
     t0 = time.monotonic()
     # its progress lines go to our stderr as they come; the directory is its last stdout line
@@ -110,7 +114,7 @@ def build_image() -> Path | int:
     except (OSError, ValueError, KeyError):
         what = "no manifest"
     how = f"built in {elapsed:.0f} s" if elapsed > 5 else "cached"
-    _say("image", f"{out / 'imi.ext4'} ({what}; {how})")
+    say("image", f"{out / 'imi.ext4'} ({what}; {how})")
     return out
 
 
@@ -147,8 +151,9 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
         proc.wait()
 
 
-def run_boot_demo() -> int:
-    """Run the boot demo; return the exit status."""
+def run_boot_demo(keep: bool = False) -> int:
+    """Run the boot demo; return the exit status. ``keep``: leave the temporary directory
+    (the stores, the logs, the console) and say where."""
     why = preflight()
     if why is not None:
         return _fail(why, 2)
@@ -157,40 +162,54 @@ def run_boot_demo() -> int:
     if isinstance(built, int):
         return built
     image = built / "imi.ext4"
-    with tempfile.TemporaryDirectory(prefix="icbd-boot-demo-") as tmp:
-        return _serve_and_boot(image, Path(tmp), t_start)
+    tmp = Path(tempfile.mkdtemp(prefix="icbd-boot-demo-"))
+    try:
+        return _publish_and_boot(image, tmp, t_start)
+    except DemoError as e:
+        return _fail(str(e), 1)
+    finally:
+        if keep:
+            say("kept", f"{tmp}: the stores master/ and site/, master.log, site.log, "
+                        "console.log, stats-site.json, stats-master.json")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _serve_and_boot(image: Path, tmp: Path, t_start: float) -> int:
-    store = tmp / "store"
-    import_args = ["import", str(image), "--imi", "lab", "--store", str(store)]
-    _say("import", shlex.join(["icbd-cache", *import_args]))
-    p = subprocess.run(_cli(*import_args), capture_output=True, text=True, check=False)
-    # its stdout says what it did; of its log (stderr) only warnings and errors
-    for line in p.stdout.splitlines() + [ln for ln in p.stderr.splitlines()
-                                         if " INFO " not in ln]:
-        _say("", line)
-    if p.returncode != 0:
-        return _fail("the import failed", 1)
+def _publish_and_boot(image: Path, tmp: Path, t_start: float) -> int:
+    """Publish ``image`` on a master, serve it from a site, boot a workstation from the
+    site. Raises DemoError when a process fails to start."""
+    for line in publish(image, tmp / "master", "lab").splitlines():
+        say("", line)
+    master, url = start_master(tmp / "master", tmp)
+    try:
+        code = _serve_and_boot(url, tmp, t_start)
+    finally:
+        master.stop()
+    if code == 0:
+        _counts(tmp)
+    return code
 
-    nbd_port, http_port, tftp_port = _free_port(), _free_port(), _free_port(socket.SOCK_DGRAM)
-    serve_args = ["serve", "--store", str(store), "--listen", f"127.0.0.1:{nbd_port}", "--pxe",
-                  "--pxe-nbd-host", HOST_FROM_GUEST, "--pxe-http-port", str(http_port),
+
+def _serve_and_boot(master_url: str, tmp: Path, t_start: float) -> int:
+    nbd_port, http_port, tftp_port = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+    site_store = tmp / "site"
+    serve_args = [*site_args(site_store, nbd_port, master_url, "lab"),
+                  "--pxe", "--pxe-nbd-host", HOST_FROM_GUEST, "--pxe-http-port", str(http_port),
                   "--pxe-tftp-port", str(tftp_port), "--pxe-menu-timeout", "0",
                   "--pxe-append", GUEST_APPEND]
-    _say("serve", shlex.join(["icbd-cache", *serve_args]))
-    _say("", f"NBD 127.0.0.1:{nbd_port}, HTTP :{http_port}, TFTP :{tftp_port}, one process; "
-             f"boot configs name the NBD server {HOST_FROM_GUEST}:{nbd_port}, the host as "
-             "QEMU's user network shows it to the guest")
-    server_log = tmp / "serve.log"
-    server: subprocess.Popen[bytes] | None = None
+    say("site", shown(serve_args))
+    say("", f"an empty store: it takes lab@1's manifest, kernel and initrd from the master, "
+            f"and faults each chunk from it when the workstation first reads it; NBD "
+            f"127.0.0.1:{nbd_port}, HTTP :{http_port}, TFTP :{tftp_port}, one process; boot "
+            f"configs name the NBD server {HOST_FROM_GUEST}:{nbd_port}, the host as QEMU's "
+            "user network shows it to the guest")
+    site = Proc(serve_args, tmp / "site.log")
+    server_log = site.log
     qemu: subprocess.Popen[bytes] | None = None
     try:
-        with open(server_log, "wb") as out:
-            server = subprocess.Popen(_cli(*serve_args), stdout=out, stderr=subprocess.STDOUT)
-        if not _wait_listening(http_port, server):
-            print(server_log.read_text(errors="replace")[-3000:], file=sys.stderr)
-            return _fail("icbd-cache serve --pxe did not start", 1)
+        if not _wait_boot_menu(http_port, site.popen, "lab@1"):
+            print(site.tail(30), file=sys.stderr)
+            return _fail("the site did not offer lab@1 over HTTP (boot.ipxe)", 1)
 
         url = f"http://{HOST_FROM_GUEST}:{http_port}/boot.ipxe"
         qemu_cmd = [QEMU, "-name", "icbd-demo", "-accel", "tcg,tb-size=128", "-cpu", "qemu64",
@@ -198,46 +217,68 @@ def _serve_and_boot(image: Path, tmp: Path, t_start: float) -> int:
                     "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
                     "-netdev", f"user,id=n0,bootfile={url}",
                     "-device", f"e1000,netdev=n0,mac={GUEST_MAC}", "-boot", "n"]
-        _say("boot", f"{QEMU} under TCG, e1000 NIC with QEMU's iPXE ROM, DHCP bootfile {url}")
+        say("boot", f"{QEMU} under TCG, e1000 NIC with QEMU's iPXE ROM, DHCP bootfile {url}")
         qemu = subprocess.Popen(qemu_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
         console = Console(qemu, tmp / "console.log")
         found = _watch(console, qemu, server_log, time.monotonic())
         if found is None:
-            print(f"--- console (last lines):\n{console.tail()}\n--- server log (last lines):\n"
-                  + "\n".join(server_log.read_text(errors="replace").splitlines()[-15:]),
-                  file=sys.stderr)
+            print(f"--- console (last lines):\n{console.tail()}\n--- site log (last lines):\n"
+                  + site.tail(15), file=sys.stderr)
             return _fail(f"no ICBD-BOOT-OK on the console (qemu exit status {qemu.poll()})", 1)
         exports = [(m.group(2), m.group(0)) for ln in
                    server_log.read_text(errors="replace").splitlines()
                    if (m := CONN_RX.search(ln))]
         names = sorted({name for name, _ in exports})
-        _say("export", f"the workstation opened {', '.join(names) or '(none logged)'} "
-                       f"({len(exports)} NBD connection{'s' if len(exports) != 1 else ''}); "
-                       "server log:")
+        say("export", f"the workstation opened {', '.join(names) or '(none logged)'} "
+                      f"({len(exports)} NBD connection{'s' if len(exports) != 1 else ''}); "
+                      "site log:")
         for _, line in exports:
-            _say("", line)
+            say("", line)
         try:
             qemu.wait(60)  # icbd-boot-ok powers the guest off
-            _say("done", f"the workstation powered off; {time.monotonic() - t_start:.0f} s in "
-                         "all")
+            say("done", f"the workstation powered off; {time.monotonic() - t_start:.0f} s in "
+                        "all")
         except subprocess.TimeoutExpired:
-            _say("done", f"{time.monotonic() - t_start:.0f} s in all (stopping the guest)")
+            say("done", f"{time.monotonic() - t_start:.0f} s in all (stopping the guest)")
         return 0
     finally:
         _stop(qemu, signal.SIGTERM, 10)
-        _stop(server)
+        site.stop()
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> bool:
-    """Wait for ``serve --pxe``'s HTTP port (after the boot files are kept)."""
+def _counts(tmp: Path) -> None:
+    """Print what crossed from the master for the boot, from the stopped site's and master's
+    stats (``stats-site.json``, ``stats-master.json`` in ``tmp``)."""
+    try:
+        site, master = read_stats(tmp / "site"), read_stats(tmp / "master")
+    except DemoError as e:
+        say("counts", f"cannot read the counters: {e}")
+        return
+    for name, stats in (("site", site), ("master", master)):
+        (tmp / f"stats-{name}.json").write_text(json.dumps(stats, indent=2) + "\n")
+    c = PassCounts.between({}, site)
+    say("counts", f"the boot faulted {c.faults} chunks from the master ({mib(c.from_master)}; "
+                  f"the master's own count: {master.get('master_chunks_sent', 0)} chunks "
+                  f"sent), {c.coalesced} reads joined a fault in flight; hits: hot set "
+                  f"{c.hits_hot}, queue {c.hits_queued}, LMDB {c.hits_lmdb} (icbd-cache stats "
+                  "--json of the site and the master)")
+
+
+def _wait_boot_menu(port: int, proc: subprocess.Popen[bytes], key: str,
+                    timeout: float = 120) -> bool:
+    """Wait until the site's ``boot.ipxe`` (HTTP on ``port``) names ``key``: the site has the
+    version's manifest and boot files from the master."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/boot.ipxe",
+                                        timeout=2) as r:
+                if key in r.read().decode(errors="replace"):
+                    return True
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.2)
     return False
 
 
@@ -250,7 +291,7 @@ def _watch(console: Console, qemu: subprocess.Popen[bytes], server_log: Path,
     def note(key: str, text: str) -> None:
         if key not in seen:
             seen.add(key)
-            _say("", f"{time.monotonic() - t0:6.1f} s  {text}")
+            say("", f"{time.monotonic() - t0:6.1f} s  {text}")
 
     deadline = t0 + BOOT_TIMEOUT
     while time.monotonic() < deadline:
@@ -260,7 +301,7 @@ def _watch(console: Console, qemu: subprocess.Popen[bytes], server_log: Path,
                 note("marker", f"ICBD-BOOT-OK on the serial console: multi-user reached "
                                f"(guest uptime {m.group(1)} s, nbdroot={m.group(2)}, "
                                f"release={m.group(3)})")
-                _say("boot", f"boot marker after {time.monotonic() - t0:.1f} s")
+                say("boot", f"boot marker after {time.monotonic() - t0:.1f} s")
                 return m
         for line in server_log.read_text(errors="replace").splitlines():
             h = HTTP_RX.search(line)

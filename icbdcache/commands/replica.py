@@ -81,7 +81,11 @@ def transfer_options(*, in_serve: bool) -> tuple[Option, ...]:
                help="chunk digests per request (default 256, at most 4096)"),
         Option("pull-parallel", "count", default=3, metavar="N", group=g,
                help="chunk requests in flight (default 3, at most 8)"),
-    )
+    ) + ((Option("on-demand", "bool", default=False, group=g,
+                 help="take each subscribed version's manifest only (served, and the "
+                      "iMI's latest, at once): a chunk crosses from the master when a "
+                      "client first reads it, never in a background pull"),)
+         if in_serve else ())
 
 
 def client_from_args(args: argparse.Namespace) -> MasterClient:
@@ -130,7 +134,8 @@ def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConf
             raise ValueError(why)
     return ReplicaConfig(site=args.site, subscribe=list(args.subscribe or []),
                          address=args.site_address or address, batch=args.pull_batch,
-                         parallel=args.pull_parallel, once=bool(getattr(args, "once", False)))
+                         parallel=args.pull_parallel, once=bool(getattr(args, "once", False)),
+                         on_demand=bool(getattr(args, "on_demand", False)))
 
 
 def serve_services(args: argparse.Namespace, listen: list[tuple[str, int]], *,

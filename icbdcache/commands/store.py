@@ -219,7 +219,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 #: Counters a server keeps (docs/store.md); absent ones are zero. ``bytes_from:SOURCE``
 #: counters are added per source that ever answered.
 COUNTERS = ("hits", "misses", "coalesced", "faults", "fault_errors", "corrupt_chunks",
-            "prefetched", "evicted_bytes", "held_bytes", "chunks")
+            "prefetched", "evicted_bytes", "held_bytes", "chunks", "hits_hot", "hits_queued",
+            "hits_lmdb")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

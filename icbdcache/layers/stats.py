@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from icbdcache.store.reader import TierHits
+
 
 @dataclass
-class ReadStats:
-    """Since the process started: ``hits`` chunks served from the store's tiers, ``misses``
+class ReadStats(TierHits):
+    """Since the process started: ``hits`` chunks served from the store's tiers (split by
+    tier in ``hits_hot``, ``hits_queued``, ``hits_lmdb``: :class:`TierHits`), ``misses``
     chunks a read had to wait for, ``coalesced`` waits joined to a fault already running
     (single-flight), ``faults`` fetches started, ``fault_errors`` fetches that failed,
     ``corrupt`` chunks refused by their digest check, ``prefetched`` background faults
@@ -23,4 +26,5 @@ class ReadStats:
     bytes_from: dict[str, int] = field(default_factory=dict)
 
     #: The plain counters persisted into the store's ``stats`` (``stats --json``).
-    COUNTERS = ("hits", "misses", "coalesced", "faults", "fault_errors", "prefetched")
+    COUNTERS = ("hits", "misses", "coalesced", "faults", "fault_errors", "prefetched",
+                "hits_hot", "hits_queued", "hits_lmdb")

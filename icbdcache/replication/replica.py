@@ -131,7 +131,9 @@ class ReplicaConfig:
     subscribe to at registration; ``address``: its NBD ``HOST:PORT`` for the admin's view;
     ``batch``: digests per chunk request; ``parallel``: chunk requests in flight;
     ``watch_timeout``: seconds of one long poll; ``once``: pull what is subscribed, then stop;
-    ``progress``: a progress bar (None: when stderr is a terminal)."""
+    ``progress``: a progress bar (None: when stderr is a terminal); ``on_demand``: take each
+    version's manifest only (no background pull: a chunk crosses from the master when a
+    client first reads it, see :meth:`Replica.adopt`)."""
 
     site: str
     subscribe: list[str] = field(default_factory=list)
@@ -140,6 +142,7 @@ class ReplicaConfig:
     parallel: int = 3
     watch_timeout: float = 30.0
     once: bool = False
+    on_demand: bool = False
     once_cutoff_limit: float = 60.0
     progress: bool | None = None
 
@@ -433,10 +436,13 @@ class Replica:
         return held == need
 
     async def pull(self, rec: VersionRecord) -> None:
-        """Make ``rec`` complete, pinned and latest in the store. Raises PullError,
-        MasterError."""
+        """Make ``rec`` complete, pinned and latest in the store (``on_demand``: see
+        :meth:`adopt`). Raises PullError, MasterError."""
         key = rec.key
         meta = self.store.version(key)
+        if self.config.on_demand:
+            await self.adopt(rec, meta)
+            return
         if meta is not None and self._complete(key) and \
                 manifest_digest(bytes(self.store.chunk_map(key))) == rec.manifest:
             self._finish(rec, meta, announce=False)
@@ -459,6 +465,20 @@ class Replica:
         if held != need:
             raise PullError(f"{need - held} bytes still missing after the pull")
         self._finish(rec, meta, announce=True)
+
+    async def adopt(self, rec: VersionRecord, meta: VersionMeta | None) -> None:
+        """On demand: store ``rec``'s manifest (checked as for a pull) and its boot files, and
+        make it the iMI's latest at once; its chunks are never pulled in the background, each
+        is faulted from the master when a client first reads it (the read path's
+        single-flight: once, however many clients ask). Not pinned: its chunks are evicted
+        like any cached chunk. Raises PullError, MasterError."""
+        await self._manifest(rec, meta)
+        await self._boot_files(rec)
+        if self.store.latest(rec.imi) != rec.version:
+            self.store.set_latest(rec.imi, rec.version)
+            log.info(kv(replica=self.config.site, on_demand=rec.key, latest=rec.key))
+            if self.on_version is not None:
+                self.on_version(rec.key)
 
     def _finish(self, rec: VersionRecord, meta: VersionMeta, *, announce: bool) -> None:
         self._held.pop(rec.key, None)

@@ -14,6 +14,7 @@ next batch).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from icbdcache.store.hotset import HotSet
@@ -21,6 +22,16 @@ from icbdcache.store.lmdbstore import Store
 from icbdcache.store.writer import BatchWriter
 
 Buffer = bytes | bytearray | memoryview
+
+
+@dataclass
+class TierHits:
+    """Chunk reads answered from each tier (the read path's hits by where the bytes were):
+    ``hits_hot`` the hot set, ``hits_queued`` the writer's queue, ``hits_lmdb`` LMDB."""
+
+    hits_hot: int = 0
+    hits_queued: int = 0
+    hits_lmdb: int = 0
 
 
 class ReadTxn:
@@ -48,12 +59,14 @@ class ReadTxn:
 
 class StoreReader:
     """Reads chunks of ``store`` through the hot set (``hot_bytes`` bytes) and ``writer``
-    (made here when not given; closed by :meth:`close`)."""
+    (made here when not given; closed by :meth:`close`); :meth:`read` counts its answers by
+    tier in ``hits`` (made here when not given)."""
 
     def __init__(self, store: Store, *, hot_bytes: int = 1 << 30,
-                 writer: BatchWriter | None = None) -> None:
+                 writer: BatchWriter | None = None, hits: TierHits | None = None) -> None:
         self.store = store
         self.writer = writer or BatchWriter(store)
+        self.hits = hits if hits is not None else TierHits()
         self.hot = HotSet(hot_bytes)
         #: Chunks read once from LMDB since they were last admitted (admission on 2nd read).
         self._seen: set[bytes] = set()
@@ -90,6 +103,7 @@ class StoreReader:
                 buf = txn.buffer(key)
                 if buf is None:
                     return None
+                self.hits.hits_lmdb += 1
                 seen = self._seen
                 if key not in seen:
                     if len(seen) >= self._seen_max:
@@ -99,7 +113,11 @@ class StoreReader:
                     return bytes(buf[lo:hi])
                 seen.discard(key)
                 data = bytes(buf)
+            else:
+                self.hits.hits_queued += 1
             self.hot.put(key, data)
+        else:
+            self.hits.hits_hot += 1
         self.writer.touch(key)
         return memoryview(data)[lo:hi]
 

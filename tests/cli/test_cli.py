@@ -1,5 +1,6 @@
 """The command line as a newcomer meets it: ``icbd-cache serve --config``, startup checks of
-``--cow-dir`` and TLS files, ``demo``, and the store commands (import, pin, verify, ls, stats).
+``--cow-dir`` and TLS files, and the store commands (import, pin, verify, ls, stats); ``demo``
+is in test_demo.py.
 
 Most tests call :func:`icbdcache.cli.main` in-process and look at its exit status and what it
 printed; ``serve`` tests replace ``icbdcache.server.run`` so that the merged settings can be
@@ -228,38 +229,6 @@ def test_tls_good_pair(pems: dict[str, Path], small: Path, capsys: pytest.Captur
     rc, _, err = run_cli(capsys, "serve", "--export", f"lab={small}", "--tls-cert",
                          str(pems["cert"]), "--tls-key", str(pems["key"]))
     assert rc == 0, err
-
-
-# ---------------------------------------------------------------------- demo
-
-def test_demo_help_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = run_cli(capsys, "demo", "--help")
-    assert rc == 0
-    flat = " ".join(out.split())
-    assert "builds a small ext4 disk image" in flat.lower()
-    assert "(default 128M)" in flat and "(default 4)" in flat
-    assert "icbd-cache demo --boot" in flat
-    assert {"--size", "--image", "--clients", "--boot"} <= flags_in(out)
-
-
-def test_demo_bad_image_and_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, _, err = run_cli(capsys, "demo", "--image", str(tmp_path / "none.img"))
-    assert rc == 2 and f"--image {tmp_path / 'none.img'}: no such file" in err
-    assert "Traceback" not in err
-    rc, _, err = run_cli(capsys, "demo", "--size", "12Q")
-    assert rc == 2
-    assert "--size '12Q' is not a size" in err and "K, M or G" in err
-
-
-def test_demo_prints_the_command_a_user_types(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    require("nbdinfo", "nbdcopy")
-    img = make_image(tmp_path / "d.img", 2 * MiB)
-    rc, out, err = run_cli(capsys, "demo", "--image", str(img), "--clients", "2")
-    assert rc == 0, out + err
-    line = next(x for x in out.splitlines() if x.startswith("serve"))
-    assert re.match(r"serve +icbd-cache serve .*--export demo=", line), line
-    assert "icbdcache.cli" not in out
 
 
 # ---------------------------------------------------------------------- import
