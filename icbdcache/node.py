@@ -160,6 +160,7 @@ class Node:
         self._reported = ReadStats()
         self._task: asyncio.Task[None] | None = None
         self._inuse_task: asyncio.Task[None] | None = None
+        self._inuse_write: asyncio.Future[None] | None = None
 
     def resolve(self, name: str, client: str | None = None) -> VersionStack | None:
         """The stack of ``IMI@VERSION``, or of the latest version of ``IMI``; None if the
@@ -325,13 +326,16 @@ class Node:
         """Write the in-use record within a second of a change, and every minute anyway (in
         a worker thread: the write may wait for another process's transaction)."""
         last = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             if self.inuse.dirty or now - last > 60.0:
                 last = now
+                self._inuse_write = loop.run_in_executor(None, self.inuse.write,
+                                                         self.inuse.snapshot())
                 try:
-                    await asyncio.to_thread(self.inuse.write, self.inuse.snapshot())
+                    await asyncio.shield(self._inuse_write)
                 except StoreError as e:
                     log.warning(kv(inuse="record", error=e))
 
@@ -358,6 +362,8 @@ class Node:
         for task in (self._task, self._inuse_task):
             if task is not None:
                 task.cancel()
+        if self._inuse_write is not None:  # a write in a worker thread ends before the store
+            await asyncio.wait([self._inuse_write])
         self.persist()
         try:
             self.inuse.write(self.inuse.snapshot(closing=True))

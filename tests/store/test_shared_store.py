@@ -53,13 +53,16 @@ def test_1_a_pinned_copy_next_to_an_evicting_server_is_kept_whole(
     """``import --copy --pin`` while ``serve --store-size`` faults (and evicts for) another
     version: the pin used to be written after the copy, and the server's eviction took the
     new chunks meanwhile (86-97 % held, no source, EIO, verify OK). Now the chunks are
-    protected from the first batch: the version is whole, reads right, and verify agrees."""
+    protected from the first batch: the version is whole, reads right, and verify agrees.
+    (The other version is bigger than the bound, the new one nearly as big as the bound:
+    every pass faults and evicts, and the new chunks soon are the coldest.)"""
     require("nbdcopy")
     store = tmp_path / "S"
-    other = make_image(tmp_path / "other.img", 192 * MiB, seed=11)
-    lab = make_image(tmp_path / "lab.img", 128 * MiB, seed=12)
+    other = make_image(tmp_path / "other.img", 256 * MiB, seed=11)
+    lab = make_image(tmp_path / "lab.img", 176 * MiB, seed=12)
     run("import", str(other), "--imi", "other", "--store", str(store), "-q")
-    srv = procs.serve("--store", str(store), "--store-size", "160M")
+    # no memory tier: the readers' passes fault what the store evicted, and evict again
+    srv = procs.serve("--store", str(store), "--store-size", "150M", "--hot-size", "0")
     other_sha = file_sha(other)
     readers = Loop(lambda: nbd_read(srv.uri("other@1")))
     wait_for("a first pass of other@1", lambda: readers.results, timeout=120)
@@ -72,11 +75,11 @@ def test_1_a_pinned_copy_next_to_an_evicting_server_is_kept_whole(
     assert p.returncode == 0, p.stderr
     row = ls(store)["lab@1"]
     assert row["pinned"] and row["sources"] == []
-    assert row["held"] == row["needed"] == data_bytes(128 * MiB), row
+    assert row["held"] == row["needed"] == data_bytes(176 * MiB), row
     v = verify(store)
     assert v.returncode == 0 and "UNREADABLE" not in v.stdout, v.stdout
     r = nbd_read(srv.uri("lab@1"))
-    assert (r.rc, r.sha, r.size) == (0, file_sha(lab), 128 * MiB)
+    assert (r.rc, r.sha, r.size) == (0, file_sha(lab), 176 * MiB)
     assert "evicted_bytes" in run("stats", "--store", str(store)).stdout
 
 
@@ -206,7 +209,7 @@ def test_6_a_replaced_version_reaches_new_clients_and_spares_open_ones(
         assert rep == ACK
         assert old.read(0, CS) == (0, a.read_bytes()[:CS])
         wait_for("the client in the store's records",
-                 lambda: ls(store)["lab@1"]["clients"], timeout=30)
+                 lambda: ls(store)["lab@1"].get("clients"), timeout=30)
         p = run("import", str(b), "--imi", "lab", "--version", "1", "--force", "--store",
                 str(store), check=False)
         assert p.returncode == 2 and "in use by 1 client(s): 127.0.0.1" in p.stderr, p.stderr
@@ -236,7 +239,7 @@ def test_7_a_server_follows_a_store_other_processes_grow(tmp_path: Path, procs: 
     srv = procs.serve("--store", str(store), "--store-size", "300M")
     other_sha = file_sha(other)
     readers = Loop(lambda: nbd_read(srv.uri("other@1")))
-    imgs = [make_image(tmp_path / f"i{n}.img", 352 * MiB, seed=72 + n) for n in range(4)]
+    imgs = [make_image(tmp_path / f"i{n}.img", 400 * MiB, seed=72 + n) for n in range(4)]
     ps = [start("import", str(img), "--imi", f"lab{n}", "--copy", "--pin", "--store-size",
                 "4G", "--store", str(store), "-q") for n, img in enumerate(imgs)]
     outs = [finish(p) for p in ps]
@@ -273,6 +276,11 @@ def test_8_boot_files_of_a_relative_store_are_found_from_anywhere(tmp_path: Path
         "--initrd", "i", "-q", cwd=here)
     (here / "k").unlink()
     (here / "i").unlink()
+    p = run("pxe", "render", "--store", "../here/relstore", "--out", "out", "--nbd-host",
+            "10.0.0.1", cwd=there, check=False)
+    assert p.returncode == 0 and "1 versions" in p.stdout, p.stdout + p.stderr
+    assert (there / "out/boot/lab@1/vmlinuz").read_bytes() == b"kernel bytes " * 1000
+    assert (there / "out/boot/lab@1/initrd.img").read_bytes() == b"initrd bytes " * 3000
     s = Store(here / "relstore", readonly=True)
     try:
         meta = s.version("lab@1")
@@ -280,11 +288,6 @@ def test_8_boot_files_of_a_relative_store_are_found_from_anywhere(tmp_path: Path
         assert meta.sources == [str(img)]
     finally:
         s.close()
-    p = run("pxe", "render", "--store", "../here/relstore", "--out", "out", "--nbd-host",
-            "10.0.0.1", cwd=there, check=False)
-    assert p.returncode == 0 and "1 versions" in p.stdout, p.stdout + p.stderr
-    assert (there / "out/boot/lab@1/vmlinuz").read_bytes() == b"kernel bytes " * 1000
-    assert (there / "out/boot/lab@1/initrd.img").read_bytes() == b"initrd bytes " * 3000
     # a store made by an older release recorded STORE-relative paths of its importer's
     # directory: read as the store's own copy
     s = Store(here / "relstore")
