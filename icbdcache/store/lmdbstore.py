@@ -200,11 +200,11 @@ class Store(VersionLifecycle):
 
     def _remap(self, size: int) -> None:
         """Map the file again: at its current size (``size`` 0: another process grew it) or
-        at ``size`` bytes, once no transaction of this process is open (gate.py). Raises
-        StoreError when the calling thread holds a transaction itself."""
+        at ``size`` bytes, at a moment no transaction of this process is open (gate.py).
+        Raises StoreError when no such moment comes (a transaction held meanwhile)."""
         if not self._gate.exclusive(lambda: self.env.set_mapsize(size)):
-            raise StoreError(f"store {self.path}: the map must grow while this thread holds "
-                             "a transaction; try again")
+            raise StoreError(f"store {self.path}: the file grew and the map must follow, but "
+                             "transactions of this process stayed open; try again")
 
     @contextlib.contextmanager
     def _txn(self, **kw: Any) -> Iterator[Any]:

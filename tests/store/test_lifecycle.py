@@ -124,14 +124,14 @@ def test_gate_lets_a_remap_wait_for_open_transactions() -> None:
     t.start()
     time.sleep(0.1)
     assert not done.is_set()  # waits for the open transaction
-    gate.enter()  # this thread holds one already: it passes
-    order.append("nested")
-    gate.leave()
-    assert not gate.exclusive(lambda: None)  # a thread cannot re-map under its own txn
     order.append("leave")
     gate.leave()
     t.join(5)
-    assert order == ["nested", "leave", "remap"]
+    assert order == ["leave", "remap"] and gate.active == 0
+    gate.enter()  # a thread holding a transaction never sees none open: it gives up
+    assert not gate.exclusive(lambda: order.append("never"), timeout=0.2)
+    gate.leave()
+    assert order == ["leave", "remap"]
 
 
 # ------------------------------------------------------------------ names

@@ -8,6 +8,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import make_image, require
@@ -48,21 +49,28 @@ def test_import_publish_warm_pin_and_eviction_while_clients_read(
             key = p.stdout.split(":")[0].split()[-1]
             assert p.stdout.startswith(word), p.stdout
             with lock:
+                assert key not in made, f"{key} made twice: {args}"
                 made[key] = image
 
     rng = random.Random(11)
 
-    def importer() -> None:
-        n = len([o for o in outcomes if o[0] == "import"])
-        img = (copied if n % 2 == 0 else sourced)[(n // 2) % 3]
-        extra = ["--copy", "--pin"] if n % 2 == 0 else []
-        command("import", ["import", str(img), "--imi", "imp", "--store", str(store), *extra],
-                img, "imported ")
+    def importer(k: int) -> Callable[[], None]:
+        """Importer ``k`` of two that make versions of one iMI side by side (each version
+        gets its own number, with its own image's bytes)."""
+        def once() -> None:
+            n = len([o for o in outcomes if o[0] == "import"]) + k
+            img = (copied if n % 2 == 0 else sourced)[(n // 2 + k) % 3]
+            extra = ["--copy", "--pin"] if n % 2 == 0 else []
+            command("import", ["import", str(img), "--imi", "imp", "--store", str(store),
+                               *extra], img, "imported ")
+        return once
 
-    def publisher() -> None:
-        img = copied[rng.randrange(3)]
-        command("publish", ["publish", str(img), "--imi", "pub", "--store", str(store)], img,
-                "published ")
+    def publisher(k: int) -> Callable[[], None]:
+        def once() -> None:
+            img = copied[(rng.randrange(3) + k) % 3]
+            command("publish", ["publish", str(img), "--imi", "pub", "--store", str(store)],
+                    img, "published ")
+        return once
 
     def warmer() -> None:
         command("warm", ["warm", "lab@1", "--all", "--store", str(store)], None, "warmed ")
@@ -90,7 +98,8 @@ def test_import_publish_warm_pin_and_eviction_while_clients_read(
                 time.sleep(0.05)
         return Loop(once)
 
-    loops = [until_deadline(f) for f in (importer, publisher, warmer, pinner)]
+    loops = [until_deadline(f) for f in (importer(0), importer(1), publisher(0),
+                                         publisher(1), warmer, pinner)]
     readers = [Loop(reader) for _ in range(3)]
     time.sleep(DURATION)
     for loop in loops:
