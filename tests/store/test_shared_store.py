@@ -132,6 +132,39 @@ def test_2_two_imports_of_one_name_cannot_both_succeed(tmp_path: Path, procs: Pr
         assert nbd_read(srv.uri(line.split()[-1])).sha == file_sha(img)
 
 
+def test_2_a_killed_import_leaves_a_name_the_next_one_takes(tmp_path: Path) -> None:
+    """An import killed mid-copy leaves its pending record: ``ls`` and ``verify`` show it
+    (its process gone: reclaimable), no version appears, the next import of the name takes it
+    over, and ``verify --repair`` drops what is left."""
+    store = tmp_path / "S"
+    img = make_image(tmp_path / "big.img", 512 * MiB, seed=23)
+    p = start("import", str(img), "--imi", "lab", "--version", "3", "--copy", "--store",
+              str(store))
+    wait_for("a copy under way", lambda: any(r["chunks"] > 0 for r in pending(store)),
+             timeout=120, every=0.05)
+    p.kill()
+    p.wait()
+    (row,) = pending(store)
+    assert (row["imi"], row["version"], row["pid"], row["alive"]) == ("lab", "3", p.pid, False)
+    assert "lab@3" not in ls(store)
+    assert "pending lab@3: its process is gone: reclaimable" in run(
+        "ls", "--store", str(store)).stdout
+    v = verify(store)
+    assert "pending lab@3: its process is gone" in v.stdout and v.returncode == 0, v.stdout
+    small = make_image(tmp_path / "small.img", 4 * MiB, seed=24)
+    run("import", str(small), "--imi", "lab", "--version", "3", "--store", str(store), "-q")
+    assert pending(store) == [] and ls(store)["lab@3"]["size"] == 4 * MiB
+    p = start("import", str(img), "--imi", "lab", "--version", "4", "--copy", "--store",
+              str(store))
+    wait_for("a copy under way", lambda: any(r["chunks"] > 0 for r in pending(store)),
+             timeout=120, every=0.05)
+    p.kill()
+    p.wait()
+    out = run("verify", "--repair", "--store", str(store)).stdout
+    assert "reclaimed: 1 pending versions of processes that are gone (lab@4)" in out, out
+    assert pending(store) == []
+
+
 # ------------------------------------------------------------------ 4
 
 
