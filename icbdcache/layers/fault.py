@@ -180,8 +180,10 @@ class FaultLayer(Layer):
         return d
 
     def _ordered_sources(self) -> list[Source]:
-        healthy = [s for s in self.sources if s.healthy]
-        return healthy + [s for s in self.sources if not s.healthy]
+        """The sources, healthy ones first (their own order otherwise)."""
+        if len(self.sources) < 2:
+            return self.sources
+        return sorted(self.sources, key=lambda s: not s.healthy)
 
     async def _fetch(self, index: int, want: bytes) -> bytes:
         v = self.version

@@ -7,8 +7,10 @@ Notes on the design
   background (within its budget). A read passes through unchanged.
 * **Sequential**: a version's first boot has no profile yet, and 506 of the recorded boot's
   748 first-read chunks follow the chunk before them. So a read that misses while the chunk
-  before it was the last chunk of an earlier read faults the next ``seq_ahead`` chunks too:
-  they arrive in one WAN round trip with this one instead of one round trip each.
+  before it is known here (it ended an earlier read, or this layer asked for it ahead) faults
+  the next ``seq_ahead`` chunks too: they arrive in one WAN round trip with this one instead
+  of one round trip each. (Measured against asking only "did a read end there": a random
+  reader then warms a cold store more slowly, 0.87x the IOPS of a 4 KiB qd1 run.)
 * **Boot profile** (:mod:`icbdcache.layers.profile`), like the kernel's readahead: a read that
   misses, or that reads a chunk marked in the previous window, hints the next ``ahead``
   chunks of the profile and marks the middle of that window, so a client following the
@@ -36,8 +38,8 @@ class ReadaheadLayer(Layer):
         self.cs = chunk_size
         self.chunks = -(-self.size // chunk_size)
         self.seq_ahead = seq_ahead
-        #: 1 for every chunk that was the last chunk of a read (the sequential signal).
-        self._ended = bytearray(self.chunks)
+        #: 1 for every chunk that ended a read or was asked for ahead (the sequential signal).
+        self._seen = bytearray(self.chunks)
         self._cache = next.cache
 
     def pread(self, offset: int, length: int) -> ReadResult:
@@ -50,13 +52,16 @@ class ReadaheadLayer(Layer):
         if profile.recording_until:
             profile.record(first, last)
         missed = type(result) is not list
-        if missed and self.seq_ahead and first and self._ended[first - 1]:
+        seen = self._seen
+        if missed and self.seq_ahead and first and seen[first - 1]:
             stop = min(last + 1 + self.seq_ahead, self.chunks)
             if stop > last + 1:
+                seen[last + 1 : stop] = b"\x01" * (stop - last - 1)
                 self._cache((last + 1) * cs, min(stop * cs, self.size) - (last + 1) * cs)
-        self._ended[last] = 1
+        seen[last] = 1
         if missed or (profile.marks and not profile.marks.isdisjoint(range(first, last + 1))):
             for idx in profile.step(last):
+                seen[idx] = 1
                 self._cache(idx * cs, min(cs, self.size - idx * cs))
         return result
 

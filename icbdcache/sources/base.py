@@ -153,13 +153,13 @@ class Source(ABC):
                     break
             if wait:
                 await asyncio.sleep(wait)
+            cm = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
             try:
-                if deadline is None:
+                async with cm:  # no task per attempt, unlike wait_for
                     data = await self.read(offset, length)
-                else:
-                    data = await asyncio.wait_for(self.read(offset, length),
-                                                  deadline - time.monotonic())
             except TimeoutError:
+                if not cm.expired():  # not ours: raised inside the read
+                    raise
                 error = SourceUnavailable(f"{self.name}: no data before the deadline")
                 break
             except SourceError as e:
