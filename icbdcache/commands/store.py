@@ -322,6 +322,10 @@ def replica_lines(r: dict[str, Any], now: float | None = None) -> str:
     if partial:
         lines.append(f"{'replica.incomplete':32} {', '.join(sorted(partial))}")
     lines.append(f"{'replica.behind_bytes':32} {r.get('behind_bytes', 0)}")
+    conflicts = r.get("conflicts") or {}
+    if isinstance(conflicts, dict) and conflicts:
+        lines.append(f"{'replica.conflicts':32} {', '.join(sorted(conflicts))} (the master's "
+                     "manifest changed: refused, the held version kept)")
     updated = r.get("updated")
     if isinstance(updated, int | float):
         pid = r.get("pid")
