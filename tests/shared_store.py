@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -310,8 +309,3 @@ class Loop:
         if self.errors:
             raise self.errors[0]
         return self.results
-
-
-def env_without_store() -> dict[str, str]:
-    """The environment minus ICBD_STORE (so a default store is never touched)."""
-    return {k: v for k, v in os.environ.items() if k != "ICBD_STORE"}
