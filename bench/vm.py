@@ -11,6 +11,9 @@ Shared by the PXE tests (``tests/pxeboot/test_pxe.py``) and ``icbd-bench bootsto
 - A guest is ``qemu-system-x86_64`` with one e1000 NIC whose iPXE ROM boots the DHCP bootfile of
   QEMU's user network (where the host's 127.0.0.1 is 10.0.2.2), its serial console on stdout,
   read line by line by a thread that stamps each line with the host's monotonic clock.
+- With ``interactive=True`` the serial console also takes input: :meth:`Vm.login` logs in
+  as root (the test iMI's root has no password; boot it with ``icbd.halt=none``) and
+  :meth:`Vm.run` runs a shell command and returns its exit status and output lines.
 - Acceleration: KVM only where it is usable (:func:`kvm_usable`: a CPU with VMX/SVM and the
   kvm_intel or kvm_amd module; ``/dev/kvm`` alone is not enough: on some machines it is a
   software virtualizer, kvm_pvm, under which a stock kernel crawls), else TCG with
@@ -20,6 +23,7 @@ Shared by the PXE tests (``tests/pxeboot/test_pxe.py``) and ``icbd-bench bootsto
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -182,6 +186,72 @@ class Vm:
                           f"{time.monotonic() - self.t0:.0f} s (qemu rc={self.proc.poll()}); "
                           f"console tail:\n{self.tail()}")
 
+    # ------------------------------------------------------------ serial console input
+
+    _tags: itertools.count[int] = field(default_factory=lambda: itertools.count(1001))
+
+    def send(self, text: str) -> None:
+        """Type ``text`` on the serial console (needs ``boot_vm(..., interactive=True)``)."""
+        if self.proc.stdin is None:
+            raise RuntimeError(f"{self.name} was not booted with interactive=True")
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def _after(self, since: int, rx: re.Pattern[str]) -> re.Match[str] | None:
+        for _, line in list(self.lines[since:]):
+            m = rx.search(line)
+            if m:
+                return m
+        return None
+
+    def login(self, timeout: float = 120.0, user: str = "root") -> None:
+        """Log in on the serial console's getty and get a quiet shell (no echo, no prompt,
+        no line editing). Raises :class:`BootTimeout`. The probe's output is computed by
+        the shell (``$((...))``), so the echo of what was typed never matches it."""
+        deadline = time.monotonic() + timeout
+        tag = next(self._tags)
+        rx = re.compile(rf"ICBD-SHELL-{tag}\b")
+        # the getty's banner ends with a line naming the tty; what is typed before is lost
+        with contextlib.suppress(BootTimeout):
+            self.wait_for(re.compile(r"\btty\w+\s*$"), min(60.0, timeout / 2))
+        time.sleep(1.0)
+        while time.monotonic() < deadline and not self.finished():
+            since = len(self.lines)
+            self.send(f"{user}\n")
+            time.sleep(2.0)
+            self.send(f"echo ICBD-SHELL-$(({tag}-1+1))\n")
+            end = time.monotonic() + 8.0
+            while time.monotonic() < end:
+                if self._after(since, rx):
+                    self.send("stty -echo; set +o emacs; set +o vi; PS1=; PS2=\n")
+                    time.sleep(0.5)
+                    return
+                time.sleep(0.2)
+        raise BootTimeout(f"{self.name}: no shell on the serial console after {timeout:.0f} s; "
+                          f"console tail:\n{self.tail()}")
+
+    def run(self, command: str, timeout: float = 120.0) -> tuple[int, list[str]]:
+        """Run ``command`` in the logged-in shell (:meth:`login`): its exit status and its
+        output lines (stdout and stderr). Raises :class:`BootTimeout`."""
+        tag = next(self._tags)
+        out_rx = re.compile(rf"ICBD-OUT-{tag}: ?(.*)$")
+        rc_rx = re.compile(rf"ICBD-RC-{tag}=(\d+)")
+        since = len(self.lines)
+        self.send(f"{{ {command} ; }} 2>&1 | sed -u \"s/^/ICBD-OUT-$(({tag}-1+1)): /\"; "
+                  f"echo \"ICBD-RC-$(({tag}-1+1))=${{PIPESTATUS[0]}}\"\n")
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self._after(since, rc_rx)
+            if m is not None:
+                break
+            if self.finished() or time.monotonic() > deadline:
+                raise BootTimeout(f"{self.name}: {command!r} did not finish in {timeout:.0f} s;"
+                                  f" console tail:\n{self.tail()}")
+            time.sleep(0.1)
+        out = [om.group(1) for _, line in list(self.lines[since:])
+               if (om := out_rx.search(line))]
+        return int(m.group(1)), out
+
     def stop(self) -> None:
         """Stop QEMU by its PID (SIGTERM, SIGKILL after 5 s); safe to call twice."""
         if self.proc.poll() is None:
@@ -209,16 +279,17 @@ def qemu_argv(name: str, bootfile: str, mac: str, *, mem_mib: int = DEFAULT_MEM_
 
 
 def boot_vm(name: str, bootfile: str, mac: str, log: Path, *, mem_mib: int = DEFAULT_MEM_MIB,
-            accel: Sequence[str] | None = None, prefix: Sequence[str] = ()) -> Vm:
+            accel: Sequence[str] | None = None, prefix: Sequence[str] = (),
+            interactive: bool = False) -> Vm:
     """Start a workstation (:func:`qemu_argv`) whose console goes to ``log``. ``prefix``: a
     command that execs QEMU (``ip netns exec NS``), so the PID is still QEMU's own.
     ``accel``: QEMU acceleration arguments (default: TCG as in the tests, which must not
-    depend on the host's KVM)."""
+    depend on the host's KVM). ``interactive``: the console takes input (:meth:`Vm.send`)."""
     acc = list(accel) if accel is not None else accel_args(kvm=False)[0]
     cmd = [*prefix, *qemu_argv(name, bootfile, mac, mem_mib=mem_mib, accel=acc)]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     vm = Vm(name, proc, log, t0)
     vm.thread = threading.Thread(target=vm._reader, daemon=True)
     vm.thread.start()

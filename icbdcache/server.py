@@ -11,6 +11,12 @@ Limits against idle or half-open clients: ``max_connections``; ``handshake_timeo
 reach transmission; TCP keep-alive on every connection; reading pauses while a client does not
 drain its replies. On SIGTERM/SIGINT the server stops accepting, lets in-flight replies finish
 within ``grace`` seconds, then closes every connection.
+
+Restarts (docs/serve.md): listening sockets passed by systemd (``LISTEN_FDS``,
+:mod:`icbdcache.activation`) are used instead of binding, so clients queue while the process
+restarts; with ``--handover PATH`` a new server takes the listening sockets and the live
+connections of the running one (:mod:`icbdcache.handover`; SIGUSR2 makes the running one
+start its successor), and clients see no drop.
 """
 
 from __future__ import annotations
@@ -24,20 +30,22 @@ import signal
 import socket
 import ssl
 import struct
+import subprocess
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
+from icbdcache import activation, handover
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
 from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import new_event_loop
 from icbdcache.node import Node, NodeService
 from icbdcache.store import Store, StoreError
-from nbd.constants import Cmd, CmdFlag, Errno
-from nbd.errors import RemoteProtocolError
+from nbd.constants import Cmd, CmdFlag, Errno, TransmissionFlag
+from nbd.errors import LocalProtocolError, RemoteProtocolError
 from nbd.events import (
     Disconnect,
     Request,
@@ -45,7 +53,7 @@ from nbd.events import (
     StartTLS,
     TransmissionStarted,
 )
-from nbd.server import ServerConnection
+from nbd.server import ServerConnection, TransmissionState
 
 log = logging.getLogger("icbdcache.server")
 reqlog = logging.getLogger("icbdcache.requests")
@@ -98,6 +106,7 @@ class ServeConfig:
     fault_timeout: float = 10.0
     source_timeout: float = 5.0
     readahead: int = 8
+    handover: str | None = None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -125,8 +134,12 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 def _identity(transport: asyncio.BaseTransport) -> tuple[str, str]:
     """(client identity, printable peer) of a connection: the peer's IP address, or for a
     Unix socket the peer process (SO_PEERCRED)."""
-    peer = transport.get_extra_info("peername")
-    sock = transport.get_extra_info("socket")
+    return _identity_of(transport.get_extra_info("peername"),
+                        transport.get_extra_info("socket"))
+
+
+def _identity_of(peer: object, sock: Any) -> tuple[str, str]:
+    """:func:`_identity` from the peer address and the socket."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         return str(peer[0]), f"{peer[0]}:{peer[1]}"
     if sock is not None and sock.family == socket.AF_UNIX:
@@ -171,18 +184,23 @@ class RequestTrace:
 
 
 class NBDProtocol(asyncio.Protocol):
-    """One client connection."""
+    """One client connection (``sm``: a connection in transmission carried on from another
+    process, see :meth:`Server.adopt`)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, sm: ServerConnection | None = None) -> None:
         self.server = server
         self.id = next(server.ids)
         self.transport: asyncio.Transport | None = None
-        self.sm = ServerConnection(
+        self.sm = sm or ServerConnection(
             server.catalog.for_peer(lambda: self.identity), tls=server.ssl is not None,
             tls_required=server.config.tls_required)
         self.backend: Layer | None = None
         self.export: Export | None = None
         self.client: Client | None = None
+        #: The export name as the client sent it, and the options after ``?``.
+        self.requested = ""
+        self.options: dict[str, str] = {}
+        self.handing_over = False
         self.identity = "unknown"
         self.peer = "?"
         self.inflight = 0
@@ -217,9 +235,10 @@ class NBDProtocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-        self._timer = asyncio.get_running_loop().call_later(
-            srv.config.handshake_timeout, self._handshake_timeout
-        )
+        if self.backend is None:  # not a connection carried on from another process
+            self._timer = asyncio.get_running_loop().call_later(
+                srv.config.handshake_timeout, self._handshake_timeout
+            )
         self._flush()
 
     def _handshake_timeout(self) -> None:
@@ -246,7 +265,7 @@ class NBDProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.draining:
+        if self.transport is not None and not self.draining and not self.handing_over:
             self.transport.resume_reading()
 
     def _flush(self) -> None:
@@ -343,6 +362,10 @@ class NBDProtocol(asyncio.Protocol):
             return
         self.export = export
         self.client = client
+        self.requested = ev.requested
+        self.options = dict(resolved.options)
+        if export.writable:
+            self.server.writable_clients += 1
         if self.tracer is not None:
             self.tracer.opened(self.id, export.name, export.size)
         if self._timer is not None:
@@ -432,6 +455,60 @@ class NBDProtocol(asyncio.Protocol):
         if self.disc_pending and not self.inflight:
             self._close()
 
+    # ------------------------------------------------------------ hand-over
+
+    async def quiesce(self, deadline: float) -> handover.Outgoing | None:
+        """Stop reading and wait (until ``deadline``, monotonic s) until every reply is
+        written; then what the successor needs to carry the connection on. None when it
+        cannot cross (still negotiating, TLS, not idle in time): it is closed then."""
+        t = self.transport
+        if t is None or t.is_closing() or self.closing:
+            return None
+        self.handing_over = True
+        t.pause_reading()
+        while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        why = ("still negotiating" if self.backend is None or self.export is None
+               else "TLS cannot cross" if self.tls
+               else "replies still pending" if self.busy else "")
+        sock = t.get_extra_info("socket")
+        if not why and sock is None:
+            why = "no socket"
+        if not why:
+            try:
+                st = self.sm.transmission_state()
+            except LocalProtocolError as e:
+                why = str(e)
+        if why:
+            self.reason = f"server hand-over: {why}"
+            log.info(kv(conn=self.id, peer=self.peer, closed=self.reason))
+            if self.busy:
+                t.abort()
+            else:
+                t.close()
+            return None
+        assert self.export is not None
+        state: dict[str, Any] = {
+            "conn": self.id, "peer": self.peer, "export": self.export.name,
+            "requested": self.requested, "options": self.options, "size": st.size,
+            "flags": st.flags, "structured": st.structured,
+            "meta_contexts": list(st.meta_contexts), "no_zeroes": st.no_zeroes,
+            "requests": self.requests,
+        }
+        return handover.Outgoing(state, sock.fileno(), st.pending)
+
+    def handed_over(self) -> None:
+        """The socket now belongs to the successor: let go of it without a word."""
+        self.reason = "handed over"
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def resume_after_rollback(self) -> None:
+        self.handing_over = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     # ------------------------------------------------------------ shutdown
 
     def drain(self) -> None:
@@ -469,11 +546,24 @@ class Server:
         self.node: Node | None = None
         self.tracer = RequestTrace(config.trace) if config.trace else None
         self.read_errors = Throttled(log)
+        #: Connections ever attached to a writable export (their overlays live here).
+        self.writable_clients = 0
+        #: Set once a successor took everything over (``--handover``).
+        self.handed_over = False
+        self.handover_listener: handover.Listener | None = None
+        self.successor: subprocess.Popen[bytes] | None = None
+        self.started = time.monotonic()
 
     async def start(self, *, unix_sock: socket.socket | None = None,
-                    reuse_port: bool = False) -> None:
-        """Open every listening socket. Raises OSError (address in use, ...)."""
+                    reuse_port: bool = False, sockets: Sequence[socket.socket] = ()) -> None:
+        """Open every listening socket, or accept on ``sockets`` (passed by systemd or a
+        predecessor) instead. Raises OSError (address in use, ...)."""
         loop = asyncio.get_running_loop()
+        if sockets:
+            for sock in sockets:
+                await self._serve_on(sock)
+            self._janitor = loop.create_task(self._expire_overlays())
+            return
         for host, port in self.config.listen:
             srv = await loop.create_server(
                 lambda: NBDProtocol(self), host, port, reuse_address=True,
@@ -498,6 +588,19 @@ class Server:
             log.info(kv(listening=f"unix:{self.config.unix}"))
         self._janitor = loop.create_task(self._expire_overlays())
 
+    async def _serve_on(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        srv: asyncio.AbstractServer
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(lambda: NBDProtocol(self), sock=sock,
+                                                backlog=1024)
+        else:
+            srv = await loop.create_server(lambda: NBDProtocol(self), sock=sock, backlog=1024)
+        self.servers.append(srv)
+        log.info(kv(listening=_fmt_addr(sock.getsockname()) if sock.family != socket.AF_UNIX
+                    else f"unix:{sock.getsockname()}", passed="yes"))
+
     async def _expire_overlays(self) -> None:
         while True:
             await asyncio.sleep(max(1.0, min(30.0, self.config.cow_linger / 2)))
@@ -510,6 +613,150 @@ class Server:
     def request_stop(self) -> None:
         """Ask :meth:`serve` to shut down (signal handlers call this)."""
         self._stop.set()
+
+    # ------------------------------------------------------------ hand-over: giving
+
+    def start_handover(self) -> None:
+        """Listen at ``--handover PATH`` for a successor. Raises OSError."""
+        if self.config.handover:
+            self.handover_listener = handover.Listener(self.config.handover, self,
+                                                       self.config.grace)
+            self.handover_listener.start()
+            log.info(kv(handover_socket=self.config.handover))
+
+    def spawn_successor(self) -> None:
+        """SIGUSR2: start this program again (the code on disk now) to take over."""
+        if not self.config.handover:
+            log.warning(kv(signal="SIGUSR2", ignored="no --handover socket to hand over on"))
+            return
+        if self.successor is not None and self.successor.poll() is None:
+            log.warning(kv(signal="SIGUSR2", ignored=f"successor {self.successor.pid} runs"))
+            return
+        try:
+            self.successor = handover.spawn_successor()
+        except OSError as e:
+            log.error(kv(signal="SIGUSR2", successor="not started", error=e))
+            return
+        log.info(kv(signal="SIGUSR2", successor=self.successor.pid))
+
+    def refusal(self) -> str | None:
+        if self.stopping:
+            return "this server is shutting down"
+        if self.writable_clients:
+            return (f"{self.writable_clients} connection(s) used copy-on-write overlays, which "
+                    "live in this process")
+        return None
+
+    def stop_accepting(self) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        for srv in self.servers:
+            for s in cast(asyncio.Server, srv).sockets:
+                name = s.getsockname()
+                addr = f"unix:{name}" if s.family == socket.AF_UNIX else _fmt_addr(name)
+                out.append((addr, os.dup(s.fileno())))
+            srv.close()
+        self.servers = []
+        return out
+
+    async def resume_accepting(self, listeners: list[tuple[str, int]]) -> None:
+        for _, fd in listeners:
+            await self._serve_on(socket.socket(fileno=fd))
+
+    async def stop_services(self) -> None:
+        if self.node is not None:
+            for svc in self.node.services:
+                try:
+                    await svc.close()
+                except Exception as e:
+                    log.error(kv(service=type(svc).__name__, close_error=e))
+
+    async def start_services(self) -> None:
+        if self.node is not None:
+            for svc in self.node.services:
+                try:
+                    await svc.start(self.node)
+                except Exception as e:
+                    log.error(kv(service=type(svc).__name__, start_error=e))
+
+    def live(self) -> list[NBDProtocol]:
+        return [c for c in self.connections if not c.closing]
+
+    async def quiesce(self, conn: NBDProtocol, deadline: float) -> handover.Outgoing | None:
+        return await conn.quiesce(deadline)
+
+    def sent(self, conn: NBDProtocol) -> None:
+        conn.handed_over()
+
+    def resume(self, conn: NBDProtocol) -> None:
+        conn.resume_after_rollback()
+
+    def finished(self) -> None:
+        self.handed_over = True
+        self.request_stop()
+
+    # ------------------------------------------------------------ hand-over: taking
+
+    async def start_with(self, listeners: list[tuple[str, socket.socket]]) -> None:
+        """Start the node (its services) and accept on the predecessor's sockets."""
+        if self.node is not None:
+            await self.node.start()
+        wanted = {_fmt_addr(a) for a in self.config.listen}
+        if self.config.unix:
+            wanted.add(f"unix:{self.config.unix}")
+        got = {a for a, _ in listeners}
+        if wanted != got:
+            log.warning(kv(handover="listening where the predecessor did",
+                           addresses=",".join(sorted(got)), configured=",".join(sorted(wanted))))
+        await self.start(sockets=[s for _, s in listeners])
+
+    async def adopt(self, state: dict[str, Any], sock: socket.socket, pending: bytes) -> bool:
+        """Carry on a connection handed over by the predecessor (:meth:`NBDProtocol.quiesce`
+        made ``state``): the same export version, the same negotiated state. False, and the
+        socket closed, when this server cannot (the export is gone or changed)."""
+        name = str(state.get("export", ""))
+        why = ""
+        try:
+            size, flags = int(state["size"]), int(state["flags"])
+            resolved = self.catalog.resolve(name)
+            if resolved is None:
+                why = "export not found here"
+            elif resolved.export.size != size:
+                why = f"size {resolved.export.size} != {size}"
+            elif not flags_fit(flags, int(resolved.export.info().flags)):
+                why = f"flags {flags:#x} do not fit {int(resolved.export.info().flags):#x}"
+        except (KeyError, TypeError, ValueError) as e:
+            why = f"bad state: {e}"
+        if why or resolved is None:
+            log.warning(kv(handover_refused=state.get("conn"), export=name, reason=why))
+            sock.close()
+            return False
+        export = resolved.export
+        resolved = Resolved(export, {str(k): str(v) for k, v in dict(state["options"]).items()})
+        sm = ServerConnection.resume(self.catalog, export.info(handle=resolved), TransmissionState(
+            size, flags, bool(state["structured"]), tuple(state["meta_contexts"]),
+            bool(state["no_zeroes"])))
+        proto = NBDProtocol(self, sm)
+        proto.identity, proto.peer = _identity_of(_peername(sock), sock)
+        client = Client(proto.identity, resolved.options, time.monotonic())
+        try:
+            proto.backend = export.connect(client)
+        except OSError as e:
+            log.warning(kv(handover_refused=state.get("conn"), export=name, error=e))
+            sock.close()
+            return False
+        proto.export, proto.client = export, client
+        proto.requested = str(state.get("requested", ""))
+        proto.options = dict(resolved.options)
+        if export.writable:
+            self.writable_clients += 1
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: proto, sock)
+        log.info(kv(conn=proto.id, peer=proto.peer, export=export.name,
+                    handed_over_from=state.get("conn"), pending=len(pending),
+                    structured="yes" if sm.structured else "no",
+                    meta=",".join(sm.meta_contexts) or "-"))
+        if pending and proto.transport is not None and not proto.closing:
+            proto.data_received(pending)
+        return True
 
     async def serve(self) -> None:
         """Run until :meth:`request_stop`, then shut down gracefully."""
@@ -539,10 +786,12 @@ class Server:
         await asyncio.sleep(0)
         if self._janitor is not None:
             self._janitor.cancel()
+        if self.handover_listener is not None:
+            self.handover_listener.close(unlink=not self.handed_over)
         for srv in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 1.0)
-        if self.config.unix and os.path.exists(self.config.unix):
+        if self.config.unix and os.path.exists(self.config.unix) and not self.handed_over:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.unix)
         self.catalog.close()
@@ -552,6 +801,30 @@ class Server:
         if self.tracer is not None:
             self.tracer.close()
         log.info(kv(shutdown="done", unfinished=len(left)))
+
+
+#: Transmission flags that let a client send a command: a server carrying a connection on
+#: must accept every one the client was given.
+_COMMAND_FLAGS = int(TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
+                     | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
+                     | TransmissionFlag.SEND_CACHE | TransmissionFlag.SEND_FAST_ZERO)
+
+
+def flags_fit(told: int, now: int) -> bool:
+    """May a client told transmission flags ``told`` talk to an export whose flags are
+    ``now``: every command it may send is still carried out, and it was not told it may
+    write to what is now read-only."""
+    ro = int(TransmissionFlag.READ_ONLY)
+    if not told & ro and now & ro:
+        return False
+    return not told & _COMMAND_FLAGS & ~now
+
+
+def _peername(sock: socket.socket) -> object:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
 
 
 def _is_socket(path: str) -> bool:
@@ -600,23 +873,31 @@ def open_node(config: ServeConfig, services: Sequence[NodeService] = ()) -> Node
 
 
 async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
-               reuse_port: bool = False, services: Sequence[NodeService] = ()) -> None:
+               reuse_port: bool = False, services: Sequence[NodeService] = (),
+               sockets: Sequence[socket.socket] = ()) -> None:
     node = open_node(config, services)
-    if node is not None:
-        for spec in config.exports:
-            if spec.is_upstream:
-                try:
-                    await node.add_upstream(spec.name, spec.path)
-                except StoreError as e:
-                    # One unreachable upstream must not take down what the store holds.
-                    log.error(kv(export=spec.name, upstream=spec.path, error=e,
-                                 serving="without it"))
-        try:
+    chan: handover.Channel | None = None
+    try:
+        if node is not None:
+            for spec in config.exports:
+                if spec.is_upstream:
+                    try:
+                        await node.add_upstream(spec.name, spec.path)
+                    except StoreError as e:
+                        # One unreachable upstream must not take down what the store holds.
+                        log.error(kv(export=spec.name, upstream=spec.path, error=e,
+                                     serving="without it"))
+        if config.handover and not sockets:
+            chan = await asyncio.to_thread(handover.connect, config.handover)
+        if node is not None and chan is None:
             await node.start()  # its services (the replica, PXE) before any client
-        except BaseException:
+    except BaseException:
+        if chan is not None:
+            chan.close()
+        if node is not None:
             await node.close()
             node.store.close()
-            raise
+        raise
     catalog = build_catalog(config, node)
     if node is not None:
         for name in catalog.by_name:
@@ -627,30 +908,51 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
+    loop.add_signal_handler(signal.SIGUSR2, server.spawn_successor)
     try:
-        await server.start(unix_sock=unix_sock, reuse_port=reuse_port)
+        if chan is not None:
+            # a server runs at --handover: take its sockets, services' ports and connections
+            taken = await handover.take(chan, server)
+            log.info(kv(handover="taken", connections=taken.adopted, refused=taken.refused,
+                        seconds=f"{taken.seconds:.3f}"))
+            activation.notify(f"MAINPID={os.getpid()}\nREADY=1")
+        else:
+            await server.start(unix_sock=unix_sock, reuse_port=reuse_port, sockets=sockets)
+            activation.notify("READY=1")
+        server.start_handover()
     except BaseException:
         await server.shutdown()  # closes the node and its store
         raise
+    log.info(kv(serving="yes", startup_s=f"{_process_age():.2f}"))
     await server.serve()
 
 
+def _process_age() -> float:
+    """Seconds since this process started (the kernel's start time)."""
+    import psutil
+
+    return max(0.0, time.time() - float(psutil.Process().create_time()))
+
+
 def run(config: ServeConfig, *, services: Sequence[NodeService] = ()) -> int:
-    """Serve until SIGTERM/SIGINT; with ``workers`` > 1, one process per worker sharing the
-    port with SO_REUSEPORT. ``services`` run with the store's node (``serve --master``: the
-    replica; one worker only). Returns the exit status. Raises OSError or StoreError when it
-    cannot start, ValueError for services with more than one worker."""
+    """Serve until SIGTERM/SIGINT (or until a successor took over, ``--handover``); with
+    ``workers`` > 1, one process per worker sharing the port with SO_REUSEPORT. Listening
+    sockets passed by systemd (``LISTEN_FDS``) replace ``listen`` and ``unix``. ``services``
+    run with the store's node (``serve --master``: the replica; one worker only). Returns the
+    exit status. Raises OSError, StoreError or HandoverError when it cannot start, ValueError
+    for services with more than one worker or a bad ``LISTEN_FDS``."""
     _raise_fd_limit()
     if services and config.workers > 1:
         raise ValueError("node services need workers = 1")
+    sockets = activation.listen_sockets()
     if config.workers <= 1:
         loop = new_event_loop()
         try:
-            loop.run_until_complete(_run(config, services=services))
+            loop.run_until_complete(_run(config, services=services, sockets=sockets))
         finally:
             loop.close()
         return 0
-    return _run_workers(config, services)
+    return _run_workers(config, services, sockets)
 
 
 def _raise_fd_limit() -> None:
@@ -662,9 +964,10 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _run_workers(config: ServeConfig, services: Sequence[NodeService]) -> int:
+def _run_workers(config: ServeConfig, services: Sequence[NodeService],
+                 sockets: Sequence[socket.socket] = ()) -> int:
     unix_sock = None
-    if config.unix:
+    if config.unix and not sockets:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(config.unix)
         unix_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -679,7 +982,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService]) -> int:
             try:
                 loop = new_event_loop()
                 loop.run_until_complete(_run(config, unix_sock=unix_sock, reuse_port=True,
-                                             services=services))
+                                             services=services, sockets=sockets))
             except BaseException:
                 log.exception("worker failed")
                 code = 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from nbd import wire
@@ -119,6 +120,22 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+@dataclass(frozen=True)
+class TransmissionState:
+    """What a connection in transmission negotiated, so that another process can carry it on
+    over the same socket (``icbd-cache serve --handover``): export ``size`` in bytes, the
+    transmission ``flags`` as the client was told them (HAS_FLAGS included), structured replies,
+    the selected meta contexts, the NO_ZEROES client flag, and ``pending``: bytes received but
+    not yet parsed (a request cut in two by the network), to be fed first."""
+
+    size: int
+    flags: int
+    structured: bool
+    meta_contexts: tuple[str, ...]
+    no_zeroes: bool
+    pending: bytes = b""
+
+
 class ServerConnection:
     """One client connection, server side.
 
@@ -161,6 +178,35 @@ class ServerConnection:
                 NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
             )
         )
+
+    @classmethod
+    def resume(cls, catalog: ExportCatalog, info: ExportInfo, state: TransmissionState, *,
+               max_payload: int = wire.MAX_PAYLOAD) -> ServerConnection:
+        """A connection in transmission on ``info`` as :meth:`transmission_state` described
+        it in another process: no greeting is sent, requests are checked against the flags the
+        client was given. Feed ``state.pending`` to :meth:`receive_data` before anything read
+        from the socket."""
+        conn = cls(catalog, max_payload=max_payload)
+        conn._out = []
+        conn.export = info
+        conn._flags = TransmissionFlag(state.flags)
+        conn._size = state.size
+        conn.structured = state.structured
+        conn.meta_export = info.name
+        conn.meta_contexts = tuple(state.meta_contexts)
+        conn.no_zeroes = state.no_zeroes
+        conn._phase = Phase.TRANSMISSION
+        conn._need = wire.REQUEST.size
+        return conn
+
+    def transmission_state(self) -> TransmissionState:
+        """What :meth:`resume` needs to carry this connection on elsewhere. Only in
+        transmission, with every queued reply taken (:meth:`data_to_send`). Raises
+        LocalProtocolError otherwise."""
+        if self._phase is not Phase.TRANSMISSION or self._out or self._skip:
+            raise LocalProtocolError("only an idle connection in transmission can be handed over")
+        return TransmissionState(self._size, int(self._flags), self.structured,
+                                 self.meta_contexts, self.no_zeroes, b"".join(self._pending))
 
     @property
     def phase(self) -> Phase:

@@ -19,6 +19,12 @@ version a machine gets is decided when its boot config is fetched:
 Network setup in the initramfs (``ip``): ``pxe`` reuses the PXE lease (PXELINUX
 ``IPAPPEND 1``; iPXE ``ip=${ip}::${gateway}:${netmask}``), avoiding a second DHCP exchange;
 ``dhcp`` asks again (``ip=dhcp``); ``none`` adds nothing; a pin may give a static ``ip=``.
+
+A server restart (``reconnect`` seconds, default 600; 0 = off): every entry also loads
+icbd-cache's own initrd after the iMI's (``extra_initrd``, a tree path, :mod:`pxe.initrd`;
+PXELINUX ``INITRD IMI,icbd``, iPXE a second ``initrd``) whose ``icbd-nbd-client`` attaches the
+root and reconnects it, and the kernel line carries ``icbd.reconnect=SECONDS``: how long the
+workstation holds its disk requests while the server is away.
 """
 
 from __future__ import annotations
@@ -89,11 +95,23 @@ class BootSettings:
     title: str = "icbd-cache"
     http_base: str | None = None
     pins: list[Pin] = field(default_factory=list)
+    #: Seconds a workstation holds its disk requests while the NBD server is away, with
+    #: icbd-cache's reconnecting client (0: Debian's nbd-client alone, no reconnection).
+    reconnect: float = 600.0
+    #: Tree path of icbd-cache's initrd (:data:`pxe.initrd.TREE_PATH`), set by the boot tree
+    #: once built; None: entries load the iMI's initrd only.
+    extra_initrd: str | None = None
 
     def check(self) -> None:
         """Raise ConfigError for values no boot loader could use."""
         if not self.nbd_host or any(c.isspace() or c in "/," for c in self.nbd_host):
             raise ConfigError(f"bad NBD host {self.nbd_host!r}")
+        if self.reconnect < 0:
+            raise ConfigError("--reconnect must be >= 0 seconds")
+        if self.reconnect > 0 and not _is_ip(self.nbd_host):
+            raise ConfigError(f"--reconnect needs the NBD host as an IP address, not "
+                              f"{self.nbd_host!r} (the workstation's initramfs has no DNS); "
+                              "or --reconnect 0")
         if not 0 < self.nbd_port < 65536:
             raise ConfigError(f"bad NBD port {self.nbd_port}")
         if self.ip not in IP_MODES:
@@ -104,6 +122,14 @@ class BootSettings:
             raise ConfigError("--menu-timeout must be >= 0 and --versions >= 1")
         if self.serial is not None and not re.fullmatch(r"\d+( \d+)?", self.serial):
             raise ConfigError("--serial is PORT or 'PORT BAUD', e.g. '0 115200'")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------- pins
@@ -222,6 +248,8 @@ def kernel_args(entry: BootEntry, settings: BootSettings, pin: Pin | None = None
         args += ["rw", "icbd.overlay=none"]
     else:
         args += ["ro", f"icbd.overlay={settings.overlay}"]
+    if reconnects(settings):
+        args.append(f"icbd.reconnect={round(settings.reconnect)}")
     if pin is not None and pin.ip:
         args.append(f"ip={pin.ip}")
     elif settings.ip == "dhcp":
@@ -232,6 +260,12 @@ def kernel_args(entry: BootEntry, settings: BootSettings, pin: Pin | None = None
         if extra.strip():
             args.append(extra.strip())
     return " ".join(args)
+
+
+def reconnects(settings: BootSettings) -> bool:
+    """Whether entries load icbd-cache's reconnecting NBD client (its initrd is built and
+    ``reconnect`` is on)."""
+    return settings.extra_initrd is not None and settings.reconnect > 0
 
 
 def _uses_ipappend(settings: BootSettings, pin: Pin | None) -> bool:
@@ -255,7 +289,7 @@ def _pxelinux_label(e: BootEntry, settings: BootSettings, pin: Pin | None,
             lines.append("  MENU DEFAULT")
     lines += [
         f"  KERNEL {e.kernel}",
-        f"  INITRD {e.initrd}",
+        f"  INITRD {e.initrd}" + (f",{settings.extra_initrd}" if reconnects(settings) else ""),
         f"  APPEND {kernel_args(e, settings, pin)}",
     ]
     if _uses_ipappend(settings, pin):
@@ -301,6 +335,8 @@ def render_pxelinux_pinned(entry: BootEntry, settings: BootSettings, pin: Pin) -
 
 #: iPXE's view of its DHCP lease as an initramfs ``ip=`` (client::gateway:netmask).
 IPXE_IP_ARG = "ip=${ip}::${gateway}:${netmask}"
+#: iPXE's name for icbd-cache's initrd (``pxe.initrd.IPXE_NAME``; render imports no builder).
+IPXE_EXTRA_NAME = "icbd.img"
 
 
 def ipxe_mac_file(mac: str) -> str:
@@ -320,11 +356,18 @@ def _url(settings: BootSettings, path: str, depth: int) -> str:
 def _ipxe_boot(e: BootEntry, settings: BootSettings, pin: Pin | None, label: str,
                depth: int) -> list[str]:
     args = kernel_args(e, settings, pin, IPXE_IP_ARG)
+    initrds = [("initrd.img", e.initrd)]
+    if reconnects(settings):
+        assert settings.extra_initrd is not None
+        initrds.append((IPXE_EXTRA_NAME, settings.extra_initrd))
+    # initrd= names each one for EFI stubs; BIOS kernels get them concatenated, in order
+    names = " ".join(f"initrd={name}" for name, _ in initrds)
     return [
         f":{label}",
         f"echo icbd-cache: booting {e.key}",
-        f"kernel {_url(settings, e.kernel, depth)} initrd=initrd.img {args} || goto failed",
-        f"initrd --name initrd.img {_url(settings, e.initrd, depth)} || goto failed",
+        f"kernel {_url(settings, e.kernel, depth)} {names} {args} || goto failed",
+        *(f"initrd --name {name} {_url(settings, path, depth)} || goto failed"
+          for name, path in initrds),
         "boot || goto failed",
     ]
 

@@ -105,7 +105,9 @@ class PxeService:
         log.info(kv(event="pxe_ready", tftp=self.tftp.port if self.tftp else "off",
                     http=self.http.port if self.http else "off",
                     nbd=f"{c.settings.nbd_host}:{c.settings.nbd_port}",
-                    default=self.tree.default_key() or "-"))
+                    default=self.tree.default_key() or "-",
+                    reconnect=(f"{c.settings.reconnect:g}s" if self.tree.reconnect_initrd
+                               else f"off ({self.tree.reconnect_problem})")))
 
     async def _refresher(self) -> None:
         while True:

@@ -14,6 +14,9 @@ path                                    what
 ``ipxe/aa-bb-cc-dd-ee-ff.ipxe``         a pinned machine's iPXE script
 ``boot/IMI@VERSION/vmlinuz``,           each version's kernel and initrd
 ``boot/IMI@VERSION/initrd.img``         (:mod:`icbdcache.store.bootfiles`, kept in ``STORE/boot``)
+``icbd/reconnect.img``                  icbd-cache's second initrd, the reconnecting NBD
+                                        client (:mod:`pxe.initrd`, kept in ``STORE/boot/icbd``;
+                                        absent with ``--reconnect 0``)
 ======================================  ===================================================
 
 The TFTP and HTTP servers look paths up here and nowhere else, so nothing outside the tree
@@ -30,11 +33,12 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from icbdcache.log import kv
 from icbdcache.store import Store, VersionMeta, bootfiles
+from pxe import initrd
 from pxe.render import BootEntry, BootSettings, render_configs
 from pxe.tftp import BytesReader, FileReader, Reader
 
@@ -123,6 +127,10 @@ class BootTree:
                            hint="install pxelinux syslinux-common (iPXE boots still work)"))
         self.files: dict[str, Entry] = {n: FileEntry(p) for n, p in self.loaders.items()}
         self.entries: list[BootEntry] = []
+        #: icbd-cache's initrd (None: not built, or --reconnect 0) and why it is missing.
+        self.reconnect_initrd: Path | None = None
+        self.reconnect_problem = "" if settings.reconnect > 0 else "--reconnect 0"
+        self._initrd_tried = settings.reconnect <= 0
         self._signature: object = None
         self._failed: dict[str, tuple[object, float]] = {}
         self._lock = threading.Lock()
@@ -146,15 +154,38 @@ class BootTree:
         """Whether the store changed since the last refresh (one LMDB read)."""
         return self._state()[2] != self._signature
 
+    def _build_initrd(self) -> None:
+        """Build icbd-cache's initrd once (a second or so of gcc the first time); without it
+        the configs boot the iMI's initrd alone, and the reason is logged."""
+        self._initrd_tried = True
+        try:
+            built = initrd.build(bootfiles.boot_root(self.store.path) / "icbd")
+        except (initrd.InitrdError, OSError) as e:
+            self.reconnect_problem = str(e).splitlines()[0]
+            log.warning(kv(event="reconnect_unavailable", error=self.reconnect_problem,
+                           hint="workstations boot without reconnection (docs/pxe.md)"))
+            return
+        self.reconnect_initrd = built.path
+
+    def render_settings(self) -> BootSettings:
+        """The settings configs are rendered with: ``extra_initrd`` set once built."""
+        if self.reconnect_initrd is None:
+            return self.settings
+        return replace(self.settings, extra_initrd=initrd.TREE_PATH)
+
     def refresh(self, force: bool = False) -> bool:
         """Keep boot files for new versions and render the configs again if anything changed.
         Returns whether the tree changed. May take seconds per new version (extraction)."""
         with self._lock:
+            if not self._initrd_tried:
+                self._build_initrd()
             metas, latest, sig = self._state()
             if sig == self._signature and not force and not self.retry_due():
                 return False
             entries: list[BootEntry] = []
             files: dict[str, Entry] = {n: FileEntry(p) for n, p in self.loaders.items()}
+            if self.reconnect_initrd is not None:
+                files[initrd.TREE_PATH] = FileEntry(self.reconnect_initrd)
             for m in metas:
                 bf = self._boot_files(m)
                 if bf is None:
@@ -165,7 +196,7 @@ class BootTree:
                 files[ipath] = FileEntry(bf.initrd)
                 entries.append(BootEntry(m.imi, m.version, kpath, ipath,
                                          latest.get(m.imi) == m.version, m.created))
-            for path, text in render_configs(entries, self.settings).items():
+            for path, text in render_configs(entries, self.render_settings()).items():
                 files[path] = DataEntry(text.encode())
             self.files = files
             self.entries = entries

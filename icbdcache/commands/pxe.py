@@ -49,6 +49,10 @@ BOOT_OPTIONS = (
     Option("overlay", default="tmpfs", metavar="MODE", group=BOOT_GROUP,
            help="tmpfs (read-only root under a tmpfs overlay; default), tmpfs:SIZE, or none "
                 "(root mounted rw: needs a copy-on-write export)"),
+    Option("reconnect", "float", default=600.0, metavar="SECONDS", group=BOOT_GROUP,
+           help="how long a workstation holds its disk requests while the NBD server is away "
+                "(a restart, an upgrade), reconnecting with icbd-cache's initrd loaded after "
+                "the iMI's; 0 = off, a lost server is a lost root (default 600)"),
     Option("ip", default="pxe", choices=("pxe", "dhcp", "none"), group=BOOT_GROUP,
            help="initramfs network setup: pxe = reuse the PXE lease (IPAPPEND 1 / iPXE ${ip}; "
                 "default), dhcp = ip=dhcp, none = nothing"),
@@ -180,7 +184,7 @@ def _settings(args: argparse.Namespace, prefix: str = "", *, nbd_host: str | Non
         default_imi=v("default-imi"), menu_timeout=v("menu-timeout"), versions=v("versions"),
         overlay=v("overlay"), ip=v("ip"), append=v("append"), serial=v("serial"),
         title=v("title"), http_base=v("http-base"),
-        pins=load_pins(pins_file) if pins_file else [],
+        pins=load_pins(pins_file) if pins_file else [], reconnect=v("reconnect"),
     )
     s.check()
     return s
@@ -286,6 +290,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     if missing:
         print(f"note: no {', '.join(missing)} (install pxelinux syslinux-common); "
               "iPXE boots still work", file=sys.stderr)
+    if settings.reconnect > 0 and tree.reconnect_initrd is None:
+        print(f"warning: workstations will not reconnect: {tree.reconnect_problem}",
+              file=sys.stderr)
     return 0 if tree.entries else 1
 
 

@@ -29,6 +29,10 @@ examples:
   icbd-cache serve --listen 127.0.0.1:10809 --export lab=/srv/lab.img \\
       --export scratch=/srv/base.img,cow --default-export lab
 
+  # planned restart (an upgrade) without a dropped client: run the new version with the
+  # same arguments, or send SIGUSR2 to the running server; the old one hands over and exits
+  icbd-cache serve --store /var/lib/icbd-cache/store --handover /run/icbd-cache/handover
+
   # TLS required (STARTTLS), settings from a file, flags override it
   icbd-cache serve --config /etc/icbd-cache/serve.toml --tls-cert srv.pem \\
       --tls-key srv.key --tls-required
@@ -75,6 +79,11 @@ SERVE = Command(
      Option("cow-linger", "float", metavar="SECONDS",
             help="a client's overlay outlives its last connection this long; a client that "
                  "comes back later boots anew (default 120)"),
+     Option("handover", metavar="PATH",
+            help="a Unix socket for planned restarts: a server started with the same "
+                 "--handover takes the listening sockets and live connections of the one "
+                 "running (which exits), so clients see no drop; SIGUSR2 makes the running "
+                 "server start its successor itself (docs/serve.md)"),
      Option("workers", "int", metavar="N",
             help="server processes sharing the port with SO_REUSEPORT (default 1; read-only "
                  "exports only)"),
@@ -142,6 +151,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("copy-on-write exports need --workers 1 (overlays live in one process)")
     if cfg.workers > 1 and cfg.trace:
         raise ValueError("--trace needs --workers 1 (one file, one writer)")
+    if cfg.workers > 1 and cfg.handover:
+        raise ValueError("--handover needs --workers 1 (one process hands over)")
     if cfg.max_connections < 1 or cfg.workers < 1:
         raise ValueError("--max-connections and --workers must be at least 1")
     return cfg
@@ -256,9 +267,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError, StoreError) as e:
         print(f"icbd-cache serve: {e}", file=sys.stderr)
         return 2
+    from icbdcache.handover import HandoverError
+
     try:
         return server.run(cfg, services=services)
-    except (OSError, StoreError) as e:
+    except (OSError, StoreError, HandoverError, ValueError) as e:
         print(f"icbd-cache serve: {e}", file=sys.stderr)
         return 1
 

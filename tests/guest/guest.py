@@ -1,8 +1,10 @@
 """A tiny QEMU test guest that exercises the Linux kernel's NBD client against a host server.
 
 The guest is the host's Debian kernel (``/boot/vmlinuz-*``, package linux-image-amd64) plus an
-initramfs assembled here: busybox-static, Debian's ``nbd-client`` with its shared libraries, the
-``nbd`` and ``e1000`` modules with their dependencies, and ``init.sh`` as ``/init``. It runs under
+initramfs assembled here: busybox-static, Debian's ``nbd-client`` with its shared libraries,
+icbd-cache's reconnecting ``icbd-nbd-client`` (pxe/initramfs/, compiled here when gcc is
+installed), the ``nbd`` and ``e1000`` modules with their dependencies, and ``init.sh`` as
+``/init``. It runs under
 TCG (``/dev/kvm`` on these machines is a software virtualizer a stock kernel cannot use) with
 QEMU user networking, where the host's loopback is 10.0.2.2; the guest talks to nothing else.
 
@@ -36,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +53,7 @@ HOST_FROM_GUEST = "10.0.2.2"
 #: Kernel modules the guest loads (plus their dependencies from modules.dep).
 MODULES = ("nbd", "e1000")
 #: The tests the guest's /init knows (see init.sh).
-TESTS = ("checksum", "cow", "multiconn", "cow-multiconn")
+TESTS = ("checksum", "cow", "multiconn", "cow-multiconn", "reconnect")
 
 #: Where the cow test writes its pattern, and how much (must match init.sh).
 COW_OFFSET = 4 << 20
@@ -82,6 +84,8 @@ class GuestImage:
     initrd: Path
     kernel_version: str
     key: str
+    #: Whether /bin/icbd-nbd-client is in the initramfs (the reconnect test needs it).
+    client: bool = False
 
     @property
     def directory(self) -> Path:
@@ -254,6 +258,25 @@ class _Tree:
         return bytes(out)
 
 
+def _client_binary() -> Path | None:
+    """icbd-cache's reconnecting NBD client (pxe/initramfs/icbd-nbd-client.c), compiled once
+    per source into the cache; None without a compiler (the reconnect test then skips)."""
+    from pxe import initrd
+
+    src = initrd.SOURCE.read_bytes()
+    out = cache_root() / f"client-{hashlib.sha256(src).hexdigest()[:16]}" / "icbd-nbd-client"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    try:
+        initrd.compile_client(tmp)
+    except initrd.InitrdError:
+        return None
+    tmp.rename(out)
+    return out
+
+
 def _inputs() -> tuple[Path, str, dict[str, Path], list[str]]:
     """Locate everything the build needs; raise GuestUnavailable when something is missing."""
     kernel, kver = find_kernel()
@@ -273,6 +296,9 @@ def _inputs() -> tuple[Path, str, dict[str, Path], list[str]]:
         files[str(lib).lstrip("/")] = lib
     for m in mods:
         files["lib/modules/" + Path(m).name.split(".ko")[0] + ".ko"] = moddir / m
+    client = _client_binary()
+    if client is not None:
+        files["bin/icbd-nbd-client"] = client
     return kernel, kver, files, mods
 
 
@@ -299,7 +325,8 @@ def build_guest(force: bool = False) -> GuestImage:
 
     root = cache_root()
     final = root / key
-    image = GuestImage(final / "vmlinuz", final / "initrd.img", kver, key)
+    image = GuestImage(final / "vmlinuz", final / "initrd.img", kver, key,
+                       "bin/icbd-nbd-client" in files)
     if not force and (final / "manifest.json").is_file():
         return image
 
@@ -363,6 +390,9 @@ class StepResult:
     pattern_sha256: str | None = None
     cow_readback_live: str | None = None
     cow_readback: str | None = None
+    #: (reconnect) "I/O error" lines in the kernel log, reconnections icbd-nbd-client logged
+    io_errors: int | None = None
+    reconnects: int | None = None
     #: (offset, length, sha256) of the slices the multiconn test read in parallel, one per CPU
     parts: list[tuple[int, int, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -453,6 +483,10 @@ def parse_console(console: str) -> tuple[list[StepResult], bool, list[str]]:
                 cur.size = int(words[0])
             elif tag == "TCP-CONNS" and words and words[0].isdigit():
                 cur.tcp_conns = int(words[0])
+            elif tag == "IO-ERRORS" and words and words[0].isdigit():
+                cur.io_errors = int(words[0])
+            elif tag == "RECONNECTS" and words and words[0].isdigit():
+                cur.reconnects = int(words[0])
             elif tag == "PART-SHA256" and len(words) == 3 and re.fullmatch(_HEX, words[2]):
                 cur.parts.append((int(words[0]), int(words[1]), words[2]))
             elif tag in ("SHA256", "PATTERN-SHA256", "COW-READBACK-LIVE", "COW-READBACK"):
@@ -505,12 +539,14 @@ def run_guest_steps(
     log_path: Path | None = None,
     verbose: bool = False,
     image: GuestImage | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> GuestResult:
     """Boot the guest once and run ``steps`` (test, export) in order against
     10.0.2.2:``port`` (the host's 127.0.0.1:``port``).
 
     ``cpus`` defaults to 2 when a step uses several connections (the kernel's nbd driver sends
     a CPU's requests on "its" connection, so one CPU would use only the first), else 1.
+    ``on_line`` is called with each console line as it arrives (the host's side of a test).
     """
     if shutil.which(QEMU) is None:
         raise GuestUnavailable(f"{QEMU} is not installed (package qemu-system-x86)")
@@ -573,6 +609,8 @@ def run_guest_steps(
                     log.write(b"%8.3f %s\n" % (t, ln.rstrip(b"\r")))
                 if done_s is None and b"ICBD-TEST-DONE" in ln:
                     done_s = round(t, 3)
+                if on_line is not None:
+                    on_line(ln.decode(errors="replace").rstrip("\r"))
             if log:
                 log.flush()
     finally:

@@ -6,8 +6,8 @@
 # Kernel command line (read from /proc/cmdline):
 #   icbd.server=10.0.2.2   NBD server as seen from the guest (QEMU user networking: host loopback)
 #   icbd.port=P            its TCP port
-#   icbd.test=T            checksum | cow | multiconn | cow-multiconn (one step, with
-#                          icbd.export=NAME)
+#   icbd.test=T            checksum | cow | multiconn | cow-multiconn | reconnect (one step,
+#                          with icbd.export=NAME)
 #   icbd.export=NAME       export name for icbd.test
 #   icbd.steps=T:NAME,...  several steps in one boot (instead of icbd.test/icbd.export)
 #   icbd.connections=N     connections for the *multiconn tests (default 4)
@@ -21,6 +21,10 @@
 #   ICBD-PATTERN-SHA256 <hex>   (cow) sha256 of the 1 MiB pattern written at 4 MiB
 #   ICBD-COW-READBACK-LIVE <hex>  (cow) that region read back (O_DIRECT) before disconnecting
 #   ICBD-COW-READBACK <hex>     (cow) that region read back after disconnect + reconnect
+#   ICBD-RECONNECT-READY        (reconnect) attached by icbd-nbd-client; the whole device is
+#                               read next: the host kills and restarts the server meanwhile
+#   ICBD-IO-ERRORS <n>          (reconnect) "I/O error" lines in the kernel log
+#   ICBD-RECONNECTS <n>         (reconnect) reconnections icbd-nbd-client logged
 #   ICBD-ERROR <text>           anything that went wrong
 #   ICBD-STEP-END <i> rc=<rc>
 # and finally ICBD-TEST-DONE before the power-off.
@@ -208,6 +212,23 @@ test_cow() {
     return $rc
 }
 
+# Attach with icbd-cache's reconnecting client (pxe/initramfs/icbd-nbd-client.c: held requests,
+# a 4 s I/O timeout so that requests caught on the wire are sent again soon), then read the
+# whole device while the host kills and restarts the server; report what was read, the I/O
+# errors and the reconnections the kernel log shows.
+test_reconnect() {
+    local exp=$1 rc=0
+    [ -x /bin/icbd-nbd-client ] || { err "this guest has no icbd-nbd-client"; return 1; }
+    icbd-nbd-client "$SERVER" -N "$exp" "$PORT" /dev/nbd0 -C "$CONNECTIONS" -R 120 -t 4 \
+        || { err "icbd-nbd-client failed"; return 1; }
+    say RECONNECT-READY
+    report /dev/nbd0 || rc=1
+    say IO-ERRORS "$(dmesg | grep -c 'I/O error')"
+    say RECONNECTS "$(dmesg | grep -c 'reconnected to')"
+    disconnect nbd0 || rc=1
+    return $rc
+}
+
 # ---- run the steps --------------------------------------------------------------------------
 i=0
 for step in $(echo "$STEPS" | tr ',' ' '); do
@@ -219,6 +240,7 @@ for step in $(echo "$STEPS" | tr ',' ' '); do
         multiconn) test_multiconn "$e" ;;
         cow) test_cow "$e" ;;
         cow-multiconn) test_cow "$e" -C "$CONNECTIONS" ;;
+        reconnect) test_reconnect "$e" ;;
         *) err "unknown test '$t'"; false ;;
     esac
     rc=$?

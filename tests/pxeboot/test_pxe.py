@@ -698,9 +698,11 @@ def test_guest_boots_through_pxelinux_over_our_tftp(site: Site, tmp_path: Path) 
     assert m.group(2) == f"10.0.2.2:{site.nbd.port}/lab@1"
     assert m.group(3) == "icbd-test-imi"
     assert any(ln.startswith("PXELINUX") for _, ln in vm.lines)
+    # PXELINUX loaded icbd-cache's initrd after the version's (INITRD a,b): its client attached
+    assert any("icbd-nbd-client" in ln and " attached " in ln for _, ln in vm.lines)
     log = site.pxe.log_text()
     for f in ("pxelinux.0", "ldlinux.c32", "pxelinux.cfg/default", "boot/lab@1/vmlinuz",
-              "boot/lab@1/initrd.img"):
+              "boot/lab@1/initrd.img", "icbd/reconnect.img"):
         assert re.search(rf"event=tftp_sent .*file={re.escape(f)} ", log), f
     assert set(site.nbd_exports(since)) == {"lab@1"}
     print(f"PXELINUX boot: marker after {t - vm.t0:.1f} s (guest uptime {m.group(1)} s)")
