@@ -73,10 +73,12 @@ def held_map(store: Path, key: str) -> bytes:
 
 
 def complete(store: Path, key: str) -> bool:
-    if not (store / "data.mdb").exists():
+    """Whether ``key`` is held whole in ``store`` (False while the store is being made)."""
+    out = run("ls", "--json", "--store", str(store), check=False)
+    if out.returncode != 0:
         return False
-    r = ls(store).get(key)
-    return bool(r and r["held"] == r["needed"])
+    r = {f"{r['imi']}@{r['version']}": r for r in json.loads(out.stdout)}.get(key)
+    return bool(r and not r.get("pending") and r["held"] == r["needed"])
 
 
 # ------------------------------------------------------------------ 3

@@ -6,6 +6,7 @@ test_shared_stress.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -138,10 +139,16 @@ def test_2_a_killed_import_leaves_a_name_the_next_one_takes(tmp_path: Path) -> N
     over, and ``verify --repair`` drops what is left."""
     store = tmp_path / "S"
     img = make_image(tmp_path / "big.img", 512 * MiB, seed=23)
+
+    def copying() -> bool:
+        """A pending version with chunks copied (the store may not be made yet)."""
+        out = run("ls", "--json", "--store", str(store), check=False)
+        return out.returncode == 0 and any(r.get("pending") and r["chunks"] > 0
+                                           for r in json.loads(out.stdout))
+
     p = start("import", str(img), "--imi", "lab", "--version", "3", "--copy", "--store",
               str(store))
-    wait_for("a copy under way", lambda: any(r["chunks"] > 0 for r in pending(store)),
-             timeout=120, every=0.05)
+    wait_for("a copy under way", copying, timeout=120, every=0.05)
     p.kill()
     p.wait()
     (row,) = pending(store)
@@ -156,8 +163,7 @@ def test_2_a_killed_import_leaves_a_name_the_next_one_takes(tmp_path: Path) -> N
     assert pending(store) == [] and ls(store)["lab@3"]["size"] == 4 * MiB
     p = start("import", str(img), "--imi", "lab", "--version", "4", "--copy", "--store",
               str(store))
-    wait_for("a copy under way", lambda: any(r["chunks"] > 0 for r in pending(store)),
-             timeout=120, every=0.05)
+    wait_for("a copy under way", copying, timeout=120, every=0.05)
     p.kill()
     p.wait()
     out = run("verify", "--repair", "--store", str(store)).stdout
