@@ -99,6 +99,7 @@ class ServeConfig:
     trace: str | None = None
     workers: int = 1
     store: str | None = None
+    create_store: bool = False
     store_cow: bool = False
     store_size: int | None = None
     hot_bytes: int = 1 << 30
@@ -191,8 +192,8 @@ class NBDProtocol(asyncio.Protocol):
         self.id = next(server.ids)
         self.transport: asyncio.Transport | None = None
         self.sm = sm or ServerConnection(
-            server.catalog, tls=server.ssl is not None, tls_required=server.config.tls_required
-        )
+            server.catalog.for_peer(lambda: self.identity), tls=server.ssl is not None,
+            tls_required=server.config.tls_required)
         self.backend: Layer | None = None
         self.export: Export | None = None
         self.client: Client | None = None
@@ -861,6 +862,11 @@ def open_node(config: ServeConfig, services: Sequence[NodeService] = ()) -> Node
     if config.store is None:
         return None
     store = Store(config.store, size_limit=config.store_size)
+    try:
+        store.set_bound(config.store_size)  # what imports must fit in (docs/store.md)
+    except StoreError:
+        store.close()
+        raise
     return Node(store, hot_bytes=config.hot_bytes, fault_timeout=config.fault_timeout,
                 source_timeout=config.source_timeout, readahead=config.readahead,
                 services=services)
