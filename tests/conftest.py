@@ -6,6 +6,7 @@ stopped by PID at the end of the test.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
@@ -13,8 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,41 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# One signing key pair for the whole session: every test master signs with it (publish
+# --signing-key) and every test site trusts it (--trust-key), through trusted(); the tests of
+# trust itself make their own keys.
+_KEY_DIR = Path(tempfile.mkdtemp(prefix="icbd-test-key-"))
+atexit.register(shutil.rmtree, _KEY_DIR, True)
+TEST_KEY = _KEY_DIR / "master.key"
+TEST_KEY_PUB = _KEY_DIR / "master.key.pub"
+
+
+def _make_test_key() -> None:
+    from icbdcache.replication.signing import generate
+
+    generate(str(TEST_KEY))
+
+
+_make_test_key()
+
+_TRUST_OPTIONS = ("--trust-key", "--insecure-no-signature")
+
+
+def trusted(args: Sequence[str]) -> list[str]:
+    """An icbd-cache command line with the session's key added where a command needs one:
+    ``publish`` signs with it, ``replica``, ``serve --master`` and ``bundle import`` trust it
+    (unless the line says what to trust itself, or names a --config file, which may)."""
+    out = list(args)
+    if not out:
+        return out
+    given = any(a.split("=")[0] in _TRUST_OPTIONS for a in out) or "--config" in out
+    if out[0] == "publish" and "--signing-key" not in out:
+        out += ["--signing-key", str(TEST_KEY)]
+    elif not given and (out[0] == "replica" or (out[0] == "serve" and "--master" in out)
+                        or out[:2] == ["bundle", "import"]):
+        out += ["--trust-key", str(TEST_KEY_PUB)]
+    return out
 BIN = Path(sys.executable).parent
 
 

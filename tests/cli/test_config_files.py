@@ -23,6 +23,7 @@ from conftest import (
     require,
     sha256_file,
     stop_process,
+    trusted,
     wait_port,
 )
 
@@ -36,7 +37,7 @@ MiB = 1 << 20
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([ICBD, *args], capture_output=True, text=True, timeout=120,
+    p = subprocess.run([ICBD, *trusted(args)], capture_output=True, text=True, timeout=120,
                        check=False)
     if check:
         assert p.returncode == 0, f"icbd-cache {' '.join(args)}: {p.returncode}\n{p.stderr}"
@@ -54,7 +55,7 @@ class Procs:
         """Start ``icbd-cache ARGS``; wait for ``port`` when given. Returns its log file."""
         log = self.tmp / f"{name}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([ICBD, *args], stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([ICBD, *trusted(args)], stdout=out, stderr=subprocess.STDOUT)
         self.started.append((proc, log))
         if port is not None:
             try:
