@@ -407,7 +407,8 @@ def cmd_store_upgrade(args: argparse.Namespace) -> int:
         else:
             print(f"upgraded store {args.store} from format {r['from']} to {FORMAT}: "
                   f"{r['versions']} versions, {r['hashed']} chunks hashed for their strong "
-                  f"digests, {r['unknown']} strong digests left to a replica's master")
+                  f"digests ({r['unknown']} chunks not held), {r['replicated']} versions "
+                  "from a master left to take its signed strong digests at the next sync")
     return 0
 
 

@@ -372,7 +372,8 @@ class MasterClient:
     async def manifest(self, imi: str, version: str) -> Manifest:
         """``GET /v1/manifest/IMI/VERSION?strong=1``, then ``GET /v1/signature/IMI/VERSION``,
         checked: the body is a whole chunk map for X-Icbd-Size bytes that hashes to
-        X-Icbd-Manifest, followed by its strong map, which hashes to X-Icbd-Strong. The
+        X-Icbd-Manifest, followed by its strong map, which hashes to X-Icbd-Strong (a master
+        of an older release sends no strong map: ``strong_map`` is then empty). The
         signature is not verified here (:class:`~icbdcache.replication.signing.Trust` does).
         Raises MasterNotFound (unknown or retired), MasterProtocolError (a check failed), other
         MasterError."""
@@ -407,7 +408,9 @@ class MasterClient:
                     size = int(h["X-Icbd-Size"])
                     chunk_size = int(h["X-Icbd-Chunk-Size"])
                     want = h["X-Icbd-Manifest"].strip().lower()
-                    want_strong = h[STRONG_HEADER].strip().lower()
+                    # absent: a master of an older release, without strong maps (only an
+                    # insecure site takes its manifests, checked by xxh3 alone)
+                    want_strong = h.get(STRONG_HEADER, "").strip().lower()
                     master_id = _master_id(h.get(MASTER_ID_HEADER, ""))
                 except (KeyError, ValueError) as e:
                     raise MasterProtocolError(f"{self.url}: {what}: missing or bad header "
@@ -419,7 +422,7 @@ class MasterClient:
                         f"{self.url}: {what}: bad size {size} or chunk size {chunk_size} "
                         f"(at least 1 byte, in chunks of 1 to {MAX_CHUNK} bytes)")
                 n = chunk_count(size, chunk_size)
-                length = n * (DIGEST_SIZE + STRONG_SIZE)
+                length = n * (DIGEST_SIZE + (STRONG_SIZE if want_strong else 0))
                 if n * DIGEST_SIZE > MAX_MANIFEST:
                     raise MasterProtocolError(
                         f"{self.url}: {what}: a chunk map of {length} bytes for size {size} "
@@ -436,7 +439,7 @@ class MasterClient:
         if got != want:
             raise MasterProtocolError(f"{self.url}: {what}: manifest digest {got} differs "
                                       f"from X-Icbd-Manifest {want}")
-        if strong_hex(strong) != want_strong:
+        if want_strong and strong_hex(strong) != want_strong:
             raise MasterProtocolError(f"{self.url}: {what}: the strong map does not hash to "
                                       f"X-Icbd-Strong {want_strong[:80]}")
         return Manifest(imi, version, size, chunk_size, got, fast, master_id, strong)

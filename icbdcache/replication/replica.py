@@ -569,9 +569,9 @@ class Replica:
         if meta is not None and self._complete(key):
             stored = bytes(self.store.chunk_map(key))
             if manifest_digest(stored) == rec.manifest:
-                signed = await self._ensure_signed(rec, meta, stored)
+                meta = await self._ensure_signed(rec, meta, stored)
                 if self._complete(key):  # unless chunks that were not the master's went
-                    self._finish(rec, signed, announce=False)
+                    self._finish(rec, meta, announce=False)
                     return
         self.pulling = key
         self._set("syncing")
@@ -657,7 +657,7 @@ class Replica:
                           [master_spec(self.client.url, key)], created=time.time(),
                           manifest=m.digest, statement=m.statement, signature=m.signature)
         try:
-            self.store.create_version(new, m.chunk_map, strong_map=m.strong_map)
+            self.store.create_version(new, m.chunk_map, strong_map=m.strong_map or None)
         except (StoreError, OSError) as e:
             raise PullError(f"store: {e}") from e
         log.info(kv(replica=self.config.site, manifest=key, size=m.size,
@@ -711,6 +711,9 @@ class Replica:
                 raise ManifestConflict(conflict_text(rec.key, manifest_digest(stored),
                                                      m.digest))
             self._check_signed(rec, m)
+            if not m.strong_map:  # a master without strong maps: only an insecure site
+                self._verified.add(memo)
+                return meta
             try:
                 dropped = await asyncio.to_thread(self.store.adopt_signed, rec.key,
                                                   m.strong_map, m.statement, m.signature,

@@ -744,16 +744,17 @@ class Store(VersionLifecycle):
     @lmdb_errors
     def upgrade(self) -> dict[str, int]:
         """Upgrade an older store to :data:`storeformat.FORMAT` in place, in one write
-        transaction (see :mod:`~icbdcache.store.storeformat`): every version gets a strong
-        map (from the chunks held for versions made here; all STRONG_UNKNOWN for versions
-        from a master, whose replica takes the master's signed one), then the format is
-        recorded. Returns counts: ``from`` (the format found), ``versions``, ``hashed``
-        (chunks hashed), ``unknown`` (strong entries left unknown). A store of this format
+        transaction (see :mod:`~icbdcache.store.storeformat`): every version made here gets
+        a strong map from the chunks held (STRONG_UNKNOWN for a chunk not held); a version
+        from a master gets none (its replica takes the master's signed one on its next
+        sync); then the format is recorded. Returns counts: ``from`` (the format found),
+        ``versions``, ``hashed`` (chunks hashed), ``unknown`` (strong entries left unknown),
+        ``replicated`` (versions left to their master). A store of this format
         is left as it is (``versions`` 0). Raises StoreError (read-only, or LMDB)."""
         if self.readonly:
             raise StoreError(f"store {self.path} is open read-only")
         found = self.format
-        out = {"from": found, "versions": 0, "hashed": 0, "unknown": 0}
+        out = {"from": found, "versions": 0, "hashed": 0, "unknown": 0, "replicated": 0}
         if found >= storeformat.FORMAT:
             return out
 
@@ -763,7 +764,11 @@ class Store(VersionLifecycle):
             for meta in list(self._versions(txn)):
                 k = meta.key.encode()
                 blob = bytes(txn.get(k, db=self.db["maps"]) or b"")
-                replicated = any(s.startswith("icbd+") for s in meta.sources)
+                out["versions"] += 1
+                if any(s.startswith("icbd+") for s in meta.sources):
+                    # from a master: its replica takes the master's signed strong map
+                    out["replicated"] += 1
+                    continue
                 entries: list[bytes] = []
                 for i in range(meta.chunks):
                     d = blob[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
@@ -771,7 +776,7 @@ class Store(VersionLifecycle):
                         entries.append(bytes(STRONG_SIZE))
                         continue
                     e = STRONG_UNKNOWN
-                    if not replicated and d != UNKNOWN:
+                    if d != UNKNOWN:
                         if d not in memo:
                             data = txn.get(d, db=chunks_db)
                             if data is not None and digest(data) == d:
@@ -784,7 +789,6 @@ class Store(VersionLifecycle):
                 txn.put(k, strong, db=strong_db)
                 meta.strong = strong_hex(strong)
                 txn.put(k, meta.to_json(), db=self.db["versions"])
-                out["versions"] += 1
             txn.put(storeformat.FORMAT_KEY, str(storeformat.FORMAT).encode(),
                     db=self.db["meta"])
 

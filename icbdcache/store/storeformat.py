@@ -16,9 +16,9 @@ format   layout
 
 Upgrading 1 -> 2 (:meth:`~icbdcache.store.lmdbstore.Store.upgrade`) writes, in one write
 transaction, the strong map of every version that was made here (imported or published: the
-admin's own) from the chunks held (a chunk not held gets STRONG_UNKNOWN), and an empty one
-(every entry STRONG_UNKNOWN) for versions replicated from a master: the replica takes the
-master's signed strong map on its next sync and checks what it holds against it.
+admin's own) from the chunks held (a chunk not held gets STRONG_UNKNOWN), and none for
+versions replicated from a master: the replica takes the master's signed strong map on its
+next sync and drops every chunk it holds that does not match it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
-from conftest import free_port, make_image, require
+from conftest import TEST_KEY_PUB, free_port, make_image, require
 from shared_store import (
     ACK,
     HoldingProxy,
@@ -32,6 +32,7 @@ from shared_store import (
 from icbdcache.replication.client import Catalog, MasterClient
 from icbdcache.replication.registry.base import VersionRecord
 from icbdcache.replication.replica import Replica, ReplicaConfig
+from icbdcache.replication.signing import trust_from
 from icbdcache.store import Store, VersionMeta, digest
 
 __all__ = ["procs"]  # the fixture, used by name
@@ -273,7 +274,8 @@ def test_10_a_retired_version_goes_once_no_client_runs_it(tmp_path: Path) -> Non
         store.set_latest("lab", "4")
         records[0].retired = True
         cat = Catalog(7, records, "id")
-        replica = Replica(store, client, ReplicaConfig("s1", subscribe=["lab"]))
+        trust = trust_from([str(TEST_KEY_PUB)], [], False)
+        replica = Replica(store, client, ReplicaConfig("s1", subscribe=["lab"], trust=trust))
 
         def used(last: float) -> None:
             store.put_record("inuse/1", use_record(Owner(1), [ClientUse(

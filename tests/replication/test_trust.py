@@ -17,8 +17,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 from conftest import make_image, require, sha256_file
+from oldstore import make_old
 from test_replica import (
     ICBD,
     Procs,
@@ -258,3 +260,39 @@ def test_master_serves_the_signature_and_strong_map(tmp_path: Path, procs: Procs
     assert len(body) == n * (16 + 32)
     assert strong_hex(body[16 * n :]) == strong_header == st["strong"]
     assert strong_hex(body[: 16 * n]) == st["map"]
+
+
+def test_replicated_version_of_an_old_store_takes_the_signed_manifest_again(
+        tmp_path: Path, procs: Procs, collide: None) -> None:
+    """A site store of format 1 holds a replicated version, one of whose chunks is not the
+    master's (same fast digest: the test hook). After the upgrade the replica takes the
+    master's signed strong map, drops that chunk, fetches it again, and the version reads
+    the master's bytes."""
+    require("nbdcopy")
+    img = make_image(tmp_path / "lab.img", 4 << 20, seed=32)
+    mstore, site = tmp_path / "master", tmp_path / "site"
+    publish(mstore, img)
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}"
+    once = ["replica", "--store", str(site), "--master", url, "--site", "s1",
+            "--subscribe", "lab", "--once"]
+    run(*once)
+    make_old(site)
+    # a held chunk whose tail is not the master's: its fast digest still matches
+    env = lmdb.open(str(site), max_dbs=20, map_size=1 << 30)
+    try:
+        chunks = env.open_db(b"chunks")
+        with env.begin(write=True) as txn:
+            k, v = next(iter(txn.cursor(db=chunks)))
+            bad = bytearray(v)
+            bad[PREFIX + 900] ^= 0xFF
+            txn.put(k, bytes(bad), db=chunks)
+    finally:
+        env.close()
+    p = run(*once, check=False)
+    assert p.returncode == 2 and "store upgrade" in p.stderr
+    out = run("store", "upgrade", "--store", str(site)).stdout
+    assert "1 versions from a master left" in out
+    p = run(*once)
+    assert "signed=lab@1" in p.stderr and "dropped_chunks=1" in p.stderr
+    assert served_sha256(procs, site, "lab") == sha256_file(img)
