@@ -942,8 +942,19 @@ class Context:
 
 
 def plan(s: Settings) -> list[tuple[int, str, str]]:
-    """(rep, kind, tool) in run order: per repetition, per kind, every tool."""
-    return [(rep, kind, tool) for rep in range(s.reps) for kind in s.kinds for tool in s.tools]
+    """(rep, kind, tool) in run order: per repetition, per kind, every tool; a ``-base`` twin
+    runs right after its tool in even repetitions and right before it in odd ones (ABBA), so
+    that neither build always runs in the other's wake."""
+    out = []
+    for rep in range(s.reps):
+        for kind in s.kinds:
+            tools = list(s.tools)
+            if rep % 2:
+                for i, t in enumerate(tools[:-1]):
+                    if tools[i + 1] == t + BASE_SUFFIX:
+                        tools[i], tools[i + 1] = tools[i + 1], t
+            out += [(rep, kind, tool) for tool in tools]
+    return out
 
 
 def summarize(runs: Sequence[dict[str, Any]], kinds: Sequence[str], tools: Sequence[str]
