@@ -40,6 +40,7 @@ from typing import Any, cast
 from icbdcache import activation, handover
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
+from icbdcache.layers.cowdir import CowDir, default_cow_dir
 from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import new_event_loop
 from icbdcache.node import Node, NodeService
@@ -48,6 +49,7 @@ from nbd.constants import Cmd, CmdFlag, Errno, TransmissionFlag
 from nbd.errors import LocalProtocolError, RemoteProtocolError
 from nbd.events import (
     Disconnect,
+    ExportInfo,
     Request,
     RequestRejected,
     StartTLS,
@@ -95,6 +97,7 @@ class ServeConfig:
     grace: float = 10.0
     cow_dir: str | None = None
     cow_linger: float = 120.0
+    cow_max: int | None = None
     debug_requests: bool = False
     trace: str | None = None
     workers: int = 1
@@ -182,6 +185,20 @@ class RequestTrace:
         self.f.close()
 
 
+class _PeerCatalog:
+    """The catalog as one connection's client sees it: a client whose copy-on-write overlay
+    is gone is refused at the handshake (Catalog.lookup with its identity)."""
+
+    def __init__(self, conn: NBDProtocol) -> None:
+        self.conn = conn
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        return self.conn.server.catalog.lookup(name, self.conn.identity)
+
+    def exports(self) -> Sequence[tuple[str, str]]:
+        return self.conn.server.catalog.exports()
+
+
 class NBDProtocol(asyncio.Protocol):
     """One client connection (``sm``: a connection in transmission carried on from another
     process, see :meth:`Server.adopt`)."""
@@ -191,7 +208,8 @@ class NBDProtocol(asyncio.Protocol):
         self.id = next(server.ids)
         self.transport: asyncio.Transport | None = None
         self.sm = sm or ServerConnection(
-            server.catalog, tls=server.ssl is not None, tls_required=server.config.tls_required
+            _PeerCatalog(self), tls=server.ssl is not None,
+            tls_required=server.config.tls_required
         )
         self.backend: Layer | None = None
         self.export: Export | None = None
@@ -602,12 +620,10 @@ class Server:
 
     async def _expire_overlays(self) -> None:
         while True:
-            await asyncio.sleep(max(1.0, min(30.0, self.config.cow_linger / 2)))
-            now = time.monotonic()
-            for e in self.catalog.all():
-                dropped = e.expire(now)
-                if dropped:
-                    log.debug(kv(export=e.name, overlays_expired=dropped))
+            await asyncio.sleep(max(0.5, min(30.0, self.config.cow_linger / 2)))
+            dropped = self.catalog.expire(time.monotonic())
+            if dropped:
+                log.debug(kv(overlays_expired=dropped))
 
     def request_stop(self) -> None:
         """Ask :meth:`serve` to shut down (signal handlers call this)."""
@@ -839,20 +855,48 @@ def _fmt_addr(addr: object) -> str:
     return str(addr)
 
 
-def build_catalog(config: ServeConfig, node: Node | None = None) -> Catalog:
-    """Open every file export of ``config`` (exports of ``nbd://`` URIs are the node's).
-    Raises OSError or ValueError with the export named."""
+def cow_dir_of(config: ServeConfig) -> str | None:
+    """Where ``config``'s overlays live: ``--cow-dir``, else the default named after the
+    listen addresses (:func:`~icbdcache.layers.cowdir.default_cow_dir`); None when nothing is
+    writable."""
+    if not (config.store_cow or any(e.cow for e in config.exports)):
+        return None
+    if config.cow_dir:
+        return config.cow_dir
+    return default_cow_dir([f"{h}:{p}" for h, p in config.listen]
+                           + ([f"unix:{config.unix}"] if config.unix else []))
+
+
+def build_catalog(config: ServeConfig, node: Node | None = None, *,
+                  recover: bool = True) -> Catalog:
+    """Open every file export of ``config`` (exports of ``nbd://`` URIs are the node's), and
+    with ``recover`` the ``--cow-dir`` (locked; what a previous run left is recovered).
+    Without it, writable exports are only checked (startup checks). Raises OSError or
+    ValueError with the export named."""
+    cowdir = None
+    path = cow_dir_of(config)
+    if path is not None:
+        cowdir = CowDir(path, linger=config.cow_linger, max_bytes=config.cow_max)
+        if recover:
+            cowdir.open(time.monotonic())
     exports: list[Export] = []
-    for spec in config.exports:
-        if spec.is_upstream:
-            continue
-        try:
-            exports.append(Export.from_file(spec, cow_dir=config.cow_dir,
-                                            cow_linger=config.cow_linger))
-        except OSError as e:
-            raise OSError(e.errno, f"export {spec.name}: {e.strerror}: {spec.path}") from None
-    return Catalog(exports, config.default_export, node, versions_cow=config.store_cow,
-                   cow_dir=config.cow_dir, cow_linger=config.cow_linger)
+    try:
+        for spec in config.exports:
+            if spec.is_upstream:
+                continue
+            try:
+                exports.append(Export.from_file(spec, overlays=cowdir))
+            except OSError as e:
+                raise OSError(e.errno, f"export {spec.name}: {e.strerror}: {spec.path}") \
+                    from None
+        return Catalog(exports, config.default_export, node, versions_cow=config.store_cow,
+                       cowdir=cowdir)
+    except BaseException:
+        for x in exports:
+            x.close()
+        if cowdir is not None:
+            cowdir.close()
+        raise
 
 
 def open_node(config: ServeConfig, services: Sequence[NodeService] = ()) -> Node | None:

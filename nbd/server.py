@@ -45,7 +45,7 @@ from nbd.constants import (
     ReplyType,
     TransmissionFlag,
 )
-from nbd.errors import LocalProtocolError, RemoteProtocolError
+from nbd.errors import ExportUnavailable, LocalProtocolError, RemoteProtocolError
 from nbd.events import (
     Disconnect,
     ExportInfo,
@@ -104,7 +104,8 @@ class ExportCatalog(Protocol):
     """What the state machine asks about exports during option haggling."""
 
     def lookup(self, name: str) -> ExportInfo | None:
-        """The export a client named (``""`` is the default export), or None if unknown."""
+        """The export a client named (``""`` is the default export), or None if unknown.
+        May raise :class:`~nbd.errors.ExportUnavailable` to refuse it with a message."""
 
     def exports(self) -> Sequence[tuple[str, str]]:
         """(name, description) of every export, for NBD_OPT_LIST."""
@@ -323,6 +324,14 @@ class ServerConnection:
         if data:
             self._out.append(data)
 
+    def _find(self, name: str) -> ExportInfo | str:
+        """The catalog's export for ``name``, or why there is none for this client."""
+        try:
+            info = self.catalog.lookup(name)
+        except ExportUnavailable as e:
+            return str(e) or f"export {name!r} is not available"
+        return info if info is not None else f"unknown export {name!r}"
+
     def _refuse(self, opt: int, rep: Rep, message: str, events: list[Event]) -> None:
         self._option_reply(opt, rep, message.encode())
         events.append(OptionHaggled(opt, rep, message))
@@ -348,10 +357,10 @@ class ServerConnection:
         if name is None:
             self.phase = Phase.CLOSED
             raise RemoteProtocolError("export name is not UTF-8")
-        info = self.catalog.lookup(name)
-        if info is None:
+        info = self._find(name)
+        if isinstance(info, str):
             self.phase = Phase.CLOSED
-            raise RemoteProtocolError(f"unknown export {name!r} (NBD_OPT_EXPORT_NAME)")
+            raise RemoteProtocolError(f"{info} (NBD_OPT_EXPORT_NAME)")
         self._begin(info, Opt.EXPORT_NAME, name, events)
         self._out.append(wire.EXPORT_NAME_REPLY.pack(info.size, self._flags))
         if not self.no_zeroes:
@@ -414,9 +423,9 @@ class ServerConnection:
             self._refuse(opt, Rep.ERR_INVALID, parsed, events)
             return
         name, requests = parsed
-        info = self.catalog.lookup(name)
-        if info is None:
-            self._refuse(opt, Rep.ERR_UNKNOWN, f"unknown export {name!r}", events)
+        info = self._find(name)
+        if isinstance(info, str):
+            self._refuse(opt, Rep.ERR_UNKNOWN, info, events)
             return
         flags = self._transmission_flags(info)
         if Info.NAME in requests:
@@ -450,8 +459,9 @@ class ServerConnection:
             self._refuse(opt, Rep.ERR_INVALID, parsed, events)
             return
         name, queries = parsed
-        if self.catalog.lookup(name) is None:
-            self._refuse(opt, Rep.ERR_UNKNOWN, f"unknown export {name!r}", events)
+        found = self._find(name)
+        if isinstance(found, str):
+            self._refuse(opt, Rep.ERR_UNKNOWN, found, events)
             return
         selected: list[str] = []
         if not queries and opt == Opt.LIST_META_CONTEXT:
