@@ -30,7 +30,7 @@ class LocalProtocolError(ProtocolError):
 
 class ExportUnavailable(Exception):
     """A server's catalog refuses an export it knows to this client, for now (the message says
-    why). The server state machine answers NBD_REP_ERR_UNKNOWN with that message (NBD_OPT_GO,
+    why). The server state machine answers NBD_REP_ERR_POLICY with that message (NBD_OPT_GO,
     INFO, SET_META_CONTEXT) or closes the connection (NBD_OPT_EXPORT_NAME)."""
 
 

@@ -105,7 +105,8 @@ class ExportCatalog(Protocol):
 
     def lookup(self, name: str) -> ExportInfo | None:
         """The export a client named (``""`` is the default export), or None if unknown.
-        May raise :class:`~nbd.errors.ExportUnavailable` to refuse it with a message."""
+        May raise :class:`~nbd.errors.ExportUnavailable` to refuse it to this client with a
+        message (NBD_REP_ERR_POLICY)."""
 
     def exports(self) -> Sequence[tuple[str, str]]:
         """(name, description) of every export, for NBD_OPT_LIST."""
@@ -324,13 +325,15 @@ class ServerConnection:
         if data:
             self._out.append(data)
 
-    def _find(self, name: str) -> ExportInfo | str:
-        """The catalog's export for ``name``, or why there is none for this client."""
+    def _find(self, name: str) -> ExportInfo | tuple[Rep, str]:
+        """The catalog's export for ``name``, or the refusal (reply type, message):
+        NBD_REP_ERR_UNKNOWN for a name it does not know, NBD_REP_ERR_POLICY for an export it
+        will not give this client now."""
         try:
             info = self.catalog.lookup(name)
         except ExportUnavailable as e:
-            return str(e) or f"export {name!r} is not available"
-        return info if info is not None else f"unknown export {name!r}"
+            return Rep.ERR_POLICY, str(e) or f"export {name!r} is refused"
+        return info if info is not None else (Rep.ERR_UNKNOWN, f"unknown export {name!r}")
 
     def _refuse(self, opt: int, rep: Rep, message: str, events: list[Event]) -> None:
         self._option_reply(opt, rep, message.encode())
@@ -358,9 +361,9 @@ class ServerConnection:
             self.phase = Phase.CLOSED
             raise RemoteProtocolError("export name is not UTF-8")
         info = self._find(name)
-        if isinstance(info, str):
+        if isinstance(info, tuple):
             self.phase = Phase.CLOSED
-            raise RemoteProtocolError(f"{info} (NBD_OPT_EXPORT_NAME)")
+            raise RemoteProtocolError(f"{info[1]} (NBD_OPT_EXPORT_NAME)")
         self._begin(info, Opt.EXPORT_NAME, name, events)
         self._out.append(wire.EXPORT_NAME_REPLY.pack(info.size, self._flags))
         if not self.no_zeroes:
@@ -424,8 +427,8 @@ class ServerConnection:
             return
         name, requests = parsed
         info = self._find(name)
-        if isinstance(info, str):
-            self._refuse(opt, Rep.ERR_UNKNOWN, info, events)
+        if isinstance(info, tuple):
+            self._refuse(opt, *info, events)
             return
         flags = self._transmission_flags(info)
         if Info.NAME in requests:
@@ -460,8 +463,8 @@ class ServerConnection:
             return
         name, queries = parsed
         found = self._find(name)
-        if isinstance(found, str):
-            self._refuse(opt, Rep.ERR_UNKNOWN, found, events)
+        if isinstance(found, tuple):
+            self._refuse(opt, *found, events)
             return
         selected: list[str] = []
         if not queries and opt == Opt.LIST_META_CONTEXT:

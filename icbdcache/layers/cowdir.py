@@ -184,7 +184,13 @@ class CowDir:
             metas.add(key)
             try:
                 meta = read_meta(os.path.join(self.path, name))
-            except (OverlayDamaged, OSError) as err:
+            except OverlayDamaged as err:
+                # No valid slot: a crash tore the only write of an overlay never flushed (a
+                # flushed one always has its previous slot whole).
+                log.warning(kv(cow_dir=self.path, file=name, error=err, removed="never flushed"))
+                remove(self.path, key)
+                continue
+            except OSError as err:
                 # Whose it is cannot be known: left for a person to look at, never served.
                 log.error(kv(cow_dir=self.path, file=name, error=err, kept="unread"))
                 continue

@@ -14,10 +14,14 @@ Notes on the design
   ===============  ===================================================================
 
 * :meth:`OverlayFiles.sync` makes an overlay durable in this order: the data file, then the
-  map pages that changed, then (when it changed) the meta, through a renamed temporary file
-  and an fsync of the directory (which also keeps the names of the data and map files). So the
-  map on disk never names data that is not on disk. A map page torn by a crash holds one valid
-  state per byte, old or new, and either agrees with the data already on disk.
+  map pages that changed, then (when it changed) the meta; the first sync also fsyncs the
+  directory, which keeps the three names. So the map on disk never names data that is not on
+  disk. A map page torn by a crash holds one valid state per byte, old or new, and either
+  agrees with the data already on disk.
+* Nothing a sync writes needs new space: the map is allocated whole when the overlay is made,
+  and the meta file holds two fixed slots (allocated too) written in turn, each with its
+  generation and a checksum; the valid slot of the highest generation is the meta. A full
+  ``--cow-dir`` fails writes with ENOSPC, never a FLUSH.
 * A meta whose ``flushed`` is false belongs to an overlay on which no FLUSH (or FUA) ever
   completed: nothing of it was promised durable, and recovery discards it.
 * A meta whose state is ``lost`` or ``expired`` is a tombstone: the data and map are gone, and
@@ -46,6 +50,8 @@ MAP_PAGE = 4096
 
 LIVE, LOST, EXPIRED = "live", "lost", "expired"
 FORMAT = 1
+#: Bytes of one slot of a meta file; the file holds two.
+META_SLOT = 16384
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -72,20 +78,32 @@ class OverlayMeta:
     reason: str = ""
     created: float = field(default_factory=time.time)
     format: int = FORMAT
+    #: Counts the writes of this meta; its slot is ``gen % 2``.
+    gen: int = 0
 
-    def to_bytes(self) -> bytes:
-        return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
+    def to_slot(self) -> bytes:
+        """This meta as one slot: its JSON, a line with the JSON's sha256, zeros up to
+        :data:`META_SLOT`. Raises OSError (ENAMETOOLONG) if it does not fit."""
+        body = json.dumps(asdict(self), sort_keys=True, ensure_ascii=False).encode()
+        raw = body + b"\n" + hashlib.sha256(body).hexdigest().encode() + b"\n"
+        if len(raw) > META_SLOT:
+            raise OSError(errno.ENAMETOOLONG, "export name, identity and boot id are too "
+                                              "long for an overlay's meta")
+        return raw + bytes(META_SLOT - len(raw))
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> OverlayMeta:
-        """Parse a meta file's bytes. Raises OverlayDamaged."""
+    def from_slot(cls, raw: bytes) -> OverlayMeta | None:
+        """Parse one slot; None if it is empty or torn (its checksum does not match)."""
+        body, _, rest = raw.partition(b"\n")
+        digest = rest.partition(b"\n")[0]
+        if not body or hashlib.sha256(body).hexdigest().encode() != digest:
+            return None
         try:
-            doc = json.loads(raw)
-            meta = cls(**doc)
-        except (ValueError, TypeError) as e:
-            raise OverlayDamaged(f"unreadable meta ({e})") from None
+            meta = cls(**json.loads(body))
+        except (ValueError, TypeError):
+            return None
         if meta.format != FORMAT or meta.state not in (LIVE, LOST, EXPIRED):
-            raise OverlayDamaged(f"unknown meta format {meta.format} or state {meta.state!r}")
+            return None
         return meta
 
 
@@ -126,22 +144,6 @@ def punch(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, f"cannot free overlay space: {os.strerror(err)}")
 
 
-def _write_file(path: str, raw: bytes, durable: bool) -> None:
-    """Write ``path`` whole through a temporary file renamed over it; with ``durable`` the file
-    and its directory are fsynced. Raises OSError."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, raw)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if durable:
-        sync_dir(os.path.dirname(path))
-
-
 def sync_dir(directory: str) -> None:
     """fsync a directory, so the names in it survive a crash. Raises OSError."""
     fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -151,17 +153,49 @@ def sync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def open_meta(path: str) -> int:
+    """Open (made if missing, both slots allocated) a meta file for writing. Raises OSError
+    (ENOSPC)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 2 * META_SLOT)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_meta(fd: int, meta: OverlayMeta, durable: bool) -> None:
+    """Write ``meta`` as its next generation into the other slot of meta file ``fd``; with
+    ``durable`` fdatasync it. Needs no new space. Raises OSError."""
+    meta.gen += 1
+    _pwrite_all(fd, meta.to_slot(), (meta.gen % 2) * META_SLOT)
+    if durable:
+        os.fdatasync(fd)
+
+
 def read_meta(path: str) -> OverlayMeta:
-    """The meta file at ``path``. Raises OverlayDamaged or OSError."""
+    """The meta file at ``path``: its valid slot of the highest generation. Raises
+    OverlayDamaged (no valid slot) or OSError."""
     with open(path, "rb") as f:
-        return OverlayMeta.from_bytes(f.read(1 << 16))
+        raw = f.read(2 * META_SLOT)
+    found = [m for m in (OverlayMeta.from_slot(raw[:META_SLOT]),
+                         OverlayMeta.from_slot(raw[META_SLOT:])) if m is not None]
+    if not found:
+        raise OverlayDamaged("no readable meta (empty or torn)")
+    return max(found, key=lambda m: m.gen)
 
 
 def write_tombstone(directory: str, key: str, meta: OverlayMeta) -> None:
     """Make ``meta`` (state lost or expired) the overlay's durable record, then remove its data
     and map: in that order, so a crash in between never forgets the client. Raises OSError."""
     data, map_path, meta_path = paths(directory, key)
-    _write_file(meta_path, meta.to_bytes(), durable=True)
+    fd = open_meta(meta_path)
+    try:
+        write_meta(fd, meta, durable=True)
+    finally:
+        os.close(fd)
+    sync_dir(directory)
     for p in (data, map_path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
@@ -170,7 +204,7 @@ def write_tombstone(directory: str, key: str, meta: OverlayMeta) -> None:
 def remove(directory: str, key: str) -> None:
     """Remove every file of overlay ``key`` (the meta first)."""
     data, map_path, meta_path = paths(directory, key)
-    for p in (meta_path, meta_path + ".tmp", data, map_path):
+    for p in (meta_path, data, map_path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
 
@@ -180,12 +214,13 @@ class OverlayFiles:
     or :meth:`open`."""
 
     def __init__(self, directory: str, key: str, meta: OverlayMeta, data_fd: int,
-                 map_fd: int) -> None:
+                 map_fd: int, meta_fd: int) -> None:
         self.directory = directory
         self.key = key
         self.meta = meta
         self.data_fd = data_fd
         self.map_fd = map_fd
+        self.meta_fd = meta_fd
         #: The meta changed since it was last written durably.
         self.meta_dirty = False
         #: The overlay was dropped (its files removed, maybe made anew for another boot):
@@ -196,31 +231,31 @@ class OverlayFiles:
     @classmethod
     def create(cls, directory: str, key: str, meta: OverlayMeta) -> OverlayFiles:
         """Make the files of a new overlay (replacing any of that key): a sparse data file of
-        ``meta.size`` bytes and a map allocated whole, so a sync never needs space. Raises
-        OSError (ENOSPC when the map does not fit)."""
+        ``meta.size`` bytes, a map and a meta allocated whole, so a sync never needs space.
+        Raises OSError (ENOSPC when they do not fit)."""
         remove(directory, key)
         data, map_path, meta_path = paths(directory, key)
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        data_fd = os.open(data, flags, 0o600)
-        map_fd = -1
+        fds: list[int] = []
         try:
-            os.ftruncate(data_fd, meta.size)
-            map_fd = os.open(map_path, flags, 0o600)
+            fds.append(os.open(data, flags, 0o600))
+            os.ftruncate(fds[0], meta.size)
+            fds.append(os.open(map_path, flags, 0o600))
             if meta.size:
-                os.posix_fallocate(map_fd, 0, map_bytes(meta.size))
-            _write_file(meta_path, meta.to_bytes(), durable=False)
+                os.posix_fallocate(fds[1], 0, map_bytes(meta.size))
+            fds.append(open_meta(meta_path))
+            write_meta(fds[2], meta, durable=False)
         except OSError:
-            os.close(data_fd)
-            if map_fd >= 0:
-                os.close(map_fd)
+            for fd in fds:
+                os.close(fd)
             remove(directory, key)
             raise
-        return cls(directory, key, meta, data_fd, map_fd)
+        return cls(directory, key, meta, *fds)
 
     @classmethod
     def open(cls, directory: str, key: str, meta: OverlayMeta) -> OverlayFiles:
         """Open the files of a recovered overlay. Raises OverlayDamaged naming what is wrong."""
-        data, map_path, _ = paths(directory, key)
+        data, map_path, meta_path = paths(directory, key)
         fds: list[int] = []
         try:
             for p, want, what in ((data, meta.size, "data"),
@@ -235,11 +270,15 @@ class OverlayFiles:
                 got = os.fstat(fd).st_size
                 if got != want:
                     raise OverlayDamaged(f"its {what} file has {got} bytes, not {want}")
+            try:
+                fds.append(open_meta(meta_path))
+            except OSError as e:
+                raise OverlayDamaged(f"its meta file cannot be opened: {e}") from None
         except OverlayDamaged:
             for fd in fds:
                 os.close(fd)
             raise
-        return cls(directory, key, meta, fds[0], fds[1])
+        return cls(directory, key, meta, *fds)
 
     def load_map(self) -> bytearray:
         """The state bytes as last synced. Raises OverlayDamaged on a short read or a byte that
@@ -274,10 +313,12 @@ class OverlayFiles:
                     _pwrite_all(self.map_fd, raw, index * MAP_PAGE)
                 os.fdatasync(self.map_fd)
             if self.meta_dirty or not self.meta.flushed:
+                first = not self.meta.flushed
                 self.meta.flushed = True
                 self.meta_dirty = False
-                _write_file(paths(self.directory, self.key)[2], self.meta.to_bytes(),
-                            durable=True)
+                write_meta(self.meta_fd, self.meta, durable=True)
+                if first:
+                    sync_dir(self.directory)  # the names of all three files
 
     def detach(self) -> None:
         """The overlay's names are no longer its own (it was dropped): later syncs write
@@ -291,10 +332,10 @@ class OverlayFiles:
         self.meta_dirty = True
 
     def close(self) -> None:
-        for fd in (self.data_fd, self.map_fd):
+        for fd in (self.data_fd, self.map_fd, self.meta_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.data_fd = self.map_fd = -1
+        self.data_fd = self.map_fd = self.meta_fd = -1
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

@@ -402,3 +402,45 @@ def test_two_servers_cannot_share_a_cow_dir(tmp_path: Path) -> None:
         CowDir.check_free(str(tmp_path / "cow"))
     s.cowdir.close()
     CowDir.check_free(str(tmp_path / "cow"))
+
+
+def test_a_flush_syncs_data_then_map_then_meta_before_it_completes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ov = _overlay(FileLayer(_base(tmp_path)), tmp_path)
+    files = ov.files
+    names = {files.data_fd: "data", files.map_fd: "map", files.meta_fd: "meta"}
+    events: list[str] = []
+    real_pwrite = os.pwrite
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {names.get(fd, 'dir')}")
+
+    def fdatasync(fd: int) -> None:
+        events.append(f"fdatasync {names.get(fd, '?')}")
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        events.append(f"pwrite {names.get(fd, '?')}")
+        return real_pwrite(fd, data, offset)
+
+    import icbdcache.layers.cowfile as cowfile
+
+    monkeypatch.setattr(cowfile.os, "fsync", fsync)
+    monkeypatch.setattr(cowfile.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(cowfile.os, "pwrite", pwrite)
+
+    async def main() -> list[str]:
+        ov.pwrite(0, b"x" * BLOCK)  # the overlay's own pwrite, before the flush
+        events.clear()
+        pending = ov.flush()
+        assert pending is not None and events == []  # nothing durable yet: not answered
+        await pending
+        return list(events)
+
+    first = asyncio.run(main())
+    assert first == ["fdatasync data", "pwrite map", "fdatasync map", "pwrite meta",
+                     "fdatasync meta", "fsync dir"]
+    # Later: a TRIM changed extents (fsync, not fdatasync); the meta is not rewritten.
+    ov.trim(0, BLOCK)
+    events.clear()
+    _settle(ov.flush())
+    assert events == ["fsync data", "pwrite map", "fdatasync map"]
