@@ -366,20 +366,23 @@ class CowOverlay(_Writable):
         self._usable()
         if self.synced_gen >= self.write_gen:
             return None
-        return self._flush_to(self.write_gen)
+        return self._durable()
 
     def _durable(self) -> Awaitable[None]:
+        """An awaitable that completes when every write completed so far is durable: the
+        sync started now when none runs (a plain future, no task), else a wait for the
+        running one and then for another."""
+        if self._syncing is None:
+            return self._start_sync()
         return self._flush_to(self.write_gen)
 
     async def _flush_to(self, target: int) -> None:
         while self.synced_gen < target:
             self._usable()
-            task = self._syncing
-            if task is None:
-                task = self._syncing = asyncio.ensure_future(self._sync_once())
-            await asyncio.shield(task)
+            await (self._syncing or self._start_sync())
 
-    async def _sync_once(self) -> None:
+    def _start_sync(self) -> asyncio.Future[None]:
+        """Sync what was written so far in the pool; the future completes after it."""
         gen = self.write_gen
         pages = {p: bytes(self.state[p * MAP_PAGE : (p + 1) * MAP_PAGE])
                  for p in self._dirty_pages}
@@ -387,18 +390,26 @@ class CowOverlay(_Writable):
         data, full = self._data_dirty, self._extents_dirty
         self._data_dirty = self._extents_dirty = False
         loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self.pool, self.files.sync, data, full, pages)
-        except OSError as e:
-            self.failed = f"sync of {self.files.key} failed: {e}"
-            log.error(kv(overlay=self.files.key, export=self.files.meta.export,
-                         client=self.files.meta.identity, error=e, state="failed"))
-            raise OSError(errno.EIO, self.failed) from e
-        finally:
+        done: asyncio.Future[None] = loop.create_future()
+        work = loop.run_in_executor(self.pool, self.files.sync, data, full, pages)
+
+        def finished(f: asyncio.Future[None]) -> None:
             self._syncing = None
+            exc = f.exception()
+            if exc is None:
+                self.synced_gen = max(self.synced_gen, gen)
+                done.set_result(None)
+            else:
+                self.failed = f"sync of {self.files.key} failed: {exc}"
+                log.error(kv(overlay=self.files.key, export=self.files.meta.export,
+                             client=self.files.meta.identity, error=exc, state="failed"))
+                done.set_exception(OSError(errno.EIO, self.failed))
             if self._close_pending:
                 self._close_now()
-        self.synced_gen = max(self.synced_gen, gen)
+
+        work.add_done_callback(finished)
+        self._syncing = done
+        return done
 
     def sync_now(self) -> None:
         """Sync in this thread (at shutdown, with no sync running). Raises OSError."""
