@@ -130,7 +130,6 @@ class CowDir:
         self.max_bytes = max_bytes
         self.pool = ThreadPoolExecutor(sync_threads, thread_name_prefix="icbd-cow-sync")
         self._entries: dict[tuple[str, str], _Entry] = {}
-        self._layers: dict[str, OverlayLayer] = {}
         self._lock_fd = -1
 
     # ------------------------------------------------------------------ start and stop
@@ -232,7 +231,7 @@ class CowDir:
                 except OSError as err:
                     log.error(kv(overlay=e.key, export=e.export, client=e.identity,
                                  error=err, at="shutdown sync"))
-                e.overlay.close()
+                e.overlay.close(now=True)
         self._entries.clear()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -243,10 +242,14 @@ class CowDir:
     def attach(self, layer: OverlayLayer) -> None:
         """``layer`` serves export ``layer.export`` now: its recovered overlays made over the
         same base (and size) are opened, the others become tombstones."""
-        self._layers[layer.export] = layer
         for e in list(self._entries.values()):
-            if e.export == layer.export and e.meta.state == LIVE and e.overlay is None:
+            if e.export != layer.export or e.meta.state != LIVE:
+                continue
+            if e.overlay is None:
                 self._open(e, layer)
+            elif e.meta.base != layer.base:  # the export was made anew over other bytes
+                self._bury(e, LOST, f"its base changed: made over {e.meta.base}, now "
+                                    f"{layer.base}")
 
     def _open(self, e: _Entry, layer: OverlayLayer) -> bool:
         if e.meta.base != layer.base or e.meta.size != layer.size:

@@ -412,8 +412,9 @@ class CowOverlay(_Writable):
         return done
 
     def sync_now(self) -> None:
-        """Sync in this thread (at shutdown, with no sync running). Raises OSError."""
-        if self.failed is not None or self._syncing is not None or self._closed:
+        """Sync in this thread: at shutdown, once the sync pool is drained (a sync the event
+        loop has not seen finish yet is over). Raises OSError."""
+        if self.failed is not None or self._closed:
             return
         pages = {p: bytes(self.state[p * MAP_PAGE : (p + 1) * MAP_PAGE])
                  for p in self._dirty_pages}
@@ -441,10 +442,11 @@ class CowOverlay(_Writable):
         flags = {ZERO: HOLE, ZALLOC: int(StateFlag.ZERO)}.get(kind, 0)
         return [(n, flags)]
 
-    def close(self) -> None:
-        """Close the files (after the sync in flight, if any). The files stay on disk: the
-        CowDir removes them when the overlay is dropped."""
-        if self._syncing is not None:
+    def close(self, now: bool = False) -> None:
+        """Close the files, after the sync in flight if any (``now``: at once, the sync pool
+        being drained). The files stay on disk: the CowDir removes them when the overlay is
+        dropped."""
+        if self._syncing is not None and not now:
             self._close_pending = True
             return
         self._close_now()

@@ -448,3 +448,15 @@ def test_a_flush_syncs_data_then_map_then_meta_before_it_completes(
     events.clear()
     _settle(ov.flush)
     assert events == ["fsync data", "pwrite map", "fdatasync map"]
+
+
+def test_an_export_made_anew_over_other_bytes_loses_the_overlays_made_before(
+        tmp_path: Path) -> None:
+    s = Site(tmp_path)
+    ov = s.connect("10.0.0.1", None, 0.0)
+    ov.pwrite(0, b"m" * BLOCK)
+    # The store version is made anew under the same name (another base): its export too.
+    OverlayLayer(s.base, s.cowdir, "rw", "version rw made again")
+    assert _read(ov, 0, BLOCK) == b"m" * BLOCK  # the connection in use keeps working
+    with pytest.raises(OverlayLost, match="base changed"):
+        s.connect("10.0.0.1", None, 1.0)  # a new one is refused, never given the new bytes
