@@ -659,7 +659,7 @@ class Server:
             return "this server is shutting down"
         if self.writable_clients:
             return (f"{self.writable_clients} connection(s) used copy-on-write overlays, which "
-                    "live in this process")
+                    "a hand-over does not carry (a restart does: they are kept in --cow-dir)")
         return None
 
     def stop_accepting(self) -> list[tuple[str, int]]:
@@ -678,6 +678,9 @@ class Server:
             await self._serve_on(socket.socket(fileno=fd))
 
     async def stop_services(self) -> None:
+        # No connection ever used an overlay (refusal): --cow-dir goes to the successor.
+        if self.catalog.cowdir is not None:
+            self.catalog.cowdir.close()
         if self.node is not None:
             for svc in self.node.services:
                 try:
@@ -686,6 +689,8 @@ class Server:
                     log.error(kv(service=type(svc).__name__, close_error=e))
 
     async def start_services(self) -> None:
+        if self.catalog.cowdir is not None:  # rolled back: --cow-dir is ours again
+            self.catalog.cowdir.open(time.monotonic())
         if self.node is not None:
             for svc in self.node.services:
                 try:
@@ -712,9 +717,12 @@ class Server:
     # ------------------------------------------------------------ hand-over: taking
 
     async def start_with(self, listeners: list[tuple[str, socket.socket]]) -> None:
-        """Start the node (its services) and accept on the predecessor's sockets."""
+        """Start the node (its services), take --cow-dir (the predecessor let it go), and
+        accept on the predecessor's sockets."""
         if self.node is not None:
             await self.node.start()
+        if self.catalog.cowdir is not None:
+            self.catalog.cowdir.open(time.monotonic())
         wanted = {_fmt_addr(a) for a in self.config.listen}
         if self.config.unix:
             wanted.add(f"unix:{self.config.unix}")
@@ -936,7 +944,8 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
             await node.close()
             node.store.close()
         raise
-    catalog = build_catalog(config, node)
+    # taking over: --cow-dir is opened once the predecessor lets it go (Server.start_with)
+    catalog = build_catalog(config, node, recover=chan is None)
     if node is not None:
         for name in catalog.by_name:
             if node.store.version(name) is not None:

@@ -184,9 +184,10 @@ def check_default_export(cfg: ServeConfig) -> None:
     raise ValueError(f"--default-export {name!r} is not an export: {where}")
 
 
-def check_cow_dir(path: str, *, make: bool = False) -> None:
+def check_cow_dir(path: str, *, make: bool = False, held_ok: bool = False) -> None:
     """Refuse a ``--cow-dir`` where overlay files cannot be made, or that another running
-    server holds; ``make``: create it first (the default directory). Raises ValueError."""
+    server holds (unless ``held_ok``: a successor taking over with ``--handover``); ``make``:
+    create it first (the default directory). Raises ValueError."""
     from icbdcache.layers.cowdir import CowDir
 
     if make:
@@ -199,7 +200,8 @@ def check_cow_dir(path: str, *, make: bool = False) -> None:
         what = "not a directory" if os.path.exists(path) else "no such directory"
         raise ValueError(f"--cow-dir {path}: {what}")
     try:
-        CowDir.check_free(path)
+        if not held_ok:
+            CowDir.check_free(path)
     except OSError as e:
         raise ValueError(str(e)) from e
     try:
@@ -251,7 +253,7 @@ def check_startup(cfg: ServeConfig) -> None:
 
     cow_dir = cow_dir_of(cfg)
     if cow_dir is not None:
-        check_cow_dir(cow_dir, make=not cfg.cow_dir)
+        check_cow_dir(cow_dir, make=not cfg.cow_dir, held_ok=bool(cfg.handover))
     elif cfg.cow_dir:
         check_cow_dir(cfg.cow_dir)
     if cfg.tls_cert and cfg.tls_key:

@@ -128,7 +128,9 @@ class CowDir:
         self.path = path
         self.linger = linger
         self.max_bytes = max_bytes
+        self._threads = sync_threads
         self.pool = ThreadPoolExecutor(sync_threads, thread_name_prefix="icbd-cow-sync")
+        self._pool_closed = False
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._lock_fd = -1
 
@@ -139,6 +141,9 @@ class CowDir:
         (``now``: monotonic seconds, when recovered lingers start). Raises OSError: the
         directory cannot be made, or another server holds it."""
         os.makedirs(self.path, mode=0o700, exist_ok=True)
+        if self._pool_closed:
+            self.pool = ThreadPoolExecutor(self._threads, thread_name_prefix="icbd-cow-sync")
+            self._pool_closed = False
         fd = os.open(os.path.join(self.path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                      0o600)
         try:
@@ -222,8 +227,10 @@ class CowDir:
                         tombstones=sum(e.meta.state != LIVE for e in self._entries.values())))
 
     def close(self) -> None:
-        """Sync every overlay (so a clean restart loses nothing), close the files, unlock."""
+        """Sync every overlay (so a clean restart loses nothing), close the files, unlock.
+        :meth:`open` may follow (a hand-over rolled back)."""
         self.pool.shutdown(wait=True)
+        self._pool_closed = True
         for e in self._entries.values():
             if e.overlay is not None:
                 try:

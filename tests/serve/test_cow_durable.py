@@ -351,3 +351,29 @@ def test_workers_with_store_cow_are_refused(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=30, check=False)
     assert p.returncode == 2
     assert "--workers 1" in p.stderr and "--store-cow" in p.stderr, p.stderr
+
+
+# ------------------------------------------------------------------ hand-over
+
+
+def test_a_handover_passes_the_cow_dir_to_the_successor(
+        tmp_path: Path, base: Path, servers: Callable[..., Server]) -> None:
+    """With no copy-on-write client yet, a planned restart (--handover) goes through: the old
+    server lets go of --cow-dir (synced), the successor takes it, and overlays it keeps then
+    survive the successor's own crash."""
+    cow = tmp_path / "cow"
+    cow.mkdir()
+    sock = tmp_path / "handover.sock"
+    args = ("--export", f"rw={base},cow", "--cow-dir", str(cow), "--handover", str(sock))
+    old = servers(*args)
+    deadline = time.monotonic() + 20
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    new = servers(*args, port=old.port)  # binds nothing: takes the old server's socket
+    assert old.proc.wait(60) == 0, old.log_text()
+    assert "handover=taken" in new.log_text(), new.log_text()
+    assert (cow / "icbd-cow.lock").read_text().strip() == str(new.proc.pid)
+    qemu_io(new.uri("rw"), "write -P 0x6b 2M 64k", "flush")
+    assert new.stop(signal.SIGKILL) == -signal.SIGKILL
+    again = servers("--export", f"rw={base},cow", "--cow-dir", str(cow), port=old.port)
+    qemu_io(again.uri("rw"), "read -P 0x6b 2M 64k")
