@@ -187,15 +187,16 @@ def check_default_export(cfg: ServeConfig) -> None:
 def check_cow_dir(path: str, *, make: bool = False, held_ok: bool = False) -> None:
     """Refuse a ``--cow-dir`` where overlay files cannot be made, or that another running
     server holds (unless ``held_ok``: a successor taking over with ``--handover``); ``make``:
-    create it first (the default directory). Raises ValueError."""
+    the server will make it (the default directory), so a missing one only needs a writable
+    parent. Raises ValueError."""
     from icbdcache.layers.cowdir import CowDir
 
-    if make:
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot make the overlay directory {path} "
-                             f"({e.strerror or e}); give --cow-dir DIR") from e
+    if make and not os.path.exists(path):
+        parent = os.path.dirname(path) or "."
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot make the overlay directory {path} (no write access to "
+                             f"{parent}); give --cow-dir DIR")
+        return
     if not os.path.isdir(path):
         what = "not a directory" if os.path.exists(path) else "no such directory"
         raise ValueError(f"--cow-dir {path}: {what}")
