@@ -129,7 +129,7 @@ def test_demo_readme_command(tmp_path: Path) -> None:
     assert re.search(r"^master +icbd-cache keygen --out (\S+)/master\.key$", out, re.M), out
     assert re.search(r"^master +icbd-cache publish \S+ --imi demo --store \S+ --signing-key "
                      r"\S+/master\.key$", out, re.M), out
-    assert re.search(r"^site +icbd-cache serve --store \S+ (--create-store )?--listen "
+    assert re.search(r"^site +icbd-cache serve --store \S+ --create-store --listen "
                      r"127\.0\.0\.1:\d+ --master http://127\.0\.0\.1:\d+ --site demo-site "
                      r"--subscribe demo --on-demand --trust-key \S+/master\.key\.pub$",
                      out, re.M), out
