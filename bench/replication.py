@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -528,7 +529,8 @@ class ClientResult:
 def run_client(argv: list[str], log: Path, timeout: float,
                tick: Callable[[float], None] | None = None) -> ClientResult:
     """Run a client to completion (killed after ``timeout`` s); ``tick(elapsed)`` every
-    0.5 s while it runs."""
+    0.5 s while it runs. The wall time ends when the client exits (a thread waits for it),
+    not at the next tick."""
     with open(log, "ab") as out:
         out.write(f"$ {shlex.join(argv)}\n".encode())
         out.flush()
@@ -536,22 +538,29 @@ def run_client(argv: list[str], log: Path, timeout: float,
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        status = 0
-        rusage = None
+        ended: list[tuple[float, int, Any]] = []
+
+        def reap() -> None:
+            _, st, ru = os.wait4(proc.pid, 0)
+            ended.append((time.monotonic(), st, ru))
+
+        reaper = threading.Thread(target=reap, name="bench-reap", daemon=True)
+        reaper.start()
         while True:
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
+            elapsed = time.monotonic() - t0
+            reaper.join(0.1 if elapsed < 2 else 0.5)
+            if not reaper.is_alive():
                 break
             elapsed = time.monotonic() - t0
             if elapsed > timeout:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                _, status, rusage = os.wait4(proc.pid, 0)
+                reaper.join()
                 break
             if tick is not None:
                 tick(elapsed)
-            time.sleep(0.1 if elapsed < 2 else 0.5)
-        wall = time.monotonic() - t0
+        t1, status, rusage = ended[0]
+        wall = t1 - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
     text = log.read_bytes()[start:].decode(errors="replace")
     cpu = rusage.ru_utime + rusage.ru_stime if rusage is not None else 0.0
@@ -782,7 +791,7 @@ def start_icbd(ctx: Context, binary: str | None = None, tag: str = "") -> IcbdSi
     sign: list[str] = []
     trust: list[str] = []
     if _icbd_help_has(icbd, "keygen"):
-        key = ctx.work / f"master{tag}.key"
+        key = ctx.work / f"signing{tag}.key"
         if not key.exists():
             _checked([icbd, "keygen", "--out", str(key), "-q"], "keygen", log, 60)
         sign, trust = ["--signing-key", str(key)], ["--trust-key", f"{key}.pub"]
@@ -794,11 +803,13 @@ def start_icbd(ctx: Context, binary: str | None = None, tag: str = "") -> IcbdSi
     token_file = site_token_file = ca = None
     tls_files = None
     if any("tls" in t for t in s.tools):
-        ca, cert, key = make_tls(ctx.work, [net.server_host, "localhost"])
+        tls_dir = ctx.work / f"tls{tag}"  # each build's masters their own certificate
+        tls_dir.mkdir(exist_ok=True)
+        ca, cert, key = make_tls(tls_dir, [net.server_host, "localhost"])
         tls_files = (cert, key)
-        token_file = ctx.work / "tokens"
+        token_file = tls_dir / "tokens"
         token_file.write_text("* icbd-bench-replication-token\n")
-        site_token_file = ctx.work / "site-token"
+        site_token_file = tls_dir / "site-token"
         site_token_file.write_text("icbd-bench-replication-token\n")
 
     def master(mode: str) -> tuple[Server, str]:
