@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import parse_qsl
 
+from icbdcache.access import AllowList, parse_cidr
 from icbdcache.layers.base import Client, Layer, transmission_flags
 from icbdcache.layers.file import FileLayer
 from icbdcache.layers.overlay import OverlayLayer
@@ -27,11 +28,13 @@ log = logging.getLogger("icbdcache.exports")
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """One ``--export NAME=PATH[,cow]`` argument."""
+    """One ``--export NAME=PATH[,cow][,allow=CIDR]...`` argument: ``allow``, the networks
+    whose clients may use it (none: every client ``--allow`` lets in)."""
 
     name: str
     path: str
     cow: bool = False
+    allow: tuple[str, ...] = ()
 
     @property
     def is_upstream(self) -> bool:
@@ -40,22 +43,27 @@ class ExportSpec:
 
     @classmethod
     def parse(cls, text: str) -> ExportSpec:
-        """Parse ``NAME=PATH[,cow]``. Raises ValueError with a message for the user."""
+        """Parse ``NAME=PATH[,cow][,allow=CIDR]...`` (``allow=`` repeatable). Raises
+        ValueError with a message for the user."""
         name, sep, rest = text.partition("=")
         if not sep or not name or not rest:
-            raise ValueError(f"--export wants NAME=PATH[,cow], got {text!r}")
+            raise ValueError(f"--export wants NAME=PATH[,cow][,allow=CIDR], got {text!r}")
         if "?" in name or len(name.encode()) > 4096:
             raise ValueError(f"export name {name!r} may not contain '?' or exceed 4096 bytes")
         if "://" in rest:
             return cls(name, rest)  # an upstream URI may contain commas; no options
         path, _, opts = rest.partition(",")
         cow = False
+        allow: list[str] = []
         for opt in filter(None, opts.split(",")):
             if opt == "cow":
                 cow = True
+            elif opt.startswith("allow="):
+                allow.append(parse_cidr(opt.removeprefix("allow=")))
             else:
-                raise ValueError(f"unknown export option {opt!r} in {text!r} (known: cow)")
-        return cls(name, path, cow)
+                raise ValueError(f"unknown export option {opt!r} in {text!r} (known: cow, "
+                                 "allow=CIDR)")
+        return cls(name, path, cow, tuple(allow))
 
 
 class Export:
@@ -71,6 +79,8 @@ class Export:
         self.description = description
         self.owned = list(owned)
         self.overlays = stack if isinstance(stack, OverlayLayer) else None
+        #: Clients allowed to use this export (``allow=`` of ``--export``; empty: any).
+        self.allow = AllowList()
 
     @classmethod
     def of_layer(cls, name: str, base: Layer, *, cow: bool = False, cow_dir: str | None = None,
@@ -94,6 +104,7 @@ class Export:
         export = cls.of_layer(spec.name, base, cow=spec.cow, cow_dir=cow_dir,
                               cow_linger=cow_linger)
         export.owned.append(base)
+        export.allow = AllowList(spec.allow)
         return export
 
     @property
