@@ -42,7 +42,7 @@ from icbdcache.access import AllowList
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
 from icbdcache.log import Throttled, kv, tag_process
-from icbdcache.loop import new_event_loop
+from icbdcache.loop import finish_loop, new_event_loop
 from icbdcache.node import Node, NodeService
 from icbdcache.store import Store, StoreError
 from nbd.constants import Cmd, CmdFlag, Errno, Rep, TransmissionFlag
@@ -1095,20 +1095,6 @@ def run(config: ServeConfig, *, services: Sequence[NodeService] = (),
             finish_loop(loop)
         return 0
     return _run_workers(config, services, sockets)
-
-
-def finish_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel the tasks still pending on ``loop`` (after a failed start: a service's, the
-    node's), let them end, and close it: no "Task was destroyed but it is pending"."""
-    try:
-        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for t in pending:
-            t.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        loop.close()
 
 
 def _raise_fd_limit() -> None:

@@ -302,7 +302,7 @@ def reload_serve(args: argparse.Namespace, running: ServeConfig, srv: Any) -> No
     pxe_services = [s for s in services if hasattr(s, "reload")]
     if pxe_config is not None:
         for svc in pxe_services:
-            svc.reload(pxe_config.settings)
+            svc.reload(pxe_config.settings, pxe_config.allow)
     srv.set_allow(cfg.allow)
     logsetup.setup(-1 if fresh.quiet else fresh.verbose, fresh.log_format)
     differ = sorted(f.name for f in dataclasses.fields(ServeConfig)

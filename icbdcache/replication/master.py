@@ -27,10 +27,12 @@ from typing import Any
 
 from aiohttp import web
 
+from icbdcache import activation
 from icbdcache.log import kv
 from icbdcache.replication import wire
 from icbdcache.replication.auth import (
     Auth,
+    AuthConfigError,
     load_admin_tokens,
     load_site_tokens,
     server_ssl_context,
@@ -163,6 +165,9 @@ class Master:
         self._peer_streams: Counter[str] = Counter()
         self._closing = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._registry: Any = None
+        #: What the last scrape read of the registry (:meth:`metrics`).
+        self.scraped: dict[str, Any] = {}
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (one of :data:`COUNTERS`)."""
@@ -188,6 +193,7 @@ class Master:
         app.router.add_post(f"{p}/admin/subscribe", self.admin_subscribe)
         app.router.add_post(f"{p}/admin/unsubscribe", self.admin_unsubscribe)
         app.router.add_post(f"{p}/admin/retire", self.admin_retire)
+        app.router.add_get("/metrics", self.metrics)
         app.on_startup.append(self._start)
         app.on_shutdown.append(self._shutdown)
         return app
@@ -268,7 +274,7 @@ class Master:
     @web.middleware
     async def _check_auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         auth_header = request.headers.get("Authorization")
-        if request.path.startswith(f"{wire.API}/admin/"):
+        if request.path.startswith(f"{wire.API}/admin/") or request.path == "/metrics":
             refused = self.auth.check_admin(auth_header, request.remote)
             if refused is not None:
                 return _error(*refused)
@@ -621,6 +627,19 @@ class Master:
                 "sites": sites, "imis": imis,
                 "master": {k: self.counters.get(k, 0) for k in COUNTERS}}
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        """``GET /metrics``: Prometheus metrics (:class:`MasterCollector`); answered like the
+        admin API (loopback, or an admin token)."""
+        from icbdcache.metrics import metrics_response, new_registry
+
+        if self._registry is None:
+            self._registry = new_registry(MasterCollector(self))
+
+        async def refresh() -> None:
+            self.scraped = await self.status_body()
+
+        return await metrics_response(self._registry, refresh)
+
     async def admin_status(self, request: web.Request) -> web.Response:
         """``GET /v1/admin/status``: :meth:`status_body` as JSON."""
         return web.json_response(await self.status_body())
@@ -698,7 +717,58 @@ class Master:
         return web.json_response({"retired": key})
 
 
+class MasterCollector:
+    """The master's metrics: its counters, the sites up and down, each site's lag, the
+    versions published (read from :attr:`Master.scraped`, refreshed before each scrape)."""
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    def collect(self) -> Any:
+        from icbdcache.metrics import counter, gauge
+
+        m = self.master
+        for name in COUNTERS:
+            yield counter(f"master_{name}", f"The master's {name.replace('_', ' ')} since it "
+                          f"started (stats: master_{name})", float(m.counters.get(name, 0)))
+        st = m.scraped
+        sites = st.get("sites") or []
+        up = sum(1 for s in sites if s.get("up"))
+        yield gauge("master_sites", "Sites registered, by whether they are up",
+                    labels=["state"], samples=[(["up"], up), (["down"], len(sites) - up)])
+        yield gauge("master_site_up", "1 when the site's keep-alives arrive",
+                    labels=["site"],
+                    samples=[([s["name"]], 1.0 if s.get("up") else 0.0) for s in sites])
+        yield gauge("master_site_behind_bytes", "Bytes of the newest versions of its iMIs "
+                    "the site lacks (its lag)", labels=["site"],
+                    samples=[([s["name"]], float(sum(int(e.get("behind_bytes") or 0)
+                                                     for e in (s.get("lag") or {}).values())))
+                             for s in sites])
+        yield gauge("master_site_seen_seconds", "Seconds since each site's last keep-alive",
+                    labels=["site"],
+                    samples=[([s["name"]], float(s["age"])) for s in sites
+                             if isinstance(s.get("age"), int | float)])
+        imis = st.get("imis") or {}
+        yield gauge("master_versions", "Versions offered (not retired), by iMI",
+                    labels=["imi"],
+                    samples=[([k], float(len(v.get("versions") or []))) for k, v in
+                             sorted(imis.items())])
+
+
 # ---------------------------------------------------------------------------- runner
+
+
+def _reload_tokens(master: Master, cfg: MasterConfig) -> None:
+    """SIGHUP: the token files again (a token added or revoked without a restart)."""
+    try:
+        auth = build_auth(cfg)
+    except AuthConfigError as e:
+        log.error(kv(event="reload", result="refused, tokens unchanged", error=e))
+        return
+    master.auth.site_tokens = auth.site_tokens
+    master.auth.admin_tokens = auth.admin_tokens
+    log.info(kv(event="reload", tokens=len(auth.site_tokens),
+                admin_tokens=len(auth.admin_tokens)))
 
 
 def build_auth(cfg: MasterConfig) -> Auth:
@@ -710,13 +780,14 @@ def build_auth(cfg: MasterConfig) -> Auth:
 
 
 async def serve(cfg: MasterConfig, stop: asyncio.Event | None = None) -> None:
-    """Run the master until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
-    Raises AuthConfigError, StoreError, ValueError (registry spec) or OSError (bind) at
-    startup."""
+    """Run the master until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None; then
+    SIGHUP reads the token files again). Raises AuthConfigError, StoreError, ValueError
+    (registry spec) or OSError (bind) at startup."""
     auth = build_auth(cfg)
     ssl_ctx = (server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.client_ca)
                if cfg.tls_cert and cfg.tls_key else None)
     store = Store(cfg.store, map_size=MASTER_MAP_SIZE)
+    watchdog = activation.Watchdog()
     registry: Registry | None = None
     runner: web.AppRunner | None = None
     try:
@@ -731,13 +802,18 @@ async def serve(cfg: MasterConfig, stop: asyncio.Event | None = None) -> None:
             stop = asyncio.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, _reload_tokens, master, cfg)
         log.info(kv(event="listening", address=f"{cfg.host}:{cfg.port}",
                     tls="yes" if ssl_ctx else "no", registry=cfg.registry or "embedded",
                     tokens=len(auth.site_tokens), client_ca=cfg.client_ca or "-",
                     admin_tokens=len(auth.admin_tokens)))
+        activation.ready("serving the replication API")
+        watchdog.start()
         await stop.wait()
+        activation.stopping()
         log.info(kv(event="stopping"))
     finally:
+        watchdog.stop()
         if runner is not None:
             await runner.cleanup()
         if registry is not None:
