@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -642,10 +643,16 @@ class Server:
             self._janitor = loop.create_task(self._expire_overlays())
             return
         for host, port in self.config.listen:
-            srv = await loop.create_server(
-                lambda: NBDProtocol(self), host, port, reuse_address=True,
-                reuse_port=reuse_port or None, backlog=1024,
-            )
+            try:
+                srv = await loop.create_server(
+                    lambda: NBDProtocol(self), host, port, reuse_address=True,
+                    reuse_port=reuse_port or None, backlog=1024,
+                )
+            except OSError as e:
+                what = ("address already in use (another icbd-cache serve, nbd-server, "
+                        "or a systemd socket unit holding it?)"
+                        if e.errno == errno.EADDRINUSE else e.strerror or str(e))
+                raise OSError(e.errno, f"--listen {_fmt_addr((host, port))}: {what}") from None
             self.servers.append(srv)
             for s in srv.sockets:
                 log.info(kv(listening=_fmt_addr(s.getsockname()), tls=(
@@ -1059,7 +1066,7 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
         await server.shutdown()  # closes the node, its store and the metrics server
         raise
     watchdog.start()
-    log.info(kv(event="serving", startup_s=f"{_process_age():.2f}"))
+    log.info(kv(event="serving", serving="yes", startup_s=f"{_process_age():.2f}"))
     try:
         await server.serve()
     finally:

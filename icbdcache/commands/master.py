@@ -31,6 +31,19 @@ def parse_master_listen(text: str) -> tuple[str, int]:
     return parse_listen(f"{text}:{DEFAULT_MASTER_PORT}" if bare else text)
 
 
+def parse_master_url(text: str) -> str:
+    """A master's URL: ``http://HOST:PORT`` or ``https://HOST:PORT``. Raises ValueError
+    saying what is missing (``master:10810`` lacks its scheme)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(text)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        hint = "" if "://" in text else f" (the scheme is missing: http://{text})"
+        raise ValueError(f"{text!r} is not a master URL: give http://HOST:PORT or "
+                         f"https://HOST:PORT{hint}")
+    return text
+
+
 # ---------------------------------------------------------------------------- master
 
 
@@ -93,6 +106,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
         for m in problems:
             print(f"icbd-cache publish: {m}", file=sys.stderr)
         return 2
+    from icbdcache.store.index import sector_note
+
+    note = sector_note(os.path.getsize(args.file)) if os.path.isfile(args.file) else None
+    if note is not None:
+        print(f"icbd-cache publish: warning: {args.file}: {note}", file=sys.stderr)
     try:
         store = Store(args.store, map_size=MASTER_MAP_SIZE)
     except StoreError as e:
@@ -358,7 +376,7 @@ ADMIN = Command(
     "      --admin-token-file admin.token status --json\n"
     "  icbd-cache admin subscribe site-a lab\n"
     "  icbd-cache admin retire lab@3",
-    (Option("master", default=DEFAULT_MASTER_URL, metavar="URL",
+    (Option("master", default=DEFAULT_MASTER_URL, metavar="URL", parse=parse_master_url,
             help=f"the master's URL (default $ICBD_MASTER or {DEFAULT_MASTER_URL})"),
      Option("admin-token-file", metavar="FILE",
             help="file holding the admin token (its first line's last word)"),

@@ -43,6 +43,14 @@ examples:
 """
 
 
+def parse_master_url_text(text: str) -> str:
+    """``--master URL`` checked (:func:`icbdcache.commands.master.parse_master_url`). Raises
+    ValueError."""
+    from icbdcache.commands.master import parse_master_url
+
+    return parse_master_url(text)
+
+
 def parse_listen_text(text: str) -> tuple[str, int]:
     """``HOST:PORT`` of ``--metrics-listen``. Raises ValueError."""
     from icbdcache.server import parse_listen
@@ -68,6 +76,7 @@ def transfer_options(*, in_serve: bool) -> tuple[Option, ...]:
     g = TRANSFER_GROUP
     return (
         Option("master", required=not in_serve, metavar="URL", group=g,
+               parse=parse_master_url_text,
                help="the master, http://HOST:PORT or https://HOST:PORT"
                     + (": also replicate into --store" if in_serve else "")),
         Option("site", metavar="NAME", group=g, help="this site's name at the master"),

@@ -252,6 +252,13 @@ def check_startup(cfg: ServeConfig) -> None:
     # every file export opens, with the export named, before forking (the default export
     # may be a store version, checked below against the store)
     build_catalog(dataclasses.replace(cfg, default_export=None)).close()
+    from icbdcache.store.index import sector_note
+
+    for spec in cfg.exports:
+        note = None if spec.is_upstream else sector_note(os.path.getsize(spec.path))
+        if note is not None:
+            serve_log.warning(kv(event="image_size", export=spec.name, path=spec.path,
+                                 warning=note))
     if cfg.store:
         from icbdcache.store import Store
 
