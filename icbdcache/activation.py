@@ -81,18 +81,20 @@ def notify(message: str, environ: dict[str, str] | None = None) -> bool:
     return False
 
 
-def ready(status: str = "", *, mainpid: int | None = None) -> bool:
-    """``READY=1`` (with ``MAINPID=`` after a hand-over, and ``STATUS=`` text if given)."""
+def ready(status: str = "", *, mainpid: int | None = None,
+          environ: dict[str, str] | None = None) -> bool:
+    """``READY=1`` (with ``MAINPID=`` after a hand-over, and ``STATUS=`` text if given);
+    False when there is no one to tell (:func:`notify`)."""
     lines = [f"MAINPID={mainpid}"] if mainpid is not None else []
     lines.append("READY=1")
     if status:
         lines.append(f"STATUS={status}")
-    return notify("\n".join(lines))
+    return notify("\n".join(lines), environ)
 
 
-def stopping(status: str = "") -> bool:
+def stopping(status: str = "", *, environ: dict[str, str] | None = None) -> bool:
     """``STOPPING=1``: the service begins to shut down."""
-    return notify("STOPPING=1" + (f"\nSTATUS={status}" if status else ""))
+    return notify("STOPPING=1" + (f"\nSTATUS={status}" if status else ""), environ)
 
 
 def watchdog_interval(environ: dict[str, str] | None = None, *,
