@@ -279,7 +279,7 @@ def test_export_allow_hides_an_export_from_other_networks(tmp_path: Path) -> Non
             c.option(Opt.LIST)
             names = []
             while True:
-                opt, rep, data = c.option_reply()
+                _opt, rep, data = c.option_reply()
                 if rep != Rep.SERVER:
                     break
                 names.append(data[4:4 + int.from_bytes(data[:4], "big")].decode())
