@@ -100,14 +100,16 @@ def stopping(status: str = "", *, environ: dict[str, str] | None = None) -> bool
 def watchdog_interval(environ: dict[str, str] | None = None, *,
                       pid: int | None = None) -> float | None:
     """Seconds between ``WATCHDOG=1`` pings: half of ``WATCHDOG_USEC`` when systemd's watchdog
-    watches this process (``WATCHDOG_PID`` absent or ours) and there is a ``NOTIFY_SOCKET``;
-    else None."""
+    watches this process and there is a ``NOTIFY_SOCKET``; else None. ``WATCHDOG_PID``, when
+    set, must be this process (``pid``, default ours) or its parent: a ``serve --workers``
+    worker, or the successor a server started on SIGUSR2, which becomes the main process (the
+    units have ``NotifyAccess=all``)."""
     env = os.environ if environ is None else environ
     usec, want = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID")
     if not usec.isdigit() or int(usec) == 0 or not env.get("NOTIFY_SOCKET"):
         return None
-    if want is not None and (not want.isdigit()
-                             or int(want) != (os.getpid() if pid is None else pid)):
+    ours = {os.getpid(), os.getppid()} if pid is None else {pid}
+    if want is not None and (not want.isdigit() or int(want) not in ours):
         return None
     return int(usec) / 2e6
 

@@ -187,7 +187,9 @@ def test_watchdog_and_notify_follow_the_protocol(tmp_path: Path) -> None:
     env = {"NOTIFY_SOCKET": str(tmp_path / "n"), "WATCHDOG_USEC": "3000000"}
     assert activation.watchdog_interval(env) == 1.5
     assert activation.watchdog_interval({**env, "WATCHDOG_PID": str(os.getpid())}) == 1.5
-    assert activation.watchdog_interval({**env, "WATCHDOG_PID": str(os.getpid() + 1)}) is None
+    assert activation.watchdog_interval({**env, "WATCHDOG_PID": str(os.getppid())}) == 1.5
+    assert activation.watchdog_interval({**env, "WATCHDOG_PID": "1"}) is None
+    assert activation.watchdog_interval({**env, "WATCHDOG_PID": "7"}, pid=8) is None
     assert activation.watchdog_interval({"WATCHDOG_USEC": "3000000"}) is None  # no socket
     assert activation.watchdog_interval({**env, "WATCHDOG_USEC": "0"}) is None
     sock = NotifySocket(tmp_path / "n")
