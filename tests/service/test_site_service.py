@@ -108,6 +108,9 @@ def test_socket_activated_site_serves_reports_and_counts(store: tuple[Path, Path
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
+        deadline = time.monotonic() + 20
+        while "Listening on" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)  # systemd-socket-activate holds the port
         # the first client starts the server (socket activation) and waits in the queue
         got = tmp_path / "got.img"
         subprocess.run(["nbdcopy", f"nbd://127.0.0.1:{port}/lab", str(got)], check=True,
@@ -128,8 +131,14 @@ def test_socket_activated_site_serves_reports_and_counts(store: tuple[Path, Path
             assert insider.greeting()
 
         wait_port("127.0.0.1", mport)
-        time.sleep(1.0)  # readahead faults in the background settle
-        text = scrape(mport)
+        # background faults (readahead) settle: two scrapes a second apart agree
+        counted = re.compile(r"^icbd_(chunk|fault|prefetch|source)\S* .*$", re.M)
+        text, before = scrape(mport), None
+        deadline = time.monotonic() + 15
+        while counted.findall(text) != before and time.monotonic() < deadline:
+            before = counted.findall(text)
+            time.sleep(1.0)
+            text = scrape(mport)
         promtool_check(text)
         m = samples(text)
         assert m['icbd_nbd_refused_total{reason="not in --allow"}'] == 1
