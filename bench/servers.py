@@ -160,7 +160,9 @@ def cold_store_command(binary: str, image: Path, port: int, extra: Sequence[str]
         f'file "{image}" & '
         f"for i in $(seq 100); do \"{nbdinfo}\" --size nbd://127.0.0.1:{up} >/dev/null 2>&1 "
         f"&& break; sleep 0.1; done; "
-        f'exec "$0" serve --store "{store}" --export {EXPORT}=nbd://127.0.0.1:{up}/ '
+        # an empty store must be asked for (a build older than --create-store makes one)
+        f'c=; "$0" serve --help 2>/dev/null | grep -q -- --create-store && c=--create-store; '
+        f'exec "$0" serve --store "{store}" $c --export {EXPORT}=nbd://127.0.0.1:{up}/ '
         f'--listen 127.0.0.1:{port} "$@"'
     )
     return ["sh", "-c", script, binary, *extra]

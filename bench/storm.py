@@ -256,7 +256,7 @@ def server_argv(name: str, binary: str, image: Path, host: str, port: int,
     the name clients ask for (nbdkit serves any name; the upstream's is always ``img``)."""
     if name in ("icbd-cold", "icbd-warm"):
         assert up is not None and store is not None
-        return [binary, "serve", "--store", str(store), "--export",
+        return [binary, "serve", "--store", str(store), "--create-store", "--export",
                 f"{export}=nbd://{up[0]}:{up[1]}/{EXPORT}", "--listen", f"{host}:{port}",
                 *extra]
     if name == "nbdkit":

@@ -6,12 +6,17 @@ name once per NBD_OPT_GO/INFO and its answer (:class:`Resolved`) travels with th
 export whose size and flags it was told (a name such as ``lab``, the latest version, may point
 elsewhere a moment later). The transmission flags are built from the stack's ``can_*``
 answers (:func:`~icbdcache.layers.base.transmission_flags`).
+
+Each connection asks through its own :class:`PeerCatalog`, which adds the client's address to
+the question: a version the master retired is kept at the site only for the clients that run
+it, and the node answers for them alone. An export of a store version tells the node when a
+connection of a client starts and ends (who runs which version, docs/store.md).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import parse_qsl
@@ -69,7 +74,8 @@ class ExportSpec:
 class Export:
     """A served export: ``stack`` (its top layer, shared by every connection; for a writable
     export the :class:`~icbdcache.layers.overlay.OverlayLayer`) and ``owned``, the layers this
-    export made and closes (a version's own layers belong to the node)."""
+    export made and closes (a version's own layers belong to the node). ``attach(address)``
+    and ``detach(address)``, when given, are told of each connection that starts and ends."""
 
     def __init__(self, name: str, stack: Layer, *, description: str,
                  owned: Sequence[Layer] = ()) -> None:
@@ -81,6 +87,8 @@ class Export:
         self.overlays = stack if isinstance(stack, OverlayLayer) else None
         #: Clients allowed to use this export (``allow=`` of ``--export``; empty: any).
         self.allow = AllowList()
+        self.attach: Callable[[str], None] | None = None
+        self.detach: Callable[[str], None] | None = None
 
     @classmethod
     def of_layer(cls, name: str, base: Layer, *, cow: bool = False, cow_dir: str | None = None,
@@ -118,11 +126,16 @@ class Export:
 
     def connect(self, client: Client) -> Layer:
         """The layer a new connection of ``client`` talks to. Raises OSError (no overlay)."""
-        return self.stack.connect(client)
+        view = self.stack.connect(client)
+        if self.attach is not None:
+            self.attach(client.identity)
+        return view
 
     def disconnect(self, client: Client, view: Layer) -> None:
         """A connection of ``client`` that talked to ``view`` closed."""
         self.stack.disconnect(client, view)
+        if self.detach is not None:
+            self.detach(client.identity)
 
     def expire(self, now: float) -> int:
         """Drop overlays idle beyond their linger (``now``: monotonic seconds); how many."""
@@ -148,7 +161,8 @@ def split_name(requested: str) -> tuple[str, dict[str, str]]:
 
 
 class OpenedVersion(Protocol):
-    """A store version opened by the node: its key (``IMI@VERSION``) and its stack's top."""
+    """A store version opened by the node: its key (``IMI@VERSION``), its stack's top, and
+    what it is told of its clients' connections."""
 
     @property
     def key(self) -> str: ...
@@ -156,11 +170,16 @@ class OpenedVersion(Protocol):
     @property
     def top(self) -> Layer: ...
 
+    def attach(self, address: str) -> None: ...
+
+    def detach(self, address: str) -> None: ...
+
 
 class VersionSource(Protocol):
-    """Versions in a store (:class:`icbdcache.node.Node`), exported by name on demand."""
+    """Versions in a store (:class:`icbdcache.node.Node`), exported by name on demand; a
+    ``client`` (address) asking may be refused a version kept only for others."""
 
-    def resolve(self, name: str) -> OpenedVersion | None: ...
+    def resolve(self, name: str, client: str | None = None) -> OpenedVersion | None: ...
 
     def exports(self) -> list[tuple[str, str]]: ...
 
@@ -192,15 +211,16 @@ class Catalog:
             raise ValueError(f"--default-export {default!r} is not an export")
         self.default = default if default is not None else (exports[0].name if exports else None)
 
-    def resolve(self, requested: str) -> Resolved | None:
-        """The export ``requested`` names (options after ``?`` split off), or None."""
+    def resolve(self, requested: str, client: str | None = None) -> Resolved | None:
+        """The export ``requested`` names (options after ``?`` split off), or None;
+        ``client``: the address of the client asking (None: not a client's question)."""
         name, options = split_name(requested)
         if not name and self.default is not None:
             name = self.default
         export = self.by_name.get(name)
         if export is None and self.versions is not None and name:
             try:
-                opened = self.versions.resolve(name)
+                opened = self.versions.resolve(name, client)
             except Exception:  # a damaged version must not break option haggling for others
                 log.exception(kv(export=name, error="cannot open version"))
                 return None
@@ -215,14 +235,21 @@ class Catalog:
             return cached[1]
         export = Export.of_layer(opened.key, top, cow=self.versions_cow, cow_dir=self.cow_dir,
                                  cow_linger=self.cow_linger, what="iMI version")
+        export.attach, export.detach = opened.attach, opened.detach
         if cached is not None:
             self._retired.append(cached[1])  # still used by its connections
         self._version_exports[opened.key] = (top, export)
         return export
 
-    def lookup(self, name: str) -> ExportInfo | None:
-        found = self.resolve(name)
+    def lookup(self, name: str, client: str | None = None) -> ExportInfo | None:
+        found = self.resolve(name, client)
         return found.export.info(handle=found) if found is not None else None
+
+    def for_peer(self, address: Callable[[], str],
+                 refused: Callable[[str], None] | None = None) -> PeerCatalog:
+        """The catalog as one connection asks it: ``address()`` is its client's address;
+        ``refused(export name)`` is told of each export its ``allow=`` list keeps from it."""
+        return PeerCatalog(self, address, refused)
 
     def exports(self) -> Sequence[tuple[str, str]]:
         fixed = [(e.name, e.description) for e in self.by_name.values()]
@@ -236,6 +263,38 @@ class Catalog:
     def close(self) -> None:
         for e in self.all():
             e.close()
+
+
+class PeerCatalog:
+    """One connection's view of a :class:`Catalog` (nbd.server.ExportCatalog): its questions
+    carry the client's address (``address()``, known once the connection is made). An export
+    whose ``allow=`` list leaves that address out is unknown to it (not listed, and
+    NBD_OPT_GO answers ERR_UNKNOWN) and reported to ``refused(export name)``; a Unix-socket
+    client (``unix:...``) is local and sees every export."""
+
+    def __init__(self, catalog: Catalog, address: Callable[[], str],
+                 refused: Callable[[str], None] | None = None) -> None:
+        self.catalog = catalog
+        self.address = address
+        self.refused = refused
+
+    def _allowed(self, export: Export) -> bool:
+        addr = self.address()
+        return not export.allow or addr.startswith("unix:") or export.allow.allows(addr)
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        info = self.catalog.lookup(name, self.address())
+        handle = info.handle if info is not None else None
+        if isinstance(handle, Resolved) and not self._allowed(handle.export):
+            if self.refused is not None:
+                self.refused(handle.export.name)
+            return None
+        return info
+
+    def exports(self) -> Sequence[tuple[str, str]]:
+        by_name = self.catalog.by_name
+        return [(n, d) for n, d in self.catalog.exports()
+                if n not in by_name or self._allowed(by_name[n])]
 
 
 def _human(n: int) -> str:

@@ -4,6 +4,14 @@
 latest of each iMI as ``IMI``; ``--export NAME=nbd://...`` adds a version faulted from an NBD
 upstream (its chunk map learned as it is read).
 
+A version replaced under its name (``import --force``) gets a new ``instance`` in the store:
+:meth:`Node.resolve` opens the new one for new clients while the connections to the old one
+keep its stack (and bytes) until they close. A version the master retired is kept by the
+site's replica while clients run it, and served only to those clients (:meth:`Node.resolve`
+with the client's address). The node records which clients run which version in the store
+(:class:`~icbdcache.store.inuse.InUseTracker`), for ``ls``, ``stats``, eviction, ``import
+--force``, the replica's retirement and the master's ``admin status``.
+
 A node may run **services** beside its versions (``serve --master``: the replica,
 :mod:`icbdcache.replication.replica`): each is started with the node, closed before it, and may
 open sources the store only names (``icbd+http(s)://`` specs of versions being replicated,
@@ -29,6 +37,7 @@ from icbdcache.log import kv
 from icbdcache.sources import Source, open_source
 from icbdcache.store import UNKNOWN, ZERO, Store, StoreError, VersionMeta, split_key, version_key
 from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE
+from icbdcache.store.inuse import InUseTracker
 from icbdcache.store.reader import StoreReader
 from nbd import aio
 from nbd.constants import BASE_ALLOCATION, StateFlag
@@ -103,10 +112,21 @@ class VersionStack:
     version: VersionLayer
     fault: FaultLayer
     readahead: ReadaheadLayer
+    uses: InUseTracker | None = None
 
     @property
     def key(self) -> str:
         return self.meta.key
+
+    def attach(self, address: str) -> None:
+        """A connection of the client at ``address`` to this version started."""
+        if self.uses is not None:
+            self.uses.attach(self.key, self.meta.instance, address)
+
+    def detach(self, address: str) -> None:
+        """A connection of the client at ``address`` to this version ended."""
+        if self.uses is not None:
+            self.uses.detach(self.key, address)
 
     @property
     def top(self) -> Layer:
@@ -134,16 +154,33 @@ class Node:
         self.upstream_connections = upstream_connections
         self.readahead = max(0, readahead)
         self.versions: dict[str, VersionStack] = {}
+        #: stacks of versions replaced since they were opened (their clients still use them)
+        self.replaced: list[VersionStack] = []
+        self.inuse = InUseTracker(store)
         self._reported = ReadStats()
         self._task: asyncio.Task[None] | None = None
+        self._inuse_task: asyncio.Task[None] | None = None
+        self._inuse_write: asyncio.Future[None] | None = None
 
-    def resolve(self, name: str) -> VersionStack | None:
+    def resolve(self, name: str, client: str | None = None) -> VersionStack | None:
         """The stack of ``IMI@VERSION``, or of the latest version of ``IMI``; None if the
-        store has no such version. Raises StoreError if the store cannot be read."""
+        store has no such version, or it is retired and ``client`` (an address; None: not a
+        client's question) does not run it. A version replaced in the store since it was
+        opened is opened anew (the old stack stays with its connections). Raises StoreError
+        if the store cannot be read."""
         meta = self.store.version(name)
         if meta is None:
             return None
+        if meta.retired and client is not None and not self.inuse.runs(meta.key, client):
+            log.info(kv(export=name, client=client,
+                        refused="retired: served only to the clients that run it"))
+            return None
         stack = self.versions.get(meta.key)
+        if stack is not None and stack.meta.instance != meta.instance:
+            log.info(kv(version=meta.key, replaced=f"{stack.meta.instance or '-'} -> "
+                        f"{meta.instance}", open_clients="keep the old bytes"))
+            self.replaced.append(self.versions.pop(meta.key))
+            stack = None
         if stack is None:
             stack = self._open(meta)
         return stack
@@ -177,7 +214,7 @@ class Node:
         fault = FaultLayer(version, sources, self.faults)
         readahead = ReadaheadLayer(fault, BootProfile(self.store, meta.key), meta.chunk_size,
                                    self.readahead)
-        stack = VersionStack(meta, version, fault, readahead)
+        stack = VersionStack(meta, version, fault, readahead, self.inuse)
         self.versions[meta.key] = stack
         return stack
 
@@ -238,10 +275,14 @@ class Node:
             chunk_map = bytearray(UNKNOWN * meta.chunks)
             for i in zero_chunks:
                 chunk_map[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = ZERO
-            self.store.put_version(meta, bytes(chunk_map))
-        elif uri not in meta.sources:
-            meta.sources.append(uri)
-            self.store.put_version(meta)
+            # another process may have made it meanwhile: then that one is it
+            meta = self.store.create_version(meta, bytes(chunk_map), exists_ok=True)
+        if uri not in meta.sources:
+            def add(m: VersionMeta) -> None:
+                if uri not in m.sources:
+                    m.sources.append(uri)
+
+            meta = self.store.update_version(key, add)
         if self.store.latest(imi) is None:
             self.store.set_latest(imi, version)
         self.versions.pop(key, None)
@@ -252,6 +293,8 @@ class Node:
         out: list[tuple[str, str]] = []
         latest: dict[str, str] = {}
         for meta in sorted(self.store.versions(), key=lambda m: (m.imi, m.version)):
+            if meta.retired:  # kept only for the clients that run it
+                continue
             out.append((meta.key, f"iMI {meta.imi} version {meta.version}, {meta.size} bytes"))
             lv = self.store.latest(meta.imi)
             if lv is not None:
@@ -262,7 +305,9 @@ class Node:
     async def start(self) -> None:
         """Start the periodic task that persists counters and boot profiles, then the
         services. Raises what a service's start raises (after closing the ones started)."""
-        self._task = asyncio.get_running_loop().create_task(self._persist_loop())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._persist_loop())
+        self._inuse_task = loop.create_task(self._inuse_loop())
         started: list[NodeService] = []
         try:
             for svc in self.services:
@@ -277,6 +322,23 @@ class Node:
             await asyncio.sleep(5.0)
             self.persist()
 
+    async def _inuse_loop(self) -> None:
+        """Write the in-use record within a second of a change, and every minute anyway (in
+        a worker thread: the write may wait for another process's transaction)."""
+        last = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            if self.inuse.dirty or now - last > 60.0:
+                last = now
+                self._inuse_write = loop.run_in_executor(None, self.inuse.write,
+                                                         self.inuse.snapshot())
+                try:
+                    await asyncio.shield(self._inuse_write)
+                except StoreError as e:
+                    log.warning(kv(inuse="record", error=e))
+
     def persist(self) -> None:
         """Write counter deltas and changed boot profiles to the store (through the writer)."""
         s, r = self.stats, self._reported
@@ -285,7 +347,7 @@ class Node:
             if delta:
                 self.reader.count(name, delta)
                 setattr(r, name, getattr(s, name))
-        for v in self.versions.values():
+        for v in self.versions.values():  # not the replaced ones: their profile is stale
             try:
                 v.readahead.profile.save()
             except StoreError as e:
@@ -297,10 +359,17 @@ class Node:
                 await svc.close()
             except Exception as e:  # one service's failure must not keep the store open
                 log.error(kv(service=type(svc).__name__, close_error=e))
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._inuse_task):
+            if task is not None:
+                task.cancel()
+        if self._inuse_write is not None:  # a write in a worker thread ends before the store
+            await asyncio.wait([self._inuse_write])
         self.persist()
-        for v in self.versions.values():
+        try:
+            self.inuse.write(self.inuse.snapshot(closing=True))
+        except StoreError as e:
+            log.warning(kv(inuse="record", error=e))
+        for v in [*self.versions.values(), *self.replaced]:
             for src in v.fault.sources:
                 await src.close()
         self.reader.close()

@@ -50,7 +50,6 @@ from nbd.constants import Cmd, CmdFlag, Errno, Rep, TransmissionFlag
 from nbd.errors import LocalProtocolError, RemoteProtocolError
 from nbd.events import (
     Disconnect,
-    ExportInfo,
     OptionHaggled,
     Request,
     RequestRejected,
@@ -103,6 +102,7 @@ class ServeConfig:
     trace: str | None = None
     workers: int = 1
     store: str | None = None
+    create_store: bool = False
     store_cow: bool = False
     store_size: int | None = None
     hot_bytes: int = 1 << 30
@@ -188,32 +188,6 @@ class RequestTrace:
         self.f.close()
 
 
-class PeerCatalog:
-    """The catalog as one TCP client sees it: exports whose ``allow=`` list leaves its
-    address out are unknown to it (not listed, and NBD_OPT_GO answers ERR_UNKNOWN), and each
-    refusal is reported to ``refused(export name)``."""
-
-    def __init__(self, catalog: Catalog, host: str, refused: Any) -> None:
-        self.catalog = catalog
-        self.host = host
-        self.refused = refused
-
-    def lookup(self, name: str) -> ExportInfo | None:
-        info = self.catalog.lookup(name)
-        if info is None:
-            return None
-        handle = info.handle
-        if isinstance(handle, Resolved) and not handle.export.allow.allows(self.host):
-            self.refused(handle.export.name)
-            return None
-        return info
-
-    def exports(self) -> Sequence[tuple[str, str]]:
-        by_name = self.catalog.by_name
-        return [(n, d) for n, d in self.catalog.exports()
-                if n not in by_name or by_name[n].allow.allows(self.host)]
-
-
 class NBDProtocol(asyncio.Protocol):
     """One client connection (``sm``: a connection in transmission carried on from another
     process, see :meth:`Server.adopt`)."""
@@ -223,8 +197,9 @@ class NBDProtocol(asyncio.Protocol):
         self.id = next(server.ids)
         self.transport: asyncio.Transport | None = None
         self.sm = sm or ServerConnection(
-            server.catalog, tls=server.ssl is not None, tls_required=server.config.tls_required
-        )
+            server.catalog.for_peer(lambda: self.identity, self._export_refused),
+            tls=server.ssl is not None,
+            tls_required=server.config.tls_required)
         self.backend: Layer | None = None
         self.export: Export | None = None
         self.client: Client | None = None
@@ -259,8 +234,6 @@ class NBDProtocol(asyncio.Protocol):
             self.closing = True
             self.transport.abort()
             return
-        if tcp and srv.export_allow:
-            self.sm.catalog = PeerCatalog(srv.catalog, self.identity, self._export_refused)
         if len(srv.connections) >= srv.config.max_connections or srv.stopping:
             reason = "shutting down" if srv.stopping else "connection limit"
             srv.refused[reason] = srv.refused.get(reason, 0) + 1
@@ -613,9 +586,8 @@ class Server:
         self.node: Node | None = None
         self.tracer = RequestTrace(config.trace) if config.trace else None
         self.read_errors = Throttled(log)
-        #: ``--allow``; whether any export has its own ``allow=`` list.
+        #: ``--allow`` (exports may narrow it with their own ``allow=`` lists).
         self.allow = AllowList(config.allow)
-        self.export_allow = any(e.allow for e in catalog.by_name.values())
         #: Refusals (logged at most once a second) and their counts by reason.
         self.refusals = Throttled(log, 1.0, logging.INFO)
         self.refused: dict[str, int] = {}
@@ -967,6 +939,11 @@ def open_node(config: ServeConfig, services: Sequence[NodeService] = ()) -> Node
     if config.store is None:
         return None
     store = Store(config.store, size_limit=config.store_size)
+    try:
+        store.set_bound(config.store_size)  # what imports must fit in (docs/store.md)
+    except StoreError:
+        store.close()
+        raise
     return Node(store, hot_bytes=config.hot_bytes, fault_timeout=config.fault_timeout,
                 source_timeout=config.source_timeout, readahead=config.readahead,
                 services=services)

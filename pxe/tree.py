@@ -143,7 +143,8 @@ class BootTree:
     # ------------------------------------------------------------------ refresh
 
     def _state(self) -> tuple[list[VersionMeta], dict[str, str | None], object]:
-        metas = sorted(self.store.versions(), key=lambda m: m.key)
+        # a retired version kept for the clients that run it is no longer booted anew
+        metas = sorted((m for m in self.store.versions() if not m.retired), key=lambda m: m.key)
         latest = {m.imi: self.store.latest(m.imi) for m in metas}
         sig = (tuple((m.key, m.kernel, m.initrd, m.size, m.created) for m in metas),
                tuple(sorted(latest.items(), key=lambda kv_: kv_[0])))

@@ -130,7 +130,7 @@ def start_master(store: Path, logs: Path) -> tuple[Proc, str]:
 def site_args(store: Path, port: int, master_url: str, imi: str) -> list[str]:
     """The arguments of the demo's site: ``serve`` over ``store`` on 127.0.0.1:``port``,
     subscribed on demand to ``imi`` at ``master_url``."""
-    return ["serve", "--store", str(store), "--listen", f"127.0.0.1:{port}",
+    return ["serve", "--store", str(store), "--create-store", "--listen", f"127.0.0.1:{port}",
             "--master", master_url, "--site", SITE, "--subscribe", imi, "--on-demand"]
 
 

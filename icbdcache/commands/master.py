@@ -214,7 +214,8 @@ def _mib(n: int) -> str:
 
 def status_table(status: dict[str, Any]) -> str:
     """The ``admin status`` table: one line per site (name, UP/DOWN, age of its last
-    keep-alive, state, versions held complete, lag per subscribed iMI), then the iMIs."""
+    keep-alive, state, versions held complete, lag per subscribed iMI), then the iMIs, then
+    which clients run which version at each site."""
     rows = [("SITE", "UP", "SEEN", "STATE", "ADDRESS", "HELD", "LAG")]
     for s in status.get("sites", []):
         held = sorted(k for k, v in (s.get("versions") or {}).items()
@@ -239,6 +240,13 @@ def status_table(status: dict[str, Any]) -> str:
     for imi, info in sorted((status.get("imis") or {}).items()):
         lines.append(f"{imi}: latest {info.get('latest') or '-'}, versions "
                      f"{', '.join(info.get('versions') or []) or '-'}")
+    for s in status.get("sites", []):
+        for key, clients in sorted((s.get("clients") or {}).items()):
+            if not isinstance(clients, list):
+                continue
+            who = ", ".join(str(c.get("address")) + (f" ({c['mac']})" if c.get("mac") else "")
+                            for c in clients if isinstance(c, dict))
+            lines.append(f"{s['name']}: {key} runs on {who}")
     return "\n".join(lines)
 
 
@@ -267,17 +275,22 @@ def cmd_admin(args: argparse.Namespace) -> int:
         print(f"icbd-cache admin: {e}", file=sys.stderr)
         return 2
     action = args.action
+    body: dict[str, Any] | None
     if action in ("ls", "status"):
         method, path, body = "GET", action, None
     elif action in ("subscribe", "unsubscribe"):
         method, path, body = "POST", action, {"site": args.site, "imi": args.imi}
+    elif action == "forget":
+        method, path, body = "POST", action, {"site": args.site}
     else:
         imi, version = split_key(args.version)
         if version is None:
-            print(f"icbd-cache admin retire: give IMI@VERSION, not {args.version!r}",
+            print(f"icbd-cache admin {action}: give IMI@VERSION, not {args.version!r}",
                   file=sys.stderr)
             return 2
-        method, path, body = "POST", "retire", {"imi": imi, "version": version}
+        method, path, body = "POST", action, {"imi": imi, "version": version}
+        if action == "retire" and args.force:
+            body["force"] = True
     try:
         answer = asyncio.run(admin_request(args.master, method, path, body, token=token,
                                            ssl_ctx=ssl_ctx))
@@ -291,7 +304,14 @@ def cmd_admin(args: argparse.Namespace) -> int:
     elif action == "ls":
         print(ls_table(answer))
     elif action == "retire":
-        print(f"retired {answer.get('retired')}")
+        running = answer.get("running") or {}
+        print(f"retired {answer.get('retired')}" + (
+            f" (kept at {', '.join(sorted(running))} for the clients that run it)"
+            if running else ""))
+    elif action == "unretire":
+        print(f"unretired {answer.get('unretired')}")
+    elif action == "forget":
+        print(f"forgot {answer.get('forgot')}")
     else:
         print(f"{args.site}: subscriptions {', '.join(answer.get('subscriptions', [])) or '-'}")
     return 0
@@ -364,12 +384,14 @@ PUBLISH = Command(
     doc="replication.md")
 
 ADMIN = Command(
-    "admin", "the master's admin API: ls, status, subscribe, unsubscribe, retire",
+    "admin", "the master's admin API: ls, status, subscribe, unsubscribe, retire, unretire, "
+    "forget",
     textwrap.fill(
         "Ask a running master (its admin API, docs/replication.md): 'status' shows every "
         "site (up or DOWN, last keep-alive, state, versions held, lag per iMI), 'ls' the "
         "published versions; subscribe/unsubscribe a site to an iMI; retire a version "
-        "(no longer offered to replicas).", 78),
+        "(no longer offered to replicas; refused while sites report clients running it, "
+        "unless --force), unretire it; forget a site.", 78),
     "examples:\n"
     "  icbd-cache admin status\n"
     "  icbd-cache admin --master https://master:10810 --ca ca.pem \\\n"
@@ -381,7 +403,10 @@ ADMIN = Command(
      Option("admin-token-file", metavar="FILE",
             help="file holding the admin token (its first line's last word)"),
      Option("ca", metavar="FILE", help="CA (PEM) that signed the master's certificate"),
-     Option("json", "bool", default=False, help="print the API's JSON answer")),
+     Option("json", "bool", default=False, help="print the API's JSON answer"),
+     Option("force", "bool", default=False,
+            help="retire: even while clients run the version (each site keeps it for them "
+                 "until they boot anew)")),
     doc="replication.md")
 
 #: The master side's tables.
@@ -404,9 +429,21 @@ def _add_admin(sub: Any) -> None:
         a.add_argument("site", help="site name")
         a.add_argument("imi", help="iMI name")
         actions.append(a)
-    a = acts.add_parser("retire", help="retire IMI@VERSION (no longer offered to replicas)",
-                        epilog="example:\n  icbd-cache admin retire lab@3", formatter_class=_RAW)
+    a = acts.add_parser("retire", help="retire IMI@VERSION (no longer offered to replicas; "
+                        "refused while clients run it, unless --force)",
+                        epilog="example:\n  icbd-cache admin retire lab@3\n"
+                               "  icbd-cache admin retire lab@3 --force", formatter_class=_RAW)
     a.add_argument("version", help="IMI@VERSION")
+    actions.append(a)
+    a = acts.add_parser("unretire", help="offer a retired IMI@VERSION again",
+                        epilog="example:\n  icbd-cache admin unretire lab@3",
+                        formatter_class=_RAW)
+    a.add_argument("version", help="IMI@VERSION")
+    actions.append(a)
+    a = acts.add_parser("forget", help="remove SITE (its record, subscriptions, keep-alives)",
+                        epilog="example:\n  icbd-cache admin forget old-site",
+                        formatter_class=_RAW)
+    a.add_argument("site", help="site name")
     actions.append(a)
     for a in actions:  # the options also after the action: admin status --json
         ADMIN.add_options(a, suppress=True)

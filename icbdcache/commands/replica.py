@@ -196,6 +196,8 @@ def cmd_replica(args: argparse.Namespace) -> int:
         return 2
     try:
         store = Store(args.store, size_limit=args.store_size)
+        if args.store_size is not None:
+            store.set_bound(args.store_size)  # what imports must fit in (docs/store.md)
     except StoreError as e:
         print(f"icbd-cache replica: {e}", file=sys.stderr)
         return 2

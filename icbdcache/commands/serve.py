@@ -107,6 +107,9 @@ SERVE = Command(
                   help="serve every version in this store as IMI@VERSION and IMI (latest); "
                        "--export NAME=nbd://HOST:PORT/EXPORT then faults NAME from an "
                        "upstream"),
+     Option("create-store", "bool", group=CACHE_GROUP,
+            help="make an empty store at --store DIR if there is none (without it a missing "
+                 "store is refused: a mistyped path must not serve nothing)"),
      Option("store-cow", "bool", group=CACHE_GROUP,
             help="make the store's versions writable through a per-client copy-on-write "
                  "overlay (workstations that mount their root rw)"),
@@ -241,8 +244,9 @@ def check_tls(cert: str, key: str) -> None:
 
 def check_startup(cfg: ServeConfig) -> None:
     """Everything checked before serving, each refusal naming the option or file: the
-    ``--cow-dir``, the TLS files, that every file export opens, the store (created when
-    missing), the default export. Raises ValueError, OSError or StoreError."""
+    ``--cow-dir``, the TLS files, that every file export opens, the store (a missing one is
+    refused unless ``--create-store``), the default export. Raises ValueError, OSError or
+    StoreError."""
     from icbdcache.server import build_catalog
 
     if cfg.cow_dir:
@@ -262,6 +266,9 @@ def check_startup(cfg: ServeConfig) -> None:
     if cfg.store:
         from icbdcache.store import Store
 
+        if not os.path.exists(os.path.join(cfg.store, "data.mdb")) and not cfg.create_store:
+            raise ValueError(f"--store {cfg.store}: no store there (a mistyped path? "
+                             "--create-store makes an empty one)")
         Store(cfg.store, size_limit=cfg.store_size).close()
     check_default_export(cfg)
 
@@ -272,9 +279,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = serve_config(args)
         pxe_config = pxe.serve_pxe_config(args, cfg)
-        check_startup(cfg)
         services: list[NodeService] = list(replica.serve_services(
             args, cfg.listen, workers=cfg.workers, store=cfg.store))
+        check_startup(cfg)
         if pxe_config is not None:
             from pxe.service import PxeNodeService
 

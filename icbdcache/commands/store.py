@@ -16,14 +16,17 @@ from tqdm import tqdm
 from icbdcache.commands.options import Command, Option
 from icbdcache.store import (
     BatchWriter,
+    Pending,
     Store,
     StoreError,
     VersionMeta,
     split_key,
     version_key,
 )
-from icbdcache.store.chunks import CHUNK_SIZE, ZERO
+from icbdcache.store.chunks import CHUNK_SIZE, ZERO, map_digest
 from icbdcache.store.index import index_image
+from icbdcache.store.lifecycle import usable_source
+from icbdcache.store.owners import ClientUse, describe
 
 log = logging.getLogger("icbdcache.cli")
 DEFAULT_STORE = os.environ.get("ICBD_STORE", "/var/lib/icbd-cache/store")
@@ -45,11 +48,6 @@ def progress_bar(total: int | None, desc: str) -> tqdm[Any]:
     """A byte (or chunk) progress bar on stderr, shown only on a terminal."""
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 disable=not sys.stderr.isatty(), leave=False)
-
-
-def _next_version(store: Store, imi: str) -> str:
-    nums = [int(m.version) for m in store.versions() if m.imi == imi and m.version.isdigit()]
-    return str(max(nums, default=0) + 1)
 
 
 def check_name(what: str, name: str) -> str | None:
@@ -97,7 +95,9 @@ def _image_size(path: str) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Index a snapshot file as a new version: its chunk map, and its bytes copied (--copy) or
-    left in the file, which becomes the version's first source."""
+    left in the file, which becomes the version's first source. The name is reserved in the
+    store before the file is read and the version made in one transaction after it
+    (docs/store.md, 'CONCURRENCY'): a failure leaves nothing half-made."""
     path = os.path.abspath(args.file)
     problems = [m for m in (check_name("--imi", args.imi),
                             None if args.version is None else check_name("--version",
@@ -107,6 +107,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     for opt, f in (("--kernel", args.kernel), ("--initrd", args.initrd)):
         if f is not None and not os.path.isfile(f):
             problems.append(f"{opt} {f}: no such file")
+    if args.force_in_use and not args.force:
+        problems.append("--force-in-use goes with --force")
     if problems:
         for m in problems:
             print(f"icbd-cache import: {m}", file=sys.stderr)
@@ -129,43 +131,65 @@ def cmd_import(args: argparse.Namespace) -> int:
     except (OSError, StoreError) as e:
         print(f"icbd-cache import: {e}", file=sys.stderr)
         return 2
-    version = args.version or _next_version(store, args.imi)
-    key = version_key(args.imi, version)
-    if store.version(key) is not None and not args.force:
-        print(f"icbd-cache import: {key} exists (versions never change; --force replaces it)",
-              file=sys.stderr)
-        store.close()
-        return 2
-    held_before = store.held
-    evicted_before = store.stats().get("evicted_bytes", 0)
-    writer = BatchWriter(store) if args.copy else None
-    t0 = time.monotonic()
     try:
-        with progress_bar(size, key) as bar:
-            chunk_map = index_image(path, size, writer,
-                                    progress=None if bar.disable else bar.update, label=key)
-    except (OSError, EOFError) as e:
-        if writer is not None:
-            writer.close()
+        return _import(args, store, path, size, extra)
+    finally:
         store.close()
+
+
+def _import(args: argparse.Namespace, store: Store, path: str, size: int,
+            extra: list[str]) -> int:
+    try:
+        version = store.reserve_version(args.imi, args.version, pinned=args.pin,
+                                        force=args.force, in_use_ok=args.force_in_use)
+    except StoreError as e:  # VersionExists, VersionBusy, VersionInUse, ...
         print(f"icbd-cache import: {e}", file=sys.stderr)
         return 2
-    # bytes of the non-zero chunks queued for the store (duplicates included)
-    copied = sum(min(CHUNK_SIZE, size - i * CHUNK_SIZE)
-                 for i in range(len(chunk_map) // 16)
-                 if chunk_map[i * 16 : (i + 1) * 16] != ZERO) if args.copy else 0
-    sources = list(dict.fromkeys(([] if args.copy else [path]) + extra))  # once each, in order
-    meta = VersionMeta(args.imi, version, size, CHUNK_SIZE, sources, pinned=args.pin,
-                       created=time.time(),
-                       kernel=os.path.abspath(args.kernel) if args.kernel else None,
-                       initrd=os.path.abspath(args.initrd) if args.initrd else None)
-    if writer is not None:
-        writer.close()
-    store.put_version(meta, bytes(chunk_map))
-    if not args.no_latest:
-        store.set_latest(args.imi, version)
+    key = version_key(args.imi, version)
+    made = False
+    writer: BatchWriter | None = None
+    try:
+        held_before = store.held
+        evicted_before = store.stats().get("evicted_bytes", 0)
+        fit = store.fit_check(key) if args.copy else None
+        writer = BatchWriter(store, protect=key) if args.copy else None
+        t0 = time.monotonic()
+        with progress_bar(size, key) as bar:
+            chunk_map = index_image(path, size, writer, check=fit,
+                                    progress=None if bar.disable else bar.update, label=key)
+        if writer is not None:
+            writer.close()
+            if writer.errors:
+                raise StoreError(f"{writer.errors} write batches to the store failed (see the "
+                                 "log)")
+        sources = list(dict.fromkeys(([] if args.copy else [path]) + extra))  # once each
+        meta = VersionMeta(args.imi, version, size, CHUNK_SIZE, sources, pinned=args.pin,
+                           created=time.time(),
+                           kernel=os.path.abspath(args.kernel) if args.kernel else None,
+                           initrd=os.path.abspath(args.initrd) if args.initrd else None,
+                           manifest=map_digest(chunk_map))
+        stored = store.commit_version(meta, bytes(chunk_map), latest=not args.no_latest,
+                                      force=args.force, in_use_ok=args.force_in_use,
+                                      copied=args.copy,
+                                      bound=store.bound if args.copy else None)
+        made = True
+    except (OSError, EOFError, StoreError) as e:
+        print(f"icbd-cache import: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if writer is not None:
+            writer.close()
+        if not made:
+            try:
+                store.abandon_version(key)
+            except StoreError as e:
+                print(f"icbd-cache import: {key}: {e}", file=sys.stderr)
     distinct = len({bytes(chunk_map[i:i + 16]) for i in range(0, len(chunk_map), 16)} - {ZERO})
     if args.copy:
+        # bytes of the non-zero chunks queued for the store (duplicates included)
+        copied = sum(min(CHUNK_SIZE, size - i * CHUNK_SIZE)
+                     for i in range(len(chunk_map) // 16)
+                     if chunk_map[i * 16 : (i + 1) * 16] != ZERO)
         # what the store grew by, plus what it evicted meanwhile to make room
         added = (store.held - held_before
                  + store.stats().get("evicted_bytes", 0) - evicted_before)
@@ -176,8 +200,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"imported {key}: {size} bytes, {len(chunk_map) // 16} chunks ({distinct} "
               f"distinct non-zero), {where}, {time.monotonic() - t0:.1f} s")
-    keep_boot_files(store, meta, path, quiet=args.quiet)
-    store.close()
+    keep_boot_files(store, stored, path, quiet=args.quiet)
     return 0
 
 
@@ -203,22 +226,50 @@ def cmd_ls(args: argparse.Namespace) -> int:
     store = _open_ro(args.store)
     if store is None:
         return 2
-    rows: list[dict[str, Any]] = []
-    for m in sorted(store.versions(), key=lambda m: (m.imi, m.version)):
-        held, need = store.held_of(m.key)
-        latest = store.latest(m.imi) == m.version
-        rows.append({"imi": m.imi, "version": m.version, "size": m.size, "held": held,
-                     "needed": need, "pinned": m.pinned, "latest": latest,
-                     "sources": m.sources})
+    try:
+        uses = store.in_use()
+        pending = store.pending_versions()
+        rows: list[dict[str, Any]] = []
+        for m in sorted(store.versions(), key=lambda m: (m.imi, m.version)):
+            held, need = store.held_of(m.key)
+            latest = store.latest(m.imi) == m.version
+            rows.append({"imi": m.imi, "version": m.version, "size": m.size, "held": held,
+                         "needed": need, "pinned": m.pinned, "latest": latest,
+                         "retired": m.retired, "sources": m.sources, "instance": m.instance,
+                         "manifest": m.manifest,
+                         "clients": [c.to_json() for c in uses.get(m.key, [])]})
+    finally:
+        store.close()
     if args.json:
+        rows += [pending_row(p) for p in pending]
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'IMI':16} {'VERSION':10} {'SIZE':>12} {'HELD':>12} {'HELD%':>6} PINNED LATEST")
+    print(f"{'IMI':16} {'VERSION':10} {'SIZE':>12} {'HELD':>12} {'HELD%':>6} PINNED LATEST "
+          "CLIENTS")
     for r in rows:
         pct = 100 * r["held"] / r["needed"] if r["needed"] else 100.0
+        clients = describe([ClientUse(**c) for c in r["clients"]], most=3) or "-"
+        mark = "*" if r["latest"] else ("retired" if r["retired"] else "")
         print(f"{r['imi']:16} {r['version']:10} {r['size']:>12} {r['held']:>12} {pct:>5.1f}% "
-              f"{'yes' if r['pinned'] else 'no':6} {'*' if r['latest'] else ''}")
+              f"{'yes' if r['pinned'] else 'no':6} {mark:6} {clients}")
+    for p in pending:
+        print(pending_line(p))
     return 0
+
+
+def pending_row(p: Pending) -> dict[str, Any]:
+    """A pending version as a row of ``ls --json``."""
+    return {"imi": p.imi, "version": p.version, "pending": True, "pid": p.owner.pid,
+            "alive": p.alive, "started": p.started, "chunks": p.chunks, "pinned": p.pinned}
+
+
+def pending_line(p: Pending) -> str:
+    """A pending version as ``ls`` and ``verify`` print it."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.started))
+    state = ("being made" if p.alive else
+             "its process is gone: reclaimable (verify --repair drops it)")
+    return (f"pending {p.key}: {state} (pid {p.owner.pid}, since {since}, {p.chunks} chunks "
+            "copied)")
 
 
 #: Counters a server keeps (docs/store.md); absent ones are zero. ``bytes_from:SOURCE``
@@ -236,13 +287,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from icbdcache.replication.replica import read_state
 
     replica = read_state(store)
+    uses = store.in_use()
+    store.close()
     if args.json:
         if replica is not None:
             s["replica"] = replica
+        s["in_use"] = {k: [c.to_json() for c in v] for k, v in sorted(uses.items())}
         print(json.dumps(s, indent=2, sort_keys=True))
         return 0
     for k in sorted(s):
         print(f"{k:32} {s[k]}")
+    for key, clients in sorted(uses.items()):
+        print(f"{'in_use.' + key:32} {describe(clients)}")
     if replica is not None:
         print(replica_lines(replica))
     return 0
@@ -272,6 +328,10 @@ def replica_lines(r: dict[str, Any], now: float | None = None) -> str:
     if partial:
         lines.append(f"{'replica.incomplete':32} {', '.join(sorted(partial))}")
     lines.append(f"{'replica.behind_bytes':32} {r.get('behind_bytes', 0)}")
+    conflicts = r.get("conflicts") or {}
+    if isinstance(conflicts, dict) and conflicts:
+        lines.append(f"{'replica.conflicts':32} {', '.join(sorted(conflicts))} (the master's "
+                     "manifest changed: refused, the held version kept)")
     updated = r.get("updated")
     if isinstance(updated, int | float):
         pid = r.get("pid")
@@ -287,38 +347,57 @@ def replica_lines(r: dict[str, Any], now: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def _usable(source: str) -> bool:
-    """A source that could still answer: an NBD URI, or a file that exists."""
-    return "://" in source or os.path.isfile(source)
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     store = _open_store(args.store, "verify", readonly=not args.repair)
     if store is None:
         return 2
-    r = store.verify(repair=args.repair)
+    try:
+        return _verify(store, args.repair)
+    finally:
+        store.close()
+
+
+def _verify(store: Store, repair: bool) -> int:
+    r = store.verify(repair=repair)
     ok = r["bad"] == 0 and r["held_recorded"] == r["held_actual"]
     print(f"{'OK' if ok else 'DAMAGED'}: {r['chunks']} chunks, {r['bad']} bad, "
           f"held {r['held_actual']} bytes (recorded {r['held_recorded']})")
-    if not args.repair:
-        store.close()
-        return 0 if ok else 1
-    if not ok:
+    if repair and not ok:
         # the repair deleted the bad chunks and set the counter in one transaction
         print(f"repaired: deleted {r['bad']} bad chunks; held counter fixed "
               f"({r['held_recorded']} -> {store.held} bytes)")
-    lost = 0
+        ok = True
+    unreadable = 0
     for m in sorted(store.versions(), key=lambda m: m.key):
-        held, need = store.held_of(m.key)
-        if held < need and not any(_usable(src) for src in m.sources):
-            lost += 1
-            print(f"warning: {m.key} misses {need - held} bytes of chunks and has no source "
-                  "left to fault them from: reads of them will fail (import its image again "
-                  "with --force)", file=sys.stderr)
-    if lost:
-        print(f"warning: {lost} version(s) cannot be read in full", file=sys.stderr)
-    store.close()
-    return 0
+        why = unreadable_because(store, m)
+        if why:
+            unreadable += 1
+            print(f"UNREADABLE {m.key}: {'; '.join(why)}")
+    for p in store.pending_versions():
+        print(pending_line(p))
+    if repair:
+        dropped, records = store.reclaim()
+        if dropped or records:
+            print(f"reclaimed: {len(dropped)} pending versions of processes that are gone "
+                  f"({', '.join(dropped) or '-'}), {records} stale in-use records")
+    if unreadable:
+        print(f"{unreadable} version(s) cannot be read in full by a client")
+    return 0 if ok and not unreadable else 1
+
+
+def unreadable_because(store: Store, m: VersionMeta) -> list[str]:
+    """Why a client could not read version ``m`` in full (empty: it can): chunks missing
+    with no source left to fault them from, a map that is not the manifest it was made with."""
+    why = []
+    chunk_map = store.chunk_map(m.key)
+    if m.manifest and map_digest(chunk_map) != m.manifest:
+        why.append(f"its chunk map (digest {map_digest(chunk_map)}) is not the manifest it was "
+                   f"made with ({m.manifest})")
+    held, need = store.held_of(m.key)
+    if held < need and not any(map(usable_source, m.sources)):
+        why.append(f"misses {need - held} bytes of chunks and has no source left to fault "
+                   "them from (import its image again with --force)")
+    return why
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
@@ -429,7 +508,11 @@ IMPORT = Command(
      Option("no-latest", "bool", default=False, help="do not make it the latest"),
      Option("kernel", metavar="FILE", help="the version's kernel file (PXE)"),
      Option("initrd", metavar="FILE", help="the version's initrd file (PXE)"),
-     Option("force", "bool", default=False, help="replace an existing version")),
+     Option("force", "bool", default=False,
+            help="replace an existing version (refused while clients run it)"),
+     Option("force-in-use", "bool", default=False,
+            help="with --force: replace it even while clients run it (their open "
+                 "connections keep the old bytes; a reconnecting client gets the new ones)")),
     doc="store.md")
 
 LS = Command(
@@ -461,14 +544,17 @@ VERIFY = Command(
     "verify", "check every chunk of a store against its digest",
     textwrap.fill(
         "Read every chunk of the store and check it against its digest, and the held-bytes "
-        "counter against the chunks; --repair deletes bad chunks (they are faulted again "
-        "from the version's sources).", 78),
+        "counter against the chunks; name every version a client could not read in full "
+        "(chunks missing with no source left, a chunk map that is not its manifest) and every "
+        "pending version; --repair deletes bad chunks (they are faulted again from the "
+        "version's sources) and drops what crashed processes left.", 78),
     "example:\n  icbd-cache verify --store DIR\n  icbd-cache verify --store DIR --repair\n"
-    "exit status: 0 consistent (or repaired), 1 damaged, 2 no store",
+    "exit status: 0 consistent (or repaired) and every version readable in full, 1 damaged\n"
+    "or a version a client could not read in full (each named), 2 no store",
     (store_option(),
      Option("repair", "bool", default=False,
-            help="delete bad chunks, fix the held counter, then warn about versions left "
-                 "with missing chunks and no source")),
+            help="delete bad chunks, fix the held counter, drop the pending versions and "
+                 "in-use records of processes that are gone")),
     doc="store.md")
 
 WARM = Command(

@@ -174,7 +174,9 @@ class FaultLayer(Layer):
     def _stored_entry(self, index: int) -> bytes:
         """Map entry ``index`` as stored now (another process may have learned it since this
         map was loaded); a known entry is copied into this map."""
-        d = self.reader.store.map_entry(self.version.key, index)
+        # learned by another process, in this instance of the version (never a replacement's)
+        d = self.reader.store.map_entry(self.version.key, index,
+                                        self.version.meta.instance or None)
         if d != UNKNOWN:
             self.version.learn(index, d)
         return d

@@ -36,6 +36,7 @@ from icbdcache.replication.wire import (
     API,
     CONTENT_TYPE,
     ENCODING_HEADER,
+    MASTER_ID_HEADER,
     MAX_CHUNK,
     SHA256_HEADER,
     ChunkFrame,
@@ -91,16 +92,19 @@ class MasterProtocolError(MasterError):
 
 @dataclass
 class Catalog:
-    """``GET /v1/catalog`` and ``/v1/watch``: the generation and every published version."""
+    """``GET /v1/catalog`` and ``/v1/watch``: the generation, every published version, and the
+    id of the master's store (``""`` from a master that sends none)."""
 
     generation: int
     versions: list[VersionRecord] = field(default_factory=list)
+    master_id: str = ""
 
 
 @dataclass
 class Manifest:
     """A version's chunk map as served: ``size`` and ``chunk_size`` in bytes, ``digest`` the
-    hex xxh3-128 of ``chunk_map`` (checked on receipt)."""
+    hex xxh3-128 of ``chunk_map`` (checked on receipt), ``master_id`` the store that served it
+    (``""`` when not said)."""
 
     imi: str
     version: str
@@ -108,6 +112,7 @@ class Manifest:
     chunk_size: int
     digest: str
     chunk_map: bytes
+    master_id: str = ""
 
 
 @dataclass
@@ -180,7 +185,15 @@ def _catalog(body: Any) -> Catalog:
         gen = int(body["generation"])
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise MasterProtocolError(f"catalog: bad generation: {e}") from e
-    return Catalog(gen, [_version_record(v) for v in body["versions"]])
+    return Catalog(gen, [_version_record(v) for v in body["versions"]],
+                   _master_id(body.get("master_id")))
+
+
+def _master_id(value: Any) -> str:
+    """A master id as received: printable text of at most 64 characters, else ``""``."""
+    if not isinstance(value, str) or len(value) > 64 or not value.isprintable():
+        return ""
+    return value
 
 
 class MasterClient:
@@ -335,14 +348,17 @@ class MasterClient:
                                          timeout=t + self.timeout))
 
     async def register(self, site: str, address: str, subscribe: list[str]) -> dict[str, Any]:
-        """``POST /v1/sites/SITE/register``: {"subscriptions", "interval", "generation"}."""
+        """``POST /v1/sites/SITE/register``: {"subscriptions", "interval", "generation",
+        "master_id", "registered"}."""
         out = await self._json("POST", f"{API}/sites/{quote(site, safe='')}/register",
                                {"address": address, "subscribe": subscribe})
         return _site_answer(out)
 
     async def keepalive(self, site: str, report: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/sites/SITE/keepalive`` with ``report`` (address, state, error, pulling,
-        behind_bytes, versions). Returns {"subscriptions", "interval", "generation"}."""
+        behind_bytes, versions, clients). Returns {"subscriptions", "interval", "generation",
+        "master_id", "registered"} (``registered`` False: the master did not know this site
+        before, register again)."""
         out = await self._json("POST", f"{API}/sites/{quote(site, safe='')}/keepalive", report)
         return _site_answer(out)
 
@@ -362,6 +378,7 @@ class MasterClient:
                     size = int(h["X-Icbd-Size"])
                     chunk_size = int(h["X-Icbd-Chunk-Size"])
                     want = h["X-Icbd-Manifest"].strip().lower()
+                    master_id = _master_id(h.get(MASTER_ID_HEADER, ""))
                 except (KeyError, ValueError) as e:
                     raise MasterProtocolError(f"{self.url}: {what}: missing or bad header "
                                               f"{e}") from e
@@ -387,7 +404,7 @@ class MasterClient:
         if got != want:
             raise MasterProtocolError(f"{self.url}: {what}: manifest digest {got} differs "
                                       f"from X-Icbd-Manifest {want}")
-        return Manifest(imi, version, size, chunk_size, got, body)
+        return Manifest(imi, version, size, chunk_size, got, body, master_id)
 
     async def boot_file(self, imi: str, version: str, kind: str,
                         have: Mapping[str, Path] | None = None) -> bytes | None:
@@ -491,7 +508,8 @@ def _site_answer(out: Any) -> dict[str, Any]:
     except (TypeError, ValueError, OverflowError) as e:
         raise MasterProtocolError(f"bad site answer {out!r}: {e}") from e
     return {"subscriptions": [str(s) for s in subs], "interval": max(0.2, interval),
-            "generation": generation}
+            "generation": generation, "master_id": _master_id(out.get("master_id")),
+            "registered": out.get("registered") is not False}
 
 
 async def sleep_backoff(delay: float) -> float:

@@ -2,7 +2,10 @@
 registry (aiohttp).
 
 Replica-facing: catalog, watch (long poll), manifests, chunk streams, boot files, register and
-keep-alive. Admin: status (the holistic view), ls, subscribe, unsubscribe, retire. Credentials
+keep-alive. Admin: status (the holistic view), ls, subscribe, unsubscribe, retire, unretire,
+forget. Every answer a replica acts on names the master's store (``master_id``, a random id made
+with the store): a replica that sees another id behind the same URL knows its master changed
+(docs/replication.md, 'A master that changes'). Credentials
 are checked by one middleware (:mod:`icbdcache.replication.auth`); every error is JSON
 ``{"error": "..."}``.
 
@@ -46,6 +49,7 @@ from icbdcache.replication.registry import (
 )
 from icbdcache.store import ChunkGet, Store, StoreError, bootfiles, version_key
 from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
+from icbdcache.store.owners import IN_USE_LINGER
 
 log = logging.getLogger("icbdcache.master")
 
@@ -120,8 +124,10 @@ def site_view(site: SiteRecord, latest: dict[str, VersionRecord], now: float) ->
         else:
             complete, behind = False, rec.distinct_bytes
         lag[imi] = {"latest": rec.key, "complete": complete, "behind_bytes": behind}
+    clients = report.get("clients")
     return {
         "name": site.name, "address": site.address or str(report.get("address") or ""),
+        "clients": clients if isinstance(clients, dict) else {},
         "up": site.up, "last_seen": site.last_seen or None,
         "age": round(now - site.last_seen, 3) if site.last_seen else None,
         "state": str(report.get("state") or "registered") if site.up else "down",
@@ -156,6 +162,7 @@ class Master:
                  keepalive_interval: float = 5.0) -> None:
         self.store = store
         self.registry = registry
+        self.master_id = store.identity or ""
         self.auth = auth or Auth()
         self.keepalive_interval = keepalive_interval
         self.counters: Counter[str] = Counter()
@@ -194,6 +201,8 @@ class Master:
         app.router.add_post(f"{p}/admin/unsubscribe", self.admin_unsubscribe)
         app.router.add_post(f"{p}/admin/retire", self.admin_retire)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_post(f"{p}/admin/unretire", self.admin_unretire)
+        app.router.add_post(f"{p}/admin/forget", self.admin_forget)
         app.on_startup.append(self._start)
         app.on_shutdown.append(self._shutdown)
         return app
@@ -291,11 +300,12 @@ class Master:
     # ------------------------------------------------------------------ catalog
 
     async def catalog_body(self) -> dict[str, Any]:
-        """``{"generation", "versions"}``. The generation is read first: a change between the
-        two reads shows up again at the next watch, never gets lost."""
+        """``{"generation", "master_id", "versions"}``. The generation is read first: a change
+        between the two reads shows up again at the next watch, never gets lost."""
         generation = await self.registry.generation()
         versions = await self.registry.versions()
-        return {"generation": generation, "versions": [asdict(r) for r in versions]}
+        return {"generation": generation, "master_id": self.master_id,
+                "versions": [asdict(r) for r in versions]}
 
     async def catalog(self, request: web.Request) -> web.Response:
         """``GET /v1/catalog``: :meth:`catalog_body` as JSON."""
@@ -338,16 +348,25 @@ class Master:
         404 unless published, not retired, and in this master's store."""
         imi, version = request.match_info["imi"], request.match_info["version"]
         key = version_key(imi, version)
-        if await self._published(imi, version) is None:
+        rec = await self._published(imi, version)
+        if rec is None:
             return _error(404, f"{key} is not published (or retired)")
         meta = self.store.version(key)
         if meta is None:
             return _error(404, f"{key} is not in this master's store")
         body = bytes(await asyncio.to_thread(self.store.chunk_map, key))
+        digest = wire.manifest_digest(body)
+        if digest != rec.manifest:
+            # never serve a map that is not what was published under the name
+            log.error(kv(event="manifest_mismatch", version=key, store=digest,
+                         registry=rec.manifest))
+            return _error(409, f"{key}: this master's store holds a chunk map (digest {digest}) "
+                               f"that is not the published manifest ({rec.manifest})")
         self.count("manifests")
         return web.Response(body=body, content_type=wire.CONTENT_TYPE, headers={
             "X-Icbd-Size": str(meta.size), "X-Icbd-Chunk-Size": str(meta.chunk_size),
-            "X-Icbd-Manifest": wire.manifest_digest(body), "Cache-Control": IMMUTABLE})
+            "X-Icbd-Manifest": digest, wire.MASTER_ID_HEADER: self.master_id,
+            "Cache-Control": IMMUTABLE})
 
     def _read_slice(self, digests: list[bytes], enc: wire.ChunkStreamEncoder, last: bool,
                     lengths: list[int | None] | None) -> tuple[bytes | bytearray, int, int]:
@@ -558,11 +577,15 @@ class Master:
             raise web.HTTPBadRequest(reason="the body is not a JSON object")
         return body
 
-    async def _site_answer(self, site: str) -> dict[str, Any]:
+    async def _site_answer(self, site: str, known: bool = True) -> dict[str, Any]:
+        """What a registration or keep-alive is answered: the site's subscriptions, the
+        keep-alive interval, the generation, ``master_id``, and ``registered``: False when the
+        site was unknown before this request (a master that lost it: register again)."""
         rec = await self.registry.site(site)
         return {"subscriptions": list(rec.subscriptions) if rec else [],
                 "interval": self.keepalive_interval,
-                "generation": await self.registry.generation()}
+                "generation": await self.registry.generation(),
+                "master_id": self.master_id, "registered": known}
 
     async def register(self, request: web.Request) -> web.Response:
         """``POST /v1/sites/SITE/register`` ``{"address", "subscribe"}``: create or update the
@@ -604,8 +627,9 @@ class Master:
         if bad is not None:
             return _error(400, bad)
         report = await self._json(request)
+        known = await self.registry.site(site) is not None
         await self.registry.keepalive(site, report)
-        return web.json_response(await self._site_answer(site))
+        return web.json_response(await self._site_answer(site, known))
 
     # ------------------------------------------------------------------ admin
 
@@ -703,18 +727,64 @@ class Master:
         return web.json_response({"site": site,
                                   "subscriptions": rec.subscriptions if rec else []})
 
-    async def admin_retire(self, request: web.Request) -> web.Response:
-        """``POST /v1/admin/retire`` ``{"imi", "version"}``: no longer offered; 404 if unknown."""
+    async def _version_body(self, request: web.Request) -> tuple[str, str, dict[str, Any]]:
         body = await self._json(request)
         imi, version = body.get("imi"), body.get("version")
         if not isinstance(imi, str) or not isinstance(version, str):
-            return _error(400, 'the body must be {"imi": NAME, "version": NAME}')
-        key = version_key(imi, version)
+            raise web.HTTPBadRequest(reason='the body must be {"imi": NAME, "version": NAME}')
         if not any(r.version == version for r in await self.registry.versions(imi)):
-            return _error(404, f"unknown version {key}")
+            raise web.HTTPNotFound(reason=f"unknown version {version_key(imi, version)}")
+        return imi, version, body
+
+    async def running(self, key: str) -> dict[str, list[dict[str, Any]]]:
+        """The clients each site reported running version ``key`` (site name -> clients), from
+        the sites that are up or went down less than their linger ago."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        now = time.time()
+        for site in await self.registry.sites():
+            if not site.up and now - site.last_seen > IN_USE_LINGER:
+                continue  # silent too long: its clients' report is stale
+            clients = (site.report or {}).get("clients")
+            if isinstance(clients, dict) and isinstance(clients.get(key), list) \
+                    and clients[key]:
+                out[site.name] = [c for c in clients[key] if isinstance(c, dict)]
+        return out
+
+    async def admin_retire(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/retire`` ``{"imi", "version", "force"}``: no longer offered; 404 if
+        unknown; 409 naming the sites and clients that run it, unless ``force``."""
+        imi, version, body = await self._version_body(request)
+        key = version_key(imi, version)
+        running = await self.running(key)
+        if running and body.get("force") is not True:
+            who = "; ".join(f"{site}: " + ", ".join(
+                str(c.get("address")) + (f" ({c['mac']})" if c.get("mac") else "")
+                for c in clients) for site, clients in sorted(running.items()))
+            return _error(409, f"{key} is in use ({who}); --force retires it anyway (the "
+                               "sites keep it for those clients until they boot anew)")
         await self.registry.retire(imi, version)
-        log.info(kv(event="retire", version=key))
-        return web.json_response({"retired": key})
+        log.info(kv(event="retire", version=key, running=",".join(sorted(running)) or "-"))
+        return web.json_response({"retired": key, "running": running})
+
+    async def admin_unretire(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/unretire`` ``{"imi", "version"}``: offered again; 404 if unknown."""
+        imi, version, _ = await self._version_body(request)
+        await self.registry.unretire(imi, version)
+        key = version_key(imi, version)
+        log.info(kv(event="unretire", version=key))
+        return web.json_response({"unretired": key})
+
+    async def admin_forget(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/forget`` ``{"site"}``: the site, its subscriptions and keep-alives
+        removed; 404 if unknown."""
+        body = await self._json(request)
+        site = body.get("site")
+        if not isinstance(site, str) or _bad_name(site) is not None:
+            return _error(400, 'the body must be {"site": NAME}')
+        if not await self.registry.forget(site):
+            return _error(404, f"unknown site {site}")
+        log.info(kv(event="forget", site=site))
+        return web.json_response({"forgot": site})
 
 
 class MasterCollector:

@@ -1,12 +1,17 @@
 """Publishing: a raw image file becomes a version of the master's store and of the registry
 (docs/replication.md, 'Publishing').
 
+The name is reserved in the store first (a pending version, docs/store.md 'CONCURRENCY': two
+publishes of one name cannot both go on; without ``--version`` each gets its own number).
 The file is read once, start to end. Its chunk map is built as ``import`` builds one
 (:func:`icbdcache.store.digest` per 64 KiB chunk); its non-zero chunks are copied into the store
 through the batched writer (all-zero chunks are never stored, so blocks trimmed before the
-snapshot cost nothing); the version is pinned and made the iMI's latest; its kernel and initrd
-are kept as ``import`` keeps them; only then is it recorded in the registry, which is what makes
-it visible to replicas. A published version never changes.
+snapshot cost nothing), protected from eviction as they land; the version is made pinned and
+the iMI's latest in one transaction that checks the store's bound can keep it; its kernel and
+initrd are kept as ``import`` keeps them; only then is it recorded in the registry, which is
+what makes it visible to replicas. If the registry refuses it (another master published that
+name with another image), the version is taken out of the store again. A published version
+never changes.
 """
 
 from __future__ import annotations
@@ -21,7 +26,15 @@ from dataclasses import dataclass
 from icbdcache.log import kv
 from icbdcache.replication.registry.base import Registry, VersionRecord
 from icbdcache.replication.wire import manifest_digest
-from icbdcache.store import BatchWriter, Store, VersionMeta, version_key
+from icbdcache.store import (
+    BatchWriter,
+    Store,
+    VersionBusy,
+    VersionExists,
+    VersionInUse,
+    VersionMeta,
+    version_key,
+)
 from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, distinct_chunks
 from icbdcache.store.index import index_image
 
@@ -49,22 +62,16 @@ class Published:
     seconds: float
 
 
-async def next_version(store: Store, registry: Registry, imi: str) -> str:
-    """One more than the highest numeric version of ``imi`` in the store or the registry,
-    ``"1"`` for the first."""
-    names = [m.version for m in store.versions() if m.imi == imi]
-    names += [r.version for r in await registry.versions(imi)]
-    return str(max((int(v) for v in names if v.isdigit()), default=0) + 1)
-
-
 def _read_into_store(store: Store, path: str, size: int, key: str,
                      progress: Callable[[int], object] | None) -> tuple[bytearray, int]:
-    """Index ``path`` into the store: (chunk map, bytes added to the store). Raises OSError,
-    PublishError when the file ends early or a write fails."""
+    """Index ``path`` into the store, its chunks protected by the pending version ``key``:
+    (chunk map, bytes added to the store). Raises OSError, StoreFull as soon as the version
+    cannot fit, PublishError when the file ends early or a write fails."""
     held_before = store.held
-    writer = BatchWriter(store)
+    fit = store.fit_check(key)
+    writer = BatchWriter(store, protect=key)
     try:
-        chunk_map = index_image(path, size, writer, progress=progress, label=key)
+        chunk_map = index_image(path, size, writer, progress=progress, label=key, check=fit)
     except EOFError as e:
         raise PublishError(str(e)) from e
     finally:
@@ -74,17 +81,30 @@ def _read_into_store(store: Store, path: str, size: int, key: str,
     return chunk_map, max(0, store.held - held_before)
 
 
+def _withdraw(store: Store, stored: VersionMeta) -> None:
+    """Take ``stored`` out of the store again (the registry did not take it), if the store
+    still holds that instance of it."""
+    cur = store.version(stored.key)
+    if cur is not None and cur.instance == stored.instance:
+        store.delete_version(stored.key)
+        log.warning(kv(event="withdrawn", version=stored.key,
+                       why="the registry did not take it"))
+
+
 async def publish(store: Store, registry: Registry, path: str, imi: str,
                   version: str | None = None, *, master_url: str = "",
                   kernel: str | None = None, initrd: str | None = None,
                   progress: Callable[[int], object] | None = None,
                   keep_boot: Callable[[VersionMeta, str], None] | None = None) -> Published:
-    """Publish the raw image ``path`` as ``IMI@VERSION`` (``version`` None: the next number).
+    """Publish the raw image ``path`` as ``IMI@VERSION`` (``version`` None: the next number
+    free in the store, its pending versions and the registry).
     ``kernel``/``initrd``: boot files to keep with it (absolute paths recorded; copied by
     ``keep_boot(meta, image)``, which is also what extracts them from an ext4 image);
     ``progress(n)``: called with the bytes read after each chunk; ``master_url`` goes into the
-    record. Raises PublishError if the version exists in the registry, the file is empty or
-    ends early; OSError if it cannot be read; RegistryError/StoreError from the backends.
+    record. Raises PublishError if the version exists in the registry or is being published
+    by another process, the file is empty or ends early; StoreFull if the store's bound cannot
+    keep it; OSError if it cannot be read; RegistryError/StoreError from the backends (nothing
+    is left in the store then).
 
     A version in the store but not in the registry (a publish interrupted before its last
     step) is replaced."""
@@ -99,24 +119,41 @@ async def publish(store: Store, registry: Registry, path: str, imi: str,
         os.close(fd)
     if size == 0:
         raise PublishError(f"{path}: empty image (0 bytes)")
-    if version is None:
-        version = await next_version(store, registry, imi)
+    published = {r.version for r in await registry.versions(imi)}
+    if version is not None and version in published:
+        raise PublishError(f"{version_key(imi, version)} is already published (a published "
+                           "version never changes; publish a new version)")
+    # unpublished in the store (a publish interrupted before its last step): replaced
+    replace = version is not None and store.version(version_key(imi, version)) is not None
+    try:
+        version = store.reserve_version(imi, version, pinned=True, force=replace,
+                                        taken=tuple(published))
+    except (VersionExists, VersionBusy, VersionInUse) as e:
+        raise PublishError(str(e)) from e
     key = version_key(imi, version)
-    if any(r.version == version for r in await registry.versions(imi)):
-        raise PublishError(f"{key} is already published (a published version never changes; "
-                           "publish a new version)")
-    chunk_map, added = await asyncio.to_thread(_read_into_store, store, path, size, key,
-                                               progress)
-    meta = VersionMeta(imi, version, size, CHUNK_SIZE, [], pinned=True, created=time.time(),
-                       kernel=os.path.abspath(kernel) if kernel else None,
-                       initrd=os.path.abspath(initrd) if initrd else None)
-    store.put_version(meta, bytes(chunk_map))
-    store.set_latest(imi, version)
+    stored: VersionMeta | None = None
+    try:
+        chunk_map, added = await asyncio.to_thread(_read_into_store, store, path, size, key,
+                                                   progress)
+        meta = VersionMeta(imi, version, size, CHUNK_SIZE, [], pinned=True,
+                           created=time.time(),
+                           kernel=os.path.abspath(kernel) if kernel else None,
+                           initrd=os.path.abspath(initrd) if initrd else None,
+                           manifest=manifest_digest(chunk_map))
+        stored = store.commit_version(meta, bytes(chunk_map), latest=True, force=replace,
+                                      copied=True, bound=store.bound)
+    finally:
+        if stored is None:
+            store.abandon_version(key)
     if keep_boot is not None:
-        await asyncio.to_thread(keep_boot, meta, path)
+        await asyncio.to_thread(keep_boot, stored, path)
     record = VersionRecord(imi, version, size, CHUNK_SIZE, manifest_digest(chunk_map),
                            distinct_bytes(chunk_map, size), time.time(), False, master_url)
-    await registry.publish(record)
+    try:
+        await registry.publish(record)
+    except BaseException:
+        _withdraw(store, stored)
+        raise
     log.debug(kv(event="published", version=key, size=size, distinct_bytes=record.distinct_bytes,
                 added=added, manifest=record.manifest))
     return Published(record, len(chunk_map) // DIGEST_SIZE, added, time.monotonic() - t0)

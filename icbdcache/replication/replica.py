@@ -35,6 +35,17 @@ What it does, in order, and why:
 6. **Retired** versions are unpinned and deleted, unless one is the only complete version of its
    iMI: then it is kept (and served), with a log line saying why.
 
+7. **A master that changes** (docs/replication.md): every answer names the master's store
+   (``master_id``). When the id behind the URL changes, the generation goes backwards, or a
+   keep-alive answer says the site is unknown, the replica registers again with its own
+   subscriptions. A manifest that differs from the one the site adopted for a version it holds
+   (complete or not) is refused loudly (``conflicts`` in the state, an error each sync): the held
+   version keeps serving, never a mix of two images under one name.
+8. **In use**: the keep-alive reports which clients run which version here (the serving
+   processes' in-use records, :mod:`icbdcache.store.owners`), for the master's ``admin
+   status`` and ``admin retire``. A retired version that clients still run is kept (marked
+   retired: served only to them) until none does, then deleted.
+
 Cut off from the master (refused, timed out, 5xx), the replica backs off 0.5 s doubling to 10 s,
 keeps everything complete served, and says ``cut-off`` with the time since. Its state is kept in
 the store record ``replica/state`` (JSON, :func:`read_state`), so ``icbd-cache stats`` shows it
@@ -73,7 +84,7 @@ from icbdcache.replication.client import (
 from icbdcache.replication.registry.base import VersionRecord
 from icbdcache.sources import Source
 from icbdcache.sources.master import MasterSource, is_master_spec, master_spec
-from icbdcache.store import Store, StoreError, VersionMeta
+from icbdcache.store import Store, StoreError, VersionInUse, VersionMeta
 from icbdcache.store.bootfiles import (
     INITRD_NAME,
     KERNEL_NAME,
@@ -81,8 +92,11 @@ from icbdcache.store.bootfiles import (
     boot_root,
     check_key,
     file_sha256,
+    kept,
+    record_kept,
 )
 from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO, digest, distinct_chunks
+from icbdcache.store.owners import describe
 
 log = logging.getLogger("icbdcache.replica")
 warn = Throttled(log)
@@ -123,6 +137,10 @@ class PullError(Exception):
 
 class StoreFull(PullError):
     """The store's bound cannot hold the version beside the pinned versions."""
+
+
+class ManifestConflict(PullError):
+    """The master's manifest of a version differs from the one this site adopted for it."""
 
 
 @dataclass
@@ -199,6 +217,10 @@ class Replica:
         self.pulling: str | None = None
         self.counters = Counters()
         self.registered = False
+        #: the store id of the master this replica registered with (None: not yet)
+        self.master_id: str | None = None
+        #: IMI@V -> (manifest held here, the master's) of versions whose manifest changed
+        self.conflicts: dict[str, tuple[str, str]] = {}
         self._kept_logged: set[str] = set()
         self._last_save = 0.0
         #: IMI@V -> (monotonic time, held, need) of the last held_of scan (a scan reads the
@@ -252,7 +274,9 @@ class Replica:
             "error": self.error, "cut_off_since": self.cut_off_since, "pulling": self.pulling,
             "behind_bytes": behind, "versions": versions, "subscriptions": self.subscriptions,
             "generation": self.generation, "counters": self.counters.__dict__.copy(),
-            "updated": time.time(), "pid": os.getpid(),
+            "updated": time.time(), "pid": os.getpid(), "master_id": self.master_id,
+            "conflicts": {k: {"held": h, "master": m} for k, (h, m) in self.conflicts.items()},
+            "clients": self._clients(),
         }
 
     def save_state(self, force: bool = True) -> None:
@@ -287,14 +311,56 @@ class Replica:
             if self.state == "cut-off":
                 self._set("syncing")
 
+    def _clients(self) -> dict[str, list[dict[str, Any]]]:
+        """The clients that run each version here (``{IMI@V: [{address, mac, ...}]}``)."""
+        try:
+            uses = self.store.in_use()
+        except StoreError as e:
+            warn.warning(kv(replica="in_use", error=e))
+            return {}
+        return {k: [c.to_json() for c in v] for k, v in sorted(uses.items())}
+
     def _report(self) -> dict[str, Any]:
         versions, behind = self._versions_report()
         return {"address": self.config.address, "state": self.state, "error": self.error,
-                "pulling": self.pulling, "behind_bytes": behind, "versions": versions}
+                "pulling": self.pulling, "behind_bytes": behind, "versions": versions,
+                "clients": self._clients(),
+                "conflicts": {k: {"held": h, "master": m}
+                              for k, (h, m) in self.conflicts.items()}}
 
     def _apply(self, answer: dict[str, Any]) -> None:
+        """Take a registration's or keep-alive's answer; a master that no longer knows this
+        site, or another master behind the URL, means registering again."""
         self.subscriptions = list(answer["subscriptions"])
         self.interval = float(answer["interval"])
+        self._master_seen(str(answer.get("master_id") or ""))
+        if not answer.get("registered", True) and self.registered:
+            log.warning(kv(replica=self.config.site, master=self.client.url,
+                           master_event="does not know this site", action="register again"))
+            self.registered = False
+
+    def _master_seen(self, master_id: str) -> None:
+        """An answer came from the master with store id ``master_id``: if this replica had
+        registered with another, the master changed (register again, check every held
+        version's manifest)."""
+        if not master_id:
+            return
+        if self.master_id is not None and master_id != self.master_id and self.registered:
+            log.warning(kv(replica=self.config.site, master=self.client.url,
+                           master_event="changed", was=self.master_id, now=master_id,
+                           action="register again"))
+            self.registered = False
+
+    async def _register(self) -> None:
+        """Register with this site's own subscriptions. Raises MasterError."""
+        answer = await self.client.register(self.config.site, self.config.address,
+                                            self.config.subscribe)
+        self.master_id = str(answer.get("master_id") or "") or self.master_id
+        self.registered = True
+        self._apply(answer)
+        log.info(kv(replica=self.config.site, master=self.client.url,
+                    registered=",".join(self.subscriptions) or "-", interval=self.interval,
+                    master_id=self.master_id or "-"))
 
     # ------------------------------------------------------------------ loop
 
@@ -310,12 +376,8 @@ class Replica:
             while True:
                 try:
                     if not self.registered:
-                        self._apply(await self.client.register(
-                            self.config.site, self.config.address, self.config.subscribe))
-                        self.registered = True
-                        log.info(kv(replica=self.config.site, master=self.client.url,
-                                    registered=",".join(self.subscriptions) or "-",
-                                    interval=self.interval))
+                        await self._register()
+                        fresh = True
                         if self._keepalive_task is None:
                             self._keepalive_task = asyncio.ensure_future(self._keepalive_loop())
                     if fresh:
@@ -331,9 +393,21 @@ class Replica:
                     self._reachable()
                     fresh = False
                     delay = BACKOFF[0]
+                    if cat.generation < self.generation and self.registered:
+                        log.warning(kv(replica=self.config.site, master=self.client.url,
+                                       master_event="generation went back",
+                                       was=self.generation, now=cat.generation,
+                                       action="register again"))
+                        self.registered = False
+                    self._master_seen(cat.master_id)
+                    if not self.registered:
+                        self.generation = -1
+                        continue  # register first, then a fresh catalog
                     self.catalog = cat
                     self.generation = cat.generation
                     self._apply(await self.client.keepalive(self.config.site, self._report()))
+                    if not self.registered:
+                        continue
                     ok = await self.sync(cat)
                     if self.config.once:
                         return 0 if ok else 1
@@ -377,6 +451,8 @@ class Replica:
             try:
                 self._apply(await self.client.keepalive(self.config.site, self._report()))
                 self._reachable()
+                if not self.registered:
+                    await self._register()
             except MasterUnreachable as e:
                 self._cut_off(e)
             except MasterError as e:
@@ -403,6 +479,7 @@ class Replica:
         every target is complete. Raises MasterUnreachable (the caller backs off) and other
         MasterError."""
         self.catalog = cat
+        self._check_conflicts(cat)
         ok = True
         for rec in self._targets():
             try:
@@ -421,12 +498,36 @@ class Replica:
             finally:
                 self.pulling = None
         self._retire(cat)
-        if ok:
+        if self.conflicts:
+            self._set("error", "; ".join(conflict_text(k, h, m)
+                                         for k, (h, m) in sorted(self.conflicts.items())))
+        elif ok:
             self._set("idle")
         self.save_state()
         with contextlib.suppress(MasterError):  # report the outcome now, not in `interval` s
             self._apply(await self.client.keepalive(self.config.site, self._report()))
         return ok
+
+    def _check_conflicts(self, cat: Catalog) -> None:
+        """Note (and log, once each) every version held here from a master whose manifest
+        in ``cat`` is not the one adopted here."""
+        held_here = {m.key: m for m in self.store.versions()
+                     if any(is_master_spec(s) for s in m.sources)}
+        found: dict[str, tuple[str, str]] = {}
+        for rec in cat.versions:
+            meta = held_here.get(rec.key)
+            if meta is None:
+                continue
+            held = meta.manifest or manifest_digest(bytes(self.store.chunk_map(rec.key)))
+            if held != rec.manifest:
+                found[rec.key] = (held, rec.manifest)
+        for key, (held, theirs) in found.items():
+            if self.conflicts.get(key) != (held, theirs):
+                log.error(kv(replica=self.config.site, master=self.client.url, conflict=key,
+                             held=held, master_manifest=theirs,
+                             kept="the version held here keeps serving; the master's is "
+                                  "refused"))
+        self.conflicts = found
 
     def _complete(self, key: str) -> bool:
         try:
@@ -501,16 +602,14 @@ class Replica:
         key = rec.key
         if meta is not None:
             stored = bytes(self.store.chunk_map(key))
-            if manifest_digest(stored) == rec.manifest:
+            held = meta.manifest or manifest_digest(stored)
+            if held == rec.manifest and manifest_digest(stored) == rec.manifest:
                 return stored
             if not any(is_master_spec(s) for s in meta.sources):
                 raise PullError(f"the store already has a version {key} that is not the "
                                 "master's (imported here?); delete or rename it")
-            if self._complete(key):  # served as it is: a version never changes under clients
-                raise PullError(f"the master's manifest of {key} changed (catalog "
-                                f"{rec.manifest}, held here {manifest_digest(stored)}): a "
-                                "version never changes; the one held here is kept (delete it "
-                                "to take the master's)")
+            # served as it is, complete or not: a version never changes under its clients
+            raise ManifestConflict(conflict_text(key, held, rec.manifest))
         m: Manifest = await self.client.manifest(rec.imi, rec.version)
         if m.digest != rec.manifest:
             raise MasterError(f"manifest of {key}: digest {m.digest} differs from the "
@@ -518,12 +617,16 @@ class Replica:
         if m.size != rec.size or m.chunk_size != rec.chunk_size:
             raise MasterError(f"manifest of {key}: size {m.size}/{m.chunk_size} differs from "
                               f"the catalog's {rec.size}/{rec.chunk_size}")
+        cat_id = self.catalog.master_id if self.catalog is not None else ""
+        if m.master_id and cat_id and m.master_id != cat_id:
+            self.registered = False
+            raise MasterError(f"manifest of {key} came from master {m.master_id}, the catalog "
+                              f"from {cat_id}: the master changed; starting again")
         new = VersionMeta(rec.imi, rec.version, m.size, m.chunk_size,
-                          [master_spec(self.client.url, key)],
-                          pinned=meta.pinned if meta is not None else False,
-                          created=time.time())
+                          [master_spec(self.client.url, key)], created=time.time(),
+                          manifest=m.digest)
         try:
-            self.store.put_version(new, m.chunk_map)
+            self.store.create_version(new, m.chunk_map)
         except (StoreError, OSError) as e:
             raise PullError(f"store: {e}") from e
         log.info(kv(replica=self.config.site, manifest=key, size=m.size,
@@ -535,7 +638,7 @@ class Replica:
     async def _boot_files(self, rec: VersionRecord) -> None:
         """Keep the version's kernel and initrd as import does (best effort: a warning)."""
         meta = self.store.version(rec.key)
-        if meta is None or (meta.kernel and meta.initrd and Path(meta.kernel).is_file()):
+        if meta is None or kept(self.store, meta) is not None:
             return
         have = await asyncio.to_thread(self._kept_boot_files, rec.key)
         sent0, reused0 = self.client.counters.boot_bytes, self.client.counters.boot_reused
@@ -557,9 +660,7 @@ class Replica:
                 tmp.write_bytes(data)
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, d / name)
-            cur = self.store.version(rec.key) or meta
-            cur.kernel, cur.initrd = str(d / KERNEL_NAME), str(d / INITRD_NAME)
-            self.store.put_version(cur)
+            record_kept(self.store, rec.key)
             c = self.client.counters
             self.store.write_batch([], (), (), {
                 "replica_boot_bytes": c.boot_bytes - sent0,
@@ -794,11 +895,19 @@ class Replica:
     # ------------------------------------------------------------------ retire
 
     def _retire(self, cat: Catalog) -> None:
+        """Apply the catalog's retirements to the versions held here: delete a retired one,
+        unless it is the only complete version of its iMI, or clients run it (then it is kept,
+        marked retired: served only to them, until none does); a version offered again is
+        no longer marked."""
         retired = {v.key for v in cat.versions if v.retired}
+        offered = {v.key for v in cat.versions if not v.retired}
         order = {v.key: n for n, v in enumerate(cat.versions)}
-        metas = self.store.versions()
+        metas = [m for m in self.store.versions() if any(map(is_master_spec, m.sources))]
         for meta in metas:
-            if meta.key not in retired or not any(is_master_spec(s) for s in meta.sources):
+            if meta.retired and meta.key in offered:
+                self._mark_retired(meta.key, False)
+        for meta in metas:
+            if meta.key not in retired:
                 continue
             others = [m for m in metas if m.imi == meta.imi and m.key != meta.key
                       and m.key not in retired and self._complete(m.key)]
@@ -809,8 +918,16 @@ class Replica:
                                    "iMI here; deleted once another one is complete"))
                 continue
             try:
-                self.store.set_pinned(meta.key, False)
-                self.store.delete_version(meta.key)
+                self.store.delete_version(meta.key, in_use_ok=False)
+            except VersionInUse as e:
+                if not meta.retired:
+                    self._mark_retired(meta.key, True)
+                    log.warning(kv(retired=meta.key, kept=f"{len(e.clients)} clients run it: "
+                                   f"{describe(e.clients)}; served only to them, deleted "
+                                   "once none does"))
+                if self.store.latest(meta.imi) == meta.version and others:
+                    self._latest_of(meta.imi, others, order)
+                continue
             except (StoreError, OSError) as e:
                 log.error(kv(retired=meta.key, error=e))
                 continue
@@ -819,12 +936,34 @@ class Replica:
             with contextlib.suppress(OSError, BootFilesError):
                 shutil.rmtree(boot_root(self.store.path) / check_key(meta.key),
                               ignore_errors=True)
-            log.info(kv(retired=meta.key, deleted="unpinned, chunks evictable"))
+            log.info(kv(retired=meta.key, deleted="chunks evictable"))
             if self.store.latest(meta.imi) is None and others:
-                newest = max(others, key=lambda m: (order.get(m.key, -1), m.created))
-                self.store.set_latest(meta.imi, newest.version)
+                self._latest_of(meta.imi, others, order)
             if self.on_version is not None:
                 self.on_version(meta.key)
+
+    def _mark_retired(self, key: str, retired: bool) -> None:
+        def change(m: VersionMeta) -> None:
+            m.retired = retired
+
+        try:
+            self.store.update_version(key, change)
+        except StoreError as e:
+            log.error(kv(retired=key, error=e))
+            return
+        if not retired:
+            log.info(kv(unretired=key, served="to every client again"))
+
+    def _latest_of(self, imi: str, others: list[VersionMeta], order: dict[str, int]) -> None:
+        newest = max(others, key=lambda m: (order.get(m.key, -1), m.created))
+        self.store.set_latest(imi, newest.version)
+
+
+def conflict_text(key: str, held: str, theirs: str) -> str:
+    """The error of a version whose manifest changed at the master."""
+    return (f"the master's manifest of {key} changed (the master's {theirs}, adopted here "
+            f"{held}): a version never changes, so the master's is refused and the one held "
+            "here keeps serving (publish a new version at the master)")
 
 
 class ReplicaService:
@@ -886,5 +1025,5 @@ class ReplicaService:
         await self.client.close()
 
 
-__all__ = ["STATE_RECORD", "Counters", "PullError", "Replica", "ReplicaConfig",
-           "ReplicaService", "StoreFull", "read_state"]
+__all__ = ["STATE_RECORD", "Counters", "ManifestConflict", "PullError", "Replica",
+           "ReplicaConfig", "ReplicaService", "StoreFull", "conflict_text", "read_state"]

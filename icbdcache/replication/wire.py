@@ -27,10 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, cast
 
-import xxhash
 import zstandard
 
-from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, ZERO
+from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, ZERO, map_digest
 
 #: Path prefix of every endpoint of the replication API.
 API = "/v1"
@@ -84,10 +83,12 @@ def etags(header: str) -> set[str]:
     return out
 
 
-def manifest_digest(chunk_map: bytes | bytearray) -> str:
-    """A version's ``manifest``: the xxh3-128 of its whole chunk map (the body of
-    ``GET /v1/manifest``), 32 lower-case hex digits."""
-    return xxhash.xxh3_128_hexdigest(bytes(chunk_map))
+#: Header of a manifest answer naming the master's store (its ``master_id``).
+MASTER_ID_HEADER = "X-Icbd-Master-Id"
+
+#: A version's ``manifest``: the xxh3-128 of its whole chunk map (the body of
+#: ``GET /v1/manifest``), 32 lower-case hex digits (the store's own definition).
+manifest_digest = map_digest
 
 
 class WireError(Exception):

@@ -12,8 +12,12 @@ it for versions that have none yet.
 
 Either way the two files are copied to ``STORE/boot/IMI@VERSION/{vmlinuz,initrd.img}`` (beside
 the store's ``data.mdb``) and their paths recorded in the version's
-:class:`~icbdcache.store.VersionMeta` (``kernel``, ``initrd``). Versions are immutable, so a
-version's boot files never change once kept.
+:class:`~icbdcache.store.VersionMeta` (``kernel``, ``initrd``) relative to the store
+(``boot/IMI@VERSION/vmlinuz``), so that any process finds them whatever its working directory,
+and a store moved or copied elsewhere keeps them. (Paths recorded by older releases, absolute
+or relative to the importer's directory, are read as the store's own copy when they end in
+``boot/IMI@VERSION/NAME``.) Versions are immutable, so a version's boot files never change once
+kept.
 
 The image read is the version's snapshot file when one of its sources is a local file of the
 right size; otherwise the image is assembled in a temporary sparse file from the chunks the
@@ -82,13 +86,26 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def stored_path(key: str, name: str) -> str:
+    """The path recorded for a kept boot file: ``boot/KEY/NAME``, relative to the store."""
+    return f"boot/{key}/{name}"
+
+
+def _in_store(meta: VersionMeta) -> bool:
+    """Whether the recorded kernel and initrd name the store's own copies (``boot/KEY/NAME``,
+    relative, or an older release's path ending so)."""
+    return all(rec is not None and PurePosixPath(rec).parts[-3:] == ("boot", meta.key, name)
+               for rec, name in ((meta.kernel, KERNEL_NAME), (meta.initrd, INITRD_NAME)))
+
+
 def kept(store: Store, meta: VersionMeta) -> BootFiles | None:
-    """The version's boot files if they are kept under ``STORE/boot/KEY`` and recorded."""
-    if not meta.kernel or not meta.initrd:
+    """The version's boot files (absolute paths) if they are kept under ``STORE/boot/KEY`` and
+    recorded."""
+    if not meta.kernel or not meta.initrd or not _in_store(meta):
         return None
     d = boot_root(store.path) / meta.key
-    k, i = Path(meta.kernel), Path(meta.initrd)
-    if k.parent != d or i.parent != d or not k.is_file() or not i.is_file():
+    k, i = d / KERNEL_NAME, d / INITRD_NAME
+    if not k.is_file() or not i.is_file():
         return None
     return BootFiles(meta.key, k, i)
 
@@ -108,7 +125,7 @@ def prepare(store: Store, meta: VersionMeta, *, force: bool = False,
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=dest) as tmp:
         k_tmp, i_tmp = Path(tmp) / KERNEL_NAME, Path(tmp) / INITRD_NAME
-        if meta.kernel and meta.initrd and not _inside([meta.kernel, meta.initrd], dest):
+        if meta.kernel and meta.initrd and not _in_store(meta):
             # given at import: keep a copy with the version (the originals may go away)
             for src, dst in ((meta.kernel, k_tmp), (meta.initrd, i_tmp)):
                 try:
@@ -126,10 +143,7 @@ def prepare(store: Store, meta: VersionMeta, *, force: bool = False,
         for tmp_file, dst in ((k_tmp, k_dst), (i_tmp, i_dst)):
             os.chmod(tmp_file, 0o644)
             os.replace(tmp_file, dst)
-    # re-read: another process may have changed the version's metadata (pinned) meanwhile
-    cur = store.version(key) or meta
-    cur.kernel, cur.initrd = str(k_dst), str(i_dst)
-    store.put_version(cur)
+    record_kept(store, key)
     log.info(kv(event="boot_files", version=key, how=how, kernel_bytes=k_dst.stat().st_size,
                 initrd_bytes=i_dst.stat().st_size))
     return BootFiles(key, k_dst, i_dst, how)
@@ -162,8 +176,14 @@ def prepare_at_import(store: Store, meta: VersionMeta,
     return prepare(store, meta, force=True, image=image)
 
 
-def _inside(paths: list[str], d: Path) -> bool:
-    return all(Path(p).parent == d for p in paths)
+def record_kept(store: Store, key: str) -> None:
+    """Record ``boot/KEY/vmlinuz`` and ``boot/KEY/initrd.img`` (relative to the store) as the
+    version's boot files, in one transaction that changes nothing else of it. Raises
+    StoreError if the version is gone."""
+    def change(m: VersionMeta) -> None:
+        m.kernel, m.initrd = stored_path(key, KERNEL_NAME), stored_path(key, INITRD_NAME)
+
+    store.update_version(key, change)
 
 
 # ------------------------------------------------------------------------------ image access

@@ -31,6 +31,12 @@ def digest(data: bytes | bytearray | memoryview) -> bytes:
     return d if d not in (ZERO, UNKNOWN) else d[:-1] + bytes([d[-1] ^ 1])
 
 
+def map_digest(chunk_map: bytes | bytearray) -> str:
+    """A version's manifest digest: the xxh3-128 of its whole chunk map, 32 lower-case hex
+    digits (what ``GET /v1/manifest`` serves and the registry records)."""
+    return xxhash.xxh3_128_hexdigest(bytes(chunk_map))
+
+
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
     """True if every byte is zero (compared in 1 MiB slices, no allocation per byte)."""
     view = memoryview(data)

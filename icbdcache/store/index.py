@@ -16,13 +16,15 @@ log = logging.getLogger("icbdcache.store")
 
 def index_image(path: str, size: int, writer: BatchWriter | None, *,
                 progress: Callable[[int], object] | None = None,
-                label: str = "") -> bytearray:
+                label: str = "", check: Callable[[bytes, int], object] | None = None,
+                ) -> bytearray:
     """Read the raw image ``path`` (``size`` bytes) once, start to end, CHUNK_SIZE bytes at a
     time, and return its chunk map (DIGEST_SIZE bytes per chunk, ZERO for all-zero chunks);
-    each non-zero chunk is queued in ``writer`` when one is given. ``progress(n)`` is called
+    each non-zero chunk is queued in ``writer`` when one is given, after ``check(digest,
+    length)`` (which may raise to stop: the store's fit check). ``progress(n)`` is called
     with the bytes of each chunk read; without it a log line says how far ``label`` is every
-    10 s. Raises OSError, or EOFError when the file ends before ``size`` bytes (it changed
-    while being read: index a read-only snapshot)."""
+    10 s. Raises OSError, what ``check`` raises, or EOFError when the file ends before
+    ``size`` bytes (it changed while being read: index a read-only snapshot)."""
     chunk_map = bytearray()
     last_log = time.monotonic()
     with open(path, "rb", buffering=0) as f:
@@ -34,8 +36,11 @@ def index_image(path: str, size: int, writer: BatchWriter | None, *,
                                "use a read-only snapshot)")
             d = digest(data)
             chunk_map += d
-            if writer is not None and d != ZERO:
-                writer.put(d, data)
+            if d != ZERO:
+                if check is not None:
+                    check(d, len(data))
+                if writer is not None:
+                    writer.put(d, data)
             pos += len(data)
             if progress is not None:
                 progress(len(data))

@@ -22,11 +22,16 @@ log = logging.getLogger("icbdcache.store")
 
 class BatchWriter:
     """Batches writes to ``store``: at most ``max_items`` chunks or ``max_bytes`` bytes per
-    transaction, waiting at most ``max_delay`` seconds to fill one."""
+    transaction, waiting at most ``max_delay`` seconds to fill one. ``protect``: the pending
+    version (``IMI@VERSION``, :meth:`Store.reserve_version`) whose chunks these are; each
+    batch notes them under it in its own transaction, so no eviction takes them before the
+    version exists."""
 
     def __init__(self, store: Store, *, max_items: int = 256, max_bytes: int = 16 << 20,
-                 max_delay: float = 0.02, idle_flush: float = 5.0) -> None:
+                 max_delay: float = 0.02, idle_flush: float = 5.0,
+                 protect: str | None = None) -> None:
         self.store = store
+        self.protect = protect
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.max_delay = max_delay
@@ -130,7 +135,8 @@ class BatchWriter:
     def _commit(self, chunks: dict[bytes, bytes], updates: list[tuple[str, int, bytes]],
                 touched: set[bytes], stats: dict[str, int]) -> None:
         try:
-            self.store.write_batch(chunks.items(), updates, touched, stats)
+            self.store.write_batch(chunks.items(), updates, touched, stats,
+                                   protect=self.protect)
             self.batches += 1
         except ChunkMismatch as e:  # a caller's bug: verification happens before put()
             self.errors += 1

@@ -330,13 +330,20 @@ def test_verify_repair_reports_and_warns(tmp_path: Path, small: Path,
     rc, out, _ = run_cli(capsys, "verify", "--store", store)
     assert rc == 1 and out.startswith("DAMAGED") and "1 bad" in out
     rc, out, err = run_cli(capsys, "verify", "--repair", "--store", store)
-    assert rc == 0, out + err
+    # the store is consistent again, but lab@1 cannot be read in full: exit 1, naming it
+    assert rc == 1, out + err
     held = 3 * MiB - CHUNK_SIZE
     assert f"repaired: deleted 1 bad chunks; held counter fixed ({3 * MiB} -> {held}" in out
-    assert "warning: lab@1 misses 65536 bytes" in err and "no source" in err
-    assert "lab@2" not in err  # its file can still fault the chunk in
+    assert "UNREADABLE lab@1: misses 65536 bytes" in out and "no source" in out
+    assert "lab@2" not in out  # its file can still fault the chunk in
     rc, out, _ = run_cli(capsys, "verify", "--store", store)
-    assert rc == 0 and out.startswith("OK") and f"held {held} bytes (recorded {held})" in out
+    assert rc == 1 and out.startswith("OK") and f"held {held} bytes (recorded {held})" in out
+    assert "UNREADABLE lab@1" in out and "1 version(s) cannot be read in full" in out
+    # imported again, it reads in full: verify is content
+    assert run_cli(capsys, "import", str(small), "--imi", "lab", "--version", "1", "--force",
+                   "--copy", "-q", "--store", store)[0] == 0
+    rc, out, _ = run_cli(capsys, "verify", "--store", store)
+    assert rc == 0 and "UNREADABLE" not in out, out
 
 
 # ---------------------------------------------------------------------- ls, stats, help

@@ -141,7 +141,7 @@ def test_serve_master_gives_the_replica_to_run_not_to_a_global(
         capsys: pytest.CaptureFixture[str]) -> None:
     from icbdcache.replication.replica import ReplicaService
 
-    conf = toml(tmp_path / "serve.toml", store=str(tmp_path / "s"),
+    conf = toml(tmp_path / "serve.toml", store=str(tmp_path / "s"), create_store=True,
                 listen="127.0.0.1:10999", master="http://127.0.0.1:1", site="site-a",
                 subscribe="lab", pull_parallel=2)
     assert main(["serve", "--config", str(conf)]) == 0, capsys.readouterr().err
@@ -167,7 +167,7 @@ def test_serve_file_options_need_their_switch(
         captured: list[tuple[ServeConfig, list[object]]],
         capsys: pytest.CaptureFixture[str]) -> None:
     conf = toml(tmp_path / "serve.toml", store=str(tmp_path / "s"), listen="127.0.0.1:1",
-                **settings)
+                create_store=True, **settings)
     assert main(["serve", "--config", str(conf)]) == 2
     assert words in capsys.readouterr().err
     assert not captured
@@ -180,8 +180,8 @@ def test_serve_flags_win_over_the_file(tmp_path: Path,
     conf = toml(tmp_path / "serve.toml", export=[f"a={img}"], store_cow=False, readahead=3,
                 hot_bytes=1 << 20)
     assert main(["serve", "--config", str(conf), "--store-cow", "--readahead", "0",
-                 "--store", str(tmp_path / "s"), "--listen", "127.0.0.1:1"]) == 0, (
-        capsys.readouterr().err)
+                 "--store", str(tmp_path / "s"), "--create-store", "--listen", "127.0.0.1:1"]
+                ) == 0, capsys.readouterr().err
     ((cfg, _),) = captured
     assert (cfg.store_cow, cfg.readahead, cfg.hot_bytes) == (True, 0, 1 << 20)
 

@@ -318,7 +318,8 @@ def test_extract_kernel_and_initrd(fake_imi: FakeImi, tmp_path: Path) -> None:
     try:
         meta = s.version(key)
         assert meta is not None
-        assert (meta.kernel, meta.initrd) == (str(d / "vmlinuz"), str(d / "initrd.img"))
+        # recorded relative to the store: any process finds them (docs/store.md)
+        assert (meta.kernel, meta.initrd) == (f"boot/{key}/vmlinuz", f"boot/{key}/initrd.img")
     finally:
         s.close()
 

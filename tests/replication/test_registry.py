@@ -127,6 +127,39 @@ def test_publish_versions_retire(make: Factory) -> None:
     run(body())
 
 
+def test_unretire_and_forget(make: Factory) -> None:
+    """A retired version offered again, and a site forgotten (both advance the generation);
+    unknown names are refused or reported, never created."""
+    async def body() -> None:
+        reg = make()
+        try:
+            await reg.publish(vrec("lab", "1"))
+            await reg.retire("lab", "1")
+            g = await reg.generation()
+            await reg.unretire("lab", "1")
+            assert [v.retired for v in await reg.versions("lab")] == [False]
+            assert await reg.generation() > g
+            g = await reg.generation()
+            await reg.unretire("lab", "1")  # not retired: nothing changes
+            assert await reg.generation() == g
+            with pytest.raises(RegistryError):
+                await reg.unretire("lab", "9")
+            await reg.register("s1", "10.0.0.1:10809")
+            await reg.subscribe("s1", "lab")
+            await reg.keepalive("s1", {"state": "idle"})
+            g = await reg.generation()
+            assert await reg.forget("s1") is True
+            assert await reg.site("s1") is None and await reg.sites() == []
+            assert await reg.generation() > g
+            assert await reg.forget("s1") is False
+            rec = await reg.keepalive("s1", {"state": "idle"})  # it comes back: anew
+            assert rec.subscriptions == []
+        finally:
+            await closing(reg)
+
+    run(body())
+
+
 def test_duplicate_publish_refused(make: Factory) -> None:
     async def body() -> None:
         reg = make()

@@ -499,7 +499,7 @@ def test_master_killed_mid_transfer(tmp_path: Path, procs: Procs) -> None:
     publish(mstore, v1)
     m = procs.master(mstore)
     url = f"http://127.0.0.1:{m.port}"
-    site = procs.serve("--store", str(rstore), "--master", url, "--site", "s1",
+    site = procs.serve("--store", str(rstore), "--create-store", "--master", url, "--site", "s1",
                        "--subscribe", "lab", "--pull-batch", "1", "--pull-parallel", "1")
     wait_for("lab@1 complete", lambda: complete(rstore, "lab@1"))
     publish(mstore, v2)
@@ -788,8 +788,8 @@ def test_boot_before_replication_completes(tmp_path: Path, procs: Procs) -> None
     assert len(c1) == 768  # two pull batches of 384 (MasterSource asks for at most 256)
     proxy = Proxy(m.port, hold_digests=384)
     try:
-        site = procs.serve("--store", str(rstore), "--master", proxy.url, "--site", "s1",
-                           "--subscribe", "lab", "--pull-batch", "384")
+        site = procs.serve("--store", str(rstore), "--create-store", "--master", proxy.url,
+                           "--site", "s1", "--subscribe", "lab", "--pull-batch", "384")
         wait_for("the pull to be held", lambda: proxy.held > 0)
         assert stats(rstore).get("replica_chunks", 0) == 0
         assert nbd_sha256(site.port, "lab@1") == sha256_file(v1)

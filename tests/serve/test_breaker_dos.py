@@ -83,7 +83,8 @@ def test_pipelined_block_status_on_store_export_is_bounded(
     up = server_factory("--export", f"big={big}")
     store = tmp_path / "store"
     store.mkdir()
-    srv = server_factory("--store", str(store), "--export", f"bigup={up.uri('big')}")
+    srv = server_factory("--store", str(store), "--create-store", "--export",
+                         f"bigup={up.uri('big')}")
 
     async def run() -> list[list[tuple[int, int]]]:
         c = await aio.connect("127.0.0.1", srv.port, "bigup", meta_contexts=(BASE_ALLOCATION,))
@@ -111,7 +112,7 @@ def test_cache_request_on_cold_store_is_bounded(
     uri = nbdkit_pattern("64G")
     store = tmp_path / "store"
     store.mkdir()
-    srv = server_factory("--store", str(store), "--export", f"pat={uri}")
+    srv = server_factory("--store", str(store), "--create-store", "--export", f"pat={uri}")
     before = _rss_anon_mib(srv.proc.pid)
     with connect(srv.port, "pat") as c:
         assert c.simple(Cmd.CACHE, 0, 1 * GiB) == 0
@@ -134,7 +135,7 @@ def test_disc_answers_outstanding_cache_miss_read(
     uri = nbdkit_pattern("1G", rdelay="500ms")
     store = tmp_path / "store"
     store.mkdir()
-    srv = server_factory("--store", str(store), "--export", f"pat={uri}")
+    srv = server_factory("--store", str(store), "--create-store", "--export", f"pat={uri}")
     with connect(srv.port, "pat") as c:
         cookie = c.request(Cmd.READ, 100 * MiB, 4096)  # a miss: the upstream takes 0.5 s
         c.send(wire.REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 999, 0, 0))

@@ -159,7 +159,7 @@ def copies_match(uris: Sequence[str], img: Image) -> None:
 
 
 def store_args(store: Path, *more: str) -> tuple[str, ...]:
-    return ("--store", str(store), *more)
+    return ("--store", str(store), "--create-store", *more)
 
 
 # ------------------------------------------------------------------ a corrupting upstream
@@ -460,7 +460,7 @@ def test_upstream_killed_mid_boot(
     (only those requests: the connection and the server go on); once the upstream is back the
     same read succeeds."""
     up = upstream(img32.path)
-    srv = server_factory("--store", str(tmp_path / "store"), "--export",
+    srv = server_factory("--store", str(tmp_path / "store"), "--create-store", "--export",
                          f"lab@1={up.uri}", "--fault-timeout", "2", "--source-timeout", "1")
     held = (0, 2 * MiB)
     cold = (8 * MiB + 4096, 128 * 1024)  # MiB 8 is data, never read before the kill
@@ -607,11 +607,12 @@ def test_warm_faults_in_the_boot_profile_then_everything(
     asyncio.run(boot_pass())
     assert srv.stop() == 0  # the profile and the chunks are saved at shutdown
     assert ls(store)["lab@1"]["held"] == want
-    # Evict them: another iMI copied into the store with a bound below its own size; the
-    # boot pass's chunks are the coldest.
+    # Evict them: another iMI copied into the store with a bound just above its own size
+    # (one that cannot fit is refused); the boot pass's chunks are the coldest, and lab@1
+    # has its file to fault them from again, so nothing keeps them.
     filler = image(tmp_path, "filler.img", 16 * MiB, seed=32)
     icbd("import", str(filler.path), "--imi", "filler", "--store", str(store), "--copy",
-         "--store-size", str(4 * MiB))
+         "--store-size", str(filler.nonzero_bytes + CHUNK))
     assert ls(store)["lab@1"]["held"] == 0
     out = icbd("warm", "lab@1", "--store", str(store)).stdout
     assert f"warmed lab@1: {len(profile)} chunks, 0 failed" in out, out

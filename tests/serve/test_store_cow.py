@@ -29,7 +29,7 @@ def test_cow_over_a_faulting_store_version(tmp_path: Path, server_factory: Any) 
     try:
         wait_port("127.0.0.1", port)
         store = tmp_path / "store"
-        srv = server_factory("--store", str(store), "--store-cow",
+        srv = server_factory("--store", str(store), "--create-store", "--store-cow",
                              "--export", f"lab@1=nbd://127.0.0.1:{port}/")
 
         async def run() -> tuple[bytes, bytes, bytes]:
@@ -76,7 +76,8 @@ def test_cache_on_a_store_cow_export_faults_from_the_upstream(
         pytest.skip("nbdsh is not installed (scripts/setup installs libnbd-bin)")
     img = make_image(tmp_path / "base.img", 8 * MiB)
     up = upstream(img)
-    srv = server_factory("--store", str(tmp_path / "store"), "--store-cow", "--readahead", "0",
+    srv = server_factory("--store", str(tmp_path / "store"), "--create-store", "--store-cow",
+                         "--readahead", "0",
                          "--export", f"lab@1={up.uri}")
     start, length = 2 * MiB, 4 * CHUNK  # chunks 32..35, data (MiB 3 is the hole)
     script = (f"assert h.can_cache()\n"

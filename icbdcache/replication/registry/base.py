@@ -66,6 +66,11 @@ class Registry(ABC):
         """Mark a version retired. Raises RegistryError if unknown. Advances the generation."""
 
     @abstractmethod
+    async def unretire(self, imi: str, version: str) -> None:
+        """Offer a retired version again (no-op if it is not retired). Raises RegistryError if
+        unknown. Advances the generation."""
+
+    @abstractmethod
     async def versions(self, imi: str | None = None) -> list[VersionRecord]:
         """Published versions (retired ones included), oldest first, of one iMI or all."""
 
@@ -94,6 +99,12 @@ class Registry(ABC):
     @abstractmethod
     async def unsubscribe(self, site: str, imi: str) -> None:
         """Drop a subscription (no error if absent). Advances the generation."""
+
+    @abstractmethod
+    async def forget(self, site: str) -> bool:
+        """Remove ``site``: its record, subscriptions and keep-alives (a site that sends a
+        keep-alive again is created anew). Returns whether it was known. Advances the
+        generation if it was."""
 
     @abstractmethod
     async def sites(self) -> list[SiteRecord]:

@@ -149,6 +149,14 @@ class EmbeddedRegistry(Registry):
     async def retire(self, imi: str, version: str) -> None:
         """Mark ``IMI@VERSION`` retired (no-op if it already is). Raises RegistryError if
         unknown. Advances the generation."""
+        self._set_retired(imi, version, True)
+
+    async def unretire(self, imi: str, version: str) -> None:
+        """Offer ``IMI@VERSION`` again (no-op if it is not retired). Raises RegistryError if
+        unknown. Advances the generation."""
+        self._set_retired(imi, version, False)
+
+    def _set_retired(self, imi: str, version: str, retired: bool) -> None:
         key = f"{VERSION_PREFIX}{imi}@{version}"
 
         def fn(get: RecordGet, put: RecordPut) -> None:
@@ -156,9 +164,9 @@ class EmbeddedRegistry(Registry):
             if raw is None:
                 raise RegistryError(f"unknown version {imi}@{version}")
             d = _loads(raw)
-            if d.get("retired"):
+            if bool(d.get("retired")) == retired:
                 return
-            d["retired"] = True
+            d["retired"] = retired
             self._bump(get, put)
             put(key, json.dumps(d, sort_keys=True).encode())
 
@@ -302,6 +310,26 @@ class EmbeddedRegistry(Registry):
             return True
 
         self._update_site(site, change, bump=True)
+
+    async def forget(self, site: str) -> bool:
+        """Remove ``site`` (its record and keep-alives) in one transaction; whether it was
+        known. Advances the generation if it was."""
+        self._pending.pop(site, None)
+        self._known_sites.discard(site)
+
+        def fn(get: RecordGet, put: RecordPut) -> bool:
+            if get(SITE_PREFIX + site) is None:
+                put(SEEN_PREFIX + site, None)
+                return False
+            put(SITE_PREFIX + site, None)
+            put(SEEN_PREFIX + site, None)
+            self._bump(get, put)
+            return True
+
+        try:
+            return bool(self.store.update_records(fn))
+        except Exception as e:
+            raise RegistryError(_store_failed(self.store, e)) from e
 
     async def sites(self) -> list[SiteRecord]:
         """Every site, by name; ``up`` if its last keep-alive is at most ``down_after``

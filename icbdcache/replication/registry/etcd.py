@@ -264,15 +264,23 @@ class EtcdRegistry(Registry):
     async def retire(self, imi: str, version: str) -> None:
         """Mark ``IMI@VERSION`` retired (no-op if it already is). Raises RegistryError if
         unknown. Advances the generation."""
+        await self._set_retired(imi, version, True)
+
+    async def unretire(self, imi: str, version: str) -> None:
+        """Offer ``IMI@VERSION`` again (no-op if it is not retired). Raises RegistryError if
+        unknown. Advances the generation."""
+        await self._set_retired(imi, version, False)
+
+    async def _set_retired(self, imi: str, version: str, retired: bool) -> None:
         key = self._versions + f"{imi}@{version}".encode()
 
         def change(old: bytes | None) -> bytes | None:
             if old is None:
                 raise RegistryError(f"unknown version {imi}@{version}")
             d = _json(old)
-            if d.get("retired"):
+            if bool(d.get("retired")) == retired:
                 return None
-            d["retired"] = True
+            d["retired"] = retired
             return json.dumps(d, sort_keys=True).encode()
 
         await self._cas(key, change, bump=True)
@@ -432,6 +440,23 @@ class EtcdRegistry(Registry):
         """Drop ``site``'s subscription to ``imi`` (no error if absent; an unknown site is
         not created). Advances the generation if it was subscribed."""
         await self._subscription(site, imi, False)
+
+    async def forget(self, site: str) -> bool:
+        """Remove ``site`` (its record, keep-alives and liveness key) in one transaction;
+        whether it was known. Advances the generation if it was."""
+        keys = [p + site.encode() for p in (self._sites, self._seen, self._alive)]
+
+        async def fn(c: Any) -> bool:
+            t = c.transactions
+            ok, _ = await c.transaction(
+                compare=[t.create(keys[0]) > 0],
+                success=[*(t.delete(k) for k in keys), t.put(self._gen, keys[0])],
+                failure=[t.delete(k) for k in keys[1:]])
+            return bool(ok)
+
+        known = await self._call(fn)
+        self._leases.pop(site, None)
+        return known
 
     async def sites(self) -> list[SiteRecord]:
         """Every site, by name, read in one transaction (one consistent snapshot)."""
