@@ -19,6 +19,12 @@ Notes on the design:
   ``--runtime`` seconds have passed (at least once), and each copy is timed; a single copy of a
   page-cached 1 GiB image takes well under a second, too short to measure alone.
 - CPU times come from /proc in clock ticks (10 ms), so short runs have coarse CPU figures.
+- Write workloads (``--writes``) measure what durability costs: random writes, some with a
+  FLUSH after every N writes (fio ``--fsync=N``), against servers that write for real: icbd-cache
+  into a per-client copy-on-write overlay in a fresh ``--cow-dir``, nbdkit's file plugin and
+  qemu-nbd into a fresh copy of the image (copied and fsynced before the server starts), all
+  in ``--tmpdir``. Each server answers a FLUSH with fsyncs of what it wrote (icbd-cache: the
+  overlay's data, its block map, and the first time its meta and directory).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +71,13 @@ class Workload:
     bs: int = 4096
     iodepth: int = 1
     numjobs: int = 1
+    #: A FLUSH after every this many writes (fio ``--fsync``); 0: none.
+    fsync: int = 0
+
+    @property
+    def writes(self) -> bool:
+        """The workload writes (the server must serve the image writable)."""
+        return "write" in self.rw
 
 
 WORKLOADS: tuple[Workload, ...] = (
@@ -80,6 +94,19 @@ WORKLOADS: tuple[Workload, ...] = (
 )
 
 WORKLOAD_NAMES = tuple(w.name for w in WORKLOADS)
+
+#: What durability costs (``--writes``): random writes without and with FLUSHes.
+WRITE_WORKLOADS: tuple[Workload, ...] = (
+    Workload("write-4k-qd8", "fio", "4 KiB random write, iodepth 8, no FLUSH", "randwrite",
+             4096, 8),
+    Workload("write-4k-flush1", "fio", "4 KiB random write, iodepth 1, a FLUSH after every "
+             "write", "randwrite", 4096, 1, fsync=1),
+    Workload("write-64k-flush16", "fio", "64 KiB random write, iodepth 4, a FLUSH after every "
+             "16 writes", "randwrite", 65536, 4, fsync=16),
+)
+
+WRITE_WORKLOAD_NAMES = tuple(w.name for w in WRITE_WORKLOADS)
+ALL_WORKLOADS = WORKLOADS + WRITE_WORKLOADS
 
 
 @dataclass
@@ -163,9 +190,13 @@ examples:
   icbd-bench serve --quick --servers nbdkit,qemu-nbd
   icbd-bench serve --workloads rand-4k-qd1,nbdcopy --reps 5 --out out/bench/serve-a
   icbd-bench serve --image /srv/lab.img --icbd-args='--workers 2' --wait-idle 20
+  icbd-bench serve --writes --image-size 256M --reps 3 --out out/bench/writes
 
 workloads:
 """ + "\n".join(f"  {w.name:<18} {w.description}" for w in WORKLOADS) + """
+
+write workloads (--writes, or by name; scratch files in --tmpdir):
+""" + "\n".join(f"  {w.name:<18} {w.description}" for w in WRITE_WORKLOADS) + """
 
 Each run starts the server fresh on a free 127.0.0.1 port, samples the idle background (waiting
 for --wait-idle if given), reads the image into the page cache, runs the client and reads the
@@ -186,8 +217,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--servers", type=_name_list(servers.SERVER_NAMES),
                    default=list(servers.DEFAULT_SERVERS),
                    help="comma-separated servers, in run order (default: %(default)s)")
-    p.add_argument("--workloads", type=_name_list(WORKLOAD_NAMES), default=list(WORKLOAD_NAMES),
-                   help="comma-separated workloads (default: all, see below)")
+    p.add_argument("--workloads", type=_name_list(tuple(w.name for w in ALL_WORKLOADS)),
+                   help="comma-separated workloads (default: every read workload, see below)")
+    p.add_argument("--writes", action="store_true",
+                   help="run the write workloads (what FLUSH costs) instead of the reads; "
+                        "icbd-cold, which serves reads only, is left out")
     p.add_argument("--image", type=Path, help="serve this raw file instead of a generated one")
     p.add_argument("--image-size", type=parse_size,
                    help="size of the generated image, e.g. 256M (default 1G; --quick 64M)")
@@ -219,7 +253,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", type=Path, help="JSON results file (default OUT/serve.json)")
     p.add_argument("--plot", type=Path, help="PNG plot file (default OUT/serve.png)")
     p.add_argument("--tmpdir", type=Path,
-                   help="where the generated image goes (default: the system temp dir)")
+                   help="where the generated image and the write workloads' scratch copies "
+                        "and cow dirs go (default: the system temp dir)")
     p.set_defaults(func=main)
 
 
@@ -261,12 +296,16 @@ def resolve(args: argparse.Namespace) -> Settings:
     """Turn parsed arguments into :class:`Settings`, applying ``--quick`` defaults."""
     quick = bool(args.quick)
     out = args.out or Path("out/bench") / dt.datetime.now().strftime("serve-%Y%m%d-%H%M%S")
-    chosen = set(args.workloads)
+    default = WRITE_WORKLOAD_NAMES if args.writes else WORKLOAD_NAMES
+    chosen = set(args.workloads or default)
+    workloads = [w for w in ALL_WORKLOADS if w.name in chosen]
+    names = list(args.servers) + [
+        n for n in (servers.STORE_SERVERS if args.store else ()) if n not in args.servers]
+    if workloads and all(w.writes for w in workloads):
+        names = [n for n in names if servers.kind(n) not in servers.READ_ONLY_SERVERS]
     return Settings(
-        servers=_with_twins(list(args.servers) + [
-            n for n in (servers.STORE_SERVERS if args.store else ()) if n not in args.servers],
-            args.baseline_bin),
-        workloads=[w for w in WORKLOADS if w.name in chosen],
+        servers=_with_twins(names, args.baseline_bin),
+        workloads=workloads,
         image=args.image,
         image_size=args.image_size or (64 * MIB if quick else 1 << 30),
         runtime=args.runtime or (2.0 if quick else 10.0),
@@ -341,9 +380,11 @@ def wait_for_idle(sample: float, below: float | None, max_wait: float
 def fio_command(fio: str, w: Workload, uri: str, runtime: float, output: Path) -> list[str]:
     """The fio argv for workload ``w`` against ``uri``: time-based, ``runtime`` seconds.
 
-    Each of the ``numjobs`` jobs opens its own NBD connection; results are grouped.
+    Each of the ``numjobs`` jobs opens its own NBD connection; results are grouped. A write
+    workload with ``fsync`` sends a FLUSH after every ``fsync`` writes.
     """
-    return [fio, "--name=" + w.name, "--ioengine=nbd", f"--uri={uri}", "--readonly",
+    mode = ([f"--fsync={w.fsync}"] if w.fsync else []) if w.writes else ["--readonly"]
+    return [fio, "--name=" + w.name, "--ioengine=nbd", f"--uri={uri}", *mode,
             f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}", f"--numjobs={w.numjobs}",
             "--group_reporting", "--time_based", f"--runtime={round(runtime * 1000)}ms",
             "--lat_percentiles=1",
@@ -355,8 +396,9 @@ def nbdcopy_command(nbdcopy: str, uri: str) -> list[str]:
     return [nbdcopy, f"--request-size={NBDCOPY_REQUEST_SIZE}", uri, "null:"]
 
 
-def parse_fio(doc: dict[str, Any]) -> dict[str, float | int | None]:
-    """Read IOPS, MiB/s, latency percentiles (µs), request count and runtime (s) from fio's JSON.
+def parse_fio(doc: dict[str, Any], writes: bool = False) -> dict[str, float | int | None]:
+    """Read IOPS, MiB/s, latency percentiles (µs), request count and runtime (s) from fio's JSON
+    (of the writes with ``writes``, else of the reads; FLUSHes are not counted as requests).
 
     ``p50_us``/``p99_us`` are completion latency (clat); ``lat_p50_us``/``lat_p99_us`` are total
     latency (submission + completion). With the nbd engine a reply often arrives while fio is
@@ -368,7 +410,7 @@ def parse_fio(doc: dict[str, Any]) -> dict[str, float | int | None]:
     job = jobs[0]
     if job.get("error"):
         raise ValueError(f"fio job error {job['error']}")
-    rd = job["read"]
+    rd = job["write" if writes else "read"]
     def us(kind: str, key: str) -> float | None:
         v = (rd.get(kind, {}).get("percentile") or {}).get(key)
         return None if v is None else float(v) / 1000.0
@@ -462,16 +504,37 @@ class Progress:
 # --------------------------------------------------------------------------- the benchmark
 
 
+def scratch_for(name: str, image: Path, parent: Path | None) -> Path:
+    """A fresh scratch directory for a write run of server ``name`` in ``parent``: a copy of
+    ``image`` (fsynced, so its writeback does not fall into the run) for nbdkit and qemu-nbd,
+    an empty ``cow`` directory for icbd-cache."""
+    scratch = Path(tempfile.mkdtemp(prefix="icbd-bench-write-", dir=parent))
+    if servers.kind(name).startswith("icbd"):
+        (scratch / "cow").mkdir()
+        return scratch
+    copy = servers.scratch_image(scratch)
+    with open(image, "rb") as src, open(copy, "wb") as dst:
+        shutil.copyfileobj(src, dst, 8 * MIB)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return scratch
+
+
 def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: Path,
             tools: dict[str, str], log_dir: Path) -> RunResult:
     """Start server ``name``, sample the idle machine, warm the image, run ``w``, stop it."""
     r = RunResult(w.name, name, rep)
     tag = f"{w.name}-{rep + 1}"
     client_log = log_dir / f"client-{name}-{tag}.log"
+    scratch: Path | None = None
     try:
         extra = s.icbd_args if name.startswith("icbd") else ()
+        if w.writes:
+            if servers.kind(name) in servers.READ_ONLY_SERVERS:
+                raise ValueError(f"{name} serves reads only")
+            scratch = scratch_for(name, image, s.tmpdir)
         with servers.running(name, binary, image, log_dir, extra,
-                             tag) as srv:
+                             tag, scratch=scratch) as srv:
             r.idle_cpu_pct, r.load1, r.idle_wait_s = wait_for_idle(
                 s.idle_sample, s.wait_idle, s.wait_idle_max)
             r.warm_s = warm_page_cache(image)
@@ -487,7 +550,7 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
                 cmd = fio_command(tools["fio"], w, srv.uri, s.runtime, fio_json)
                 run_client(cmd, client_log, timeout=s.runtime + 120)
                 cpu1 = srv.cpu_seconds()
-                m = parse_fio(json.loads(fio_json.read_text()))
+                m = parse_fio(json.loads(fio_json.read_text()), w.writes)
                 r.iops, r.mib_s = m["iops"], m["mib_s"]
                 r.p50_us, r.p99_us = m["p50_us"], m["p99_us"]
                 r.lat_p50_us, r.lat_p99_us = m["lat_p50_us"], m["lat_p99_us"]
@@ -512,6 +575,9 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
                 r.cpu_us_per_req = r.cpu_s * 1e6 / r.requests
     except (RuntimeError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
         r.error = f"{type(e).__name__}: {e}"
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return r
 
 
@@ -643,11 +709,16 @@ def _meta(s: Settings, image: Path, size: int, names: list[str], binaries: dict[
     port = 10809
     uri = f"nbd://127.0.0.1:{port}/{servers.EXPORT}"
     srv: dict[str, Any] = {}
+    writes = any(w.writes for w in workloads)
     for n in names:
-        cmd = servers.server_command(n, binaries[n], image, port,
-                                     s.icbd_args if n.startswith("icbd") else ())
+        extra = s.icbd_args if n.startswith("icbd") else ()
+        cmd = servers.server_command(n, binaries[n], image, port, extra)
         srv[n] = {"binary": binaries[n], "version": servers.tool_version(binaries[n]),
                   "cmd": shlex.join(cmd).replace(str(port), "PORT")}
+        if writes and servers.kind(n) not in servers.READ_ONLY_SERVERS:
+            wcmd = servers.server_command(n, binaries[n], image, port, extra,
+                                          scratch=Path("SCRATCH"))
+            srv[n]["write_cmd"] = shlex.join(wcmd).replace(str(port), "PORT")
     for n, why in skipped.items():
         srv[n] = {"skipped": why}
     clients: dict[str, Any] = {}
@@ -664,6 +735,7 @@ def _meta(s: Settings, image: Path, size: int, names: list[str], binaries: dict[
         "argv": sys.argv,
         "image": str(image) if s.image else "(generated, random data)",
         "image_bytes": size,
+        "scratch_fs": (_fs_of(s.tmpdir or Path(tempfile.gettempdir())) if writes else None),
         "runtime_s": s.runtime,
         "reps": s.reps,
         "idle_sample_s": s.idle_sample,
@@ -676,6 +748,13 @@ def _meta(s: Settings, image: Path, size: int, names: list[str], binaries: dict[
         "tools": {k: {"binary": v, "version": servers.tool_version(v)} for k, v in tools.items()},
         "host": host_info(),
     }
+
+
+def _fs_of(path: Path) -> str:
+    """The file system type holding ``path`` (where write runs put their scratch files)."""
+    from icbdcache.layers.cowdir import fs_type
+
+    return fs_type(str(path))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -18,6 +18,11 @@ The servers serve the same raw file read-only under the export name ``img``:
 - ``qemu-nbd``: ``qemu-nbd -r -t -e 0 -x img -p PORT -b 127.0.0.1 -f raw PATH`` (``-e 0``: any
   number of clients, since qemu-nbd otherwise accepts one connection at a time)
 
+For a write workload each serves it writable (:func:`server_command` with ``scratch``): icbd-cache
+and icbd-store through a per-client copy-on-write overlay in ``SCRATCH/cow`` (``,cow`` or
+``--store-cow``, ``--cow-max 0``), nbdkit's file plugin and qemu-nbd on ``SCRATCH/img.raw``, a
+copy of the image; icbd-cold serves reads only.
+
 Each icbd server has a ``-base`` twin (``icbd-store-base``, ...) run with another build of
 ``icbd-cache`` (``icbd-bench serve --baseline-bin PATH``, e.g. the previous release installed in
 a venv of its own), so a change is measured before and after in one run.
@@ -49,6 +54,9 @@ STORE_SERVERS: tuple[str, ...] = ("icbd-store", "icbd-cold")
 
 #: The server the ratios are taken against.
 BASELINE = "nbdkit"
+
+#: Servers that cannot run a write workload.
+READ_ONLY_SERVERS: tuple[str, ...] = ("icbd-cold",)
 
 #: Suffix of an icbd server run with the ``--baseline-bin`` build.
 BASE_SUFFIX = "-base"
@@ -112,28 +120,41 @@ def binary_name(name: str) -> str:
     return _BINARY[kind(name)]
 
 
+def scratch_image(scratch: Path) -> Path:
+    """Where a write run of nbdkit or qemu-nbd finds its copy of the image."""
+    return scratch / "img.raw"
+
+
 def server_command(name: str, binary: str, image: Path, port: int,
-                   extra: Sequence[str] = ()) -> list[str]:
-    """The argv that serves ``image`` read-only as export ``img`` on 127.0.0.1:``port``.
+                   extra: Sequence[str] = (), scratch: Path | None = None) -> list[str]:
+    """The argv that serves ``image`` as export ``img`` on 127.0.0.1:``port``: read-only, or
+    with ``scratch`` writable (see the module notes; raises ValueError for icbd-cold).
 
     ``extra`` is appended for ``icbd`` only (the ``--icbd-args`` of the CLI).
     """
     path = str(image)
     name = kind(name)
+    listen = ["--listen", f"127.0.0.1:{port}"]
+    cow = ["--cow-dir", str(scratch / "cow"), "--cow-max", "0"] if scratch else []
     if name == "icbd":
-        return [binary, "serve", "--export", f"{EXPORT}={path}",
-                "--listen", f"127.0.0.1:{port}", *extra]
+        spec = f"{EXPORT}={path}" + (",cow" if scratch else "")
+        return [binary, "serve", "--export", spec, *cow, *listen, *extra]
     if name == "icbd-store":
-        return [binary, "serve", "--store", str(warm_store(binary, image)),
-                "--listen", f"127.0.0.1:{port}", *extra]
+        store_cow = ["--store-cow", *cow] if scratch else []
+        return [binary, "serve", "--store", str(warm_store(binary, image)), *store_cow,
+                *listen, *extra]
     if name == "icbd-cold":
+        if scratch:
+            raise ValueError("icbd-cold serves reads only")
         return cold_store_command(binary, image, port, extra)
+    ro = [] if scratch else ["-r"]
+    target = str(scratch_image(scratch)) if scratch else path
     if name == "nbdkit":
-        return [binary, "-r", "-f", "-p", str(port), "-i", "127.0.0.1", "--exit-with-parent",
-                "file", path]
+        return [binary, *ro, "-f", "-p", str(port), "-i", "127.0.0.1", "--exit-with-parent",
+                "file", target]
     if name == "qemu-nbd":
-        return [binary, "-r", "-t", "-e", "0", "-x", EXPORT, "-p", str(port), "-b", "127.0.0.1",
-                "-f", "raw", path]
+        return [binary, *ro, "-t", "-e", "0", "-x", EXPORT, "-p", str(port), "-b", "127.0.0.1",
+                "-f", "raw", target]
     raise ValueError(f"unknown server {name!r}")
 
 
@@ -318,8 +339,9 @@ def _ready(server: RunningServer, size: int, nbdinfo: str | None) -> bool:
 
 def start_server(name: str, binary: str, image: Path, log_dir: Path,
                  extra: Sequence[str] = (), tag: str = "", timeout: float = 30.0,
-                 attempts: int = 3) -> RunningServer:
-    """Start server ``name`` on a free 127.0.0.1 port and wait until it serves ``image``.
+                 attempts: int = 3, scratch: Path | None = None) -> RunningServer:
+    """Start server ``name`` on a free 127.0.0.1 port and wait until it serves ``image``
+    (writable with ``scratch``: :func:`server_command`).
 
     Output goes to ``log_dir/NAME[-TAG].log``. A server that exits at once (e.g. the port was
     taken between picking and binding) is retried on a new port up to ``attempts`` times.
@@ -332,7 +354,7 @@ def start_server(name: str, binary: str, image: Path, log_dir: Path,
     last = ""
     for _ in range(attempts):
         port = free_port()
-        cmd = server_command(name, binary, image, port, extra)
+        cmd = server_command(name, binary, image, port, extra, scratch)
         with open(log, "ab") as out:
             out.write(f"$ {' '.join(cmd)}\n".encode())
             out.flush()
@@ -360,9 +382,10 @@ def start_server(name: str, binary: str, image: Path, log_dir: Path,
 
 @contextlib.contextmanager
 def running(name: str, binary: str, image: Path, log_dir: Path, extra: Sequence[str] = (),
-            tag: str = "") -> Iterator[RunningServer]:
-    """Context manager: a started server, stopped by PID when the block exits in any way."""
-    srv = start_server(name, binary, image, log_dir, extra, tag)
+            tag: str = "", scratch: Path | None = None) -> Iterator[RunningServer]:
+    """Context manager: a started server (writable with ``scratch``), stopped by PID when the
+    block exits in any way."""
+    srv = start_server(name, binary, image, log_dir, extra, tag, scratch=scratch)
     try:
         yield srv
     finally:

@@ -16,6 +16,7 @@ connection of a client starts and ends (who runs which version, docs/store.md).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,9 +24,11 @@ from urllib.parse import parse_qsl
 
 from icbdcache.access import AllowList, parse_cidr
 from icbdcache.layers.base import Client, Layer, transmission_flags
+from icbdcache.layers.cowdir import CowDir
 from icbdcache.layers.file import FileLayer
-from icbdcache.layers.overlay import OverlayLayer
+from icbdcache.layers.overlay import OverlayLayer, OverlayLost, Overlays
 from icbdcache.log import kv
+from nbd.errors import ExportUnavailable
 from nbd.events import ExportInfo
 
 log = logging.getLogger("icbdcache.exports")
@@ -91,26 +94,30 @@ class Export:
         self.detach: Callable[[str], None] | None = None
 
     @classmethod
-    def of_layer(cls, name: str, base: Layer, *, cow: bool = False, cow_dir: str | None = None,
-                 cow_linger: float = 120.0, what: str = "") -> Export:
-        """``base`` as an export, under a copy-on-write overlay per client if ``cow``;
-        ``what`` starts the description (NBD_INFO_DESCRIPTION)."""
+    def of_layer(cls, name: str, base: Layer, *, overlays: Overlays | None = None,
+                 base_id: str = "", what: str = "") -> Export:
+        """``base`` as an export, under a copy-on-write overlay per client if ``overlays``
+        (where the overlays live: the server's ``--cow-dir``) is given; ``base_id`` identifies
+        the bytes of ``base`` (an overlay made over other bytes is never reused); ``what``
+        starts the description (NBD_INFO_DESCRIPTION)."""
         owned: list[Layer] = []
         stack = base
-        if cow:
-            stack = OverlayLayer(base, cow_dir, cow_linger)
+        if overlays is not None:
+            stack = OverlayLayer(base, overlays, name, base_id or name)
             owned.append(stack)
-        mode = "copy-on-write per client" if cow else "read-only"
+        mode = "copy-on-write per client" if overlays is not None else "read-only"
         text = f"{what}, " if what else ""
         return cls(name, stack, description=f"{text}{_human(base.size)}, {mode}", owned=owned)
 
     @classmethod
-    def from_file(cls, spec: ExportSpec, *, cow_dir: str | None = None,
-                  cow_linger: float = 120.0) -> Export:
-        """An export of a raw image file. Raises OSError if it cannot be opened."""
+    def from_file(cls, spec: ExportSpec, *, overlays: Overlays | None = None) -> Export:
+        """An export of a raw image file, copy-on-write in ``overlays`` if ``spec.cow``
+        (ValueError without them). Raises OSError if the file cannot be opened."""
+        if spec.cow and overlays is None:
+            raise ValueError(f"export {spec.name}: copy-on-write needs a --cow-dir")
         base = FileLayer(spec.path)
-        export = cls.of_layer(spec.name, base, cow=spec.cow, cow_dir=cow_dir,
-                              cow_linger=cow_linger)
+        export = cls.of_layer(spec.name, base, overlays=overlays if spec.cow else None,
+                              base_id=base.fingerprint)
         export.owned.append(base)
         export.allow = AllowList(spec.allow)
         return export
@@ -124,8 +131,14 @@ class Export:
         return ExportInfo(name=self.name, size=self.size, flags=transmission_flags(self.stack),
                           description=self.description, handle=handle)
 
+    def check(self, client: Client) -> None:
+        """Raise OverlayLost if ``client`` would be refused (its overlay is gone)."""
+        if self.overlays is not None:
+            self.overlays.check(client)
+
     def connect(self, client: Client) -> Layer:
-        """The layer a new connection of ``client`` talks to. Raises OSError (no overlay)."""
+        """The layer a new connection of ``client`` talks to. Raises OSError (no overlay;
+        OverlayLost: refused until the client boots anew)."""
         view = self.stack.connect(client)
         if self.attach is not None:
             self.attach(client.identity)
@@ -136,10 +149,6 @@ class Export:
         self.stack.disconnect(client, view)
         if self.detach is not None:
             self.detach(client.identity)
-
-    def expire(self, now: float) -> int:
-        """Drop overlays idle beyond their linger (``now``: monotonic seconds); how many."""
-        return self.overlays.expire(now) if self.overlays is not None else 0
 
     def close(self) -> None:
         for layer in self.owned:
@@ -174,6 +183,12 @@ class OpenedVersion(Protocol):
 
     def detach(self, address: str) -> None: ...
 
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the version's bytes (a version made anew under the same key has
+        another)."""
+        ...
+
 
 class VersionSource(Protocol):
     """Versions in a store (:class:`icbdcache.node.Node`), exported by name on demand; a
@@ -191,17 +206,20 @@ class Catalog:
     store: ``IMI@VERSION``, or ``IMI`` for its latest version, resolved when a client asks,
     so a client keeps the version it opened). The empty name is the default export:
     ``default`` if given (a fixed export, a version or an iMI), else the first fixed export.
-    Raises ValueError if ``default`` names nothing.
+    ``cowdir`` holds every writable export's overlays; with ``versions_cow`` the versions are
+    writable through it too. Raises ValueError if ``default`` names nothing, or for
+    ``versions_cow`` without ``cowdir``.
     """
 
     def __init__(self, exports: Sequence[Export], default: str | None = None,
                  versions: VersionSource | None = None, *, versions_cow: bool = False,
-                 cow_dir: str | None = None, cow_linger: float = 120.0) -> None:
+                 cowdir: CowDir | None = None) -> None:
+        if versions_cow and cowdir is None:
+            raise ValueError("writable store versions need a --cow-dir")
         self.by_name = {e.name: e for e in exports}
         self.versions = versions
         self.versions_cow = versions_cow
-        self.cow_dir = cow_dir
-        self.cow_linger = cow_linger
+        self.cowdir = cowdir
         #: Exports of opened versions by key, with the stack top they were made over.
         self._version_exports: dict[str, tuple[Layer, Export]] = {}
         #: Exports of versions reopened since (their connections may still use them).
@@ -233,8 +251,9 @@ class Catalog:
         cached = self._version_exports.get(opened.key)
         if cached is not None and cached[0] is top:
             return cached[1]
-        export = Export.of_layer(opened.key, top, cow=self.versions_cow, cow_dir=self.cow_dir,
-                                 cow_linger=self.cow_linger, what="iMI version")
+        export = Export.of_layer(opened.key, top,
+                                 overlays=self.cowdir if self.versions_cow else None,
+                                 base_id=opened.fingerprint, what="iMI version")
         export.attach, export.detach = opened.attach, opened.detach
         if cached is not None:
             self._retired.append(cached[1])  # still used by its connections
@@ -242,8 +261,18 @@ class Catalog:
         return export
 
     def lookup(self, name: str, client: str | None = None) -> ExportInfo | None:
+        """What the client at address ``client`` (None: anyone) is told of export ``name``.
+        Raises ExportUnavailable when that client is refused (its overlay is gone)."""
         found = self.resolve(name, client)
-        return found.export.info(handle=found) if found is not None else None
+        if found is None:
+            return None
+        if client is not None:
+            try:
+                found.export.check(Client(client, found.options, time.monotonic()))
+            except OverlayLost as e:
+                log.warning(kv(export=found.export.name, client=client, refused=e))
+                raise ExportUnavailable(str(e)) from None
+        return found.export.info(handle=found)
 
     def for_peer(self, address: Callable[[], str],
                  refused: Callable[[str], None] | None = None) -> PeerCatalog:
@@ -260,9 +289,17 @@ class Catalog:
         return [*self.by_name.values(), *(e for _, e in self._version_exports.values()),
                 *self._retired]
 
+    def expire(self, now: float) -> int:
+        """Expire every overlay (and forget every tombstone) idle beyond the linger, of any
+        export, opened in this run or not (``now``: monotonic seconds); how many."""
+        return self.cowdir.expire(now) if self.cowdir is not None else 0
+
     def close(self) -> None:
+        """Close every export, then the overlays (synced, so a restart finds them whole)."""
         for e in self.all():
             e.close()
+        if self.cowdir is not None:
+            self.cowdir.close()
 
 
 class PeerCatalog:

@@ -132,6 +132,11 @@ class VersionStack:
     def top(self) -> Layer:
         return self.readahead
 
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the version's bytes: its key, size and creation time."""
+        return f"version {self.meta.key} size={self.meta.size} created={self.meta.created!r}"
+
 
 class Node:
     """The versions of one store, opened on demand and kept open.

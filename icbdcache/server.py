@@ -42,6 +42,7 @@ from icbdcache import activation, handover
 from icbdcache.access import AllowList
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
+from icbdcache.layers.cowdir import CowDir, default_cow_dir
 from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import finish_loop, new_event_loop
 from icbdcache.node import Node, NodeService
@@ -98,6 +99,7 @@ class ServeConfig:
     grace: float = 10.0
     cow_dir: str | None = None
     cow_linger: float = 120.0
+    cow_max: int | None = None
     debug_requests: bool = False
     trace: str | None = None
     workers: int = 1
@@ -614,6 +616,19 @@ class Server:
                 await self._serve_on(sock)
             self._janitor = loop.create_task(self._expire_overlays())
             return
+        # the Unix socket first: once a TCP port answers, every listener is up
+        if unix_sock is not None or self.config.unix:
+            if unix_sock is None:
+                path = cast(str, self.config.unix)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.path.exists(path) and not _is_socket(path):
+                        raise OSError(f"{path} exists and is not a socket")
+                    os.unlink(path)
+                srv = await loop.create_unix_server(lambda: NBDProtocol(self), path, backlog=1024)
+            else:
+                srv = await loop.create_unix_server(lambda: NBDProtocol(self), sock=unix_sock)
+            self.servers.append(srv)
+            log.info(kv(listening=f"unix:{self.config.unix}"))
         for host, port in self.config.listen:
             try:
                 srv = await loop.create_server(
@@ -630,18 +645,6 @@ class Server:
                 log.info(kv(listening=_fmt_addr(s.getsockname()), tls=(
                     "required" if self.config.tls_required else "offered" if self.ssl else "no"
                 )))
-        if unix_sock is not None or self.config.unix:
-            if unix_sock is None:
-                path = cast(str, self.config.unix)
-                with contextlib.suppress(FileNotFoundError):
-                    if os.path.exists(path) and not _is_socket(path):
-                        raise OSError(f"{path} exists and is not a socket")
-                    os.unlink(path)
-                srv = await loop.create_unix_server(lambda: NBDProtocol(self), path, backlog=1024)
-            else:
-                srv = await loop.create_unix_server(lambda: NBDProtocol(self), sock=unix_sock)
-            self.servers.append(srv)
-            log.info(kv(listening=f"unix:{self.config.unix}"))
         self._janitor = loop.create_task(self._expire_overlays())
 
     async def _serve_on(self, sock: socket.socket) -> None:
@@ -659,12 +662,10 @@ class Server:
 
     async def _expire_overlays(self) -> None:
         while True:
-            await asyncio.sleep(max(1.0, min(30.0, self.config.cow_linger / 2)))
-            now = time.monotonic()
-            for e in self.catalog.all():
-                dropped = e.expire(now)
-                if dropped:
-                    log.debug(kv(export=e.name, overlays_expired=dropped))
+            await asyncio.sleep(max(0.5, min(30.0, self.config.cow_linger / 2)))
+            dropped = self.catalog.expire(time.monotonic())
+            if dropped:
+                log.debug(kv(overlays_expired=dropped))
 
     def request_stop(self) -> None:
         """Ask :meth:`serve` to shut down (signal handlers call this)."""
@@ -716,7 +717,7 @@ class Server:
             return "this server is shutting down"
         if self.writable_clients:
             return (f"{self.writable_clients} connection(s) used copy-on-write overlays, which "
-                    "live in this process")
+                    "a hand-over does not carry (a restart does: they are kept in --cow-dir)")
         return None
 
     def stop_accepting(self) -> list[tuple[str, int]]:
@@ -735,6 +736,9 @@ class Server:
             await self._serve_on(socket.socket(fileno=fd))
 
     async def stop_services(self) -> None:
+        # No connection ever used an overlay (refusal): --cow-dir goes to the successor.
+        if self.catalog.cowdir is not None:
+            self.catalog.cowdir.close()
         if self.node is not None:
             for svc in self.node.services:
                 try:
@@ -743,6 +747,8 @@ class Server:
                     log.error(kv(service=type(svc).__name__, close_error=e))
 
     async def start_services(self) -> None:
+        if self.catalog.cowdir is not None:  # rolled back: --cow-dir is ours again
+            self.catalog.cowdir.open(time.monotonic())
         if self.node is not None:
             for svc in self.node.services:
                 try:
@@ -769,9 +775,12 @@ class Server:
     # ------------------------------------------------------------ hand-over: taking
 
     async def start_with(self, listeners: list[tuple[str, socket.socket]]) -> None:
-        """Start the node (its services) and accept on the predecessor's sockets."""
+        """Start the node (its services), take --cow-dir (the predecessor let it go), and
+        accept on the predecessor's sockets."""
         if self.node is not None:
             await self.node.start()
+        if self.catalog.cowdir is not None:
+            self.catalog.cowdir.open(time.monotonic())
         wanted = {_fmt_addr(a) for a in self.config.listen}
         if self.config.unix:
             wanted.add(f"unix:{self.config.unix}")
@@ -917,20 +926,48 @@ def _fmt_addr(addr: object) -> str:
     return str(addr)
 
 
-def build_catalog(config: ServeConfig, node: Node | None = None) -> Catalog:
-    """Open every file export of ``config`` (exports of ``nbd://`` URIs are the node's).
-    Raises OSError or ValueError with the export named."""
+def cow_dir_of(config: ServeConfig) -> str | None:
+    """Where ``config``'s overlays live: ``--cow-dir``, else the default named after the
+    listen addresses (:func:`~icbdcache.layers.cowdir.default_cow_dir`); None when nothing is
+    writable."""
+    if not (config.store_cow or any(e.cow for e in config.exports)):
+        return None
+    if config.cow_dir:
+        return config.cow_dir
+    return default_cow_dir([f"{h}:{p}" for h, p in config.listen]
+                           + ([f"unix:{config.unix}"] if config.unix else []))
+
+
+def build_catalog(config: ServeConfig, node: Node | None = None, *,
+                  recover: bool = True) -> Catalog:
+    """Open every file export of ``config`` (exports of ``nbd://`` URIs are the node's), and
+    with ``recover`` the ``--cow-dir`` (locked; what a previous run left is recovered).
+    Without it, writable exports are only checked (startup checks). Raises OSError or
+    ValueError with the export named."""
+    cowdir = None
+    path = cow_dir_of(config)
+    if path is not None:
+        cowdir = CowDir(path, linger=config.cow_linger, max_bytes=config.cow_max)
+        if recover:
+            cowdir.open(time.monotonic())
     exports: list[Export] = []
-    for spec in config.exports:
-        if spec.is_upstream:
-            continue
-        try:
-            exports.append(Export.from_file(spec, cow_dir=config.cow_dir,
-                                            cow_linger=config.cow_linger))
-        except OSError as e:
-            raise OSError(e.errno, f"export {spec.name}: {e.strerror}: {spec.path}") from None
-    return Catalog(exports, config.default_export, node, versions_cow=config.store_cow,
-                   cow_dir=config.cow_dir, cow_linger=config.cow_linger)
+    try:
+        for spec in config.exports:
+            if spec.is_upstream:
+                continue
+            try:
+                exports.append(Export.from_file(spec, overlays=cowdir))
+            except OSError as e:
+                raise OSError(e.errno, f"export {spec.name}: {e.strerror}: {spec.path}") \
+                    from None
+        return Catalog(exports, config.default_export, node, versions_cow=config.store_cow,
+                       cowdir=cowdir)
+    except BaseException:
+        for x in exports:
+            x.close()
+        if cowdir is not None:
+            cowdir.close()
+        raise
 
 
 def open_node(config: ServeConfig, services: Sequence[NodeService] = ()) -> Node | None:
@@ -1007,7 +1044,8 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
             await node.close()
             node.store.close()
         raise
-    catalog = build_catalog(config, node)
+    # taking over: --cow-dir is opened once the predecessor lets it go (Server.start_with)
+    catalog = build_catalog(config, node, recover=chan is None)
     if node is not None:
         for name in catalog.by_name:
             if node.store.version(name) is not None:

@@ -3,7 +3,8 @@
 The two protocol errors (after h11): the peer broke the protocol (:class:`RemoteProtocolError`),
 or we were asked to (:class:`LocalProtocolError`). Besides them, two answers a well-behaved
 server may give: an error reply to a request (:class:`RequestError`) and a refused option
-during the handshake (:class:`NegotiationError`).
+during the handshake (:class:`NegotiationError`). A server's export catalog raises
+:class:`ExportUnavailable` for an export it knows but will not give this client now.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """This side asked the state machine for something the protocol state does not allow."""
+
+
+class ExportUnavailable(Exception):
+    """A server's catalog refuses an export it knows to this client, for now (the message says
+    why). The server state machine answers NBD_REP_ERR_POLICY with that message (NBD_OPT_GO,
+    INFO, SET_META_CONTEXT) or closes the connection (NBD_OPT_EXPORT_NAME)."""
 
 
 class RequestError(Exception):

@@ -45,7 +45,7 @@ from nbd.constants import (
     ReplyType,
     TransmissionFlag,
 )
-from nbd.errors import LocalProtocolError, RemoteProtocolError
+from nbd.errors import ExportUnavailable, LocalProtocolError, RemoteProtocolError
 from nbd.events import (
     Disconnect,
     ExportInfo,
@@ -104,7 +104,9 @@ class ExportCatalog(Protocol):
     """What the state machine asks about exports during option haggling."""
 
     def lookup(self, name: str) -> ExportInfo | None:
-        """The export a client named (``""`` is the default export), or None if unknown."""
+        """The export a client named (``""`` is the default export), or None if unknown.
+        May raise :class:`~nbd.errors.ExportUnavailable` to refuse it to this client with a
+        message (NBD_REP_ERR_POLICY)."""
 
     def exports(self) -> Sequence[tuple[str, str]]:
         """(name, description) of every export, for NBD_OPT_LIST."""
@@ -323,6 +325,16 @@ class ServerConnection:
         if data:
             self._out.append(data)
 
+    def _find(self, name: str) -> ExportInfo | tuple[Rep, str]:
+        """The catalog's export for ``name``, or the refusal (reply type, message):
+        NBD_REP_ERR_UNKNOWN for a name it does not know, NBD_REP_ERR_POLICY for an export it
+        will not give this client now."""
+        try:
+            info = self.catalog.lookup(name)
+        except ExportUnavailable as e:
+            return Rep.ERR_POLICY, str(e) or f"export {name!r} is refused"
+        return info if info is not None else (Rep.ERR_UNKNOWN, f"unknown export {name!r}")
+
     def _refuse(self, opt: int, rep: Rep, message: str, events: list[Event]) -> None:
         self._option_reply(opt, rep, message.encode())
         events.append(OptionHaggled(opt, rep, message))
@@ -348,10 +360,10 @@ class ServerConnection:
         if name is None:
             self.phase = Phase.CLOSED
             raise RemoteProtocolError("export name is not UTF-8")
-        info = self.catalog.lookup(name)
-        if info is None:
+        info = self._find(name)
+        if isinstance(info, tuple):
             self.phase = Phase.CLOSED
-            raise RemoteProtocolError(f"unknown export {name!r} (NBD_OPT_EXPORT_NAME)")
+            raise RemoteProtocolError(f"{info[1]} (NBD_OPT_EXPORT_NAME)")
         self._begin(info, Opt.EXPORT_NAME, name, events)
         self._out.append(wire.EXPORT_NAME_REPLY.pack(info.size, self._flags))
         if not self.no_zeroes:
@@ -414,9 +426,9 @@ class ServerConnection:
             self._refuse(opt, Rep.ERR_INVALID, parsed, events)
             return
         name, requests = parsed
-        info = self.catalog.lookup(name)
-        if info is None:
-            self._refuse(opt, Rep.ERR_UNKNOWN, f"unknown export {name!r}", events)
+        info = self._find(name)
+        if isinstance(info, tuple):
+            self._refuse(opt, *info, events)
             return
         flags = self._transmission_flags(info)
         if Info.NAME in requests:
@@ -450,8 +462,9 @@ class ServerConnection:
             self._refuse(opt, Rep.ERR_INVALID, parsed, events)
             return
         name, queries = parsed
-        if self.catalog.lookup(name) is None:
-            self._refuse(opt, Rep.ERR_UNKNOWN, f"unknown export {name!r}", events)
+        found = self._find(name)
+        if isinstance(found, tuple):
+            self._refuse(opt, *found, events)
             return
         selected: list[str] = []
         if not queries and opt == Opt.LIST_META_CONTEXT:

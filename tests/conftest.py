@@ -137,8 +137,10 @@ def start_server(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | Non
     cmd = [str(BIN / "icbd-cache"), "serve", *args]
     if listen:
         cmd += ["--listen", f"{host}:{port}"]
+    # TMPDIR: the default --cow-dir of writable exports goes with the test's own files.
+    env = {**os.environ, "TMPDIR": str(tmp)}
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     srv = Server(proc, host, port, log, cmd)
     try:
         wait_port(host, port)

@@ -87,10 +87,15 @@ SERVE = Command(
      Option("grace", "float", metavar="SECONDS",
             help="on SIGTERM/SIGINT, time to finish in-flight replies (default 10)"),
      Option("cow-dir", metavar="DIR",
-            help="where copy-on-write overlay files live (default: $TMPDIR)"),
+            help="where the clients' copy-on-write overlays are kept, across restarts and "
+                 "crashes (default: $TMPDIR/icbd-cow-UID-HASH, named after the listen "
+                 "addresses)"),
      Option("cow-linger", "float", metavar="SECONDS",
             help="a client's overlay outlives its last connection this long; a client that "
                  "comes back later boots anew (default 120)"),
+     Option("cow-max", "size", metavar="BYTES",
+            help="the most one client's overlay may hold; writes past it fail with ENOSPC "
+                 "(default: a quarter of the file system of --cow-dir; 0: no bound)"),
      Option("handover", metavar="PATH",
             help="a Unix socket for planned restarts: a server started with the same "
                  "--handover takes the listening sockets and live connections of the one "
@@ -160,8 +165,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("--tls-cert and --tls-key go together")
     if cfg.tls_required and not cfg.tls_cert:
         raise ValueError("--tls-required needs --tls-cert and --tls-key")
-    if cfg.workers > 1 and any(e.cow for e in cfg.exports):
-        raise ValueError("copy-on-write exports need --workers 1 (overlays live in one process)")
+    if cfg.workers > 1 and (cfg.store_cow or any(e.cow for e in cfg.exports)):
+        raise ValueError("copy-on-write exports (,cow and --store-cow) need --workers 1 "
+                         "(a client's overlay lives in one process)")
     if cfg.workers > 1 and cfg.trace:
         raise ValueError("--trace needs --workers 1 (one file, one writer)")
     if cfg.workers > 1 and cfg.handover:
@@ -196,11 +202,27 @@ def check_default_export(cfg: ServeConfig) -> None:
     raise ValueError(f"--default-export {name!r} is not an export: {where}")
 
 
-def check_cow_dir(path: str) -> None:
-    """Refuse a ``--cow-dir`` where overlay files cannot be made. Raises ValueError."""
+def check_cow_dir(path: str, *, make: bool = False, held_ok: bool = False) -> None:
+    """Refuse a ``--cow-dir`` where overlay files cannot be made, or that another running
+    server holds (unless ``held_ok``: a successor taking over with ``--handover``); ``make``:
+    the server will make it (the default directory), so a missing one only needs a writable
+    parent. Raises ValueError."""
+    from icbdcache.layers.cowdir import CowDir
+
+    if make and not os.path.exists(path):
+        parent = os.path.dirname(path) or "."
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot make the overlay directory {path} (no write access to "
+                             f"{parent}); give --cow-dir DIR")
+        return
     if not os.path.isdir(path):
         what = "not a directory" if os.path.exists(path) else "no such directory"
         raise ValueError(f"--cow-dir {path}: {what}")
+    try:
+        if not held_ok:
+            CowDir.check_free(path)
+    except OSError as e:
+        raise ValueError(str(e)) from e
     try:
         fd, name = tempfile.mkstemp(prefix="icbd-cow-check-", dir=path)
     except OSError as e:
@@ -247,15 +269,18 @@ def check_startup(cfg: ServeConfig) -> None:
     ``--cow-dir``, the TLS files, that every file export opens, the store (a missing one is
     refused unless ``--create-store``), the default export. Raises ValueError, OSError or
     StoreError."""
-    from icbdcache.server import build_catalog
+    from icbdcache.server import build_catalog, cow_dir_of
 
-    if cfg.cow_dir:
+    cow_dir = cow_dir_of(cfg)
+    if cow_dir is not None:
+        check_cow_dir(cow_dir, make=not cfg.cow_dir, held_ok=bool(cfg.handover))
+    elif cfg.cow_dir:
         check_cow_dir(cfg.cow_dir)
     if cfg.tls_cert and cfg.tls_key:
         check_tls(cfg.tls_cert, cfg.tls_key)
     # every file export opens, with the export named, before forking (the default export
     # may be a store version, checked below against the store)
-    build_catalog(dataclasses.replace(cfg, default_export=None)).close()
+    build_catalog(dataclasses.replace(cfg, default_export=None), recover=False).close()
     from icbdcache.store.index import sector_note
 
     for spec in cfg.exports:

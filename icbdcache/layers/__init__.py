@@ -7,7 +7,10 @@ An export is a stack; each layer holds ``next`` and passes through what it does 
 layer        module                           job
 ===========  ===============================  ================================================
 overlay      :mod:`~.overlay`                 per-client copy-on-write (``,cow``,
-                                              ``--store-cow``); one overlay per client
+                                              ``--store-cow``); one overlay per client, kept
+                                              in ``--cow-dir`` (:mod:`~.cowdir`: recovery,
+                                              lingers, tombstones; :mod:`~.cowfile`: the
+                                              files and their fsync order)
 readahead    :mod:`~.readahead`               sequential and boot-profile readahead, as
                                               ``next.cache()`` hints only
 fault        :mod:`~.fault`                   single-flight fetch of missing chunks from the

@@ -25,7 +25,10 @@ class FileLayer(Layer):
         super().__init__(None)
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        self.size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        self.size = st.st_size
+        #: What identifies these bytes: another file, or this one changed, has another.
+        self.fingerprint = f"file ino={st.st_ino} size={st.st_size} mtime_ns={st.st_mtime_ns}"
         if self.size:
             self._map: mmap.mmap | None = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
             self._map.madvise(mmap.MADV_RANDOM)

@@ -126,8 +126,9 @@ def test_demo_readme_command(tmp_path: Path) -> None:
         pytest.skip("mkfs.ext4 is not installed (Debian package e2fsprogs; scripts/setup)")
     out, kept = run_demo(tmp_path)
     image = next((tmp_path / "cache" / "icbd-cache").glob("demo-*.ext4"))
-    assert re.search(r"^site +icbd-cache serve --store \S+ --listen 127\.0\.0\.1:\d+ --master "
-                     r"http://127\.0\.0\.1:\d+ --site demo-site --subscribe demo --on-demand$",
+    assert re.search(r"^site +icbd-cache serve --store \S+ --create-store --listen "
+                     r"127\.0\.0\.1:\d+ --master http://127\.0\.0\.1:\d+ --site demo-site "
+                     r"--subscribe demo --on-demand$",
                      out, re.M), out
     check_demo(out, kept, image, 15)
     assert {p.name for p in kept.iterdir()} >= {"master", "site", "master.log", "site.log",

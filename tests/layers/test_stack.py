@@ -17,6 +17,7 @@ import pytest
 
 from icbdcache.exports import Catalog, Export, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer, ReadResult, transmission_flags
+from icbdcache.layers.cowdir import CowDir
 from icbdcache.layers.fault import FaultLayer, Faults
 from icbdcache.layers.file import FileLayer
 from icbdcache.layers.overlay import CowOverlay, OverlayLayer
@@ -162,7 +163,8 @@ def test_flags_are_built_from_the_stack(tmp_path: Path, store: Store) -> None:
     assert ro & TF.READ_ONLY and ro & TF.SEND_CACHE and ro & TF.CAN_MULTI_CONN
     assert not ro & (TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES)
 
-    cow = transmission_flags(OverlayLayer(file_layer, str(tmp_path)))
+    cowdir = CowDir(str(tmp_path / "cow"))
+    cow = transmission_flags(OverlayLayer(file_layer, cowdir, "scratch", "b"))
     assert not cow & TF.READ_ONLY
     for flag in (TF.SEND_FLUSH, TF.SEND_FUA, TF.SEND_TRIM, TF.SEND_WRITE_ZEROES,
                  TF.SEND_FAST_ZERO, TF.SEND_CACHE, TF.CAN_MULTI_CONN):
@@ -172,7 +174,7 @@ def test_flags_are_built_from_the_stack(tmp_path: Path, store: Store) -> None:
     plain = Recorder(CS)
     plain.can_cache = lambda: False  # type: ignore[method-assign]
     assert not transmission_flags(plain) & TF.SEND_CACHE
-    assert not transmission_flags(OverlayLayer(plain, str(tmp_path))) & TF.SEND_CACHE
+    assert not transmission_flags(OverlayLayer(plain, cowdir, "plain", "b")) & TF.SEND_CACHE
 
     # a store version: the version layer alone is hits only (no CACHE); the fault layer adds it
     _, version, fault = version_stack(store, FakeSource(DATA))
@@ -184,8 +186,11 @@ def test_flags_are_built_from_the_stack(tmp_path: Path, store: Store) -> None:
 def test_the_catalog_hands_its_answer_to_transmission(tmp_path: Path) -> None:
     path = tmp_path / "base.img"
     path.write_bytes(DATA[: 2 * CS])
-    export = Export.of_layer("scratch", FileLayer(path), cow=True, cow_dir=str(tmp_path))
-    catalog = Catalog([export])
+    cowdir = CowDir(str(tmp_path / "cow"))
+    cowdir.open(0.0)
+    base = FileLayer(path)
+    export = Export.of_layer("scratch", base, overlays=cowdir, base_id=base.fingerprint)
+    catalog = Catalog([export], cowdir=cowdir)
     info = catalog.lookup("scratch?boot=abc")
     assert info is not None and info.size == 2 * CS
     assert isinstance(info.handle, Resolved)
@@ -370,7 +375,9 @@ def test_cache_through_an_overlay_reaches_the_sources(tmp_path: Path, store: Sto
     src = FakeSource(DATA)
     reader, version, fault = version_stack(store, src)
     ra = ReadaheadLayer(fault, BootProfile(store, "lab@1"), CS, seq_ahead=0)
-    export = Export.of_layer("lab@1", ra, cow=True, cow_dir=str(tmp_path))
+    cowdir = CowDir(str(tmp_path / "cow"))
+    cowdir.open(0.0)
+    export = Export.of_layer("lab@1", ra, overlays=cowdir, base_id="lab@1 test")
     assert transmission_flags(export.stack) & TF.SEND_CACHE
 
     async def main() -> None:
@@ -387,6 +394,7 @@ def test_cache_through_an_overlay_reaches_the_sources(tmp_path: Path, store: Sto
     assert reader.writer.flush()
     assert all(version.held(i) for i in range(12, 16))
     export.close()
+    cowdir.close()
     reader.close()
 
 

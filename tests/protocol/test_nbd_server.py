@@ -29,7 +29,7 @@ from nbd.constants import (
     ReplyType,
     TransmissionFlag,
 )
-from nbd.errors import LocalProtocolError, RemoteProtocolError
+from nbd.errors import ExportUnavailable, LocalProtocolError, RemoteProtocolError
 from nbd.events import (
     Disconnect,
     ExportInfo,
@@ -452,6 +452,38 @@ def test_info_go_unknown_export_is_err_unknown_and_haggling_goes_on(opt: Opt) ->
     assert conn.phase is Phase.OPTIONS
     (ev,) = conn.receive_data(option(Opt.GO, info_request("disk")))
     assert isinstance(ev, TransmissionStarted)
+
+
+class RefusingCatalog(Catalog):
+    """Refuses ``rw`` to this client (ExportUnavailable), as a server does to a client whose
+    copy-on-write overlay is gone."""
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        if name == "rw":
+            raise ExportUnavailable("your overlay was lost; boot anew")
+        return super().lookup(name)
+
+
+@pytest.mark.parametrize("opt", [Opt.INFO, Opt.GO])
+def test_an_export_refused_to_this_client_is_err_policy_with_the_reason(opt: Opt) -> None:
+    conn = ServerConnection(RefusingCatalog([DISK, RW], {}))
+    conn.receive_data(struct.pack(">I", ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES))
+    out(conn)
+    events = conn.receive_data(option(opt, info_request("rw", Info.NAME)))
+    assert assert_refused(out(conn), opt, Rep.ERR_POLICY) == "your overlay was lost; boot anew"
+    assert events == [OptionHaggled(opt, Rep.ERR_POLICY, "your overlay was lost; boot anew")]
+    assert conn.phase is Phase.OPTIONS  # haggling goes on: another export is fine
+    (ev,) = conn.receive_data(option(Opt.GO, info_request("disk")))
+    assert isinstance(ev, TransmissionStarted)
+
+
+def test_export_name_refused_to_this_client_drops_the_connection() -> None:
+    conn = ServerConnection(RefusingCatalog([DISK, RW], {}))
+    conn.receive_data(struct.pack(">I", ClientFlag.C_FIXED_NEWSTYLE))
+    out(conn)
+    with pytest.raises(RemoteProtocolError, match="overlay was lost"):
+        conn.receive_data(option(Opt.EXPORT_NAME, b"rw"))
+    assert conn.phase is Phase.CLOSED
 
 
 MALFORMED_INFO = {

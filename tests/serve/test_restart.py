@@ -99,9 +99,10 @@ class Servers:
     def start(self, *extra: str, prefix: tuple[str, ...] = (),
               pass_fds: tuple[int, ...] = ()) -> Proc:
         log = self.tmp / f"serve-{len(self.started)}.log"
+        env = {**os.environ, "TMPDIR": str(self.tmp)}  # the default --cow-dir goes here
         with open(log, "wb") as out:
             p = subprocess.Popen([*prefix, ICBD, "serve", *self.args, *extra], stdout=out,
-                                 stderr=subprocess.STDOUT, pass_fds=pass_fds)
+                                 stderr=subprocess.STDOUT, pass_fds=pass_fds, env=env)
         proc = Proc(p, log)
         self.started.append(proc)
         return proc
