@@ -24,33 +24,10 @@ from pathlib import Path
 import pytest
 from conftest import BIN, free_port, make_image, require, sha256_file, stop_process, wait_port
 from nbdraw import RawClient, closed_by_server
+from scrape import promtool_check, samples, scrape
 
 ICBD = str(BIN / "icbd-cache")
 MiB = 1 << 20
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        assert r.headers["Content-Type"].startswith("text/plain")
-        return str(r.read().decode())
-
-
-def samples(text: str) -> dict[str, float]:
-    """``name{labels}`` -> value of every sample line."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
-def promtool_check(text: str) -> None:
-    """``promtool check metrics`` accepts ``text`` (its lint findings included)."""
-    p = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
-                       text=True, timeout=60, check=False)
-    assert p.returncode == 0 and not p.stdout.strip() and not p.stderr.strip(), (
-        p.returncode, p.stdout, p.stderr)
 
 
 class NotifySocket:
