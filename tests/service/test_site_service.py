@@ -324,3 +324,68 @@ def test_pxe_and_master_metrics_pass_promtool(tmp_path: Path) -> None:
     finally:
         stop_process(pxe)
         stop_process(master)
+
+
+def json_events(log: Path) -> list[dict[str, object]]:
+    """Every line of ``log`` as a JSON object (each must parse, with an event and a level)."""
+    out = []
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["event"] and rec["level"], line
+        out.append(rec)
+    return out
+
+
+def wait_event(log: Path, event: str, timeout: float = 10.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r for r in json_events(log) if r["event"] == event]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, (event, log.read_text()[-2000:])
+        time.sleep(0.05)
+
+
+def test_the_events_an_admin_looks_for_are_logged_at_info(store: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    """At the default level, without -v: a client asking for an unknown export (its name,
+    with a newline in it, kept inside one line) and a TFTP file not found."""
+    require("curl")
+    _img, st = store
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([ICBD, "serve", "--store", str(st), "--listen",
+                                 f"127.0.0.1:{port}", "--log-format", "json"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port("127.0.0.1", port)
+        with RawClient(port) as c:
+            c.handshake()
+            assert c.go("nope\nevent=forged") != 0
+        rec = wait_event(log, "unknown_export")
+        # the name as the server quotes it: its newline written as \n, inside one JSON line
+        assert rec["level"] == "info" and str(rec["why"]) == "unknown export " \
+            "'nope\\nevent=forged'", rec
+    finally:
+        assert stop_process(proc) == 0, log.read_text()[-2000:]
+    assert "forged" not in [r["event"] for r in json_events(log)]
+
+    tftp, http = free_port(), free_port()
+    log = tmp_path / "pxe.log"
+    with open(log, "wb") as out:
+        pxe = subprocess.Popen([ICBD, "pxe", "serve", "--store", str(st), "--nbd-host",
+                                "127.0.0.1", "--listen", "127.0.0.1", "--tftp-port", str(tftp),
+                                "--http-port", str(http), "--log-format", "json"],
+                               stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port("127.0.0.1", http)
+        got = subprocess.run(["curl", "-sS", "--max-time", "10", "-o", os.devnull,
+                              f"tftp://127.0.0.1:{tftp}/no-such-file"], capture_output=True,
+                             text=True, timeout=30, check=False)
+        assert got.returncode != 0  # curl's TFTP client got the server's "file not found"
+        rec = wait_event(log, "tftp_not_found")
+        assert rec["level"] == "info" and rec["file"] == "no-such-file", rec
+        assert rec["peer"] and str(rec["peer"]).startswith("127.0.0.1")
+    finally:
+        assert stop_process(pxe) == 0, log.read_text()[-2000:]
