@@ -9,6 +9,7 @@ datagram socket plays ``NOTIFY_SOCKET``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -389,3 +390,54 @@ def test_the_events_an_admin_looks_for_are_logged_at_info(store: tuple[Path, Pat
         assert rec["peer"] and str(rec["peer"]).startswith("127.0.0.1")
     finally:
         assert stop_process(pxe) == 0, log.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("command", ["master", "replica", "pxe serve"])
+def test_each_service_says_ready_pings_and_says_stopping(command: str, tmp_path: Path) -> None:
+    """What Type=notify and WatchdogSec= in the units rely on, for the other services: READY=1
+    once their port answers, WATCHDOG=1 every half WATCHDOG_USEC, STOPPING=1 on SIGTERM, and
+    a clean exit."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "300000"}
+    port = free_port()
+    master = None
+    if command == "master":
+        argv = ["master", "--store", str(tmp_path / "m"), "--listen", f"127.0.0.1:{port}"]
+    elif command == "replica":
+        mport = free_port()
+        master = subprocess.Popen([ICBD, "master", "--store", str(tmp_path / "m"), "--listen",
+                                   f"127.0.0.1:{mport}", "-q"])
+        wait_port("127.0.0.1", mport)
+        argv = ["replica", "--store", str(tmp_path / "site"), "--master",
+                f"http://127.0.0.1:{mport}", "--site", "site-a",
+                "--metrics-listen", f"127.0.0.1:{port}"]
+    else:
+        st = tmp_path / "store"
+        subprocess.run([ICBD, "import", str(make_image(tmp_path / "x.img", 2 * MiB)), "--imi",
+                        "lab", "--store", str(st)], check=True, capture_output=True, timeout=60)
+        argv = ["pxe", "serve", "--store", str(st), "--nbd-host", "127.0.0.1", "--listen",
+                "127.0.0.1", "--tftp-port", "off", "--http-port", str(port)]
+    log = tmp_path / "service.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([ICBD, *argv], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_port("127.0.0.1", port)
+        notify.wait_for("READY=1", timeout=10)
+        pings = len([m for m in notify.wait_for("WATCHDOG=1", timeout=5) if m == "WATCHDOG=1"])
+        time.sleep(1.0)  # one ping every 0.15 s: about six more; two at least
+        notify.sock.settimeout(0.1)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                notify.messages.append(notify.sock.recv(4096).decode())
+        assert len([m for m in notify.messages if m == "WATCHDOG=1"]) >= pings + 2, \
+            notify.messages
+        assert not any("STOPPING=1" in m for m in notify.messages)
+    finally:
+        code = stop_process(proc)
+        if master is not None:
+            stop_process(master)
+    notify.wait_for("STOPPING=1", timeout=5)
+    notify.close()
+    assert code == 0, log.read_text()[-2000:]
+    ready = next(m for m in notify.messages if "READY=1" in m.split("\n"))
+    assert ready.startswith("READY=1\nSTATUS="), ready
