@@ -10,10 +10,12 @@ through ``ip netns exec``; :meth:`NetNS.http` makes HTTP requests from inside it
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -116,7 +118,20 @@ class NetNS:
         raise RuntimeError(f"nothing listening on {host}:{port} in {self.name} after "
                            f"{timeout} s")
 
+    def stop_leftovers(self) -> list[int]:
+        """SIGKILL every process still in the namespace (all started by the test: a script's
+        background jobs it could not stop), by PID; their PIDs."""
+        p = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
+                           text=True, check=False)
+        pids = [int(x) for x in p.stdout.split()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
     def delete(self) -> None:
+        """Stop what is left in the namespace (:meth:`stop_leftovers`), then delete it."""
+        self.stop_leftovers()
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True, check=False)
 
 
