@@ -49,8 +49,8 @@ class ReadaheadLayer(Layer):
         first = offset // cs
         last = (offset + length - 1) // cs
         profile = self.profile
-        if profile.recording_until:
-            profile.record(first, last)
+        if profile.recording_until and (first != last or first not in profile.position):
+            profile.record(first, last)  # a chunk not in the profile yet (or several)
         missed = type(result) is not list
         seen = self._seen
         if missed and self.seq_ahead and first and seen[first - 1]:

@@ -70,7 +70,13 @@ class BatchWriter:
 
     def touch(self, key: bytes) -> None:
         """Note a read of chunk ``key`` (recorded as its access tick with the next batch)."""
-        self._touched.add(key)
+        with self._cv:
+            self._touched.add(key)
+
+    def touch_many(self, keys: set[bytes]) -> None:
+        """Note reads of the chunks ``keys`` (:meth:`touch` for a batch of them)."""
+        with self._cv:
+            self._touched |= keys
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the persistent counter ``name``."""
