@@ -134,10 +134,11 @@ def summary(runs: list[Run]) -> str:
         cpu = [r.cpu_us_per_req for r in rs]
         loop = [r.loop_us_per_req for r in rs]
         iops = [r.iops for r in rs]
+        load = statistics.median(r.load1 for r in rs)
         lines.append(
             f"qd{qd:<3} {kind:<11} cpu/req {statistics.median(cpu):6.1f} us "
             f"[{min(cpu):.1f}-{max(cpu):.1f}]  loop thread {statistics.median(loop):6.1f} us  "
-            f"iops {statistics.median(iops):8.0f}  load1 {statistics.median(r.load1 for r in rs):.2f}")
+            f"iops {statistics.median(iops):8.0f}  load1 {load:.2f}")
     return "\n".join(lines)
 
 

@@ -12,9 +12,10 @@ Notes on the design
   (no task, no await). A read inside one chunk held in the hot set, the warm store's common
   case, is answered by :meth:`VersionLayer.pread` itself with no Python call below it (the hot
   set's ``peek``/``used_now``, the reader's ``recent`` set, two counters); anything else takes
-  the general path through :meth:`~icbdcache.store.reader.StoreReader.read`. Otherwise this layer raises :class:`ChunksMissing` carrying what it
-  found, and the fault layer above (:mod:`icbdcache.layers.fault`) fetches the rest. This layer
-  never talks to a source.
+  the general path through :meth:`~icbdcache.store.reader.StoreReader.read`.
+* Otherwise this layer raises :class:`ChunksMissing` carrying what it found, and the fault
+  layer above (:mod:`icbdcache.layers.fault`) fetches the rest. This layer never talks to a
+  source.
 * The map is shared by every layer of the version and updated in place as entries are learned
   (:meth:`VersionLayer.learn`); a version's map never changes otherwise (versions are
   immutable).
@@ -69,6 +70,9 @@ class VersionLayer(Layer):
         self.map = chunk_map
         self.stats = stats
         self._zeros = memoryview(bytes(self.cs))
+        #: Map entries as bytes objects, made on first use (a dict key made once keeps its
+        #: hash); None where not made yet. :meth:`learn` drops the entry it changes.
+        self._keys: list[bytes | None] = [None] * self.chunks
         hot = reader.hot
         self._peek = hot.peek
         self._used_now = hot.used_now
@@ -80,6 +84,7 @@ class VersionLayer(Layer):
     def learn(self, index: int, entry: bytes) -> None:
         """Set map entry ``index`` (a digest learned from a source, or ZERO)."""
         self.map[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = entry
+        self._keys[index] = None
 
     def chunk_length(self, index: int) -> int:
         """Bytes of chunk ``index`` (the last may be short)."""
@@ -98,7 +103,10 @@ class VersionLayer(Layer):
         first = offset // cs
         lo = offset - first * cs
         if lo + length <= cs:  # inside one chunk: a hot hit is answered here
-            d = bytes(self.map[first * DIGEST_SIZE : (first + 1) * DIGEST_SIZE])
+            d = self._keys[first]
+            if d is None:
+                d = self._keys[first] = bytes(self.map[first * DIGEST_SIZE :
+                                                       (first + 1) * DIGEST_SIZE])
             data = self._peek(d)
             if data is not None:
                 self._used_now(d)

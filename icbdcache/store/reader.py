@@ -112,6 +112,9 @@ class StoreReader:
                     return None
                 self.hits.hits_lmdb += 1
                 seen = self._seen
+                if self.hot.budget <= 0:  # no hot set: never copy a whole chunk to admit it
+                    self.recent.add(key)
+                    return bytes(buf[lo:hi])
                 if key not in seen:
                     if len(seen) >= self._seen_max:
                         seen.clear()

@@ -129,7 +129,7 @@ class BatchWriter:
                 stop = self._stop and not self._chunks and not self._updates
                 touched, self._touched = self._touched, set()
                 stats, self._stats = self._stats, Counter()
-            if chunks or updates or stats or (touched and time.monotonic() - last > 1.0):
+            if chunks or updates or stats or (touched and (stop or time.monotonic() - last > 1.0)):
                 self._commit(chunks, updates, touched, dict(stats))
                 last = time.monotonic()
             with self._cv:
