@@ -16,6 +16,9 @@ Notes on the design
   writer's thread.
 * Runs alternate (store, file, store, file, ...) within each repetition, and the median and
   spread over repetitions are printed, with the load average before each run.
+* ``--baseline-bin PATH`` adds ``icbd-store-base``: the same store served by another build
+  (e.g. main's ``.venv/bin/icbd-cache``), run right after ``icbd-store``, for a before/after
+  in one run.
 * ``--py-spy DIR`` records a py-spy profile (``--format raw``, collapsed stacks) of the server
   during the last repetition's runs, when py-spy is installed (``pip install py-spy``).
 """
@@ -96,9 +99,9 @@ def fio_run(uri: str, iodepth: int, runtime: float, out: Path) -> tuple[int, flo
 
 def one_run(kind: str, binary: str, image: Path, work: Path, iodepth: int, rep: int,
             runtime: float, extra: list[str], spy: Path | None) -> Run:
-    """Start ``kind``, warm it, measure one fio run, stop it."""
+    """Start ``kind`` (``-base``: the baseline build), warm it, measure one fio run, stop it."""
     with servers.running(kind, binary, image, work, extra=extra) as srv:
-        if kind == "icbd-store":
+        if servers.kind(kind) == "icbd-store":
             for _ in range(2):
                 subprocess.run(["nbdcopy", "--request-size=262144", srv.uri, "null:"],
                                check=True, capture_output=True, timeout=300)
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default=",".join(KINDS))
     p.add_argument("--icbd-args", default="", help="extra 'serve' arguments (both servers)")
     p.add_argument("--workdir", type=Path, help="image, store and logs (default: a temp dir)")
+    p.add_argument("--baseline-bin", help="another icbd-cache build: adds icbd-store-base")
     p.add_argument("--py-spy", type=Path, metavar="DIR", help="py-spy profiles of the last rep")
     p.add_argument("--json", type=Path, help="write every run as JSON here")
     a = p.parse_args(argv)
@@ -164,11 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     extra = a.icbd_args.split()
     runs: list[Run] = []
     kinds = a.servers.split(",")
+    if a.baseline_bin:
+        kinds.insert(kinds.index("icbd-store") + 1 if "icbd-store" in kinds else 0,
+                     "icbd-store-base")
     spy = a.py_spy if a.py_spy and shutil.which("py-spy") else None
     for qd in (int(x) for x in a.iodepth.split(",")):
         for rep in range(a.reps):
             for kind in kinds:
-                r = one_run(kind, binary, image, work, qd, rep, a.runtime, extra,
+                b = a.baseline_bin if kind.endswith("-base") else binary
+                r = one_run(kind, b, image, work, qd, rep, a.runtime, extra,
                             spy if rep == a.reps - 1 else None)
                 runs.append(r)
                 print(f"rep {rep} qd{qd} {kind:<11} {r.cpu_us_per_req:6.1f} us/req "
