@@ -11,11 +11,12 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from bench import bootstorm, chunksize, replication, serve
+from bench import adversary, bootstorm, chunksize, replication, serve
 
 #: The modules that register a subcommand, in the order ``--help`` lists them.
 SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (serve.register, chunksize.register,
-                                                   bootstorm.register, replication.register)
+                                                   bootstorm.register, replication.register,
+                                                   adversary.register)
 
 
 def build_parser() -> argparse.ArgumentParser:
