@@ -132,6 +132,15 @@ def _alive(writer: asyncio.StreamWriter) -> bool:
     return bool(info[0] == TCP_ESTABLISHED)
 
 
+async def _each(n: int, parallel: int | None, one: Callable[[int], Awaitable[None]]) -> None:
+    """``one(0)`` .. ``one(n - 1)``, at most ``parallel`` at a time (None: all at once)."""
+    if not parallel or parallel >= n:
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return
+    for start in range(0, n, parallel):
+        await asyncio.gather(*(one(i) for i in range(start, min(n, start + parallel))))
+
+
 async def _hold(seconds: float | None, stop: asyncio.Event) -> None:
     if seconds is None:
         await stop.wait()
@@ -202,11 +211,11 @@ def _requests(command: str, depth: int, size: int, export_size: int, first: int)
 
 async def nbd_pipeline(target: Target, export: str, *, connections: int = 1, depth: int = 40,
                        size: int = 32 << 20, command: str = "read", hold: float | None = None,
-                       stop: asyncio.Event | None = None,
+                       parallel: int | None = None, stop: asyncio.Event | None = None,
                        on_holding: Callable[[Report], None] | None = None) -> Report:
-    """``connections`` connections negotiate ``export``, each sends ``depth`` ``command``
-    requests of ``size`` bytes in one go and never reads a reply; held ``hold`` seconds (None:
-    until ``stop``)."""
+    """``connections`` connections (``parallel`` at a time; None: all at once) negotiate
+    ``export``, each sends ``depth`` ``command`` requests of ``size`` bytes in one go and never
+    reads a reply; held ``hold`` seconds (None: until ``stop``)."""
     report = Report("pipeline", extra={"connections": connections, "depth": depth,
                                        "size": size, "command": command})
     stop = stop or asyncio.Event()
@@ -232,7 +241,7 @@ async def nbd_pipeline(target: Target, export: str, *, connections: int = 1, dep
         except (OSError, asyncio.IncompleteReadError):
             report.refused += 1
 
-    await asyncio.gather(*(one(i) for i in range(connections)))
+    await _each(connections, parallel, one)
     await _held(report, writers, hold, stop, on_holding)
     return report
 
@@ -254,11 +263,12 @@ STALLS = ("connect", "flags", "option", "trickle", "go")
 
 async def nbd_stall(target: Target, *, connections: int = 1, at: str = "go",
                     export: str = "", interval: float = 5.0, hold: float | None = None,
-                    stop: asyncio.Event | None = None,
+                    parallel: int | None = None, stop: asyncio.Event | None = None,
                     on_holding: Callable[[Report], None] | None = None) -> Report:
-    """``connections`` connections that stop at ``at`` (one of :data:`STALLS`; ``export`` is
-    the name ``go`` negotiates); ``trickle`` sends an unknown option every ``interval``
-    seconds (answered with an error: progress, to the server) for as long as it is held."""
+    """``connections`` connections (``parallel`` at a time; None: all at once) that stop at
+    ``at`` (one of :data:`STALLS`; ``export`` is the name ``go`` negotiates); ``trickle``
+    sends an unknown option every ``interval`` seconds (answered with an error: progress, to
+    the server) for as long as it is held."""
     if at not in STALLS:
         raise ValueError(f"stall point {at!r}: one of {', '.join(STALLS)}")
     report = Report("stall", extra={"connections": connections, "at": at})
@@ -283,12 +293,8 @@ async def nbd_stall(target: Target, *, connections: int = 1, at: str = "go",
         report.opened += 1
         writers.append(writer)
         try:
-            if at == "connect":
-                # accepted, or refused at once: a refusal is an EOF or reset within moments
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(reader.read(1), 0.5)
-                    report.refused += 1
-                    return
+            if at == "connect":  # the greeting read (or a refusal), then nothing sent
+                await _exact(reader, wire.GREETING.size, report)
                 report.reached += 1
                 return
             await _greet(reader, writer, report)
@@ -304,7 +310,7 @@ async def nbd_stall(target: Target, *, connections: int = 1, at: str = "go",
         except (OSError, asyncio.IncompleteReadError):
             report.refused += 1
 
-    await asyncio.gather(*(one(i) for i in range(connections)))
+    await _each(connections, parallel, one)
     try:
         await _held(report, writers, hold, stop, on_holding)
     finally:
@@ -314,8 +320,11 @@ async def nbd_stall(target: Target, *, connections: int = 1, at: str = "go",
 
 
 async def nbd_churn(target: Target, *, connections: int = 64, duration: float = 5.0,
-                    stop: asyncio.Event | None = None) -> Report:
-    """``connections`` loops that connect and drop (RST) at once, for ``duration`` seconds."""
+                    wait_close: bool = False, stop: asyncio.Event | None = None) -> Report:
+    """``connections`` loops that connect and drop (RST) at once, for ``duration`` seconds;
+    ``wait_close``: each connection waits for the server to close it first (a client retrying
+    as soon as it is refused; counted in ``closed``, and those still open after 5 s in
+    ``alive``)."""
     report = Report("churn", extra={"connections": connections, "duration": duration})
     stop = stop or asyncio.Event()
     end = time.monotonic() + duration
@@ -323,12 +332,21 @@ async def nbd_churn(target: Target, *, connections: int = 64, duration: float = 
     async def loop(i: int) -> None:
         while time.monotonic() < end and not stop.is_set():
             try:
-                _, writer = await target.open(i)
+                reader, writer = await target.open(i)
             except OSError as e:
                 report.errors[type(e).__name__] += 1
                 await asyncio.sleep(0.01)
                 continue
             report.opened += 1
+            if wait_close:
+                try:
+                    while await asyncio.wait_for(reader.read(1 << 16), 5.0):
+                        pass
+                    report.closed += 1
+                except TimeoutError:
+                    report.alive += 1
+                except OSError:
+                    report.closed += 1
             sock = writer.get_extra_info("socket")
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -510,14 +528,15 @@ async def _main(args: argparse.Namespace) -> int:
     work: Awaitable[Report]
     if args.abuse == "pipeline":
         work = nbd_pipeline(target, args.export, connections=args.connections, depth=args.depth,
-                            size=args.size, command=args.command, hold=args.hold, stop=stop,
-                            on_holding=holding)
+                            size=args.size, command=args.command, hold=args.hold,
+                            parallel=args.parallel, stop=stop, on_holding=holding)
     elif args.abuse == "stall":
         work = nbd_stall(target, connections=args.connections, at=args.at, export=args.export,
-                         interval=args.interval, hold=args.hold, stop=stop, on_holding=holding)
+                         interval=args.interval, hold=args.hold, parallel=args.parallel,
+                         stop=stop, on_holding=holding)
     elif args.abuse == "churn":
         work = nbd_churn(target, connections=args.connections, duration=args.duration,
-                         stop=stop)
+                         wait_close=args.wait_close, stop=stop)
     elif args.abuse == "names":
         work = nbd_names(target, prefix=args.export, stop=stop)
     else:
@@ -564,6 +583,8 @@ def register(subparsers: Any) -> None:
         q.add_argument("--sources", default="",
                        help="source addresses, in turn: A, A+N or A,B,... (default: any)")
         q.add_argument("--connections", type=int, default=1)
+        q.add_argument("--parallel", type=int, default=None,
+                       help="connections opened at a time (default: all at once)")
         q.add_argument("--hold", type=float, default=None,
                        help="seconds to hold the connections (default: until SIGTERM/SIGINT)")
         q.set_defaults(func=lambda a: asyncio.run(_main(a)))
@@ -579,6 +600,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--interval", type=float, default=5.0, help="trickle: seconds per option")
     q = nbd("churn", "connect and drop, as fast as it goes")
     q.add_argument("--duration", type=float, default=5.0)
+    q.add_argument("--wait-close", action="store_true",
+                   help="wait for the server to close each connection before the next")
     nbd("names", "NBD_OPT_GO for names made of control characters and forged log lines")
     q = sub.add_parser("streams", help="stalled POST /v1/chunks streams to a master")
     q.add_argument("--url", default="http://127.0.0.1:10810")

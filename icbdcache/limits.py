@@ -8,8 +8,9 @@ that hold little, so that a few addresses at their own bound cannot lock out the
   the handshake), ``--max-connections`` for the server, of which the last ``reserved`` go only
   to an address holding fewer than :data:`RESERVE_SHARE` connections.
 * :class:`ReplyBudget`: bytes of replies in flight (a request counts from when it is started
-  until its reply has left the process), per connection and per server; the last quarter of
-  the server's bytes go only to an address holding less than one connection's budget. A
+  until its reply has left the process), per connection, per address and per server; the
+  last quarter of the server's bytes go only to an address holding less than one
+  connection's budget. A
   request that does not fit waits (its connection stops reading); a connection or server that
   holds nothing always takes one, so a request bigger than a budget still goes, alone.
 
@@ -109,14 +110,16 @@ class Waiter(Protocol):
 
 
 class ReplyBudget:
-    """Bytes of replies in flight: ``total`` bytes for the server, ``per_connection`` for one
-    connection. Callers :meth:`charge` a request's bytes when it starts and :meth:`release`
-    them when its reply has left; a request that does not :meth:`fits` waits
-    (:meth:`wait`) and is told when room was freed, at most once per event-loop turn."""
+    """Bytes of replies in flight: ``total`` bytes for the server, ``per_address`` for the
+    connections of one address, ``per_connection`` for one connection. Callers
+    :meth:`charge` a request's bytes when it starts and :meth:`release` them when its reply
+    has left; a request that does not :meth:`fits` waits (:meth:`wait`) and is told when room
+    was freed, at most once per event-loop turn."""
 
-    def __init__(self, total: int, per_connection: int) -> None:
+    def __init__(self, total: int, per_connection: int, per_address: int) -> None:
         self.total = max(1, total)
         self.per_connection = max(1, per_connection)
+        self.per_address = max(1, per_address)
         self.used = 0
         self.by_address: Counter[str] = Counter()
         self._waiters: dict[Waiter, None] = {}  # in arrival order
@@ -130,13 +133,16 @@ class ReplyBudget:
         bytes, from ``address``."""
         if connection_used and connection_used + cost > self.per_connection:
             return False
+        held = self.by_address[address] if self.by_address else 0
+        if held and held + cost > self.per_address:
+            return False
         if not self.used:
             return True
         after = self.used + cost
         if after > self.total:
             return False
         return (after <= self.total - self.total // RESERVE_PART
-                or self.by_address[address] + cost <= self.per_connection)
+                or held + cost <= self.per_connection)
 
     def charge(self, address: str, cost: int) -> None:
         """``cost`` bytes of ``address`` are now in flight."""

@@ -13,7 +13,7 @@ addresses that hold few (:class:`icbdcache.limits.ConnectionLimits`); the handsh
 ``handshake_timeout`` seconds between options and ``handshake_total`` in all; in transmission,
 a connection idle for ``idle_timeout`` (nothing in flight, no overlay) is closed, and so is one
 whose client has not taken a byte of its replies for ``send_timeout``; TCP keep-alive on every
-connection. Replies in flight are bounded in bytes per connection and per server
+connection. Replies in flight are bounded in bytes per connection, per address and per server
 (:class:`icbdcache.limits.ReplyBudget`): a request that does not fit waits, with everything
 after it, and its connection is not read meanwhile. Refusals, closes caused by clients and
 request errors are logged at most once a second per reason, with counts. On SIGTERM/SIGINT the
@@ -108,6 +108,8 @@ def _write_like(b: Layer, req: Request) -> Awaitable[None] | None:
 DEFAULT_PORT = 10809
 #: Seconds between looks at the transports' buffers while requests wait for reply budget.
 WAITER_POLL = 0.1
+#: SO_LINGER on, 0 s: close() sends a reset and drops what is unsent.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 @dataclass
@@ -131,6 +133,7 @@ class ServeConfig:
     send_timeout: float = 60.0
     reply_budget: int = 512 << 20
     connection_reply_budget: int = 64 << 20
+    address_reply_budget: int = 128 << 20
     grace: float = 10.0
     cow_dir: str | None = None
     cow_linger: float = 120.0
@@ -382,11 +385,17 @@ class NBDProtocol(asyncio.Protocol):
         self._arm(self._watch_interval(now))
 
     def _drop(self, reason: str, kind: str) -> None:
-        """Abort the connection because of the client, logged (throttled) under ``kind``."""
+        """Reset the connection because of the client, logged (throttled) under ``kind``.
+        A reset, not a FIN: the kernel would otherwise keep trying to send what the client
+        does not read, and the client would not learn that the server gave up."""
         self.reason = reason
         self.server.closes.info(kv(conn=self.id, peer=self.peer, closed=reason), kind)
         self.closing = True
         if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -821,7 +830,8 @@ class Server:
         self.closes = Throttled(log, level=logging.INFO)
         self.limits = ConnectionLimits(config.max_connections, config.address_connections,
                                        config.address_handshakes, config.reserved_connections)
-        self.budget = ReplyBudget(config.reply_budget, config.connection_reply_budget)
+        self.budget = ReplyBudget(config.reply_budget, config.connection_reply_budget,
+                                  config.address_reply_budget)
         #: Connections ever attached to a writable export (their overlays live here).
         self.writable_clients = 0
         #: Set once a successor took everything over (``--handover``).

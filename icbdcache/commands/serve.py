@@ -95,6 +95,9 @@ SERVE = Command(
      Option("connection-reply-budget", "size", metavar="BYTES", group=LIMITS_GROUP,
             help="replies in flight on one connection; more requests wait, unread "
                  "(default 64M)"),
+     Option("address-reply-budget", "size", metavar="BYTES", group=LIMITS_GROUP,
+            help="replies in flight on the connections of one client address (default "
+                 "128M)"),
      Option("grace", "float", metavar="SECONDS",
             help="on SIGTERM/SIGINT, time to finish in-flight replies (default 10)"),
      Option("cow-dir", metavar="DIR",
@@ -192,9 +195,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("--handshake-timeout and --handshake-total must be positive")
     if cfg.idle_timeout < 0 or cfg.send_timeout < 0:
         raise ValueError("--idle-timeout and --send-timeout must be 0 (never) or positive")
-    if cfg.reply_budget < 1 or cfg.connection_reply_budget < 1:
-        raise ValueError("--reply-budget and --connection-reply-budget must be at least 1 "
-                         "byte")
+    if min(cfg.reply_budget, cfg.connection_reply_budget, cfg.address_reply_budget) < 1:
+        raise ValueError("--reply-budget, --connection-reply-budget and "
+                         "--address-reply-budget must be at least 1 byte")
     return cfg
 
 
