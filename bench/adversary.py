@@ -429,13 +429,15 @@ async def version_digests(target: Target, version: str | None, headers: dict[str
 async def chunk_streams(target: Target, *, streams: int = 8, at: str = "read",
                         digests: int = 4096, rate: int = 1024, version: str | None = None,
                         token: str | None = None, site: str | None = None,
-                        hold: float | None = None, stop: asyncio.Event | None = None,
+                        answer_wait: float = 2.0, hold: float | None = None,
+                        stop: asyncio.Event | None = None,
                         on_holding: Callable[[Report], None] | None = None) -> Report:
     """``streams`` ``POST /v1/chunks`` of ``digests`` digests of ``version`` (repeated to fill
     the count), each stalled at ``at`` (:data:`STREAM_STALLS`; ``slow`` reads ``rate``
     bytes a second). ``token``: a bearer token; ``site``: the ``X-Icbd-Site`` header. Counts
-    the answers by status in ``extra["status"]``; a stream the master ended counts as
-    ``closed``."""
+    the answers by status in ``extra["status"]``, and in ``extra["waiting"]`` the streams not
+    answered within ``answer_wait`` seconds (queued at the master; held, and read if
+    ``slow``); a stream the master ended counts as ``closed``."""
     if at not in STREAM_STALLS:
         raise ValueError(f"stall point {at!r}: one of {', '.join(STREAM_STALLS)}")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -443,7 +445,8 @@ async def chunk_streams(target: Target, *, streams: int = 8, at: str = "read",
         headers["X-Icbd-Site"] = site
     have = await version_digests(target, version, headers)
     body = b"".join(have[i % len(have)] for i in range(digests))
-    report = Report("streams", extra={"streams": streams, "at": at, "status": Counter()})
+    report = Report("streams", extra={"streams": streams, "at": at, "status": Counter(),
+                                      "waiting": 0})
     stop = stop or asyncio.Event()
     writers: list[asyncio.StreamWriter] = []
     readers: list[asyncio.Task[None]] = []
@@ -476,12 +479,21 @@ async def chunk_streams(target: Target, *, streams: int = 8, at: str = "read",
                 report.reached += 1
                 return
             _send(writer, raw + body, report)
-            top = await reader.readuntil(b"\r\n\r\n")
+            try:
+                top = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), answer_wait)
+            except TimeoutError:  # queued behind others at the master: held all the same
+                report.reached += 1
+                report.extra["waiting"] += 1
+                if at == "slow":
+                    readers.append(asyncio.ensure_future(slow(reader)))
+                return
             report.bytes_read += len(top)
             status = int(top.split(b" ", 2)[1])
             report.extra["status"][status] += 1
-            if status != 200:
+            if status != 200:  # refused: the answer is all there is to it
                 report.refused += 1
+                writers.remove(writer)
+                writer.transport.abort()
                 return
             report.reached += 1
             if at == "slow":
@@ -542,7 +554,8 @@ async def _main(args: argparse.Namespace) -> int:
     else:
         work = chunk_streams(target, streams=args.streams, at=args.at, digests=args.digests,
                              rate=args.rate, version=args.version, token=args.token,
-                             site=args.site, hold=args.hold, stop=stop, on_holding=holding)
+                             site=args.site, answer_wait=args.answer_wait, hold=args.hold,
+                             stop=stop, on_holding=holding)
     try:
         report = await work
     except (OSError, ValueError) as e:
@@ -613,5 +626,7 @@ def register(subparsers: Any) -> None:
     q.add_argument("--version", default=None, help="IMI@VERSION (default: the first one)")
     q.add_argument("--token", default=None)
     q.add_argument("--site", default=None, help="the X-Icbd-Site header")
+    q.add_argument("--answer-wait", type=float, default=2.0,
+                   help="seconds to wait for each answer before holding it unanswered")
     q.add_argument("--hold", type=float, default=None)
     q.set_defaults(func=lambda a: asyncio.run(_main(a)))

@@ -20,7 +20,10 @@ Nothing here does I/O: icbdcache/server.py asks and tells.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import socket
+import struct
 from collections import Counter
 from typing import Protocol
 
@@ -201,6 +204,26 @@ class ReplyBudget:
         for w in list(self._waiters):
             if w in self._waiters:
                 w.budget_freed()
+
+
+#: SO_LINGER on, 0 s: close() sends a reset and drops what is unsent.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close ``transport`` with a TCP reset: what its peer has not taken is dropped at once
+    (a FIN would wait behind it in the kernel for as long as the peer does not read, and the
+    peer would not learn that we gave up)."""
+    sock = transport.get_extra_info("socket")
+    # (uvloop hands out a stand-in socket, ValueError once its descriptor is gone)
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    abort = getattr(transport, "abort", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.close()
 
 
 def trim_heap() -> bool:

@@ -120,7 +120,7 @@ class Throttled:
             r = self._reasons[reason] = _Reason()
         if now < r.next:
             if not r.held:
-                self._later(reason, r.next - now)
+                self._later(reason, r.next, r.next - now)
             r.held += 1
             r.message, r.level = message, lvl
             self.held += 1
@@ -131,18 +131,19 @@ class Throttled:
         self.written += 1
         self.logger.log(lvl, message)
 
-    def _later(self, reason: str, delay: float) -> None:
+    def _later(self, reason: str, window: float, delay: float) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        loop.call_later(max(0.0, delay), self._flush, reason)
+        loop.call_later(max(0.0, delay), self._flush, reason, window)
 
-    def _flush(self, reason: str) -> None:
-        """The interval of ``reason`` ended with lines held back and none written since:
-        write the last one held, with the count of the others."""
+    def _flush(self, reason: str, window: float) -> None:
+        """The interval of ``reason`` that ends at ``window`` ended with lines held back and
+        none written since: write the last one held, with the count of the others. (A line
+        written meanwhile started another interval, which has its own call.)"""
         r = self._reasons.get(reason)
-        if r is None or not r.held:
+        if r is None or not r.held or r.next != window:
             return
         others, message = r.held - 1, r.message
         r.next, r.held, r.message = time.monotonic() + self.interval, 0, ""

@@ -50,7 +50,7 @@ from icbdcache import activation, handover
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
 from icbdcache.layers.cowdir import CowDir, default_cow_dir
-from icbdcache.limits import ConnectionLimits, ReplyBudget
+from icbdcache.limits import ConnectionLimits, ReplyBudget, reset
 from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import new_event_loop
 from icbdcache.node import Node, NodeService
@@ -108,8 +108,6 @@ def _write_like(b: Layer, req: Request) -> Awaitable[None] | None:
 DEFAULT_PORT = 10809
 #: Seconds between looks at the transports' buffers while requests wait for reply budget.
 WAITER_POLL = 0.1
-#: SO_LINGER on, 0 s: close() sends a reset and drops what is unsent.
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 @dataclass
@@ -392,11 +390,7 @@ class NBDProtocol(asyncio.Protocol):
         self.server.closes.info(kv(conn=self.id, peer=self.peer, closed=reason), kind)
         self.closing = True
         if self.transport is not None:
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            self.transport.abort()
+            reset(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:

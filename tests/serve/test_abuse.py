@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import pytest
+from adversaries import Adversary, adversaries, throttled_counts
 from conftest import BIN, Server, make_image, require, sha256_file
 from nbdraw import RawClient, ServerClosed, still_open
 
@@ -31,62 +30,7 @@ ServerFactory = Callable[..., Server]
 ICBD = str(BIN / "icbd-cache")
 #: Seconds the log throttle needs to write what it held back (one interval, and a margin).
 THROTTLE_FLUSH = 1.5
-
-
-class Adversary:
-    """``icbd-bench abuse ARGS`` in its own process: :meth:`holding` waits for its
-    ``holding`` line, :meth:`stop` ends it (SIGTERM) and returns its ``done`` line."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([str(BIN / "icbd-bench"), "abuse", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: list[dict[str, Any]] = []
-
-    def _next(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise AssertionError(f"the adversary ended without a report: {err}")
-        obj: dict[str, Any] = json.loads(line)
-        self.lines.append(obj)
-        return obj
-
-    def holding(self) -> dict[str, Any]:
-        while (obj := self._next())["event"] != "holding":
-            pass
-        return obj
-
-    def done(self, timeout: float = 60) -> dict[str, Any]:
-        """The ``done`` line of an adversary that ends by itself."""
-        self.proc.wait(timeout)
-        while (obj := self._next())["event"] != "done":
-            pass
-        return obj
-
-    def stop(self) -> dict[str, Any]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.done()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def adversaries() -> Iterator[Callable[..., Adversary]]:
-    started: list[Adversary] = []
-
-    def start(*args: str) -> Adversary:
-        a = Adversary(*args)
-        started.append(a)
-        return a
-
-    yield start
-    for a in started:
-        a.kill()
+__all__ = ["adversaries"]  # the fixture
 
 
 def status(pid: int, field: str) -> int:
@@ -125,17 +69,6 @@ def nbdcopy_sha(uri: str, out: Path, timeout: float = 120) -> str:
     sha = sha256_file(out)
     out.unlink()
     return sha
-
-
-def throttled_counts(log: str, key: str = "refused") -> dict[str, int]:
-    """Events of ``key`` (``refused``, ``closed``) the log accounts for, per value: each
-    line is one, plus its ``suppressed=N``."""
-    out: dict[str, int] = {}
-    pattern = key + r'=(?:"([^"]*)"|(\S+))(?: suppressed=(\d+))?$'
-    for m in re.finditer(pattern, log, re.M):
-        why = m.group(1) or m.group(2)
-        out[why] = out.get(why, 0) + 1 + int(m.group(3) or 0)
-    return out
 
 
 @pytest.fixture
