@@ -154,6 +154,7 @@ class _Pace:
     client to take them."""
 
     handed: int = 0
+    taken: int = 0
     waited: float = 0.0
 
 
@@ -566,7 +567,7 @@ class Master:
                 self.count("raw_bytes", raw)
                 self.count("chunks_missing", miss)
                 self.count("chunks_sent", len(slices[i]) - miss)
-                await self._send(request, resp, out, pace)
+                await self._send(request, resp, out, pace, stream)
             await resp.write_eof()
         except ConnectionError as e:  # the replica went away, or was too slow: not ours
             fut.cancel()
@@ -581,10 +582,10 @@ class Master:
         return resp
 
     async def _send(self, request: web.Request, resp: web.StreamResponse,
-                    out: bytes | bytearray, pace: _Pace) -> None:
-        """Write one slice. The client must have taken ``min_rate`` bytes a second of the
-        time spent waiting for it, after ``stall`` seconds of grace; else its connection is
-        aborted (its slices freed) and ConnectionResetError raised."""
+                    out: bytes | bytearray, pace: _Pace, stream: Stream) -> None:
+        """Write one slice of ``stream``. The client must have taken ``min_rate`` bytes a
+        second of the time spent waiting for it, after ``stall`` seconds of grace; else its
+        connection is reset (its slices freed) and ConnectionResetError raised."""
         loop = asyncio.get_running_loop()
         write = asyncio.ensure_future(resp.write(out))
         pace.handed += len(out)
@@ -596,8 +597,12 @@ class Master:
                 pace.waited += loop.time() - t
                 if done:
                     write.result()
+                    stream.moved = time.monotonic()
                     return
                 taken = pace.handed - _unsent(request.transport)
+                if taken > pace.taken:
+                    pace.taken = taken
+                    stream.moved = time.monotonic()
                 if taken < self.min_rate * (pace.waited - self.stall):
                     if request.transport is not None:
                         reset(request.transport)

@@ -10,7 +10,9 @@ goes next, and which are released when their site comes back (docs/replication.m
   party runs the fewest (the oldest first among equals): parties that hold many wait behind
   those that hold none.
 * A site that registers (it came back: restarted, or its link did) gets its earlier streams
-  released: those of its token, or those of its address that named it (``X-Icbd-Site``).
+  released: those of its token, or those of its address that named it (``X-Icbd-Site``),
+  that have not moved for :data:`STALE_AFTER` seconds (a replica that registers again while
+  pulling, because the master forgot it, keeps the streams it is reading).
 
 Releasing a stream aborts its connection: its handler sees the connection reset wherever it
 is (waiting for a slot, reading the body, writing a slice) and ends.
@@ -20,12 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 #: Part of the slots kept for parties with no stream running (1/RESERVE_PART of them).
 RESERVE_PART = 4
+#: Seconds without a byte taken (or waiting for a slot) after which a stream of a site that
+#: registers again is taken for abandoned.
+STALE_AFTER = 2.0
 
 
 class StreamReleased(ConnectionResetError):
@@ -36,7 +42,8 @@ class StreamReleased(ConnectionResetError):
 class Stream:
     """One chunk stream: its ``party``, the ``site`` it is known to belong to (a token's
     site, or the site its client named; None: unknown), the peer ``address``, whether its
-    connection is still there (``alive``), and ``abort`` to cut it."""
+    connection is still there (``alive``), ``abort`` to cut it, and when it last ``moved``
+    (monotonic s: created, started, or its client took bytes)."""
 
     party: str
     site: str | None
@@ -44,6 +51,7 @@ class Stream:
     alive: Callable[[], bool]
     abort: Callable[[], None]
     seq: int = 0
+    moved: float = field(default_factory=time.monotonic)
     running: bool = False
     released: bool = False
     _grant: asyncio.Future[None] | None = field(default=None, repr=False)
@@ -98,6 +106,7 @@ class StreamSlots:
                 self._waiting.remove(s)
 
     def _start(self, s: Stream) -> None:
+        s.moved = time.monotonic()
         s.running = True
         self.running += 1
         self.running_by[s.party] += 1
@@ -144,10 +153,13 @@ class StreamSlots:
 
     def site_back(self, site: str, address: str, by_token: bool) -> int:
         """Site ``site`` registered (from ``address``; ``by_token``: its token names it):
-        release the streams it held before. Their count."""
+        release the streams it held before that have not moved for :data:`STALE_AFTER`
+        seconds. Their count."""
+        before = time.monotonic() - STALE_AFTER
         gone = [s for streams in self.streams.values() for s in streams
-                if s.site == site and ((by_token and s.party == f"site:{site}")
-                                       or (not by_token and s.address == address))]
+                if s.site == site and s.moved <= before
+                and ((by_token and s.party == f"site:{site}")
+                     or (not by_token and s.address == address))]
         for s in gone:
             self.release(s)
         return len(gone)

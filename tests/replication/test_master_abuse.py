@@ -17,11 +17,15 @@ import pytest
 from adversaries import Adversary, adversaries, throttled_counts
 from conftest import BIN, free_port, stop_process, wait_port
 
+from icbdcache.replication.streams import STALE_AFTER
 from icbdcache.store.chunks import CHUNK_SIZE
 
 CLI = str(BIN / "icbd-cache")
 #: Seconds the log throttle needs to write what it held back (one interval, and a margin).
 THROTTLE_FLUSH = 1.5
+#: Seconds after which streams that stopped moving count as abandoned when their site
+#: registers (streams.STALE_AFTER, and a margin).
+STALE = STALE_AFTER + 1.0
 __all__ = ["adversaries"]  # the fixture
 
 
@@ -166,14 +170,16 @@ def test_a_sites_abandoned_streams_are_released_when_it_comes_back(
         image: Path, tmp_path: Path) -> None:
     """A replica's earlier life left 16 streams open from its address, naming its site (a
     replica that hung, or whose link went down): on main they counted against it and it got
-    429 for every stream. Its registration now lets them go, and it pulls the version;
-    another site's streams from the same address stay."""
+    429 for every stream. Its registration now lets them go (they have not moved for
+    streams.STALE_AFTER seconds), and it pulls the version; another site's streams from the
+    same address stay."""
     m = master()
     old = adversaries("streams", "--url", m.url, "--streams", "14", "--at", "read",
                       "--site", "s1", "--sources", "127.0.0.1", "--hold", "30")
     other = adversaries("streams", "--url", m.url, "--streams", "2", "--at", "read",
                         "--site", "s2", "--sources", "127.0.0.1", "--hold", "30")
     assert old.holding()["reached"] == 14 and other.holding()["reached"] == 2
+    time.sleep(STALE)  # they stopped moving: the earlier life is over
     site = tmp_path / "site"
     r = replicate(m, site, "--pull-parallel", "3")
     assert r.returncode == 0, r.stderr
@@ -200,6 +206,7 @@ def test_with_tokens_a_site_is_limited_and_released_by_its_token(
     b = adversaries("streams", "--url", m.url, "--streams", "3", "--at", "read",
                     "--token", "tok-two", "--sources", "127.0.0.2", "--hold", "30")
     assert b.holding()["reached"] == 3
+    time.sleep(STALE)
     assert register(m, "s1", "127.0.0.5", token="tok-one") == 200
     assert "event=site_back site=s1 streams_released=8" in m.log_text()
     again = adversaries("streams", "--url", m.url, "--streams", "8", "--at", "read",
