@@ -51,7 +51,7 @@ class Stream:
     alive: Callable[[], bool]
     abort: Callable[[], None]
     seq: int = 0
-    moved: float = field(default_factory=time.monotonic)
+    moved: float = field(default_factory=lambda: time.monotonic())
     running: bool = False
     released: bool = False
     _grant: asyncio.Future[None] | None = field(default=None, repr=False)
