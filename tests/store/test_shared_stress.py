@@ -35,6 +35,12 @@ def test_import_publish_warm_pin_and_eviction_while_clients_read(
     sha = {p: file_sha(p) for p in [*copied, *sourced, big]}
     run("import", str(big), "--imi", "lab", "--store", str(store), "-q")
     made: dict[str, Path] = {"lab@1": big}  # version -> its image, once it exists
+    # every image has a version from the start (copies copied, the others sourced): the
+    # reads of every version at the end hold more than --store-size, so eviction must run
+    for n, img in enumerate([*copied, *sourced], start=1):
+        run("import", str(img), "--imi", "pre", "--store", str(store), "-q",
+            *(["--copy"] if img in copied else []))
+        made[f"pre@{n}"] = img
     lock = threading.Lock()
     # a bound the pinned versions fit in (the copies, lab@1 and one sourced image: 84 MiB of
     # data), below all the data: eviction runs all along
@@ -125,11 +131,12 @@ def test_import_publish_warm_pin_and_eviction_while_clients_read(
             assert row["held"] == row["needed"], (key, row)
     v = verify(store)
     assert v.returncode == 0 and v.stdout.startswith("OK"), v.stdout
+    # after it all, one more read of each version made: 108 MiB of distinct data pass
+    # through a 96 MiB store
+    for key, img in sorted(made.items()):
+        r = nbd_read(srv.uri(key))
+        assert (r.rc, r.sha) == (0, sha[img]), (key, r.err)
     stats = json.loads(run("stats", "--json", "--store", str(store)).stdout)
     assert stats["evicted_bytes"] > 0 and stats["held_bytes"] <= 96 * MiB + 16 * MiB, stats
     log = srv.text()
     assert "internal error" not in log and "Traceback" not in log, log[-3000:]
-    # after it all, one more read of each version made
-    for key, img in sorted(made.items()):
-        r = nbd_read(srv.uri(key))
-        assert (r.rc, r.sha) == (0, sha[img]), (key, r.err)
