@@ -127,7 +127,7 @@ class ServeConfig:
     reserved_connections: int = 64
     handshake_timeout: float = 10.0
     handshake_total: float = 300.0
-    idle_timeout: float = 3600.0
+    idle_timeout: float = 0.0
     send_timeout: float = 60.0
     reply_budget: int = 512 << 20
     connection_reply_budget: int = 64 << 20

@@ -85,8 +85,9 @@ SERVE = Command(
             help="time a client has to reach transmission, however busy (default 300)"),
      Option("idle-timeout", "float", metavar="SECONDS", group=LIMITS_GROUP,
             help="close a connection with no request for this long (not one with a "
-                 "copy-on-write overlay; clients that reconnect do not notice; default 3600, "
-                 "0: never)"),
+                 "copy-on-write overlay); only for clients that reconnect by themselves "
+                 "(icbd-nbd-client; not nbd-client -persist, not qemu without "
+                 "reconnect-delay); default 0: never"),
      Option("send-timeout", "float", metavar="SECONDS", group=LIMITS_GROUP,
             help="close a connection whose client has read none of its replies for this "
                  "long (default 60, 0: never)"),
