@@ -14,7 +14,9 @@ that hold little, so that a few addresses at their own bound cannot lock out the
   request that does not fit waits (its connection stops reading); a connection or server that
   holds nothing always takes one, so a request bigger than a budget still goes, alone.
 
-Nothing here does I/O: icbdcache/server.py asks and tells.
+Nothing here does I/O: icbdcache/server.py asks and tells. docs/architecture.md ("What one
+client may hold") describes the calls, how a request is charged and released, and what the
+budget does not count.
 """
 
 from __future__ import annotations
