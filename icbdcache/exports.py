@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import parse_qsl
 
+from icbdcache.access import AllowList, parse_cidr
 from icbdcache.layers.base import Client, Layer, transmission_flags
 from icbdcache.layers.cowdir import CowDir
 from icbdcache.layers.file import FileLayer
@@ -35,11 +36,13 @@ log = logging.getLogger("icbdcache.exports")
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """One ``--export NAME=PATH[,cow]`` argument."""
+    """One ``--export NAME=PATH[,cow][,allow=CIDR]...`` argument: ``allow``, the networks
+    whose clients may use it (none: every client ``--allow`` lets in)."""
 
     name: str
     path: str
     cow: bool = False
+    allow: tuple[str, ...] = ()
 
     @property
     def is_upstream(self) -> bool:
@@ -48,22 +51,27 @@ class ExportSpec:
 
     @classmethod
     def parse(cls, text: str) -> ExportSpec:
-        """Parse ``NAME=PATH[,cow]``. Raises ValueError with a message for the user."""
+        """Parse ``NAME=PATH[,cow][,allow=CIDR]...`` (``allow=`` repeatable). Raises
+        ValueError with a message for the user."""
         name, sep, rest = text.partition("=")
         if not sep or not name or not rest:
-            raise ValueError(f"--export wants NAME=PATH[,cow], got {text!r}")
+            raise ValueError(f"--export wants NAME=PATH[,cow][,allow=CIDR], got {text!r}")
         if "?" in name or len(name.encode()) > 4096:
             raise ValueError(f"export name {name!r} may not contain '?' or exceed 4096 bytes")
         if "://" in rest:
             return cls(name, rest)  # an upstream URI may contain commas; no options
         path, _, opts = rest.partition(",")
         cow = False
+        allow: list[str] = []
         for opt in filter(None, opts.split(",")):
             if opt == "cow":
                 cow = True
+            elif opt.startswith("allow="):
+                allow.append(parse_cidr(opt.removeprefix("allow=")))
             else:
-                raise ValueError(f"unknown export option {opt!r} in {text!r} (known: cow)")
-        return cls(name, path, cow)
+                raise ValueError(f"unknown export option {opt!r} in {text!r} (known: cow, "
+                                 "allow=CIDR)")
+        return cls(name, path, cow, tuple(allow))
 
 
 class Export:
@@ -80,6 +88,8 @@ class Export:
         self.description = description
         self.owned = list(owned)
         self.overlays = stack if isinstance(stack, OverlayLayer) else None
+        #: Clients allowed to use this export (``allow=`` of ``--export``; empty: any).
+        self.allow = AllowList()
         self.attach: Callable[[str], None] | None = None
         self.detach: Callable[[str], None] | None = None
 
@@ -109,6 +119,7 @@ class Export:
         export = cls.of_layer(spec.name, base, overlays=overlays if spec.cow else None,
                               base_id=base.fingerprint)
         export.owned.append(base)
+        export.allow = AllowList(spec.allow)
         return export
 
     @property
@@ -263,9 +274,11 @@ class Catalog:
                 raise ExportUnavailable(str(e)) from None
         return found.export.info(handle=found)
 
-    def for_peer(self, address: Callable[[], str]) -> PeerCatalog:
-        """The catalog as one connection asks it: ``address()`` is its client's address."""
-        return PeerCatalog(self, address)
+    def for_peer(self, address: Callable[[], str],
+                 refused: Callable[[str], None] | None = None) -> PeerCatalog:
+        """The catalog as one connection asks it: ``address()`` is its client's address;
+        ``refused(export name)`` is told of each export its ``allow=`` list keeps from it."""
+        return PeerCatalog(self, address, refused)
 
     def exports(self) -> Sequence[tuple[str, str]]:
         fixed = [(e.name, e.description) for e in self.by_name.values()]
@@ -291,17 +304,34 @@ class Catalog:
 
 class PeerCatalog:
     """One connection's view of a :class:`Catalog` (nbd.server.ExportCatalog): its questions
-    carry the client's address (``address()``, known once the connection is made)."""
+    carry the client's address (``address()``, known once the connection is made). An export
+    whose ``allow=`` list leaves that address out is unknown to it (not listed, and
+    NBD_OPT_GO answers ERR_UNKNOWN) and reported to ``refused(export name)``; a Unix-socket
+    client (``unix:...``) is local and sees every export."""
 
-    def __init__(self, catalog: Catalog, address: Callable[[], str]) -> None:
+    def __init__(self, catalog: Catalog, address: Callable[[], str],
+                 refused: Callable[[str], None] | None = None) -> None:
         self.catalog = catalog
         self.address = address
+        self.refused = refused
+
+    def _allowed(self, export: Export) -> bool:
+        addr = self.address()
+        return not export.allow or addr.startswith("unix:") or export.allow.allows(addr)
 
     def lookup(self, name: str) -> ExportInfo | None:
-        return self.catalog.lookup(name, self.address())
+        info = self.catalog.lookup(name, self.address())
+        handle = info.handle if info is not None else None
+        if isinstance(handle, Resolved) and not self._allowed(handle.export):
+            if self.refused is not None:
+                self.refused(handle.export.name)
+            return None
+        return info
 
     def exports(self) -> Sequence[tuple[str, str]]:
-        return self.catalog.exports()
+        by_name = self.catalog.by_name
+        return [(n, d) for n, d in self.catalog.exports()
+                if n not in by_name or self._allowed(by_name[n])]
 
 
 def _human(n: int) -> str:

@@ -1,9 +1,15 @@
-"""Structured, quiet-by-default logging: one ``key=value`` line per event.
+"""Structured, quiet-by-default logging: one line per event, as ``key=value`` text or JSON.
 
-Every value goes through :func:`escape` (in :func:`kv`), so a value that came from the network
-(an export name, a peer's error text, a URL path) cannot break a line in two or hide in control
-characters: one event is one line, whatever a client sends. Any other log format renders
-values through :func:`escape` too.
+Code logs ``log.info(kv(event="connect", conn=3, peer=...))``: :func:`kv` renders the fields
+as ``k=v`` text and keeps them (:class:`Fields`), so :class:`EventFormatter` can write the same
+line as text or as one JSON object (``--log-format json``). Every line carries an ``event``
+key (a call that names none gets its first field's name, or ``message`` for plain text), a
+timezone-aware timestamp (ISO 8601 with the UTC offset), the level and the logger's name.
+
+Every value goes through :func:`escape` in both formats (in :func:`kv` for text, in the JSON
+formatter for each string value), so a value that came from the network (an export name, a
+peer's error text, a URL path) cannot break a line in two or hide in control characters: one
+event is one line, whatever a client sends.
 
 Refusals and errors that a peer can cause at will go through :class:`Throttled`: at most one
 line a second per reason, with the count of the lines held back.
@@ -12,32 +18,28 @@ line a second per reason, with the count of the lines held back.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+#: The formats of ``--log-format``.
+FORMATS = ("text", "json")
 
 
-def setup(verbosity: int = 0) -> None:
-    """Configure the root logger on stderr. ``verbosity``: -1 warnings only, 0 info (one line
-    per connection), 1 debug."""
-    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s %(message)s",
-                          "%Y-%m-%dT%H:%M:%S")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+class Fields(str):
+    """The text of :func:`kv` with the fields it was made of (``fields``)."""
 
+    fields: dict[str, object]
 
-def tag_process() -> None:
-    """Put ``pid=N`` in every log line (worker processes of ``serve --workers``)."""
-    for h in logging.getLogger().handlers:
-        h.setFormatter(logging.Formatter(
-            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s pid=%(process)d %(message)s",
-            "%Y-%m-%dT%H:%M:%S"))
+    def __new__(cls, text: str, fields: dict[str, object]) -> Fields:
+        obj = super().__new__(cls, text)
+        obj.fields = fields
+        return obj
 
 
 def _escapes() -> dict[int, str]:
@@ -62,14 +64,120 @@ def escape(value: object) -> str:
 
 def kv(**fields: object) -> str:
     """Render fields as ``k=v`` pairs, each value through :func:`escape`; values with spaces,
-    quotes or ``=`` (or empty) are quoted."""
+    quotes or ``=`` (or empty) are quoted. The result is a :class:`Fields` (a str) that keeps
+    ``fields`` (unescaped) for the JSON format."""
     parts = []
     for k, v in fields.items():
         s = escape(v)
         if not s or any(c in s for c in ' "='):
             s = '"' + s.replace('"', '\\"') + '"'
         parts.append(f"{k}={s}")
-    return " ".join(parts)
+    return Fields(" ".join(parts), dict(fields))
+
+
+def _json_value(v: object) -> object:
+    if v is None or isinstance(v, bool | int | float):
+        return v
+    return escape(v)
+
+
+class EventFormatter(logging.Formatter):
+    """One line per record: ``fmt`` ``text`` (``TIME LEVEL LOGGER [pid=N] event=E k=v ...``)
+    or ``json`` (``{"ts", "level", "logger", ["pid",] "event", ...fields}``); an exception's
+    traceback follows the text line, or is the ``exc`` field in JSON. ``pid``: add the
+    process id (worker processes of ``serve --workers``). ``journal``: stderr goes to the
+    journal (:func:`journald`): text lines start with the syslog priority (``<6>``, which
+    journald reads as the line's priority) instead of a time, which journald adds itself."""
+
+    def __init__(self, fmt: str = "text", *, pid: bool = False, journal: bool = False) -> None:
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        self.json = fmt == "json"
+        self.pid = pid
+        self.journal = journal
+
+    @staticmethod
+    def fields(record: logging.LogRecord) -> dict[str, object]:
+        """The record's fields with ``event`` first."""
+        msg = record.msg
+        if isinstance(msg, Fields) and not record.args:
+            fields = dict(msg.fields)
+            event = fields.pop("event", None)
+            if event is None:
+                event = next(iter(fields), "message")
+            return {"event": event, **fields}
+        return {"event": "message", "msg": record.getMessage()}
+
+    @staticmethod
+    def timestamp(created: float) -> str:
+        """``created`` (seconds since the epoch) as local ISO 8601 time with its offset,
+        to the millisecond."""
+        return datetime.fromtimestamp(created, UTC).astimezone().isoformat(
+            timespec="milliseconds")
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = self.fields(record)
+        exc = self.formatException(record.exc_info) if record.exc_info else ""
+        if self.json:
+            head: dict[str, object] = {"ts": self.timestamp(record.created),
+                                       "level": record.levelname.lower(),
+                                       "logger": record.name}
+            if self.pid:
+                head["pid"] = record.process
+            out = {**head, **{k: _json_value(v) for k, v in fields.items()}}
+            if exc:
+                out["exc"] = exc
+            return json.dumps(out, ensure_ascii=False)
+        pid = f" pid={record.process}" if self.pid else ""
+        stamp = (f"<{_PRIORITY.get(record.levelno, 6)}>" if self.journal
+                 else self.timestamp(record.created) + " ")
+        line = f"{stamp}{record.levelname} {record.name}{pid} {kv(**fields)}"
+        return f"{line}\n{exc}" if exc else line
+
+
+#: syslog priorities of the logging levels (sd-daemon(3)).
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+_format = "text"
+
+
+def setup(verbosity: int = 0, fmt: str = "text") -> None:
+    """Configure the root logger on stderr. ``verbosity``: -1 warnings only, 0 info (one line
+    per connection), 1 debug. ``fmt``: ``text`` or ``json`` (:class:`EventFormatter`).
+    Raises ValueError for another format."""
+    global _format
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EventFormatter(fmt, journal=journald()))
+    _format = fmt
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def tag_process() -> None:
+    """Put ``pid=N`` in every log line (worker processes of ``serve --workers``)."""
+    for h in logging.getLogger().handlers:
+        h.setFormatter(EventFormatter(_format, pid=True, journal=journald()))
+
+
+def current_format() -> str:
+    """The format :func:`setup` was last called with."""
+    return _format
+
+
+def journald() -> bool:
+    """Whether stderr goes to the journal (systemd sets ``JOURNAL_STREAM`` to its device
+    and inode): journald then stamps each line itself."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 @dataclass
@@ -103,8 +211,9 @@ class Throttled:
         self.held = 0
 
     def warning(self, message: str, reason: str = "") -> None:
-        """``message`` at WARNING, throttled under ``reason``."""
-        self.log(message, reason, logging.WARNING)
+        """``message`` at the stream's level (WARNING unless given), throttled under
+        ``reason``."""
+        self.log(message, reason)
 
     def info(self, message: str, reason: str = "") -> None:
         """``message`` at INFO, throttled under ``reason``."""
@@ -126,7 +235,7 @@ class Throttled:
             self.held += 1
             return
         if r.held:
-            message = f"{message} suppressed={r.held}"
+            message = _with(message, suppressed=r.held)
         r.next, r.held, r.message = now + self.interval, 0, ""
         self.written += 1
         self.logger.log(lvl, message)
@@ -149,4 +258,11 @@ class Throttled:
         r.next, r.held, r.message = time.monotonic() + self.interval, 0, ""
         self.written += 1
         self.held -= 1
-        self.logger.log(r.level, f"{message} suppressed={others}" if others else message)
+        self.logger.log(r.level, _with(message, suppressed=others) if others else message)
+
+
+def _with(message: str, **more: Any) -> str:
+    """``message`` with more fields (a :class:`Fields` stays one)."""
+    if isinstance(message, Fields):
+        return kv(**message.fields, **more)
+    return f"{message} {kv(**more)}"

@@ -323,9 +323,13 @@ class Node:
             raise
 
     async def _persist_loop(self) -> None:
+        n = 0
         while True:
-            await asyncio.sleep(5.0)
-            self.persist()
+            await asyncio.sleep(1.0)
+            self.reader.flush_recent()  # access ticks: to the writer every second
+            n += 1
+            if n % 5 == 0:
+                self.persist()
 
     async def _inuse_loop(self) -> None:
         """Write the in-use record within a second of a change, and every minute anyway (in
@@ -345,7 +349,9 @@ class Node:
                     log.warning(kv(inuse="record", error=e))
 
     def persist(self) -> None:
-        """Write counter deltas and changed boot profiles to the store (through the writer)."""
+        """Write counter deltas, access ticks and changed boot profiles to the store (through
+        the writer)."""
+        self.reader.flush_recent()
         s, r = self.stats, self._reported
         for name in ReadStats.COUNTERS:
             delta = getattr(s, name) - getattr(r, name)

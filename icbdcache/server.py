@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -41,24 +42,26 @@ import struct
 import subprocess
 import time
 from collections import deque
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
 from icbdcache import activation, handover
+from icbdcache.access import AllowList
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
 from icbdcache.layers.cowdir import CowDir, default_cow_dir
 from icbdcache.limits import ConnectionLimits, ReplyBudget, reset
 from icbdcache.log import Throttled, kv, tag_process
-from icbdcache.loop import new_event_loop
+from icbdcache.loop import finish_loop, new_event_loop
 from icbdcache.node import Node, NodeService
 from icbdcache.store import Store, StoreError
-from nbd.constants import Cmd, CmdFlag, Errno, TransmissionFlag
+from nbd.constants import Cmd, CmdFlag, Errno, Rep, TransmissionFlag
 from nbd.errors import LocalProtocolError, RemoteProtocolError
 from nbd.events import (
     Disconnect,
+    OptionHaggled,
     Request,
     RequestRejected,
     StartTLS,
@@ -148,6 +151,8 @@ class ServeConfig:
     source_timeout: float = 5.0
     readahead: int = 8
     handover: str | None = None
+    allow: list[str] = field(default_factory=list)
+    metrics_listen: tuple[str, int] | None = None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -240,7 +245,8 @@ class NBDProtocol(asyncio.Protocol):
         self.id = next(server.ids)
         self.transport: asyncio.Transport | None = None
         self.sm = sm or ServerConnection(
-            server.catalog.for_peer(lambda: self.identity), tls=server.ssl is not None,
+            server.catalog.for_peer(lambda: self.identity, self._export_refused),
+            tls=server.ssl is not None,
             tls_required=server.config.tls_required)
         self.backend: Layer | None = None
         self.export: Export | None = None
@@ -253,6 +259,8 @@ class NBDProtocol(asyncio.Protocol):
         self.peer = "?"
         self.inflight = 0
         self.requests = 0
+        self.read_bytes = 0
+        self.write_bytes = 0
         self.tls = False
         self.closing = False
         self.draining = False
@@ -287,9 +295,16 @@ class NBDProtocol(asyncio.Protocol):
         self.identity, self.peer = _identity(transport)
         srv = self.server
         if self.backend is None:  # a new client
+            tcp = isinstance(transport.get_extra_info("peername"), tuple)
+            if tcp and not srv.allow.allows(self.identity):
+                srv.refuse(self, "not in --allow",
+                           f"{self.identity} is not in --allow {srv.allow}")
+                self.closing = True
+                self.transport.abort()
+                return
             why = "shutting down" if srv.stopping else srv.limits.admit(self.identity)
             if why is not None:
-                srv.refusals.warning(kv(conn=self.id, peer=self.peer, refused=why), why)
+                srv.refuse(self, why, why)
                 self.closing = True
                 self.transport.abort()
                 return
@@ -314,6 +329,15 @@ class NBDProtocol(asyncio.Protocol):
         else:
             self._arm(self._watch_interval(time.monotonic()))
         self._flush()
+
+    def _export_refused(self, name: str) -> None:
+        self.server.refuse(self, "export allow", f"{self.identity} is not in the allow= list "
+                                                 f"of export {name}", export=name)
+
+    @property
+    def export_name(self) -> str | None:
+        """The export this connection is attached to (None while negotiating)."""
+        return self.export.name if self.export is not None else None
 
     def _arm(self, delay: float | None) -> None:
         """(Re)start the connection's one timer: the handshake's, or in transmission the
@@ -376,8 +400,8 @@ class NBDProtocol(asyncio.Protocol):
         if (cfg.idle_timeout > 0 and not writable and not self.inflight and not self.queue
                 and not unsent and now - self.active >= cfg.idle_timeout):
             self.reason = f"idle {cfg.idle_timeout:g} s"
-            self.server.closes.info(kv(conn=self.id, peer=self.peer, closed=self.reason),
-                                    "idle")
+            self.server.closes.info(kv(event="closed", conn=self.id, peer=self.peer,
+                                       closed=self.reason), "idle")
             self._close()
             return
         self._arm(self._watch_interval(now))
@@ -387,7 +411,8 @@ class NBDProtocol(asyncio.Protocol):
         A reset, not a FIN: the kernel would otherwise keep trying to send what the client
         does not read, and the client would not learn that the server gave up."""
         self.reason = reason
-        self.server.closes.info(kv(conn=self.id, peer=self.peer, closed=reason), kind)
+        self.server.closes.info(kv(event="closed", conn=self.id, peer=self.peer,
+                                   closed=reason), kind)
         self.closing = True
         if self.transport is not None:
             reset(self.transport)
@@ -406,9 +431,15 @@ class NBDProtocol(asyncio.Protocol):
         held = self._reserved + self._flushed
         self._reserved = self._answered = self._flushed = 0
         srv.budget.release(self.identity, held)
+        if self.export is not None:
+            t = srv.closed_totals.setdefault(self.export.name, [0, 0, 0])
+            t[0] += self.requests
+            t[1] += self.read_bytes
+            t[2] += self.write_bytes
+            self.requests = self.read_bytes = self.write_bytes = 0
         if self.export is not None and self.backend is not None and self.client is not None:
             self.export.disconnect(replace(self.client, now=time.monotonic()), self.backend)
-            log.debug(kv(conn=self.id, peer=self.peer, closed=self.reason,
+            log.debug(kv(event="closed", conn=self.id, peer=self.peer, closed=self.reason,
                          requests=self.requests, error=exc or ""))
         self.backend = None
 
@@ -449,8 +480,8 @@ class NBDProtocol(asyncio.Protocol):
             events = self.sm.receive_data(data)
         except RemoteProtocolError as e:
             self.reason = f"protocol error: {e}"
-            self.server.closes.info(kv(conn=self.id, peer=self.peer, closed=self.reason),
-                                    "protocol error")
+            self.server.closes.info(kv(event="closed", conn=self.id, peer=self.peer,
+                                       closed=self.reason), "protocol error")
             self._flush()
             self._close()
             return
@@ -574,6 +605,9 @@ class NBDProtocol(asyncio.Protocol):
         elif isinstance(ev, StartTLS):
             self._flush()
             asyncio.get_running_loop().create_task(self._start_tls())
+        elif isinstance(ev, OptionHaggled) and ev.reply == Rep.ERR_UNKNOWN:
+            self.server.unknown_exports.warning(kv(
+                event="unknown_export", conn=self.id, peer=self.peer, why=ev.detail))
         elif self.debug:
             reqlog.debug(kv(conn=self.id, event=ev))
 
@@ -590,8 +624,8 @@ class NBDProtocol(asyncio.Protocol):
                                       ssl_handshake_timeout=self.server.config.handshake_timeout)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
             self.reason = f"TLS handshake failed: {e}"
-            self.server.closes.info(kv(conn=self.id, peer=self.peer, closed=self.reason),
-                                    "TLS handshake failed")
+            self.server.closes.info(kv(event="closed", conn=self.id, peer=self.peer,
+                                       closed=self.reason), "TLS handshake failed")
             if self.transport is not None:
                 self.transport.abort()
             return
@@ -612,7 +646,8 @@ class NBDProtocol(asyncio.Protocol):
         try:
             self.backend = export.connect(client)
         except OSError as e:
-            log.error(kv(conn=self.id, peer=self.peer, export=export.name, error=e))
+            log.error(kv(event="connect_failed", conn=self.id, peer=self.peer, export=export.name,
+                         error=e))
             self._close()
             return
         if self._handshaking:
@@ -629,7 +664,8 @@ class NBDProtocol(asyncio.Protocol):
         self.active = time.monotonic()
         self._arm(self._watch_interval(self.active))
         log.info(kv(
-            conn=self.id, peer=self.peer, export=ev.requested or f"(default) {export.name}",
+            event="connect", conn=self.id, peer=self.peer,
+            export=ev.requested or f"(default) {export.name}",
             size=ev.export.size, opt=ev.option.name,
             structured="yes" if ev.structured_replies else "no",
             meta=",".join(ev.meta_contexts) or "-", tls="yes" if self.tls else "no",
@@ -653,6 +689,7 @@ class NBDProtocol(asyncio.Protocol):
         cmd = req.command
         try:
             if cmd is Cmd.READ:
+                self.read_bytes += req.length
                 result = b.pread(req.offset, req.length)
                 if type(result) is list:
                     sm.reply_read(req, result)
@@ -666,6 +703,8 @@ class NBDProtocol(asyncio.Protocol):
                 b.cache(req.offset, req.length)
                 sm.reply_ok(req)
             elif cmd in _WRITE_LIKE:
+                if cmd is Cmd.WRITE:
+                    self.write_bytes += req.length
                 pending = _write_like(b, req)
                 if pending is not None:
                     self._answered -= cost
@@ -676,12 +715,13 @@ class NBDProtocol(asyncio.Protocol):
                 sm.reply_error(req, Errno.EINVAL, f"{cmd.name} is not supported")
         except OSError as e:
             err = Errno.from_os(e.errno or 0)
-            self.server.errors.warning(kv(conn=self.id, cmd=cmd.name, offset=req.offset,
-                                          length=req.length, error=e, reply=err.name),
-                                       "request error")
+            self.server.errors.warning(kv(event="request_error", conn=self.id, cmd=cmd.name,
+                                          offset=req.offset, length=req.length, error=e,
+                                          reply=err.name), "request error")
             sm.reply_error(req, err, str(e))
         except Exception:
-            log.exception(kv(conn=self.id, cmd=cmd.name, offset=req.offset, length=req.length))
+            log.exception(kv(event="request_error", conn=self.id, cmd=cmd.name, offset=req.offset,
+                             length=req.length))
             sm.reply_error(req, Errno.EIO, "internal error")
         if self.tracer is not None:
             self.tracer.answered(self.id, req, start)
@@ -713,9 +753,10 @@ class NBDProtocol(asyncio.Protocol):
                 self.sm.reply_read(req, buffers)
         else:
             err = Errno.from_os(exc.errno or 0) if isinstance(exc, OSError) else Errno.EIO
-            self.server.errors.warning(kv(conn=self.id, cmd=req.command.name,
-                                          offset=req.offset, length=req.length, error=exc,
-                                          reply=err.name), "request error")
+            self.server.errors.warning(kv(event="request_error", conn=self.id,
+                                          cmd=req.command.name, offset=req.offset,
+                                          length=req.length, error=exc, reply=err.name),
+                                       "request error")
             self.sm.reply_error(req, err, str(exc))
         self._flush()
         self._close_if_finished()
@@ -751,7 +792,7 @@ class NBDProtocol(asyncio.Protocol):
                 why = str(e)
         if why:
             self.reason = f"server hand-over: {why}"
-            log.info(kv(conn=self.id, peer=self.peer, closed=self.reason))
+            log.info(kv(event="closed", conn=self.id, peer=self.peer, closed=self.reason))
             if self.busy:
                 t.abort()
             else:
@@ -820,12 +861,19 @@ class Server:
         self.tracer = RequestTrace(config.trace) if config.trace else None
         #: Log streams a client can fill at will, one line a second per reason.
         self.errors = Throttled(log)
-        self.refusals = Throttled(log)
-        self.closes = Throttled(log, level=logging.INFO)
+        #: Refusals (logged at most once a second per reason) and their counts by reason.
+        self.refusals = Throttled(log, 1.0, logging.INFO)
+        self.refused: dict[str, int] = {}
+        self.closes = Throttled(log, 1.0, logging.INFO)
+        self.unknown_exports = Throttled(log, 1.0, logging.INFO)
+        #: ``--allow`` (exports may narrow it with their own ``allow=`` lists).
+        self.allow = AllowList(config.allow)
         self.limits = ConnectionLimits(config.max_connections, config.address_connections,
                                        config.address_handshakes, config.reserved_connections)
         self.budget = ReplyBudget(config.reply_budget, config.connection_reply_budget,
                                   config.address_reply_budget)
+        #: Per export: [requests, read bytes, write bytes] of connections closed.
+        self.closed_totals: dict[str, list[int]] = {}
         #: Connections ever attached to a writable export (their overlays live here).
         self.writable_clients = 0
         #: Set once a successor took everything over (``--handover``).
@@ -833,6 +881,8 @@ class Server:
         self.handover_listener: handover.Listener | None = None
         self.successor: subprocess.Popen[bytes] | None = None
         self.started = time.monotonic()
+        #: ``--metrics-listen``'s server (closed at shutdown), if any.
+        self.metrics: Any = None
 
     async def start(self, *, unix_sock: socket.socket | None = None,
                     reuse_port: bool = False, sockets: Sequence[socket.socket] = ()) -> None:
@@ -858,10 +908,16 @@ class Server:
             self.servers.append(srv)
             log.info(kv(listening=f"unix:{self.config.unix}"))
         for host, port in self.config.listen:
-            srv = await loop.create_server(
-                lambda: NBDProtocol(self), host, port, reuse_address=True,
-                reuse_port=reuse_port or None, backlog=1024,
-            )
+            try:
+                srv = await loop.create_server(
+                    lambda: NBDProtocol(self), host, port, reuse_address=True,
+                    reuse_port=reuse_port or None, backlog=1024,
+                )
+            except OSError as e:
+                what = ("address already in use (another icbd-cache serve, nbd-server, "
+                        "or a systemd socket unit holding it?)"
+                        if e.errno == errno.EADDRINUSE else e.strerror or str(e))
+                raise OSError(e.errno, f"--listen {_fmt_addr((host, port))}: {what}") from None
             self.servers.append(srv)
             for s in srv.sockets:
                 log.info(kv(listening=_fmt_addr(s.getsockname()), tls=(
@@ -908,6 +964,22 @@ class Server:
     def request_stop(self) -> None:
         """Ask :meth:`serve` to shut down (signal handlers call this)."""
         self._stop.set()
+
+    def refuse(self, conn: NBDProtocol, reason: str, why: str, **fields: object) -> None:
+        """Count and log (at most once a second, with how many were held back) a refused
+        connection or export."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.refusals.warning(kv(event="refused", conn=conn.id, peer=conn.peer, reason=reason,
+                                 why=why, **fields), reason)
+
+    def set_allow(self, cidrs: Sequence[str]) -> None:
+        """Replace ``--allow`` (SIGHUP): new connections are checked against ``cidrs``;
+        connected clients stay."""
+        self.allow = AllowList(cidrs)
+
+    def connection_views(self) -> list[NBDProtocol]:
+        """The live connections (for the metrics)."""
+        return list(self.connections)
 
     # ------------------------------------------------------------ hand-over: giving
 
@@ -1055,7 +1127,7 @@ class Server:
         if export.writable:
             self.writable_clients += 1
         await asyncio.get_running_loop().connect_accepted_socket(lambda: proto, sock)
-        log.info(kv(conn=proto.id, peer=proto.peer, export=export.name,
+        log.info(kv(event="connect", conn=proto.id, peer=proto.peer, export=export.name,
                     handed_over_from=state.get("conn"), pending=len(pending),
                     structured="yes" if sm.structured else "no",
                     meta=",".join(sm.meta_contexts) or "-"))
@@ -1071,10 +1143,12 @@ class Server:
     async def shutdown(self) -> None:
         """Stop accepting, finish in-flight replies within ``grace`` seconds, close all."""
         self.stopping = True
+        activation.stopping()
         for srv in self.servers:
             srv.close()
         conns = list(self.connections)
-        log.info(kv(shutdown="begin", connections=len(conns), grace=self.config.grace))
+        log.info(kv(event="shutdown", shutdown="begin", connections=len(conns),
+                    grace=self.config.grace))
         for c in conns:
             c.drain()
         deadline = time.monotonic() + self.config.grace
@@ -1108,7 +1182,10 @@ class Server:
             self.node.store.close()
         if self.tracer is not None:
             self.tracer.close()
-        log.info(kv(shutdown="done", unfinished=len(left)))
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
+        log.info(kv(event="shutdown", shutdown="done", unfinished=len(left)))
 
 
 #: Transmission flags that let a client send a command: a server carrying a connection on
@@ -1208,9 +1285,41 @@ def open_node(config: ServeConfig, services: Sequence[NodeService] = ()) -> Node
                 services=services)
 
 
+#: ``serve``'s SIGHUP: re-read the settings and apply what can change without a restart
+#: (logs what it did; raises ValueError or OSError when the new settings are refused).
+Reload = Callable[["Server"], None]
+
+
+def _on_sighup(server: Server, reload: Reload | None) -> None:
+    if reload is None:
+        log.info(kv(event="reload", result="nothing to reload"))
+        return
+    try:
+        reload(server)
+    except (ValueError, OSError) as e:
+        log.error(kv(event="reload", result="refused, settings unchanged", error=e))
+    except Exception as e:  # a reload must never take the server down
+        log.exception(kv(event="reload", result="failed, settings unchanged", error=e))
+
+
+def _collectors(server: Server, node: Node | None) -> list[Any]:
+    """The metrics collectors of this process: the server, the node's read path, and those of
+    its services (a service may have ``collectors()``)."""
+    from icbdcache import metrics
+
+    out: list[Any] = [metrics.ServerCollector(server)]
+    if node is not None:
+        out.append(metrics.ReadPathCollector(node.stats, node.store.stats))
+        for svc in node.services:
+            more = getattr(svc, "collectors", None)
+            if more is not None:
+                out.extend(more())
+    return out
+
+
 async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                reuse_port: bool = False, services: Sequence[NodeService] = (),
-               sockets: Sequence[socket.socket] = ()) -> None:
+               sockets: Sequence[socket.socket] = (), reload: Reload | None = None) -> None:
     node = open_node(config, services)
     chan: handover.Channel | None = None
     try:
@@ -1246,22 +1355,36 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
     loop.add_signal_handler(signal.SIGUSR2, server.spawn_successor)
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server, reload)
+    metrics_server = None
+    watchdog = activation.Watchdog()
     try:
+        if config.metrics_listen is not None:
+            from icbdcache.metrics import MetricsServer, new_registry
+
+            metrics_server = MetricsServer(new_registry(*_collectors(server, node)),
+                                           *config.metrics_listen)
+            await metrics_server.start()
+            server.metrics = metrics_server
         if chan is not None:
             # a server runs at --handover: take its sockets, services' ports and connections
             taken = await handover.take(chan, server)
             log.info(kv(handover="taken", connections=taken.adopted, refused=taken.refused,
                         seconds=f"{taken.seconds:.3f}"))
-            activation.notify(f"MAINPID={os.getpid()}\nREADY=1")
+            activation.ready("serving (taken over)", mainpid=os.getpid())
         else:
             await server.start(unix_sock=unix_sock, reuse_port=reuse_port, sockets=sockets)
-            activation.notify("READY=1")
+            activation.ready("serving")
         server.start_handover()
     except BaseException:
-        await server.shutdown()  # closes the node and its store
+        await server.shutdown()  # closes the node, its store and the metrics server
         raise
-    log.info(kv(serving="yes", startup_s=f"{_process_age():.2f}"))
-    await server.serve()
+    watchdog.start()
+    log.info(kv(event="serving", serving="yes", startup_s=f"{_process_age():.2f}"))
+    try:
+        await server.serve()
+    finally:
+        watchdog.stop()
 
 
 def _process_age() -> float:
@@ -1271,13 +1394,15 @@ def _process_age() -> float:
     return max(0.0, time.time() - float(psutil.Process().create_time()))
 
 
-def run(config: ServeConfig, *, services: Sequence[NodeService] = ()) -> int:
+def run(config: ServeConfig, *, services: Sequence[NodeService] = (),
+        reload: Reload | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or until a successor took over, ``--handover``); with
     ``workers`` > 1, one process per worker sharing the port with SO_REUSEPORT. Listening
     sockets passed by systemd (``LISTEN_FDS``) replace ``listen`` and ``unix``. ``services``
     run with the store's node (``serve --master``: the replica; one worker only). Returns the
-    exit status. Raises OSError, StoreError or HandoverError when it cannot start, ValueError
-    for services with more than one worker or a bad ``LISTEN_FDS``."""
+    exit status. ``reload``: what SIGHUP does (:data:`Reload`). Raises OSError, StoreError or
+    HandoverError when it cannot start, ValueError for services with more than one worker or
+    a bad ``LISTEN_FDS``."""
     _raise_fd_limit()
     if services and config.workers > 1:
         raise ValueError("node services need workers = 1")
@@ -1285,9 +1410,10 @@ def run(config: ServeConfig, *, services: Sequence[NodeService] = ()) -> int:
     if config.workers <= 1:
         loop = new_event_loop()
         try:
-            loop.run_until_complete(_run(config, services=services, sockets=sockets))
+            loop.run_until_complete(_run(config, services=services, sockets=sockets,
+                                         reload=reload))
         finally:
-            loop.close()
+            finish_loop(loop)
         return 0
     return _run_workers(config, services, sockets)
 

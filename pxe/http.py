@@ -10,13 +10,16 @@ already the default. One ``key=value`` log line per request.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from icbdcache.log import kv
+from icbdcache.access import AllowList
+from icbdcache.log import Throttled, kv
 from pxe.tftp import TftpError, clean_path
 from pxe.tree import BootTree, DataEntry, is_config
 
@@ -25,14 +28,35 @@ log = logging.getLogger("pxe.http")
 Refresher = Callable[[], Awaitable[None]]
 
 
-def make_app(tree: BootTree, refresh: Refresher) -> web.Application:
-    """The aiohttp application serving ``tree``; ``refresh`` brings it up to date."""
+class HttpCounters:
+    """What the HTTP server answered: ``requests`` by status code, ``bytes`` of 200 answers
+    (configs and files), and the ``allow`` list of client networks (replace it to change it;
+    refused clients get 403, logged at most once a second)."""
+
+    def __init__(self, allow: AllowList | None = None) -> None:
+        self.requests: dict[int, int] = {}
+        self.bytes = 0
+        self.allow = allow or AllowList()
+        self.refusals = Throttled(log, 1.0, logging.INFO)
+
+
+def make_app(tree: BootTree, refresh: Refresher, counters: HttpCounters | None = None,
+             metrics: Any = None) -> web.Application:
+    """The aiohttp application serving ``tree``; ``refresh`` brings it up to date;
+    ``counters`` count the answers; ``metrics``: a prometheus_client registry served at
+    ``/metrics`` (then no file of the tree can be named ``metrics``)."""
+    c = counters or HttpCounters()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
         raw = request.match_info.get("path", "")
         status = 200
         size = 0
+        if not c.allow.allows(request.remote or ""):
+            c.requests[403] = c.requests.get(403, 0) + 1
+            c.refusals.warning(kv(event="refused", peer=request.remote or "-",
+                                  path="/" + raw, reason="not in --allow", allow=str(c.allow)))
+            raise web.HTTPForbidden()
         try:
             try:
                 path = clean_path(raw)
@@ -54,11 +78,23 @@ def make_app(tree: BootTree, refresh: Refresher) -> web.Application:
                 "Content-Type": "application/octet-stream",
                 "Cache-Control": "max-age=86400, immutable"})
         finally:
+            c.requests[status] = c.requests.get(status, 0) + 1
+            if status == 200:
+                c.bytes += size
             log.info(kv(event="http", peer=request.remote or "-", method=request.method,
                         path="/" + raw, status=status, bytes=size if status == 200 else 0,
                         ms=f"{(time.monotonic() - t0) * 1000:.1f}"))
 
     app = web.Application()
+    if metrics is not None:
+        from icbdcache.metrics import metrics_response
+
+        async def scrape(request: web.Request) -> web.StreamResponse:
+            if not c.allow.allows(request.remote or ""):
+                raise web.HTTPForbidden()
+            return await metrics_response(metrics)
+
+        app.router.add_get("/metrics", scrape)
     app.router.add_get("/{path:.*}", handle)  # HEAD included
     return app
 
@@ -67,8 +103,10 @@ class HttpServer:
     """The boot tree on ``host``:``port`` (port 0: any; see :attr:`port`)."""
 
     def __init__(self, tree: BootTree, refresh: Refresher, host: str = "0.0.0.0",
-                 port: int = 8080) -> None:
-        self.app = make_app(tree, refresh)
+                 port: int = 8080, *, counters: HttpCounters | None = None,
+                 metrics: Any = None) -> None:
+        self.counters = counters or HttpCounters()
+        self.app = make_app(tree, refresh, self.counters, metrics)
         self.host = host
         self.port = port
         self.runner: web.AppRunner | None = None
@@ -82,9 +120,13 @@ class HttpServer:
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
         try:
             await site.start()
-        except OSError:
+        except OSError as e:
             await runner.cleanup()
-            raise
+            where = f"HTTP port {self.port}/tcp on {self.host}"
+            if e.errno == errno.EADDRINUSE:
+                raise OSError(e.errno, f"{where} is in use (another web server, a second pxe "
+                                       "serve?)") from None
+            raise OSError(e.errno, f"{where}: {e.strerror or e}") from None
         self.runner = runner
         server = site._server
         if self.port == 0 and server is not None:

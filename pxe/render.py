@@ -29,13 +29,17 @@ workstation holds its disk requests while the server is away.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import jinja2
 
 from icbdcache.store import split_key, version_key
 
@@ -101,6 +105,9 @@ class BootSettings:
     #: Tree path of icbd-cache's initrd (:data:`pxe.initrd.TREE_PATH`), set by the boot tree
     #: once built; None: entries load the iMI's initrd only.
     extra_initrd: str | None = None
+    #: A directory of the admin's templates (``--templates``): each file replaces the
+    #: default of its name (docs/pxe.md).
+    templates: str | None = None
 
     def check(self) -> None:
         """Raise ConfigError for values no boot loader could use."""
@@ -122,6 +129,8 @@ class BootSettings:
             raise ConfigError("--menu-timeout must be >= 0 and --versions >= 1")
         if self.serial is not None and not re.fullmatch(r"\d+( \d+)?", self.serial):
             raise ConfigError("--serial is PORT or 'PORT BAUD', e.g. '0 115200'")
+        if self.templates is not None:
+            template_env(self.templates)
 
 
 def _is_ip(host: str) -> bool:
@@ -172,15 +181,21 @@ def load_pins(path: str | Path) -> list[Pin]:
         unknown = set(item) - {"mac", "boot", "ip", "append"}
         if unknown:
             raise ConfigError(f"{p}: pin {n}: unknown keys {', '.join(sorted(unknown))}")
-        mac = normalize_mac(str(item["mac"]))
+        try:
+            mac = normalize_mac(str(item["mac"]))
+        except ConfigError as e:
+            raise ConfigError(f"{p}: pin {n}: {e}") from None
         if mac in seen:
-            raise ConfigError(f"{p}: {mac} is pinned twice")
+            raise ConfigError(f"{p}: pin {n}: {mac} is pinned twice")
         seen.add(mac)
         boot = str(item["boot"])
-        _check_arg(boot, "boot")
         ip = item.get("ip")
-        if ip is not None:
-            _check_arg(str(ip), "ip")
+        try:
+            _check_arg(boot, "boot")
+            if ip is not None:
+                _check_arg(str(ip), "ip")
+        except ConfigError as e:
+            raise ConfigError(f"{p}: pin {n}: {e}") from None
         pins.append(Pin(mac, boot, None if ip is None else str(ip), str(item.get("append", ""))))
     return pins
 
@@ -272,6 +287,45 @@ def _uses_ipappend(settings: BootSettings, pin: Pin | None) -> bool:
     return settings.ip == "pxe" and not (pin is not None and pin.ip)
 
 
+# ------------------------------------------------------------------------------ templates
+
+#: The default templates (package data); an admin's ``--templates DIR`` comes first.
+TEMPLATE_DIR = Path(__file__).with_name("templates")
+#: The templates, by the file each renders.
+TEMPLATE_NAMES = ("pxelinux-default.j2", "pxelinux-pinned.j2", "pxelinux-label.j2",
+                  "ipxe-menu.j2", "ipxe-pinned.j2", "ipxe-boot.j2", "ipxe-failed.j2")
+
+
+@functools.lru_cache(maxsize=8)
+def template_env(directory: str | None) -> jinja2.Environment:
+    """The Jinja2 environment of the templates: a file of ``directory`` (an admin's) replaces
+    the default of that name; the defaults stay reachable as ``default/NAME`` (to extend one
+    and override its blocks). Undefined variables are errors. Raises ConfigError for a
+    ``directory`` that is not one."""
+    if directory is not None and not os.path.isdir(directory):
+        raise ConfigError(f"--templates {directory}: not a directory")
+    defaults = jinja2.FileSystemLoader(str(TEMPLATE_DIR))
+    loaders: list[jinja2.BaseLoader] = [jinja2.PrefixLoader({"default": defaults})]
+    if directory is not None:
+        loaders.insert(0, jinja2.FileSystemLoader(directory))
+    loaders.append(defaults)
+    return jinja2.Environment(loader=jinja2.ChoiceLoader(loaders), trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True,
+                              undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+def render_template(settings: BootSettings, name: str, **context: object) -> str:
+    """Template ``name`` rendered with ``settings``, :data:`HEADER` and ``context``. Raises
+    ConfigError naming the template when an admin's template cannot be rendered."""
+    try:
+        template = template_env(settings.templates).get_template(name)
+        return template.render(settings=settings, header=HEADER, **context)
+    except jinja2.TemplateError as e:
+        where = f"{e.filename}:{e.lineno}" if isinstance(e, jinja2.TemplateSyntaxError) \
+            else name
+        raise ConfigError(f"template {where}: {e}") from e
+
+
 # -------------------------------------------------------------------------------- PXELINUX
 
 
@@ -280,55 +334,33 @@ def pxelinux_mac_file(mac: str) -> str:
     return "pxelinux.cfg/01-" + normalize_mac(mac).replace(":", "-")
 
 
-def _pxelinux_label(e: BootEntry, settings: BootSettings, pin: Pin | None,
-                    default: bool, menu: bool) -> list[str]:
-    lines = [f"LABEL {e.key}"]
-    if menu:
-        lines.append(f"  MENU LABEL {e.title}")
-        if default:
-            lines.append("  MENU DEFAULT")
-    lines += [
-        f"  KERNEL {e.kernel}",
-        f"  INITRD {e.initrd}" + (f",{settings.extra_initrd}" if reconnects(settings) else ""),
-        f"  APPEND {kernel_args(e, settings, pin)}",
-    ]
-    if _uses_ipappend(settings, pin):
-        lines.append("  IPAPPEND 1")  # ip=<client>:<server>:<gateway>:<netmask> of the lease
-    return lines
-
-
-def _pxelinux_head(settings: BootSettings, comment: str) -> list[str]:
-    lines = [f"# {comment}", f"# {HEADER}"]
-    if settings.serial:
-        lines.append(f"SERIAL {settings.serial}")
-    return lines
+def _pxelinux_entry(e: BootEntry, settings: BootSettings, pin: Pin | None,
+                    default: bool) -> dict[str, object]:
+    return {
+        "key": e.key, "imi": e.imi, "version": e.version, "title": e.title,
+        "latest": e.latest, "default": default, "kernel": e.kernel,
+        "initrd": e.initrd + (f",{settings.extra_initrd}" if reconnects(settings) else ""),
+        "append": kernel_args(e, settings, pin),
+        # ip=<client>:<server>:<gateway>:<netmask> of the lease
+        "ipappend": _uses_ipappend(settings, pin),
+    }
 
 
 def render_pxelinux_default(entries: Sequence[BootEntry], settings: BootSettings) -> str:
     """``pxelinux.cfg/default``: the menu (``menu.c32``) with a timeout, or with
-    ``menu_timeout`` 0 the default entry at once."""
+    ``menu_timeout`` 0 the default entry at once (template ``pxelinux-default.j2``)."""
     menu = menu_entries(entries, settings)
-    lines = _pxelinux_head(settings, "icbd-cache boot menu")
-    if not menu:
-        lines += ["PROMPT 0", "TIMEOUT 0", "DEFAULT none", "LABEL none",
-                  "  MENU LABEL no iMI with boot files yet",
-                  "  LOCALBOOT 0"]
-        return "\n".join(lines) + "\n"
     tenths = round(settings.menu_timeout * 10)
-    if tenths > 0:
-        lines += ["UI menu.c32", f"MENU TITLE {settings.title}"]
-    lines += ["PROMPT 0", f"TIMEOUT {tenths}", f"DEFAULT {menu[0].key}", ""]
-    for n, e in enumerate(menu):
-        lines += [*_pxelinux_label(e, settings, None, n == 0, tenths > 0), ""]
-    return "\n".join(lines)
+    return render_template(settings, "pxelinux-default.j2", tenths=tenths, menu_ui=tenths > 0,
+                           menu=[_pxelinux_entry(e, settings, None, n == 0)
+                                 for n, e in enumerate(menu)])
 
 
 def render_pxelinux_pinned(entry: BootEntry, settings: BootSettings, pin: Pin) -> str:
-    """A pinned machine's ``pxelinux.cfg/01-...``: its entry, no menu, no wait."""
-    lines = _pxelinux_head(settings, f"icbd-cache: {pin.mac} boots {pin.boot} ({entry.key})")
-    lines += ["PROMPT 0", "TIMEOUT 0", f"DEFAULT {entry.key}", ""]
-    lines += _pxelinux_label(entry, settings, pin, True, False)
-    return "\n".join(lines) + "\n"
+    """A pinned machine's ``pxelinux.cfg/01-...``: its entry, no menu, no wait (template
+    ``pxelinux-pinned.j2``)."""
+    return render_template(settings, "pxelinux-pinned.j2", pin=pin, menu_ui=False,
+                           e=_pxelinux_entry(entry, settings, pin, True))
 
 
 # ------------------------------------------------------------------------------------ iPXE
@@ -353,68 +385,38 @@ def _url(settings: BootSettings, path: str, depth: int) -> str:
     return "../" * depth + path
 
 
-def _ipxe_boot(e: BootEntry, settings: BootSettings, pin: Pin | None, label: str,
-               depth: int) -> list[str]:
-    args = kernel_args(e, settings, pin, IPXE_IP_ARG)
+def _ipxe_entry(e: BootEntry, settings: BootSettings, pin: Pin | None, label: str,
+                depth: int) -> dict[str, object]:
     initrds = [("initrd.img", e.initrd)]
     if reconnects(settings):
         assert settings.extra_initrd is not None
         initrds.append((IPXE_EXTRA_NAME, settings.extra_initrd))
-    # initrd= names each one for EFI stubs; BIOS kernels get them concatenated, in order
-    names = " ".join(f"initrd={name}" for name, _ in initrds)
-    return [
-        f":{label}",
-        f"echo icbd-cache: booting {e.key}",
-        f"kernel {_url(settings, e.kernel, depth)} {names} {args} || goto failed",
-        *(f"initrd --name {name} {_url(settings, path, depth)} || goto failed"
-          for name, path in initrds),
-        "boot || goto failed",
-    ]
-
-
-_IPXE_FAILED = [
-    ":failed",
-    "echo icbd-cache: boot failed, trying again in 10 seconds",
-    "sleep 10",
-    "reboot",
-]
+    return {
+        "label": label, "key": e.key, "imi": e.imi, "version": e.version, "title": e.title,
+        "latest": e.latest, "kernel_url": _url(settings, e.kernel, depth),
+        # initrd= names each one for EFI stubs; BIOS kernels get them concatenated, in order
+        "initrd_names": " ".join(f"initrd={name}" for name, _ in initrds),
+        "initrds": [(name, _url(settings, path, depth)) for name, path in initrds],
+        "append": kernel_args(e, settings, pin, IPXE_IP_ARG),
+    }
 
 
 def render_ipxe_menu(entries: Sequence[BootEntry], settings: BootSettings) -> str:
     """``boot.ipxe``: chain to the machine's pinned script if there is one, else a menu
     (``menu``/``item``/``choose``; builds of iPXE without the menu command take the default
-    entry)."""
+    entry; template ``ipxe-menu.j2``)."""
     menu = menu_entries(entries, settings)
-    lines = ["#!ipxe", f"# icbd-cache boot menu; {HEADER}"]
-    if settings.pins:
-        lines += [
-            "# a pinned machine has its own script; the others get the menu",
-            "chain --autofree ipxe/${net0/mac:hexhyp}.ipxe || goto menu",
-        ]
-    if not menu:
-        lines += [":menu", "echo icbd-cache: no iMI with boot files yet", "goto failed"]
-        return "\n".join([*lines, "", *_IPXE_FAILED]) + "\n"
-    labels = {e.key: f"e{n}" for n, e in enumerate(menu)}
-    ms = round(settings.menu_timeout * 1000)
-    lines += [":menu"]
-    if ms > 0:
-        lines += [f"menu {settings.title} || goto {labels[menu[0].key]}"]
-        lines += [f"item {labels[e.key]} {e.title}" for e in menu]
-        lines += [f"choose --default {labels[menu[0].key]} --timeout {ms} target "
-                  f"|| goto {labels[menu[0].key]}",
-                  "goto ${target}"]
-    else:
-        lines += [f"goto {labels[menu[0].key]}"]
-    for e in menu:
-        lines += ["", *_ipxe_boot(e, settings, None, labels[e.key], 0)]
-    return "\n".join([*lines, "", *_IPXE_FAILED]) + "\n"
+    return render_template(
+        settings, "ipxe-menu.j2", pinned=bool(settings.pins),
+        ms=round(settings.menu_timeout * 1000),
+        menu=[_ipxe_entry(e, settings, None, f"e{n}", 0) for n, e in enumerate(menu)])
 
 
 def render_ipxe_pinned(entry: BootEntry, settings: BootSettings, pin: Pin) -> str:
-    """A pinned machine's ``ipxe/aa-bb-....ipxe``: boots its entry at once."""
-    lines = ["#!ipxe", f"# icbd-cache: {pin.mac} boots {pin.boot} ({entry.key}); {HEADER}"]
-    lines += _ipxe_boot(entry, settings, pin, "boot", 1)
-    return "\n".join([*lines, "", *_IPXE_FAILED]) + "\n"
+    """A pinned machine's ``ipxe/aa-bb-....ipxe``: boots its entry at once (template
+    ``ipxe-pinned.j2``)."""
+    return render_template(settings, "ipxe-pinned.j2", pin=pin,
+                           e=_ipxe_entry(entry, settings, pin, "boot", 1))
 
 
 # ---------------------------------------------------------------------------------- all files

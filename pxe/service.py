@@ -16,12 +16,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+from icbdcache import activation
+from icbdcache.access import AllowList
 from icbdcache.log import kv
 from icbdcache.store import Store, VersionMeta
-from pxe.http import HttpServer
+from pxe.http import HttpCounters, HttpServer
 from pxe.render import BootSettings
 from pxe.tftp import MAX_BLKSIZE, Reader, TftpServer
 from pxe.tree import BootTree, is_config
@@ -47,6 +50,8 @@ class PxeConfig:
     tftp_timeout: float = 1.0
     tftp_retries: int = 5
     tftp_max_blksize: int = MAX_BLKSIZE
+    #: Client networks answered (empty: any).
+    allow: list[str] = field(default_factory=list)
 
 
 class PxeService:
@@ -59,6 +64,7 @@ class PxeService:
         self.tree = BootTree(self.store, config.settings, config.syslinux_dir)
         self.tftp: TftpServer | None = None
         self.http: HttpServer | None = None
+        self.http_counters = HttpCounters(AllowList(config.allow))
         self._refresh_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._thread: asyncio.Future[bool] | None = None  # a refresh running in a thread
@@ -93,10 +99,15 @@ class PxeService:
         try:
             if c.tftp_port is not None:
                 self.tftp = TftpServer(self.open, c.listen, c.tftp_port, timeout=c.tftp_timeout,
-                                       retries=c.tftp_retries, max_blksize=c.tftp_max_blksize)
+                                       retries=c.tftp_retries, max_blksize=c.tftp_max_blksize,
+                                       allow=AllowList(c.allow))
                 await self.tftp.start()
             if c.http_port is not None:
-                self.http = HttpServer(self.tree, self.refresh, c.listen, c.http_port)
+                from icbdcache.metrics import new_registry
+
+                self.http = HttpServer(self.tree, self.refresh, c.listen, c.http_port,
+                                       counters=self.http_counters,
+                                       metrics=new_registry(*self.collectors()))
                 await self.http.start()
         except OSError:
             await self.close()
@@ -108,6 +119,26 @@ class PxeService:
                     default=self.tree.default_key() or "-",
                     reconnect=(f"{c.settings.reconnect:g}s" if self.tree.reconnect_initrd
                                else f"off ({self.tree.reconnect_problem})")))
+
+    def collectors(self) -> list[Any]:
+        """The metrics collector of the TFTP and HTTP servers (:class:`PxeCollector`)."""
+        return [PxeCollector(self)]
+
+    async def reload(self, settings: BootSettings, allow: list[str]) -> None:
+        """New boot settings (pins, menus, templates) and client networks, while serving
+        (SIGHUP): the configs are rendered again at once. Raises ConfigError."""
+        settings.check()
+        from pxe.render import render_configs
+
+        render_configs(self.tree.entries, settings)  # a broken template changes nothing
+        self.config.settings = settings
+        self.config.allow = list(allow)
+        self.tree.settings = settings
+        if self.tftp is not None:
+            self.tftp.allow = AllowList(allow)
+        self.http_counters.allow = AllowList(allow)
+        async with self._refresh_lock:
+            await self._in_thread(True)
 
     async def _refresher(self) -> None:
         while True:
@@ -137,6 +168,37 @@ class PxeService:
             self._own_store = False
 
 
+class PxeCollector:
+    """Metrics of a :class:`PxeService`: TFTP transfers, bytes, files not found and refused
+    clients; HTTP requests by status and bytes; versions in the menus."""
+
+    def __init__(self, service: PxeService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        from icbdcache.metrics import counter, gauge
+
+        svc = self.service
+        t = svc.tftp.stats if svc.tftp is not None else {}
+        yield counter("pxe_tftp_transfers", "TFTP transfers ended, by result",
+                      labels=["result"], samples=[(["ok"], t.get("ok", 0)),
+                                                  (["failed"], t.get("failed", 0))])
+        yield counter("pxe_tftp_bytes", "Bytes of files sent whole over TFTP",
+                      t.get("bytes", 0))
+        yield counter("pxe_tftp_not_found", "TFTP requests for a file the tree lacks",
+                      t.get("not_found", 0))
+        yield counter("pxe_tftp_refused", "TFTP requests of clients outside --allow",
+                      t.get("refused", 0))
+        yield counter("pxe_tftp_retransmits", "TFTP packets sent again",
+                      t.get("retransmits", 0))
+        h = svc.http_counters
+        yield counter("pxe_http_requests", "HTTP requests, by status", labels=["status"],
+                      samples=[([str(k)], v) for k, v in sorted(h.requests.items())])
+        yield counter("pxe_http_bytes", "Bytes of HTTP answers with status 200", h.bytes)
+        yield gauge("pxe_versions", "Versions with boot files in the boot tree",
+                    len(svc.tree.entries))
+
+
 class PxeNodeService:
     """``serve --pxe``: :class:`PxeService` over the node's own store, started with the node
     (a :class:`~icbdcache.node.NodeService`) and closed before the store is."""
@@ -154,36 +216,81 @@ class PxeNodeService:
         self.service = PxeService(self.config, node.store)
         await self.service.start()
 
+    def collectors(self) -> list[Any]:
+        """The PXE servers' metrics (once started)."""
+        return [PxeCollector(self.service)] if self.service is not None else []
+
+    def reload(self, settings: BootSettings, allow: list[str]) -> None:
+        """SIGHUP of ``serve --pxe``: new boot settings and client networks, applied in the
+        running loop."""
+        if self.service is not None:
+            task = asyncio.ensure_future(self.service.reload(settings, allow))
+            task.add_done_callback(_log_reload)
+
     async def close(self) -> None:
         if self.service is not None:
             await self.service.close()
             self.service = None
 
 
-async def _serve(config: PxeConfig, ready: asyncio.Event | None = None) -> None:
+def _log_reload(task: asyncio.Future[None]) -> None:
+    if task.cancelled():
+        return
+    e = task.exception()
+    if e is not None:
+        log.error(kv(event="reload", result="refused, settings unchanged", error=e))
+    else:
+        log.info(kv(event="reload", result="boot configs rendered again"))
+
+
+#: ``pxe serve``'s SIGHUP: the new (settings, allow), or raises ValueError/OSError.
+Reloader = Callable[[], tuple[BootSettings, list[str]]]
+
+
+async def _serve(config: PxeConfig, ready: asyncio.Event | None = None,
+                 reload: Reloader | None = None) -> None:
     service = PxeService(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def hup() -> None:
+        if reload is None:
+            log.info(kv(event="reload", result="nothing to reload"))
+            return
+        try:
+            settings, allow = reload()
+        except (ValueError, OSError) as e:
+            log.error(kv(event="reload", result="refused, settings unchanged", error=e))
+            return
+        task = asyncio.ensure_future(service.reload(settings, allow))
+        task.add_done_callback(_log_reload)
+
+    loop.add_signal_handler(signal.SIGHUP, hup)
+    watchdog = activation.Watchdog()
     try:
         await service.start()
+        activation.ready("serving boot files")
+        watchdog.start()
         if ready is not None:
             ready.set()
         await stop.wait()
+        activation.stopping()
         log.info(kv(event="pxe_stopping"))
     finally:
+        watchdog.stop()
         await service.close()
 
 
-def run(config: PxeConfig) -> int:
-    """Serve until SIGTERM/SIGINT. Returns the exit status; raises OSError or StoreError
-    when it cannot start."""
-    from icbdcache.loop import new_event_loop
+def run(config: PxeConfig, reload: Reloader | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; SIGHUP calls ``reload`` and applies what it returns.
+    Returns the exit status; raises OSError or StoreError when it cannot start."""
+    from icbdcache.loop import finish_loop, new_event_loop
 
     loop = new_event_loop()
     try:
-        loop.run_until_complete(_serve(config))
+        loop.run_until_complete(_serve(config, reload=reload))
     finally:
-        loop.close()
+        finish_loop(loop)
     return 0

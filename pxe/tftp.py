@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol, cast
 
-from icbdcache.log import kv
+from icbdcache.access import AllowList
+from icbdcache.log import Throttled, kv
 
 log = logging.getLogger("pxe.tftp")
 
@@ -447,13 +448,17 @@ class TftpServer:
     ``timeout`` is the retransmit interval in seconds unless a client negotiates its own;
     a packet is sent ``retries`` more times before the transfer is given up. ``max_blksize``
     caps the block size clients may ask for (bytes); ``max_transfers`` bounds the transfers
-    in flight (requests beyond it get an error and are retried by the client).
+    in flight (requests beyond it get an error and are retried by the client). ``allow``:
+    the client networks answered (others get an access violation, logged at most once a
+    second); replace it to change it while serving.
     """
 
     def __init__(self, opener: Opener, host: str = "0.0.0.0", port: int = 69, *,
                  timeout: float = 1.0, retries: int = 5, max_blksize: int = MAX_BLKSIZE,
-                 max_transfers: int = 256) -> None:
+                 max_transfers: int = 256, allow: AllowList | None = None) -> None:
         self.opener = opener
+        self.allow = allow or AllowList()
+        self.refusals = Throttled(log, 1.0, logging.INFO)
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -463,25 +468,35 @@ class TftpServer:
         self.active: dict[tuple[str, int], _Transfer | None] = {}
         self._requests: dict[tuple[str, int], bytes] = {}  # the request of each active peer
         self.sock: socket.socket | None = None
-        self.stats = {"transfers": 0, "ok": 0, "failed": 0, "bytes": 0, "retransmits": 0}
+        self.stats = {"transfers": 0, "ok": 0, "failed": 0, "bytes": 0, "retransmits": 0,
+                      "not_found": 0, "refused": 0}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Bind the well-known port and start answering. Raises OSError (e.g. EACCES on 69)."""
+        """Bind the well-known port and start answering. Raises OSError naming the port and
+        protocol (in use: another TFTP server; EACCES: port 69 without root)."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ipaddress.ip_address(self.host).version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # no SO_REUSEADDR: on UDP it lets a second server bind the same port and take
+            # half of the requests
             if family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             sock.bind((self.host, self.port))
             sock.setblocking(False)
-        except OSError:
+        except OSError as e:
             sock.close()
-            raise
+            where = f"TFTP port {self.port}/udp on {self.host}"
+            if e.errno == errno.EADDRINUSE:
+                raise OSError(e.errno, f"{where} is in use (another TFTP server: "
+                                       "tftpd-hpa, dnsmasq, a second pxe serve?)") from None
+            if e.errno == errno.EACCES:
+                raise OSError(e.errno, f"{where}: permission denied (ports below 1024 need "
+                                       "root or CAP_NET_BIND_SERVICE)") from None
+            raise OSError(e.errno, f"{where}: {e.strerror or e}") from None
         self.sock = sock
         self.port = sock.getsockname()[1]
         listener = _Listener(self, sock)
@@ -516,6 +531,15 @@ class TftpServer:
             if len(data) >= 2 and struct.unpack_from("!H", data)[0] in (Op.ACK, Op.ERROR):
                 return  # a late packet of a finished transfer that reached the wrong port
             self._reply_error(addr, e.code, e.message)
+            return
+        if not self.allow.allows(addr[0]):
+            self.stats["refused"] += 1
+            self.refusals.warning(kv(event="refused", peer=_fmt(addr), file=req.filename,
+                                     reason="not in --allow", allow=str(self.allow)))
+            if self.sock is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(encode_error(ErrorCode.ACCESS_VIOLATION,
+                                                  "access denied"), addr)
             return
         if req.op == Op.WRQ:
             self._reply_error(addr, ErrorCode.ACCESS_VIOLATION, "read-only server")
@@ -554,7 +578,11 @@ class TftpServer:
                         code=int(e.code), error=e.message))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             error = encode_error(ErrorCode.FILE_NOT_FOUND, "file not found")
-            log.debug(kv(event="tftp_not_found", peer=_fmt(addr), file=req.filename))
+            self.stats["not_found"] += 1
+            # PXELINUX probes pxelinux.cfg/ for its MAC and IP before 'default': expected
+            probe = req.filename.lstrip("/").startswith("pxelinux.cfg/")
+            log.log(logging.DEBUG if probe else logging.INFO,
+                    kv(event="tftp_not_found", peer=_fmt(addr), file=req.filename))
         except PermissionError:
             error = encode_error(ErrorCode.ACCESS_VIOLATION, "access denied")
             log.info(kv(event="tftp_refused", peer=_fmt(addr), file=req.filename,

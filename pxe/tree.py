@@ -39,7 +39,7 @@ from pathlib import Path
 from icbdcache.log import kv
 from icbdcache.store import Store, VersionMeta, bootfiles
 from pxe import initrd
-from pxe.render import BootEntry, BootSettings, render_configs
+from pxe.render import BootEntry, BootSettings, render_configs, resolve_pin
 from pxe.tftp import BytesReader, FileReader, Reader
 
 log = logging.getLogger("pxe.tree")
@@ -198,6 +198,11 @@ class BootTree:
                                          latest.get(m.imi) == m.version, m.created))
             for path, text in render_configs(entries, self.render_settings()).items():
                 files[path] = DataEntry(text.encode())
+            for pin in self.settings.pins:
+                if resolve_pin(pin, entries) is None:
+                    log.warning(kv(event="pin_unresolved", mac=pin.mac, boot=pin.boot,
+                                   result="this machine gets the menu",
+                                   why="no such version with boot files in the store"))
             self.files = files
             self.entries = entries
             # extraction recorded paths in the store: take the signature after it

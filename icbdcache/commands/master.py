@@ -41,12 +41,26 @@ def parse_master_listen(text: str) -> tuple[str, int]:
     return parse_listen(f"{text}:{DEFAULT_MASTER_PORT}" if bare else text)
 
 
+def parse_master_url(text: str) -> str:
+    """A master's URL: ``http://HOST:PORT`` or ``https://HOST:PORT``. Raises ValueError
+    saying what is missing (``master:10810`` lacks its scheme)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(text)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        hint = "" if "://" in text else f" (the scheme is missing: http://{text})"
+        raise ValueError(f"{text!r} is not a master URL: give http://HOST:PORT or "
+                         f"https://HOST:PORT{hint}")
+    return text
+
+
 # ---------------------------------------------------------------------------- master
 
 
 def cmd_master(args: argparse.Namespace) -> int:
     from icbdcache.loop import new_event_loop
     from icbdcache.replication import master
+    from icbdcache.replication.registry import RegistryError
     from icbdcache.store import StoreError
 
     host, port = args.listen
@@ -71,11 +85,11 @@ def cmd_master(args: argparse.Namespace) -> int:
                        max_streams=args.max_streams, site_streams=args.site_streams,
                        address_streams=args.address_streams,
                        stream_min_rate=max(1, args.stream_min_rate),
-                       stream_stall=args.stream_stall)
+                       stream_stall=args.stream_stall, insecure_open=args.insecure_open)
     loop = new_event_loop()
     try:
         loop.run_until_complete(master.serve(cfg))
-    except (AuthConfigError, StoreError, ValueError, OSError) as e:
+    except (AuthConfigError, StoreError, RegistryError, ValueError, OSError) as e:
         print(f"icbd-cache master: {e}", file=sys.stderr)
         return 2
     finally:
@@ -107,6 +121,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
         for m in problems:
             print(f"icbd-cache publish: {m}", file=sys.stderr)
         return 2
+    from icbdcache.store.index import sector_note
+
+    note = sector_note(os.path.getsize(args.file)) if os.path.isfile(args.file) else None
+    if note is not None:
+        print(f"icbd-cache publish: warning: {args.file}: {note}", file=sys.stderr)
     try:
         store = Store(args.store, map_size=MASTER_MAP_SIZE)
     except StoreError as e:
@@ -213,6 +232,7 @@ def status_table(status: dict[str, Any]) -> str:
     keep-alive, state, versions held complete, lag per subscribed iMI), then the iMIs, then
     which clients run which version at each site."""
     rows = [("SITE", "UP", "SEEN", "STATE", "ADDRESS", "HELD", "LAG")]
+    warning = (status.get("access") or {}).get("warning")
     for s in status.get("sites", []):
         held = sorted(k for k, v in (s.get("versions") or {}).items()
                       if isinstance(v, dict) and v.get("complete"))
@@ -230,9 +250,16 @@ def status_table(status: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
+    if warning:
+        lines = [f"WARNING: {warning}", "", *lines]
     lines.append("")
     lines.append(f"generation {status.get('generation')}, sites down after "
                  f"{status.get('down_after')} s")
+    access = status.get("access") or {}
+    if "sites_need_credentials" in access:
+        lines.append("sites need credentials" if access["sites_need_credentials"] else
+                     "sites need no credentials" + (" (loopback only)" if access.get("loopback")
+                                                    else ""))
     for imi, info in sorted((status.get("imis") or {}).items()):
         lines.append(f"{imi}: latest {info.get('latest') or '-'}, versions "
                      f"{', '.join(info.get('versions') or []) or '-'}")
@@ -261,6 +288,75 @@ def ls_table(listing: dict[str, Any]) -> str:
                      for r in rows)
 
 
+async def site_add_offline(site: str, store_dir: str | None, registry_spec: str | None,
+                           replace: bool) -> dict[str, Any]:
+    """``admin site add`` without a running master: the token made here and written straight
+    into the registry (``embedded`` in ``store_dir``, an existing store, or ``etcd://...``),
+    as ``publish`` writes versions. The answer has the API's shape
+    (``sites_need_credentials`` None: no master asked). Raises AdminError."""
+    from icbdcache.replication.auth import new_token, token_digest, token_site_problem
+    from icbdcache.replication.registry import RegistryError, open_registry
+    from icbdcache.store import Store, StoreError
+
+    bad = token_site_problem(site)
+    if bad is not None:
+        raise AdminError(bad)
+    store = None
+    etcd = bool(registry_spec and registry_spec.startswith("etcd://"))
+    if not etcd:
+        if store_dir is None:
+            raise AdminError("give --store DIR (the master's store) or --registry "
+                             "etcd://...")
+        if not os.path.exists(os.path.join(store_dir, "data.mdb")):
+            raise AdminError(f"--store {store_dir}: no store there (icbd-cache publish makes "
+                             "the master's store)")
+    try:
+        if not etcd:
+            store = Store(store_dir or "", map_size=MASTER_MAP_SIZE)
+        registry = open_registry(registry_spec, store=store)
+        try:
+            token, created = new_token(), time.time()
+            replaced = await registry.set_site_token(site, token_digest(token), created,
+                                                     replace=replace)
+        finally:
+            await registry.close()
+    except (RegistryError, StoreError, ValueError) as e:
+        raise AdminError(str(e)) from e
+    finally:
+        if store is not None:
+            store.close()
+    return {"site": site, "token": token, "created": created, "replaced": replaced,
+            "sites_need_credentials": None}
+
+
+def handover(answer: dict[str, Any], master_url: str | None) -> str:
+    """What ``admin site add`` says on stderr once the token is on stdout: where it lives,
+    how to hand it to the site, how to revoke it."""
+    site = answer.get("site")
+    url = master_url or "https://MASTER:10810"
+
+    def wrap(text: str, width: int) -> str:
+        return textwrap.fill(text, width, break_on_hyphens=False)
+
+    lines = [
+        wrap(f"site {site}: a new token" + (" (the earlier one no longer works)"
+                                            if answer.get("replaced") else "")
+             + ", printed once: the master keeps only its SHA-256. Hand it to the site over "
+             "a channel you trust (scp, your configuration management), into a file only "
+             "the site's service reads (mode 600), and give the site:", 78),
+        f"  icbd-cache serve --store DIR --master {url} --site {site} \\",
+        "      --master-token-file /etc/icbd-cache/site.token --subscribe IMI",
+        wrap("(or 'icbd-cache replica' with the same options). The token travels in every "
+             "request: across a network, serve the master over https (--tls-cert). "
+             f"'icbd-cache admin forget {site}' revokes it at once.", 78),
+    ]
+    if answer.get("sites_need_credentials") is False:
+        lines.append(wrap("note: this master answers sites without credentials (it listens "
+                          "on loopback only, or has --insecure-open): the token counts once "
+                          "it listens on the network without --insecure-open.", 78))
+    return "\n".join(lines)
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     from icbdcache.store import split_key
 
@@ -271,8 +367,24 @@ def cmd_admin(args: argparse.Namespace) -> int:
         print(f"icbd-cache admin: {e}", file=sys.stderr)
         return 2
     action = args.action
+    if action == "site":
+        action = f"site {args.site_action}"
+    elif args.store is not None or args.registry is not None:
+        print(f"icbd-cache admin {action}: --store and --registry are for 'site add' only "
+              "(the other actions ask the running master: --master URL)", file=sys.stderr)
+        return 2
     body: dict[str, Any] | None
-    if action in ("ls", "status"):
+    if action == "site add":
+        method, path, body = "POST", "site/add", {"site": args.site, "replace": args.force}
+        if args.store is not None or args.registry is not None:
+            try:
+                answer = asyncio.run(site_add_offline(args.site, args.store, args.registry,
+                                                      args.force))
+            except AdminError as e:
+                print(f"icbd-cache admin {action}: {e}", file=sys.stderr)
+                return 1
+            return _print_answer(args, action, answer)
+    elif action in ("ls", "status"):
         method, path, body = "GET", action, None
     elif action in ("subscribe", "unsubscribe"):
         method, path, body = "POST", action, {"site": args.site, "imi": args.imi}
@@ -293,8 +405,18 @@ def cmd_admin(args: argparse.Namespace) -> int:
     except AdminError as e:
         print(f"icbd-cache admin {action}: {e}", file=sys.stderr)
         return 1
+    return _print_answer(args, action, answer)
+
+
+def _print_answer(args: argparse.Namespace, action: str, answer: Any) -> int:
+    """Print the master's ``answer`` to ``action`` (JSON with ``--json``); exit status 0."""
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
+    elif action == "site add":
+        print(answer.get("token"))  # alone on stdout: 'admin site add s > s.token'
+        sys.stdout.flush()
+        print(handover(answer, None if args.store is not None or args.registry is not None
+                       else args.master), file=sys.stderr)
     elif action == "status":
         print(status_table(answer))
     elif action == "ls":
@@ -307,7 +429,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
     elif action == "unretire":
         print(f"unretired {answer.get('unretired')}")
     elif action == "forget":
-        print(f"forgot {answer.get('forgot')}")
+        site = answer.get("forgot")
+        print(f"forgot {site}" + (" (its token revoked)" if answer.get("revoked") else ""))
+        if answer.get("token_file"):
+            print(f"icbd-cache admin forget: warning: {site} still has a token in the "
+                  "master's --token-file: remove its line there and restart the master",
+                  file=sys.stderr)
     else:
         print(f"{args.site}: subscriptions {', '.join(answer.get('subscriptions', [])) or '-'}")
     return 0
@@ -316,9 +443,9 @@ def cmd_admin(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- tables
 
 
-def _registry_option() -> Option:
-    return Option("registry", metavar="SPEC",
-                  help="embedded (default: in the store) or etcd://HOST:PORT[,...][/PREFIX]")
+def _registry_option(help: str = "embedded (default: in the store) or "
+                                  "etcd://HOST:PORT[,...][/PREFIX]") -> Option:
+    return Option("registry", metavar="SPEC", help=help)
 
 
 MASTER = Command(
@@ -334,7 +461,10 @@ MASTER = Command(
     "      --tls-cert master.pem --tls-key master.key --client-ca sites-ca.pem \\\n"
     "      --token-file /etc/icbd-cache/tokens --admin-token-file /etc/icbd-cache/admin\n"
     "  icbd-cache master --config /etc/icbd-cache/master.toml\n"
-    "token file: one 'SITE TOKEN' a line ('*' as SITE: any site), # comments",
+    "token file: one 'SITE TOKEN' a line ('*' as SITE: any site), # comments\n"
+    "on an address other than loopback the master needs site credentials: --token-file,\n"
+    "--client-ca, or tokens made with 'icbd-cache admin site add NAME' (else it refuses to\n"
+    "start, unless --insecure-open)",
     (store_option(),
      Option("listen", default=("0.0.0.0", DEFAULT_MASTER_PORT), metavar="HOST:PORT",
             parse=parse_master_listen,
@@ -369,7 +499,12 @@ MASTER = Command(
      Option("stream-stall", "seconds", default=STALL_TIMEOUT, metavar="SECONDS",
             group=STREAMS_GROUP,
             help="grace a chunk stream's client has to send its request and before "
-                 f"--stream-min-rate applies (default {STALL_TIMEOUT:g})")),
+                 f"--stream-min-rate applies (default {STALL_TIMEOUT:g})"),
+     Option("insecure-open", "bool", default=False,
+            help="on a non-loopback address, serve every image to anyone who reaches it, "
+                 "without site credentials (warned at start and in 'admin status'); without "
+                 "it such a master needs --token-file, --client-ca or site tokens "
+                 "('admin site add')")),
     doc="replication.md", config_file=True)
 
 PUBLISH = Command(
@@ -398,20 +533,24 @@ PUBLISH = Command(
 
 ADMIN = Command(
     "admin", "the master's admin API: ls, status, subscribe, unsubscribe, retire, unretire, "
-    "forget",
+    "forget, site add",
     textwrap.fill(
         "Ask a running master (its admin API, docs/replication.md): 'status' shows every "
         "site (up or DOWN, last keep-alive, state, versions held, lag per iMI), 'ls' the "
         "published versions; subscribe/unsubscribe a site to an iMI; retire a version "
         "(no longer offered to replicas; refused while sites report clients running it, "
-        "unless --force), unretire it; forget a site.", 78),
+        "unless --force), unretire it; forget a site (its token stops working at once); "
+        "'site add NAME' makes a site's token (printed once on stdout, kept hashed by the "
+        "master; --store/--registry write it without a running master).", 78),
     "examples:\n"
     "  icbd-cache admin status\n"
     "  icbd-cache admin --master https://master:10810 --ca ca.pem \\\n"
     "      --admin-token-file admin.token status --json\n"
     "  icbd-cache admin subscribe site-a lab\n"
-    "  icbd-cache admin retire lab@3",
-    (Option("master", default=DEFAULT_MASTER_URL, metavar="URL",
+    "  icbd-cache admin retire lab@3\n"
+    "  icbd-cache admin site add site-a > site-a.token\n"
+    "  icbd-cache admin site add site-a --store /srv/master > site-a.token",
+    (Option("master", default=DEFAULT_MASTER_URL, metavar="URL", parse=parse_master_url,
             help=f"the master's URL (default $ICBD_MASTER or {DEFAULT_MASTER_URL})"),
      Option("admin-token-file", metavar="FILE",
             help="file holding the admin token (its first line's last word)"),
@@ -419,7 +558,12 @@ ADMIN = Command(
      Option("json", "bool", default=False, help="print the API's JSON answer"),
      Option("force", "bool", default=False,
             help="retire: even while clients run the version (each site keeps it for them "
-                 "until they boot anew)")),
+                 "until they boot anew); site add: replace the site's token (the old one "
+                 "stops working)"),
+     store_option(None, "site add: write the token into this master store's registry "
+                        "itself (no running master needed, e.g. before its first start)"),
+     _registry_option("site add, with --store or alone: the registry to write the token "
+                      "into (embedded, the default: in --store; or etcd://...)")),
     doc="replication.md")
 
 #: The master side's tables.
@@ -453,9 +597,22 @@ def _add_admin(sub: Any) -> None:
                         formatter_class=_RAW)
     a.add_argument("version", help="IMI@VERSION")
     actions.append(a)
-    a = acts.add_parser("forget", help="remove SITE (its record, subscriptions, keep-alives)",
+    a = acts.add_parser("forget", help="remove SITE (its record, subscriptions, keep-alives) "
+                        "and revoke its token",
                         epilog="example:\n  icbd-cache admin forget old-site",
                         formatter_class=_RAW)
+    a.add_argument("site", help="site name")
+    actions.append(a)
+    site = acts.add_parser("site", help="site credentials: 'site add NAME' makes a token",
+                           epilog="example:\n  icbd-cache admin site add site-a > "
+                                  "site-a.token", formatter_class=_RAW)
+    site_acts = site.add_subparsers(dest="site_action", metavar="ACTION", required=True)
+    a = site_acts.add_parser(
+        "add", help="a new token for SITE (created if new), printed once on stdout",
+        epilog="examples:\n  icbd-cache admin site add site-a > site-a.token\n"
+               "  icbd-cache admin site add site-a --store /srv/master > site-a.token\n"
+               "  icbd-cache admin site add site-a --force > site-a.token   # a new one",
+        formatter_class=_RAW)
     a.add_argument("site", help="site name")
     actions.append(a)
     for a in actions:  # the options also after the action: admin status --json

@@ -59,8 +59,13 @@ KIND_TEXT: dict[str, str] = {
 #: Keys a config file may not have: -v/-q are command-line options only.
 CLI_ONLY_KEYS = frozenset({"v", "q", "verbose", "quiet"})
 
+#: Options every command has besides -v/-q (a key of its ``--config FILE`` too).
+COMMON_OPTIONS: tuple[Option, ...] = ()  # set below, once Option exists
+
 #: The attribute of a resolved namespace that holds the dests given explicitly.
 _GIVEN = "_given_settings"
+#: The attribute that keeps the namespace as parsed, before :meth:`Command.resolve`.
+_RAW = "_parsed_settings"
 
 
 def parse_bytes(text: str) -> int:
@@ -270,6 +275,14 @@ class Option:
         return value
 
 
+COMMON_OPTIONS = (
+    Option("log-format", default="text", choices=("text", "json"), metavar="text|json",
+           group="logging",
+           help="log lines as key=value text (default) or one JSON object each; every line "
+                "has an event key and a timestamp with its UTC offset"),
+)
+
+
 @dataclass(frozen=True)
 class Command:
     """A command's table: its name (``serve``, ``pxe serve``), texts for ``--help``
@@ -289,9 +302,14 @@ class Command:
     def prog(self) -> str:
         return f"icbd-cache {self.name}"
 
+    @property
+    def all_options(self) -> tuple[Option, ...]:
+        """The table's options and the ones every command has (:data:`COMMON_OPTIONS`)."""
+        return self.options + COMMON_OPTIONS
+
     def long_options(self) -> list[str]:
         """Every long option of the command, ``--config`` included, without --help/-v/-q."""
-        flags = [o.flag for o in self.options if not o.positional]
+        flags = [o.flag for o in self.all_options if not o.positional]
         return flags + (["--config"] if self.config_file else [])
 
     def config_keys(self) -> dict[str, Option]:
@@ -299,7 +317,7 @@ class Command:
         if not self.config_file:
             return {}
         keys: dict[str, Option] = {}
-        for o in self.options:
+        for o in self.all_options:
             if o.config and not o.positional:
                 keys[o.key] = o
                 keys.update(dict.fromkeys(o.aliases, o))
@@ -307,7 +325,7 @@ class Command:
 
     def option(self, dest: str) -> Option:
         """The option whose dest is ``dest``. Raises KeyError."""
-        for o in self.options:
+        for o in self.all_options:
             if o.dest == dest:
                 return o
         raise KeyError(dest)
@@ -318,7 +336,7 @@ class Command:
         """Add the table's options to ``parser``, in sections by ``group``; ``--config FILE``
         for a long-running command; -v/-q."""
         groups: dict[str | None, Any] = {None: parser}
-        for o in self.options:
+        for o in self.all_options:
             if o.group not in groups:
                 groups[o.group] = parser.add_argument_group(o.group)
             # a required option may come from the file: checked in resolve() then
@@ -366,7 +384,7 @@ class Command:
         keys = self.config_keys()
         unknown = sorted(set(raw) - set(keys))
         if unknown:
-            known = [o.key for o in self.options if o.config and not o.positional]
+            known = [o.key for o in self.all_options if o.config and not o.positional]
             raise ValueError(f"{path}: unknown settings {', '.join(unknown)} "
                              f"(known: {', '.join(known)})")
         out: dict[str, Any] = {}
@@ -387,7 +405,7 @@ class Command:
         path = getattr(args, "config", None) if self.config_file else None
         file = self.load_config(path) if path else {}
         explicit: set[str] = set()
-        for o in self.options:
+        for o in self.all_options:
             if o.positional:
                 continue
             value = getattr(args, o.dest, None)
@@ -402,6 +420,18 @@ class Command:
                     raise ValueError(f"{o.flag} is required{where}")
             setattr(args, o.dest, value)
         setattr(args, _GIVEN, frozenset(explicit))
+
+
+def reresolve(command: Command, args: argparse.Namespace) -> argparse.Namespace:
+    """The settings of ``args`` (resolved by :func:`_run`) resolved again from the same
+    command line and the ``--config`` file as it is now (SIGHUP). Raises ValueError for the
+    user (a bad file)."""
+    raw = getattr(args, _RAW, None)
+    if raw is None:
+        raise ValueError("the command line was not kept")
+    fresh = argparse.Namespace(**vars(raw))
+    command.resolve(fresh)
+    return fresh
 
 
 def given(args: argparse.Namespace) -> frozenset[str]:
@@ -425,9 +455,14 @@ def prefixed(options: Iterable[Option], prefix: str, *, group: str | None = None
 def _run(command: Command, handler: Callable[[argparse.Namespace], int],
          args: argparse.Namespace) -> int:
     """Resolve the settings of ``command``, then run ``handler``."""
+    from icbdcache import log as logsetup
+
+    setattr(args, _RAW, argparse.Namespace(**vars(args)))
     try:
         command.resolve(args)
     except ValueError as e:
         print(f"{command.prog}: {e}", file=sys.stderr)
         return 2
+    logsetup.setup(-1 if getattr(args, "quiet", False) else getattr(args, "verbose", 0),
+                   args.log_format)
     return int(handler(args))

@@ -7,7 +7,8 @@ import os
 import sys
 from typing import Any
 
-from icbdcache.commands.options import OFF, Command, Option, given, prefixed
+from icbdcache.access import parse_cidr
+from icbdcache.commands.options import OFF, Command, Option, given, prefixed, reresolve
 from icbdcache.commands.store import DEFAULT_STORE, store_option
 
 PXE_EXAMPLES = """\
@@ -64,6 +65,10 @@ BOOT_OPTIONS = (
     Option("http-base", metavar="URL", group=BOOT_GROUP,
            help="absolute base URL in iPXE scripts (default: paths relative to the script, "
                 "which iPXE resolves against the script's own URL)"),
+    Option("templates", metavar="DIR", group=BOOT_GROUP,
+           help="the admin's boot menu templates (Jinja2): a file named like a default one "
+                "(pxelinux-default.j2, ipxe-menu.j2, ...) replaces it (docs/pxe.md); SIGHUP "
+                "re-reads them"),
     Option("syslinux-dir", metavar="DIR", group=BOOT_GROUP,
            help="pxelinux.0 and the .c32 modules (default: Debian's /usr/lib/PXELINUX and "
                 "/usr/lib/syslinux/modules/bios)"),
@@ -86,6 +91,9 @@ SERVER_OPTIONS = (
            help="retransmissions of one packet before a transfer is dropped (default 5)"),
     Option("tftp-max-blksize", "int", default=65464, metavar="BYTES", group=SERVER_GROUP,
            help="largest TFTP block size granted (default 65464)"),
+    Option("allow", "list", metavar="CIDR", parse=parse_cidr, group=SERVER_GROUP,
+           help="answer TFTP and HTTP clients of this network only (repeatable; default: "
+                "any); SIGHUP re-reads it"),
 )
 
 
@@ -185,6 +193,7 @@ def _settings(args: argparse.Namespace, prefix: str = "", *, nbd_host: str | Non
         overlay=v("overlay"), ip=v("ip"), append=v("append"), serial=v("serial"),
         title=v("title"), http_base=v("http-base"),
         pins=load_pins(pins_file) if pins_file else [], reconnect=v("reconnect"),
+        templates=v("templates"),
     )
     s.check()
     return s
@@ -205,7 +214,7 @@ def _pxe_config(args: argparse.Namespace, prefix: str, store: str, settings: Any
         tftp_port=_on(v("tftp-port")), http_port=_on(v("http-port")),
         syslinux_dir=v("syslinux-dir"), refresh_interval=v("refresh"),
         tftp_timeout=v("tftp-timeout"), tftp_retries=v("tftp-retries"),
-        tftp_max_blksize=v("tftp-max-blksize"),
+        tftp_max_blksize=v("tftp-max-blksize"), allow=list(v("allow") or []),
     )
     if cfg.tftp_port is None and cfg.http_port is None:
         raise ConfigError(f"both --{prefix}tftp-port and --{prefix}http-port are off: "
@@ -253,10 +262,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pxe.render import ConfigError
     from pxe.service import run
 
+    def reload() -> tuple[Any, list[str]]:
+        fresh = reresolve(PXE_SERVE, args)
+        return _settings(fresh), list(fresh.allow or [])
+
     try:
         _check_store(args.store)
         cfg = _pxe_config(args, "", args.store, _settings(args))
-        return int(run(cfg))
+        return int(run(cfg, reload))
     except (ConfigError, OSError, StoreError) as e:
         print(f"icbd-cache pxe serve: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import ssl
@@ -15,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from icbdcache.commands.options import Command, Option, given
 from icbdcache.commands.store import check_name, store_option, store_size_option
+from icbdcache.log import kv
+
+log = logging.getLogger("icbdcache.replica")
 
 if TYPE_CHECKING:  # imported when used: aiohttp stays out of every other command's start
     from icbdcache.replication.client import MasterClient
@@ -39,6 +43,21 @@ examples:
 """
 
 
+def parse_master_url_text(text: str) -> str:
+    """``--master URL`` checked (:func:`icbdcache.commands.master.parse_master_url`). Raises
+    ValueError."""
+    from icbdcache.commands.master import parse_master_url
+
+    return parse_master_url(text)
+
+
+def parse_listen_text(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` of ``--metrics-listen``. Raises ValueError."""
+    from icbdcache.server import parse_listen
+
+    return parse_listen(text)
+
+
 def parse_compress_text(text: str) -> str:
     """``plain`` or ``zstd[:LEVEL]``, checked and kept as text (``plain`` must not read as
     "not given"). Raises ValueError."""
@@ -57,6 +76,7 @@ def transfer_options(*, in_serve: bool) -> tuple[Option, ...]:
     g = TRANSFER_GROUP
     return (
         Option("master", required=not in_serve, metavar="URL", group=g,
+               parse=parse_master_url_text,
                help="the master, http://HOST:PORT or https://HOST:PORT"
                     + (": also replicate into --store" if in_serve else "")),
         Option("site", metavar="NAME", group=g, help="this site's name at the master"),
@@ -184,15 +204,33 @@ def cmd_replica(args: argparse.Namespace) -> int:
     replica = Replica(store, client, cfg)
 
     async def run() -> int:
+        from icbdcache import activation
+
+        metrics = None
+        if args.metrics_listen:
+            from icbdcache.metrics import MetricsServer, ReplicaCollector, new_registry
+
+            metrics = MetricsServer(new_registry(ReplicaCollector(lambda: replica)),
+                                    *args.metrics_listen)
+            await metrics.start()
         task = asyncio.ensure_future(replica.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info(kv(
+            event="reload", result="nothing to reload (restart to change settings)")))
+        watchdog = activation.Watchdog()
+        activation.ready("replicating")
+        watchdog.start()
         try:
             return await task
         except asyncio.CancelledError:
             return 0
         finally:
+            activation.stopping()
+            watchdog.stop()
+            if metrics is not None:
+                await metrics.close()
             await replica.drain()
             replica.state = "stopped" if not cfg.once else replica.state
             replica.save_state()
@@ -200,7 +238,11 @@ def cmd_replica(args: argparse.Namespace) -> int:
 
     loop = new_event_loop()
     try:
-        code = loop.run_until_complete(run())
+        try:
+            code = loop.run_until_complete(run())
+        except OSError as e:  # --metrics-listen's address
+            print(f"icbd-cache replica: {e}", file=sys.stderr)
+            return 2
         if cfg.once and code == 0 and not args.quiet:
             done = ", ".join(k for k, v in replica.state_dict()["versions"].items()
                              if v["complete"]) or "nothing subscribed"
@@ -231,6 +273,9 @@ REPLICA = Command(
                        "pinned ones is an error (store full)"),
      Option("once", "bool", default=False,
             help="pull what is subscribed, then exit (0 when complete)"),
+     Option("metrics-listen", metavar="HOST:PORT", parse=parse_listen_text,
+            help="serve Prometheus metrics (state, lag, pull progress) at "
+                 "http://HOST:PORT/metrics (docs/metrics.md)"),
      *transfer_options(in_serve=False)),
     doc="replica.md", config_file=True)
 

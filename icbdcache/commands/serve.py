@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import ssl
 import sys
 import tempfile
 import textwrap
+from functools import partial
 from typing import Any
 
+from icbdcache.access import parse_cidr
 from icbdcache.commands import pxe, replica
-from icbdcache.commands.options import Command, Option
+from icbdcache.commands.options import Command, Option, reresolve
 from icbdcache.commands.store import store_option, store_size_option
 from icbdcache.exports import ExportSpec
+from icbdcache.log import kv
 from icbdcache.node import NodeService
 from icbdcache.server import DEFAULT_PORT, ServeConfig, parse_listen
 from icbdcache.store import StoreError
+
+serve_log = logging.getLogger("icbdcache.serve")
 
 SERVE_EXAMPLES = """\
 examples:
@@ -57,10 +63,16 @@ SERVE = Command(
             help=f"TCP address to listen on, repeatable (default 0.0.0.0:{DEFAULT_PORT} "
                  "unless --unix is given)"),
      Option("unix", metavar="PATH", help="also listen on a Unix socket"),
-     Option("export", "list", metavar="NAME=PATH[,cow]", dest="exports", aliases=("exports",),
-            parse=ExportSpec.parse,
+     Option("export", "list", metavar="NAME=PATH[,cow][,allow=CIDR]", dest="exports",
+            aliases=("exports",), parse=ExportSpec.parse,
             help="an export: a raw image file; ',cow' = writable per client, the file itself "
-                 "is never written (repeatable)"),
+                 "is never written; ',allow=CIDR' (repeatable) = only clients of these "
+                 "networks see it (repeatable)"),
+     Option("allow", "list", metavar="CIDR", parse=parse_cidr,
+            help="accept NBD clients from this network only, e.g. 10.1.0.0/16 (repeatable; "
+                 "default: any); others are closed at once and logged; SIGHUP re-reads it"),
+     Option("metrics-listen", metavar="HOST:PORT", parse=parse_listen,
+            help="serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md)"),
      Option("default-export", metavar="NAME",
             help="export for clients that ask for the empty name: an --export, or with "
                  "--store a version IMI@VERSION or an iMI (its latest) (default: the first "
@@ -161,6 +173,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The ServeConfig of the resolved options (:meth:`Command.resolve`). Raises ValueError
     for the user."""
     values = {d: getattr(args, d) for d in _CONFIG_FIELDS}
+    values["allow"] = values.get("allow") or []
     listen = values.pop("listen") or []
     if not listen and not values["unix"]:
         listen = [parse_listen(f"0.0.0.0:{DEFAULT_PORT}")]
@@ -186,6 +199,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("--trace needs --workers 1 (one file, one writer)")
     if cfg.workers > 1 and cfg.handover:
         raise ValueError("--handover needs --workers 1 (one process hands over)")
+    if cfg.workers > 1 and cfg.metrics_listen:
+        raise ValueError("--metrics-listen needs --workers 1 (one process counts)")
     if cfg.max_connections < 1 or cfg.workers < 1:
         raise ValueError("--max-connections and --workers must be at least 1")
     if cfg.address_connections < 1 or cfg.address_handshakes < 1:
@@ -304,6 +319,13 @@ def check_startup(cfg: ServeConfig) -> None:
     # every file export opens, with the export named, before forking (the default export
     # may be a store version, checked below against the store)
     build_catalog(dataclasses.replace(cfg, default_export=None), recover=False).close()
+    from icbdcache.store.index import sector_note
+
+    for spec in cfg.exports:
+        note = None if spec.is_upstream else sector_note(os.path.getsize(spec.path))
+        if note is not None:
+            serve_log.warning(kv(event="image_size", export=spec.name, path=spec.path,
+                                 warning=note))
     if cfg.store:
         from icbdcache.store import Store
 
@@ -333,10 +355,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from icbdcache.handover import HandoverError
 
     try:
-        return server.run(cfg, services=services)
+        return server.run(cfg, services=services, reload=partial(reload_serve, args, cfg))
     except (OSError, StoreError, HandoverError, ValueError) as e:
         print(f"icbd-cache serve: {e}", file=sys.stderr)
         return 1
+
+
+#: Settings SIGHUP applies; a change of any other is logged as needing a restart.
+RELOADABLE = frozenset({"allow", "log_format", "verbose", "quiet"})
+
+
+def reload_serve(args: argparse.Namespace, running: ServeConfig, srv: Any) -> None:
+    """SIGHUP: read the command line and ``--config`` file again and apply what can change
+    while serving: ``--allow``, the PXE boot settings (pins, menus, templates) and the log
+    format; name the settings that differ and need a restart. Raises ValueError (the new
+    settings are refused, nothing changed) or OSError (the pins file)."""
+    from icbdcache import log as logsetup
+
+    fresh = reresolve(SERVE, args)
+    cfg = serve_config(fresh)
+    pxe_config = pxe.serve_pxe_config(fresh, cfg)
+    services = srv.node.services if srv.node is not None else []
+    pxe_services = [s for s in services if hasattr(s, "reload")]
+    if pxe_config is not None:
+        for svc in pxe_services:
+            svc.reload(pxe_config.settings, pxe_config.allow)
+    srv.set_allow(cfg.allow)
+    logsetup.setup(-1 if fresh.quiet else fresh.verbose, fresh.log_format)
+    differ = sorted(f.name for f in dataclasses.fields(ServeConfig)
+                    if f.name not in RELOADABLE
+                    and getattr(cfg, f.name) != getattr(running, f.name))
+    serve_log.info(kv(event="reload", allow=",".join(cfg.allow) or "any",
+                      pins=len(pxe_config.settings.pins) if pxe_config else "-",
+                      restart_needed=",".join(differ) or "-"))
 
 
 def register(sub: Any) -> None:

@@ -122,6 +122,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         if size == 0:
             print(f"icbd-cache import: {args.file}: empty image (0 bytes)", file=sys.stderr)
             return 2
+        from icbdcache.store.index import sector_note
+
+        note = sector_note(size)
+        if note is not None:
+            print(f"icbd-cache import: warning: {args.file}: {note}", file=sys.stderr)
         store = Store(args.store, size_limit=args.store_size)
     except (OSError, StoreError) as e:
         print(f"icbd-cache import: {e}", file=sys.stderr)

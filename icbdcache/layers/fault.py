@@ -157,6 +157,7 @@ class FaultLayer(Layer):
                 return held
         fut = asyncio.get_running_loop().create_future()
         f.inflight[key] = fut
+        t0 = time.monotonic()
         try:
             data = await self._fetch(index, d)
         except BaseException as e:
@@ -168,6 +169,7 @@ class FaultLayer(Layer):
             return data
         finally:
             del f.inflight[key]
+            f.stats.fault_latency.observe(time.monotonic() - t0)
 
     def _stored_entry(self, index: int) -> bytes:
         """Map entry ``index`` as stored now (another process may have learned it since this

@@ -49,21 +49,31 @@ class ReadaheadLayer(Layer):
         first = offset // cs
         last = (offset + length - 1) // cs
         profile = self.profile
-        if profile.recording_until:
-            profile.record(first, last)
-        missed = type(result) is not list
+        if profile.recording_until and (first != last or first not in profile.position):
+            profile.record(first, last)  # a chunk not in the profile yet (or several)
         seen = self._seen
-        if missed and self.seq_ahead and first and seen[first - 1]:
+        if type(result) is list:  # a hit: no hint unless it reads a marked chunk
+            seen[last] = 1
+            marks = profile.marks
+            if marks and (first in marks if first == last
+                          else not marks.isdisjoint(range(first, last + 1))):
+                self._step(last)
+            return result
+        if self.seq_ahead and first and seen[first - 1]:
             stop = min(last + 1 + self.seq_ahead, self.chunks)
             if stop > last + 1:
                 seen[last + 1 : stop] = b"\x01" * (stop - last - 1)
                 self._cache((last + 1) * cs, min(stop * cs, self.size) - (last + 1) * cs)
         seen[last] = 1
-        if missed or (profile.marks and not profile.marks.isdisjoint(range(first, last + 1))):
-            for idx in profile.step(last):
-                seen[idx] = 1
-                self._cache(idx * cs, min(cs, self.size - idx * cs))
+        self._step(last)
         return result
+
+    def _step(self, last: int) -> None:
+        """Hint the profile's chunks after chunk ``last`` down the stack."""
+        cs = self.cs
+        for idx in self.profile.step(last):
+            self._seen[idx] = 1
+            self._cache(idx * cs, min(cs, self.size - idx * cs))
 
     def connect(self, client: Client) -> Layer:
         self.profile.client_started(client.now or time.monotonic())

@@ -9,9 +9,13 @@ Notes on the design
   missing: not held, or its digest not known yet (:data:`UNKNOWN`, a version faulted from a
   plain NBD upstream learns its map as it is read).
 * When every chunk is held the read is answered at once with memoryviews of the chunks' bytes
-  (no task, no await). Otherwise this layer raises :class:`ChunksMissing` carrying what it
-  found, and the fault layer above (:mod:`icbdcache.layers.fault`) fetches the rest. This layer
-  never talks to a source.
+  (no task, no await). A read inside one chunk held in the hot set, the warm store's common
+  case, is answered by :meth:`VersionLayer.pread` itself with no Python call below it (the hot
+  set's ``peek``/``used_now``, the reader's ``recent`` set, two counters); anything else takes
+  the general path through :meth:`~icbdcache.store.reader.StoreReader.read`.
+* Otherwise this layer raises :class:`ChunksMissing` carrying what it found, and the fault
+  layer above (:mod:`icbdcache.layers.fault`) fetches the rest. This layer never talks to a
+  source.
 * The map is shared by every layer of the version and updated in place as entries are learned
   (:meth:`VersionLayer.learn`); a version's map never changes otherwise (versions are
   immutable).
@@ -66,6 +70,12 @@ class VersionLayer(Layer):
         self.map = chunk_map
         self.stats = stats
         self._zeros = memoryview(bytes(self.cs))
+        #: Map entries as bytes objects, made on first use (a dict key made once keeps its
+        #: hash); None where not made yet. :meth:`learn` drops the entry it changes.
+        self._keys: list[bytes | None] = [None] * self.chunks
+        hot = reader.hot
+        self._peek = hot.peek
+        self._used_now = hot.used_now
 
     def digest_at(self, index: int) -> bytes:
         """Map entry ``index``: a digest, ZERO or UNKNOWN."""
@@ -74,6 +84,7 @@ class VersionLayer(Layer):
     def learn(self, index: int, entry: bytes) -> None:
         """Set map entry ``index`` (a digest learned from a source, or ZERO)."""
         self.map[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = entry
+        self._keys[index] = None
 
     def chunk_length(self, index: int) -> int:
         """Bytes of chunk ``index`` (the last may be short)."""
@@ -88,6 +99,25 @@ class VersionLayer(Layer):
 
     def pread(self, offset: int, length: int) -> ReadResult:
         """The buffers of the range; raises :class:`ChunksMissing` if a chunk is not held."""
+        cs = self.cs
+        first = offset // cs
+        lo = offset - first * cs
+        if lo + length <= cs:  # inside one chunk: a hot hit is answered here
+            d = self._keys[first]
+            if d is None:
+                d = self._keys[first] = bytes(self.map[first * DIGEST_SIZE :
+                                                       (first + 1) * DIGEST_SIZE])
+            data = self._peek(d)
+            if data is not None:
+                self._used_now(d)
+                self.reader.recent.add(d)
+                stats = self.stats
+                stats.hits += 1
+                self.reader.hits.hits_hot += 1
+                return [memoryview(data)[lo : lo + length]]
+        return self._pread(offset, length)
+
+    def _pread(self, offset: int, length: int) -> ReadResult:
         cs = self.cs
         first = offset // cs
         last = (offset + length - 1) // cs

@@ -5,19 +5,32 @@ makes on each request (docs/replication.md, 'Authentication').
   only (``*`` as SITE: any site).
 * Client certificates: with a client CA, the master asks for one (optional) and accepts any
   certificate that verifies against it.
+* Registry site tokens (``icbd-cache admin site add NAME``): made here (:func:`new_token`),
+  kept in the registry only as their SHA-256 (:func:`token_digest`), each bound to its site;
+  the master looks a presented token up there (so masters sharing a registry agree, and a
+  revoked token stops working at its next request).
 * Admin tokens: a file of ``TOKEN`` or ``NAME TOKEN`` lines; without any, the admin API answers
   loopback addresses only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
+import secrets
 import ssl
 from dataclasses import dataclass, field
 
 #: A token-file SITE that makes a token valid for every site.
 ANY_SITE = "*"
+#: Random bytes of a registry site token (it is sent as URL-safe base64: 43 characters).
+TOKEN_BYTES = 32
+#: Why a replica-facing request is refused: no credentials at all, a token nobody knows.
+NO_CREDENTIALS = ("this master hands images only to sites it knows: send the site's token "
+                  "(Authorization: Bearer TOKEN; a site's --master-token-file) or a client "
+                  "certificate")
+UNKNOWN_TOKEN = "unknown or revoked token"
 
 
 class AuthConfigError(ValueError):
@@ -76,6 +89,28 @@ def read_token(path: str) -> str:
     return lines[0][-1]
 
 
+def new_token() -> str:
+    """A new site token: :data:`TOKEN_BYTES` random bytes as URL-safe base64 (no ``#``, no
+    whitespace, so it fits a token file as is)."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def token_digest(token: str) -> str:
+    """What the registry keeps of a site token: its SHA-256, 64 hex digits. A token is random
+    and long, so the digest alone neither gives it back nor can be guessed from."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def token_site_problem(site: str) -> str | None:
+    """Why ``site`` cannot be given a registry token, or None: a name the API refuses, or
+    ``*`` (which a token file reads as any site)."""
+    from icbdcache.replication.wire import bad_name
+
+    if site == ANY_SITE:
+        return "'*' is no site name (a token file's '*' means any site)"
+    return bad_name(site)
+
+
 def bearer(header: str | None) -> str | None:
     """The token of an ``Authorization: Bearer TOKEN`` header value, or None."""
     if not header:
@@ -106,38 +141,52 @@ def is_loopback(host: str | None) -> bool:
 
 @dataclass
 class Auth:
-    """What the master accepts. ``site_tokens``: token -> site; ``client_ca``: whether TLS
-    client certificates are checked (the ssl context does the verifying); ``admin_tokens``:
-    empty means admin from loopback only."""
+    """What the master accepts. ``site_tokens``: token -> site (``--token-file``);
+    ``client_ca``: whether TLS client certificates are checked (the ssl context does the
+    verifying); ``closed``: replica-facing requests need credentials even without a token
+    file or client CA (a master reachable from the network: its sites hold registry tokens);
+    ``admin_tokens``: empty means admin from loopback only."""
 
     site_tokens: dict[str, str] = field(default_factory=dict)
     client_ca: bool = False
     admin_tokens: set[str] = field(default_factory=set)
+    closed: bool = False
 
     @property
     def replica_auth(self) -> bool:
         """Whether replica-facing requests need credentials at all."""
-        return bool(self.site_tokens) or self.client_ca
+        return bool(self.site_tokens) or self.client_ca or self.closed
+
+    def file_owner(self, token: str) -> str | None:
+        """The site (or ``*``) of a ``--token-file`` token, or None."""
+        found = _match(token, self.site_tokens)
+        return self.site_tokens[found] if found is not None else None
 
     def check_replica(self, authorization: str | None, has_client_cert: bool,
-                      site: str | None = None) -> str | None:
+                      site: str | None = None, *,
+                      registry_owner: str | None = None) -> str | None:
         """Why a replica-facing request is refused (401), or None. ``site``: the site named
-        in the path of a site endpoint (a token must belong to it, or to ``*``)."""
+        in the path of a site endpoint (a token must belong to it, or be a token file's
+        ``*``); ``registry_owner``: the site the registry binds the presented token to (the
+        caller looked it up by :func:`token_digest`), None if it knows none."""
         if not self.replica_auth:
             return None
         token = bearer(authorization)
         if token is not None:
-            found = _match(token, self.site_tokens)
-            if found is not None:
-                owner = self.site_tokens[found]
-                if site is None or owner in (ANY_SITE, site):
+            owner = self.file_owner(token)
+            if owner is not None and (site is None or owner in (ANY_SITE, site)):
+                return None
+            if owner is None and registry_owner is not None:
+                owner = registry_owner
+                if site is None or owner == site:
                     return None
+            if owner is not None:
                 return f"this token is not for site {site!r}"  # quoted: it is logged
             if not has_client_cert:
-                return "unknown token"
+                return UNKNOWN_TOKEN
         if has_client_cert and self.client_ca:
             return None
-        return "credentials required (a bearer token or a client certificate)"
+        return NO_CREDENTIALS
 
     def token_site(self, authorization: str | None) -> str | None:
         """The site a valid bearer token in ``authorization`` belongs to, or None (no token,

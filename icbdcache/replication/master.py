@@ -6,8 +6,10 @@ keep-alive. Admin: status (the holistic view), ls, subscribe, unsubscribe, retir
 forget. Every answer a replica acts on names the master's store (``master_id``, a random id made
 with the store): a replica that sees another id behind the same URL knows its master changed
 (docs/replication.md, 'A master that changes'). Credentials
-are checked by one middleware (:mod:`icbdcache.replication.auth`); every error is JSON
-``{"error": "..."}``.
+are checked by one middleware (:mod:`icbdcache.replication.auth`; registry site tokens looked up
+by their digest on each request, so a revoked one fails its next request); a master the network
+reaches starts only with site credentials or ``--insecure-open``
+(:mod:`icbdcache.replication.exposure`); every error is JSON ``{"error": "..."}``.
 
 Chunk streams read each slice of a request from the store in one read transaction
 (:meth:`~icbdcache.store.Store.with_chunks`: chunks copied out before it ends) and
@@ -37,19 +39,27 @@ from typing import Any
 
 from aiohttp import web
 
+from icbdcache import activation
 from icbdcache.limits import reset
 from icbdcache.log import Throttled, kv
 from icbdcache.replication import wire
 from icbdcache.replication.auth import (
     Auth,
+    AuthConfigError,
+    bearer,
     load_admin_tokens,
     load_site_tokens,
+    new_token,
     server_ssl_context,
+    token_digest,
+    token_site_problem,
 )
+from icbdcache.replication.exposure import Access, decide, is_loopback_listen
 from icbdcache.replication.registry import (
     Registry,
     RegistryError,
     SiteRecord,
+    SiteTokenExists,
     VersionRecord,
     open_registry,
 )
@@ -145,6 +155,7 @@ def site_view(site: SiteRecord, latest: dict[str, VersionRecord], now: float) ->
         "error": report.get("error"), "pulling": report.get("pulling"),
         "behind_bytes": report.get("behind_bytes"),
         "subscriptions": list(site.subscriptions), "versions": versions, "lag": lag,
+        "token_created": site.token_created or None,
     }
 
 
@@ -193,24 +204,28 @@ class MasterConfig:
     address_streams: int = ADDRESS_STREAMS
     stream_min_rate: int = STREAM_MIN_RATE
     stream_stall: float = STALL_TIMEOUT
+    insecure_open: bool = False
 
 
 class Master:
     """The API over ``store`` and ``registry``. ``keepalive_interval``: seconds between
-    keep-alives asked of replicas. Chunk streams: ``max_streams`` at once, ``site_streams``
-    per site known by its token, ``address_streams`` per address otherwise,
-    ``stream_min_rate`` bytes a second after ``stream_stall`` seconds (None: the module's
-    defaults, as they are when the master is made)."""
+    keep-alives asked of replicas; ``access``: how it lets sites in, shown by ``admin
+    status`` (None: not decided by :func:`serve`, e.g. a master in a test). Chunk streams:
+    ``max_streams`` at once, ``site_streams`` per site known by its token,
+    ``address_streams`` per address otherwise, ``stream_min_rate`` bytes a second after
+    ``stream_stall`` seconds (None: the module's defaults, as they are when the master is
+    made)."""
 
     def __init__(self, store: Store, registry: Registry, auth: Auth | None = None, *,
-                 keepalive_interval: float = 5.0, max_streams: int | None = None,
-                 site_streams: int | None = None, address_streams: int | None = None,
-                 stream_min_rate: int | None = None,
+                 keepalive_interval: float = 5.0, access: Access | None = None,
+                 max_streams: int | None = None, site_streams: int | None = None,
+                 address_streams: int | None = None, stream_min_rate: int | None = None,
                  stream_stall: float | None = None) -> None:
         self.store = store
         self.registry = registry
         self.master_id = store.identity or ""
         self.auth = auth or Auth()
+        self.access = access
         self.keepalive_interval = keepalive_interval
         self.counters: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
@@ -224,6 +239,9 @@ class Master:
         self.refusals = Throttled(log, level=logging.INFO)
         self._closing = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._registry: Any = None
+        #: What the last scrape read of the registry (:meth:`metrics`).
+        self.scraped: dict[str, Any] = {}
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (one of :data:`COUNTERS`)."""
@@ -249,8 +267,10 @@ class Master:
         app.router.add_post(f"{p}/admin/subscribe", self.admin_subscribe)
         app.router.add_post(f"{p}/admin/unsubscribe", self.admin_unsubscribe)
         app.router.add_post(f"{p}/admin/retire", self.admin_retire)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_post(f"{p}/admin/unretire", self.admin_unretire)
         app.router.add_post(f"{p}/admin/forget", self.admin_forget)
+        app.router.add_post(f"{p}/admin/site/add", self.admin_site_add)
         app.on_startup.append(self._start)
         app.on_shutdown.append(self._shutdown)
         return app
@@ -331,20 +351,35 @@ class Master:
     @web.middleware
     async def _check_auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         auth_header = request.headers.get("Authorization")
-        if request.path.startswith(f"{wire.API}/admin/"):
+        if request.path.startswith(f"{wire.API}/admin/") or request.path == "/metrics":
             refused = self.auth.check_admin(auth_header, request.remote)
             if refused is not None:
                 return _error(*refused)
         else:
-            transport = request.transport
-            cert = transport.get_extra_info("peercert") if transport is not None else None
-            why = self.auth.check_replica(auth_header, bool(cert),
-                                          request.match_info.get("site"))
+            why = await self.refusal(request)
             if why is not None:
-                self.refusals.info(kv(event="refused", path=request.raw_path,
-                                      peer=request.remote, why=why), "unauthorized")
                 return _error(401, why)
         return await handler(request)
+
+    async def refusal(self, request: web.Request) -> str | None:
+        """Why a replica-facing request is refused (logged), or None: its token (the token
+        file's, else the registry's, looked up by digest now) or client certificate. Raises
+        RegistryError when the registry cannot be asked."""
+        if not self.auth.replica_auth:
+            return None
+        auth_header = request.headers.get("Authorization")
+        token = bearer(auth_header)
+        owner = None
+        if token is not None and self.auth.file_owner(token) is None:
+            owner = await self.registry.token_site(token_digest(token))
+        transport = request.transport
+        cert = transport.get_extra_info("peercert") if transport is not None else None
+        why = self.auth.check_replica(auth_header, bool(cert), request.match_info.get("site"),
+                                      registry_owner=owner)
+        if why is not None:
+            self.refusals.info(kv(event="refused", path=request.raw_path, peer=request.remote,
+                                  why=why), "unauthorized")
+        return why
 
     # ------------------------------------------------------------------ catalog
 
@@ -380,6 +415,9 @@ class Master:
                     t.cancel()
         if waiter.done() and not waiter.cancelled():
             waiter.result()  # a RegistryError goes to the error middleware
+        why = await self.refusal(request)  # revoked while it waited: no catalog
+        if why is not None:
+            return _error(401, why)
         return web.json_response(await self.catalog_body())
 
     async def _published(self, imi: str, version: str) -> VersionRecord | None:
@@ -763,7 +801,28 @@ class Master:
             imis[imi]["latest"] = rec.version
         return {"generation": generation, "down_after": self.registry.down_after,
                 "sites": sites, "imis": imis,
-                "master": {k: self.counters.get(k, 0) for k in COUNTERS}}
+                "master": {k: self.counters.get(k, 0) for k in COUNTERS},
+                "access": self.access_view()}
+
+    def access_view(self) -> dict[str, Any]:
+        """``admin status``'s ``access``: how sites get in (:meth:`Access.view`), or, for a
+        master not started by :func:`serve`, whether they need credentials."""
+        if self.access is not None:
+            return self.access.view()
+        return {"sites_need_credentials": self.auth.replica_auth, "warning": None}
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """``GET /metrics``: Prometheus metrics (:class:`MasterCollector`); answered like the
+        admin API (loopback, or an admin token)."""
+        from icbdcache.metrics import metrics_response, new_registry
+
+        if self._registry is None:
+            self._registry = new_registry(MasterCollector(self))
+
+        async def refresh() -> None:
+            self.scraped = await self.status_body()
+
+        return await metrics_response(self._registry, refresh)
 
     async def admin_status(self, request: web.Request) -> web.Response:
         """``GET /v1/admin/status``: :meth:`status_body` as JSON."""
@@ -876,19 +935,100 @@ class Master:
         return web.json_response({"unretired": key})
 
     async def admin_forget(self, request: web.Request) -> web.Response:
-        """``POST /v1/admin/forget`` ``{"site"}``: the site, its subscriptions and keep-alives
-        removed; 404 if unknown."""
+        """``POST /v1/admin/forget`` ``{"site"}``: the site, its subscriptions, keep-alives and
+        registry token removed (the token fails its next request): ``{"forgot", "revoked"
+        (it had a registry token), "token_file" (a --token-file line still names it)}``; 404
+        if unknown."""
         body = await self._json(request)
         site = body.get("site")
         if not isinstance(site, str) or _bad_name(site) is not None:
             return _error(400, 'the body must be {"site": NAME}')
+        rec = await self.registry.site(site)
         if not await self.registry.forget(site):
             return _error(404, f"unknown site {site}")
-        log.info(kv(event="forget", site=site))
-        return web.json_response({"forgot": site})
+        revoked = bool(rec is not None and rec.token_created)
+        in_file = site in self.auth.site_tokens.values()
+        log.info(kv(event="forget", site=site, token="revoked" if revoked else "-",
+                    token_file="yes" if in_file else "no"))
+        return web.json_response({"forgot": site, "revoked": revoked, "token_file": in_file})
+
+    async def admin_site_add(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/site/add`` ``{"site", "replace"}``: a new token for the site
+        (created if new), kept in the registry as its SHA-256 only: ``{"site", "token",
+        "created", "replaced", "sites_need_credentials"}`` (the only time the token is
+        shown). 400 on a bad name (or ``*``), 409 if the site has a token and ``replace`` is
+        not true."""
+        body = await self._json(request)
+        site, replace = body.get("site"), body.get("replace", False)
+        if not isinstance(site, str) or not isinstance(replace, bool):
+            return _error(400, 'the body must be {"site": NAME, "replace": false}')
+        bad = token_site_problem(site)
+        if bad is not None:
+            return _error(400, bad)
+        token, created = new_token(), time.time()
+        try:
+            replaced = await self.registry.set_site_token(site, token_digest(token), created,
+                                                          replace=replace)
+        except SiteTokenExists as e:
+            return _error(409, str(e))
+        log.info(kv(event="site_token", site=site, replaced="yes" if replaced else "no"))
+        return web.json_response({"site": site, "token": token, "created": created,
+                                  "replaced": replaced,
+                                  "sites_need_credentials": self.auth.replica_auth})
+
+
+class MasterCollector:
+    """The master's metrics: its counters, the sites up and down, each site's lag, the
+    versions published (read from :attr:`Master.scraped`, refreshed before each scrape)."""
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    def collect(self) -> Any:
+        from icbdcache.metrics import counter, gauge
+
+        m = self.master
+        for name in COUNTERS:
+            yield counter(f"master_{name}", f"The master's {name.replace('_', ' ')} since it "
+                          f"started (stats: master_{name})", float(m.counters.get(name, 0)))
+        st = m.scraped
+        sites = st.get("sites") or []
+        up = sum(1 for s in sites if s.get("up"))
+        yield gauge("master_sites", "Sites registered, by whether they are up",
+                    labels=["state"], samples=[(["up"], up), (["down"], len(sites) - up)])
+        yield gauge("master_site_up", "1 when the site's keep-alives arrive",
+                    labels=["site"],
+                    samples=[([s["name"]], 1.0 if s.get("up") else 0.0) for s in sites])
+        yield gauge("master_site_behind_bytes", "Bytes of the newest versions of its iMIs "
+                    "the site lacks (its lag)", labels=["site"],
+                    samples=[([s["name"]], float(sum(int(e.get("behind_bytes") or 0)
+                                                     for e in (s.get("lag") or {}).values())))
+                             for s in sites])
+        yield gauge("master_site_seen_seconds", "Seconds since each site's last keep-alive",
+                    labels=["site"],
+                    samples=[([s["name"]], float(s["age"])) for s in sites
+                             if isinstance(s.get("age"), int | float)])
+        imis = st.get("imis") or {}
+        yield gauge("master_versions", "Versions offered (not retired), by iMI",
+                    labels=["imi"],
+                    samples=[([k], float(len(v.get("versions") or []))) for k, v in
+                             sorted(imis.items())])
 
 
 # ---------------------------------------------------------------------------- runner
+
+
+def _reload_tokens(master: Master, cfg: MasterConfig) -> None:
+    """SIGHUP: the token files again (a token added or revoked without a restart)."""
+    try:
+        auth = build_auth(cfg)
+    except AuthConfigError as e:
+        log.error(kv(event="reload", result="refused, tokens unchanged", error=e))
+        return
+    master.auth.site_tokens = auth.site_tokens
+    master.auth.admin_tokens = auth.admin_tokens
+    log.info(kv(event="reload", tokens=len(auth.site_tokens),
+                admin_tokens=len(auth.admin_tokens)))
 
 
 def build_auth(cfg: MasterConfig) -> Auth:
@@ -899,21 +1039,43 @@ def build_auth(cfg: MasterConfig) -> Auth:
                 if cfg.admin_token_file else set())
 
 
+async def decide_access(cfg: MasterConfig, registry: Registry) -> Access:
+    """How the master ``cfg`` describes lets sites in (:func:`exposure.decide` with the
+    registry's site tokens counted). Raises ExposureError (a ValueError) when it would serve
+    everyone who reaches a non-loopback address without ``--insecure-open``, RegistryError
+    when the registry cannot be read."""
+    loopback = is_loopback_listen(cfg.host)
+    try:
+        tokens = sum(1 for s in await registry.sites() if s.token_created)
+    except RegistryError as e:
+        if not (loopback or cfg.token_file or cfg.client_ca or cfg.insecure_open):
+            raise RegistryError(f"cannot count the sites' tokens: {e}") from e
+        log.warning(kv(event="registry", error=e))  # not needed to start: it may come back
+        tokens = 0
+    return decide(cfg.host, cfg.port, token_file=bool(cfg.token_file),
+                  client_ca=bool(cfg.client_ca), registry_tokens=tokens,
+                  insecure_open=cfg.insecure_open, loopback=loopback)
+
+
 async def serve(cfg: MasterConfig, stop: asyncio.Event | None = None) -> None:
-    """Run the master until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
-    Raises AuthConfigError, StoreError, ValueError (registry spec) or OSError (bind) at
-    startup."""
+    """Run the master until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None; then
+    SIGHUP reads the token files again). Raises AuthConfigError, ExposureError (a master the
+    network reaches without site credentials), StoreError, RegistryError, ValueError
+    (registry spec) or OSError (bind) at startup."""
     auth = build_auth(cfg)
     ssl_ctx = (server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.client_ca)
                if cfg.tls_cert and cfg.tls_key else None)
     store = Store(cfg.store, map_size=MASTER_MAP_SIZE)
+    watchdog = activation.Watchdog()
     registry: Registry | None = None
     runner: web.AppRunner | None = None
     try:
         registry = open_registry(cfg.registry, store=store, down_after=cfg.down_after)
+        access = await decide_access(cfg, registry)
+        auth.closed = not access.open
         master = Master(store, registry, auth, keepalive_interval=cfg.keepalive_interval,
-                        max_streams=cfg.max_streams, site_streams=cfg.site_streams,
-                        address_streams=cfg.address_streams,
+                        access=access, max_streams=cfg.max_streams,
+                        site_streams=cfg.site_streams, address_streams=cfg.address_streams,
                         stream_min_rate=cfg.stream_min_rate, stream_stall=cfg.stream_stall)
         runner = web.AppRunner(master.app(), access_log=None, shutdown_timeout=2.0)
         await runner.setup()
@@ -924,13 +1086,22 @@ async def serve(cfg: MasterConfig, stop: asyncio.Event | None = None) -> None:
             stop = asyncio.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, _reload_tokens, master, cfg)
         log.info(kv(event="listening", address=f"{cfg.host}:{cfg.port}",
                     tls="yes" if ssl_ctx else "no", registry=cfg.registry or "embedded",
                     tokens=len(auth.site_tokens), client_ca=cfg.client_ca or "-",
-                    admin_tokens=len(auth.admin_tokens)))
+                    admin_tokens=len(auth.admin_tokens), registry_tokens=access.registry_tokens,
+                    sites="need credentials" if auth.replica_auth else "open"))
+        if access.warning is not None:
+            log.warning(kv(event="insecure_open", address=access.address,
+                           warning=access.warning))
+        activation.ready("serving the replication API")
+        watchdog.start()
         await stop.wait()
+        activation.stopping()
         log.info(kv(event="stopping"))
     finally:
+        watchdog.stop()
         if runner is not None:
             await runner.cleanup()
         if registry is not None:

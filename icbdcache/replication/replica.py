@@ -991,6 +991,12 @@ class ReplicaService:
                                on_version=self._forget)
         self._task = asyncio.ensure_future(self._run())
 
+    def collectors(self) -> list[Any]:
+        """The replica's metrics collector (:class:`~icbdcache.metrics.ReplicaCollector`)."""
+        from icbdcache.metrics import ReplicaCollector
+
+        return [ReplicaCollector(lambda: self.replica)]
+
     def _forget(self, key: str) -> None:
         if self._node is not None:
             self._node.forget(key)

@@ -17,6 +17,11 @@ class HotSet:
         self.budget = budget
         self.used = 0
         self._d: OrderedDict[bytes, bytes] = OrderedDict()
+        #: The read path's hit, without a Python call: ``peek(key)`` is the chunk's bytes or
+        #: None and changes nothing; ``used_now(key)`` makes a chunk ``peek`` found the most
+        #: recently used (both are the dict's own C methods). :meth:`get` is the two together.
+        self.peek = self._d.get
+        self.used_now = self._d.move_to_end
 
     def get(self, key: bytes) -> bytes | None:
         """The chunk's bytes (now the most recently used), or None."""

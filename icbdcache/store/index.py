@@ -48,3 +48,17 @@ def index_image(path: str, size: int, writer: BatchWriter | None, *,
                 last_log = time.monotonic()
                 log.info(kv(indexing=label or path, done=f"{100 * pos // max(size, 1)}%"))
     return chunk_map
+
+
+#: The sector size NBD clients and kernels read in (bytes).
+SECTOR = 512
+
+
+def sector_note(size: int) -> str | None:
+    """Why an image of ``size`` bytes may surprise a client (its size is not a multiple of
+    512 bytes: a kernel's NBD device ends at the last whole sector, so the tail cannot be
+    read through it), or None."""
+    if size % SECTOR == 0:
+        return None
+    return (f"{size} bytes is not a multiple of {SECTOR}: a kernel's NBD device ends at "
+            f"{size - size % SECTOR} bytes and cannot read the last {size % SECTOR}")

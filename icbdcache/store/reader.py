@@ -7,8 +7,12 @@
 A chunk read from LMDB enters the hot set on its second read only, so one-time reads (a scan,
 ``nbdcopy`` of a whole version) do not flush what the boot storm needs; until then only the
 requested slice is copied out of the transaction (py-lmdb: a buffer dies with its
-transaction). Every read notes the chunk's access for the store's eviction (with the writer's
-next batch).
+transaction). Every read notes the chunk's access for the store's eviction: in a set in memory
+(:attr:`StoreReader.recent`, one ``set.add`` on the read path), handed to the writer by
+:meth:`StoreReader.flush_recent` (the node calls it every second; :meth:`StoreReader.close`
+once more), which writes the access ticks with its next batch or within its ``idle_flush``.
+The hot set's hit (:class:`~icbdcache.store.hotset.HotSet`) is two dict methods called from
+the read path without a Python frame (``peek``, ``used_now``).
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class StoreReader:
         self.writer = writer or BatchWriter(store)
         self.hits = hits if hits is not None else TierHits()
         self.hot = HotSet(hot_bytes)
+        #: Chunks read since the last :meth:`flush_recent` (their access ticks, not yet with
+        #: the writer). Only the thread that reads adds to it.
+        self.recent: set[bytes] = set()
         #: Chunks read once from LMDB since they were last admitted (admission on 2nd read).
         self._seen: set[bytes] = set()
         self._seen_max = 1 << 18
@@ -91,12 +98,12 @@ class StoreReader:
                 if data is None:
                     return None
             self.hot.put(key, data)
-        self.writer.touch(key)
+        self.recent.add(key)
         return data
 
     def read(self, key: bytes, lo: int, hi: int, txn: ReadTxn) -> Buffer | None:
         """Bytes ``lo:hi`` of a held chunk, or None if it is not held."""
-        data = self.hot.get(key)
+        data = self.hot.peek(key)
         if data is None:
             data = self.writer.pending(key)
             if data is None:
@@ -105,11 +112,14 @@ class StoreReader:
                     return None
                 self.hits.hits_lmdb += 1
                 seen = self._seen
+                if self.hot.budget <= 0:  # no hot set: never copy a whole chunk to admit it
+                    self.recent.add(key)
+                    return bytes(buf[lo:hi])
                 if key not in seen:
                     if len(seen) >= self._seen_max:
                         seen.clear()
                     seen.add(key)
-                    self.writer.touch(key)
+                    self.recent.add(key)
                     return bytes(buf[lo:hi])
                 seen.discard(key)
                 data = bytes(buf)
@@ -117,9 +127,19 @@ class StoreReader:
                 self.hits.hits_queued += 1
             self.hot.put(key, data)
         else:
+            self.hot.used_now(key)
             self.hits.hits_hot += 1
-        self.writer.touch(key)
+        self.recent.add(key)
         return memoryview(data)[lo:hi]
+
+    def flush_recent(self) -> int:
+        """Hand the chunks read since the last call to the writer (their access ticks go with
+        its next batch). Call it from the thread that reads. Returns how many."""
+        recent = self.recent
+        if recent:
+            self.recent = set()
+            self.writer.touch_many(recent)
+        return len(recent)
 
     def keep(self, key: bytes, data: bytes,
              updates: Sequence[tuple[str, int, bytes]] = ()) -> None:
@@ -137,5 +157,6 @@ class StoreReader:
         self.writer.count(name, n)
 
     def close(self) -> None:
-        """Commit what the writer holds and stop it."""
+        """Commit what the writer holds (the access ticks of every read too) and stop it."""
+        self.flush_recent()
         self.writer.close()

@@ -70,7 +70,13 @@ class BatchWriter:
 
     def touch(self, key: bytes) -> None:
         """Note a read of chunk ``key`` (recorded as its access tick with the next batch)."""
-        self._touched.add(key)
+        with self._cv:
+            self._touched.add(key)
+
+    def touch_many(self, keys: set[bytes]) -> None:
+        """Note reads of the chunks ``keys`` (:meth:`touch` for a batch of them)."""
+        with self._cv:
+            self._touched |= keys
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the persistent counter ``name``."""
@@ -123,7 +129,7 @@ class BatchWriter:
                 stop = self._stop and not self._chunks and not self._updates
                 touched, self._touched = self._touched, set()
                 stats, self._stats = self._stats, Counter()
-            if chunks or updates or stats or (touched and time.monotonic() - last > 1.0):
+            if chunks or updates or stats or (touched and (stop or time.monotonic() - last > 1.0)):
                 self._commit(chunks, updates, touched, dict(stats))
                 last = time.monotonic()
             with self._cv:

@@ -51,7 +51,8 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[ServeConfig]:
     """The ServeConfig that ``serve`` would run with, instead of running it."""
     seen: list[ServeConfig] = []
 
-    def fake_run(cfg: ServeConfig, *, services: Sequence[object] = ()) -> int:
+    def fake_run(cfg: ServeConfig, *, services: Sequence[object] = (), reload: object = None
+                 ) -> int:
         seen.append(cfg)
         return 0
 

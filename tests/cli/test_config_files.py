@@ -127,7 +127,8 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[tuple[ServeConfig, list[ob
     """What ``serve`` would run (its ServeConfig and node services), instead of running it."""
     seen: list[tuple[ServeConfig, list[object]]] = []
 
-    def fake_run(cfg: ServeConfig, *, services: Sequence[object] = ()) -> int:
+    def fake_run(cfg: ServeConfig, *, services: Sequence[object] = (), reload: object = None
+                 ) -> int:
         seen.append((cfg, list(services)))
         return 0
 

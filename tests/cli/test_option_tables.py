@@ -116,7 +116,7 @@ def test_required_may_come_from_the_file(tmp_path: Path) -> None:
     ("tag = [1]", "setting 'tag' must be a list of strings, got [1]"),
     ('mode = "c"', "setting 'mode' must be one of a, b, got 'c'"),
     ('secret = "s"', "unknown settings secret (known: name, level, jobs, ratio, wait, bound, "
-                     "port, fast, tag, mode)"),
+                     "port, fast, tag, mode, log_format)"),
     ("bound = 1\nbound_bytes = 2", "'bound' and 'bound_bytes' are the same setting; give one"),
     ("quiet = true", "quiet: -v/-q are command-line options only"),
     ("name = [", "not a valid TOML file"),
@@ -161,7 +161,7 @@ def test_long_running_commands_take_every_long_option_as_a_key() -> None:
         assert c.config_file is (c.name in LONG_RUNNING), c.name
     for name in LONG_RUNNING:
         c = table(name)
-        keys = {o.key for o in c.options if not o.positional and o.config}
+        keys = {o.key for o in c.all_options if not o.positional and o.config}
         assert {f"--{k.replace('_', '-')}" for k in keys} | {"--config"} == set(
             c.long_options()), name
         assert set(c.config_keys()) >= keys
@@ -174,7 +174,9 @@ SAMPLES_BY_NAME: dict[str, Any] = {
     "compress": "zstd:5", "ip": "dhcp", "overlay": "none", "pxe-ip": "dhcp",
     "pxe-overlay": "tmpfs:1g", "subscribe": ["lab", "exam"], "pull-parallel": 5,
     "pull-batch": 128, "pxe-tftp-port": "off", "tftp-port": 0, "http-port": "off",
-    "pxe-http-port": 8088,
+    "pxe-http-port": 8088, "allow": ["10.0.0.0/8", "192.168.1.7/32"],
+    "pxe-allow": ["10.1.0.0/16"], "metrics-listen": "127.0.0.1:9810",
+    "master": "https://master:10810",
 }
 SAMPLES_BY_KIND: dict[str, Any] = {
     "str": "text", "int": 7, "count": 2, "float": 1.5, "seconds": 2.5, "size": "64M",

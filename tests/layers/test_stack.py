@@ -420,3 +420,51 @@ def test_node_warm_faults_the_profile_once(tmp_path: Path, store: Store) -> None
     assert store.held == 3 * CS  # chunk 3 is zeros: never stored
     assert store.stats()["faults"] == 3
     assert os.path.exists(img)
+
+
+# ---------------------------------------------------------------- the hit path
+
+
+def test_hot_hits_become_access_ticks_and_eviction_stays_coldest_first(tmp_path: Path) -> None:
+    """Reads answered from the hot set (the version layer's own fast path) are gathered in
+    memory and reach the store's access ticks when handed to the writer: the chunks read are
+    then the warmest, and eviction takes the coldest ones the reads did not touch."""
+    store = Store(tmp_path / "s", size_limit=6 * CS)
+    try:
+        parts = [DATA[i * CS : (i + 1) * CS] for i in (0, 1, 2, 4, 5, 6)]
+        keys = [digest(p) for p in parts]
+        for k, p in zip(keys, parts, strict=True):
+            store.write_batch([(k, p)])  # one batch each: ticks 1..6, chunk 0 the coldest
+        meta = VersionMeta("lab", "1", len(parts) * CS, CS, [])
+        reader = StoreReader(store, hot_bytes=1 << 30)
+        stats = ReadStats()
+        version = VersionLayer(reader, meta, bytearray(b"".join(keys)), stats)
+        for i in (0, 1, 0, 1, 0):  # LMDB, LMDB + admission, then hot hits
+            assert joined(version.pread(i * CS + 100, 4096)) == parts[i][100:4196]  # type: ignore[arg-type]
+        assert stats.hits == 5  # every read a hit, the fast path's too
+        assert (reader.hits.hits_hot, reader.hits.hits_lmdb) == (1, 4)
+        assert reader.recent == {keys[0], keys[1]}
+        assert reader.flush_recent() == 2 and reader.recent == set()
+        reader.close()  # the writer commits the ticks as it stops
+        extra = DATA[7 * CS : 8 * CS]
+        store.write_batch([(digest(extra), extra)])  # 7 > 6 chunks: evict down to 5.4
+        held = [store.has_chunk(k) for k in keys]
+        assert held == [True, True, False, False, True, True]
+    finally:
+        store.close()
+
+
+def test_the_fast_path_follows_a_learned_map_entry(store: Store) -> None:
+    """A map entry learned after it was read as UNKNOWN is read anew (the version layer's
+    cache of map entries drops it): the hit returns the learned chunk's bytes."""
+    m = chunk_map()
+    m[5 * DIGEST_SIZE : 6 * DIGEST_SIZE] = UNKNOWN
+    reader, version, _ = version_stack(store, FakeSource(DATA), key_map=m)
+    with pytest.raises(ChunksMissing):
+        version.pread(5 * CS, 10)
+    d = digest(DATA[5 * CS : 6 * CS])
+    reader.keep(d, DATA[5 * CS : 6 * CS])
+    version.learn(5, d)
+    assert joined(version.pread(5 * CS + 7, 10)) == DATA[5 * CS + 7 : 5 * CS + 17]  # type: ignore[arg-type]
+    assert version.stats.hits == 1 and reader.hits.hits_hot == 1
+    reader.close()

@@ -23,6 +23,7 @@ from etcd import EtcdMissing, EtcdServer
 from icbdcache.replication.registry import (
     Registry,
     RegistryError,
+    SiteTokenExists,
     VersionRecord,
     open_registry,
 )
@@ -508,6 +509,75 @@ def test_two_masters_share_one_view(make: Factory) -> None:
             assert site is not None and site.up
             await b.retire("lab", "1")
             assert [v.retired for v in await a.versions("lab")] == [True, False]
+        finally:
+            await closing(a, b)
+
+    run(body())
+
+
+# ---------------------------------------------------------------------------- site tokens
+
+def test_site_tokens_bound_replaced_and_revoked(make: Factory) -> None:
+    """A site token (its digest) finds its site on every registry object at once (two
+    masters); a second one is refused unless replacing, which retires the first; keep-alives,
+    registrations and subscriptions keep it; forget removes it with the site, and a site that
+    comes back has none."""
+    async def body() -> None:
+        a, b = make(), make()
+        try:
+            assert await a.token_site("00" * 32) is None
+            assert await a.set_site_token("s1", "aa" * 32, 1000.0) is False
+            assert await b.token_site("aa" * 32) == "s1"  # the other master agrees
+            s1 = await b.site("s1")
+            assert s1 is not None and s1.token_created == 1000.0 and s1.subscriptions == []
+            with pytest.raises(SiteTokenExists, match="already has a token"):
+                await b.set_site_token("s1", "bb" * 32, 2000.0)
+            assert await a.token_site("bb" * 32) is None
+            await b.register("s1", "10.0.0.1:10809")
+            await a.subscribe("s1", "lab")
+            await b.keepalive("s1", {"state": "idle"})
+            await a.set_site_token("s2", "cc" * 32, 1500.0)
+            assert await b.set_site_token("s1", "bb" * 32, 2000.0, replace=True) is True
+            assert await a.token_site("aa" * 32) is None
+            assert await a.token_site("bb" * 32) == "s1"
+            sites = {s.name: s for s in await a.sites()}
+            assert sites["s1"].token_created == 2000.0 and sites["s1"].subscriptions == ["lab"]
+            assert sites["s1"].address == "10.0.0.1:10809"
+            assert sites["s2"].token_created == 1500.0
+            g = await a.generation()
+            assert await b.forget("s1") is True
+            assert await a.token_site("bb" * 32) is None  # revoked for every master at once
+            assert await a.token_site("cc" * 32) == "s2"
+            assert await a.generation() > g
+            rec = await a.keepalive("s1", {"state": "idle"})  # it comes back: without one
+            assert rec.token_created == 0.0
+            assert await a.token_site("bb" * 32) is None
+        finally:
+            await closing(a, b)
+
+    run(body())
+
+
+def test_site_tokens_concurrent_adds_leave_one(make: Factory) -> None:
+    """Two masters giving one site a token at once: one wins, the other is refused (or, when
+    replacing, the index keeps exactly the token the record names)."""
+    async def body() -> None:
+        a, b = make(), make()
+        try:
+            got = await asyncio.gather(a.set_site_token("s", "11" * 32, 1.0),
+                                       b.set_site_token("s", "22" * 32, 2.0),
+                                       return_exceptions=True)
+            assert sorted(type(x).__name__ for x in got) == ["SiteTokenExists", "bool"], got
+            owners = [await a.token_site(d * 32) for d in ("11", "22")]
+            assert sorted(map(str, owners)) == ["None", "s"]
+            for i in range(5):
+                await asyncio.gather(a.set_site_token("s", f"{i}a" * 32, 3.0, replace=True),
+                                     b.set_site_token("s", f"{i}b" * 32, 4.0, replace=True))
+            rec = await a.site("s")
+            assert rec is not None
+            live = [d for i in range(5) for d in (f"{i}a" * 32, f"{i}b" * 32)
+                    if await b.token_site(d) == "s"]
+            assert len(live) == 1  # the one the record holds; every other one revoked
         finally:
             await closing(a, b)
 

@@ -5,6 +5,7 @@ reserve (icbdcache/limits.py), the reply budget, log escaping and throttling
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from icbdcache.limits import RESERVE_SHARE, ConnectionLimits, ReplyBudget
-from icbdcache.log import Throttled, escape, kv
+from icbdcache.log import EventFormatter, Throttled, escape, kv
 
 MiB = 1 << 20
 
@@ -126,6 +127,25 @@ def test_escape_is_one_printable_line_and_reversible(text: str) -> None:
 def test_kv_escapes_every_value() -> None:
     line = kv(export="lab?x=\n2030 INFO forged=yes", error="a\x1b[2Jb", path="c:\\d")
     assert line == r'export="lab?x=\n2030 INFO forged=yes" error=a\x1b[2Jb path=c:\\d'
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_both_log_formats_escape_network_values(fmt: str) -> None:
+    """A name with a newline, an escape sequence, a C1 control and a line separator is one
+    line in either format, written as the same escapes."""
+    name = "lab?x=\n2030 INFO forged=yes\x1b[2J\x85\u2028end"
+    rec = logging.LogRecord("icbdcache.server", logging.INFO, __file__, 1,
+                            kv(event="connect", export=name), None, None)
+    out = EventFormatter(fmt).format(rec)
+    assert "\n" not in out and "\x1b" not in out and "\x85" not in out
+    assert "\u2028" not in out
+    assert len(out.splitlines()) == 1
+    want = escape(name)
+    assert want == r"lab?x=\n2030 INFO forged=yes\x1b[2J\x85\u2028end"
+    if fmt == "json":
+        assert json.loads(out)["export"] == want
+    else:
+        assert f'export="{want}"' in out
 
 
 class Lines(logging.Handler):

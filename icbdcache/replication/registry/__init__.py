@@ -16,8 +16,10 @@ from icbdcache.replication.registry.base import (
     Registry,
     RegistryError,
     SiteRecord,
+    SiteTokenExists,
     VersionRecord,
 )
 from icbdcache.replication.registry.factory import open_registry
 
-__all__ = ["Registry", "RegistryError", "SiteRecord", "VersionRecord", "open_registry"]
+__all__ = ["Registry", "RegistryError", "SiteRecord", "SiteTokenExists", "VersionRecord",
+           "open_registry"]

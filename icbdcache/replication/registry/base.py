@@ -12,6 +12,10 @@ class RegistryError(Exception):
     """The registry cannot do what was asked: unknown site or version, backend unreachable."""
 
 
+class SiteTokenExists(RegistryError):
+    """The site already has a token (replace it explicitly, or forget the site)."""
+
+
 @dataclass
 class VersionRecord:
     """One published iMI version as the registry knows it. ``size`` and ``chunk_size`` in
@@ -39,7 +43,8 @@ class SiteRecord:
     """One site (a replica). ``last_seen``: seconds since the epoch of its last keep-alive;
     ``up``: a keep-alive arrived within the registry's ``down_after`` seconds; ``report``: the
     replica's last keep-alive body (versions held, bytes behind, state, errors; see
-    docs/replication.md, 'Keep-alive')."""
+    docs/replication.md, 'Keep-alive'); ``token_created``: seconds since the epoch when its
+    registry token was made, 0.0 if it has none."""
 
     name: str
     address: str = ""
@@ -47,6 +52,7 @@ class SiteRecord:
     last_seen: float = 0.0
     up: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    token_created: float = 0.0
 
 
 class Registry(ABC):
@@ -102,9 +108,25 @@ class Registry(ABC):
 
     @abstractmethod
     async def forget(self, site: str) -> bool:
-        """Remove ``site``: its record, subscriptions and keep-alives (a site that sends a
-        keep-alive again is created anew). Returns whether it was known. Advances the
+        """Remove ``site``: its record, subscriptions, keep-alives and token, in one step (its
+        token stops working at once; a site that sends a keep-alive again is created anew,
+        if its credentials still let it in). Returns whether it was known. Advances the
         generation if it was."""
+
+    # ------------------------------------------------------------------ site tokens
+    @abstractmethod
+    async def set_site_token(self, site: str, digest: str, created: float, *,
+                             replace: bool = False) -> bool:
+        """Give ``site`` a token, kept as ``digest`` (the token's SHA-256, hex: the token
+        itself is never stored), made at ``created`` (seconds since the epoch); the site is
+        created if new. Returns whether an earlier token was replaced (it stops working).
+        Raises SiteTokenExists if the site has a token and ``replace`` is false. Does not
+        advance the generation."""
+
+    @abstractmethod
+    async def token_site(self, digest: str) -> str | None:
+        """The site whose token has SHA-256 ``digest`` (hex), or None (unknown, replaced or
+        revoked)."""
 
     @abstractmethod
     async def sites(self) -> list[SiteRecord]:

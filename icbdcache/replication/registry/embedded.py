@@ -7,8 +7,11 @@ key                        value
 =========================  ===========================================================
 ``reg/gen``                the generation, ASCII decimal
 ``reg/version/IMI@V``      a :class:`VersionRecord` plus ``seq`` (publication order)
-``reg/site/NAME``          ``{"name", "address", "subscriptions"}``
+``reg/site/NAME``          ``{"name", "address", "subscriptions"}``, and ``"token":
+                           {"sha256", "created"}`` once the site has a token
 ``reg/seen/NAME``          ``{"last_seen", "report"}`` (keep-alives; never moves ``gen``)
+``reg/token/SHA256``       ``{"site"}``: the index from a token's digest to its site,
+                           written and removed with the site's record
 =========================  ===========================================================
 
 Every change of the catalog or of a subscription writes its record and ``reg/gen`` in one
@@ -34,7 +37,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from icbdcache.replication.registry.base import (
     Registry,
@@ -44,16 +47,23 @@ from icbdcache.replication.registry.base import (
 )
 from icbdcache.replication.registry.records import (
     check_republish,
+    set_token,
     site_dict,
+    site_token,
+    token_json,
+    token_owner,
     version_from_json,
     version_to_json,
 )
 from icbdcache.store import RecordGet, RecordPut, Store, StoreError
 
+T = TypeVar("T")
+
 GEN_KEY = "reg/gen"
 VERSION_PREFIX = "reg/version/"
 SITE_PREFIX = "reg/site/"
 SEEN_PREFIX = "reg/seen/"
+TOKEN_PREFIX = "reg/token/"
 
 def _store_failed(store: Store, e: Exception) -> str:
     """The RegistryError text of a failure of ``store`` (a StoreError names the store)."""
@@ -93,12 +103,12 @@ class EmbeddedRegistry(Registry):
 
     # ------------------------------------------------------------------ storage
 
-    def _write(self, fn: Callable[[RecordGet, RecordPut], None]) -> None:
+    def _write(self, fn: Callable[[RecordGet, RecordPut], T]) -> T:
         """Run ``fn(get, put)`` as one write transaction of the store's records
-        (:meth:`~icbdcache.store.Store.update_records`: the check and the write together).
-        Raises RegistryError (fn's own, or for a store failure)."""
+        (:meth:`~icbdcache.store.Store.update_records`: the check and the write together);
+        what ``fn`` returns. Raises RegistryError (fn's own, or for a store failure)."""
         try:
-            self.store.update_records(fn)
+            return self.store.update_records(fn)
         except RegistryError:
             raise
         except Exception as e:
@@ -217,9 +227,11 @@ class EmbeddedRegistry(Registry):
     def _make(self, name: str, site: dict[str, Any], last_seen: float,
               report: dict[str, Any]) -> SiteRecord:
         up = last_seen > 0 and time.time() - last_seen <= self.down_after
+        token = site_token(site)
         return SiteRecord(name=name, address=str(site.get("address", "")),
                           subscriptions=list(site.get("subscriptions", [])),
-                          last_seen=last_seen, up=up, report=report)
+                          last_seen=last_seen, up=up, report=report,
+                          token_created=token[1] if token else 0.0)
 
     def _update_site(self, name: str, change: Any, bump: bool) -> dict[str, Any]:
         """Read-modify-write ``reg/site/NAME`` in one transaction: ``change(site dict) ->
@@ -312,15 +324,19 @@ class EmbeddedRegistry(Registry):
         self._update_site(site, change, bump=True)
 
     async def forget(self, site: str) -> bool:
-        """Remove ``site`` (its record and keep-alives) in one transaction; whether it was
-        known. Advances the generation if it was."""
+        """Remove ``site`` (its record, keep-alives and token) in one transaction; whether it
+        was known. Advances the generation if it was."""
         self._pending.pop(site, None)
         self._known_sites.discard(site)
 
         def fn(get: RecordGet, put: RecordPut) -> bool:
-            if get(SITE_PREFIX + site) is None:
+            raw = get(SITE_PREFIX + site)
+            if raw is None:
                 put(SEEN_PREFIX + site, None)
                 return False
+            token = site_token(_loads(raw))
+            if token is not None:
+                put(TOKEN_PREFIX + token[0], None)
             put(SITE_PREFIX + site, None)
             put(SEEN_PREFIX + site, None)
             self._bump(get, put)
@@ -330,6 +346,31 @@ class EmbeddedRegistry(Registry):
             return bool(self.store.update_records(fn))
         except Exception as e:
             raise RegistryError(_store_failed(self.store, e)) from e
+
+    async def set_site_token(self, site: str, digest: str, created: float, *,
+                             replace: bool = False) -> bool:
+        """Give ``site`` the token of SHA-256 ``digest`` (the site record and the token index
+        in one transaction; the site is created if new). Whether an earlier token was
+        replaced. Raises SiteTokenExists unless ``replace``. Does not advance the
+        generation."""
+        def fn(get: RecordGet, put: RecordPut) -> bool:
+            key = SITE_PREFIX + site
+            raw = get(key)
+            d = _loads(raw) if raw is not None else site_dict(site)
+            old = set_token(d, digest, created, replace)
+            if old is not None:
+                put(TOKEN_PREFIX + old, None)
+            put(key, json.dumps(d, sort_keys=True).encode())
+            put(TOKEN_PREFIX + digest, token_json(site))
+            return old is not None
+
+        replaced = self._write(fn)
+        self._known_sites.add(site)
+        return replaced
+
+    async def token_site(self, digest: str) -> str | None:
+        """The site of the token of SHA-256 ``digest``, or None (one read transaction)."""
+        return token_owner(self._read(TOKEN_PREFIX + digest))
 
     async def sites(self) -> list[SiteRecord]:
         """Every site, by name; ``up`` if its last keep-alive is at most ``down_after``

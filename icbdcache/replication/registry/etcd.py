@@ -6,7 +6,10 @@ Keys, under a prefix (default ``/icbd/``; values JSON unless said otherwise):
 key                        value
 =========================  ==============================================================
 ``versions/IMI@V``         a :class:`VersionRecord`; publication order is its create revision
-``sites/NAME``             ``{"name", "address", "subscriptions"}``
+``sites/NAME``             ``{"name", "address", "subscriptions"}``, and ``"token":
+                           {"sha256", "created"}`` once the site has a token
+``tokens/SHA256``          ``{"site"}``: the index from a token's digest to its site, written
+                           and removed in the transaction that changes the site's record
 ``seen/NAME``              ``{"last_seen", "report"}``: the last keep-alive (no lease, so a
                            down site still shows its age and last report)
 ``alive/NAME``             ``{"last_seen"}`` under a lease of TTL ``down_after`` seconds,
@@ -47,7 +50,11 @@ from icbdcache.replication.registry.base import (
 )
 from icbdcache.replication.registry.records import (
     check_republish,
+    set_token,
     site_dict,
+    site_token,
+    token_json,
+    token_owner,
     version_from_json,
     version_to_json,
 )
@@ -109,6 +116,7 @@ class EtcdRegistry(Registry):
         p = self.prefix.encode()
         self._versions, self._sites = p + b"versions/", p + b"sites/"
         self._seen, self._alive = p + b"seen/", p + b"alive/"
+        self._tokens = p + b"tokens/"
         self._gen = p + b"generation"
 
     @classmethod
@@ -347,11 +355,12 @@ class EtcdRegistry(Registry):
         d = _json(site) if site is not None else {}
         s = _json(seen) if seen is not None else {}
         last_seen = float(s.get("last_seen", 0.0))
+        token = site_token(d)
         return SiteRecord(
             name=name, address=str(d.get("address", "")),
             subscriptions=list(d.get("subscriptions", [])), last_seen=last_seen,
             up=alive and last_seen > 0 and now - last_seen <= self.down_after,
-            report=dict(s.get("report", {})),
+            report=dict(s.get("report", {})), token_created=token[1] if token else 0.0,
         )
 
     async def register(self, site: str, address: str) -> SiteRecord:
@@ -442,21 +451,67 @@ class EtcdRegistry(Registry):
         await self._subscription(site, imi, False)
 
     async def forget(self, site: str) -> bool:
-        """Remove ``site`` (its record, keep-alives and liveness key) in one transaction;
+        """Remove ``site`` (its record, keep-alives, liveness key and token) in one
+        transaction, guarded by the record's revision (a change in between: read again);
         whether it was known. Advances the generation if it was."""
         keys = [p + site.encode() for p in (self._sites, self._seen, self._alive)]
+        for _ in range(_RETRIES):
+            kv = await self._get(keys[0])
+            token = site_token(_json(bytes(kv.value))) if kv is not None else None
 
-        async def fn(c: Any) -> bool:
-            t = c.transactions
-            ok, _ = await c.transaction(
-                compare=[t.create(keys[0]) > 0],
-                success=[*(t.delete(k) for k in keys), t.put(self._gen, keys[0])],
-                failure=[t.delete(k) for k in keys[1:]])
-            return bool(ok)
+            async def fn(c: Any, kv: Any = kv, token: Any = token) -> bool:
+                t = c.transactions
+                if kv is None:  # unknown: its leftovers go, unless it appeared meanwhile
+                    ok, _ = await c.transaction(compare=[t.create(keys[0]) == 0],
+                                                success=[t.delete(k) for k in keys[1:]],
+                                                failure=[])
+                    return bool(ok)
+                ops = [*(t.delete(k) for k in keys), t.put(self._gen, keys[0])]
+                if token is not None:
+                    ops.append(t.delete(self._tokens + token[0].encode()))
+                ok, _ = await c.transaction(compare=[t.mod(keys[0]) == kv.mod_revision],
+                                            success=ops, failure=[])
+                return bool(ok)
 
-        known = await self._call(fn)
-        self._leases.pop(site, None)
-        return known
+            if await self._call(fn):
+                self._leases.pop(site, None)
+                return kv is not None
+        raise RegistryError(f"etcd: site {site} changed {_RETRIES} times while forgetting it")
+
+    async def set_site_token(self, site: str, digest: str, created: float, *,
+                             replace: bool = False) -> bool:
+        """Give ``site`` the token of SHA-256 ``digest``: its record and the token index in
+        one transaction guarded by the record's revision (the site is created if new).
+        Whether an earlier token was replaced. Raises SiteTokenExists unless ``replace``.
+        Does not advance the generation."""
+        skey = self._sites + site.encode()
+        for _ in range(_RETRIES):
+            kv = await self._get(skey)
+            d = _json(bytes(kv.value)) if kv is not None else site_dict(site)
+            old = set_token(d, digest, created, replace)
+            value = json.dumps(d, sort_keys=True).encode()
+
+            async def fn(c: Any, kv: Any = kv, old: str | None = old,
+                         value: bytes = value) -> bool:
+                t = c.transactions
+                guard = (t.mod(skey) == kv.mod_revision) if kv is not None else (
+                    t.create(skey) == 0)
+                ops = [t.put(skey, value), t.put(self._tokens + digest.encode(),
+                                                 token_json(site))]
+                if old is not None and old != digest:
+                    ops.append(t.delete(self._tokens + old.encode()))
+                ok, _ = await c.transaction(compare=[guard], success=ops, failure=[])
+                return bool(ok)
+
+            if await self._call(fn):
+                return old is not None
+        raise RegistryError(f"etcd: site {site} changed {_RETRIES} times while giving it a "
+                            "token")
+
+    async def token_site(self, digest: str) -> str | None:
+        """The site of the token of SHA-256 ``digest``, or None (one etcd read)."""
+        kv = await self._get(self._tokens + digest.encode())
+        return token_owner(bytes(kv.value) if kv is not None else None)
 
     async def sites(self) -> list[SiteRecord]:
         """Every site, by name, read in one transaction (one consistent snapshot)."""
