@@ -6,10 +6,10 @@ line as text or as one JSON object (``--log-format json``). Every line carries a
 key (a call that names none gets its first field's name, or ``message`` for plain text), a
 timezone-aware timestamp (ISO 8601 with the UTC offset), the level and the logger's name.
 
-Every value goes through :func:`escape` in both formats (in :func:`kv` for text, in the JSON
-formatter for each string value), so a value that came from the network (an export name, a
-peer's error text, a URL path) cannot break a line in two or hide in control characters: one
-event is one line, whatever a client sends.
+Every value is escaped in both formats, from one table (:func:`escape` in :func:`kv` for text,
+:func:`json_line` for JSON, lossless there), so a value that came from the network (an export
+name, a peer's error text, a URL path) cannot break a line in two or hide in control
+characters: one event is one line, whatever a client sends.
 
 Refusals and errors that a peer can cause at will go through :class:`Throttled`: at most one
 line a second per reason, with the count of the lines held back.
@@ -78,7 +78,19 @@ def kv(**fields: object) -> str:
 def _json_value(v: object) -> object:
     if v is None or isinstance(v, bool | int | float):
         return v
-    return escape(v)
+    return str(v)
+
+
+#: What ``json.dumps(..., ensure_ascii=False)`` leaves raw of what :func:`escape` escapes
+#: (DEL, C1 controls, the Unicode line separators), as JSON escapes: lossless, since a JSON
+#: reader decodes them; json.dumps escapes the C0 controls, quotes and backslashes itself.
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _ESCAPES if c >= 0x7F}
+
+
+def json_line(obj: dict[str, object]) -> str:
+    """``obj`` as one line of JSON: every control character and line separator in its
+    strings written as a JSON escape (the JSON format's counterpart of :func:`escape`)."""
+    return json.dumps(obj, ensure_ascii=False).translate(_JSON_ESCAPES)
 
 
 class EventFormatter(logging.Formatter):
@@ -128,7 +140,7 @@ class EventFormatter(logging.Formatter):
             out = {**head, **{k: _json_value(v) for k, v in fields.items()}}
             if exc:
                 out["exc"] = exc
-            return json.dumps(out, ensure_ascii=False)
+            return json_line(out)
         pid = f" pid={record.process}" if self.pid else ""
         stamp = (f"<{_PRIORITY.get(record.levelno, 6)}>" if self.journal
                  else self.timestamp(record.created) + " ")

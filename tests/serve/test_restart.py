@@ -462,5 +462,6 @@ def test_handover_keeps_the_idle_clock_and_the_address_counts(servers: Servers, 
     finally:
         c1.close()
         c2.close()
-    assert 'refused="address connection limit"' in new.text(), new.text()
+    assert re.search(r'event=refused .*reason="address connection limit"', new.text()), \
+        new.text()
     assert 'closed="idle 6 s"' in new.text(), new.text()
