@@ -39,13 +39,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from icbdcache.commands import demostack
 
 #: Where each role runs.
 ROLES: tuple[str, ...] = ("upstream", "site", "clients")
@@ -108,10 +109,8 @@ class Shaping:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that was free a moment ago (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port on ``host`` that was free a moment ago (:func:`demostack.free_port`)."""
+    return demostack.free_port(host=host)
 
 
 class Network:

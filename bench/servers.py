@@ -45,6 +45,8 @@ from pathlib import Path
 
 import psutil
 
+from icbdcache.commands import demostack
+
 #: Every server the benchmark knows, in the order runs go (A B C A B C).
 SERVER_NAMES: tuple[str, ...] = ("icbd", "icbd-store", "icbd-cold", "nbdkit", "qemu-nbd")
 #: The servers run when none are named (``--store`` adds the two store-backed ones).
@@ -230,10 +232,8 @@ def tool_version(binary: str) -> str:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (:func:`demostack.free_port`)."""
+    return demostack.free_port()
 
 
 def tree_cpu_seconds(pid: int) -> float:

@@ -13,6 +13,7 @@ as a user would type it, and reads the store counters ``icbd-cache stats --json`
 from __future__ import annotations
 
 import json
+import random
 import shlex
 import signal
 import socket
@@ -49,10 +50,27 @@ def shown(args: list[str]) -> str:
     return shlex.join(["icbd-cache", *args])
 
 
-def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    """A port of 127.0.0.1 free now (TCP, or UDP with ``SOCK_DGRAM``)."""
+#: Where :func:`free_port` draws from: below Linux's default ephemeral range (32768-60999),
+#: so no outgoing connection takes the port between the pick and the server's bind.
+PORT_RANGE = (20000, 32768)
+
+
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port of ``host`` free now (TCP, or UDP with ``SOCK_DGRAM``), drawn at random from
+    :data:`PORT_RANGE`: two processes asking at once get different ports (the kernel's own
+    pick, ``bind`` to port 0, gave two demos started together the same ports). Falls back to
+    the kernel's pick when 100 draws are all taken."""
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(*PORT_RANGE)
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
