@@ -1,0 +1,142 @@
+"""``serve --store --workers 2``: the processes share one store, and each chunk is fetched from
+the upstream once across them (the fault lease, docs/store.md 'Fault leases')."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import BIN, make_image, require
+from nbdraw import RawClient
+from readers import hash_outputs, nbdcopy_procs
+
+from nbd.constants import Cmd
+
+MiB = 1 << 20
+CHUNK = 64 * 1024
+
+
+def worker_pids(log_text: str) -> list[int]:
+    """The worker PIDs the serving parent logged (``workers=N pids=A,B``)."""
+    m = re.search(r"workers=\d+ pids=([\d,]+)", log_text)
+    assert m, f"no workers line in the log:\n{log_text}"
+    return [int(p) for p in m.group(1).split(",")]
+
+
+def worker_of(sock: socket.socket, pids: list[int]) -> int:
+    """The worker PID whose accepted connection is ``sock``'s peer."""
+    port = sock.getsockname()[1]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for pid in pids:
+            for c in psutil.Process(pid).net_connections(kind="tcp"):
+                if c.raddr and c.raddr.port == port:
+                    return pid
+        time.sleep(0.02)
+    raise AssertionError(f"no worker holds the connection from port {port}")
+
+
+def store_stats(store: Path) -> dict[str, Any]:
+    out = subprocess.run([str(BIN / "icbd-cache"), "stats", "--json", "--store", str(store)],
+                         check=True, capture_output=True, text=True).stdout
+    return dict(json.loads(out))
+
+
+def test_two_workers_fetch_each_chunk_once(tmp_path: Path, server_factory: Any,
+                                           upstream: Any) -> None:
+    """15 cold nbdcopy readers through two workers: every chunk the upstream sends, it sends
+    once; every reader gets the image's bytes; the workers did wait on each other's leases."""
+    require("nbdcopy")
+    img = make_image(tmp_path / "base.img", 24 * MiB)
+    want = hashlib.sha256(img.read_bytes()).hexdigest()
+    # a little delay per read, so that both workers ask for the same chunks while in flight
+    up = upstream(img, filters=["delay"], params=["rdelay=20ms"])
+    store = tmp_path / "store"
+    srv = server_factory("--store", str(store), "--create-store", "--workers", "2",
+                         "--export", f"lab@1={up.uri}")
+    pids = worker_pids(srv.log_text())
+    assert len(pids) == 2
+    procs = nbdcopy_procs([srv.uri("lab@1")] * 15)
+    results = hash_outputs(procs)
+    assert results == [(want, 24 * MiB)] * 15
+    served = {int(p) for p in re.findall(r"pid=(\d+) event=connect", srv.log_text())}
+    assert served == set(pids), "both workers must have had readers"
+    assert srv.stop() == 0
+    up.wait_idle()
+    reads = up.reads()
+    assert reads, "nothing was read from the upstream"
+    per_offset = Counter(o for o, _ in reads)
+    twice = {o: n for o, n in per_offset.items() if n > 1}
+    assert not twice, f"chunks fetched more than once: {twice}"
+    assert all(o % CHUNK == 0 and c <= CHUNK for o, c in reads)
+    stats = store_stats(store)
+    assert stats["lease_waits"] > 0, stats  # the two workers did meet on chunks
+    assert stats["faults"] == len(reads), (stats["faults"], len(reads))
+
+
+def test_a_worker_killed_mid_fault_hands_its_lease_to_the_other(
+        tmp_path: Path, server_factory: Any, upstream: Any) -> None:
+    """Worker A fetches chunk 3 (a slow upstream), worker B waits on A's lease; A is killed
+    with SIGKILL: B takes the lease over and fetches the chunk itself; A's client reconnects
+    (to B) and reads the right bytes from the store."""
+    img = make_image(tmp_path / "base.img", 4 * MiB)
+    data = img.read_bytes()
+    want = data[3 * CHUNK : 4 * CHUNK]
+    up = upstream(img, filters=["delay"], params=["rdelay=1500ms"])
+    store = tmp_path / "store"
+    srv = server_factory("--store", str(store), "--create-store", "--workers", "2",
+                         "--readahead", "0", "--fault-timeout", "30",
+                         "--export", f"lab@1={up.uri}")
+    pids = worker_pids(srv.log_text())
+    clients: dict[int, RawClient] = {}
+    spare: list[RawClient] = []
+    for _ in range(64):  # connections land on a worker by the kernel's hash of the 4-tuple
+        c = RawClient(srv.port)
+        c.handshake()
+        assert c.go("lab@1") == 0x1
+        pid = worker_of(c.sock, pids)
+        if pid in clients:
+            spare.append(c)
+        else:
+            clients[pid] = c
+        if len(clients) == 2:
+            break
+    assert len(clients) == 2, "every connection reached the same worker"
+    a_pid, b_pid = pids[0], pids[1]
+    a, b = clients[a_pid], clients[b_pid]
+    a.request(Cmd.READ, 3 * CHUNK, CHUNK)
+    time.sleep(0.5)  # A holds the lease and waits on the upstream
+    b_cookie = b.request(Cmd.READ, 3 * CHUNK, CHUNK)
+    time.sleep(0.3)  # B found the lease taken
+    psutil.Process(a_pid).send_signal(signal.SIGKILL)
+    err, got = b.reply(b_cookie)
+    assert (err, got) == (0, want)
+    # A's client reconnects: only B is left, and the chunk is held now
+    again = RawClient(srv.port)
+    again.handshake()
+    assert again.go("lab@1") == 0x1
+    assert again.read(3 * CHUNK, CHUNK) == (0, want)
+    for c in (a, b, again, *spare):
+        c.close()
+    srv.stop()
+    up.wait_idle()
+    offsets = [o for o, _ in up.reads()]
+    # A's fetch was cut short (its answer lost with A), B's is the one stored; no third
+    assert offsets.count(3 * CHUNK) == 2, offsets
+    stats = store_stats(store)
+    assert stats["lease_takeovers"] >= 1, stats
+
+
+@pytest.fixture(autouse=True)
+def _needs_nbdkit() -> None:
+    require("nbdkit")
