@@ -26,11 +26,19 @@ MiB = 1 << 20
 CHUNK = 64 * 1024
 
 
-def worker_pids(log_text: str) -> list[int]:
-    """The worker PIDs the serving parent logged (``workers=N pids=A,B``)."""
-    m = re.search(r"workers=\d+ pids=([\d,]+)", log_text)
-    assert m, f"no workers line in the log:\n{log_text}"
-    return [int(p) for p in m.group(1).split(",")]
+def worker_pids(srv: Any) -> list[int]:
+    """The worker PIDs the serving parent logged (``workers=N pids=A,B``), in worker order,
+    once every worker serves."""
+    deadline = time.monotonic() + 20
+    while True:
+        text = srv.log_text()
+        m = re.search(r"workers=\d+ pids=([\d,]+)", text)
+        if m:
+            pids = [int(p) for p in m.group(1).split(",")]
+            if len(re.findall(r"event=serving serving=yes", text)) >= len(pids):
+                return pids
+        assert time.monotonic() < deadline, f"the workers did not start:\n{text}"
+        time.sleep(0.05)
 
 
 def worker_of(sock: socket.socket, pids: list[int]) -> int:
@@ -64,7 +72,7 @@ def test_two_workers_fetch_each_chunk_once(tmp_path: Path, server_factory: Any,
     store = tmp_path / "store"
     srv = server_factory("--store", str(store), "--create-store", "--workers", "2",
                          "--export", f"lab@1={up.uri}")
-    pids = worker_pids(srv.log_text())
+    pids = worker_pids(srv)
     assert len(pids) == 2
     procs = nbdcopy_procs([srv.uri("lab@1")] * 15)
     results = hash_outputs(procs)
@@ -97,7 +105,7 @@ def test_a_worker_killed_mid_fault_hands_its_lease_to_the_other(
     srv = server_factory("--store", str(store), "--create-store", "--workers", "2",
                          "--readahead", "0", "--fault-timeout", "30",
                          "--export", f"lab@1={up.uri}")
-    pids = worker_pids(srv.log_text())
+    pids = worker_pids(srv)
     clients: dict[int, RawClient] = {}
     spare: list[RawClient] = []
     for _ in range(64):  # connections land on a worker by the kernel's hash of the 4-tuple
@@ -140,3 +148,67 @@ def test_a_worker_killed_mid_fault_hands_its_lease_to_the_other(
 @pytest.fixture(autouse=True)
 def _needs_nbdkit() -> None:
     require("nbdkit")
+
+
+# ------------------------------------------------------------------ copy-on-write
+
+
+def bound_client(port: int, source: str) -> RawClient:
+    """A RawClient whose connection comes from ``source`` (an address of 127.0.0.0/8)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return RawClient(port, sock=sock)
+
+
+@pytest.mark.parametrize("kind", ["store-cow", "file-cow"])
+def test_a_clients_connections_all_reach_its_overlay(
+        tmp_path: Path, server_factory: Any, upstream: Any, kind: str) -> None:
+    """``--workers 2`` with copy-on-write: 12 connections of 127.0.0.5 land on one worker
+    (the one the steering program names), so a write FLUSHed through one is read through
+    all; another address keeps the base's bytes; 24 addresses reach both workers."""
+    from icbdcache import steering
+
+    img = make_image(tmp_path / "base.img", 8 * MiB)
+    base = img.read_bytes()
+    if kind == "store-cow":
+        up = upstream(img)
+        args = ["--store", str(tmp_path / "store"), "--create-store", "--store-cow",
+                "--export", f"lab@1={up.uri}"]
+        name = "lab@1"
+    else:
+        args = ["--export", f"lab={img},cow"]
+        name = "lab"
+    srv = server_factory(*args, "--workers", "2")
+    pids = worker_pids(srv)
+    conns = [bound_client(srv.port, "127.0.0.5") for _ in range(12)]
+    for c in conns:
+        c.handshake()
+        assert c.go(name) == 0x1
+    on = {worker_of(c.sock, pids) for c in conns}
+    assert on == {pids[steering.worker_of("127.0.0.5", 2)]}, (on, pids)
+    mine = bytes([0xA5]) * 4096 + bytes([0x5A]) * 100
+    assert conns[0].simple(Cmd.WRITE, MiB + 7, len(mine), data=mine) == 0
+    assert conns[0].simple(Cmd.FLUSH, 0, 0) == 0
+    for c in conns:
+        assert c.read(MiB, 8192) == (0, base[MiB : MiB + 7] + mine
+                                     + base[MiB + 7 + len(mine) : MiB + 8192])
+    other = bound_client(srv.port, "127.0.0.6")
+    other.handshake()
+    assert other.go(name) == 0x1
+    assert other.read(MiB, 8192) == (0, base[MiB : MiB + 8192])
+    # the program spreads addresses: each lands where worker_of says
+    landed = {}
+    for last in range(10, 34):
+        addr = f"127.0.0.{last}"
+        c = bound_client(srv.port, addr)
+        c.handshake()
+        assert c.go(name) == 0x1
+        landed[addr] = worker_of(c.sock, pids)
+        c.close()
+    assert landed == {a: pids[steering.worker_of(a, 2)] for a in landed}
+    assert set(landed.values()) == set(pids)
+    for c in (*conns, other):
+        c.close()
+    assert srv.stop() == 0
