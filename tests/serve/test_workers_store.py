@@ -212,3 +212,52 @@ def test_a_clients_connections_all_reach_its_overlay(
     for c in (*conns, other):
         c.close()
     assert srv.stop() == 0
+
+
+# ------------------------------------------------------------------ serve --master
+
+
+def test_master_backed_site_with_two_workers_replicates_once(
+        tmp_path: Path, server_factory: Any) -> None:
+    """``serve --master --on-demand --workers 2``: one replica (worker 0's) runs for the site;
+    readers through both workers fault from the master, each chunk crossing once."""
+    from conftest import free_port, wait_port
+
+    require("nbdcopy")
+    img = make_image(tmp_path / "v1.img", 16 * MiB, seed=5)
+    data = img.read_bytes()
+    nonzero = {data[i : i + CHUNK] for i in range(0, len(data), CHUNK)} - {bytes(CHUNK)}
+    mstore, site_store = tmp_path / "master", tmp_path / "site"
+    subprocess.run([str(BIN / "icbd-cache"), "publish", str(img), "--store", str(mstore),
+                    "--imi", "lab", "-q"], check=True)
+    mport = free_port()
+    mlog = open(tmp_path / "master.log", "wb")  # noqa: SIM115 (the child's output)
+    master = subprocess.Popen([str(BIN / "icbd-cache"), "master", "--store", str(mstore),
+                               "--listen", f"127.0.0.1:{mport}"], stdout=mlog,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_port("127.0.0.1", mport)
+        srv = server_factory("--store", str(site_store), "--create-store", "--master",
+                             f"http://127.0.0.1:{mport}", "--site", "s1", "--subscribe",
+                             "lab", "--on-demand", "--workers", "2")
+        pids = worker_pids(srv)
+        deadline = time.monotonic() + 60
+        while "on_demand=lab@1" not in srv.log_text():  # the replica took the manifest
+            assert time.monotonic() < deadline, srv.log_text()
+            time.sleep(0.2)
+        want = hashlib.sha256(data).hexdigest()
+        results = hash_outputs(nbdcopy_procs([srv.uri("lab@1")] * 8))
+        assert results == [(want, len(data))] * 8
+        text = srv.log_text()
+        served = {int(p) for p in re.findall(r"pid=(\d+) event=connect", text)}
+        assert served == set(pids), "both workers must have had readers"
+        replicas = {int(p) for p in re.findall(r"pid=(\d+) event=replica replica=s1", text)}
+        assert replicas == {pids[0]}, text
+        assert srv.stop() == 0
+    finally:
+        master.terminate()
+        master.wait(15)
+        mlog.close()
+    stats = store_stats(site_store)
+    from_master = sum(v for k, v in stats.items() if k.startswith("bytes_from:icbd+"))
+    assert from_master + stats.get("replica_chunk_bytes", 0) == len(nonzero) * CHUNK, stats
