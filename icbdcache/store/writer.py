@@ -40,6 +40,9 @@ class BatchWriter:
         self._chunks: dict[bytes, bytes] = {}  # queued, not yet committed
         self._writing: dict[bytes, bytes] = {}  # in the transaction being written
         self._updates: list[tuple[str, int, bytes]] = []
+        #: map entries learned with a queued chunk: committed in the chunk's transaction,
+        #: never before it (another process that reads the entry finds the chunk held)
+        self._linked: dict[bytes, list[tuple[str, int, bytes]]] = {}
         self._touched: set[bytes] = set()
         self._stats: Counter[str] = Counter()
         #: Queue positions: every put is numbered; ``_first`` the number of each chunk still
@@ -61,12 +64,14 @@ class BatchWriter:
 
     def put(self, key: bytes, data: bytes,
             updates: Sequence[tuple[str, int, bytes]] = ()) -> None:
-        """Queue chunk ``key`` (already verified by the caller) and learned map entries."""
+        """Queue chunk ``key`` (already verified by the caller) and learned map entries
+        (committed in the chunk's transaction)."""
         with self._cv:
             self._seq += 1
             self._chunks[key] = data
             self._first.setdefault(key, self._seq)
-            self._updates.extend(updates)
+            if updates:
+                self._linked.setdefault(key, []).extend(updates)
             self._idle.clear()
             self._cv.notify()
 
@@ -126,16 +131,17 @@ class BatchWriter:
 
     def _take(self) -> tuple[dict[bytes, bytes], list[tuple[str, int, bytes]]]:
         chunks: dict[bytes, bytes] = {}
+        updates = self._updates
+        self._updates = []
         size = 0
         for k in list(self._chunks):
             if len(chunks) >= self.max_items or size >= self.max_bytes:
                 break
             v = self._chunks.pop(k)
             self._first.pop(k, None)
+            updates.extend(self._linked.pop(k, ()))
             chunks[k] = v
             size += len(v)
-        updates = self._updates
-        self._updates = []
         return chunks, updates
 
     def _run(self) -> None:
@@ -146,7 +152,8 @@ class BatchWriter:
                         and not self._after):
                     self._idle.set()
                     self._cv.wait(self.idle_flush)
-                if self._chunks and len(self._chunks) < self.max_items and not self._stop:
+                if (self._chunks and len(self._chunks) < self.max_items and not self._stop
+                        and not self._after):  # other processes wait for these: no delay
                     self._cv.wait(self.max_delay)  # let a batch fill
                 chunks, updates = self._take()
                 # committed once this batch is: every put before the oldest one left queued
