@@ -7,10 +7,18 @@ in one ``writelines`` (uvloop: one ``writev``), header and payload together (cor
 being memoryviews of the mapped image. Reads that must wait (a cache miss, in the layers to
 come) complete later through a future callback, so replies may go out of order.
 
-Limits against idle or half-open clients: ``max_connections``; ``handshake_timeout`` seconds to
-reach transmission; TCP keep-alive on every connection; reading pauses while a client does not
-drain its replies. On SIGTERM/SIGINT the server stops accepting, lets in-flight replies finish
-within ``grace`` seconds, then closes every connection.
+Limits, so that one client cannot take the service from the others (docs/serve.md, LIMITS):
+connections per server, per address and per address in the handshake, the last ones kept for
+addresses that hold few (:class:`icbdcache.limits.ConnectionLimits`); the handshake bounded by
+``handshake_timeout`` seconds between options and ``handshake_total`` in all; in transmission,
+a connection idle for ``idle_timeout`` (nothing in flight, no overlay) is closed, and so is one
+whose client has not taken a byte of its replies for ``send_timeout``; TCP keep-alive on every
+connection. Replies in flight are bounded in bytes per connection, per address and per server
+(:class:`icbdcache.limits.ReplyBudget`): a request that does not fit waits, with everything
+after it, and its connection is not read meanwhile. Refusals, closes caused by clients and
+request errors are logged at most once a second per reason, with counts. On SIGTERM/SIGINT the
+server stops accepting, lets in-flight replies finish within ``grace`` seconds, then closes
+every connection.
 
 Restarts (docs/serve.md): listening sockets passed by systemd (``LISTEN_FDS``,
 :mod:`icbdcache.activation`) are used instead of binding, so clients queue while the process
@@ -34,7 +42,8 @@ import ssl
 import struct
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
@@ -45,6 +54,7 @@ from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
 from icbdcache.layers.cowdir import LOCK_NAME as COW_LOCK
 from icbdcache.layers.cowdir import CowDir, default_cow_dir
+from icbdcache.limits import ConnectionLimits, ReplyBudget, reset
 from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import finish_loop, new_event_loop
 from icbdcache.node import Node, NodeService
@@ -69,6 +79,24 @@ _NO_HOLE = int(CmdFlag.NO_HOLE)
 _WRITE_LIKE = frozenset({Cmd.WRITE, Cmd.FLUSH, Cmd.WRITE_ZEROES, Cmd.TRIM})
 
 
+#: Bytes a request counts for in the reply budget besides its data (its reply header, the
+#: objects that carry it), so that a flood of small requests is bounded too; a BLOCK_STATUS
+#: counts for the most its reply may take here.
+REQUEST_OVERHEAD = 512
+BLOCK_STATUS_COST = 64 << 10
+_READ = Cmd.READ
+
+
+def _cost(req: Request) -> int:
+    """Bytes ``req`` holds in the reply budget from its start until its reply has left."""
+    cmd = req.command
+    if cmd is Cmd.READ or cmd is Cmd.WRITE:
+        return req.length + REQUEST_OVERHEAD
+    if cmd is Cmd.BLOCK_STATUS:
+        return BLOCK_STATUS_COST
+    return REQUEST_OVERHEAD
+
+
 def _write_like(b: Layer, req: Request) -> Awaitable[None] | None:
     """Carry out a WRITE, FLUSH, WRITE_ZEROES or TRIM on ``b``: None when done, else an
     awaitable that completes when it is (FUA: durable)."""
@@ -83,6 +111,8 @@ def _write_like(b: Layer, req: Request) -> Awaitable[None] | None:
     return b.trim(req.offset, req.length, fua)
 
 DEFAULT_PORT = 10809
+#: Seconds between looks at the transports' buffers while requests wait for reply budget.
+WAITER_POLL = 0.1
 
 
 @dataclass
@@ -97,7 +127,16 @@ class ServeConfig:
     tls_key: str | None = None
     tls_required: bool = False
     max_connections: int = 512
+    address_connections: int = 64
+    address_handshakes: int = 16
+    reserved_connections: int = 64
     handshake_timeout: float = 10.0
+    handshake_total: float = 300.0
+    idle_timeout: float = 0.0
+    send_timeout: float = 60.0
+    reply_budget: int = 512 << 20
+    connection_reply_budget: int = 64 << 20
+    address_reply_budget: int = 128 << 20
     grace: float = 10.0
     cow_dir: str | None = None
     cow_linger: float = 120.0
@@ -194,7 +233,14 @@ class RequestTrace:
 
 class NBDProtocol(asyncio.Protocol):
     """One client connection (``sm``: a connection in transmission carried on from another
-    process, see :meth:`Server.adopt`)."""
+    process, see :meth:`Server.adopt`).
+
+    Requests are started as long as the reply budget (:class:`icbdcache.limits.ReplyBudget`)
+    has room; one that does not fit waits in :attr:`queue` with everything the client sent
+    after it, and the socket is not read until the queue is empty. A request counts from when
+    it starts until its reply has left the process: ``_reserved`` (started, reply not handed
+    to the transport yet) and ``_flushed`` (handed to the transport, not known to be sent;
+    known when the transport's buffer empties, which its write limits of 0 make it report)."""
 
     def __init__(self, server: Server, sm: ServerConnection | None = None) -> None:
         self.server = server
@@ -225,6 +271,24 @@ class NBDProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self.debug = server.config.debug_requests
         self.tracer = server.tracer
+        #: Parsed events (requests first of all) waiting for room in the reply budget.
+        self.queue: deque[object] = deque()
+        self._reserved = 0
+        self._answered = 0
+        self._flushed = 0
+        self._counted = False
+        self._handshaking = False
+        now = time.monotonic()
+        #: Monotonic seconds: connected, last option answered (handshake), last request
+        #: received or answered (transmission).
+        self.started = now
+        self.progress = now
+        self.active = now
+        #: Bytes of replies handed to the transport in all, and what had left of them at the
+        #: last look of the watchdog (a client that reads nothing is seen by these).
+        self._sent = 0
+        self._seen_left = -1
+        self._still_since = now
 
     # ------------------------------------------------------------ connection
 
@@ -232,20 +296,28 @@ class NBDProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.identity, self.peer = _identity(transport)
         srv = self.server
-        tcp = isinstance(transport.get_extra_info("peername"), tuple)
-        if tcp and not srv.allow.allows(self.identity):
-            srv.refuse(self, "not in --allow", f"{self.identity} is not in --allow {srv.allow}")
-            self.closing = True
-            self.transport.abort()
-            return
-        if len(srv.connections) >= srv.config.max_connections or srv.stopping:
-            reason = "shutting down" if srv.stopping else "connection limit"
-            srv.refused[reason] = srv.refused.get(reason, 0) + 1
-            log.warning(kv(event="refused", conn=self.id, peer=self.peer, reason=reason))
-            self.closing = True
-            self.transport.abort()
-            return
+        if self.backend is None:  # a new client
+            tcp = isinstance(transport.get_extra_info("peername"), tuple)
+            if tcp and not srv.allow.allows(self.identity):
+                srv.refuse(self, "not in --allow",
+                           f"{self.identity} is not in --allow {srv.allow}")
+                self.closing = True
+                self.transport.abort()
+                return
+            why = "shutting down" if srv.stopping else srv.limits.admit(self.identity)
+            if why is not None:
+                srv.refuse(self, why, why)
+                self.closing = True
+                self.transport.abort()
+                return
+            self._handshaking = True
+        else:  # carried on from another process (:meth:`Server.adopt`)
+            srv.limits.adopt(self.identity)
+        self._counted = True
         srv.connections.add(self)
+        # 0: pause_writing as soon as anything waits in the buffer, resume_writing when it is
+        # empty; the reply budget learns from that when replies have left
+        self.transport.set_write_buffer_limits(high=0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -254,10 +326,10 @@ class NBDProtocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-        if self.backend is None:  # not a connection carried on from another process
-            self._timer = asyncio.get_running_loop().call_later(
-                srv.config.handshake_timeout, self._handshake_timeout
-            )
+        if self.backend is None:
+            self._arm(min(srv.config.handshake_timeout, srv.config.handshake_total))
+        else:
+            self._arm(self._watch_interval(time.monotonic()))
         self._flush()
 
     def _export_refused(self, name: str) -> None:
@@ -269,20 +341,100 @@ class NBDProtocol(asyncio.Protocol):
         """The export this connection is attached to (None while negotiating)."""
         return self.export.name if self.export is not None else None
 
-    def _handshake_timeout(self) -> None:
+    def _arm(self, delay: float | None) -> None:
+        """(Re)start the connection's one timer: the handshake's, or in transmission the
+        watchdog (idle, replies not read)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if delay is not None and self.transport is not None and not self.closing:
+            self._timer = asyncio.get_running_loop().call_later(max(0.01, delay), self._tick)
+
+    def _tick(self) -> None:
         self._timer = None
-        if self.backend is None and self.transport is not None:
-            self.reason = "handshake timeout"
-            log.info(kv(event="closed", conn=self.id, peer=self.peer, closed=self.reason))
-            self.transport.abort()
+        if self.transport is None or self.closing:
+            return
+        if self.backend is None:
+            self._handshake_tick()
+        else:
+            self._watchdog()
+
+    def _handshake_tick(self) -> None:
+        cfg = self.server.config
+        now = time.monotonic()
+        idle_end = self.progress + cfg.handshake_timeout
+        total_end = self.started + cfg.handshake_total
+        if now < idle_end and now < total_end:
+            self._arm(min(idle_end, total_end) - now)
+            return
+        self.reason = ("handshake timeout" if now >= idle_end
+                       else f"handshake not done in {cfg.handshake_total:g} s")
+        self._drop(self.reason, "handshake timeout")
+
+    def _watch_interval(self, now: float) -> float | None:
+        """Seconds to the watchdog's next look (None: nothing to watch)."""
+        cfg = self.server.config
+        waits: list[float] = []
+        if cfg.idle_timeout > 0:
+            waits.append(max(0.0, self.active + cfg.idle_timeout - now))
+        if cfg.send_timeout > 0:
+            waits.append(cfg.send_timeout / 4)
+        return min(waits) if waits else None
+
+    def _watchdog(self) -> None:
+        """Close a connection idle for ``idle_timeout`` (no request in flight or waiting,
+        nothing unsent, no copy-on-write overlay), or whose client has not taken a byte of
+        its replies for ``send_timeout`` seconds."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        cfg = self.server.config
+        now = time.monotonic()
+        unsent = t.get_write_buffer_size()
+        left = self._sent - unsent
+        if unsent == 0 or left != self._seen_left:
+            self._still_since = now
+        self._seen_left = left
+        if cfg.send_timeout > 0 and unsent and now - self._still_since >= cfg.send_timeout:
+            self._drop(f"replies not read for {cfg.send_timeout:g} s", "replies not read")
+            return
+        writable = self.export is not None and self.export.writable
+        if (cfg.idle_timeout > 0 and not writable and not self.inflight and not self.queue
+                and not unsent and now - self.active >= cfg.idle_timeout):
+            self.reason = f"idle {cfg.idle_timeout:g} s"
+            self.server.closes.info(kv(event="closed", conn=self.id, peer=self.peer,
+                                       closed=self.reason), "idle")
+            self._close()
+            return
+        self._arm(self._watch_interval(now))
+
+    def _drop(self, reason: str, kind: str) -> None:
+        """Reset the connection because of the client, logged (throttled) under ``kind``.
+        A reset, not a FIN: the kernel would otherwise keep trying to send what the client
+        does not read, and the client would not learn that the server gave up."""
+        self.reason = reason
+        self.server.closes.info(kv(event="closed", conn=self.id, peer=self.peer,
+                                   closed=reason), kind)
+        self.closing = True
+        if self.transport is not None:
+            reset(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.server.connections.discard(self)
+        srv = self.server
+        srv.connections.discard(self)
+        if self._counted:
+            self._counted = False
+            srv.limits.release(self.identity, self._handshaking)
+        self.queue.clear()
+        srv.budget.done_waiting(self)
+        held = self._reserved + self._flushed
+        self._reserved = self._answered = self._flushed = 0
+        srv.budget.release(self.identity, held)
         if self.export is not None:
-            t = self.server.closed_totals.setdefault(self.export.name, [0, 0, 0])
+            t = srv.closed_totals.setdefault(self.export.name, [0, 0, 0])
             t[0] += self.requests
             t[1] += self.read_bytes
             t[2] += self.write_bytes
@@ -294,18 +446,34 @@ class NBDProtocol(asyncio.Protocol):
         self.backend = None
 
     def pause_writing(self) -> None:
-        # The client is not reading its replies: stop reading its requests.
-        if self.transport is not None:
-            self.transport.pause_reading()
+        # Replies wait in the transport's buffer: the reply budget holds them until
+        # resume_writing says they left.
+        pass
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.draining and not self.handing_over:
-            self.transport.resume_reading()
+        # The transport's buffer is empty (low-water mark 0): every reply handed to it left.
+        if self._flushed:
+            n, self._flushed = self._flushed, 0
+            self.server.budget.release(self.identity, n)
 
     def _flush(self) -> None:
         out = self.sm.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+        t = self.transport
+        if out and t is not None and not t.is_closing():
+            t.writelines(out)
+        if self._answered:
+            n, self._answered = self._answered, 0
+            self._reserved -= n
+            self._sent += n
+            if t is None or t.is_closing():
+                self.server.budget.release(self.identity, n)
+                return
+            # what the transport could not send at once is still held
+            self._flushed += n
+            unsent = t.get_write_buffer_size()
+            if unsent < self._flushed:
+                n, self._flushed = self._flushed - unsent, unsent
+                self.server.budget.release(self.identity, n)
 
     # ------------------------------------------------------------ input
 
@@ -314,22 +482,106 @@ class NBDProtocol(asyncio.Protocol):
             events = self.sm.receive_data(data)
         except RemoteProtocolError as e:
             self.reason = f"protocol error: {e}"
-            log.info(kv(event="closed", conn=self.id, peer=self.peer, closed=self.reason))
+            self.server.closes.info(kv(event="closed", conn=self.id, peer=self.peer,
+                                       closed=self.reason), "protocol error")
             self._flush()
             self._close()
             return
+        if self.backend is None:
+            if self.sm.has_output():  # an option answered: the handshake moves on
+                self.progress = time.monotonic()
+        elif events:
+            self.active = time.monotonic()
+        if self.queue:  # requests wait already: these wait behind them
+            self.queue.extend(events)
+        else:
+            self._run(events)
+        self._flush()
+
+    def _run(self, events: Iterable[object]) -> None:
+        """Carry out ``events`` in order until a request does not fit in the reply budget;
+        it and the rest wait in :attr:`queue`, and the socket is not read meanwhile."""
         handle = self._request
-        for ev in events:
+        it = iter(events)
+        for ev in it:
             if type(ev) is Request:
-                handle(ev)
+                cost = ev.length + REQUEST_OVERHEAD if ev.command is _READ else _cost(ev)
+                if not self._take(cost):
+                    self.queue.append(ev)
+                    self.queue.extend(it)
+                    self._wait_for_room()
+                    return
+                handle(ev, cost)
             else:
                 self._event(ev)
+            if self.closing:
+                return
+
+    def _run_queue(self) -> None:
+        """:meth:`_run` on what waits in :attr:`queue`, in order, as far as the budget goes."""
+        q = self.queue
+        while q and not self.closing:
+            ev = q[0]
+            if type(ev) is Request:
+                cost = ev.length + REQUEST_OVERHEAD if ev.command is _READ else _cost(ev)
+                if not self._take(cost):
+                    return
+                q.popleft()
+                self._request(ev, cost)
+            else:
+                q.popleft()
+                self._event(ev)
+
+    def _take(self, cost: int) -> bool:
+        """Charge a request of ``cost`` bytes to the reply budget if it fits."""
+        budget = self.server.budget
+        if not budget.fits(self._reserved + self._flushed, self.identity, cost):
+            if self._flushed:  # look again at what is really unsent
+                self.refresh_held()
+            if not budget.fits(self._reserved + self._flushed, self.identity, cost):
+                return False
+        self._reserved += cost
+        budget.charge(self.identity, cost)
+        return True
+
+    def refresh_held(self) -> None:
+        """Release what the transport has sent of the replies handed to it."""
+        t = self.transport
+        if t is None or not self._flushed:
+            return
+        unsent = t.get_write_buffer_size()
+        if unsent < self._flushed:
+            n, self._flushed = self._flushed - unsent, unsent
+            self.server.budget.release(self.identity, n)
+
+    def _wait_for_room(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.server.budget.wait(self)
+        self.server.watch_waiters()
+
+    def budget_freed(self) -> None:
+        """Room in the reply budget: start what waits, and read again once nothing does."""
+        if self.closing or self.transport is None:
+            self.server.budget.done_waiting(self)
+            return
+        self._run_queue()
         self._flush()
+        if not self.queue:
+            self.server.budget.done_waiting(self)
+            self._read_again()
+            self._close_if_finished()
+
+    def _read_again(self) -> None:
+        t = self.transport
+        if (t is not None and not t.is_closing() and not self.closing and not self.queue
+                and not self.draining and not self.handing_over and not self.disc_pending):
+            t.resume_reading()
 
     def eof_received(self) -> bool | None:
         self.sm.receive_data(b"")
-        if self.inflight:
-            # The client half-closed with reads still waiting: keep our side open until
+        if self.inflight or self.queue:
+            # The client half-closed with requests still waiting: keep our side open until
             # their replies are out (closed in _done).
             self.disc_pending = True
             return True
@@ -374,13 +626,15 @@ class NBDProtocol(asyncio.Protocol):
                                       ssl_handshake_timeout=self.server.config.handshake_timeout)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
             self.reason = f"TLS handshake failed: {e}"
-            log.info(kv(event="closed", conn=self.id, peer=self.peer, closed=self.reason))
+            self.server.closes.info(kv(event="closed", conn=self.id, peer=self.peer,
+                                       closed=self.reason), "TLS handshake failed")
             if self.transport is not None:
                 self.transport.abort()
             return
         if tr is None:
             return
         self.transport = tr
+        tr.set_write_buffer_limits(high=0)
         self.tls = True
         self.sm.tls_started()
 
@@ -398,6 +652,9 @@ class NBDProtocol(asyncio.Protocol):
                          error=e))
             self._close()
             return
+        if self._handshaking:
+            self._handshaking = False
+            self.server.limits.negotiated(self.identity)
         self.export = export
         self.client = client
         self.requested = ev.requested
@@ -406,9 +663,8 @@ class NBDProtocol(asyncio.Protocol):
             self.server.writable_clients += 1
         if self.tracer is not None:
             self.tracer.opened(self.id, export.name, export.size)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.active = time.monotonic()
+        self._arm(self._watch_interval(self.active))
         log.info(kv(
             event="connect", conn=self.id, peer=self.peer,
             export=ev.requested or f"(default) {export.name}",
@@ -420,7 +676,7 @@ class NBDProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ requests
 
-    def _request(self, req: Request) -> None:
+    def _request(self, req: Request, cost: int) -> None:
         b = self.backend
         sm = self.sm
         self.requests += 1
@@ -428,6 +684,7 @@ class NBDProtocol(asyncio.Protocol):
             reqlog.debug(kv(conn=self.id, cookie=req.cookie, cmd=req.command.name,
                             flags=int(req.flags), offset=req.offset, length=req.length))
         start = time.monotonic() if self.tracer is not None else 0.0
+        self._answered += cost  # undone below when the reply must wait
         if b is None:
             sm.reply_error(req, Errno.EIO, "no export")
             return
@@ -439,7 +696,8 @@ class NBDProtocol(asyncio.Protocol):
                 if type(result) is list:
                     sm.reply_read(req, result)
                 else:
-                    self._wait(req, cast(Awaitable[list[Buffer]], result), start)
+                    self._answered -= cost
+                    self._wait(req, cast(Awaitable[list[Buffer]], result), start, cost)
                     return
             elif cmd is Cmd.BLOCK_STATUS:
                 sm.reply_block_status(req, b.extents(req.offset, req.length))
@@ -451,15 +709,17 @@ class NBDProtocol(asyncio.Protocol):
                     self.write_bytes += req.length
                 pending = _write_like(b, req)
                 if pending is not None:
-                    self._wait(req, pending, start)
+                    self._answered -= cost
+                    self._wait(req, pending, start, cost)
                     return
                 sm.reply_ok(req)
             else:
                 sm.reply_error(req, Errno.EINVAL, f"{cmd.name} is not supported")
         except OSError as e:
             err = Errno.from_os(e.errno or 0)
-            log.warning(kv(event="request_error", conn=self.id, cmd=cmd.name, offset=req.offset,
-                           length=req.length, error=e, reply=err.name))
+            self.server.errors.warning(kv(event="request_error", conn=self.id, cmd=cmd.name,
+                                          offset=req.offset, length=req.length, error=e,
+                                          reply=err.name), "request error")
             sm.reply_error(req, err, str(e))
         except Exception:
             log.exception(kv(event="request_error", conn=self.id, cmd=cmd.name, offset=req.offset,
@@ -469,18 +729,23 @@ class NBDProtocol(asyncio.Protocol):
             self.tracer.answered(self.id, req, start)
 
     def _wait(self, req: Request, result: Awaitable[list[Buffer]] | Awaitable[None],
-              start: float) -> None:
+              start: float, cost: int) -> None:
         """Answer ``req`` when ``result`` completes (a READ's buffers, or a write's None)."""
         self.inflight += 1
         fut: asyncio.Future[list[Buffer] | None] = asyncio.ensure_future(result)
-        fut.add_done_callback(partial(self._done, req, start))
+        fut.add_done_callback(partial(self._done, req, start, cost))
 
-    def _done(self, req: Request, start: float, fut: asyncio.Future[list[Buffer] | None]) -> None:
+    def _done(self, req: Request, start: float, cost: int,
+              fut: asyncio.Future[list[Buffer] | None]) -> None:
         self.inflight -= 1
         if self.tracer is not None:
             self.tracer.answered(self.id, req, start)
         if self.transport is None or self.transport.is_closing():
+            if not fut.cancelled():
+                fut.exception()  # retrieved: the client is gone, nobody to answer
             return
+        self.active = time.monotonic()
+        self._answered += cost
         exc = fut.exception()
         if exc is None:
             buffers = fut.result()
@@ -490,13 +755,17 @@ class NBDProtocol(asyncio.Protocol):
                 self.sm.reply_read(req, buffers)
         else:
             err = Errno.from_os(exc.errno or 0) if isinstance(exc, OSError) else Errno.EIO
-            self.server.read_errors.warning(kv(event="request_error", conn=self.id,
-                                               cmd=req.command.name,
-                                               offset=req.offset,
-                                               length=req.length, error=exc, reply=err.name))
+            self.server.errors.warning(kv(event="request_error", conn=self.id,
+                                          cmd=req.command.name, offset=req.offset,
+                                          length=req.length, error=exc, reply=err.name),
+                                       "request error")
             self.sm.reply_error(req, err, str(exc))
         self._flush()
-        if self.disc_pending and not self.inflight:
+        self._close_if_finished()
+
+    def _close_if_finished(self) -> None:
+        """After NBD_CMD_DISC or EOF: close once every request has been answered."""
+        if self.disc_pending and not self.inflight and not self.queue:
             self._close()
 
     # ------------------------------------------------------------ hand-over
@@ -538,6 +807,8 @@ class NBDProtocol(asyncio.Protocol):
             "flags": st.flags, "structured": st.structured,
             "meta_contexts": list(st.meta_contexts), "no_zeroes": st.no_zeroes,
             "requests": self.requests,
+            # the successor's idle clock goes on from here (its own --idle-timeout applies)
+            "idle_s": round(max(0.0, time.monotonic() - self.active), 3),
         }
         return handover.Outgoing(state, sock.fileno(), st.pending)
 
@@ -550,8 +821,7 @@ class NBDProtocol(asyncio.Protocol):
 
     def resume_after_rollback(self) -> None:
         self.handing_over = False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._read_again()
 
     # ------------------------------------------------------------ shutdown
 
@@ -568,9 +838,10 @@ class NBDProtocol(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
+        """Requests in flight or waiting, or replies not sent yet."""
         t = self.transport
-        return self.inflight > 0 or (t is not None and not t.is_closing()
-                                     and t.get_write_buffer_size() > 0)
+        return self.inflight > 0 or bool(self.queue) or (
+            t is not None and not t.is_closing() and t.get_write_buffer_size() > 0)
 
 
 class Server:
@@ -587,15 +858,22 @@ class Server:
         self.stopping = False
         self._stop = asyncio.Event()
         self._janitor: asyncio.Task[None] | None = None
+        self._waiter_poll: asyncio.TimerHandle | None = None
         self.node: Node | None = None
         self.tracer = RequestTrace(config.trace) if config.trace else None
-        self.read_errors = Throttled(log)
-        #: ``--allow`` (exports may narrow it with their own ``allow=`` lists).
-        self.allow = AllowList(config.allow)
-        #: Refusals (logged at most once a second) and their counts by reason.
+        #: Log streams a client can fill at will, one line a second per reason.
+        self.errors = Throttled(log)
+        #: Refusals (logged at most once a second per reason) and their counts by reason.
         self.refusals = Throttled(log, 1.0, logging.INFO)
         self.refused: dict[str, int] = {}
+        self.closes = Throttled(log, 1.0, logging.INFO)
         self.unknown_exports = Throttled(log, 1.0, logging.INFO)
+        #: ``--allow`` (exports may narrow it with their own ``allow=`` lists).
+        self.allow = AllowList(config.allow)
+        self.limits = ConnectionLimits(config.max_connections, config.address_connections,
+                                       config.address_handshakes, config.reserved_connections)
+        self.budget = ReplyBudget(config.reply_budget, config.connection_reply_budget,
+                                  config.address_reply_budget)
         #: Per export: [requests, read bytes, write bytes] of connections closed.
         self.closed_totals: dict[str, list[int]] = {}
         #: Connections ever attached to a writable export (their overlays live here).
@@ -669,6 +947,22 @@ class Server:
             if dropped:
                 log.debug(kv(overlays_expired=dropped))
 
+    def watch_waiters(self) -> None:
+        """Requests wait for room in the reply budget: look every :data:`WAITER_POLL` seconds
+        at what transports have sent (a buffer that drained without telling) while any do."""
+        if self._waiter_poll is None:
+            self._waiter_poll = asyncio.get_running_loop().call_later(WAITER_POLL,
+                                                                      self._poll_waiters)
+
+    def _poll_waiters(self) -> None:
+        self._waiter_poll = None
+        if not self.budget.waiting:
+            return
+        for c in list(self.connections):
+            c.refresh_held()
+        self.budget.wake()
+        self.watch_waiters()
+
     def request_stop(self) -> None:
         """Ask :meth:`serve` to shut down (signal handlers call this)."""
         self._stop.set()
@@ -678,7 +972,7 @@ class Server:
         connection or export."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
         self.refusals.warning(kv(event="refused", conn=conn.id, peer=conn.peer, reason=reason,
-                                 why=why, **fields))
+                                 why=why, **fields), reason)
 
     def set_allow(self, cidrs: Sequence[str]) -> None:
         """Replace ``--allow`` (SIGHUP): new connections are checked against ``cidrs``;
@@ -830,6 +1124,8 @@ class Server:
         proto.export, proto.client = export, client
         proto.requested = str(state.get("requested", ""))
         proto.options = dict(resolved.options)
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            proto.active -= max(0.0, float(state["idle_s"]))
         if export.writable:
             self.writable_clients += 1
         await asyncio.get_running_loop().connect_accepted_socket(lambda: proto, sock)
@@ -871,6 +1167,8 @@ class Server:
         await asyncio.sleep(0)
         if self._janitor is not None:
             self._janitor.cancel()
+        if self._waiter_poll is not None:
+            self._waiter_poll.cancel()
         if self.handover_listener is not None:
             self.handover_listener.close(unlink=not self.handed_over)
         for srv in self.servers:
@@ -880,6 +1178,7 @@ class Server:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.unix)
         self.catalog.close()
+        self.budget.close()
         if self.node is not None:
             await self.node.close()
             self.node.store.close()

@@ -16,8 +16,18 @@ from typing import Any
 from icbdcache.commands.options import Command, Option
 from icbdcache.commands.store import store_option
 from icbdcache.replication.auth import AuthConfigError, client_ssl_context, read_token
-from icbdcache.replication.master import DEFAULT_MASTER_PORT, MASTER_MAP_SIZE, MasterConfig
+from icbdcache.replication.master import (
+    ADDRESS_STREAMS,
+    DEFAULT_MASTER_PORT,
+    MASTER_MAP_SIZE,
+    MAX_STREAMS,
+    SITE_STREAMS,
+    STALL_TIMEOUT,
+    STREAM_MIN_RATE,
+    MasterConfig,
+)
 
+STREAMS_GROUP = "chunk streams (docs/replication.md, Limits)"
 DEFAULT_MASTER_URL = os.environ.get("ICBD_MASTER", f"http://127.0.0.1:{DEFAULT_MASTER_PORT}")
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -72,7 +82,10 @@ def cmd_master(args: argparse.Namespace) -> int:
                        tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
                        token_file=args.token_file, admin_token_file=args.admin_token_file,
                        down_after=args.down_after, keepalive_interval=args.keepalive_interval,
-                       insecure_open=args.insecure_open)
+                       max_streams=args.max_streams, site_streams=args.site_streams,
+                       address_streams=args.address_streams,
+                       stream_min_rate=max(1, args.stream_min_rate),
+                       stream_stall=args.stream_stall, insecure_open=args.insecure_open)
     loop = new_event_loop()
     try:
         loop.run_until_complete(master.serve(cfg))
@@ -470,6 +483,23 @@ MASTER = Command(
             help="a site without a keep-alive this long is shown down (default 30)"),
      Option("keepalive-interval", "seconds", default=5.0, metavar="SECONDS",
             help="keep-alive interval asked of replicas (default 5)"),
+     Option("max-streams", "count", default=MAX_STREAMS, metavar="N", group=STREAMS_GROUP,
+            help=f"chunk streams sent at once; more wait (default {MAX_STREAMS})"),
+     Option("site-streams", "count", default=SITE_STREAMS, metavar="N", group=STREAMS_GROUP,
+            help="chunk streams one site may hold, when its token names it (default "
+                 f"{SITE_STREAMS}; 429 beyond)"),
+     Option("address-streams", "count", default=ADDRESS_STREAMS, metavar="N",
+            group=STREAMS_GROUP,
+            help="chunk streams one address may hold when no token names its site (sites "
+                 f"behind one NAT share it; default {ADDRESS_STREAMS}; 429 beyond)"),
+     Option("stream-min-rate", "size", default=STREAM_MIN_RATE, metavar="BYTES",
+            group=STREAMS_GROUP,
+            help="bytes a second a chunk stream's client must take, after --stream-stall "
+                 "(default 16K)"),
+     Option("stream-stall", "seconds", default=STALL_TIMEOUT, metavar="SECONDS",
+            group=STREAMS_GROUP,
+            help="grace a chunk stream's client has to send its request and before "
+                 f"--stream-min-rate applies (default {STALL_TIMEOUT:g})"),
      Option("insecure-open", "bool", default=False,
             help="on a non-loopback address, serve every image to anyone who reaches it, "
                  "without site credentials (warned at start and in 'admin status'); without "

@@ -126,7 +126,7 @@ def client_from_args(args: argparse.Namespace) -> MasterClient:
             raise ValueError(str(e)) from e
     try:
         return MasterClient(args.master, ca=args.master_ca, cert=args.master_cert,
-                            key=args.master_key, token=token,
+                            key=args.master_key, token=token, site=args.site or None,
                             zstd_level=parse_compress(args.compress) if args.compress else None)
     except ssl.SSLError as e:
         raise ValueError(f"cannot use --master-ca/--master-cert/--master-key: {e}") from e
@@ -143,7 +143,7 @@ def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConf
         raise ValueError("--master needs --site NAME")
     if args.pull_parallel > 8:
         raise ValueError(f"--pull-parallel {args.pull_parallel}: at most 8 (the master "
-                         "answers 429 to a ninth stream from one address)")
+                         "answers 429 to a ninth stream of one site)")
     if args.pull_batch > MAX_BATCH:
         raise ValueError(f"--pull-batch {args.pull_batch}: at most {MAX_BATCH} digests a "
                          "request")

@@ -50,6 +50,7 @@ clients:
 
 
 CACHE_GROUP = "cache (see docs/store.md)"
+LIMITS_GROUP = "limits (see docs/serve.md, LIMITS AND SHUTDOWN)"
 
 SERVE = Command(
     "serve", "serve iMI images over NBD",
@@ -80,10 +81,36 @@ SERVE = Command(
      Option("tls-key", metavar="FILE", help="PEM private key"),
      Option("tls-required", "bool",
             help="refuse every option but STARTTLS/ABORT until TLS is up"),
-     Option("max-connections", "int", metavar="N",
+     Option("max-connections", "int", metavar="N", group=LIMITS_GROUP,
             help="connections beyond this are closed at once (default 512)"),
-     Option("handshake-timeout", "float", metavar="SECONDS",
-            help="time a client has to reach transmission (default 10)"),
+     Option("address-connections", "int", metavar="N", group=LIMITS_GROUP,
+            help="connections from one client address (default 64)"),
+     Option("address-handshakes", "int", metavar="N", group=LIMITS_GROUP,
+            help="connections from one client address still in the handshake (default 16)"),
+     Option("reserved-connections", "int", metavar="N", group=LIMITS_GROUP,
+            help="the last N of --max-connections (at most half) go only to addresses "
+                 "holding fewer than 4 (default 64)"),
+     Option("handshake-timeout", "float", metavar="SECONDS", group=LIMITS_GROUP,
+            help="time a client may take to send its next option in the handshake "
+                 "(default 10)"),
+     Option("handshake-total", "float", metavar="SECONDS", group=LIMITS_GROUP,
+            help="time a client has to reach transmission, however busy (default 300)"),
+     Option("idle-timeout", "float", metavar="SECONDS", group=LIMITS_GROUP,
+            help="close a connection with no request for this long (not one with a "
+                 "copy-on-write overlay); only for clients that reconnect by themselves "
+                 "(icbd-nbd-client; not nbd-client -persist, not qemu without "
+                 "reconnect-delay); default 0: never"),
+     Option("send-timeout", "float", metavar="SECONDS", group=LIMITS_GROUP,
+            help="close a connection whose client has read none of its replies for this "
+                 "long (default 60, 0: never)"),
+     Option("reply-budget", "size", metavar="BYTES", group=LIMITS_GROUP,
+            help="replies in flight in the whole server; more requests wait (default 512M)"),
+     Option("connection-reply-budget", "size", metavar="BYTES", group=LIMITS_GROUP,
+            help="replies in flight on one connection; more requests wait, unread "
+                 "(default 64M)"),
+     Option("address-reply-budget", "size", metavar="BYTES", group=LIMITS_GROUP,
+            help="replies in flight on the connections of one client address (default "
+                 "128M)"),
      Option("grace", "float", metavar="SECONDS",
             help="on SIGTERM/SIGINT, time to finish in-flight replies (default 10)"),
      Option("cow-dir", metavar="DIR",
@@ -178,6 +205,17 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("--metrics-listen needs --workers 1 (one process counts)")
     if cfg.max_connections < 1 or cfg.workers < 1:
         raise ValueError("--max-connections and --workers must be at least 1")
+    if cfg.address_connections < 1 or cfg.address_handshakes < 1:
+        raise ValueError("--address-connections and --address-handshakes must be at least 1")
+    if cfg.reserved_connections < 0:
+        raise ValueError("--reserved-connections must be 0 or more")
+    if cfg.handshake_timeout <= 0 or cfg.handshake_total <= 0:
+        raise ValueError("--handshake-timeout and --handshake-total must be positive")
+    if cfg.idle_timeout < 0 or cfg.send_timeout < 0:
+        raise ValueError("--idle-timeout and --send-timeout must be 0 (never) or positive")
+    if min(cfg.reply_budget, cfg.connection_reply_budget, cfg.address_reply_budget) < 1:
+        raise ValueError("--reply-budget, --connection-reply-budget and "
+                         "--address-reply-budget must be at least 1 byte")
     return cfg
 
 

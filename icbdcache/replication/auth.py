@@ -188,6 +188,18 @@ class Auth:
             return None
         return NO_CREDENTIALS
 
+    def token_site(self, authorization: str | None) -> str | None:
+        """The site a valid bearer token in ``authorization`` belongs to, or None (no token,
+        an unknown one, or a ``*`` token valid for every site)."""
+        token = bearer(authorization)
+        if token is None or not self.site_tokens:
+            return None
+        found = _match(token, self.site_tokens)
+        if found is None:
+            return None
+        owner = self.site_tokens[found]
+        return None if owner == ANY_SITE else owner
+
     def check_admin(self, authorization: str | None, peer: str | None) -> tuple[int, str] | None:
         """(status, reason) refusing an admin request, or None. 401 without a configured
         admin token, 403 for a non-loopback peer when no admin token is configured."""

@@ -39,6 +39,7 @@ from icbdcache.replication.wire import (
     MASTER_ID_HEADER,
     MAX_CHUNK,
     SHA256_HEADER,
+    SITE_HEADER,
     ChunkFrame,
     ChunkStreamDecoder,
     WireError,
@@ -203,14 +204,16 @@ class MasterClient:
     system's). ``cert``/``key``: PEM client certificate and key (TLS client authentication).
     ``token``: bearer token. ``zstd_level``: ask for zstd chunk streams at this level (None:
     plain). ``timeout``: seconds for a control request, and the longest pause inside a chunk
-    stream. Raises ValueError on a bad URL, OSError/ssl.SSLError when the TLS files cannot be
-    loaded (checked here, at once).
+    stream. ``site``: the site this client runs for, named in every request
+    (``X-Icbd-Site``: the master lets go of the site's earlier streams when it registers).
+    Raises ValueError on a bad URL, OSError/ssl.SSLError when the TLS files cannot be loaded
+    (checked here, at once).
     """
 
     def __init__(self, url: str, *, ca: str | None = None, cert: str | None = None,
                  key: str | None = None, token: str | None = None,
                  zstd_level: int | None = None, timeout: float = 30.0,
-                 connections: int = 16) -> None:
+                 connections: int = 16, site: str | None = None) -> None:
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"master URL {url!r}: give http://HOST:PORT or https://HOST:PORT")
@@ -224,6 +227,7 @@ class MasterClient:
         self.zstd_level = zstd_level
         self.timeout = timeout
         self.connections = connections
+        self.site = site
         self.counters = TransferCounters()
         self.has_cert = bool(cert)
         self._ssl: ssl.SSLContext | None = None
@@ -242,6 +246,8 @@ class MasterClient:
             headers = {"User-Agent": "icbd-cache-replica"}
             if self.token:
                 headers["Authorization"] = f"Bearer {self.token}"
+            if self.site:
+                headers[SITE_HEADER] = self.site
             conn = aiohttp.TCPConnector(limit=self.connections,
                                         ssl=self._ssl if self._ssl is not None else False)
             self._session = aiohttp.ClientSession(

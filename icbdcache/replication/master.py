@@ -14,26 +14,34 @@ reaches starts only with site credentials or ``--insecure-open``
 Chunk streams read each slice of a request from the store in one read transaction
 (:meth:`~icbdcache.store.Store.with_chunks`: chunks copied out before it ends) and
 encode/compress it in a worker thread while the previous slice is being sent, so a response
-holds at most two slices (:data:`SLICE_CHUNKS` chunks each) in memory.
+holds at most two slices (:data:`SLICE_CHUNKS` chunks each) in memory. How many run at once,
+and how many one site or address may hold, is :mod:`icbdcache.replication.streams`; a stream
+whose client takes less than ``stream_min_rate`` bytes a second (after ``stream_stall``
+seconds of grace, counting only the time spent waiting for the client) is cut.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import signal
+import struct
+import termios
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from icbdcache import activation
-from icbdcache.log import kv
+from icbdcache.limits import reset
+from icbdcache.log import Throttled, kv
 from icbdcache.replication import wire
 from icbdcache.replication.auth import (
     Auth,
@@ -55,6 +63,7 @@ from icbdcache.replication.registry import (
     VersionRecord,
     open_registry,
 )
+from icbdcache.replication.streams import Stream, StreamReleased, StreamSlots
 from icbdcache.store import ChunkGet, Store, StoreError, bootfiles, version_key
 from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
 from icbdcache.store.owners import IN_USE_LINGER
@@ -67,13 +76,17 @@ DEFAULT_MASTER_PORT = 10810
 SLICE_CHUNKS = 64
 #: Bounds of ``/v1/watch``'s ``timeout`` (seconds) and its default.
 WATCH_MIN, WATCH_MAX, WATCH_DEFAULT = 1.0, 60.0, 30.0
-#: Seconds one slice of a chunk stream may take to be sent: a client that reads nothing
-#: for that long has its stream ended and its connection closed (its slices freed).
-STALL_TIMEOUT = 120.0
+#: Seconds of grace a chunk stream's client has (to send its body, and before its reading
+#: is held to STREAM_MIN_RATE): a client that reads nothing is cut after about this long.
+STALL_TIMEOUT = 60.0
+#: Bytes a second a chunk stream's client must take, on average, once the grace is over.
+STREAM_MIN_RATE = 16 << 10
 #: Chunk streams sent at once (each holds up to two slices, about 8 MiB, and a worker thread);
-#: more wait their turn. A peer may hold at most PEER_STREAMS of them (429 beyond).
+#: more wait their turn. One site (known by its token) may hold SITE_STREAMS of them, running
+#: or waiting; without tokens that name sites, one address ADDRESS_STREAMS (429 beyond).
 MAX_STREAMS = 32
-PEER_STREAMS = 8
+SITE_STREAMS = 8
+ADDRESS_STREAMS = 16
 #: Highest zstd level the master compresses at: a replica asking for more gets this (levels
 #: above 9 cost the sender many times the CPU for a few per cent of bytes).
 MAX_ZSTD_LEVEL = 9
@@ -147,6 +160,31 @@ def site_view(site: SiteRecord, latest: dict[str, VersionRecord], now: float) ->
 
 
 @dataclass
+class _Pace:
+    """A chunk stream's bytes handed to the transport and seconds spent waiting for the
+    client to take them."""
+
+    handed: int = 0
+    taken: int = 0
+    waited: float = 0.0
+
+
+def _unsent(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes written to ``transport`` that its peer has not taken: the transport's buffer
+    and the kernel's send queue (SIOCOUTQ)."""
+    if transport is None:
+        return 0
+    size = getattr(transport, "get_write_buffer_size", None)  # uvloop's: no WriteTransport
+    n = int(size()) if size is not None else 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            n += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                b"\0\0\0\0"))[0]
+    return n
+
+
+@dataclass
 class MasterConfig:
     """Settings of ``icbd-cache master`` (times in seconds)."""
 
@@ -161,16 +199,28 @@ class MasterConfig:
     admin_token_file: str | None = None
     down_after: float = 30.0
     keepalive_interval: float = 5.0
+    max_streams: int = MAX_STREAMS
+    site_streams: int = SITE_STREAMS
+    address_streams: int = ADDRESS_STREAMS
+    stream_min_rate: int = STREAM_MIN_RATE
+    stream_stall: float = STALL_TIMEOUT
     insecure_open: bool = False
 
 
 class Master:
     """The API over ``store`` and ``registry``. ``keepalive_interval``: seconds between
     keep-alives asked of replicas; ``access``: how it lets sites in, shown by ``admin
-    status`` (None: not decided by :func:`serve`, e.g. a master in a test)."""
+    status`` (None: not decided by :func:`serve`, e.g. a master in a test). Chunk streams:
+    ``max_streams`` at once, ``site_streams`` per site known by its token,
+    ``address_streams`` per address otherwise, ``stream_min_rate`` bytes a second after
+    ``stream_stall`` seconds (None: the module's defaults, as they are when the master is
+    made)."""
 
     def __init__(self, store: Store, registry: Registry, auth: Auth | None = None, *,
-                 keepalive_interval: float = 5.0, access: Access | None = None) -> None:
+                 keepalive_interval: float = 5.0, access: Access | None = None,
+                 max_streams: int | None = None, site_streams: int | None = None,
+                 address_streams: int | None = None, stream_min_rate: int | None = None,
+                 stream_stall: float | None = None) -> None:
         self.store = store
         self.registry = registry
         self.master_id = store.identity or ""
@@ -180,8 +230,13 @@ class Master:
         self.counters: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
         self._file_sha: dict[tuple[str, int, int], str] = {}  # (path, mtime ns, size) -> sha
-        self._streams = asyncio.Semaphore(MAX_STREAMS)
-        self._peer_streams: Counter[str] = Counter()
+        self.slots = StreamSlots(MAX_STREAMS if max_streams is None else max_streams)
+        self.site_streams = SITE_STREAMS if site_streams is None else site_streams
+        self.address_streams = ADDRESS_STREAMS if address_streams is None else address_streams
+        self.min_rate = max(1, STREAM_MIN_RATE if stream_min_rate is None else stream_min_rate)
+        self.stall = STALL_TIMEOUT if stream_stall is None else stream_stall
+        #: What peers can cause at will, one line a second per reason.
+        self.refusals = Throttled(log, level=logging.INFO)
         self._closing = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._registry: Any = None
@@ -322,7 +377,8 @@ class Master:
         why = self.auth.check_replica(auth_header, bool(cert), request.match_info.get("site"),
                                       registry_owner=owner)
         if why is not None:
-            log.info(kv(event="refused", path=request.raw_path, peer=request.remote, why=why))
+            self.refusals.info(kv(event="refused", path=request.raw_path, peer=request.remote,
+                                  why=why), "unauthorized")
         return why
 
     # ------------------------------------------------------------------ catalog
@@ -452,8 +508,10 @@ class Master:
         """``POST /v1/chunks[?zstd=LEVEL]``: a chunk stream (:mod:`~icbdcache.replication.wire`)
         of the digests in the body, in order, MISSING for those not held. 400 on a body that
         is not 1..MAX_BATCH digests or a level outside 1..19 (above MAX_ZSTD_LEVEL it is sent
-        at MAX_ZSTD_LEVEL), 413 over MAX_BATCH, 429 when the peer has PEER_STREAMS streams
-        open; at most MAX_STREAMS are sent at once, the others wait."""
+        at MAX_ZSTD_LEVEL), 413 over MAX_BATCH, 429 when the site (or address) holds its
+        streams already, the connection reset when the body does not come within
+        ``stream_stall`` seconds;
+        at most ``max_streams`` are sent at once, the others wait (:class:`StreamSlots`)."""
         level: int | None = None
         if "zstd" in request.query:
             text = request.query["zstd"]
@@ -464,26 +522,56 @@ class Master:
                 return _error(400, f"zstd level {text[:20]!r} is not 1 to 19")
             level = min(int(text), MAX_ZSTD_LEVEL)
         peer = request.remote or "?"
-        if self._peer_streams[peer] >= PEER_STREAMS:
-            return _error(429, f"{PEER_STREAMS} chunk streams from {peer} already")
-        self._peer_streams[peer] += 1
-        try:
-            async with self._streams:
-                return await self._chunks(request, level)
-        finally:
-            self._peer_streams[peer] -= 1
-            if not self._peer_streams[peer]:
-                del self._peer_streams[peer]
+        party, limit, site = self._party(request, peer)
+        tr = request.transport
+        if tr is None:
+            return _error(400, "the connection is gone")
 
-    async def _chunks(self, request: web.Request, level: int | None) -> web.StreamResponse:
-        body = await request.read()
-        if body and len(body) % DIGEST_SIZE == 0 and len(body) // DIGEST_SIZE > wire.MAX_BATCH:
-            return _error(413, f"{len(body) // DIGEST_SIZE} digests in one request "
-                               f"(at most {wire.MAX_BATCH})")
+        def alive() -> bool:
+            return request.transport is not None and not tr.is_closing()
+
+        s = self.slots.enter(party, limit, site, peer, alive, partial(reset, tr))
+        if s is None:
+            self.refusals.info(kv(event="refused", path=request.raw_path, peer=peer,
+                                  party=party, why="stream limit", limit=limit),
+                               "stream limit")
+            return _error(429, f"{limit} chunk streams of {party} already")
         try:
-            digests = wire.parse_digests(body)
-        except wire.WireError as e:
-            return _error(400, str(e))
+            try:
+                async with asyncio.timeout(self.stall):
+                    body = await request.read()
+            except TimeoutError:  # a stalled client: not worth an answer it will not read
+                self.refusals.info(kv(event="chunks_cut", peer=peer, party=party,
+                                      why=f"no body in {self.stall:g} s"), "chunks_cut")
+                reset(tr)
+                return _error(408, f"the body did not come in {self.stall:g} s")
+            if body and len(body) % DIGEST_SIZE == 0 \
+                    and len(body) // DIGEST_SIZE > wire.MAX_BATCH:
+                return _error(413, f"{len(body) // DIGEST_SIZE} digests in one request "
+                                   f"(at most {wire.MAX_BATCH})")
+            try:
+                digests = wire.parse_digests(body)
+            except wire.WireError as e:
+                return _error(400, str(e))
+            await self.slots.run(s)
+            return await self._chunks(request, level, digests, s)
+        except StreamReleased:
+            return _error(409, "stream released: its site came back")
+        finally:
+            self.slots.leave(s)
+
+    def _party(self, request: web.Request, peer: str) -> tuple[str, int, str | None]:
+        """(party, its bound of streams, the site the stream is known to belong to)."""
+        token_site = self.auth.token_site(request.headers.get("Authorization"))
+        if token_site is not None:
+            return f"site:{token_site}", self.site_streams, token_site
+        named = request.headers.get(wire.SITE_HEADER)
+        if named is not None and _bad_name(named) is not None:
+            named = None
+        return f"addr:{peer}", self.address_streams, named
+
+    async def _chunks(self, request: web.Request, level: int | None, digests: list[bytes],
+                      stream: Stream) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE})
         loop = asyncio.get_running_loop()
         lengths: list[int | None] | None = None
@@ -498,6 +586,7 @@ class Master:
         self.count("chunk_requests")
         enc = wire.ChunkStreamEncoder(level)
         slices = [digests[i : i + SLICE_CHUNKS] for i in range(0, len(digests), SLICE_CHUNKS)]
+        pace = _Pace()
 
         def start(i: int) -> asyncio.Future[tuple[bytes | bytearray, int, int]]:
             part = (lengths[i * SLICE_CHUNKS : (i + 1) * SLICE_CHUNKS]
@@ -516,19 +605,12 @@ class Master:
                 self.count("raw_bytes", raw)
                 self.count("chunks_missing", miss)
                 self.count("chunks_sent", len(slices[i]) - miss)
-                try:
-                    async with asyncio.timeout(STALL_TIMEOUT):
-                        await resp.write(out)
-                except TimeoutError:  # the client stopped reading: free its slices
-                    if request.transport is not None:
-                        request.transport.abort()
-                    raise ConnectionResetError(f"no slice sent in {STALL_TIMEOUT} s: the "
-                                               "client stopped reading") from None
+                await self._send(request, resp, out, pace, stream)
             await resp.write_eof()
-        except ConnectionError as e:  # the replica went away: not the master's error
+        except ConnectionError as e:  # the replica went away, or was too slow: not ours
             fut.cancel()
-            log.info(kv(event="chunks_cut", peer=request.remote, digests=len(digests),
-                        error=e))
+            self.refusals.info(kv(event="chunks_cut", peer=request.remote, party=stream.party,
+                                  digests=len(digests), error=e), "chunks_cut")
         except asyncio.CancelledError:
             fut.cancel()
             raise
@@ -536,6 +618,40 @@ class Master:
             fut.cancel()
             log.error(kv(event="chunks_failed", peer=request.remote, error=e))
         return resp
+
+    async def _send(self, request: web.Request, resp: web.StreamResponse,
+                    out: bytes | bytearray, pace: _Pace, stream: Stream) -> None:
+        """Write one slice of ``stream``. The client must have taken ``min_rate`` bytes a
+        second of the time spent waiting for it, after ``stall`` seconds of grace; else its
+        connection is reset (its slices freed) and ConnectionResetError raised."""
+        loop = asyncio.get_running_loop()
+        write = asyncio.ensure_future(resp.write(out))
+        pace.handed += len(out)
+        tick = max(0.05, min(1.0, self.stall / 4))
+        try:
+            while True:
+                t = loop.time()
+                done, _ = await asyncio.wait({write}, timeout=tick)
+                pace.waited += loop.time() - t
+                if done:
+                    write.result()
+                    stream.moved = time.monotonic()
+                    return
+                taken = pace.handed - _unsent(request.transport)
+                if taken > pace.taken:
+                    pace.taken = taken
+                    stream.moved = time.monotonic()
+                if taken < self.min_rate * (pace.waited - self.stall):
+                    if request.transport is not None:
+                        reset(request.transport)
+                    raise ConnectionResetError(
+                        f"{taken} bytes taken in {pace.waited:.0f} s: under "
+                        f"{self.min_rate} bytes/s after {self.stall:g} s")
+        finally:
+            if not write.done():
+                write.cancel()
+            elif not write.cancelled():
+                write.exception()  # retrieved
 
     async def boot(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/boot/IMI/VERSION/kernel|initrd``: the boot file kept with a published
@@ -643,6 +759,11 @@ class Master:
         await self.registry.register(site, address)
         for imi in subscribe:
             await self.registry.subscribe(site, imi)
+        # the site came back (restarted, or its link did): what it streamed before is gone
+        by_token = self.auth.token_site(request.headers.get("Authorization")) == site
+        released = self.slots.site_back(site, request.remote or "?", by_token)
+        if released:
+            log.info(kv(event="site_back", site=site, streams_released=released))
         # a registration is a sign of life: the site is up (state "registered") until its
         # first keep-alive replaces this report
         await self.registry.keepalive(site, {"address": address, "state": "registered"})
@@ -953,7 +1074,9 @@ async def serve(cfg: MasterConfig, stop: asyncio.Event | None = None) -> None:
         access = await decide_access(cfg, registry)
         auth.closed = not access.open
         master = Master(store, registry, auth, keepalive_interval=cfg.keepalive_interval,
-                        access=access)
+                        access=access, max_streams=cfg.max_streams,
+                        site_streams=cfg.site_streams, address_streams=cfg.address_streams,
+                        stream_min_rate=cfg.stream_min_rate, stream_stall=cfg.stream_stall)
         runner = web.AppRunner(master.app(), access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)

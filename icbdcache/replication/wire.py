@@ -70,6 +70,9 @@ def bad_name(name: str) -> str | None:
 #: Response header of a boot file: the sha256 (hex) of its bytes, also its ETag; a replica
 #: names the boot files it already has in If-None-Match and gets 304 for one of them.
 SHA256_HEADER = "X-Icbd-Sha256"
+#: Request header naming the site a replica runs for (its chunk streams are let go when that
+#: site registers again; with tokens that name sites, the token says it instead).
+SITE_HEADER = "X-Icbd-Site"
 
 
 def etags(header: str) -> set[str]:

@@ -53,7 +53,8 @@ HOST_FROM_GUEST = "10.0.2.2"
 #: Kernel modules the guest loads (plus their dependencies from modules.dep).
 MODULES = ("nbd", "e1000")
 #: The tests the guest's /init knows (see init.sh).
-TESTS = ("checksum", "cow", "multiconn", "cow-multiconn", "reconnect")
+TESTS = ("checksum", "cow", "multiconn", "cow-multiconn", "reconnect", "idle-persist",
+         "idle-icbd")
 
 #: Where the cow test writes its pattern, and how much (must match init.sh).
 COW_OFFSET = 4 << 20

@@ -6,11 +6,12 @@
 # Kernel command line (read from /proc/cmdline):
 #   icbd.server=10.0.2.2   NBD server as seen from the guest (QEMU user networking: host loopback)
 #   icbd.port=P            its TCP port
-#   icbd.test=T            checksum | cow | multiconn | cow-multiconn | reconnect (one step,
-#                          with icbd.export=NAME)
+#   icbd.test=T            checksum | cow | multiconn | cow-multiconn | reconnect |
+#                          idle-persist | idle-icbd (one step, with icbd.export=NAME)
 #   icbd.export=NAME       export name for icbd.test
 #   icbd.steps=T:NAME,...  several steps in one boot (instead of icbd.test/icbd.export)
 #   icbd.connections=N     connections for the *multiconn tests (default 4)
+#   icbd.idle=S            seconds the idle-* tests leave the device unused (default 8)
 #
 # Console protocol, one line each, in this order per step:
 #   ICBD-STEP <i> <test> <export>
@@ -25,6 +26,7 @@
 #                               read next: the host kills and restarts the server meanwhile
 #   ICBD-IO-ERRORS <n>          (reconnect) "I/O error" lines in the kernel log
 #   ICBD-RECONNECTS <n>         (reconnect) reconnections icbd-nbd-client logged
+#   ICBD-IDLE-WAIT <s>          (idle-*) attached, first MiB read; nothing for <s> seconds now
 #   ICBD-ERROR <text>           anything that went wrong
 #   ICBD-STEP-END <i> rc=<rc>
 # and finally ICBD-TEST-DONE before the power-off.
@@ -53,7 +55,7 @@ finish() {
 say INIT "$(uptime_s)"
 NCPU=$(nproc)
 
-SERVER=10.0.2.2 PORT=10809 TEST= EXPORT= STEPS= CONNECTIONS=4
+SERVER=10.0.2.2 PORT=10809 TEST= EXPORT= STEPS= CONNECTIONS=4 IDLE=8
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         icbd.server=*) SERVER=${arg#*=} ;;
@@ -62,6 +64,7 @@ for arg in $(cat /proc/cmdline); do
         icbd.export=*) EXPORT=${arg#*=} ;;
         icbd.steps=*) STEPS=${arg#*=} ;;
         icbd.connections=*) CONNECTIONS=${arg#*=} ;;
+        icbd.idle=*) IDLE=${arg#*=} ;;
     esac
 done
 [ -n "$STEPS" ] || STEPS="$TEST:$EXPORT"
@@ -229,6 +232,30 @@ test_reconnect() {
     return $rc
 }
 
+# Attach with a client that reconnects (Debian's nbd-client -persist, ioctl mode; or
+# icbd-nbd-client), read the first MiB, use nothing for $IDLE seconds (a server with a shorter
+# --idle-timeout closes the connection meanwhile), then read the whole device: it reads right,
+# with no I/O error, over the connection the client made again.
+test_idle() {
+    local exp=$1 client=$2 rc=0
+    if [ "$client" = icbd ]; then
+        [ -x /bin/icbd-nbd-client ] || { err "this guest has no icbd-nbd-client"; return 1; }
+        icbd-nbd-client "$SERVER" -N "$exp" "$PORT" /dev/nbd0 -R 120 -t 4 \
+            || { err "icbd-nbd-client failed"; return 1; }
+    else
+        connect nbd0 "$exp" -persist -nonetlink || return 1
+    fi
+    dd if=/dev/nbd0 of=/dev/null bs=1048576 count=1 iflag=direct 2>/dev/null \
+        || { err "first read failed"; rc=1; }
+    say IDLE-WAIT "$IDLE"
+    sleep "$IDLE"
+    report /dev/nbd0 || rc=1
+    say IO-ERRORS "$(dmesg | grep -c 'I/O error')"
+    say RECONNECTS "$(dmesg | grep -c 'reconnected to')"
+    disconnect nbd0 || rc=1
+    return $rc
+}
+
 # ---- run the steps --------------------------------------------------------------------------
 i=0
 for step in $(echo "$STEPS" | tr ',' ' '); do
@@ -241,6 +268,8 @@ for step in $(echo "$STEPS" | tr ',' ' '); do
         cow) test_cow "$e" ;;
         cow-multiconn) test_cow "$e" -C "$CONNECTIONS" ;;
         reconnect) test_reconnect "$e" ;;
+        idle-persist) test_idle "$e" persist ;;
+        idle-icbd) test_idle "$e" icbd ;;
         *) err "unknown test '$t'"; false ;;
     esac
     rc=$?

@@ -948,10 +948,11 @@ def test_master_drops_a_chunk_stream_nobody_reads(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that asks for 4096 chunks and never reads held its stream, and the slices
     read for it (megabytes), for as long as it kept the connection open: a few hundred such
-    clients took the master's memory. A slice that cannot be sent within
-    master.STALL_TIMEOUT (made 0.5 s here) now ends the stream and closes the connection;
-    a client that reads gets every frame as before."""
+    clients took the master's memory. A client that takes less than master.STREAM_MIN_RATE
+    bytes a second (made 1 MiB/s here) after master.STALL_TIMEOUT (made 0.5 s) now has its
+    stream ended and its connection closed; a client that reads gets every frame as before."""
     monkeypatch.setattr("icbdcache.replication.master.STALL_TIMEOUT", 0.5)
+    monkeypatch.setattr("icbdcache.replication.master.STREAM_MIN_RATE", 1 << 20)
     port: list[int] = []
 
     async def body(probe: Probe, m: Master) -> None:
@@ -1022,7 +1023,7 @@ def test_replica_does_not_spin_on_a_watch_that_answers_at_once(
 def test_master_bounds_chunk_streams_per_peer_and_the_zstd_level(tmp_path: Path) -> None:
     """Found in review: nothing bounded how many chunk streams one client held open (each
     holds slices in memory and a worker thread), and any client could ask for zstd level 19 on
-    4096 chunks. Now a peer holding PEER_STREAMS streams that it does not read gets 429 for the
+    4096 chunks. Now a peer holding ADDRESS_STREAMS streams that it does not read gets 429 for the
     next one (others are still served), and a level above MAX_ZSTD_LEVEL is sent at it."""
     from icbdcache.replication import master as master_mod
 
@@ -1031,7 +1032,7 @@ def test_master_bounds_chunk_streams_per_peer_and_the_zstd_level(tmp_path: Path)
         req = (cmap * 2000)[: wire.MAX_BATCH * 16]
         port = m_port[0]
         held = []
-        for _ in range(master_mod.PEER_STREAMS):
+        for _ in range(master_mod.ADDRESS_STREAMS):
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(f"POST /v1/chunks HTTP/1.1\r\nHost: x\r\nContent-Length: {len(req)}"
                     "\r\n\r\n".encode() + req)

@@ -223,31 +223,37 @@ def test_client_gone_in_the_middle_of_a_read_reply(
     assert len(new) < 30, "\n".join(new[:40])
 
 
-def _open_idle(port: int, n: int, stack: ExitStack) -> list[socket.socket]:
+def _open_idle(port: int, n: int, stack: ExitStack,
+               source: str = "127.0.0.1") -> list[socket.socket]:
     socks = []
     for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
         stack.callback(s.close)
         socks.append(s)
     return socks
 
 
 def test_idle_clients_do_not_block_a_real_one(srv: Server, disk: Path) -> None:
+    """200 idle connections from one address: the first 16 (--address-handshakes) are held,
+    the others closed at once; a client from another address is served."""
     require("nbdinfo")
     with ExitStack() as stack:
-        idle = _open_idle(srv.port, 200, stack)
+        idle = _open_idle(srv.port, 200, stack, source="127.0.0.2")
         out = subprocess.run(["nbdinfo", "--size", srv.uri("ro")], capture_output=True,
                              text=True, timeout=30, check=True)
         assert int(out.stdout) == EXPORT_SIZE
         check_serves(srv.port, "ro", disk)
-        # The idle ones are all still there (default handshake timeout: 10 s).
+        # The idle ones within the address's bound are still there (default handshake
+        # timeout: 10 s); the rest were refused.
         time.sleep(0.3)
-        assert all(still_open(s, 0.01) for s in idle)
+        held = [s for s in idle if still_open(s, 0.01)]
+        assert len(held) == 16
 
 
 def test_handshake_timeout_closes_idle_clients(
         server_factory: ServerFactory, disk: Path) -> None:
-    srv = server_factory("--export", f"ro={disk}", "--handshake-timeout", "2")
+    srv = server_factory("--export", f"ro={disk}", "--handshake-timeout", "2",
+                         "--address-handshakes", "300", "--address-connections", "300")
     with ExitStack() as stack:
         idle = _open_idle(srv.port, 200, stack)
         check_serves(srv.port, "ro", disk)  # within the 2 s: served
@@ -264,7 +270,8 @@ def test_handshake_timeout_closes_idle_clients(
 
 def test_max_connections(server_factory: ServerFactory, disk: Path) -> None:
     srv = server_factory("--export", f"ro={disk}", "--max-connections", "50",
-                         "--handshake-timeout", "60")
+                         "--handshake-timeout", "60", "--address-connections", "100",
+                         "--address-handshakes", "100", "--reserved-connections", "0")
     with ExitStack() as stack:
         first = [stack.enter_context(RawClient(srv.port)) for _ in range(50)]
         for c in first:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, free_port, stop_process, wait_port
-from nbdraw import RawClient, closed_by_server, connect, expected
+from nbdraw import RawClient, ServerClosed, closed_by_server, connect, expected
 
 from icbdcache import activation
 from icbdcache.handover import Channel, HandoverError
@@ -429,3 +429,39 @@ def test_channel_frames_with_descriptors() -> None:
         os.close(r)
         os.close(w)
         rx.close()
+
+
+def test_handover_keeps_the_idle_clock_and_the_address_counts(servers: Servers, image: Path,
+                                                              tmp_path: Path) -> None:
+    """Limits cross with the connections (issue 14): the successor counts the connections it
+    carries on against their address (a third from it is refused under
+    --address-connections 2), and a connection idle for 2 s before the hand-over is closed
+    --idle-timeout (6 s) after its last request, not 6 s after the hand-over."""
+    port = free_port()
+    servers.args = handover_args(tmp_path, image, port, "--idle-timeout", "6",
+                                 "--address-connections", "2")
+    old = servers.start()
+    wait_port("127.0.0.1", port)
+    time.sleep(0.3)  # wait_port's probe connection is gone
+    c1, c2 = connect(port, "disk"), connect(port, "disk")
+    try:
+        assert c1.read(0, 4096) == (0, expected(image, 0, 4096))
+        t0 = time.monotonic()
+        time.sleep(2.0)
+        assert c2.read(0, 512) == (0, expected(image, 0, 512))  # c2 stays busy
+        new = servers.start()
+        assert old.proc.wait(60) == 0, old.text()
+        handed = time.monotonic()
+        assert handed - t0 < 5.0, "the hand-over took too long for this test to tell"
+        with RawClient(port) as c3, pytest.raises(ServerClosed):  # refused
+            c3.greeting()
+        assert closed_by_server(c1.sock, t0 + 6.0 + 2.0 - time.monotonic())
+        closed_at = time.monotonic()
+        assert closed_at < handed + 6.0, (closed_at - t0, handed - t0)
+        assert c2.read(MiB, 512) == (0, expected(image, MiB, 512))
+    finally:
+        c1.close()
+        c2.close()
+    assert re.search(r'event=refused .*reason="address connection limit"', new.text()), \
+        new.text()
+    assert 'closed="idle 6 s"' in new.text(), new.text()

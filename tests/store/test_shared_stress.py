@@ -35,11 +35,12 @@ def test_import_publish_warm_pin_and_eviction_while_clients_read(
     sha = {p: file_sha(p) for p in [*copied, *sourced, big]}
     run("import", str(big), "--imi", "lab", "--store", str(store), "-q")
     made: dict[str, Path] = {"lab@1": big}  # version -> its image, once it exists
-    # every image has a version from the start (copies copied, the others sourced): the
-    # reads of every version at the end hold more than --store-size, so eviction must run
+    # every image has a version from the start (copies copied and pinned: a copy has no
+    # other source; the others sourced): the reads of every version at the end hold more
+    # than --store-size, so eviction must run
     for n, img in enumerate([*copied, *sourced], start=1):
         run("import", str(img), "--imi", "pre", "--store", str(store), "-q",
-            *(["--copy"] if img in copied else []))
+            *(["--copy", "--pin"] if img in copied else []))
         made[f"pre@{n}"] = img
     lock = threading.Lock()
     # a bound the pinned versions fit in (the copies, lab@1 and one sourced image: 84 MiB of
