@@ -1427,6 +1427,16 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: A worker killed (by a signal other than SIGTERM/SIGINT) or failing after it ran this
+#: many seconds is started again in its place; one that exits with an error sooner failed
+#: at its start, and the server stops rather than loop.
+WORKER_MIN_LIFE = 2.0
+#: ... and so does a worker started again this many times within
+#: :data:`WORKER_RESTART_WINDOW` seconds.
+WORKER_RESTARTS = 5
+WORKER_RESTART_WINDOW = 60.0
+
+
 def _run_workers(config: ServeConfig, services: Sequence[NodeService],
                  sockets: Sequence[socket.socket] = ()) -> int:
     unix_sock = None
@@ -1452,48 +1462,90 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         except BaseException:
             os.close(cow_lock)
             raise
-    children: list[int] = []
-    for i in range(config.workers):
+    def spawn(i: int) -> int:
+        """Fork worker ``i``; return its pid (in the parent)."""
         pid = os.fork()
-        if pid == 0:  # worker
-            tag_process()
-            code = 0
-            try:
-                own: Sequence[socket.socket] = sockets
-                wcfg = config
-                if steered:
-                    for j, socks in enumerate(steered):
-                        if j != i:
-                            for sk in socks:
-                                sk.close()
-                    own = steered[i]
-                    wcfg = replace(config, cow_dir=os.path.join(cast(str, cow_dir),
-                                                                f"worker-{i}"))
-                loop = new_event_loop()
-                loop.run_until_complete(_run(wcfg, unix_sock=unix_sock, reuse_port=True,
-                                             services=_services_of_worker(services, i),
-                                             sockets=own))
-            except BaseException:
-                log.exception("worker failed")
-                code = 1
-            os._exit(code)
-        children.append(pid)
-    for socks in steered:  # the workers hold them now
-        for sk in socks:
-            sk.close()
-    log.info(kv(workers=len(children), pids=",".join(map(str, children))))
+        if pid != 0:
+            return pid
+        # a worker started again is forked after the parent's handlers are set
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        tag_process()
+        code = 0
+        try:
+            own: Sequence[socket.socket] = sockets
+            wcfg = config
+            if steered:
+                for j, socks in enumerate(steered):
+                    if j != i:
+                        for sk in socks:
+                            sk.close()
+                own = steered[i]
+                wcfg = replace(config, cow_dir=os.path.join(cast(str, cow_dir),
+                                                            f"worker-{i}"))
+            loop = new_event_loop()
+            loop.run_until_complete(_run(wcfg, unix_sock=unix_sock, reuse_port=True,
+                                         services=_services_of_worker(services, i),
+                                         sockets=own))
+        except BaseException:
+            log.exception("worker failed")
+            code = 1
+        os._exit(code)
+
+    # The parent keeps every steered socket open: a worker that dies leaves its socket in
+    # the port's group, its clients' connections wait in its backlog (a pause), and the
+    # worker started again in its place takes the same socket and overlays.
+    workers: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started, monotonic)
+    for i in range(config.workers):
+        workers[spawn(i)] = (i, time.monotonic())
+    log.info(kv(workers=len(workers), pids=",".join(map(str, workers))))
+    stopping = False
 
     def forward(sig: int, _frame: object) -> None:
-        for pid in children:
+        nonlocal stopping
+        stopping = True
+        for pid in list(workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
-    for pid in children:
-        _, st = os.waitpid(pid, 0)
-        status = status or os.waitstatus_to_exitcode(st)
+    restarts: dict[int, deque[float]] = {}  # worker index -> when it was started again
+    while workers:
+        try:
+            pid, st = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in workers:
+            continue
+        i, started = workers.pop(pid)
+        code = os.waitstatus_to_exitcode(st)
+        # a worker that exits by itself (0, or after SIGTERM/SIGINT: the whole service is
+        # being stopped) or fails at its start is not started again; one that is killed
+        # or fails while it serves is
+        crashed = code not in (0, -signal.SIGTERM, -signal.SIGINT)
+        if stopping or not crashed:
+            status = status or (1 if crashed else max(code, 0))
+            continue
+        now = time.monotonic()
+        recent = restarts.setdefault(i, deque(maxlen=WORKER_RESTARTS))
+        if (code > 0 and now - started < WORKER_MIN_LIFE) or (
+                len(recent) == WORKER_RESTARTS and now - recent[0] < WORKER_RESTART_WINDOW):
+            status = status or 1
+            log.error(kv(event="worker_exited", worker=i, pid=pid, status=code,
+                         action="stopping the server (it fails at its start, or again and "
+                                "again)"))
+            forward(signal.SIGTERM, None)
+            continue
+        recent.append(now)
+        new = spawn(i)
+        workers[new] = (i, time.monotonic())
+        log.warning(kv(event="worker_exited", worker=i, pid=pid, status=code,
+                       action=f"started again as {new}"))
+    for socks in steered:
+        for sk in socks:
+            sk.close()
     if config.unix:
         with contextlib.suppress(OSError):
             os.unlink(config.unix)

@@ -214,6 +214,44 @@ def test_a_clients_connections_all_reach_its_overlay(
     assert srv.stop() == 0
 
 
+def test_a_killed_worker_is_started_again_with_its_clients_overlays(
+        tmp_path: Path, server_factory: Any) -> None:
+    """``kill -9`` of the worker holding a client's overlay: the parent starts the worker
+    again on the same socket; the client's next connection (queued meanwhile, not sent to
+    the other worker) reads its FLUSHed write, not the base."""
+    from icbdcache import steering
+
+    img = make_image(tmp_path / "base.img", 8 * MiB)
+    base = img.read_bytes()
+    srv = server_factory("--export", f"lab={img},cow", "--workers", "2")
+    pids = worker_pids(srv)
+    victim = pids[steering.worker_of("127.0.0.5", 2)]
+    c = bound_client(srv.port, "127.0.0.5")
+    c.handshake()
+    assert c.go("lab") == 0x1
+    assert worker_of(c.sock, pids) == victim
+    mine = bytes([0x3C]) * 8192
+    assert c.simple(Cmd.WRITE, 2 * MiB, len(mine), data=mine) == 0
+    assert c.simple(Cmd.FLUSH, 0, 0) == 0
+    psutil.Process(victim).send_signal(signal.SIGKILL)
+    c.close()
+    deadline = time.monotonic() + 20
+    while not re.search(rf"event=worker_exited worker=\d+ pid={victim} status=-9 "
+                        r'action="started again as \d+"', srv.log_text()):
+        assert time.monotonic() < deadline, srv.log_text()[-3000:]
+        time.sleep(0.05)
+    new = int(re.findall(r'action="started again as (\d+)"', srv.log_text())[-1])
+    for _ in range(4):  # every connection of the address reaches the new worker
+        c = bound_client(srv.port, "127.0.0.5")
+        c.handshake()
+        assert c.go("lab") == 0x1
+        assert worker_of(c.sock, [new, *(p for p in pids if p != victim)]) == new
+        assert c.read(2 * MiB - 4096, 16384) == (0, base[2 * MiB - 4096 : 2 * MiB] + mine
+                                                 + base[2 * MiB + 8192 : 2 * MiB + 12288])
+        c.close()
+    assert srv.stop() == 0
+
+
 # ------------------------------------------------------------------ serve --master
 
 
