@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -47,10 +48,11 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
-from icbdcache import activation, handover
+from icbdcache import activation, handover, steering
 from icbdcache.access import AllowList
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
+from icbdcache.layers.cowdir import LOCK_NAME as COW_LOCK
 from icbdcache.layers.cowdir import CowDir, default_cow_dir
 from icbdcache.limits import ConnectionLimits, ReplyBudget, reset
 from icbdcache.log import Throttled, kv, tag_process
@@ -1399,13 +1401,11 @@ def run(config: ServeConfig, *, services: Sequence[NodeService] = (),
     """Serve until SIGTERM/SIGINT (or until a successor took over, ``--handover``); with
     ``workers`` > 1, one process per worker sharing the port with SO_REUSEPORT. Listening
     sockets passed by systemd (``LISTEN_FDS``) replace ``listen`` and ``unix``. ``services``
-    run with the store's node (``serve --master``: the replica; one worker only). Returns the
+    run with the store's node (``serve --master``: the replica; in worker 0 only). Returns the
     exit status. ``reload``: what SIGHUP does (:data:`Reload`). Raises OSError, StoreError or
-    HandoverError when it cannot start, ValueError for services with more than one worker or
-    a bad ``LISTEN_FDS``."""
+    HandoverError when it cannot start, ValueError for a bad ``LISTEN_FDS`` (or, with
+    copy-on-write exports and workers, sockets that cannot be steered)."""
     _raise_fd_limit()
-    if services and config.workers > 1:
-        raise ValueError("node services need workers = 1")
     sockets = activation.listen_sockets()
     if config.workers <= 1:
         loop = new_event_loop()
@@ -1427,6 +1427,16 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: A worker killed (by a signal other than SIGTERM/SIGINT) or failing after it ran this
+#: many seconds is started again in its place; one that exits with an error sooner failed
+#: at its start, and the server stops rather than loop.
+WORKER_MIN_LIFE = 2.0
+#: ... and so does a worker started again this many times within
+#: :data:`WORKER_RESTART_WINDOW` seconds.
+WORKER_RESTARTS = 5
+WORKER_RESTART_WINDOW = 60.0
+
+
 def _run_workers(config: ServeConfig, services: Sequence[NodeService],
                  sockets: Sequence[socket.socket] = ()) -> int:
     unix_sock = None
@@ -1436,35 +1446,136 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         unix_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         unix_sock.bind(config.unix)
         unix_sock.listen(1024)
-    children: list[int] = []
-    for _ in range(config.workers):
+    cow_dir = cow_dir_of(config)
+    steered: list[list[socket.socket]] = []
+    cow_lock = -1
+    if cow_dir is not None:
+        # a client's overlay lives in one worker: its connections are steered there by
+        # address (steering.py); worker i keeps its overlays in COW_DIR/worker-i
+        if sockets or unix_sock is not None:
+            raise ValueError("copy-on-write exports with --workers > 1 need TCP --listen "
+                             "addresses (a client is steered to its worker by address), not "
+                             "--unix or sockets passed by systemd")
+        cow_lock = _hold_dir(cow_dir)
+        try:
+            steered = steering.steered_listeners(list(config.listen), config.workers)
+        except BaseException:
+            os.close(cow_lock)
+            raise
+    def spawn(i: int) -> int:
+        """Fork worker ``i``; return its pid (in the parent)."""
         pid = os.fork()
-        if pid == 0:  # worker
-            tag_process()
-            code = 0
-            try:
-                loop = new_event_loop()
-                loop.run_until_complete(_run(config, unix_sock=unix_sock, reuse_port=True,
-                                             services=services, sockets=sockets))
-            except BaseException:
-                log.exception("worker failed")
-                code = 1
-            os._exit(code)
-        children.append(pid)
-    log.info(kv(workers=len(children), pids=",".join(map(str, children))))
+        if pid != 0:
+            return pid
+        # a worker started again is forked after the parent's handlers are set
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        tag_process()
+        code = 0
+        try:
+            own: Sequence[socket.socket] = sockets
+            wcfg = config
+            if steered:
+                for j, socks in enumerate(steered):
+                    if j != i:
+                        for sk in socks:
+                            sk.close()
+                own = steered[i]
+                wcfg = replace(config, cow_dir=os.path.join(cast(str, cow_dir),
+                                                            f"worker-{i}"))
+            loop = new_event_loop()
+            loop.run_until_complete(_run(wcfg, unix_sock=unix_sock, reuse_port=True,
+                                         services=_services_of_worker(services, i),
+                                         sockets=own))
+        except BaseException:
+            log.exception("worker failed")
+            code = 1
+        os._exit(code)
+
+    # The parent keeps every steered socket open: a worker that dies leaves its socket in
+    # the port's group, its clients' connections wait in its backlog (a pause), and the
+    # worker started again in its place takes the same socket and overlays.
+    workers: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started, monotonic)
+    for i in range(config.workers):
+        workers[spawn(i)] = (i, time.monotonic())
+    log.info(kv(workers=len(workers), pids=",".join(map(str, workers))))
+    stopping = False
 
     def forward(sig: int, _frame: object) -> None:
-        for pid in children:
+        nonlocal stopping
+        stopping = True
+        for pid in list(workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
-    for pid in children:
-        _, st = os.waitpid(pid, 0)
-        status = status or os.waitstatus_to_exitcode(st)
+    restarts: dict[int, deque[float]] = {}  # worker index -> when it was started again
+    while workers:
+        try:
+            pid, st = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in workers:
+            continue
+        i, started = workers.pop(pid)
+        code = os.waitstatus_to_exitcode(st)
+        # a worker that exits by itself (0, or after SIGTERM/SIGINT: the whole service is
+        # being stopped) or fails at its start is not started again; one that is killed
+        # or fails while it serves is
+        crashed = code not in (0, -signal.SIGTERM, -signal.SIGINT)
+        if stopping or not crashed:
+            status = status or (1 if crashed else max(code, 0))
+            continue
+        now = time.monotonic()
+        recent = restarts.setdefault(i, deque(maxlen=WORKER_RESTARTS))
+        if (code > 0 and now - started < WORKER_MIN_LIFE) or (
+                len(recent) == WORKER_RESTARTS and now - recent[0] < WORKER_RESTART_WINDOW):
+            status = status or 1
+            log.error(kv(event="worker_exited", worker=i, pid=pid, status=code,
+                         action="stopping the server (it fails at its start, or again and "
+                                "again)"))
+            forward(signal.SIGTERM, None)
+            continue
+        recent.append(now)
+        new = spawn(i)
+        workers[new] = (i, time.monotonic())
+        log.warning(kv(event="worker_exited", worker=i, pid=pid, status=code,
+                       action=f"started again as {new}"))
+    for socks in steered:
+        for sk in socks:
+            sk.close()
     if config.unix:
         with contextlib.suppress(OSError):
             os.unlink(config.unix)
+    if cow_lock >= 0:
+        os.close(cow_lock)
     return status
+
+
+def _services_of_worker(services: Sequence[NodeService], index: int) -> list[NodeService]:
+    """The node services worker ``index`` runs: a service with ``for_worker(index)`` says
+    (the replica of ``--master`` replicates in worker 0 only and opens master sources in
+    every worker); any other (PXE: its ports) runs in worker 0 only."""
+    out: list[NodeService] = []
+    for svc in services:
+        per_worker = getattr(svc, "for_worker", None)
+        mine = per_worker(index) if per_worker is not None else svc if index == 0 else None
+        if mine is not None:
+            out.append(mine)
+    return out
+
+
+def _hold_dir(path: str) -> int:
+    """Lock ``--cow-dir`` (made if missing) for the parent of the workers, as one server's
+    (:meth:`CowDir.check_free` sees it held). Returns the lock's descriptor. Raises OSError
+    when another server holds it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(path, COW_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OSError(f"--cow-dir {path} is in use by another icbd-cache server") from None
+    return fd

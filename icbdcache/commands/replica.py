@@ -207,8 +207,6 @@ def serve_services(args: argparse.Namespace, listen: list[tuple[str, int]], *,
         return []
     if not store:
         raise ValueError("--master needs --store DIR (the store it replicates into)")
-    if workers > 1:
-        raise ValueError("--master needs --workers 1 (one replica per store)")
     address = ""
     if listen:
         host, port = listen[0]

@@ -129,8 +129,9 @@ SERVE = Command(
                  "running (which exits), so clients see no drop; SIGUSR2 makes the running "
                  "server start its successor itself (docs/serve.md)"),
      Option("workers", "int", metavar="N",
-            help="server processes sharing the port with SO_REUSEPORT (default 1; read-only "
-                 "exports only)"),
+            help="server processes sharing the port (SO_REUSEPORT) and the store (each "
+                 "chunk faulted once across them); with copy-on-write exports each client "
+                 "address is steered to one worker (default 1; docs/serve.md)"),
      Option("debug-requests", "bool", help="log every request (debug level)"),
      Option("trace", metavar="FILE",
             help="write every request as t_ms,conn,op,offset,count,lat_us (a boot trace for "
@@ -192,9 +193,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("--tls-cert and --tls-key go together")
     if cfg.tls_required and not cfg.tls_cert:
         raise ValueError("--tls-required needs --tls-cert and --tls-key")
-    if cfg.workers > 1 and (cfg.store_cow or any(e.cow for e in cfg.exports)):
-        raise ValueError("copy-on-write exports (,cow and --store-cow) need --workers 1 "
-                         "(a client's overlay lives in one process)")
+    if cfg.workers > 1 and cfg.unix and (cfg.store_cow or any(e.cow for e in cfg.exports)):
+        raise ValueError("copy-on-write exports (,cow and --store-cow) with --workers > 1 "
+                         "need TCP --listen addresses only, not --unix (a client's overlay "
+                         "lives in one worker, and a client is steered there by address)")
     if cfg.workers > 1 and cfg.trace:
         raise ValueError("--trace needs --workers 1 (one file, one writer)")
     if cfg.workers > 1 and cfg.handover:

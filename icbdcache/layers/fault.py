@@ -36,6 +36,7 @@ import time
 from collections.abc import Sequence
 
 from icbdcache.layers.base import Buffer, Layer, ReadResult
+from icbdcache.layers.lease import fetch_once
 from icbdcache.layers.stats import ReadStats
 from icbdcache.layers.version import MAX_SCAN, ChunksMissing, VersionLayer
 from icbdcache.log import Throttled, kv
@@ -163,7 +164,7 @@ class FaultLayer(Layer):
         f.inflight[key] = fut
         t0 = time.monotonic()
         try:
-            data = await self._fetch(index, d)
+            data = await fetch_once(self, key, index, d)  # once across processes too
         except BaseException as e:
             fut.set_exception(e)
             fut.exception()  # retrieved: waiters get it; nobody else must log it

@@ -1117,9 +1117,12 @@ class ReplicaService:
     :class:`~icbdcache.node.NodeService`): runs :class:`Replica` on the node's store and opens
     the ``icbd+http(s)://`` sources of versions being replicated with its client."""
 
-    def __init__(self, client: MasterClient, config: ReplicaConfig) -> None:
+    def __init__(self, client: MasterClient, config: ReplicaConfig, *,
+                 replicate: bool = True) -> None:
         self.client = client
         self.config = config
+        #: False: only open master sources (a ``serve --workers`` process but the first)
+        self.replicate = replicate
         self.replica: Replica | None = None
         self._task: asyncio.Task[int] | None = None
         self._node: Any = None
@@ -1131,8 +1134,16 @@ class ReplicaService:
         return MasterSource(self.client, meta.key, chunk_map, meta.size, meta.chunk_size,
                             timeout=timeout, name=spec)
 
+    def for_worker(self, index: int) -> ReplicaService:
+        """This service in worker ``index`` of ``serve --workers N``: worker 0 replicates
+        (once per site), the others only open the master sources of what it replicated."""
+        return self if index == 0 else ReplicaService(self.client, self.config,
+                                                       replicate=False)
+
     async def start(self, node: Any) -> None:
         self._node = node
+        if not self.replicate:
+            return
         self.replica = Replica(node.store, self.client, self.config,
                                on_version=self._forget)
         self._task = asyncio.ensure_future(self._run())

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from icbdcache.store.hotset import HotSet
+from icbdcache.store.leases import FaultLeases
 from icbdcache.store.lmdbstore import Store
 from icbdcache.store.writer import BatchWriter
 
@@ -78,6 +79,8 @@ class StoreReader:
         #: Chunks read once from LMDB since they were last admitted (admission on 2nd read).
         self._seen: set[bytes] = set()
         self._seen_max = 1 << 18
+        #: Which process sharing the store fetches a missing chunk (fault layer).
+        self.leases = FaultLeases(store.path)
 
     def txn(self) -> ReadTxn:
         """A read transaction for one request's chunks (opened lazily)."""
@@ -160,3 +163,4 @@ class StoreReader:
         """Commit what the writer holds (the access ticks of every read too) and stop it."""
         self.flush_recent()
         self.writer.close()
+        self.leases.close()

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from icbdcache.log import kv
 from icbdcache.store.lmdbstore import ChunkMismatch, Store, StoreError
@@ -40,9 +40,19 @@ class BatchWriter:
         self._chunks: dict[bytes, bytes] = {}  # queued, not yet committed
         self._writing: dict[bytes, bytes] = {}  # in the transaction being written
         self._updates: list[tuple[str, int, bytes]] = []
+        #: map entries learned with a queued chunk: committed in the chunk's transaction,
+        #: never before it (another process that reads the entry finds the chunk held)
+        self._linked: dict[bytes, list[tuple[str, int, bytes]]] = {}
         self._touched: set[bytes] = set()
         self._stats: Counter[str] = Counter()
+        #: Queue positions: every put is numbered; ``_first`` the number of each chunk still
+        #: queued (insertion order, so the first is the oldest); ``_after`` callbacks waiting
+        #: for a number to be committed (:meth:`after_queued`).
+        self._seq = 0
+        self._first: dict[bytes, int] = {}
+        self._after: list[tuple[int, Callable[[], None]]] = []
         self._stop = False
+        self._done = False  # the thread has ended
         self.batches = 0
         self.errors = 0
         self._idle = threading.Event()
@@ -54,16 +64,21 @@ class BatchWriter:
 
     def put(self, key: bytes, data: bytes,
             updates: Sequence[tuple[str, int, bytes]] = ()) -> None:
-        """Queue chunk ``key`` (already verified by the caller) and learned map entries."""
+        """Queue chunk ``key`` (already verified by the caller) and learned map entries
+        (committed in the chunk's transaction)."""
         with self._cv:
+            self._seq += 1
             self._chunks[key] = data
-            self._updates.extend(updates)
+            self._first.setdefault(key, self._seq)
+            if updates:
+                self._linked.setdefault(key, []).extend(updates)
             self._idle.clear()
             self._cv.notify()
 
     def put_updates(self, updates: Sequence[tuple[str, int, bytes]]) -> None:
         """Queue learned map entries that come with no chunk (all-zero chunks)."""
         with self._cv:
+            self._seq += 1
             self._updates.extend(updates)
             self._idle.clear()
             self._cv.notify()
@@ -82,6 +97,18 @@ class BatchWriter:
         """Add ``n`` to the persistent counter ``name``."""
         with self._cv:
             self._stats[name] += n
+
+    def after_queued(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` (in the writer's thread, or here when the writer has stopped) once
+        everything queued so far is committed, or its transaction failed: the moment other
+        processes can read it (the fault leases are given back then). ``fn`` must not
+        raise."""
+        with self._cv:
+            if not self._done:
+                self._after.append((self._seq, fn))
+                self._cv.notify()
+                return
+        fn()
 
     def pending(self, key: bytes) -> bytes | None:
         """A queued chunk not yet committed, or None."""
@@ -104,27 +131,35 @@ class BatchWriter:
 
     def _take(self) -> tuple[dict[bytes, bytes], list[tuple[str, int, bytes]]]:
         chunks: dict[bytes, bytes] = {}
+        updates = self._updates
+        self._updates = []
         size = 0
         for k in list(self._chunks):
             if len(chunks) >= self.max_items or size >= self.max_bytes:
                 break
             v = self._chunks.pop(k)
+            self._first.pop(k, None)
+            updates.extend(self._linked.pop(k, ()))
             chunks[k] = v
             size += len(v)
-        updates = self._updates
-        self._updates = []
         return chunks, updates
 
     def _run(self) -> None:
         last = time.monotonic()
         while True:
             with self._cv:
-                if not self._chunks and not self._updates and not self._stop:
+                if (not self._chunks and not self._updates and not self._stop
+                        and not self._after):
                     self._idle.set()
                     self._cv.wait(self.idle_flush)
-                if self._chunks and len(self._chunks) < self.max_items and not self._stop:
+                if (self._chunks and len(self._chunks) < self.max_items and not self._stop
+                        and not self._after):  # other processes wait for these: no delay
                     self._cv.wait(self.max_delay)  # let a batch fill
                 chunks, updates = self._take()
+                # committed once this batch is: every put before the oldest one left queued
+                upto = next(iter(self._first.values())) - 1 if self._first else self._seq
+                ready = [fn for n, fn in self._after if n <= upto]
+                self._after = [(n, fn) for n, fn in self._after if n > upto]
                 self._writing = chunks
                 stop = self._stop and not self._chunks and not self._updates
                 touched, self._touched = self._touched, set()
@@ -134,7 +169,14 @@ class BatchWriter:
                 last = time.monotonic()
             with self._cv:
                 self._writing = {}
+            for fn in ready:
+                fn()
             if stop:
+                with self._cv:
+                    self._done = True
+                    rest, self._after = self._after, []
+                for _, fn in rest:
+                    fn()
                 self._idle.set()
                 return
 

@@ -840,7 +840,4 @@ def test_cli_refusals(tmp_path: Path) -> None:
     assert p.returncode == 2 and "--site" in p.stderr
     p = run("serve", "--store", str(tmp_path / "r"), "--site", "a", check=False)
     assert p.returncode == 2 and "need --master" in p.stderr
-    p = run("serve", "--store", str(tmp_path / "r"), "--master", "http://127.0.0.1:1",
-            "--site", "a", "--workers", "2", check=False)
-    assert p.returncode == 2 and "--workers 1" in p.stderr
 

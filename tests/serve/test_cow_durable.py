@@ -344,13 +344,14 @@ def test_store_cow_overlays_expire(tmp_path: Path, base: Path,
     assert sha256_file(base) == before  # the image file was only read
 
 
-def test_workers_with_store_cow_are_refused(tmp_path: Path) -> None:
+def test_workers_with_store_cow_on_a_unix_socket_are_refused(tmp_path: Path) -> None:
+    """Clients of a Unix socket cannot be steered to a worker by address."""
     p = subprocess.run([str(BIN / "icbd-cache"), "serve", "--store", str(tmp_path / "s"),
                         "--store-cow", "--workers", "2", "--listen",
-                        f"127.0.0.1:{free_port()}"],
+                        f"127.0.0.1:{free_port()}", "--unix", str(tmp_path / "sock")],
                        capture_output=True, text=True, timeout=30, check=False)
     assert p.returncode == 2
-    assert "--workers 1" in p.stderr and "--store-cow" in p.stderr, p.stderr
+    assert "--unix" in p.stderr and "--store-cow" in p.stderr, p.stderr
 
 
 # ------------------------------------------------------------------ hand-over

@@ -1,0 +1,301 @@
+"""``serve --store --workers 2``: the processes share one store, and each chunk is fetched from
+the upstream once across them (the fault lease, docs/store.md 'Fault leases')."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import BIN, make_image, require
+from nbdraw import RawClient
+from readers import hash_outputs, nbdcopy_procs
+
+from nbd.constants import Cmd
+
+MiB = 1 << 20
+CHUNK = 64 * 1024
+
+
+def worker_pids(srv: Any) -> list[int]:
+    """The worker PIDs the serving parent logged (``workers=N pids=A,B``), in worker order,
+    once every worker serves."""
+    deadline = time.monotonic() + 20
+    while True:
+        text = srv.log_text()
+        m = re.search(r"workers=\d+ pids=([\d,]+)", text)
+        if m:
+            pids = [int(p) for p in m.group(1).split(",")]
+            if len(re.findall(r"event=serving serving=yes", text)) >= len(pids):
+                return pids
+        assert time.monotonic() < deadline, f"the workers did not start:\n{text}"
+        time.sleep(0.05)
+
+
+def worker_of(sock: socket.socket, pids: list[int]) -> int:
+    """The worker PID whose accepted connection is ``sock``'s peer."""
+    port = sock.getsockname()[1]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for pid in pids:
+            for c in psutil.Process(pid).net_connections(kind="tcp"):
+                if c.raddr and c.raddr.port == port:
+                    return pid
+        time.sleep(0.02)
+    raise AssertionError(f"no worker holds the connection from port {port}")
+
+
+def store_stats(store: Path) -> dict[str, Any]:
+    out = subprocess.run([str(BIN / "icbd-cache"), "stats", "--json", "--store", str(store)],
+                         check=True, capture_output=True, text=True).stdout
+    return dict(json.loads(out))
+
+
+def test_two_workers_fetch_each_chunk_once(tmp_path: Path, server_factory: Any,
+                                           upstream: Any) -> None:
+    """15 cold nbdcopy readers through two workers: every chunk the upstream sends, it sends
+    once; every reader gets the image's bytes; the workers did wait on each other's leases."""
+    require("nbdcopy")
+    img = make_image(tmp_path / "base.img", 24 * MiB)
+    want = hashlib.sha256(img.read_bytes()).hexdigest()
+    # a little delay per read, so that both workers ask for the same chunks while in flight
+    up = upstream(img, filters=["delay"], params=["rdelay=20ms"])
+    store = tmp_path / "store"
+    srv = server_factory("--store", str(store), "--create-store", "--workers", "2",
+                         "--export", f"lab@1={up.uri}")
+    pids = worker_pids(srv)
+    assert len(pids) == 2
+    procs = nbdcopy_procs([srv.uri("lab@1")] * 15)
+    results = hash_outputs(procs)
+    assert results == [(want, 24 * MiB)] * 15
+    served = {int(p) for p in re.findall(r"pid=(\d+) event=connect", srv.log_text())}
+    assert served == set(pids), "both workers must have had readers"
+    assert srv.stop() == 0
+    up.wait_idle()
+    reads = up.reads()
+    assert reads, "nothing was read from the upstream"
+    per_offset = Counter(o for o, _ in reads)
+    twice = {o: n for o, n in per_offset.items() if n > 1}
+    assert not twice, f"chunks fetched more than once: {twice}"
+    assert all(o % CHUNK == 0 and c <= CHUNK for o, c in reads)
+    stats = store_stats(store)
+    assert stats["lease_waits"] > 0, stats  # the two workers did meet on chunks
+    assert stats["faults"] == len(reads), (stats["faults"], len(reads))
+
+
+def test_a_worker_killed_mid_fault_hands_its_lease_to_the_other(
+        tmp_path: Path, server_factory: Any, upstream: Any) -> None:
+    """Worker A fetches chunk 3 (a slow upstream), worker B waits on A's lease; A is killed
+    with SIGKILL: B takes the lease over and fetches the chunk itself; A's client reconnects
+    (to B) and reads the right bytes from the store."""
+    img = make_image(tmp_path / "base.img", 4 * MiB)
+    data = img.read_bytes()
+    want = data[3 * CHUNK : 4 * CHUNK]
+    up = upstream(img, filters=["delay"], params=["rdelay=1500ms"])
+    store = tmp_path / "store"
+    srv = server_factory("--store", str(store), "--create-store", "--workers", "2",
+                         "--readahead", "0", "--fault-timeout", "30",
+                         "--export", f"lab@1={up.uri}")
+    pids = worker_pids(srv)
+    clients: dict[int, RawClient] = {}
+    spare: list[RawClient] = []
+    for _ in range(64):  # connections land on a worker by the kernel's hash of the 4-tuple
+        c = RawClient(srv.port)
+        c.handshake()
+        assert c.go("lab@1") == 0x1
+        pid = worker_of(c.sock, pids)
+        if pid in clients:
+            spare.append(c)
+        else:
+            clients[pid] = c
+        if len(clients) == 2:
+            break
+    assert len(clients) == 2, "every connection reached the same worker"
+    a_pid, b_pid = pids[0], pids[1]
+    a, b = clients[a_pid], clients[b_pid]
+    a.request(Cmd.READ, 3 * CHUNK, CHUNK)
+    time.sleep(0.5)  # A holds the lease and waits on the upstream
+    b_cookie = b.request(Cmd.READ, 3 * CHUNK, CHUNK)
+    time.sleep(0.3)  # B found the lease taken
+    psutil.Process(a_pid).send_signal(signal.SIGKILL)
+    err, got = b.reply(b_cookie)
+    assert (err, got) == (0, want)
+    # A's client reconnects: only B is left, and the chunk is held now
+    again = RawClient(srv.port)
+    again.handshake()
+    assert again.go("lab@1") == 0x1
+    assert again.read(3 * CHUNK, CHUNK) == (0, want)
+    for c in (a, b, again, *spare):
+        c.close()
+    srv.stop()
+    up.wait_idle()
+    offsets = [o for o, _ in up.reads()]
+    # A's fetch was cut short (its answer lost with A), B's is the one stored; no third
+    assert offsets.count(3 * CHUNK) == 2, offsets
+    stats = store_stats(store)
+    assert stats["lease_takeovers"] >= 1, stats
+
+
+@pytest.fixture(autouse=True)
+def _needs_nbdkit() -> None:
+    require("nbdkit")
+
+
+# ------------------------------------------------------------------ copy-on-write
+
+
+def bound_client(port: int, source: str) -> RawClient:
+    """A RawClient whose connection comes from ``source`` (an address of 127.0.0.0/8)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return RawClient(port, sock=sock)
+
+
+@pytest.mark.parametrize("kind", ["store-cow", "file-cow"])
+def test_a_clients_connections_all_reach_its_overlay(
+        tmp_path: Path, server_factory: Any, upstream: Any, kind: str) -> None:
+    """``--workers 2`` with copy-on-write: 12 connections of 127.0.0.5 land on one worker
+    (the one the steering program names), so a write FLUSHed through one is read through
+    all; another address keeps the base's bytes; 24 addresses reach both workers."""
+    from icbdcache import steering
+
+    img = make_image(tmp_path / "base.img", 8 * MiB)
+    base = img.read_bytes()
+    if kind == "store-cow":
+        up = upstream(img)
+        args = ["--store", str(tmp_path / "store"), "--create-store", "--store-cow",
+                "--export", f"lab@1={up.uri}"]
+        name = "lab@1"
+    else:
+        args = ["--export", f"lab={img},cow"]
+        name = "lab"
+    srv = server_factory(*args, "--workers", "2")
+    pids = worker_pids(srv)
+    conns = [bound_client(srv.port, "127.0.0.5") for _ in range(12)]
+    for c in conns:
+        c.handshake()
+        assert c.go(name) == 0x1
+    on = {worker_of(c.sock, pids) for c in conns}
+    assert on == {pids[steering.worker_of("127.0.0.5", 2)]}, (on, pids)
+    mine = bytes([0xA5]) * 4096 + bytes([0x5A]) * 100
+    assert conns[0].simple(Cmd.WRITE, MiB + 7, len(mine), data=mine) == 0
+    assert conns[0].simple(Cmd.FLUSH, 0, 0) == 0
+    for c in conns:
+        assert c.read(MiB, 8192) == (0, base[MiB : MiB + 7] + mine
+                                     + base[MiB + 7 + len(mine) : MiB + 8192])
+    other = bound_client(srv.port, "127.0.0.6")
+    other.handshake()
+    assert other.go(name) == 0x1
+    assert other.read(MiB, 8192) == (0, base[MiB : MiB + 8192])
+    # the program spreads addresses: each lands where worker_of says
+    landed = {}
+    for last in range(10, 34):
+        addr = f"127.0.0.{last}"
+        c = bound_client(srv.port, addr)
+        c.handshake()
+        assert c.go(name) == 0x1
+        landed[addr] = worker_of(c.sock, pids)
+        c.close()
+    assert landed == {a: pids[steering.worker_of(a, 2)] for a in landed}
+    assert set(landed.values()) == set(pids)
+    for c in (*conns, other):
+        c.close()
+    assert srv.stop() == 0
+
+
+def test_a_killed_worker_is_started_again_with_its_clients_overlays(
+        tmp_path: Path, server_factory: Any) -> None:
+    """``kill -9`` of the worker holding a client's overlay: the parent starts the worker
+    again on the same socket; the client's next connection (queued meanwhile, not sent to
+    the other worker) reads its FLUSHed write, not the base."""
+    from icbdcache import steering
+
+    img = make_image(tmp_path / "base.img", 8 * MiB)
+    base = img.read_bytes()
+    srv = server_factory("--export", f"lab={img},cow", "--workers", "2")
+    pids = worker_pids(srv)
+    victim = pids[steering.worker_of("127.0.0.5", 2)]
+    c = bound_client(srv.port, "127.0.0.5")
+    c.handshake()
+    assert c.go("lab") == 0x1
+    assert worker_of(c.sock, pids) == victim
+    mine = bytes([0x3C]) * 8192
+    assert c.simple(Cmd.WRITE, 2 * MiB, len(mine), data=mine) == 0
+    assert c.simple(Cmd.FLUSH, 0, 0) == 0
+    psutil.Process(victim).send_signal(signal.SIGKILL)
+    c.close()
+    deadline = time.monotonic() + 20
+    while not re.search(rf"event=worker_exited worker=\d+ pid={victim} status=-9 "
+                        r'action="started again as \d+"', srv.log_text()):
+        assert time.monotonic() < deadline, srv.log_text()[-3000:]
+        time.sleep(0.05)
+    new = int(re.findall(r'action="started again as (\d+)"', srv.log_text())[-1])
+    for _ in range(4):  # every connection of the address reaches the new worker
+        c = bound_client(srv.port, "127.0.0.5")
+        c.handshake()
+        assert c.go("lab") == 0x1
+        assert worker_of(c.sock, [new, *(p for p in pids if p != victim)]) == new
+        assert c.read(2 * MiB - 4096, 16384) == (0, base[2 * MiB - 4096 : 2 * MiB] + mine
+                                                 + base[2 * MiB + 8192 : 2 * MiB + 12288])
+        c.close()
+    assert srv.stop() == 0
+
+
+# ------------------------------------------------------------------ serve --master
+
+
+def test_master_backed_site_with_two_workers_replicates_once(
+        tmp_path: Path, server_factory: Any) -> None:
+    """``serve --master --on-demand --workers 2``: one replica (worker 0's) runs for the site;
+    readers through both workers fault from the master, each chunk crossing once."""
+    from conftest import free_port, wait_port
+
+    require("nbdcopy")
+    img = make_image(tmp_path / "v1.img", 16 * MiB, seed=5)
+    data = img.read_bytes()
+    nonzero = {data[i : i + CHUNK] for i in range(0, len(data), CHUNK)} - {bytes(CHUNK)}
+    mstore, site_store = tmp_path / "master", tmp_path / "site"
+    subprocess.run([str(BIN / "icbd-cache"), "publish", str(img), "--store", str(mstore),
+                    "--imi", "lab", "-q"], check=True)
+    mport = free_port()
+    mlog = open(tmp_path / "master.log", "wb")  # noqa: SIM115 (the child's output)
+    master = subprocess.Popen([str(BIN / "icbd-cache"), "master", "--store", str(mstore),
+                               "--listen", f"127.0.0.1:{mport}"], stdout=mlog,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_port("127.0.0.1", mport)
+        srv = server_factory("--store", str(site_store), "--create-store", "--master",
+                             f"http://127.0.0.1:{mport}", "--site", "s1", "--subscribe",
+                             "lab", "--on-demand", "--workers", "2")
+        pids = worker_pids(srv)
+        deadline = time.monotonic() + 60
+        while "on_demand=lab@1" not in srv.log_text():  # the replica took the manifest
+            assert time.monotonic() < deadline, srv.log_text()
+            time.sleep(0.2)
+        want = hashlib.sha256(data).hexdigest()
+        results = hash_outputs(nbdcopy_procs([srv.uri("lab@1")] * 8))
+        assert results == [(want, len(data))] * 8
+        text = srv.log_text()
+        served = {int(p) for p in re.findall(r"pid=(\d+) event=connect", text)}
+        assert served == set(pids), "both workers must have had readers"
+        replicas = {int(p) for p in re.findall(r"pid=(\d+) event=replica replica=s1", text)}
+        assert replicas == {pids[0]}, text
+        assert srv.stop() == 0
+    finally:
+        master.terminate()
+        master.wait(15)
+        mlog.close()
+    stats = store_stats(site_store)
+    from_master = sum(v for k, v in stats.items() if k.startswith("bytes_from:icbd+"))
+    assert from_master + stats.get("replica_chunk_bytes", 0) == len(nonzero) * CHUNK, stats
