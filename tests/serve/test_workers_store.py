@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import BIN, make_image, require
+from conftest import BIN, make_image, require, trusted
 from nbdraw import RawClient
 from readers import hash_outputs, nbdcopy_procs
 
@@ -266,8 +266,9 @@ def test_master_backed_site_with_two_workers_replicates_once(
     data = img.read_bytes()
     nonzero = {data[i : i + CHUNK] for i in range(0, len(data), CHUNK)} - {bytes(CHUNK)}
     mstore, site_store = tmp_path / "master", tmp_path / "site"
-    subprocess.run([str(BIN / "icbd-cache"), "publish", str(img), "--store", str(mstore),
-                    "--imi", "lab", "-q"], check=True)
+    subprocess.run([str(BIN / "icbd-cache"), *trusted(["publish", str(img), "--store",
+                                                       str(mstore), "--imi", "lab", "-q"])],
+                   check=True)
     mport = free_port()
     mlog = open(tmp_path / "master.log", "wb")  # noqa: SIM115 (the child's output)
     master = subprocess.Popen([str(BIN / "icbd-cache"), "master", "--store", str(mstore),
@@ -275,9 +276,10 @@ def test_master_backed_site_with_two_workers_replicates_once(
                               stderr=subprocess.STDOUT)
     try:
         wait_port("127.0.0.1", mport)
-        srv = server_factory("--store", str(site_store), "--create-store", "--master",
-                             f"http://127.0.0.1:{mport}", "--site", "s1", "--subscribe",
-                             "lab", "--on-demand", "--workers", "2")
+        srv = server_factory(*trusted(["serve", "--store", str(site_store), "--create-store",
+                                       "--master", f"http://127.0.0.1:{mport}", "--site", "s1",
+                                       "--subscribe", "lab", "--on-demand", "--workers",
+                                       "2"])[1:])
         pids = worker_pids(srv)
         deadline = time.monotonic() + 60
         while "on_demand=lab@1" not in srv.log_text():  # the replica took the manifest
