@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
-from icbdcache import activation, handover
+from icbdcache import activation, handover, tlspeer
 from icbdcache.access import AllowList
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
@@ -124,6 +124,9 @@ class ServeConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_required: bool = False
+    tls_ca: str | None = None
+    tls_verify_peer: bool = False
+    tls_identity: str = "address"
     max_connections: int = 512
     address_connections: int = 64
     address_handshakes: int = 16
@@ -169,12 +172,12 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    """A server-side TLS context (TLS 1.2 or newer) from PEM files. Raises OSError/SSLError."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
+def tls_context(cert: str, key: str, ca: str | None = None,
+                verify_peer: bool = False) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2 or newer) from PEM files; client certificates are
+    checked against ``ca`` alone (:func:`icbdcache.tlspeer.server_context`). Raises
+    OSError/SSLError, ValueError for ``verify_peer`` without ``ca``."""
+    return tlspeer.server_context(cert, key, ca, verify_peer)
 
 
 def _identity(transport: asyncio.BaseTransport) -> tuple[str, str]:
@@ -245,7 +248,8 @@ class NBDProtocol(asyncio.Protocol):
         self.id = next(server.ids)
         self.transport: asyncio.Transport | None = None
         self.sm = sm or ServerConnection(
-            server.catalog.for_peer(lambda: self.identity, self._export_refused),
+            server.catalog.for_peer(lambda: self.identity, self._export_refused,
+                                    identity=lambda: self.owner, names=lambda: self.cert_names),
             tls=server.ssl is not None,
             tls_required=server.config.tls_required)
         self.backend: Layer | None = None
@@ -257,6 +261,11 @@ class NBDProtocol(asyncio.Protocol):
         self.handing_over = False
         self.identity = "unknown"
         self.peer = "?"
+        #: The identity overlays belong to: the address (:attr:`identity`), or with
+        #: ``--tls-identity subject`` the subject of a verified client certificate.
+        self.owner = "unknown"
+        #: Names of the client's verified TLS certificate (subject CN, subjectAltName).
+        self.cert_names: frozenset[str] = frozenset()
         self.inflight = 0
         self.requests = 0
         self.read_bytes = 0
@@ -293,6 +302,8 @@ class NBDProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.identity, self.peer = _identity(transport)
+        if not self.tls:
+            self.owner = self.identity
         srv = self.server
         if self.backend is None:  # a new client
             tcp = isinstance(transport.get_extra_info("peername"), tuple)
@@ -634,7 +645,18 @@ class NBDProtocol(asyncio.Protocol):
         self.transport = tr
         tr.set_write_buffer_limits(high=0)
         self.tls = True
+        self._learn_certificate(tr.get_extra_info("peercert"))
         self.sm.tls_started()
+
+    def _learn_certificate(self, cert: tlspeer.PeerCert | None) -> None:
+        """The client's verified certificate (None or empty: none): its names, and under
+        ``--tls-identity subject`` the identity its overlays belong to."""
+        self.cert_names = tlspeer.peer_names(cert)
+        subject = tlspeer.subject_text(cert)
+        if subject and self.server.config.tls_identity == "subject":
+            self.owner = f"cert:{subject}"
+        if subject:
+            log.debug(kv(event="tls_client", conn=self.id, peer=self.peer, subject=subject))
 
     def _start(self, ev: TransmissionStarted) -> None:
         resolved = ev.export.handle
@@ -642,7 +664,7 @@ class NBDProtocol(asyncio.Protocol):
             self._close()
             return
         export = resolved.export
-        client = Client(self.identity, resolved.options, time.monotonic())
+        client = Client(self.owner, resolved.options, time.monotonic())
         try:
             self.backend = export.connect(client)
         except OSError as e:
@@ -848,7 +870,8 @@ class Server:
     def __init__(self, config: ServeConfig, catalog: Catalog) -> None:
         self.config = config
         self.catalog = catalog
-        self.ssl = (tls_context(config.tls_cert, config.tls_key)
+        self.ssl = (tls_context(config.tls_cert, config.tls_key, config.tls_ca,
+                                config.tls_verify_peer)
                     if config.tls_cert and config.tls_key else None)
         self.connections: set[NBDProtocol] = set()
         self.ids = itertools.count(1)
@@ -1112,6 +1135,7 @@ class Server:
             bool(state["no_zeroes"])))
         proto = NBDProtocol(self, sm)
         proto.identity, proto.peer = _identity_of(_peername(sock), sock)
+        proto.owner = proto.identity
         client = Client(proto.identity, resolved.options, time.monotonic())
         try:
             proto.backend = export.connect(client)
