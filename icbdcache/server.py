@@ -57,6 +57,7 @@ from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import finish_loop, new_event_loop
 from icbdcache.node import Node, NodeService
 from icbdcache.store import Store, StoreError
+from nbd import wire
 from nbd.constants import Cmd, CmdFlag, Errno, Rep, TransmissionFlag
 from nbd.errors import LocalProtocolError, RemoteProtocolError
 from nbd.events import (
@@ -66,6 +67,7 @@ from nbd.events import (
     RequestRejected,
     StartTLS,
     TransmissionStarted,
+    WritePiece,
 )
 from nbd.server import ServerConnection, TransmissionState
 
@@ -86,8 +88,12 @@ _READ = Cmd.READ
 
 
 def _cost(req: Request) -> int:
-    """Bytes ``req`` holds in the reply budget from its start until its reply has left."""
+    """Bytes ``req`` holds in the reply budget from its start until its reply has left. A
+    streamed WRITE holds at most two pieces of its payload at once (the one being gathered,
+    and an edge piece whose partial blocks wait for the bytes below them), not its length."""
     cmd = req.command
+    if req.streamed:
+        return min(req.length, 2 * wire.WRITE_PIECE) + REQUEST_OVERHEAD
     if cmd is Cmd.READ or cmd is Cmd.WRITE:
         return req.length + REQUEST_OVERHEAD
     if cmd is Cmd.BLOCK_STATUS:
@@ -107,6 +113,26 @@ def _write_like(b: Layer, req: Request) -> Awaitable[None] | None:
     if cmd is Cmd.WRITE_ZEROES:
         return b.zero(req.offset, req.length, bool(req.flags & _NO_HOLE), fua)
     return b.trim(req.offset, req.length, fua)
+
+async def _all_done(waits: list[Awaitable[None]], flush: Callable[[], Awaitable[None] | None]
+                    | None) -> None:
+    """Wait for every piece of a streamed WRITE (the first error is raised), then, for FUA,
+    for ``flush()`` (every completed write durable)."""
+    await asyncio.gather(*waits)
+    if flush is not None and (pending := flush()) is not None:
+        await pending
+
+
+@dataclass
+class _WriteStream:
+    """A streamed WRITE on its way in: the pieces' writes still running, the first error."""
+
+    request: Request
+    cost: int
+    start: float
+    waits: list[Awaitable[None]] = field(default_factory=list)
+    error: Exception | None = None
+
 
 DEFAULT_PORT = 10809
 #: Seconds between looks at the transports' buffers while requests wait for reply budget.
@@ -280,6 +306,8 @@ class NBDProtocol(asyncio.Protocol):
         self.tracer = server.tracer
         #: Parsed events (requests first of all) waiting for room in the reply budget.
         self.queue: deque[object] = deque()
+        #: The streamed WRITE whose payload is arriving (:class:`nbd.events.WritePiece`).
+        self.wstream: _WriteStream | None = None
         self._reserved = 0
         self._answered = 0
         self._flushed = 0
@@ -589,6 +617,9 @@ class NBDProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.sm.receive_data(b"")
+        if self.wstream is not None:  # its payload will never come: nobody to answer
+            self.wstream = None
+            self.inflight -= 1
         if self.inflight or self.queue:
             # The client half-closed with requests still waiting: keep our side open until
             # their replies are out (closed in _done).
@@ -597,7 +628,9 @@ class NBDProtocol(asyncio.Protocol):
         return None
 
     def _event(self, ev: object) -> None:
-        if isinstance(ev, TransmissionStarted):
+        if type(ev) is WritePiece:
+            self._write_piece(ev)
+        elif isinstance(ev, TransmissionStarted):
             self._start(ev)
         elif isinstance(ev, RequestRejected):
             if self.debug:
@@ -724,6 +757,11 @@ class NBDProtocol(asyncio.Protocol):
             elif cmd is Cmd.CACHE:
                 b.cache(req.offset, req.length)
                 sm.reply_ok(req)
+            elif req.streamed:  # its payload follows as WritePiece events
+                self._answered -= cost
+                self.inflight += 1
+                self.wstream = _WriteStream(req, cost, start)
+                return
             elif cmd in _WRITE_LIKE:
                 if cmd is Cmd.WRITE:
                     self.write_bytes += req.length
@@ -747,6 +785,50 @@ class NBDProtocol(asyncio.Protocol):
             sm.reply_error(req, Errno.EIO, "internal error")
         if self.tracer is not None:
             self.tracer.answered(self.id, req, start)
+
+    def _write_piece(self, ev: WritePiece) -> None:
+        """Write one piece of a streamed WRITE; after the last, answer it (once every piece's
+        write has completed, and for FUA once it is durable). After an error the rest of the
+        payload is read and dropped, and the reply carries the error (the range's contents are
+        unspecified then, as after any failed WRITE)."""
+        st = self.wstream
+        if st is None or st.request is not ev.request:
+            return  # the connection lost its backend meanwhile
+        b = self.backend
+        self.write_bytes += len(ev.data)
+        if st.error is None:
+            try:
+                if b is None:
+                    raise OSError(errno.EIO, "no export")
+                pending = b.pwrite(ev.offset, ev.data, False)
+                if pending is not None:
+                    st.waits.append(pending)
+            except Exception as e:
+                st.error = e
+        if not ev.last:
+            return
+        self.wstream = None
+        self.inflight -= 1
+        req = st.request
+        if st.error is None and (st.waits or req.flags & _FUA):
+            flush = b.flush if b is not None and req.flags & _FUA else None
+            self._wait(req, _all_done(st.waits, flush), st.start, st.cost)
+            return
+        self._answered += st.cost
+        if st.error is None:
+            self.sm.reply_ok(req)
+        else:
+            for w in st.waits:  # they still run; their outcome no longer matters
+                asyncio.ensure_future(w).add_done_callback(_retrieve)
+            exc = st.error
+            err = Errno.from_os(exc.errno or 0) if isinstance(exc, OSError) else Errno.EIO
+            self.server.errors.warning(kv(event="request_error", conn=self.id, cmd="WRITE",
+                                          offset=req.offset, length=req.length, error=exc,
+                                          reply=err.name), "request error")
+            self.sm.reply_error(req, err, str(exc))
+        if self.tracer is not None:
+            self.tracer.answered(self.id, req, st.start)
+        self._close_if_finished()
 
     def _wait(self, req: Request, result: Awaitable[list[Buffer]] | Awaitable[None],
               start: float, cost: int) -> None:
@@ -1210,6 +1292,11 @@ class Server:
             await self.metrics.close()
             self.metrics = None
         log.info(kv(event="shutdown", shutdown="done", unfinished=len(left)))
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 #: Transmission flags that let a client send a command: a server carrying a connection on

@@ -63,7 +63,7 @@ def self_signed(common_name: str) -> tuple[bytes, bytes]:
     """A certificate signed by its own key (PEM cert, PEM key), valid now."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
@@ -118,7 +118,7 @@ def test_certificate_from_the_ca_connects_others_are_refused(
     assert out.returncode == 0, out.stderr
     assert sha256_file(copy) == sha256_file(disk)
 
-    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
     refused = {
         "self-signed": lab.client_dir("self", *self_signed("ws1.lab")),
         "other CA": (lambda leaf: lab.client_dir("other", leaf.cert_chain_pems[0].bytes(),
