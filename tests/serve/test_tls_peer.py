@@ -214,3 +214,48 @@ def test_peer_names_and_subject_text() -> None:
     assert tlspeer.peer_names(cert) == {"ws1.lab", "10.0.0.5", "a@lab"}
     assert tlspeer.subject_text(cert) == "CN=ws1.lab,O=Lab\\, Inc"
     assert tlspeer.peer_names({}) == frozenset() and tlspeer.subject_text(None) == ""
+
+
+# ------------------------------------------------------------ upstream over TLS (nbds://)
+
+
+def test_store_faults_from_a_tls_upstream_with_a_client_certificate(
+        server_factory: ServerFactory, lab: Lab, disk: Path, tmp_path: Path) -> None:
+    """A site server faults ``lab`` from an upstream that verifies client certificates: with
+    the lab's certificate it serves the upstream's bytes; with a self-signed one the upstream
+    refuses it in the handshake, and the site serves without that export."""
+    require("nbdcopy")
+    up = serve(server_factory, lab, f"lab={disk}", extra=("--tls-verify-peer",))
+    good = lab.issued("site", "site1.lab")
+    uri = f"nbds://127.0.0.1:{up.port}/lab?tls-certificates={good}"
+    site = server_factory("--store", str(tmp_path / "store"), "--create-store",
+                          "--export", f"lab@1={uri}")
+    copy = tmp_path / "copy.img"
+    out = run("nbdcopy", site.uri("lab@1"), str(copy))
+    assert out.returncode == 0, out.stderr
+    assert sha256_file(copy) == sha256_file(disk)
+
+    bad = lab.client_dir("bad-site", *self_signed("site1.lab"))
+    uri = f"nbds://127.0.0.1:{up.port}/lab?tls-certificates={bad}"
+    site2 = server_factory("--store", str(tmp_path / "store2"), "--create-store",
+                           "--export", f"lab@1={uri}")
+    out = run("nbdinfo", "--size", site2.uri("lab@1"))
+    assert out.returncode != 0 and out.stdout == ""
+    assert "unreachable" in site2.log_text()
+
+
+def test_nbds_uri_parsing(lab: Lab) -> None:
+    from icbdcache.sources.nbd import parse_uri
+
+    certs = lab.issued("p", "site1.lab")
+    t = parse_uri(f"nbds://up.example:10900/lab%20x?tls-certificates={certs}")
+    assert (t.address, t.export, t.server_hostname) == (("up.example", 10900), "lab x", None)
+    assert t.ssl is not None and t.ssl.check_hostname
+    t = parse_uri(f"nbds+unix:///lab?socket=/run/s&tls-certificates={certs}"
+                  "&tls-verify-peer=false")
+    assert t.address == "/run/s" and t.ssl is not None and not t.ssl.check_hostname
+    assert parse_uri("nbd://h/lab").ssl is None
+    for bad in ("nbd://h/lab?tls-certificates=/x", "nbds://h/lab?tls-certificates=/nonexistent",
+                "nbds://h/lab?tls-verify-peer=maybe"):
+        with pytest.raises(ValueError):
+            parse_uri(bad)
