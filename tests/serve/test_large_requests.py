@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trustme
 from conftest import Server, make_image
 from nbdraw import connect, expected
 
@@ -29,6 +30,7 @@ import hashlib, os, sys
 import nbd
 uri, n, offset = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 h = nbd.NBD()
+h.set_uri_allow_local_file(True)
 h.connect_uri(uri)
 data = os.urandom(n)
 print(h.get_block_size(nbd.SIZE_MAXIMUM), flush=True)
@@ -69,15 +71,29 @@ def libnbd_python(tmp_path: Path) -> list[str]:
     return [py, "-I", "-c", CLIENT]
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_48_mib_write_then_read_round_trips_and_stays_within_the_budget(
-        server_factory: ServerFactory, tmp_path: Path, libnbd_python: list[str]) -> None:
+        server_factory: ServerFactory, tmp_path: Path, libnbd_python: list[str],
+        tls: bool) -> None:
     disk = make_image(tmp_path / "disk.img", 128 * MiB)
     budget = 16 * MiB
-    srv = server_factory("--export", f"lab={disk},cow", "--connection-reply-budget",
-                         str(budget))
+    args = ["--export", f"lab={disk},cow", "--connection-reply-budget", str(budget)]
+    if tls:
+        ca = trustme.CA()
+        leaf = ca.issue_cert("127.0.0.1", "localhost")
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        ca.cert_pem.write_to_path(str(certs / "ca-cert.pem"))
+        leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "srv.pem"))
+        leaf.private_key_pem.write_to_path(str(tmp_path / "srv.key"))
+        args += ["--tls-cert", str(tmp_path / "srv.pem"), "--tls-key", str(tmp_path / "srv.key"),
+                 "--tls-required"]
+    srv = server_factory(*args)
+    uri = (f"nbds://{srv.host}:{srv.port}/lab?tls-certificates={certs}" if tls
+           else srv.uri("lab"))
     pid = srv.proc.pid
     n, offset = 48 * MiB, 3 * 4096 + 512  # not on a piece or block boundary
-    client = subprocess.Popen([*libnbd_python, srv.uri("lab"), str(n), str(offset)],
+    client = subprocess.Popen([*libnbd_python, uri, str(n), str(offset)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
@@ -101,7 +117,7 @@ def test_48_mib_write_then_read_round_trips_and_stays_within_the_budget(
             client.kill()
             client.wait()
     grew = (peak - before) * 1024
-    sys.stderr.write(f"48 MiB WRITE: server RSS {before} KiB before, peak {peak} KiB "
+    sys.stderr.write(f"48 MiB WRITE ({'TLS' if tls else 'plain'}): server RSS {before} KiB before, peak {peak} KiB "
                      f"(+{grew / MiB:.1f} MiB)\n")
     # held whole, the payload alone would be 48 MiB (96 with the copy that joins it)
     assert grew < budget, f"a 48 MiB write raised the server's RSS by {grew / MiB:.1f} MiB"
