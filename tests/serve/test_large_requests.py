@@ -117,8 +117,8 @@ def test_48_mib_write_then_read_round_trips_and_stays_within_the_budget(
             client.kill()
             client.wait()
     grew = (peak - before) * 1024
-    sys.stderr.write(f"48 MiB WRITE ({'TLS' if tls else 'plain'}): server RSS {before} KiB before, peak {peak} KiB "
-                     f"(+{grew / MiB:.1f} MiB)\n")
+    sys.stderr.write(f"48 MiB WRITE ({'TLS' if tls else 'plain'}): server RSS {before} KiB "
+                     f"before, peak {peak} KiB (+{grew / MiB:.1f} MiB)\n")
     # held whole, the payload alone would be 48 MiB (96 with the copy that joins it)
     assert grew < budget, f"a 48 MiB write raised the server's RSS by {grew / MiB:.1f} MiB"
     assert "WRITE" not in srv.log_text()  # no request error was logged
