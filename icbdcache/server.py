@@ -725,6 +725,7 @@ class NBDProtocol(asyncio.Protocol):
             structured="yes" if ev.structured_replies else "no",
             meta=",".join(ev.meta_contexts) or "-", tls="yes" if self.tls else "no",
             mode="cow" if export.writable else "ro",
+            **({"client": self.owner} if self.owner != self.identity else {}),
         ))
 
     # ------------------------------------------------------------ requests

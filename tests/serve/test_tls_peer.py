@@ -139,6 +139,24 @@ def test_certificate_from_the_ca_connects_others_are_refused(
     assert out.returncode == 0 and int(out.stdout) == 8 * MiB, out.stderr
 
 
+def qemu_img_info(srv: Server, export: str, certs: Path) -> subprocess.CompletedProcess[str]:
+    return run("qemu-img", "info", "--output=json", "--object",
+               f"tls-creds-x509,id=tls0,dir={certs},endpoint=client", "--image-opts",
+               f"driver=nbd,host={srv.host},port={srv.port},export={export},tls-creds=tls0")
+
+
+def test_qemu_img_with_tls_creds(server_factory: ServerFactory, lab: Lab, disk: Path) -> None:
+    """qemu's tls-creds-x509 reads ca-cert.pem, client-cert.pem and client-key.pem from its
+    directory: the lab's certificate connects, a self-signed one is refused."""
+    require("qemu-img")
+    srv = serve(server_factory, lab, f"lab={disk}", extra=("--tls-verify-peer",))
+    out = qemu_img_info(srv, "lab", lab.issued("good", "ws1.lab"))
+    assert out.returncode == 0, out.stderr
+    assert f'"virtual-size": {8 * MiB}' in out.stdout
+    out = qemu_img_info(srv, "lab", lab.client_dir("self", *self_signed("ws1.lab")))
+    assert out.returncode != 0 and "virtual-size" not in out.stdout
+
+
 def test_verify_peer_implies_tls_required(server_factory: ServerFactory, lab: Lab,
                                           disk: Path) -> None:
     require("nbdinfo")
@@ -202,6 +220,8 @@ def test_identity_by_subject_shares_an_overlay_across_certificate_holders(
         assert r.returncode == 0, r.stderr
     base = disk.read_bytes()[:4].hex()
     assert [r.stdout for r in runs] == ["abababab", "abababab", base]
+    log = srv.log_text()
+    assert log.count(',CN=ws1.lab"') == 2 and log.count(',CN=ws2.lab"') == 1  # whose
 
 
 # ------------------------------------------------------------------------- unit level
