@@ -143,3 +143,43 @@ def test_64_mib_write_and_read(server_factory: ServerFactory, tmp_path: Path) ->
         assert c.simple(Cmd.WRITE, 0, len(payload), data=payload) == 0
         err, data = c.read(0, 64 * MiB)
         assert err == 0 and data == payload
+
+
+def test_streamed_write_failing_part_way_is_drained_then_answered(
+        server_factory: ServerFactory, tmp_path: Path) -> None:
+    """--cow-max 4M: an 8 MiB WRITE fails with ENOSPC after its first pieces; the rest of its
+    payload is read (not taken for requests), the error is the reply, the connection goes on,
+    and a FUA write that fits is answered 0 (pieces of 1 MiB over a FLUSH)."""
+    disk = make_image(tmp_path / "disk.img", 64 * MiB)
+    srv = server_factory("--export", f"lab={disk},cow", "--cow-max", "4M")
+    with connect(srv.port, "lab", timeout=60) as c:
+        fake = wire.REQUEST.pack(0x25609513, 0, Cmd.READ, 999, 0, 512) * (8 * MiB // 28)
+        payload = fake + bytes(8 * MiB - len(fake))
+        assert c.simple(Cmd.WRITE, 0, len(payload), data=payload) == Errno.ENOSPC
+        # the blocks it wrote before the error hold the overlay's 4 MiB: rewriting them fits
+        assert c.simple(Cmd.WRITE, MiB, 2 * MiB, flags=1, data=b"\x77" * (2 * MiB)) == 0
+        err, data = c.read(MiB, 2 * MiB)
+        assert err == 0 and data == b"\x77" * (2 * MiB)
+        err, data = c.read(60 * MiB, 4096)
+        assert err == 0 and data == expected(disk, 60 * MiB, 4096)
+    assert "ENOSPC" in srv.log_text()
+
+
+def test_pipelined_streamed_writes_wait_for_the_budget_in_order(
+        server_factory: ServerFactory, tmp_path: Path) -> None:
+    """Six 8 MiB WRITEs sent back to back with a 4 MiB connection budget (each streamed WRITE
+    counts 2 MiB): they wait for room with their pieces, in order, and all land."""
+    disk = make_image(tmp_path / "disk.img", 64 * MiB)
+    srv = server_factory("--export", f"lab={disk},cow", "--connection-reply-budget", "4M")
+    with connect(srv.port, "lab", timeout=60) as c:
+        payloads = [bytes([i + 1]) * (8 * MiB) for i in range(6)]
+        cookies = [c.request(Cmd.WRITE, i * 8 * MiB + 4096, len(p), data=p)
+                   for i, p in enumerate(payloads)]
+        got = {}
+        for _ in cookies:
+            cookie, err, _ = c.next_reply()
+            got[cookie] = err
+        assert got == dict.fromkeys(cookies, 0)
+        for i, p in enumerate(payloads):
+            err, data = c.read(i * 8 * MiB + 4096, len(p))
+            assert err == 0 and data == p, i
