@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import adversary, bootstorm, chunksize, replication, serve
+from bench import adversary, bootstorm, chunksize, digests, replication, serve
 
 #: The Python packages of the ``bench`` extra each benchmark needs (a runtime-only install,
 #: ``pip install icbd-cache``, has none of them): matplotlib draws the plots, pyroute2 builds
@@ -35,7 +35,7 @@ def missing_packages(command: str) -> list[str]:
 #: The modules that register a subcommand, in the order ``--help`` lists them.
 SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (serve.register, chunksize.register,
                                                    bootstorm.register, replication.register,
-                                                   adversary.register)
+                                                   digests.register, adversary.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,10 @@ def register(subparsers: Any) -> None:
                         "(rows, targets) and write JSON, markdown and PNG into --out")
     p.add_argument("--icbd", default=None, metavar="PATH",
                    help="the icbd-cache command (default: next to this Python, or on PATH)")
+    p.add_argument("--baseline-bin", default=None, metavar="PATH",
+                   help="another build's icbd-cache (e.g. the previous commit installed in a "
+                        "venv of its own) measured in the same run: each icbd transfer gets a "
+                        "'-base' twin run right after it, with its own master store")
     p.set_defaults(func=main)
 
 
@@ -153,6 +158,16 @@ class Settings:
     verify: bool
     work: Path | None
     icbd: str
+    baseline: str | None = None
+
+
+#: Suffix of a transfer run with the baseline build (``icbd-zstd-base``).
+BASE_SUFFIX = "-base"
+
+
+def tool_order(tools: Sequence[str]) -> list[str]:
+    """``tools`` in TOOLS order, each ``-base`` twin right after its tool."""
+    return [t for base in TOOLS for t in (base, base + BASE_SUFFIX) if t in tools]
 
 
 def resolve(args: argparse.Namespace) -> Settings:
@@ -161,6 +176,11 @@ def resolve(args: argparse.Namespace) -> Settings:
     if BASELINE not in tools:
         tools.insert(0, BASELINE)
     tools = [t for t in TOOLS if t in tools]
+    baseline = getattr(args, "baseline_bin", None)
+    if baseline:
+        if not os.access(baseline, os.X_OK):
+            raise ValueError(f"--baseline-bin {baseline}: not an executable")
+        tools = tool_order(tools + [t + BASE_SUFFIX for t in tools if t.startswith("icbd")])
     icbd = args.icbd or str(Path(sys.executable).with_name("icbd-cache"))
     if not os.path.exists(icbd):
         icbd = shutil.which("icbd-cache") or icbd
@@ -169,7 +189,8 @@ def resolve(args: argparse.Namespace) -> Settings:
                     reps=max(1, args.reps), zstd_level=args.zstd_level,
                     link_bps=netlab.parse_rate(args.link) if args.link else None,
                     net=args.net, timeout=args.timeout, verify=not args.no_verify,
-                    work=args.work, icbd=icbd)
+                    work=args.work, icbd=icbd,
+                    baseline=str(Path(baseline).resolve()) if baseline else None)
 
 
 # --------------------------------------------------------------------------- the pair
@@ -508,7 +529,8 @@ class ClientResult:
 def run_client(argv: list[str], log: Path, timeout: float,
                tick: Callable[[float], None] | None = None) -> ClientResult:
     """Run a client to completion (killed after ``timeout`` s); ``tick(elapsed)`` every
-    0.5 s while it runs."""
+    0.5 s while it runs. The wall time ends when the client exits (a thread waits for it),
+    not at the next tick."""
     with open(log, "ab") as out:
         out.write(f"$ {shlex.join(argv)}\n".encode())
         out.flush()
@@ -516,22 +538,29 @@ def run_client(argv: list[str], log: Path, timeout: float,
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        status = 0
-        rusage = None
+        ended: list[tuple[float, int, Any]] = []
+
+        def reap() -> None:
+            _, st, ru = os.wait4(proc.pid, 0)
+            ended.append((time.monotonic(), st, ru))
+
+        reaper = threading.Thread(target=reap, name="bench-reap", daemon=True)
+        reaper.start()
         while True:
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
+            elapsed = time.monotonic() - t0
+            reaper.join(0.1 if elapsed < 2 else 0.5)
+            if not reaper.is_alive():
                 break
             elapsed = time.monotonic() - t0
             if elapsed > timeout:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                _, status, rusage = os.wait4(proc.pid, 0)
+                reaper.join()
                 break
             if tick is not None:
                 tick(elapsed)
-            time.sleep(0.1 if elapsed < 2 else 0.5)
-        wall = time.monotonic() - t0
+        t1, status, rusage = ended[0]
+        wall = t1 - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
     text = log.read_bytes()[start:].decode(errors="replace")
     cpu = rusage.ru_utime + rusage.ru_stime if rusage is not None else 0.0
@@ -711,6 +740,10 @@ class IcbdSide:
     site_token_file: Path | None
     delta_base: Path  # a replica store holding v1 (copied for every delta run)
     publish_s: dict[str, float]
+    binary: str = ""
+    #: what its replicas are given to trust (the signing key's public half), or nothing
+    #: (a build without signed manifests)
+    trust: list[str] = field(default_factory=list)
 
 
 def _icbd_help_has(icbd: str, sub: str) -> bool:
@@ -741,61 +774,76 @@ def _checked(argv: list[str], what: str, log: Path, timeout: float) -> ClientRes
     return res
 
 
-def start_icbd(ctx: Context) -> IcbdSide:
+def start_icbd(ctx: Context, binary: str | None = None, tag: str = "") -> IcbdSide:
     """Publish v1 into a master store, make the delta base (a replica store holding v1, pulled
-    over plain HTTP), publish v2, start the masters the chosen modes need."""
+    over plain HTTP), publish v2, start the masters the chosen modes need. ``binary``: the
+    icbd-cache to run (default the bench's; the baseline's for ``tag`` "base"). A build
+    that has ``keygen`` signs what it publishes (a key made in the work directory) and its
+    replicas trust that key: verification on, as a site runs it."""
     s, net = ctx.s, ctx.net
+    icbd = binary or s.icbd
     for sub in ("master", "publish", "replica"):
-        if not _icbd_help_has(s.icbd, sub):
-            raise RuntimeError(f"'{s.icbd} {sub}' is not available (not built yet?)")
-    store = ctx.work / "master-store"
-    log = ctx.log_dir / "icbd-setup.log"
+        if not _icbd_help_has(icbd, sub):
+            raise RuntimeError(f"'{icbd} {sub}' is not available (not built yet?)")
+    store = ctx.work / f"master-store{tag}"
+    log = ctx.log_dir / f"icbd-setup{tag}.log"
     publish_s: dict[str, float] = {}
-    ctx.progress.note("replication: publishing v1 on the master")
-    r = _checked([s.icbd, "publish", str(ctx.pair.v1), "--store", str(store), "--imi", IMI,
-                  "--version", "1", "-q"], "publish v1", log, 3600)
+    sign: list[str] = []
+    trust: list[str] = []
+    if _icbd_help_has(icbd, "keygen"):
+        key = ctx.work / f"signing{tag}.key"
+        if not key.exists():
+            _checked([icbd, "keygen", "--out", str(key), "-q"], "keygen", log, 60)
+        sign, trust = ["--signing-key", str(key)], ["--trust-key", f"{key}.pub"]
+    ctx.progress.note(f"replication: publishing v1 on the master{' ' + tag if tag else ''}")
+    r = _checked([icbd, "publish", str(ctx.pair.v1), "--store", str(store), "--imi", IMI,
+                  "--version", "1", "-q", *sign], "publish v1", log, 3600)
     publish_s["v1"] = round(r.wall_s, 2)
     masters: dict[str, tuple[Server, str]] = {}
     token_file = site_token_file = ca = None
     tls_files = None
     if any("tls" in t for t in s.tools):
-        ca, cert, key = make_tls(ctx.work, [net.server_host, "localhost"])
+        tls_dir = ctx.work / f"tls{tag}"  # each build's masters their own certificate
+        tls_dir.mkdir(exist_ok=True)
+        ca, cert, key = make_tls(tls_dir, [net.server_host, "localhost"])
         tls_files = (cert, key)
-        token_file = ctx.work / "tokens"
+        token_file = tls_dir / "tokens"
         token_file.write_text("* icbd-bench-replication-token\n")
-        site_token_file = ctx.work / "site-token"
+        site_token_file = tls_dir / "site-token"
         site_token_file.write_text("icbd-bench-replication-token\n")
 
     def master(mode: str) -> tuple[Server, str]:
         port = _port(net)
-        argv = [s.icbd, "master", "--store", str(store), "--listen", f"{net.server_host}:{port}"]
+        argv = [icbd, "master", "--store", str(store), "--listen", f"{net.server_host}:{port}"]
         scheme = "http"
         if mode == "tls":
             assert tls_files is not None and token_file is not None
             argv += ["--tls-cert", str(tls_files[0]), "--tls-key", str(tls_files[1]),
                      "--token-file", str(token_file)]
             scheme = "https"
-        srv = spawn(f"master ({mode})", net.argv("server", argv),
-                    ctx.log_dir / f"master-{mode}.log")
+        srv = spawn(f"master{tag} ({mode})", net.argv("server", argv),
+                    ctx.log_dir / f"master{tag}-{mode}.log")
         _wait_port(net, net.server_host, port, srv)
         return srv, f"{scheme}://{net.server_host}:{port}"
 
     masters["plain"] = master("plain")
     ctx.servers.append(masters["plain"][0])
-    delta_base = ctx.work / "replica-v1"
+    delta_base = ctx.work / f"replica-v1{tag}"
     ctx.progress.note("replication: the delta base (a site store holding v1)")
-    _checked(net.argv("client", [s.icbd, "replica", "--store", str(delta_base), "--master",
-                                 masters["plain"][1], "--site", "delta-base", "--subscribe",
-                                 IMI, "--once"]), "replica of v1", log, 3600)
+    _checked(net.argv("client", [icbd, "replica", "--store", str(delta_base), "--master",
+                                 masters["plain"][1], "--site", f"delta-base{tag}",
+                                 "--subscribe", IMI, "--once", *trust]),
+             "replica of v1", log, 3600)
     ctx.progress.note("replication: publishing v2 on the master")
-    r = _checked([s.icbd, "publish", str(ctx.pair.v2), "--store", str(store), "--imi", IMI,
-                  "--version", "2", "-q"], "publish v2", log, 3600)
+    r = _checked([icbd, "publish", str(ctx.pair.v2), "--store", str(store), "--imi", IMI,
+                  "--version", "2", "-q", *sign], "publish v2", log, 3600)
     publish_s["v2"] = round(r.wall_s, 2)
     if any("tls" in t for t in s.tools):
         masters["tls"] = master("tls")
         ctx.servers.append(masters["tls"][0])
     # a replica pulls the newest version of each subscribed iMI: v2 only, for a fresh store
-    return IcbdSide(store, masters, ca, token_file, site_token_file, delta_base, publish_s)
+    return IcbdSide(store, masters, ca, token_file, site_token_file, delta_base, publish_s,
+                    icbd, trust)
 
 
 def verify_store(store: Path, expected_map: bytes) -> str | None:
@@ -803,7 +851,7 @@ def verify_store(store: Path, expected_map: bytes) -> str | None:
     non-zero chunk is present), else what is wrong."""
     from icbdcache.store import Store
 
-    st = Store(store, readonly=True)
+    st = Store(store, readonly=True, allow_old=True)  # a baseline build's store too
     try:
         key = f"{IMI}@2"
         if st.version(key) is None:
@@ -820,7 +868,7 @@ def verify_store(store: Path, expected_map: bytes) -> str | None:
 
 def icbd_run(ctx: Context, kind: str, tool: str, rep: int) -> dict[str, Any]:
     """One replica pull of v2 into a fresh site store (a copy of the delta base for delta)."""
-    side = ctx.icbd
+    side = ctx.icbd_base if tool.endswith(BASE_SUFFIX) else ctx.icbd
     assert side is not None
     mode = "tls" if "tls" in tool else "plain"
     srv, url = side.masters[mode]
@@ -830,8 +878,9 @@ def icbd_run(ctx: Context, kind: str, tool: str, rep: int) -> dict[str, Any]:
         if kind == "delta":
             shutil.copytree(side.delta_base, site)
         os.sync()
-        argv = [ctx.s.icbd, "replica", "--store", str(site), "--master", url,
-                "--site", f"{kind}-{tool}-{rep}-{os.getpid()}", "--subscribe", IMI, "--once"]
+        argv = [side.binary, "replica", "--store", str(site), "--master", url,
+                "--site", f"{kind}-{tool}-{rep}-{os.getpid()}", "--subscribe", IMI, "--once",
+                *side.trust]
         if "zstd" in tool:
             argv += ["--compress", f"zstd:{ctx.s.zstd_level}"]
         if mode == "tls":
@@ -876,6 +925,7 @@ class Context:
     progress: Progress
     rsync: RsyncSide | None = None
     icbd: IcbdSide | None = None
+    icbd_base: IcbdSide | None = None
     servers: list[Server] = field(default_factory=list)
 
     def measure(self, kind: str, tool: str, servers: Sequence[Server], argv: list[str]
@@ -903,8 +953,19 @@ class Context:
 
 
 def plan(s: Settings) -> list[tuple[int, str, str]]:
-    """(rep, kind, tool) in run order: per repetition, per kind, every tool."""
-    return [(rep, kind, tool) for rep in range(s.reps) for kind in s.kinds for tool in s.tools]
+    """(rep, kind, tool) in run order: per repetition, per kind, every tool; a ``-base`` twin
+    runs right after its tool in even repetitions and right before it in odd ones (ABBA), so
+    that neither build always runs in the other's wake."""
+    out = []
+    for rep in range(s.reps):
+        for kind in s.kinds:
+            tools = list(s.tools)
+            if rep % 2:
+                for i, t in enumerate(tools[:-1]):
+                    if tools[i + 1] == t + BASE_SUFFIX:
+                        tools[i], tools[i + 1] = tools[i + 1], t
+            out += [(rep, kind, tool) for tool in tools]
+    return out
 
 
 def summarize(runs: Sequence[dict[str, Any]], kinds: Sequence[str], tools: Sequence[str]
@@ -934,6 +995,32 @@ def summarize(runs: Sequence[dict[str, Any]], kinds: Sequence[str], tools: Seque
                 row[f"{m}_vs_rsync"] = statistics.median(ratios) if ratios else None
             rows.append(row)
     return rows
+
+
+def vs_baseline(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (kind, icbd tool) that has a ``-base`` twin: medians of the paired per-repetition
+    ratios of wall time and CPU (both ends) of this build to the baseline build, and whether
+    the time is within 10% (issue 16: verification on costs a transfer no more)."""
+    out = []
+    ok = [r for r in runs if not r.get("error")]
+    pairs = sorted({(r["kind"], r["tool"]) for r in ok if r["tool"].endswith(BASE_SUFFIX)})
+    for kind, base_tool in pairs:
+        tool = base_tool.removesuffix(BASE_SUFFIX)
+        base = {r["rep"]: r for r in ok if r["kind"] == kind and r["tool"] == base_tool}
+        new = {r["rep"]: r for r in ok if r["kind"] == kind and r["tool"] == tool}
+        row: dict[str, Any] = {"kind": kind, "tool": tool}
+        for m in ("wall_s", "cpu_s"):
+            ratios = [float(new[k][m]) / float(base[k][m]) for k in new
+                      if k in base and new[k].get(m) and base[k].get(m)]
+            row[f"{m}_vs_base"] = statistics.median(ratios) if ratios else None
+            row[f"{m}_new"] = statistics.median([float(r[m]) for r in new.values()]) \
+                if new else None
+            row[f"{m}_base"] = statistics.median([float(r[m]) for r in base.values()]) \
+                if base else None
+        ratio = row["wall_s_vs_base"]
+        row["met"] = None if ratio is None else ratio <= 1.10
+        out.append(row)
+    return out
 
 
 #: The issue's targets: (kind, what, limit on loopback, limit on a shaped link).
@@ -1051,6 +1138,20 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"already keeps the same bytes for another version: then the master answers "
                   f"304 and a delta whose kernel did not change sends none); rsync finds them "
                   f"inside the image."]
+    base_rows = doc.get("vs_baseline") or []
+    if base_rows:
+        lines += ["", "This build against the baseline build (`-base`, `--baseline-bin`), the "
+                  "same transfer right after it; this build signs and verifies (the manifest's "
+                  "signature, every chunk's BLAKE3-256), the baseline does neither. Ratios are "
+                  "medians of the paired repetitions (issue 16: time within 1.10x):", "",
+                  "| kind | tool | wall s | wall s (base) | time vs base | CPU s | CPU s (base) "
+                  "| CPU vs base | within 10% |", "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+        for r in base_rows:
+            met = "n/a" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            lines.append(f"| {r['kind']} | {r['tool']} | {_f(r['wall_s_new'])} | "
+                         f"{_f(r['wall_s_base'])} | {_x(r['wall_s_vs_base'])} | "
+                         f"{_f(r['cpu_s_new'])} | {_f(r['cpu_s_base'])} | "
+                         f"{_x(r['cpu_s_vs_base'])} | {met} |")
     lines += ["", "Targets (issue 6):", "",
               "| target | run | value | limit | met |", "|---|---|--:|--:|---|"]
     for t in doc["targets"]:
@@ -1074,7 +1175,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         return False
     rows = [r for r in doc["rows"] if r["ok"]]
     kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
-    tools = [t for t in TOOLS if any(r["tool"] == t for r in rows)]
+    tools = tool_order([r["tool"] for r in rows])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     width = 0.8 / max(1, len(tools))
     panels = (("wall_s", "wall time, s", axes[0]), ("cpu_s", "CPU s, both ends", axes[1]),
@@ -1182,8 +1283,15 @@ def run(s: Settings) -> int:
             except Exception as e:
                 setup_error["icbd"] = f"icbd setup: {e}"
                 progress.note(f"replication: {setup_error['icbd'][:400]}")
+        if s.baseline is not None:
+            try:
+                ctx.icbd_base = start_icbd(ctx, s.baseline, "-base")
+            except Exception as e:
+                setup_error["icbd-base"] = f"icbd baseline setup: {e}"
+                progress.note(f"replication: {setup_error['icbd-base'][:400]}")
         for rep, kind, tool in plan(s):
-            family = "rsync" if tool.startswith("rsync") else "icbd"
+            family = "rsync" if tool.startswith("rsync") else (
+                "icbd-base" if tool.endswith(BASE_SUFFIX) else "icbd")
             if family in setup_error:
                 rec: dict[str, Any] = {"kind": kind, "tool": tool, "error": setup_error[family]}
             else:
@@ -1225,7 +1333,7 @@ def run(s: Settings) -> int:
         "pair": dict(pair.meta) | {"v1": str(pair.v1), "v2": str(pair.v2)},
         "analysis": {k: v for k, v in vars(analysis).items() if k != "v2_map"},
         "publish_s": ctx.icbd.publish_s if ctx is not None and ctx.icbd else {},
-        "runs": runs, "rows": rows, "targets": tgts,
+        "runs": runs, "rows": rows, "targets": tgts, "vs_baseline": vs_baseline(runs),
     }
     (s.out / "replication.json").write_text(json.dumps(doc, indent=1))
     md = markdown(doc)
@@ -1251,10 +1359,10 @@ def main(args: argparse.Namespace) -> int:
     if args.report is not None:
         doc = json.loads(args.report.read_text())
         doc["rows"] = summarize(doc["runs"], [k for k in KINDS if any(
-            r["kind"] == k for r in doc["runs"])], [t for t in TOOLS if any(
-            r["tool"] == t for r in doc["runs"])])
+            r["kind"] == k for r in doc["runs"])], tool_order([r["tool"] for r in doc["runs"]]))
         doc["targets"] = targets(doc["rows"], Analysis(**doc["analysis"]),
                                  doc["meta"].get("link_bps"))
+        doc["vs_baseline"] = vs_baseline(doc["runs"])
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / "replication.json").write_text(json.dumps(doc, indent=1))
         (s.out / "replication.md").write_text(markdown(doc))

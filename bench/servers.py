@@ -160,11 +160,17 @@ def server_command(name: str, binary: str, image: Path, port: int,
 
 def warm_store(binary: str, image: Path) -> Path:
     """A store beside ``image`` holding it whole as iMI ``img`` (``icbd-cache import --copy``),
-    made once per image and reused: the warm-store server serves it from LMDB."""
+    made once per image and reused: the warm-store server serves it from LMDB. A build that
+    records store formats upgrades a store an older build made (``store upgrade``, a no-op
+    on a store of its own format); an older build reads a newer store as it is."""
     store = image.with_name(image.name + ".icbd-store")
     if not (store / "data.mdb").exists():
         subprocess.run([binary, "import", str(image), "--imi", EXPORT, "--version", "1",
                         "--copy", "--store", str(store)], check=True, capture_output=True)
+    elif subprocess.run([binary, "store", "upgrade", "--help"], capture_output=True,
+                        check=False).returncode == 0:
+        subprocess.run([binary, "store", "upgrade", "--store", str(store), "-q"], check=True,
+                       capture_output=True)
     return store
 
 

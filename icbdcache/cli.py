@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 
 from icbdcache import __version__
 from icbdcache import log as logsetup
-from icbdcache.commands import demo, master, pxe, replica, serve, store
+from icbdcache.commands import demo, master, pxe, replica, serve, store, trust
 from icbdcache.commands.options import Command
 
 #: The command modules, in the order ``--help`` lists their commands.
-FAMILIES = (serve, demo, store, pxe, master, replica)
+FAMILIES = (serve, demo, store, pxe, master, replica, trust)
 
 #: Every command's option table (the docs check reads them).
 COMMANDS: tuple[Command, ...] = tuple(c for m in FAMILIES for c in m.COMMANDS)

@@ -188,9 +188,19 @@ class Node:
 
     def forget(self, key: str) -> None:
         """Drop the opened stack of version ``key`` if the store no longer has the version
-        (retired): the next client opens what the store holds then."""
-        if key in self.versions and self.store.version(key) is None:
+        (retired): the next client opens what the store holds then; take its strong map if it
+        got one since it was opened."""
+        stack = self.versions.get(key)
+        if stack is None:
+            return
+        meta = self.store.version(key)
+        if meta is None:
             del self.versions[key]
+        elif meta.instance == stack.meta.instance and meta.strong != stack.meta.strong:
+            # its signed strong map came (a store upgraded, a replica that adopted it): faults
+            # check against it from now on, in every connection
+            stack.version.strong = self.store.strong_map(key)
+            stack.meta.strong = meta.strong
 
     def _open(self, meta: VersionMeta) -> VersionStack:
         sources: list[Source] = []
@@ -211,7 +221,8 @@ class Node:
                     connections=self.upstream_connections))
             except ValueError as e:  # a bad source spec costs that source, not the version
                 log.error(kv(version=meta.key, source=spec, error=e))
-        version = VersionLayer(self.reader, meta, self.store.chunk_map(meta.key), self.stats)
+        version = VersionLayer(self.reader, meta, self.store.chunk_map(meta.key), self.stats,
+                               self.store.strong_map(meta.key))
         fault = FaultLayer(version, sources, self.faults)
         readahead = ReadaheadLayer(fault, BootProfile(self.store, meta.key), meta.chunk_size,
                                    self.readahead)

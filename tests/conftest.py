@@ -6,6 +6,7 @@ stopped by PID at the end of the test.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
@@ -13,8 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,41 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# One signing key pair for the whole session: every test master signs with it (publish
+# --signing-key) and every test site trusts it (--trust-key), through trusted(); the tests of
+# trust itself make their own keys.
+_KEY_DIR = Path(tempfile.mkdtemp(prefix="icbd-test-key-"))
+atexit.register(shutil.rmtree, _KEY_DIR, True)
+TEST_KEY = _KEY_DIR / "master.key"
+TEST_KEY_PUB = _KEY_DIR / "master.key.pub"
+
+
+def _make_test_key() -> None:
+    from icbdcache.replication.signing import generate
+
+    generate(str(TEST_KEY))
+
+
+_make_test_key()
+
+_TRUST_OPTIONS = ("--trust-key", "--insecure-no-signature")
+
+
+def trusted(args: Sequence[str]) -> list[str]:
+    """An icbd-cache command line with the session's key added where a command needs one:
+    ``publish`` signs with it, ``replica``, ``serve --master`` and ``bundle import`` trust it
+    (unless the line says what to trust itself, or names a --config file, which may)."""
+    out = list(args)
+    if not out:
+        return out
+    given = any(a.split("=")[0] in _TRUST_OPTIONS for a in out) or "--config" in out
+    if out[0] == "publish" and "--signing-key" not in out:
+        out += ["--signing-key", str(TEST_KEY)]
+    elif not given and (out[0] == "replica" or (out[0] == "serve" and "--master" in out)
+                        or out[:2] == ["bundle", "import"]):
+        out += ["--trust-key", str(TEST_KEY_PUB)]
+    return out
 BIN = Path(sys.executable).parent
 
 
@@ -39,9 +76,46 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
     return int(proc.returncode)
 
 
+#: Ports handed out by :func:`free_port` in this process (never handed out twice).
+_given_ports: set[int] = set()
+
+
+def _port_range() -> tuple[int, int]:
+    """The slice of ports below the kernel's ephemeral range that :func:`free_port` draws
+    from: 20000 up to the ephemeral range's start, split between pytest-xdist workers."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            top = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        top = 32768
+    lo = 20000
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    n = int(worker[2:]) if worker[2:].isdigit() else 0
+    width = max(64, (top - lo) // max(1, workers))
+    return lo + n * width, min(top, lo + (n + 1) * width)
+
+
 def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 (the kernel picks it)."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that is free now. Drawn at random below the kernel's
+    ephemeral range (no other process's outgoing connection takes it before the test's
+    server binds it, as happens with a port the kernel picks), from this xdist worker's own
+    slice (:func:`_port_range`), never the same twice in one run."""
+    import random
+
+    lo, hi = _port_range()
+    for _ in range(200):
+        port = random.randrange(lo, hi)
+        if port in _given_ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given_ports.add(port)
+        return port
+    with socket.socket() as s:  # the slice is busy: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -191,3 +265,12 @@ def upstream(tmp_path: Path) -> Iterator[Any]:
     yield factory
     for up in started:
         up.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (``-n 2 --dist loadgroup``, pyproject's addopts), the tests that
+    boot QEMU guests run one after another on one worker: each guest takes a core of TCG,
+    and two at once on a 2-core machine would slow both past their timeouts."""
+    for item in items:
+        if item.get_closest_marker("guest") is not None:
+            item.add_marker(pytest.mark.xdist_group("guest"))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BIN, free_port, stop_process, wait_port
+from conftest import BIN, free_port, stop_process, trusted, wait_port
 from nbdraw import RawClient
 
 from nbd.constants import Rep
@@ -31,7 +31,7 @@ MiB = 1 << 20
 def run(*args: str, check: bool = True, timeout: float = 600,
         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """``icbd-cache ARGS``; with ``check`` it must exit 0."""
-    p = subprocess.run([ICBD, *args], capture_output=True, text=True, timeout=timeout,
+    p = subprocess.run([ICBD, *trusted(args)], capture_output=True, text=True, timeout=timeout,
                        cwd=cwd)
     if check:
         assert p.returncode == 0, f"icbd-cache {' '.join(args)}: {p.returncode}\n{p.stderr}"
@@ -40,7 +40,7 @@ def run(*args: str, check: bool = True, timeout: float = 600,
 
 def start(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
     """``icbd-cache ARGS`` started (output captured), for commands run side by side."""
-    return subprocess.Popen([ICBD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([ICBD, *trusted(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=cwd)
 
 
@@ -137,7 +137,7 @@ class Procs:
     def spawn(self, name: str, *args: str, port: int = 0, cwd: Path | None = None) -> Proc:
         log = self.tmp / f"{name}.log"
         with open(log, "ab") as out:
-            proc = subprocess.Popen([ICBD, *args], stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen([ICBD, *trusted(args)], stdout=out, stderr=subprocess.STDOUT,
                                     cwd=cwd)
         p = Proc(proc, log, port)
         self.all.append(p)

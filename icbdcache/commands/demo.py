@@ -98,7 +98,7 @@ def demo_image(size: int) -> Path:
         for i in range(min(24, size // (4 << 20))):
             block = hashlib.sha256(seed + i.to_bytes(4, "big")).digest() * 32768  # 1 MiB
             (data / f"blob{i:02d}.bin").write_bytes(block)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent demos build apart
         subprocess.run(
             [mkfs, "-q", "-F", "-L", "icbd-demo", "-E", "root_owner=0:0", "-d", str(root),
              "-U", "5d7e1c2a-0000-4000-8000-1cbd00000001", str(tmp), f"{size // 1024}K"],

@@ -1,9 +1,11 @@
 """The demos' master and site: real ``icbd-cache`` processes on 127.0.0.1.
 
 ``icbd-cache demo`` and ``icbd-cache demo --boot`` both run the main job the same way: an image
-published on a master (``icbd-cache publish``, ``icbd-cache master``), and a site
-(``icbd-cache serve --master URL --site demo-site --subscribe IMI --on-demand``) whose store
-starts empty and faults every chunk its clients read from the master. This module starts and
+published on a master (``icbd-cache publish``, ``icbd-cache master``), signed with a key made
+in the demo's directory (``icbd-cache keygen``), and a site (``icbd-cache serve --master URL
+--site demo-site --subscribe IMI --on-demand --trust-key KEY.pub``) whose store starts empty
+and faults every chunk its clients read from the master, each checked against the signed
+manifest's strong digests. This module starts and
 stops those processes (each with its log file in the demo's directory), prints each command
 as a user would type it, and reads the store counters ``icbd-cache stats --json`` shows.
 """
@@ -105,10 +107,29 @@ class Proc:
         return self.popen.returncode
 
 
+#: The demo's signing key, made in its temporary directory (beside the stores).
+KEY_NAME = "master.key"
+
+
+def signing_key(tmp: Path) -> Path:
+    """The master's signing key in ``tmp``, made with ``icbd-cache keygen`` (prints the
+    command) the first time. Raises DemoError if it cannot be made."""
+    key = tmp / KEY_NAME
+    if not key.exists():
+        args = ["keygen", "--out", str(key)]
+        say("master", shown(args))
+        p = subprocess.run(cli(*args), capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            raise DemoError(f"keygen failed (exit {p.returncode}): {p.stderr.strip()}")
+    return key
+
+
 def publish(image: Path, store: Path, imi: str) -> str:
-    """``icbd-cache publish IMAGE --imi IMI --store STORE`` (prints the command); returns
-    what it printed. Raises DemoError if it fails."""
-    args = ["publish", str(image), "--imi", imi, "--store", str(store)]
+    """``icbd-cache publish IMAGE --imi IMI --store STORE --signing-key KEY`` (prints the
+    command), signed with the demo's key beside STORE (:func:`signing_key`); returns what it
+    printed. Raises DemoError if it fails."""
+    args = ["publish", str(image), "--imi", imi, "--store", str(store), "--signing-key",
+            str(signing_key(store.parent))]
     say("master", shown(args))
     p = subprocess.run(cli(*args), capture_output=True, text=True, check=False)
     if p.returncode != 0:
@@ -129,9 +150,11 @@ def start_master(store: Path, logs: Path) -> tuple[Proc, str]:
 
 def site_args(store: Path, port: int, master_url: str, imi: str) -> list[str]:
     """The arguments of the demo's site: ``serve`` over ``store`` on 127.0.0.1:``port``,
-    subscribed on demand to ``imi`` at ``master_url``."""
+    subscribed on demand to ``imi`` at ``master_url``, trusting the demo's key (beside
+    ``store``, made by :func:`publish`)."""
     return ["serve", "--store", str(store), "--create-store", "--listen", f"127.0.0.1:{port}",
-            "--master", master_url, "--site", SITE, "--subscribe", imi, "--on-demand"]
+            "--master", master_url, "--site", SITE, "--subscribe", imi, "--on-demand",
+            "--trust-key", f"{store.parent / KEY_NAME}.pub"]
 
 
 def wait_export(uri: str, proc: Proc, timeout: float = 60.0) -> None:
@@ -201,5 +224,5 @@ class PassCounts:
 
 
 __all__ = ["SITE", "DemoError", "PassCounts", "Proc", "cli", "free_port", "from_master",
-           "mib", "publish", "read_stats", "say", "shown", "site_args", "start_master",
-           "wait_export"]
+           "mib", "publish", "read_stats", "say", "shown", "signing_key", "site_args",
+           "start_master", "wait_export"]

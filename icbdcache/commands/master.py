@@ -121,6 +121,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
         for m in problems:
             print(f"icbd-cache publish: {m}", file=sys.stderr)
         return 2
+    signing_key = None
+    if args.signing_key:
+        from icbdcache.replication.signing import KeyFileError, load_private
+
+        try:
+            signing_key = load_private(args.signing_key)
+        except KeyFileError as e:
+            print(f"icbd-cache publish: --signing-key {e}", file=sys.stderr)
+            return 2
     from icbdcache.store.index import sector_note
 
     note = sector_note(os.path.getsize(args.file)) if os.path.isfile(args.file) else None
@@ -144,14 +153,19 @@ def cmd_publish(args: argparse.Namespace) -> int:
                                      master_url=args.master_url or "", kernel=args.kernel,
                                      initrd=args.initrd,
                                      progress=None if bar.disable else bar.update,
-                                     keep_boot=keep_boot)
+                                     keep_boot=keep_boot, signing_key=signing_key)
         finally:
             await registry.close()
         r = done.record
         if not args.quiet:
+            signed = ""
+            if signing_key is not None:
+                from icbdcache.replication.signing import key_id
+
+                signed = f", signed by key {key_id(signing_key.public_key())}"
             print(f"published {r.key}: {r.size} bytes, {done.chunks} chunks, "
                   f"{r.distinct_bytes} bytes of distinct non-zero chunks, {done.added} bytes "
-                  f"added to the store, manifest {r.manifest}, {done.seconds:.1f} s")
+                  f"added to the store, manifest {r.manifest}{signed}, {done.seconds:.1f} s")
         return 0
 
     try:
@@ -516,7 +530,8 @@ PUBLISH = Command(
         "changes. Run fstrim on the image's file system first: freed blocks then cost "
         "nothing to send.", 78),
     "examples:\n"
-    "  icbd-cache publish /snap/lab-8.img --imi lab --store /srv/master\n"
+    "  icbd-cache publish /snap/lab-8.img --imi lab --store /srv/master \\\n"
+    "      --signing-key /etc/icbd-cache/master.key\n"
     "  icbd-cache publish lab.img --imi lab --version 8 --store /srv/master \\\n"
     "      --master-url https://master:10810 --kernel vmlinuz --initrd initrd.img",
     (Option("file", positional=True, help="the raw image (a read-only snapshot)"),
@@ -528,7 +543,10 @@ PUBLISH = Command(
      Option("master-url", metavar="URL",
             help="URL of the master serving this store (recorded with the version)"),
      Option("kernel", metavar="FILE", help="the version's kernel (PXE)"),
-     Option("initrd", metavar="FILE", help="the version's initrd (PXE)")),
+     Option("initrd", metavar="FILE", help="the version's initrd (PXE)"),
+     Option("signing-key", metavar="FILE",
+            help="sign the version's manifest with this private key (icbd-cache keygen); "
+                 "sites take only manifests signed by a key they trust")),
     doc="replication.md")
 
 ADMIN = Command(

@@ -23,20 +23,22 @@ log = logging.getLogger("icbdcache.replica")
 if TYPE_CHECKING:  # imported when used: aiohttp stays out of every other command's start
     from icbdcache.replication.client import MasterClient
     from icbdcache.replication.replica import ReplicaConfig, ReplicaService
+    from icbdcache.replication.signing import Trust
 
 REPLICA_EXAMPLES = """\
 examples:
   # pull what site-a is subscribed to (and lab), keep pulling new versions
   icbd-cache replica --store /var/lib/icbd-cache/store --master http://master:10810 \\
-      --site site-a --subscribe lab
+      --site site-a --subscribe lab --trust-key /etc/icbd-cache/master.key.pub
 
   # once, over TLS with zstd and a token, for a script (exit 0 when complete)
   icbd-cache replica --store DIR --master https://master:10810 --master-ca ca.pem \\
-      --master-token-file site-a.token --compress zstd:3 --site site-a --once
+      --master-token-file site-a.token --compress zstd:3 --site site-a --once \\
+      --trust-key master.key.pub
 
   # serve NBD and replicate in one process
   icbd-cache serve --store DIR --listen 10.0.0.5:10809 --master http://master:10810 \\
-      --site site-a --subscribe lab
+      --site site-a --subscribe lab --trust-key master.key.pub
 
   # the settings in a file (keys: the long options with _)
   icbd-cache replica --config /etc/icbd-cache/replica.toml
@@ -101,11 +103,42 @@ def transfer_options(*, in_serve: bool) -> tuple[Option, ...]:
                help="chunk digests per request (default 256, at most 4096)"),
         Option("pull-parallel", "count", default=3, metavar="N", group=g,
                help="chunk requests in flight (default 3, at most 8)"),
+        *trust_options(g),
     ) + ((Option("on-demand", "bool", default=False, group=g,
                  help="take each subscribed version's manifest only (served, and the "
                       "iMI's latest, at once): a chunk crosses from the master when a "
                       "client first reads it, never in a background pull"),)
          if in_serve else ())
+
+
+def trust_options(group: str | None = None) -> tuple[Option, ...]:
+    """What a site trusts (``replica``, ``serve --master``, ``bundle import``)."""
+    return (
+        Option("trust-key", "list", metavar="FILE", group=group,
+               help="public key (FILE.pub of icbd-cache keygen) whose signature a manifest "
+                    "must carry (repeatable: during a key rotation, the old and the new)"),
+        Option("revoked-key", "list", metavar="FILE|KEY_ID", group=group,
+               help="refuse manifests signed by this key (a key file or its 16-hex-digit "
+                    "id; repeatable)"),
+        Option("insecure-no-signature", "bool", default=False, group=group,
+               help="take manifests nobody signed (anyone on the path can then change what "
+                    "workstations boot); without it a site needs --trust-key"),
+    )
+
+
+def trust_from_args(args: argparse.Namespace) -> Trust:
+    """The Trust of the options; warns loudly on stderr when insecure. Raises ValueError
+    naming the option or file."""
+    from icbdcache.replication.signing import INSECURE_WARNING, KeyFileError, trust_from
+
+    try:
+        trust = trust_from(list(args.trust_key or []), list(args.revoked_key or []),
+                           bool(args.insecure_no_signature))
+    except KeyFileError as e:
+        raise ValueError(str(e)) from e
+    if trust.insecure:
+        print(f"icbd-cache: {INSECURE_WARNING}", file=sys.stderr)
+    return trust
 
 
 def client_from_args(args: argparse.Namespace) -> MasterClient:
@@ -152,10 +185,11 @@ def config_from_args(args: argparse.Namespace, address: str = "") -> ReplicaConf
         why = check_name(what, name)
         if why is not None:
             raise ValueError(why)
+    trust = trust_from_args(args)
     return ReplicaConfig(site=args.site, subscribe=list(args.subscribe or []),
                          address=args.site_address or address, batch=args.pull_batch,
                          parallel=args.pull_parallel, once=bool(getattr(args, "once", False)),
-                         on_demand=bool(getattr(args, "on_demand", False)))
+                         on_demand=bool(getattr(args, "on_demand", False)), trust=trust)
 
 
 def serve_services(args: argparse.Namespace, listen: list[tuple[str, int]], *,
@@ -288,4 +322,5 @@ def register(sub: Any) -> None:
     REPLICA.add_parser(sub, cmd_replica)
 
 
-__all__ = ["COMMANDS", "client_from_args", "register", "serve_services", "transfer_options"]
+__all__ = ["COMMANDS", "client_from_args", "register", "serve_services", "transfer_options",
+           "trust_from_args", "trust_options"]

@@ -27,6 +27,7 @@ from icbdcache.store.chunks import CHUNK_SIZE, ZERO, map_digest
 from icbdcache.store.index import index_image
 from icbdcache.store.lifecycle import usable_source
 from icbdcache.store.owners import ClientUse, describe
+from icbdcache.store.storeformat import FORMAT
 
 log = logging.getLogger("icbdcache.cli")
 DEFAULT_STORE = os.environ.get("ICBD_STORE", "/var/lib/icbd-cache/store")
@@ -154,9 +155,11 @@ def _import(args: argparse.Namespace, store: Store, path: str, size: int,
         fit = store.fit_check(key) if args.copy else None
         writer = BatchWriter(store, protect=key) if args.copy else None
         t0 = time.monotonic()
+        strong = bytearray()
         with progress_bar(size, key) as bar:
             chunk_map = index_image(path, size, writer, check=fit,
-                                    progress=None if bar.disable else bar.update, label=key)
+                                    progress=None if bar.disable else bar.update, label=key,
+                                    strong=strong)
         if writer is not None:
             writer.close()
             if writer.errors:
@@ -171,7 +174,8 @@ def _import(args: argparse.Namespace, store: Store, path: str, size: int,
         stored = store.commit_version(meta, bytes(chunk_map), latest=not args.no_latest,
                                       force=args.force, in_use_ok=args.force_in_use,
                                       copied=args.copy,
-                                      bound=store.bound if args.copy else None)
+                                      bound=store.bound if args.copy else None,
+                                      strong_map=bytes(strong))
         made = True
     except (OSError, EOFError, StoreError) as e:
         print(f"icbd-cache import: {e}", file=sys.stderr)
@@ -385,6 +389,34 @@ def _verify(store: Store, repair: bool) -> int:
     return 0 if ok and not unreadable else 1
 
 
+def cmd_store_upgrade(args: argparse.Namespace) -> int:
+    """Upgrade a store made by an older release to this release's format, in place."""
+    if not os.path.exists(os.path.join(args.store, "data.mdb")):
+        print(f"icbd-cache store upgrade: no store at {args.store}", file=sys.stderr)
+        return 2
+    try:
+        store = Store(args.store, allow_old=True)
+    except StoreError as e:
+        print(f"icbd-cache store upgrade: {e}", file=sys.stderr)
+        return 2
+    try:
+        r = store.upgrade()
+    except StoreError as e:
+        print(f"icbd-cache store upgrade: {e}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    if not args.quiet:
+        if r["versions"] == 0 and r["from"] == FORMAT:
+            print(f"store {args.store} has format {FORMAT} already: nothing to do")
+        else:
+            print(f"upgraded store {args.store} from format {r['from']} to {FORMAT}: "
+                  f"{r['versions']} versions, {r['hashed']} chunks hashed for their strong "
+                  f"digests ({r['unknown']} chunks not held), {r['replicated']} versions "
+                  "from a master left to take its signed strong digests at the next sync")
+    return 0
+
+
 def unreadable_because(store: Store, m: VersionMeta) -> list[str]:
     """Why a client could not read version ``m`` in full (empty: it can): chunks missing
     with no source left to fault them from, a map that is not the manifest it was made with."""
@@ -583,15 +615,39 @@ PIN = Command(
             help="unpin instead: its chunks may be evicted again")),
     doc="store.md")
 
+STORE_UPGRADE = Command(
+    "store upgrade", "upgrade a store made by an older release, in place",
+    textwrap.fill(
+        "A store records its format; a store from an older release is refused by every "
+        "command until it is upgraded with this one (stop the processes that use it first). "
+        "It gives every version its strong (BLAKE3-256) digests: from the chunks held for "
+        "versions made here; a replica takes the master's signed ones on its next sync.", 78),
+    "examples:\n  icbd-cache store upgrade --store /var/lib/icbd-cache/store\n"
+    "\nexit status: 0 upgraded (or nothing to do), 1 the upgrade failed, 2 no store",
+    (store_option(),),
+    doc="store.md")
+
 #: The store commands' tables, in ``--help`` order.
-COMMANDS = (IMPORT, LS, STATS, VERIFY, WARM, PIN)
+COMMANDS = (IMPORT, LS, STATS, VERIFY, WARM, PIN, STORE_UPGRADE)
 
 
 def register(sub: Any) -> None:
-    """Add the store commands to ``sub`` (argparse subparsers)."""
+    """Add the store commands to ``sub`` (argparse subparsers), and ``store upgrade``."""
     handlers = (cmd_import, cmd_ls, cmd_stats, cmd_verify, cmd_warm, cmd_pin)
-    for command, handler in zip(COMMANDS, handlers, strict=True):
+    for command, handler in zip(COMMANDS[:-1], handlers, strict=True):
         command.add_parser(sub, handler)
+    group = sub.add_parser(
+        "store", help="the store itself: upgrade its format",
+        description="Commands on a store as a whole. See docs/store.md.",
+        epilog=STORE_UPGRADE.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gsub = group.add_subparsers(dest="store_command", metavar="SUBCOMMAND")
+    STORE_UPGRADE.add_parser(gsub, cmd_store_upgrade)
+
+    def usage(args: argparse.Namespace) -> int:
+        group.print_help()
+        return 2
+
+    group.set_defaults(func=usage, verbose=0, quiet=False)
 
 
 __all__ = ["COMMANDS", "DEFAULT_STORE", "check_name", "keep_boot_files", "progress_bar",

@@ -14,8 +14,11 @@ Notes on the design
   (:attr:`~icbdcache.sources.Source.healthy`), each through :meth:`~icbdcache.sources.
   Source.fetch`: the sources own the retry policy; this layer only moves on to the next
   source, within one deadline (``fault_timeout``) for the whole fault.
-* The bytes are checked against the chunk map's digest before they are stored or served (the
-  check runs inside the source's attempt, so a corrupt answer is retried like a failed one).
+* The bytes are checked against the chunk map's digest, and the version's strong map
+  (BLAKE3-256, when it has one: every version made from a manifest or an import) before they
+  are stored or served (the check runs inside the source's attempt, so a corrupt answer is
+  retried like a failed one). Hits are never re-hashed: what the store holds was checked as
+  it came in.
   A version whose map is not known learns each digest on its first fetch; before a fetch it
   looks in the stored map, where another process sharing the store (``icbd-cache warm``,
   another ``--workers`` process) may have learned it already.
@@ -38,6 +41,7 @@ from icbdcache.layers.version import MAX_SCAN, ChunksMissing, VersionLayer
 from icbdcache.log import Throttled, kv
 from icbdcache.sources import Source, SourceError
 from icbdcache.store import UNKNOWN, ZERO, digest
+from icbdcache.store.chunks import STRONG_UNKNOWN, strong_digest
 
 log = logging.getLogger("icbdcache.fault")
 warn = Throttled(log)
@@ -196,12 +200,18 @@ class FaultLayer(Layer):
         last_error = "no source"
         stats.faults += 1
 
+        strong = v.strong_at(index)
+
         def check(data: bytes) -> bool:
-            if want == UNKNOWN or digest(data) == want:
+            if want != UNKNOWN and digest(data) != want:
+                why = "digest mismatch"
+            elif strong != STRONG_UNKNOWN and strong_digest(data) != strong:
+                why = "strong digest mismatch"
+            else:
                 return True
             stats.corrupt += 1
             self.reader.count("corrupt_chunks")
-            warn.warning(kv(version=v.key, chunk=index, refused="digest mismatch"))
+            warn.warning(kv(version=v.key, chunk=index, refused=why))
             return False
 
         for src in self._ordered_sources():

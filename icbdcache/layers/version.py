@@ -36,7 +36,7 @@ from __future__ import annotations
 from icbdcache.layers.base import HOLE, Buffer, Layer, ReadResult
 from icbdcache.layers.stats import ReadStats
 from icbdcache.store import UNKNOWN, ZERO, VersionMeta
-from icbdcache.store.chunks import DIGEST_SIZE
+from icbdcache.store.chunks import DIGEST_SIZE, strong_at
 from icbdcache.store.reader import StoreReader
 
 #: Most chunks one BLOCK_STATUS or CACHE request looks at (4096 x 64 KiB = 256 MiB), so a
@@ -56,10 +56,12 @@ class ChunksMissing(Exception):
 
 
 class VersionLayer(Layer):
-    """Version ``meta`` with chunk map ``chunk_map`` over ``reader``; ``stats`` counts hits."""
+    """Version ``meta`` with chunk map ``chunk_map`` over ``reader``; ``stats`` counts hits.
+    ``strong``: its strong map (STRONG_SIZE bytes per chunk index), which the fault layer
+    checks every fetched chunk against; None when it has none. Hits never look at it."""
 
     def __init__(self, reader: StoreReader, meta: VersionMeta, chunk_map: bytearray,
-                 stats: ReadStats) -> None:
+                 stats: ReadStats, strong: bytes | None = None) -> None:
         super().__init__(None)
         self.reader = reader
         self.meta = meta
@@ -68,6 +70,7 @@ class VersionLayer(Layer):
         self.cs = meta.chunk_size
         self.chunks = meta.chunks
         self.map = chunk_map
+        self.strong = strong
         self.stats = stats
         self._zeros = memoryview(bytes(self.cs))
         #: Map entries as bytes objects, made on first use (a dict key made once keeps its
@@ -80,6 +83,10 @@ class VersionLayer(Layer):
     def digest_at(self, index: int) -> bytes:
         """Map entry ``index``: a digest, ZERO or UNKNOWN."""
         return bytes(self.map[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
+
+    def strong_at(self, index: int) -> bytes:
+        """Strong map entry ``index`` (STRONG_UNKNOWN without a strong map)."""
+        return strong_at(self.strong, index)
 
     def learn(self, index: int, entry: bytes) -> None:
         """Set map entry ``index`` (a digest learned from a source, or ZERO)."""

@@ -40,6 +40,7 @@ from icbdcache.replication.wire import (
     MAX_CHUNK,
     SHA256_HEADER,
     SITE_HEADER,
+    STRONG_HEADER,
     ChunkFrame,
     ChunkStreamDecoder,
     WireError,
@@ -47,7 +48,7 @@ from icbdcache.replication.wire import (
     encode_digests,
     manifest_digest,
 )
-from icbdcache.store.chunks import DIGEST_SIZE, chunk_count
+from icbdcache.store.chunks import DIGEST_SIZE, STRONG_SIZE, chunk_count, strong_hex
 
 #: Longest chunk map a replica takes, in bytes (4 TiB in 64 KiB chunks).
 MAX_MANIFEST = 1 << 30
@@ -105,7 +106,8 @@ class Catalog:
 class Manifest:
     """A version's chunk map as served: ``size`` and ``chunk_size`` in bytes, ``digest`` the
     hex xxh3-128 of ``chunk_map`` (checked on receipt), ``master_id`` the store that served it
-    (``""`` when not said)."""
+    (``""`` when not said); its strong map and signed statement (checked by the caller against
+    what it trusts, :mod:`icbdcache.replication.signing`)."""
 
     imi: str
     version: str
@@ -114,6 +116,11 @@ class Manifest:
     digest: str
     chunk_map: bytes
     master_id: str = ""
+    #: the strong map (STRONG_SIZE bytes per chunk index, checked against X-Icbd-Strong)
+    strong_map: bytes = b""
+    #: the signed statement (JSON text) and hex signature, None when unsigned
+    statement: str | None = None
+    signature: str | None = None
 
 
 @dataclass
@@ -369,10 +376,33 @@ class MasterClient:
         return _site_answer(out)
 
     async def manifest(self, imi: str, version: str) -> Manifest:
-        """``GET /v1/manifest/IMI/VERSION``, checked: the body is a whole chunk map for
-        X-Icbd-Size bytes and hashes to X-Icbd-Manifest. Raises MasterNotFound (unknown or
-        retired), MasterProtocolError (a check failed), other MasterError."""
-        path = f"{API}/manifest/{quote(imi, safe='')}/{quote(version, safe='')}"
+        """``GET /v1/manifest/IMI/VERSION?strong=1``, then ``GET /v1/signature/IMI/VERSION``,
+        checked: the body is a whole chunk map for X-Icbd-Size bytes that hashes to
+        X-Icbd-Manifest, followed by its strong map, which hashes to X-Icbd-Strong (a master
+        of an older release sends no strong map: ``strong_map`` is then empty). The
+        signature is not verified here (:class:`~icbdcache.replication.signing.Trust` does).
+        Raises MasterNotFound (unknown or retired), MasterProtocolError (a check failed), other
+        MasterError."""
+        m = await self._manifest(imi, version)
+        m.statement, m.signature = await self.signature(imi, version)
+        return m
+
+    async def signature(self, imi: str, version: str) -> tuple[str | None, str | None]:
+        """``GET /v1/signature/IMI/VERSION``: (statement text, hex signature), or (None,
+        None) when the master has none (404). Raises MasterProtocolError on a bad answer,
+        other MasterError."""
+        path = f"{API}/signature/{quote(imi, safe='')}/{quote(version, safe='')}"
+        try:
+            body = await self._json("GET", path)
+        except MasterNotFound:
+            return None, None
+        if not isinstance(body, dict) or not isinstance(body.get("statement"), str) \
+                or not isinstance(body.get("signature"), str):
+            raise MasterProtocolError(f"{self.url}: GET {path}: not a signed statement")
+        return str(body["statement"]), str(body["signature"])
+
+    async def _manifest(self, imi: str, version: str) -> Manifest:
+        path = f"{API}/manifest/{quote(imi, safe='')}/{quote(version, safe='')}?strong=1"
         what = f"GET {path}"
         try:
             async with self._get_session().get(
@@ -384,6 +414,9 @@ class MasterClient:
                     size = int(h["X-Icbd-Size"])
                     chunk_size = int(h["X-Icbd-Chunk-Size"])
                     want = h["X-Icbd-Manifest"].strip().lower()
+                    # absent: a master of an older release, without strong maps (only an
+                    # insecure site takes its manifests, checked by xxh3 alone)
+                    want_strong = h.get(STRONG_HEADER, "").strip().lower()
                     master_id = _master_id(h.get(MASTER_ID_HEADER, ""))
                 except (KeyError, ValueError) as e:
                     raise MasterProtocolError(f"{self.url}: {what}: missing or bad header "
@@ -394,8 +427,9 @@ class MasterClient:
                     raise MasterProtocolError(
                         f"{self.url}: {what}: bad size {size} or chunk size {chunk_size} "
                         f"(at least 1 byte, in chunks of 1 to {MAX_CHUNK} bytes)")
-                length = chunk_count(size, chunk_size) * DIGEST_SIZE
-                if length > MAX_MANIFEST:
+                n = chunk_count(size, chunk_size)
+                length = n * (DIGEST_SIZE + (STRONG_SIZE if want_strong else 0))
+                if n * DIGEST_SIZE > MAX_MANIFEST:
                     raise MasterProtocolError(
                         f"{self.url}: {what}: a chunk map of {length} bytes for size {size} "
                         f"is more than this replica takes ({MAX_MANIFEST})")
@@ -404,21 +438,27 @@ class MasterClient:
             raise self._error(e, what) from e
         if len(body) != length:
             got_n = f"more than {length}" if len(body) > length else str(len(body))
-            raise MasterProtocolError(f"{self.url}: {what}: {got_n} bytes of chunk map for "
-                                      f"size {size} in chunks of {chunk_size}")
-        got = manifest_digest(body)
+            raise MasterProtocolError(f"{self.url}: {what}: {got_n} bytes of chunk map and "
+                                      f"strong map for size {size} in chunks of {chunk_size}")
+        fast, strong = body[: n * DIGEST_SIZE], body[n * DIGEST_SIZE :]
+        got = manifest_digest(fast)
         if got != want:
             raise MasterProtocolError(f"{self.url}: {what}: manifest digest {got} differs "
                                       f"from X-Icbd-Manifest {want}")
-        return Manifest(imi, version, size, chunk_size, got, body, master_id)
+        if want_strong and strong_hex(strong) != want_strong:
+            raise MasterProtocolError(f"{self.url}: {what}: the strong map does not hash to "
+                                      f"X-Icbd-Strong {want_strong[:80]}")
+        return Manifest(imi, version, size, chunk_size, got, fast, master_id, strong)
 
     async def boot_file(self, imi: str, version: str, kind: str,
-                        have: Mapping[str, Path] | None = None) -> bytes | None:
+                        have: Mapping[str, Path] | None = None,
+                        expect: str | None = None) -> bytes | None:
         """``GET /v1/boot/IMI/VERSION/KIND`` (``kernel`` or ``initrd``): the bytes, or None
         when the master has none. ``have``: boot files this site keeps already, by sha256
         (hex); they are named in If-None-Match, and when the master answers 304 for one of
         them its bytes come from the local file (counted in ``boot_reused``, not sent).
-        Bytes received are checked against the master's sha256 header. Raises
+        Bytes received are checked against the master's sha256 header, and against
+        ``expect`` (the sha256 the version's signed statement gives) when given. Raises
         MasterProtocolError for a file over MAX_BOOT_FILE bytes (not read further), a
         mismatch, or a 304 for a file not offered; other MasterError."""
         path = f"{API}/boot/{quote(imi, safe='')}/{quote(version, safe='')}/{kind}"
@@ -433,6 +473,9 @@ class MasterClient:
                 if resp.status == 304:
                     sha = resp.headers.get("ETag", "").strip('"')
                     local = (have or {}).get(sha)
+                    if expect is not None and sha != expect:
+                        raise MasterProtocolError(f"{self.url}: {what}: 304 for {sha[:80]!r}, "
+                                                  f"not the signed sha256 {expect}")
                     if local is None:
                         raise MasterProtocolError(f"{self.url}: {what}: 304 for a file this "
                                                   "site did not offer")
@@ -448,9 +491,13 @@ class MasterClient:
                     raise MasterProtocolError(f"{self.url}: {what}: a boot file of more "
                                               f"than {MAX_BOOT_FILE} bytes")
                 want = resp.headers.get(SHA256_HEADER)
-                if want is not None and hashlib.sha256(data).hexdigest() != want.lower():
+                got = hashlib.sha256(data).hexdigest()
+                if want is not None and got != want.lower():
                     raise MasterProtocolError(f"{self.url}: {what}: the bytes received do not "
                                               f"match their sha256 {want[:80]!r}")
+                if expect is not None and got != expect:
+                    raise MasterProtocolError(f"{self.url}: {what}: the bytes received are not "
+                                              f"the ones the signed manifest names ({expect})")
                 self.counters.boot_bytes += len(data)
                 return data
         except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:

@@ -65,7 +65,7 @@ from icbdcache.replication.registry import (
 )
 from icbdcache.replication.streams import Stream, StreamReleased, StreamSlots
 from icbdcache.store import ChunkGet, Store, StoreError, bootfiles, version_key
-from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
+from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO, strong_hex
 from icbdcache.store.owners import IN_USE_LINGER
 
 log = logging.getLogger("icbdcache.master")
@@ -257,6 +257,7 @@ class Master:
         app.router.add_get(f"{p}/catalog", self.catalog)
         app.router.add_get(f"{p}/watch", self.watch)
         app.router.add_get(p + "/manifest/{imi}/{version}", self.manifest)
+        app.router.add_get(p + "/signature/{imi}/{version}", self.signature)
         app.router.add_post(f"{p}/chunks", self.chunks)
         app.router.add_get(p + "/chunk/{digest}", self.chunk)
         app.router.add_get(p + "/boot/{imi}/{version}/{which}", self.boot)
@@ -443,6 +444,12 @@ class Master:
             return _error(404, f"{key} is not in this master's store")
         body = bytes(await asyncio.to_thread(self.store.chunk_map, key))
         digest = wire.manifest_digest(body)
+        strong: bytes | None = None
+        if request.query.get("strong") == "1":
+            strong = await asyncio.to_thread(self.store.strong_map, key)
+            if strong is None:
+                return _error(409, f"{key} has no strong map in this master's store (run "
+                                   "icbd-cache store upgrade, or publish it again)")
         if digest != rec.manifest:
             # never serve a map that is not what was published under the name
             log.error(kv(event="manifest_mismatch", version=key, store=digest,
@@ -450,10 +457,28 @@ class Master:
             return _error(409, f"{key}: this master's store holds a chunk map (digest {digest}) "
                                f"that is not the published manifest ({rec.manifest})")
         self.count("manifests")
-        return web.Response(body=body, content_type=wire.CONTENT_TYPE, headers={
-            "X-Icbd-Size": str(meta.size), "X-Icbd-Chunk-Size": str(meta.chunk_size),
-            "X-Icbd-Manifest": digest, wire.MASTER_ID_HEADER: self.master_id,
-            "Cache-Control": IMMUTABLE})
+        headers = {"X-Icbd-Size": str(meta.size), "X-Icbd-Chunk-Size": str(meta.chunk_size),
+                   "X-Icbd-Manifest": digest, wire.MASTER_ID_HEADER: self.master_id,
+                   "Cache-Control": IMMUTABLE}
+        if strong is not None:
+            headers[wire.STRONG_HEADER] = strong_hex(strong)
+            body += strong
+        return web.Response(body=body, content_type=wire.CONTENT_TYPE, headers=headers)
+
+    async def signature(self, request: web.Request) -> web.Response:
+        """``GET /v1/signature/IMI/VERSION``: ``{"statement": TEXT, "signature": HEX}``, the
+        signed statement of the version's manifest (not cached: a key rotation signs it
+        again). 404 unless published, not retired, in this store and signed."""
+        imi, version = request.match_info["imi"], request.match_info["version"]
+        key = version_key(imi, version)
+        if await self._published(imi, version) is None:
+            return _error(404, f"{key} is not published (or retired)")
+        meta = self.store.version(key)
+        if meta is None:
+            return _error(404, f"{key} is not in this master's store")
+        if not meta.statement or not meta.signature:
+            return _error(404, f"{key} is not signed (publish --signing-key)")
+        return web.json_response({"statement": meta.statement, "signature": meta.signature})
 
     def _read_slice(self, digests: list[bytes], enc: wire.ChunkStreamEncoder, last: bool,
                     lengths: list[int | None] | None) -> tuple[bytes | bytearray, int, int]:

@@ -22,21 +22,28 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from icbdcache.log import kv
 from icbdcache.replication.registry.base import Registry, VersionRecord
+from icbdcache.replication.signing import make_statement
 from icbdcache.replication.wire import manifest_digest
 from icbdcache.store import (
     BatchWriter,
     Store,
+    StoreError,
     VersionBusy,
     VersionExists,
     VersionInUse,
     VersionMeta,
+    bootfiles,
     version_key,
 )
 from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE, distinct_chunks
 from icbdcache.store.index import index_image
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger("icbdcache.publish")
 
@@ -63,22 +70,25 @@ class Published:
 
 
 def _read_into_store(store: Store, path: str, size: int, key: str,
-                     progress: Callable[[int], object] | None) -> tuple[bytearray, int]:
+                     progress: Callable[[int], object] | None
+                     ) -> tuple[bytearray, bytearray, int]:
     """Index ``path`` into the store, its chunks protected by the pending version ``key``:
-    (chunk map, bytes added to the store). Raises OSError, StoreFull as soon as the version
-    cannot fit, PublishError when the file ends early or a write fails."""
+    (chunk map, strong map, bytes added to the store). Raises OSError, StoreFull as soon as
+    the version cannot fit, PublishError when the file ends early or a write fails."""
     held_before = store.held
     fit = store.fit_check(key)
     writer = BatchWriter(store, protect=key)
+    strong = bytearray()
     try:
-        chunk_map = index_image(path, size, writer, progress=progress, label=key, check=fit)
+        chunk_map = index_image(path, size, writer, progress=progress, label=key, check=fit,
+                                strong=strong)
     except EOFError as e:
         raise PublishError(str(e)) from e
     finally:
         writer.close()
     if writer.errors:
         raise PublishError(f"{writer.errors} write batches to the store failed (see the log)")
-    return chunk_map, max(0, store.held - held_before)
+    return chunk_map, strong, max(0, store.held - held_before)
 
 
 def _withdraw(store: Store, stored: VersionMeta) -> None:
@@ -91,13 +101,43 @@ def _withdraw(store: Store, stored: VersionMeta) -> None:
                        why="the registry did not take it"))
 
 
+def sign_version(store: Store, key: str, signing_key: Ed25519PrivateKey) -> VersionMeta:
+    """Sign version ``key`` of ``store`` (its chunk map, strong map and boot files as held)
+    with ``signing_key`` and record the statement and signature with it; returns the version.
+    Raises StoreError if it is unknown or has no strong map, OSError if a boot file cannot be
+    read."""
+    meta = store.version(key)
+    strong = store.strong_map(key)
+    if meta is None or strong is None:
+        raise StoreError(f"{key}: no such version with a strong map (upgrade the store, or "
+                         "publish it again)")
+    chunk_map = bytes(store.chunk_map(key))
+    kept = bootfiles.kept(store, meta)
+    kernel_sha = bootfiles.file_sha256(kept.kernel) if kept is not None else None
+    initrd_sha = bootfiles.file_sha256(kept.initrd) if kept is not None else None
+    text, signature = make_statement(meta.imi, meta.version, meta.size, meta.chunk_size,
+                                     chunk_map, strong, manifest_digest(chunk_map), kernel_sha,
+                                     initrd_sha, signing_key)
+    instance = meta.instance
+
+    def change(m: VersionMeta) -> None:
+        if m.instance != instance or m.strong != meta.strong:
+            raise StoreError(f"{key} changed while being signed")
+        m.statement, m.signature = text, signature
+
+    return store.update_version(key, change)
+
+
 async def publish(store: Store, registry: Registry, path: str, imi: str,
                   version: str | None = None, *, master_url: str = "",
                   kernel: str | None = None, initrd: str | None = None,
                   progress: Callable[[int], object] | None = None,
-                  keep_boot: Callable[[VersionMeta, str], None] | None = None) -> Published:
+                  keep_boot: Callable[[VersionMeta, str], None] | None = None,
+                  signing_key: Ed25519PrivateKey | None = None) -> Published:
     """Publish the raw image ``path`` as ``IMI@VERSION`` (``version`` None: the next number
-    free in the store, its pending versions and the registry).
+    free in the store, its pending versions and the registry). ``signing_key``: sign its
+    manifest (:func:`sign_version`, after its boot files are kept) before it is recorded in
+    the registry.
     ``kernel``/``initrd``: boot files to keep with it (absolute paths recorded; copied by
     ``keep_boot(meta, image)``, which is also what extracts them from an ext4 image);
     ``progress(n)``: called with the bytes read after each chunk; ``master_url`` goes into the
@@ -133,20 +173,27 @@ async def publish(store: Store, registry: Registry, path: str, imi: str,
     key = version_key(imi, version)
     stored: VersionMeta | None = None
     try:
-        chunk_map, added = await asyncio.to_thread(_read_into_store, store, path, size, key,
-                                                   progress)
+        chunk_map, strong, added = await asyncio.to_thread(_read_into_store, store, path, size,
+                                                           key, progress)
         meta = VersionMeta(imi, version, size, CHUNK_SIZE, [], pinned=True,
                            created=time.time(),
                            kernel=os.path.abspath(kernel) if kernel else None,
                            initrd=os.path.abspath(initrd) if initrd else None,
                            manifest=manifest_digest(chunk_map))
         stored = store.commit_version(meta, bytes(chunk_map), latest=True, force=replace,
-                                      copied=True, bound=store.bound)
+                                      copied=True, bound=store.bound,
+                                      strong_map=bytes(strong))
     finally:
         if stored is None:
             store.abandon_version(key)
     if keep_boot is not None:
         await asyncio.to_thread(keep_boot, stored, path)
+    if signing_key is not None:
+        try:
+            stored = await asyncio.to_thread(sign_version, store, key, signing_key)
+        except BaseException:
+            _withdraw(store, stored)
+            raise
     record = VersionRecord(imi, version, size, CHUNK_SIZE, manifest_digest(chunk_map),
                            distinct_bytes(chunk_map, size), time.time(), False, master_url)
     try:

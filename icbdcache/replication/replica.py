@@ -82,6 +82,7 @@ from icbdcache.replication.client import (
     manifest_digest,
 )
 from icbdcache.replication.registry.base import VersionRecord
+from icbdcache.replication.signing import SignatureError, Trust, check_maps, statement_of
 from icbdcache.sources import Source
 from icbdcache.sources.master import MasterSource, is_master_spec, master_spec
 from icbdcache.store import Store, StoreError, VersionInUse, VersionMeta
@@ -95,7 +96,16 @@ from icbdcache.store.bootfiles import (
     kept,
     record_kept,
 )
-from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO, digest, distinct_chunks
+from icbdcache.store.chunks import (
+    DIGEST_SIZE,
+    STRONG_SIZE,
+    STRONG_UNKNOWN,
+    UNKNOWN,
+    ZERO,
+    digest,
+    distinct_chunks,
+    strong_digest,
+)
 from icbdcache.store.owners import describe
 
 log = logging.getLogger("icbdcache.replica")
@@ -143,6 +153,11 @@ class ManifestConflict(PullError):
     """The master's manifest of a version differs from the one this site adopted for it."""
 
 
+class ManifestRefused(PullError):
+    """The master's manifest is not signed by a key this site trusts (or its signed statement
+    does not describe it): nothing of it is taken."""
+
+
 @dataclass
 class ReplicaConfig:
     """Settings of a replica. ``site``: its name at the master; ``subscribe``: iMIs to
@@ -151,7 +166,9 @@ class ReplicaConfig:
     ``watch_timeout``: seconds of one long poll; ``once``: pull what is subscribed, then stop;
     ``progress``: a progress bar (None: when stderr is a terminal); ``on_demand``: take each
     version's manifest only (no background pull: a chunk crosses from the master when a
-    client first reads it, see :meth:`Replica.adopt`)."""
+    client first reads it, see :meth:`Replica.adopt`); ``trust``: the keys a manifest must
+    be signed by (:class:`~icbdcache.replication.signing.Trust`; the default trusts none and
+    takes nothing)."""
 
     site: str
     subscribe: list[str] = field(default_factory=list)
@@ -163,6 +180,7 @@ class ReplicaConfig:
     on_demand: bool = False
     once_cutoff_limit: float = 60.0
     progress: bool | None = None
+    trust: Trust = field(default_factory=Trust)
 
 
 @dataclass
@@ -230,7 +248,11 @@ class Replica:
         self._reported_wire = 0
         self._keepalive_task: asyncio.Task[None] | None = None
         self._progress_at = 0.0
-        self._writes: set[asyncio.Future[int]] = set()  # write_batch calls in worker threads
+        self._writes: set[asyncio.Future[tuple[int, int, int]]] = set()  # store writes
+        #: (IMI@V, instance, signature) of versions whose signature was checked here
+        self._verified: set[tuple[str, str, str | None]] = set()
+        #: digest -> strong digest of the version being pulled (checked before storing)
+        self._strong: dict[bytes, bytes] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -544,10 +566,13 @@ class Replica:
         if self.config.on_demand:
             await self.adopt(rec, meta)
             return
-        if meta is not None and self._complete(key) and \
-                manifest_digest(bytes(self.store.chunk_map(key))) == rec.manifest:
-            self._finish(rec, meta, announce=False)
-            return
+        if meta is not None and self._complete(key):
+            stored = bytes(self.store.chunk_map(key))
+            if manifest_digest(stored) == rec.manifest:
+                meta = await self._ensure_signed(rec, meta, stored)
+                if self._complete(key):  # unless chunks that were not the master's went
+                    self._finish(rec, meta, announce=False)
+                    return
         self.pulling = key
         self._set("syncing")
         chunk_map = await self._manifest(rec, meta)
@@ -558,7 +583,11 @@ class Replica:
         if not meta.pinned:
             self.store.set_pinned(key, True)
         await self._boot_files(rec)
-        await self._fetch_all(key, lengths)
+        self._strong = self._strong_of(key, chunk_map)
+        try:
+            await self._fetch_all(key, lengths)
+        finally:
+            self._strong = {}
         meta = self.store.version(key)
         if meta is None:
             raise PullError("the version vanished from the store during the pull")
@@ -604,6 +633,7 @@ class Replica:
             stored = bytes(self.store.chunk_map(key))
             held = meta.manifest or manifest_digest(stored)
             if held == rec.manifest and manifest_digest(stored) == rec.manifest:
+                await self._ensure_signed(rec, meta, stored)
                 return stored
             if not any(is_master_spec(s) for s in meta.sources):
                 raise PullError(f"the store already has a version {key} that is not the "
@@ -622,11 +652,12 @@ class Replica:
             self.registered = False
             raise MasterError(f"manifest of {key} came from master {m.master_id}, the catalog "
                               f"from {cat_id}: the master changed; starting again")
+        self._check_signed(rec, m)
         new = VersionMeta(rec.imi, rec.version, m.size, m.chunk_size,
                           [master_spec(self.client.url, key)], created=time.time(),
-                          manifest=m.digest)
+                          manifest=m.digest, statement=m.statement, signature=m.signature)
         try:
-            self.store.create_version(new, m.chunk_map)
+            self.store.create_version(new, m.chunk_map, strong_map=m.strong_map or None)
         except (StoreError, OSError) as e:
             raise PullError(f"store: {e}") from e
         log.info(kv(replica=self.config.site, manifest=key, size=m.size,
@@ -635,6 +666,88 @@ class Replica:
             self.on_version(key)
         return m.chunk_map
 
+    def _check_signed(self, rec: VersionRecord, m: Manifest) -> None:
+        """Raise ManifestRefused unless ``m`` is signed by a key this site trusts and its
+        signed statement describes exactly its maps (an insecure site takes it unchecked)."""
+        trust = self.config.trust
+        if trust.insecure:
+            return
+        try:
+            st = trust.verify(rec.key, m.statement, m.signature)
+            check_maps(st, rec.key, m.size, m.chunk_size, m.chunk_map, m.strong_map)
+        except SignatureError as e:
+            raise ManifestRefused(str(e)) from e
+
+    def _signed_here(self, meta: VersionMeta, stored: bytes) -> bool:
+        """Whether the version held verifies as it is: a strong map, and (unless insecure) a
+        signed statement of a trusted key that describes its maps."""
+        strong = self.store.strong_map(meta.key)
+        if strong is None:
+            return False
+        trust = self.config.trust
+        if trust.insecure:
+            return True
+        try:
+            st = trust.verify(meta.key, meta.statement, meta.signature)
+            check_maps(st, meta.key, meta.size, meta.chunk_size, stored, strong)
+        except SignatureError:
+            return False
+        return True
+
+    async def _ensure_signed(self, rec: VersionRecord, meta: VersionMeta,
+                             stored: bytes) -> VersionMeta:
+        """Make sure a version held here (chunk map ``stored``, the catalog's) carries a
+        strong map and a signature this site accepts: otherwise (a store upgraded from an
+        older format, a key rotated or revoked since) take the master's signed manifest
+        again, which must have the same chunk map, and drop every held chunk that does not
+        match its strong digest (fetched again). Returns the version. Raises ManifestRefused,
+        ManifestConflict, MasterError."""
+        memo = (rec.key, meta.instance, meta.signature)
+        if memo in self._verified:
+            return meta
+        if not self._signed_here(meta, stored):
+            m: Manifest = await self.client.manifest(rec.imi, rec.version)
+            if m.chunk_map != stored:
+                raise ManifestConflict(conflict_text(rec.key, manifest_digest(stored),
+                                                     m.digest))
+            self._check_signed(rec, m)
+            if not m.strong_map:  # a master without strong maps: only an insecure site
+                self._verified.add(memo)
+                return meta
+            try:
+                dropped = await asyncio.to_thread(self.store.adopt_signed, rec.key,
+                                                  m.strong_map, m.statement, m.signature,
+                                                  meta.instance)
+            except (StoreError, OSError) as e:
+                raise PullError(f"store: {e}") from e
+            st = statement_of(m)
+            log.info(kv(replica=self.config.site, signed=rec.key,
+                        key_id=st.key_id if st else "-", dropped_chunks=len(dropped)))
+            if dropped:
+                log.warning(kv(replica=self.config.site, version=rec.key,
+                               dropped=f"{len(dropped)} held chunks that do not match the "
+                                       "signed strong digests", action="fetched again"))
+            self._held.pop(rec.key, None)
+            if self.on_version is not None:
+                self.on_version(rec.key)
+            meta = self.store.version(rec.key) or meta
+        self._verified.add((rec.key, meta.instance, meta.signature))
+        return meta
+
+    def _strong_of(self, key: str, chunk_map: bytes) -> dict[bytes, bytes]:
+        """Digest -> strong digest of every chunk of version ``key`` whose strong entry is
+        known (empty without a strong map)."""
+        strong = self.store.strong_map(key)
+        out: dict[bytes, bytes] = {}
+        if strong is None:
+            return out
+        for i in range(len(chunk_map) // DIGEST_SIZE):
+            d = chunk_map[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+            e = strong[i * STRONG_SIZE : (i + 1) * STRONG_SIZE]
+            if d not in (ZERO, UNKNOWN) and e != STRONG_UNKNOWN:
+                out.setdefault(d, e)
+        return out
+
     async def _boot_files(self, rec: VersionRecord) -> None:
         """Keep the version's kernel and initrd as import does (best effort: a warning)."""
         meta = self.store.version(rec.key)
@@ -642,11 +755,16 @@ class Replica:
             return
         have = await asyncio.to_thread(self._kept_boot_files, rec.key)
         sent0, reused0 = self.client.counters.boot_bytes, self.client.counters.boot_reused
+        st = statement_of(meta)  # its signed sha256s, when signed
+        if st is not None and (st.kernel is None or st.initrd is None):
+            return  # signed without boot files: none to take
         try:
             kernel = await self.client.boot_file(rec.imi, rec.version, "kernel",
-                                                 have["kernel"])
+                                                 have["kernel"],
+                                                 st.kernel if st is not None else None)
             initrd = await self.client.boot_file(rec.imi, rec.version, "initrd",
-                                                 have["initrd"])
+                                                 have["initrd"],
+                                                 st.initrd if st is not None else None)
         except (MasterNotFound, MasterProtocolError) as e:  # a warning, as at import
             log.warning(kv(boot_files=rec.key, error=e))
             return
@@ -856,16 +974,18 @@ class Replica:
                  "replica_missing_frames": sum(it.missing for it in items),
                  "replica_requests": len(items)}
         fut = asyncio.get_running_loop().run_in_executor(
-            None, self.store.write_batch, chunks, (), (), stats)
+            None, self._verify_write, chunks, stats, self._strong, self.pulling)
         self._writes.add(fut)
         fut.add_done_callback(self._writes.discard)
 
-        def counted(f: asyncio.Future[int]) -> None:
+        def counted(f: asyncio.Future[tuple[int, int, int]]) -> None:
             # when the transaction commits, even if the pull waiting on it was cancelled
             # (the master went away): the process's counters follow the store's
             if not f.cancelled() and f.exception() is None:
+                _, good, refused = f.result()
                 self.counters.chunk_bytes += stats["replica_chunk_bytes"]
-                self.counters.chunks += len(chunks)
+                self.counters.chunks += good
+                self.counters.corrupt += refused
 
         fut.add_done_callback(counted)
         try:
@@ -873,6 +993,32 @@ class Replica:
             await asyncio.shield(fut)
         except (StoreError, OSError) as e:
             raise PullError(f"store write failed: {e}{self._disk_note()}") from e
+
+    def _verify_write(self, chunks: list[tuple[bytes, bytes]], stats: dict[str, int],
+                      strong: dict[bytes, bytes], key: str | None) -> tuple[int, int, int]:
+        """In a worker thread: refuse every chunk whose strong digest is not the one the
+        version's signed manifest gives (``strong``: digest -> strong digest; a chunk the
+        xxh3 digest alone would have let in: a forged collision), then write the others and
+        ``stats`` (adjusted) in one transaction. Returns (bytes added, chunks written, chunks
+        refused); a refused chunk is still missing, so a later round asks for it again.
+        Raises StoreError."""
+        good = chunks
+        refused = 0
+        if strong:
+            good = []
+            for d, data in chunks:
+                want = strong.get(d)
+                if want is not None and strong_digest(data) != want:
+                    refused += 1
+                    stats["replica_chunk_bytes"] -= len(data)
+                    warn.warning(kv(pull=key, chunk=d.hex(), refused="strong digest mismatch",
+                                    retry="later"))
+                else:
+                    good.append((d, data))
+            stats["replica_chunks"] = len(good)
+            stats["replica_corrupt_chunks"] += refused
+        added = self.store.write_batch(good, (), (), stats)
+        return added, len(good), refused
 
     def _disk_note(self) -> str:
         """`` (disk full: ...)`` when the store's file system has no room left (LMDB reports
@@ -1025,5 +1171,6 @@ class ReplicaService:
         await self.client.close()
 
 
-__all__ = ["STATE_RECORD", "Counters", "ManifestConflict", "PullError", "Replica",
+__all__ = ["STATE_RECORD", "Counters", "ManifestConflict", "ManifestRefused", "PullError",
+           "Replica",
            "ReplicaConfig", "ReplicaService", "StoreFull", "conflict_text", "read_state"]

@@ -5,6 +5,9 @@ Control messages are JSON over HTTP; two bodies are binary:
 * **manifest** (``GET /v1/manifest/IMI/VERSION``): a version's chunk map, 16 bytes per chunk
   index (xxh3-128 digests, :data:`~icbdcache.store.chunks.ZERO` for all-zero chunks). Its
   xxh3-128 (hex) is the version's ``manifest`` field in the catalog, so a replica can check it.
+  With ``?strong=1`` the strong map follows the chunk map (32 bytes per chunk index: the
+  BLAKE3-256 of each chunk); ``GET /v1/signature/IMI/VERSION`` is the signed statement that
+  binds both (:mod:`icbdcache.replication.signing`).
 * **chunk stream** (``POST /v1/chunks``, request body: up to :data:`MAX_BATCH` digests
   concatenated): one frame per digest asked for, in order, then an end frame::
 
@@ -88,6 +91,8 @@ def etags(header: str) -> set[str]:
 
 #: Header of a manifest answer naming the master's store (its ``master_id``).
 MASTER_ID_HEADER = "X-Icbd-Master-Id"
+#: Header of a manifest answer with ``?strong=1``: the hex BLAKE3-256 of its strong map.
+STRONG_HEADER = "X-Icbd-Strong"
 
 #: A version's ``manifest``: the xxh3-128 of its whole chunk map (the body of
 #: ``GET /v1/manifest``), 32 lower-case hex digits (the store's own definition).

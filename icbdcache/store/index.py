@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from icbdcache.log import kv
-from icbdcache.store.chunks import CHUNK_SIZE, ZERO, digest
+from icbdcache.store.chunks import CHUNK_SIZE, STRONG_ZERO, ZERO, digest, strong_digest
 from icbdcache.store.writer import BatchWriter
 
 log = logging.getLogger("icbdcache.store")
@@ -17,14 +17,16 @@ log = logging.getLogger("icbdcache.store")
 def index_image(path: str, size: int, writer: BatchWriter | None, *,
                 progress: Callable[[int], object] | None = None,
                 label: str = "", check: Callable[[bytes, int], object] | None = None,
-                ) -> bytearray:
+                strong: bytearray | None = None) -> bytearray:
     """Read the raw image ``path`` (``size`` bytes) once, start to end, CHUNK_SIZE bytes at a
     time, and return its chunk map (DIGEST_SIZE bytes per chunk, ZERO for all-zero chunks);
     each non-zero chunk is queued in ``writer`` when one is given, after ``check(digest,
     length)`` (which may raise to stop: the store's fit check). ``progress(n)`` is called
     with the bytes of each chunk read; without it a log line says how far ``label`` is every
-    10 s. Raises OSError, what ``check`` raises, or EOFError when the file ends before
-    ``size`` bytes (it changed while being read: index a read-only snapshot)."""
+    10 s. ``strong``: when given, the image's strong map is appended to it (STRONG_SIZE bytes
+    per chunk: BLAKE3-256, STRONG_ZERO for all-zero chunks). Raises OSError, what ``check``
+    raises, or EOFError when the file ends before ``size`` bytes (it changed while being
+    read: index a read-only snapshot)."""
     chunk_map = bytearray()
     last_log = time.monotonic()
     with open(path, "rb", buffering=0) as f:
@@ -36,6 +38,8 @@ def index_image(path: str, size: int, writer: BatchWriter | None, *,
                                "use a read-only snapshot)")
             d = digest(data)
             chunk_map += d
+            if strong is not None:
+                strong += strong_digest(data) if d != ZERO else STRONG_ZERO
             if d != ZERO:
                 if check is not None:
                     check(d, len(data))

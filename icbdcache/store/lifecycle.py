@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
+from icbdcache.store.chunks import DIGEST_SIZE, STRONG_SIZE, UNKNOWN, ZERO, strong_hex
 from icbdcache.store.meta import (
     Pending,
     StoreError,
@@ -49,6 +49,11 @@ T = TypeVar("T")
 def usable_source(spec: str) -> bool:
     """A source that could still answer: an NBD or master URI, or a file that exists."""
     return "://" in spec or os.path.isfile(spec)
+
+
+def _check_strong(meta: VersionMeta, strong_map: bytes | None) -> None:
+    if strong_map is not None and len(strong_map) != meta.chunks * STRONG_SIZE:
+        raise StoreError(f"strong map of {meta.key} has the wrong length")
 
 
 def _when(t: float) -> str:
@@ -233,9 +238,11 @@ class VersionLifecycle:
     @lmdb_errors
     def commit_version(self, meta: VersionMeta, chunk_map: bytes, *, latest: bool = True,
                        force: bool = False, in_use_ok: bool = False, copied: bool = False,
-                       bound: int | None = None) -> VersionMeta:
+                       bound: int | None = None,
+                       strong_map: bytes | None = None) -> VersionMeta:
         """Turn this process's pending record of ``meta.key`` into the version (``meta`` with
-        a new ``instance``, its map, ``latest`` if asked) in one transaction, and return what
+        a new ``instance``, its map and ``strong_map`` (STRONG_SIZE bytes per chunk index,
+        when given), ``latest`` if asked) in one transaction, and return what
         was stored. ``copied``: every non-zero chunk of the map must be held; ``bound`` (bytes):
         the chunks of the version, beside those the store must keep, must fit in it. Raises
         StoreError if the reservation is gone, VersionExists, VersionInUse (see
@@ -243,6 +250,7 @@ class VersionLifecycle:
         stays: :meth:`abandon_version` drops it)."""
         if len(chunk_map) != meta.chunks * DIGEST_SIZE:
             raise StoreError(f"chunk map of {meta.key} has the wrong length")
+        _check_strong(meta, strong_map)
         owner = Owner.me()
         key = meta.key
 
@@ -268,8 +276,7 @@ class VersionLifecycle:
             stored = VersionMeta(**{**meta.__dict__, "instance": new_instance(),
                                     "created": meta.created or time.time()})
             k = key.encode()
-            txn.put(k, stored.to_json(), db=self.db["versions"])
-            txn.put(k, bytes(chunk_map), db=self.db["maps"])
+            self._put_maps(txn, stored, chunk_map, strong_map)
             if replacing:
                 txn.delete(k, db=self.db["profiles"])  # the old image's boot profile
             if latest:
@@ -322,13 +329,15 @@ class VersionLifecycle:
 
     @lmdb_errors
     def create_version(self, meta: VersionMeta, chunk_map: bytes | None = None, *,
-                       exists_ok: bool = False) -> VersionMeta:
+                       exists_ok: bool = False,
+                       strong_map: bytes | None = None) -> VersionMeta:
         """Create ``meta.key`` (with a new ``instance``; a map of UNKNOWN entries when none is
-        given) unless it exists, in one transaction; returns the stored version (the one found
-        if it exists and ``exists_ok``). Raises VersionExists, VersionBusy (being made by a
-        live process), StoreError on a bad map length."""
+        given; its ``strong_map`` when given) unless it exists, in one transaction; returns the
+        stored version (the one found if it exists and ``exists_ok``). Raises VersionExists,
+        VersionBusy (being made by a live process), StoreError on a bad map length."""
         if chunk_map is not None and len(chunk_map) != meta.chunks * DIGEST_SIZE:
             raise StoreError(f"chunk map of {meta.key} has the wrong length")
+        _check_strong(meta, strong_map)
         key = meta.key.encode()
 
         def fn(txn: Any) -> VersionMeta:
@@ -344,12 +353,26 @@ class VersionLifecycle:
                 if p.alive and p.owner != Owner.me():
                     raise VersionBusy(f"{meta.key} is being made by process {p.owner.pid}")
             stored = VersionMeta(**{**meta.__dict__, "instance": new_instance()})
-            txn.put(key, stored.to_json(), db=self.db["versions"])
-            txn.put(key, bytes(chunk_map) if chunk_map is not None else UNKNOWN * meta.chunks,
-                    db=self.db["maps"])
+            self._put_maps(txn, stored, chunk_map if chunk_map is not None
+                           else UNKNOWN * meta.chunks, strong_map)
             return stored
 
         return self._transact(fn)
+
+    def _put_maps(self, txn: Any, stored: VersionMeta, chunk_map: bytes,
+                  strong_map: bytes | None) -> None:
+        """Write ``stored`` (its ``strong`` field set from ``strong_map``), its chunk map and
+        its strong map (deleted when None) in ``txn``."""
+        k = stored.key.encode()
+        stored.strong = strong_hex(strong_map) if strong_map is not None else None
+        if strong_map is None:
+            stored.statement = stored.signature = None
+        txn.put(k, stored.to_json(), db=self.db["versions"])
+        txn.put(k, bytes(chunk_map), db=self.db["maps"])
+        if strong_map is not None:
+            txn.put(k, bytes(strong_map), db=self.db["strong"])
+        else:
+            txn.delete(k, db=self.db["strong"])
 
     @lmdb_errors
     def put_version(self, meta: VersionMeta, chunk_map: bytes | None = None) -> None:
@@ -362,11 +385,15 @@ class VersionLifecycle:
         if chunk_map is not None or not meta.instance:
             meta.instance = new_instance()
 
+        if chunk_map is not None:  # a new map: no strong map describes it
+            meta.strong = meta.statement = meta.signature = None
+
         def fn(txn: Any) -> None:
             k = meta.key.encode()
             txn.put(k, meta.to_json(), db=self.db["versions"])
             if chunk_map is not None:
                 txn.put(k, bytes(chunk_map), db=self.db["maps"])
+                txn.delete(k, db=self.db["strong"])
             elif txn.get(k, db=self.db["maps"]) is None:
                 txn.put(k, UNKNOWN * meta.chunks, db=self.db["maps"])
 
@@ -412,7 +439,7 @@ class VersionLifecycle:
                 uses = self._uses(txn).get(key)
                 if uses:
                     raise VersionInUse(key, uses, "it is kept for them")
-            for db in ("versions", "maps", "profiles"):
+            for db in ("versions", "maps", "profiles", "strong"):
                 txn.delete(k, db=self.db[db])
             lk = f"latest:{imi}".encode()
             if ver and txn.get(lk, db=self.db["meta"]) == ver.encode():

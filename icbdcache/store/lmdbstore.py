@@ -18,6 +18,8 @@ maps        ``IMI@VERSION`` (UTF-8)    digests, 16 bytes per chunk index       c
                                        (ZERO, UNKNOWN)                         map_entry,
                                                                                commit_version,
                                                                                create_version
+strong      ``IMI@VERSION``            BLAKE3-256 digests, 32 bytes per chunk  strong_map,
+                                       index (STRONG_ZERO, STRONG_UNKNOWN)     adopt_signed
 versions    ``IMI@VERSION``            JSON :class:`VersionMeta`               version, versions,
                                                                                update_version,
                                                                                delete_version
@@ -27,7 +29,8 @@ pending     ``IMI@VERSION``            JSON :class:`Pending` (a version        r
 meta        text key                   ``held`` (u64 bytes of chunks),         held, stats,
                                        ``tick``, ``latest:IMI``, ``stats``     latest, set_latest,
                                        (JSON counters), ``store_id``,          identity, bound,
-                                       ``bound`` (u64, the served bound)       set_bound
+                                       ``bound`` (u64, the served bound),      set_bound,
+                                       ``format`` (storeformat.py)             upgrade
 profiles    ``IMI@VERSION``            u32 big-endian chunk indexes in         profile,
                                        first-read order                        put_profile
 records     text key                   opaque bytes of other parts (the        record, records,
@@ -68,7 +71,17 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO, digest
+from icbdcache.store import storeformat
+from icbdcache.store.chunks import (
+    DIGEST_SIZE,
+    STRONG_SIZE,
+    STRONG_UNKNOWN,
+    UNKNOWN,
+    ZERO,
+    digest,
+    strong_digest,
+    strong_hex,
+)
 from icbdcache.store.gate import TxnGate
 from icbdcache.store.lifecycle import VersionLifecycle
 from icbdcache.store.meta import (
@@ -89,9 +102,10 @@ __all__ = ["ChunkGet", "ChunkMismatch", "ChunkTxn", "Pending", "RecordGet", "Rec
            "Store", "StoreError", "StoreFull", "VersionBusy", "VersionExists", "VersionInUse",
            "VersionMeta", "split_key", "version_key"]
 
-_DBS = ("chunks", "atime", "maps", "versions", "meta", "profiles", "records", "pending")
+_DBS = ("chunks", "atime", "maps", "versions", "meta", "profiles", "records", "pending",
+        "strong")
 #: Databases a store made by an older release may lack (a read-only open sees them empty).
-_LATER_DBS = frozenset({"pending"})
+_LATER_DBS = frozenset({"pending", "strong"})
 
 T = TypeVar("T")
 
@@ -131,12 +145,16 @@ class Store(VersionLifecycle):
     ``size_limit`` bounds the bytes of chunks held (None: unbounded); chunks of pinned
     versions, of versions being created and of versions clients run are never evicted.
     ``map_size`` is LMDB's address-space reservation (grown on demand; a map another process
-    grew is followed). Raises StoreError if the environment cannot be opened; every method
-    raises StoreError when LMDB fails (an I/O error, a key too long, ...).
+    grew is followed). Raises StoreError if the environment cannot be opened, StoreFormatError
+    (a StoreError naming ``icbd-cache store upgrade`` for an older store) when the store has a
+    format this release does not read, unless ``allow_old`` (the upgrade itself: an older
+    store is opened to be upgraded, :meth:`upgrade`); every method raises StoreError when LMDB
+    fails (an I/O error, a key too long, ...). :attr:`format` is the store's format.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, size_limit: int | None = None,
-                 map_size: int | None = None, readonly: bool = False) -> None:
+                 map_size: int | None = None, readonly: bool = False,
+                 allow_old: bool = False) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.size_limit = size_limit
         self.readonly = readonly
@@ -157,6 +175,10 @@ class Store(VersionLifecycle):
         try:
             self.env.reader_check()
             self.db: dict[str, Any] = {}
+            found = self._format()
+            if found is not None and not (allow_old and found < storeformat.FORMAT):
+                storeformat.check(self.path, found)
+            self.format = found if found is not None else storeformat.FORMAT
             for name in _DBS:
                 try:
                     self.db[name] = self.env.open_db(name.encode(), create=not readonly)
@@ -164,10 +186,28 @@ class Store(VersionLifecycle):
                     if not readonly or name not in _LATER_DBS:
                         raise
                     self.db[name] = None  # an older store, read-only: nothing pending
+            if found is None and not readonly:
+                self._transact(lambda txn: txn.put(
+                    storeformat.FORMAT_KEY, str(storeformat.FORMAT).encode(),
+                    db=self.db["meta"]))
             self.identity = self._identity()
+        except storeformat.StoreFormatError:
+            self.env.close()
+            raise
         except (lmdb.Error, StoreError) as e:  # read-only, and a database not created yet
             self.env.close()
             raise StoreError(f"cannot open store {self.path}: {e}") from e
+
+    def _format(self) -> int | None:
+        """The store's format as recorded, read before any database but ``meta`` is opened
+        (an older store is not changed by being refused); None for a new, empty store."""
+        self.db["meta"] = self.env.open_db(b"meta", create=not self.readonly)
+        with self._txn() as txn:
+            names = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+            raw = txn.get(storeformat.FORMAT_KEY, db=self.db["meta"])
+            has_id = txn.get(b"store_id", db=self.db["meta"]) is not None
+        others = has_id or any(n != b"meta" for n in names)
+        return storeformat.parse(bytes(raw) if raw is not None else None, others)
 
     def _failed(self, e: Exception) -> StoreError:
         """The StoreError for LMDB's failure ``e`` in this store."""
@@ -507,6 +547,63 @@ class Store(VersionLifecycle):
                 raise StoreError(f"no chunk map for {key}")
             return bytearray(raw)
 
+    @lmdb_errors
+    def strong_map(self, key: str) -> bytes | None:
+        """The strong map of version ``key`` (STRONG_SIZE bytes per chunk index; a copy), or
+        None when it has none (a map learned from a plain NBD upstream, an unknown version)."""
+        db = self.db["strong"]
+        if db is None:
+            return None
+        with self._txn(db=db) as txn:
+            raw = txn.get(key.encode())
+            return bytes(raw) if raw is not None else None
+
+    @lmdb_errors
+    def adopt_signed(self, key: str, strong_map: bytes, statement: str | None,
+                     signature: str | None, instance: str | None = None) -> list[bytes]:
+        """Give version ``key`` (of ``instance``, when given) the strong map and signed
+        statement of a manifest (its chunk map is already that manifest's), and delete every
+        held chunk of it that does not match its entry of ``strong_map``: one transaction.
+        Returns the digests of the chunks deleted (fetched again like any missing chunk).
+        Raises StoreError if the version is unknown, was replaced, or the map has the wrong
+        length."""
+        k = key.encode()
+
+        def fn(txn: Any) -> list[bytes]:
+            raw_meta = txn.get(k, db=self.db["versions"])
+            if raw_meta is None:
+                raise StoreError(f"unknown version {key}")
+            meta = VersionMeta.from_json(bytes(raw_meta))
+            if instance is not None and meta.instance != instance:
+                raise StoreError(f"{key} was replaced meanwhile")
+            if len(strong_map) != meta.chunks * STRONG_SIZE:
+                raise StoreError(f"strong map of {key} has the wrong length")
+            blob = bytes(txn.get(k, db=self.db["maps"]) or b"")
+            chunks_db = self.db["chunks"]
+            bad: dict[bytes, int] = {}
+            for i in range(meta.chunks):
+                d = blob[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+                want = strong_map[i * STRONG_SIZE : (i + 1) * STRONG_SIZE]
+                if d in (ZERO, UNKNOWN) or want == STRONG_UNKNOWN or d in bad:
+                    continue
+                data = txn.get(d, db=chunks_db)
+                if data is not None and strong_digest(data) != want:
+                    bad[d] = len(data)
+            held = get_u64(txn, self.db["meta"], b"held")
+            for d, n in bad.items():
+                txn.delete(d, db=chunks_db)
+                txn.delete(d, db=self.db["atime"])
+                held -= n
+            if bad:
+                txn.put(b"held", U64.pack(max(0, held)), db=self.db["meta"])
+            meta.strong = strong_hex(strong_map)
+            meta.statement, meta.signature = statement, signature
+            txn.put(k, meta.to_json(), db=self.db["versions"])
+            txn.put(k, strong_map, db=self.db["strong"])
+            return list(bad)
+
+        return self._transact(fn)
+
     def map_entry(self, key: str, index: int, instance: str | None = None) -> bytes:
         """Entry ``index`` of the stored chunk map of version ``key`` (a digest, ZERO or
         UNKNOWN); UNKNOWN if there is no such map or index, or (``instance`` given) if the
@@ -640,6 +737,63 @@ class Store(VersionLifecycle):
             out: dict[str, int] = json.loads(bytes(txn.get(b"stats", b"{}")))
             out["held_bytes"] = get_u64(txn, self.db["meta"], b"held")
             out["chunks"] = txn.stat(self.db["chunks"])["entries"]
+        return out
+
+    # ------------------------------------------------------------------ format
+
+    @lmdb_errors
+    def upgrade(self) -> dict[str, int]:
+        """Upgrade an older store to :data:`storeformat.FORMAT` in place, in one write
+        transaction (see :mod:`~icbdcache.store.storeformat`): every version made here gets
+        a strong map from the chunks held (STRONG_UNKNOWN for a chunk not held); a version
+        from a master gets none (its replica takes the master's signed one on its next
+        sync); then the format is recorded. Returns counts: ``from`` (the format found),
+        ``versions``, ``hashed`` (chunks hashed), ``unknown`` (strong entries left unknown),
+        ``replicated`` (versions left to their master). A store of this format
+        is left as it is (``versions`` 0). Raises StoreError (read-only, or LMDB)."""
+        if self.readonly:
+            raise StoreError(f"store {self.path} is open read-only")
+        found = self.format
+        out = {"from": found, "versions": 0, "hashed": 0, "unknown": 0, "replicated": 0}
+        if found >= storeformat.FORMAT:
+            return out
+
+        def fn(txn: Any) -> None:
+            chunks_db, strong_db = self.db["chunks"], self.db["strong"]
+            memo: dict[bytes, bytes] = {}
+            for meta in list(self._versions(txn)):
+                k = meta.key.encode()
+                blob = bytes(txn.get(k, db=self.db["maps"]) or b"")
+                out["versions"] += 1
+                if any(s.startswith("icbd+") for s in meta.sources):
+                    # from a master: its replica takes the master's signed strong map
+                    out["replicated"] += 1
+                    continue
+                entries: list[bytes] = []
+                for i in range(meta.chunks):
+                    d = blob[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+                    if d == ZERO:
+                        entries.append(bytes(STRONG_SIZE))
+                        continue
+                    e = STRONG_UNKNOWN
+                    if d != UNKNOWN:
+                        if d not in memo:
+                            data = txn.get(d, db=chunks_db)
+                            if data is not None and digest(data) == d:
+                                memo[d] = strong_digest(data)
+                                out["hashed"] += 1
+                        e = memo.get(d, STRONG_UNKNOWN)
+                    out["unknown"] += e == STRONG_UNKNOWN
+                    entries.append(e)
+                strong = b"".join(entries)
+                txn.put(k, strong, db=strong_db)
+                meta.strong = strong_hex(strong)
+                txn.put(k, meta.to_json(), db=self.db["versions"])
+            txn.put(storeformat.FORMAT_KEY, str(storeformat.FORMAT).encode(),
+                    db=self.db["meta"])
+
+        self._transact(fn)
+        self.format = storeformat.FORMAT
         return out
 
     # ------------------------------------------------------------------ verify

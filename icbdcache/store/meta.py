@@ -70,6 +70,9 @@ class VersionMeta:
     instance: str = ""
     manifest: str | None = None
     retired: bool = False
+    strong: str | None = None
+    statement: str | None = None
+    signature: str | None = None
 
     @property
     def key(self) -> str:

@@ -72,3 +72,48 @@ def test_replication_bench_quick_pair(tmp_path: Path) -> None:
     assert (out / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "replication.md").read_text()
     assert "| delta | icbd-zstd-tls |" in md and "Targets" in md
+
+
+def test_replication_bench_baseline_twins_with_tls(tmp_path: Path) -> None:
+    """``--baseline-bin``: each icbd transfer has a ``-base`` twin run by the other build (here
+    the same build: both sign and verify), TLS included (each build's masters have their own
+    certificate and signing key), every copy verified and a paired ratio per kind."""
+    require("rsync")
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    _write_pair(pair)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(BIN / "icbd-bench"), "replication", "--quick", "--pair", str(pair),
+         "--tools", "icbd,icbd-tls", "--reps", "2", "--baseline-bin", str(BIN / "icbd-cache"),
+         "--out", str(out), "--work", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=900, check=False,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc: dict[str, Any] = json.loads((out / "replication.json").read_text())
+    tools = ("rsync", "icbd", "icbd-base", "icbd-tls", "icbd-tls-base")
+    runs = [(r["rep"], r["kind"], r["tool"]) for r in doc["runs"]]
+    assert sorted(runs) == sorted((rep, k, t) for rep in (0, 1) for k in KINDS for t in tools)
+    for r in doc["runs"]:
+        assert not r.get("error"), (r["kind"], r["tool"], r.get("error"))
+        assert r["verified"] is True, (r["kind"], r["tool"])
+    # ABBA: the twin runs after its tool in repetition 0, before it in repetition 1
+    order = {rep: [t for (p, k, t) in runs if p == rep and k == "full"] for rep in (0, 1)}
+    assert order[0].index("icbd") < order[0].index("icbd-base")
+    assert order[1].index("icbd-base") < order[1].index("icbd")
+    pairs = {(r["kind"], r["tool"]): r for r in doc["vs_baseline"]}
+    assert set(pairs) == {(k, t) for k in KINDS for t in ("icbd", "icbd-tls")}
+    for r in pairs.values():
+        assert r["wall_s_vs_base"] > 0 and r["cpu_s_vs_base"] > 0, r
+    assert "| full | icbd-tls |" in (out / "replication.md").read_text()
+
+
+def test_run_client_wall_time_ends_when_the_client_exits(tmp_path: Path) -> None:
+    """The wall time is the client's, not rounded up to the bench's next 0.5 s tick."""
+    from bench.replication import run_client
+
+    ticks: list[float] = []
+    res = run_client(["sleep", "2.2"], tmp_path / "log", 30, ticks.append)
+    assert res.rc == 0
+    assert 2.2 <= res.wall_s < 2.45, res.wall_s  # a tick-bound wait ends at 2.5 s
+    assert ticks and ticks[-1] >= 2.0

@@ -407,7 +407,8 @@ def test_every_option_the_docs_name_exists(page: str) -> None:
 
 
 def command_parsers() -> dict[str, argparse.ArgumentParser]:
-    """Every command's parser by name (``pxe serve``: pxe's subcommands)."""
+    """Every command's parser by name (``pxe serve``: pxe's subcommands, and those of
+    ``bundle`` and ``store``)."""
     def subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
         for a in p._actions:
             if isinstance(a, argparse._SubParsersAction):
@@ -416,8 +417,8 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
 
     out: dict[str, argparse.ArgumentParser] = {}
     for name, p in subparsers(build_parser()).items():
-        if name == "pxe":
-            out.update({f"pxe {n}": q for n, q in subparsers(p).items()})
+        if name in ("pxe", "bundle", "store"):
+            out.update({f"{name} {n}": q for n, q in subparsers(p).items()})
         else:
             out[name] = p
     return out

@@ -18,11 +18,13 @@ import pytest
 from conftest import (
     BIN,
     REPO,
+    TEST_KEY_PUB,
     free_port,
     make_image,
     require,
     sha256_file,
     stop_process,
+    trusted,
     wait_port,
 )
 
@@ -36,7 +38,7 @@ MiB = 1 << 20
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([ICBD, *args], capture_output=True, text=True, timeout=120,
+    p = subprocess.run([ICBD, *trusted(args)], capture_output=True, text=True, timeout=120,
                        check=False)
     if check:
         assert p.returncode == 0, f"icbd-cache {' '.join(args)}: {p.returncode}\n{p.stderr}"
@@ -54,7 +56,7 @@ class Procs:
         """Start ``icbd-cache ARGS``; wait for ``port`` when given. Returns its log file."""
         log = self.tmp / f"{name}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([ICBD, *args], stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([ICBD, *trusted(args)], stdout=out, stderr=subprocess.STDOUT)
         self.started.append((proc, log))
         if port is not None:
             try:
@@ -143,7 +145,7 @@ def test_serve_master_gives_the_replica_to_run_not_to_a_global(
 
     conf = toml(tmp_path / "serve.toml", store=str(tmp_path / "s"), create_store=True,
                 listen="127.0.0.1:10999", master="http://127.0.0.1:1", site="site-a",
-                subscribe="lab", pull_parallel=2)
+                subscribe="lab", pull_parallel=2, trust_key=str(TEST_KEY_PUB))
     assert main(["serve", "--config", str(conf)]) == 0, capsys.readouterr().err
     ((cfg, services),) = captured
     assert cfg.store == str(tmp_path / "s")
@@ -201,7 +203,8 @@ def test_master_and_replica_run_from_config_files(tmp_path: Path, procs: Procs) 
     assert status["down_after"] == 42.0
 
     rconf = toml(tmp_path / "replica.toml", store=str(rstore), master=url, site="site-c",
-                 subscribe=["lab"], once=True, compress="zstd:1", pull_batch=8)
+                 subscribe=["lab"], once=True, compress="zstd:1", pull_batch=8,
+                 trust_key=[str(TEST_KEY_PUB)])
     p = run("replica", "--config", str(rconf))
     assert "replicated lab@1" in p.stdout, p.stdout + p.stderr
     rows = {r["version"]: r for r in json.loads(run("ls", "--store", str(rstore),

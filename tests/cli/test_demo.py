@@ -126,10 +126,14 @@ def test_demo_readme_command(tmp_path: Path) -> None:
         pytest.skip("mkfs.ext4 is not installed (Debian package e2fsprogs; scripts/setup)")
     out, kept = run_demo(tmp_path)
     image = next((tmp_path / "cache" / "icbd-cache").glob("demo-*.ext4"))
+    assert re.search(r"^master +icbd-cache keygen --out (\S+)/master\.key$", out, re.M), out
+    assert re.search(r"^master +icbd-cache publish \S+ --imi demo --store \S+ --signing-key "
+                     r"\S+/master\.key$", out, re.M), out
     assert re.search(r"^site +icbd-cache serve --store \S+ --create-store --listen "
                      r"127\.0\.0\.1:\d+ --master http://127\.0\.0\.1:\d+ --site demo-site "
-                     r"--subscribe demo --on-demand$",
+                     r"--subscribe demo --on-demand --trust-key \S+/master\.key\.pub$",
                      out, re.M), out
+    assert re.search(r"published demo@1: .* signed by key [0-9a-f]{16}", out), out
     check_demo(out, kept, image, 15)
     assert {p.name for p in kept.iterdir()} >= {"master", "site", "master.log", "site.log",
                                                 "stats-cold.json", "stats-warm.json",

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import trustme
 import xxhash
-from conftest import BIN, free_port, stop_process, wait_port
+from conftest import BIN, free_port, stop_process, trusted, wait_port
 
 from icbdcache.replication import wire
 from icbdcache.replication.auth import Auth, load_admin_tokens, load_site_tokens
@@ -153,7 +153,7 @@ def start_master(tmp_path: Path) -> Iterator[MasterFactory]:
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([CLI, *trusted(args)], capture_output=True, text=True, timeout=120)
     if check:
         assert p.returncode == 0, p.stderr
     return p

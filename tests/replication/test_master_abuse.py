@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from adversaries import Adversary, adversaries, throttled_counts
-from conftest import BIN, free_port, stop_process, wait_port
+from conftest import BIN, free_port, stop_process, trusted, wait_port
 
 from icbdcache.replication.streams import STALE_AFTER
 from icbdcache.store.chunks import CHUNK_SIZE
@@ -55,8 +55,8 @@ def image(tmp_path: Path) -> Path:
 def master(tmp_path: Path, image: Path) -> Iterator[Callable[..., Master]]:
     """``master(*args)``: ``icbd-cache master`` over a store where ``image`` is lab@1."""
     store = tmp_path / "mstore"
-    subprocess.run([CLI, "publish", str(image), "--store", str(store), "--imi", "lab"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run([CLI, *trusted(["publish", str(image), "--store", str(store), "--imi",
+                                   "lab"])], check=True, capture_output=True, timeout=120)
     started: list[Master] = []
 
     def start(*args: str) -> Master:
@@ -78,8 +78,9 @@ def master(tmp_path: Path, image: Path) -> Iterator[Callable[..., Master]]:
 
 def replicate(m: Master, store: Path, *args: str, site: str = "s1",
               timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, "replica", "--store", str(store), "--master", m.url, "--site",
-                           site, "--subscribe", "lab", "--once", *args],
+    return subprocess.run([CLI, *trusted(["replica", "--store", str(store), "--master", m.url,
+                                          "--site", site, "--subscribe", "lab", "--once",
+                                          *args])],
                           capture_output=True, text=True, timeout=timeout)
 
 

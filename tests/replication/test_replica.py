@@ -25,11 +25,14 @@ import pytest
 from conftest import (
     BIN,
     REPO,
+    TEST_KEY,
+    TEST_KEY_PUB,
     free_port,
     make_image,
     require,
     sha256_file,
     stop_process,
+    trusted,
     wait_port,
 )
 
@@ -42,7 +45,7 @@ ICBD = str(BIN / "icbd-cache")
 
 
 def run(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([ICBD, *args], capture_output=True, text=True, timeout=timeout,
+    p = subprocess.run([ICBD, *trusted(args)], capture_output=True, text=True, timeout=timeout,
                        check=False)
     if check:
         assert p.returncode == 0, f"icbd-cache {' '.join(args)}: {p.returncode}\n{p.stderr}"
@@ -82,7 +85,7 @@ class Proc:
 def spawn(tmp: Path, name: str, *args: str) -> Proc:
     log = tmp / f"{name}.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([ICBD, *args], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([ICBD, *trusted(args)], stdout=out, stderr=subprocess.STDOUT)
     return Proc(proc, log)
 
 
@@ -648,9 +651,11 @@ def test_disk_full_reports_and_keeps_v1(tmp_path: Path, procs: Procs) -> None:
     script = f"""
 set -u
 mount -t tmpfs -o size=16m tmpfs {rstore} || exit 77
-{ICBD} replica --store {rstore} --master {url} --site s1 --subscribe lab --once -q || exit 3
-{ICBD} publish {v2} --store {mstore} --imi lab -q || exit 4
-{ICBD} replica --store {rstore} --master {url} --site s1 --once -q 2> {tmp_path}/rc2.err
+{ICBD} replica --store {rstore} --master {url} --site s1 --subscribe lab --once -q \
+    --trust-key {TEST_KEY_PUB} || exit 3
+{ICBD} publish {v2} --store {mstore} --imi lab -q --signing-key {TEST_KEY} || exit 4
+{ICBD} replica --store {rstore} --master {url} --site s1 --once -q \
+    --trust-key {TEST_KEY_PUB} 2> {tmp_path}/rc2.err
 echo $? > {tmp_path}/rc2
 {ICBD} stats --json --store {rstore} > {tmp_path}/stats.json
 {ICBD} ls --json --store {rstore} > {tmp_path}/ls.json

@@ -34,6 +34,7 @@ from icbdcache.replication.master import Master
 from icbdcache.replication.publish import publish
 from icbdcache.replication.registry.embedded import EmbeddedRegistry
 from icbdcache.replication.replica import Replica, ReplicaConfig
+from icbdcache.replication.signing import Trust
 from icbdcache.store import Store
 from icbdcache.store.chunks import CHUNK_SIZE, digest
 
@@ -279,7 +280,7 @@ def run_replica(fake: Fake, store_dir: Path, *, timeout: float = 10.0,
         try:
             replica = Replica(store, client, ReplicaConfig(
                 site="s1", subscribe=["lab"], once=True, once_cutoff_limit=0.0,
-                progress=False))
+                progress=False, trust=Trust(insecure=True)))  # the fake signs nothing
             rc = await replica.run()
             await replica.drain()
             metas = store.versions()
@@ -998,7 +999,8 @@ def test_replica_does_not_spin_on_a_watch_that_answers_at_once(
         client = MasterClient(f"http://127.0.0.1:{srv.port}")
         store = Store(tmp_path / "store")
         replica = Replica(store, client, ReplicaConfig(site="s1", subscribe=["lab"],
-                                                       progress=False))
+                                                       progress=False,
+                                                       trust=Trust(insecure=True)))
         task = asyncio.ensure_future(replica.run())
         try:
             for _ in range(600):  # the first watch answered and its sync done

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
-from conftest import BIN, make_image, stop_process
+from conftest import BIN, make_image, stop_process, trusted
 from netns import ADDR, NetNS, make_netns
 
 from icbdcache.replication.auth import Auth, new_token, token_digest
@@ -46,7 +46,7 @@ BASE = f"http://{ADDR}:{PORT}"
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([ICBD, *args], capture_output=True, text=True, timeout=120,
+    p = subprocess.run([ICBD, *trusted(args)], capture_output=True, text=True, timeout=120,
                        check=False)
     if check:
         assert p.returncode == 0, f"icbd-cache {' '.join(args)}: {p.returncode}\n{p.stderr}"
@@ -196,7 +196,8 @@ def test_token_file_master_on_the_network_serves_its_sites_only(lab: Lab) -> Non
     lab.assert_refused(None, "hands images only to sites it knows")
     lab.assert_refused("file-token-2", "unknown or revoked token")
     lab.assert_served("file-token-1")
-    replica = [ICBD, "replica", "--master", BASE, "--site", "s1", "--subscribe", IMI, "--once"]
+    replica = [ICBD, *trusted(["replica", "--master", BASE, "--site", "s1", "--subscribe", IMI,
+                               "--once"])]
     p = lab.ns.run(*replica, "--store", str(lab.tmp / "r0"))
     assert p.returncode == 1 and "401" in p.stderr and "--master-token-file" in p.stderr
     p = lab.ns.run(*replica, "--store", str(lab.tmp / "r1"), "--master-token-file", str(own))
@@ -236,8 +237,9 @@ def test_registry_site_tokens_work_at_once_and_forget_revokes_them_at_once(lab: 
     assert s_other == 401 and b"not for site" in body and s_own == 200
     own = lab.tmp / "s1.token"
     own.write_text(tok1 + "\n")
-    replica = [ICBD, "replica", "--store", str(lab.tmp / "r1"), "--master", BASE, "--site",
-               "s1", "--subscribe", IMI, "--once", "--master-token-file", str(own)]
+    replica = [ICBD, *trusted(["replica", "--store", str(lab.tmp / "r1"), "--master", BASE,
+                               "--site", "s1", "--subscribe", IMI, "--once",
+                               "--master-token-file", str(own)])]
     assert ns.run(*replica).returncode == 0
     st = json.loads(ns.run(ICBD, "admin", "--json", "status").stdout)
     assert {s["name"]: bool(s["token_created"]) for s in st["sites"]} == {"s1": True,

@@ -107,7 +107,8 @@ def test_replication_md_site_credentials_example(tmp_path: Path, ns: NetNS) -> N
     after = "\n".join([
         "echo site-b:",
         f"icbd-cache replica --store {tmp_path / 'b'} --master http://{ADDR}:10810 "
-        "--site site-b --subscribe lab --master-token-file site-b.token --once",
+        "--site site-b --subscribe lab --master-token-file site-b.token "
+        "--trust-key master.key.pub --once",
         "echo rc=$?"])
     p = paste(ns, f"{script}\n{after}", tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -136,7 +137,8 @@ def test_readme_replication_block(tmp_path: Path, ns: NetNS) -> None:
     text = (text.replace("/snap/lab-8.img", str(one))
             .replace("/srv/master", str(tmp_path / "master"))
             .replace("--store DIR", f"--store {site}")
-            .replace("http://master:10810", f"http://{ADDR}:10810"))
+            .replace("http://master:10810", f"http://{ADDR}:10810")
+            .replace("lab@8", "lab@1"))  # the bundle lines: the version published here
     lines: list[str] = []
     for cmd in text.replace("\\\n", " ").splitlines():
         if cmd.startswith(("icbd-cache master ", "icbd-cache serve ")):

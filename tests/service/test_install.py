@@ -13,7 +13,7 @@ import venv
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, make_image, stop_process, wait_port
+from conftest import REPO, free_port, make_image, stop_process, trusted, wait_port
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,9 @@ def test_runtime_install_runs_serve_master_and_replica(runtime: Path, tmp_path: 
                                           stderr=out, env=env, cwd=tmp_path))
         wait_port("127.0.0.1", nbd)
         wait_port("127.0.0.1", api)
-        rep = subprocess.run([icbd, "replica", "--store", str(tmp_path / "site"), "--master",
-                              f"http://127.0.0.1:{api}", "--site", "site-a", "--once"],
+        rep = subprocess.run([icbd, *trusted(["replica", "--store", str(tmp_path / "site"),
+                                              "--master", f"http://127.0.0.1:{api}", "--site",
+                                              "site-a", "--once"])],
                              capture_output=True, text=True, timeout=120, env=env,
                              cwd=tmp_path, check=False)
         assert rep.returncode == 0, rep.stderr

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import BIN, free_port, make_image, require, stop_process, wait_port
+from conftest import BIN, free_port, make_image, require, stop_process, trusted, wait_port
 from scrape import promtool_check, samples, scrape
 
 from bench import bootstorm
@@ -155,8 +155,9 @@ def test_replica_lag_and_pull_progress(tmp_path: Path) -> None:
         f.write(make_image(tmp_path / "new.img", 3 * MiB, seed=2).read_bytes())
 
     def publish(img: Path) -> None:
-        subprocess.run([ICBD, "publish", str(img), "--store", str(master_store), "--imi",
-                        "lab"], check=True, capture_output=True, timeout=120)
+        subprocess.run([ICBD, *trusted(["publish", str(img), "--store", str(master_store),
+                                        "--imi", "lab"])], check=True, capture_output=True,
+                       timeout=120)
 
     publish(one)
     mport, rport = free_port(), free_port()
@@ -169,10 +170,10 @@ def test_replica_lag_and_pull_progress(tmp_path: Path) -> None:
         wait_port("127.0.0.1", mport)
         with open(logs[1], "wb") as out:
             replica = subprocess.Popen(
-                [ICBD, "replica", "--store", str(site_store), "--master",
-                 f"http://127.0.0.1:{mport}", "--site", "site-a", "--subscribe", "lab",
-                 "--pull-batch", "8", "--pull-parallel", "1",
-                 "--metrics-listen", f"127.0.0.1:{rport}"], stdout=out,
+                [ICBD, *trusted(["replica", "--store", str(site_store), "--master",
+                                 f"http://127.0.0.1:{mport}", "--site", "site-a", "--subscribe",
+                                 "lab", "--pull-batch", "8", "--pull-parallel", "1",
+                                 "--metrics-listen", f"127.0.0.1:{rport}"])], stdout=out,
                 stderr=subprocess.STDOUT)
         wait_port("127.0.0.1", rport)
 

@@ -23,7 +23,16 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import BIN, free_port, make_image, require, sha256_file, stop_process, wait_port
+from conftest import (
+    BIN,
+    free_port,
+    make_image,
+    require,
+    sha256_file,
+    stop_process,
+    trusted,
+    wait_port,
+)
 from nbdraw import RawClient, closed_by_server
 from scrape import promtool_check, samples, scrape
 
@@ -314,8 +323,9 @@ def test_pxe_and_master_metrics_pass_promtool(tmp_path: Path) -> None:
         assert m["icbd_pxe_http_bytes_total"] > 0
 
         wait_port("127.0.0.1", mport)
-        subprocess.run([ICBD, "replica", "--store", str(tmp_path / "site"), "--master",
-                        f"http://127.0.0.1:{mport}", "--site", "site-a", "--once", "-q"],
+        subprocess.run([ICBD, *trusted(["replica", "--store", str(tmp_path / "site"), "--master",
+                                        f"http://127.0.0.1:{mport}", "--site", "site-a",
+                                        "--once", "-q"])],
                        check=True, capture_output=True, timeout=60)
         text = scrape(mport)
         promtool_check(text)
@@ -408,9 +418,9 @@ def test_each_service_says_ready_pings_and_says_stopping(command: str, tmp_path:
         master = subprocess.Popen([ICBD, "master", "--store", str(tmp_path / "m"), "--listen",
                                    f"127.0.0.1:{mport}", "-q"])
         wait_port("127.0.0.1", mport)
-        argv = ["replica", "--store", str(tmp_path / "site"), "--master",
-                f"http://127.0.0.1:{mport}", "--site", "site-a",
-                "--metrics-listen", f"127.0.0.1:{port}"]
+        argv = trusted(["replica", "--store", str(tmp_path / "site"), "--master",
+                        f"http://127.0.0.1:{mport}", "--site", "site-a",
+                        "--metrics-listen", f"127.0.0.1:{port}"])
     else:
         st = tmp_path / "store"
         subprocess.run([ICBD, "import", str(make_image(tmp_path / "x.img", 2 * MiB)), "--imi",

@@ -1,0 +1,298 @@
+"""Trust (issue 16): strong chunk digests and signed manifests, with real ``icbd-cache master``,
+``publish``, ``replica`` and ``serve --master`` processes on 127.0.0.1.
+
+A forged chunk needs a collision of the fast (xxh3) digest. The test hook
+``ICBD_TEST_FAST_DIGEST_PREFIX=4096`` (icbdcache/store/chunks.py) makes every process's fast
+digest cover only a chunk's first 4096 bytes: a proxy between master and site that changes a
+byte after them hands the site a chunk of the same length whose fast digest (the frame's
+digest field, which the proxy leaves as it is) matches. Only the strong (BLAKE3-256) digest of
+the signed manifest can refuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+from conftest import make_image, require, sha256_file
+from oldstore import make_old
+from test_replica import (
+    ICBD,
+    Procs,
+    Proxy,
+    ls,
+    nbd_sha256,
+    publish,
+    run,
+    served_sha256,
+    stats,
+    wait_for,
+)
+
+from icbdcache.replication.signing import generate
+
+PREFIX = 4096
+_FRAME = struct.Struct(">16sI")
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Any:
+    ps = Procs(tmp_path)
+    yield ps
+    ps.stop_all()
+
+
+def keys(tmp: Path, *names: str) -> dict[str, tuple[Path, Path, str]]:
+    """name -> (private key file, public key file, key id), made with icbd-cache's keygen."""
+    out = {}
+    for n in names:
+        priv = tmp / f"{n}.key"
+        kid = generate(str(priv))
+        out[n] = (priv, Path(f"{priv}.pub"), kid)
+    return out
+
+
+def plain(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """icbd-cache with exactly these arguments (no session key added)."""
+    p = subprocess.run([ICBD, *args], capture_output=True, text=True, timeout=300,
+                       check=False)
+    if check:
+        assert p.returncode == 0, f"icbd-cache {' '.join(args)}: {p.returncode}\n{p.stderr}"
+    return p
+
+
+class ForgeProxy(Proxy):
+    """A proxy that forges the first ``forge`` distinct chunks it carries, once each: the
+    frame keeps its digest and length, one byte after the first PREFIX bytes is flipped."""
+
+    def __init__(self, target_port: int, forge: int) -> None:
+        self.forge = forge
+        self.forged: set[bytes] = set()
+        super().__init__(target_port)
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "content-type")}
+        async with self._session.request(request.method, self.target + request.path_qs,
+                                         data=body or None, headers=headers) as r:
+            data = await r.read()
+            out = {k: v for k, v in r.headers.items()
+                   if k.lower().startswith("x-icbd") or k.lower() == "content-type"}
+            status = r.status
+        if request.path == "/v1/chunks" and status == 200 and "X-Icbd-Encoding" not in out:
+            data = self._alter(data)
+        return web.Response(status=status, body=data, headers=out)
+
+    def _alter(self, data: bytes) -> bytes:
+        buf = bytearray(data)
+        pos = 0
+        while pos + _FRAME.size <= len(buf):
+            d, n = _FRAME.unpack_from(buf, pos)
+            pos += _FRAME.size
+            if n == 0xFFFFFFFF:
+                continue
+            if n == 0:
+                break
+            if n > PREFIX + 200 and d not in self.forged and len(self.forged) < self.forge:
+                self.forged.add(d)
+                buf[pos + PREFIX + 100] ^= 0x5A  # the tail: the hooked fast digest is blind
+            pos += n
+        return bytes(buf)
+
+
+@pytest.fixture
+def collide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every icbd-cache process of the test hashes only the first PREFIX bytes of a chunk
+    for its fast digest (the processes inherit the environment)."""
+    monkeypatch.setenv("ICBD_TEST_FAST_DIGEST_PREFIX", str(PREFIX))
+
+
+def test_forged_chunk_with_a_colliding_fast_digest_is_refused_and_refetched(
+        tmp_path: Path, procs: Procs, collide: None) -> None:
+    require("nbdcopy")
+    img = make_image(tmp_path / "v1.img", 8 << 20, seed=11)
+    mstore, rstore = tmp_path / "master", tmp_path / "replica"
+    publish(mstore, img)
+    m = procs.master(mstore)
+    proxy = ForgeProxy(m.port, forge=3)
+    try:
+        p = run("replica", "--store", str(rstore), "--master", proxy.url, "--site", "s1",
+                "--subscribe", "lab", "--once")
+    finally:
+        proxy.close()
+    assert len(proxy.forged) == 3
+    assert "strong digest mismatch" in p.stderr
+    s = stats(rstore)
+    assert s["replica_corrupt_chunks"] == 3  # refused, then asked again and taken good
+    assert served_sha256(procs, rstore, "lab") == sha256_file(img)
+
+
+def test_forged_chunk_faulted_on_demand_is_refused_and_refetched(
+        tmp_path: Path, procs: Procs, collide: None) -> None:
+    """serve --master --on-demand: the chunks a client reads cross from the master as faults;
+    the forged ones fail the fault layer's strong check and are fetched again."""
+    require("nbdcopy")
+    img = make_image(tmp_path / "v1.img", 8 << 20, seed=12)
+    mstore, rstore = tmp_path / "master", tmp_path / "site"
+    publish(mstore, img)
+    m = procs.master(mstore)
+    proxy = ForgeProxy(m.port, forge=4)
+    try:
+        site = procs.serve("--store", str(rstore), "--create-store", "--master", proxy.url,
+                           "--site", "s1", "--subscribe", "lab", "--on-demand")
+        wait_for("lab@1 adopted", lambda: "lab@1" in ls(rstore))
+        assert nbd_sha256(site.port, "lab@1") == sha256_file(img)
+        site.stop()
+    finally:
+        proxy.close()
+    assert len(proxy.forged) == 4
+    assert "strong digest mismatch" in site.text()
+    assert stats(rstore)["corrupt_chunks"] == 4
+
+
+def test_manifest_signed_by_another_key_is_refused(tmp_path: Path, procs: Procs) -> None:
+    k = keys(tmp_path, "master", "other")
+    img = make_image(tmp_path / "v1.img", 2 << 20, seed=13)
+    mstore, rstore = tmp_path / "master", tmp_path / "replica"
+    plain("publish", str(img), "--store", str(mstore), "--imi", "lab", "-q",
+          "--signing-key", str(k["other"][0]))
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}"
+    p = plain("replica", "--store", str(rstore), "--master", url, "--site", "s1",
+              "--subscribe", "lab", "--once", "--trust-key", str(k["master"][1]), check=False)
+    assert p.returncode == 1
+    assert f"signed by key {k['other'][2]}, which this site does not trust" in p.stderr
+    assert k["master"][2] in p.stderr  # the key it does trust, named
+    assert ls(rstore) == {}  # nothing of it was taken
+    assert stats(rstore).get("replica_chunks", 0) == 0
+
+
+def test_unsigned_manifest_needs_insecure(tmp_path: Path, procs: Procs) -> None:
+    k = keys(tmp_path, "master")
+    img = make_image(tmp_path / "v1.img", 2 << 20, seed=14)
+    mstore = tmp_path / "master"
+    plain("publish", str(img), "--store", str(mstore), "--imi", "lab", "-q")  # unsigned
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}"
+    base = ["replica", "--master", url, "--site", "s1", "--subscribe", "lab", "--once"]
+    # no key at all: the site does not even start
+    p = plain(*base, "--store", str(tmp_path / "r0"), check=False)
+    assert p.returncode == 2 and "--insecure-no-signature" in p.stderr
+    assert not (tmp_path / "r0").exists()
+    # a key, and a master that signs nothing: refused
+    p = plain(*base, "--store", str(tmp_path / "r1"), "--trust-key", str(k["master"][1]),
+              check=False)
+    assert p.returncode == 1 and "it is not signed" in p.stderr
+    # knowingly insecure: taken, with a loud warning
+    p = plain(*base, "--store", str(tmp_path / "r2"), "--insecure-no-signature")
+    assert "WARNING: --insecure-no-signature" in p.stderr
+    assert served_sha256(procs, tmp_path / "r2", "lab") == sha256_file(img)
+
+
+def test_rotated_key_works_and_revoked_key_is_refused(tmp_path: Path, procs: Procs) -> None:
+    """lab@1 is signed by the old key, lab@2 by the new one. A site that trusts both (the
+    rotation) takes each; a site that trusts only the old key refuses lab@2; a site that
+    revokes the old key refuses lab@1, naming it."""
+    require("nbdcopy")
+    k = keys(tmp_path, "old", "new")
+    v1 = make_image(tmp_path / "v1.img", 2 << 20, seed=15)
+    v2 = make_image(tmp_path / "v2.img", 2 << 20, seed=16)
+    mstore = tmp_path / "master"
+    plain("publish", str(v1), "--store", str(mstore), "--imi", "lab", "--version", "1", "-q",
+          "--signing-key", str(k["old"][0]))
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}"
+
+    def replica(store: str, *extra: str, check: bool = True) -> Any:
+        return plain("replica", "--store", str(tmp_path / store), "--master", url,
+                     "--site", store, "--subscribe", "lab", "--once", *extra, check=check)
+
+    both = ["--trust-key", str(k["old"][1]), "--trust-key", str(k["new"][1])]
+    replica("rot", *both)  # lab@1 under the old key
+    revoked = replica("rev", *both, "--revoked-key", str(k["old"][1]), check=False)
+    assert revoked.returncode == 1
+    assert f"signed by key {k['old'][2]}, which is revoked here" in revoked.stderr
+    assert ls(tmp_path / "rev") == {}
+    by_id = replica("rev2", *both, "--revoked-key", k["old"][2], check=False)
+    assert by_id.returncode == 1 and "revoked" in by_id.stderr
+
+    plain("publish", str(v2), "--store", str(mstore), "--imi", "lab", "--version", "2", "-q",
+          "--signing-key", str(k["new"][0]))
+    replica("rot", *both)  # the rotation: lab@2 under the new key, beside lab@1
+    assert ls(tmp_path / "rot")["lab@2"]["latest"]
+    assert served_sha256(procs, tmp_path / "rot", "lab@2") == sha256_file(v2)
+    assert served_sha256(procs, tmp_path / "rot", "lab@1") == sha256_file(v1)
+    only_old = replica("old-only", "--trust-key", str(k["old"][1]), check=False)
+    assert only_old.returncode == 1 and k["new"][2] in only_old.stderr
+
+
+def test_master_serves_the_signature_and_strong_map(tmp_path: Path, procs: Procs) -> None:
+    """The wire: /v1/signature names the key and the maps; the manifest with ?strong=1 is
+    the chunk map followed by 32 bytes per chunk, whose BLAKE3 the header gives."""
+    import urllib.request
+
+    from icbdcache.store.chunks import strong_hex
+
+    k = keys(tmp_path, "master")
+    img = make_image(tmp_path / "v1.img", 1 << 20, seed=17)
+    mstore = tmp_path / "master"
+    plain("publish", str(img), "--store", str(mstore), "--imi", "lab", "-q",
+          "--signing-key", str(k["master"][0]))
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}/v1"
+    with urllib.request.urlopen(f"{url}/signature/lab/1") as r:
+        sig = json.loads(r.read())
+        assert r.headers["Cache-Control"] == "no-store"
+    st = json.loads(sig["statement"])
+    assert st["key_id"] == k["master"][2] and st["imi"] == "lab" and st["version"] == "1"
+    assert len(bytes.fromhex(sig["signature"])) == 64
+    with urllib.request.urlopen(f"{url}/manifest/lab/1?strong=1") as r:
+        body, strong_header = r.read(), r.headers["X-Icbd-Strong"]
+    n = 16  # 1 MiB in 64 KiB chunks
+    assert len(body) == n * (16 + 32)
+    assert strong_hex(body[16 * n :]) == strong_header == st["strong"]
+    assert strong_hex(body[: 16 * n]) == st["map"]
+
+
+def test_replicated_version_of_an_old_store_takes_the_signed_manifest_again(
+        tmp_path: Path, procs: Procs, collide: None) -> None:
+    """A site store of format 1 holds a replicated version, one of whose chunks is not the
+    master's (same fast digest: the test hook). After the upgrade the replica takes the
+    master's signed strong map, drops that chunk, fetches it again, and the version reads
+    the master's bytes."""
+    require("nbdcopy")
+    img = make_image(tmp_path / "lab.img", 4 << 20, seed=32)
+    mstore, site = tmp_path / "master", tmp_path / "site"
+    publish(mstore, img)
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}"
+    once = ["replica", "--store", str(site), "--master", url, "--site", "s1",
+            "--subscribe", "lab", "--once"]
+    run(*once)
+    make_old(site)
+    # a held chunk whose tail is not the master's: its fast digest still matches
+    env = lmdb.open(str(site), max_dbs=20, map_size=1 << 30)
+    try:
+        chunks = env.open_db(b"chunks")
+        with env.begin(write=True) as txn:
+            k, v = next(iter(txn.cursor(db=chunks)))
+            bad = bytearray(v)
+            bad[PREFIX + 900] ^= 0xFF
+            txn.put(k, bytes(bad), db=chunks)
+    finally:
+        env.close()
+    p = run(*once, check=False)
+    assert p.returncode == 2 and "store upgrade" in p.stderr
+    out = run("store", "upgrade", "--store", str(site)).stdout
+    assert "1 versions from a master left" in out
+    p = run(*once)
+    assert "signed=lab@1" in p.stderr and "dropped_chunks=1" in p.stderr
+    assert served_sha256(procs, site, "lab") == sha256_file(img)
