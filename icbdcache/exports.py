@@ -36,13 +36,17 @@ log = logging.getLogger("icbdcache.exports")
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """One ``--export NAME=PATH[,cow][,allow=CIDR]...`` argument: ``allow``, the networks
-    whose clients may use it (none: every client ``--allow`` lets in)."""
+    """One ``--export NAME=PATH[,cow][,allow=CIDR][,tls-name=NAME]...`` argument:
+    ``allow``, the networks whose clients may use it (none: every client ``--allow`` lets in);
+    ``tls_names``, the certificate names (subject CN or subjectAltName) of the clients that
+    may use it (none: any client; some: only clients with a verified certificate carrying one
+    of them, ``serve --tls-ca``)."""
 
     name: str
     path: str
     cow: bool = False
     allow: tuple[str, ...] = ()
+    tls_names: tuple[str, ...] = ()
 
     @property
     def is_upstream(self) -> bool:
@@ -51,8 +55,8 @@ class ExportSpec:
 
     @classmethod
     def parse(cls, text: str) -> ExportSpec:
-        """Parse ``NAME=PATH[,cow][,allow=CIDR]...`` (``allow=`` repeatable). Raises
-        ValueError with a message for the user."""
+        """Parse ``NAME=PATH[,cow][,allow=CIDR][,tls-name=NAME]...`` (``allow=`` and
+        ``tls-name=`` repeatable). Raises ValueError with a message for the user."""
         name, sep, rest = text.partition("=")
         if not sep or not name or not rest:
             raise ValueError(f"--export wants NAME=PATH[,cow][,allow=CIDR], got {text!r}")
@@ -63,15 +67,21 @@ class ExportSpec:
         path, _, opts = rest.partition(",")
         cow = False
         allow: list[str] = []
+        names: list[str] = []
         for opt in filter(None, opts.split(",")):
             if opt == "cow":
                 cow = True
             elif opt.startswith("allow="):
                 allow.append(parse_cidr(opt.removeprefix("allow=")))
+            elif opt.startswith("tls-name="):
+                tls_name = opt.removeprefix("tls-name=")
+                if not tls_name:
+                    raise ValueError(f"empty tls-name= in {text!r}")
+                names.append(tls_name)
             else:
                 raise ValueError(f"unknown export option {opt!r} in {text!r} (known: cow, "
-                                 "allow=CIDR)")
-        return cls(name, path, cow, tuple(allow))
+                                 "allow=CIDR, tls-name=NAME)")
+        return cls(name, path, cow, tuple(allow), tuple(names))
 
 
 class Export:
@@ -90,6 +100,8 @@ class Export:
         self.overlays = stack if isinstance(stack, OverlayLayer) else None
         #: Clients allowed to use this export (``allow=`` of ``--export``; empty: any).
         self.allow = AllowList()
+        #: Certificate names that may use this export (``tls-name=``; empty: any client).
+        self.tls_names: frozenset[str] = frozenset()
         self.attach: Callable[[str], None] | None = None
         self.detach: Callable[[str], None] | None = None
 
@@ -120,6 +132,7 @@ class Export:
                               base_id=base.fingerprint)
         export.owned.append(base)
         export.allow = AllowList(spec.allow)
+        export.tls_names = frozenset(spec.tls_names)
         return export
 
     @property
@@ -275,10 +288,14 @@ class Catalog:
         return found.export.info(handle=found)
 
     def for_peer(self, address: Callable[[], str],
-                 refused: Callable[[str], None] | None = None) -> PeerCatalog:
+                 refused: Callable[[str], None] | None = None, *,
+                 identity: Callable[[], str] | None = None,
+                 names: Callable[[], frozenset[str]] | None = None) -> PeerCatalog:
         """The catalog as one connection asks it: ``address()`` is its client's address;
-        ``refused(export name)`` is told of each export its ``allow=`` list keeps from it."""
-        return PeerCatalog(self, address, refused)
+        ``refused(export name)`` is told of each export its ``allow=`` or ``tls-name=`` list
+        keeps from it; ``identity()`` the client identity its overlays belong to (default: the
+        address); ``names()`` the names of its verified TLS certificate (default: none)."""
+        return PeerCatalog(self, address, refused, identity=identity, names=names)
 
     def exports(self) -> Sequence[tuple[str, str]]:
         fixed = [(e.name, e.description) for e in self.by_name.values()]
@@ -307,20 +324,27 @@ class PeerCatalog:
     carry the client's address (``address()``, known once the connection is made). An export
     whose ``allow=`` list leaves that address out is unknown to it (not listed, and
     NBD_OPT_GO answers ERR_UNKNOWN) and reported to ``refused(export name)``; a Unix-socket
-    client (``unix:...``) is local and sees every export."""
+    client (``unix:...``) is local and sees every export but those with a ``tls-name=`` list,
+    which only a client whose verified certificate carries one of the names sees."""
 
     def __init__(self, catalog: Catalog, address: Callable[[], str],
-                 refused: Callable[[str], None] | None = None) -> None:
+                 refused: Callable[[str], None] | None = None, *,
+                 identity: Callable[[], str] | None = None,
+                 names: Callable[[], frozenset[str]] | None = None) -> None:
         self.catalog = catalog
         self.address = address
         self.refused = refused
+        self.identity = identity or address
+        self.names = names or frozenset
 
     def _allowed(self, export: Export) -> bool:
+        if export.tls_names and not export.tls_names & self.names():
+            return False
         addr = self.address()
         return not export.allow or addr.startswith("unix:") or export.allow.allows(addr)
 
     def lookup(self, name: str) -> ExportInfo | None:
-        info = self.catalog.lookup(name, self.address())
+        info = self.catalog.lookup(name, self.identity())
         handle = info.handle if info is not None else None
         if isinstance(handle, Resolved) and not self._allowed(handle.export):
             if self.refused is not None:

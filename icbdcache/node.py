@@ -39,7 +39,6 @@ from icbdcache.store import UNKNOWN, ZERO, Store, StoreError, VersionMeta, split
 from icbdcache.store.chunks import CHUNK_SIZE, DIGEST_SIZE
 from icbdcache.store.inuse import InUseTracker
 from icbdcache.store.reader import StoreReader
-from nbd import aio
 from nbd.constants import BASE_ALLOCATION, StateFlag
 from nbd.errors import NegotiationError, RequestError
 from nbd.errors import ProtocolError as NBDError
@@ -51,17 +50,14 @@ async def probe_upstream(uri: str, chunk_size: int, timeout: float) -> tuple[int
     """Ask an NBD upstream for its export size (bytes) and which chunks read as all zeros
     (``base:allocation`` extents with NBD_STATE_ZERO covering a whole chunk). A server without
     block status gives no zero chunks. Raises OSError, TimeoutError, NBDError, RequestError."""
-    from urllib.parse import parse_qs, unquote, urlsplit
+    from icbdcache.sources import nbd as nbd_source
 
-    u = urlsplit(uri)
-    export = unquote(u.path[1:] if u.path.startswith("/") else u.path)
-    if u.scheme == "nbd+unix":
-        sock = parse_qs(u.query).get("socket", [""])[0]
-        client = await aio.connect("", None, export, unix=sock, timeout=timeout,
-                                   meta_contexts=(BASE_ALLOCATION,))
-    else:
-        client = await aio.connect(u.hostname or "", u.port or 10809, export, timeout=timeout,
-                                   meta_contexts=(BASE_ALLOCATION,))
+    try:
+        target = nbd_source.parse_uri(uri)
+    except ValueError as e:
+        raise OSError(f"upstream {uri}: {e}") from e
+    client = await nbd_source.connect(target, timeout=timeout,
+                                      meta_contexts=(BASE_ALLOCATION,))
     try:
         size = client.info.size
         zeros: list[int] = []

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
-from icbdcache import activation, handover, steering
+from icbdcache import activation, handover, steering, tlspeer
 from icbdcache.access import AllowList
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
@@ -59,6 +59,7 @@ from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import finish_loop, new_event_loop
 from icbdcache.node import Node, NodeService
 from icbdcache.store import Store, StoreError
+from nbd import wire
 from nbd.constants import Cmd, CmdFlag, Errno, Rep, TransmissionFlag
 from nbd.errors import LocalProtocolError, RemoteProtocolError
 from nbd.events import (
@@ -68,6 +69,7 @@ from nbd.events import (
     RequestRejected,
     StartTLS,
     TransmissionStarted,
+    WritePiece,
 )
 from nbd.server import ServerConnection, TransmissionState
 
@@ -88,8 +90,12 @@ _READ = Cmd.READ
 
 
 def _cost(req: Request) -> int:
-    """Bytes ``req`` holds in the reply budget from its start until its reply has left."""
+    """Bytes ``req`` holds in the reply budget from its start until its reply has left. A
+    streamed WRITE holds at most two pieces of its payload at once (the one being gathered,
+    and an edge piece whose partial blocks wait for the bytes below them), not its length."""
     cmd = req.command
+    if req.streamed:
+        return min(req.length, 2 * wire.WRITE_PIECE) + REQUEST_OVERHEAD
     if cmd is Cmd.READ or cmd is Cmd.WRITE:
         return req.length + REQUEST_OVERHEAD
     if cmd is Cmd.BLOCK_STATUS:
@@ -110,6 +116,26 @@ def _write_like(b: Layer, req: Request) -> Awaitable[None] | None:
         return b.zero(req.offset, req.length, bool(req.flags & _NO_HOLE), fua)
     return b.trim(req.offset, req.length, fua)
 
+async def _all_done(waits: list[Awaitable[None]], flush: Callable[[], Awaitable[None] | None]
+                    | None) -> None:
+    """Wait for every piece of a streamed WRITE (the first error is raised), then, for FUA,
+    for ``flush()`` (every completed write durable)."""
+    await asyncio.gather(*waits)
+    if flush is not None and (pending := flush()) is not None:
+        await pending
+
+
+@dataclass
+class _WriteStream:
+    """A streamed WRITE on its way in: the pieces' writes still running, the first error."""
+
+    request: Request
+    cost: int
+    start: float
+    waits: list[Awaitable[None]] = field(default_factory=list)
+    error: Exception | None = None
+
+
 DEFAULT_PORT = 10809
 #: Seconds between looks at the transports' buffers while requests wait for reply budget.
 WAITER_POLL = 0.1
@@ -126,6 +152,9 @@ class ServeConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_required: bool = False
+    tls_ca: str | None = None
+    tls_verify_peer: bool = False
+    tls_identity: str = "address"
     max_connections: int = 512
     address_connections: int = 64
     address_handshakes: int = 16
@@ -171,12 +200,12 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    """A server-side TLS context (TLS 1.2 or newer) from PEM files. Raises OSError/SSLError."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
+def tls_context(cert: str, key: str, ca: str | None = None,
+                verify_peer: bool = False) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2 or newer) from PEM files; client certificates are
+    checked against ``ca`` alone (:func:`icbdcache.tlspeer.server_context`). Raises
+    OSError/SSLError, ValueError for ``verify_peer`` without ``ca``."""
+    return tlspeer.server_context(cert, key, ca, verify_peer)
 
 
 def _identity(transport: asyncio.BaseTransport) -> tuple[str, str]:
@@ -247,7 +276,8 @@ class NBDProtocol(asyncio.Protocol):
         self.id = next(server.ids)
         self.transport: asyncio.Transport | None = None
         self.sm = sm or ServerConnection(
-            server.catalog.for_peer(lambda: self.identity, self._export_refused),
+            server.catalog.for_peer(lambda: self.identity, self._export_refused,
+                                    identity=lambda: self.owner, names=lambda: self.cert_names),
             tls=server.ssl is not None,
             tls_required=server.config.tls_required)
         self.backend: Layer | None = None
@@ -259,6 +289,11 @@ class NBDProtocol(asyncio.Protocol):
         self.handing_over = False
         self.identity = "unknown"
         self.peer = "?"
+        #: The identity overlays belong to: the address (:attr:`identity`), or with
+        #: ``--tls-identity subject`` the subject of a verified client certificate.
+        self.owner = "unknown"
+        #: Names of the client's verified TLS certificate (subject CN, subjectAltName).
+        self.cert_names: frozenset[str] = frozenset()
         self.inflight = 0
         self.requests = 0
         self.read_bytes = 0
@@ -273,6 +308,8 @@ class NBDProtocol(asyncio.Protocol):
         self.tracer = server.tracer
         #: Parsed events (requests first of all) waiting for room in the reply budget.
         self.queue: deque[object] = deque()
+        #: The streamed WRITE whose payload is arriving (:class:`nbd.events.WritePiece`).
+        self.wstream: _WriteStream | None = None
         self._reserved = 0
         self._answered = 0
         self._flushed = 0
@@ -295,6 +332,8 @@ class NBDProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.identity, self.peer = _identity(transport)
+        if not self.tls:
+            self.owner = self.identity
         srv = self.server
         if self.backend is None:  # a new client
             tcp = isinstance(transport.get_extra_info("peername"), tuple)
@@ -580,6 +619,9 @@ class NBDProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.sm.receive_data(b"")
+        if self.wstream is not None:  # its payload will never come: nobody to answer
+            self.wstream = None
+            self.inflight -= 1
         if self.inflight or self.queue:
             # The client half-closed with requests still waiting: keep our side open until
             # their replies are out (closed in _done).
@@ -588,7 +630,9 @@ class NBDProtocol(asyncio.Protocol):
         return None
 
     def _event(self, ev: object) -> None:
-        if isinstance(ev, TransmissionStarted):
+        if type(ev) is WritePiece:
+            self._write_piece(ev)
+        elif isinstance(ev, TransmissionStarted):
             self._start(ev)
         elif isinstance(ev, RequestRejected):
             if self.debug:
@@ -636,7 +680,18 @@ class NBDProtocol(asyncio.Protocol):
         self.transport = tr
         tr.set_write_buffer_limits(high=0)
         self.tls = True
+        self._learn_certificate(tr.get_extra_info("peercert"))
         self.sm.tls_started()
+
+    def _learn_certificate(self, cert: tlspeer.PeerCert | None) -> None:
+        """The client's verified certificate (None or empty: none): its names, and under
+        ``--tls-identity subject`` the identity its overlays belong to."""
+        self.cert_names = tlspeer.peer_names(cert)
+        subject = tlspeer.subject_text(cert)
+        if subject and self.server.config.tls_identity == "subject":
+            self.owner = f"cert:{subject}"
+        if subject:
+            log.debug(kv(event="tls_client", conn=self.id, peer=self.peer, subject=subject))
 
     def _start(self, ev: TransmissionStarted) -> None:
         resolved = ev.export.handle
@@ -644,7 +699,7 @@ class NBDProtocol(asyncio.Protocol):
             self._close()
             return
         export = resolved.export
-        client = Client(self.identity, resolved.options, time.monotonic())
+        client = Client(self.owner, resolved.options, time.monotonic())
         try:
             self.backend = export.connect(client)
         except OSError as e:
@@ -672,6 +727,7 @@ class NBDProtocol(asyncio.Protocol):
             structured="yes" if ev.structured_replies else "no",
             meta=",".join(ev.meta_contexts) or "-", tls="yes" if self.tls else "no",
             mode="cow" if export.writable else "ro",
+            **({"client": self.owner} if self.owner != self.identity else {}),
         ))
 
     # ------------------------------------------------------------ requests
@@ -704,6 +760,11 @@ class NBDProtocol(asyncio.Protocol):
             elif cmd is Cmd.CACHE:
                 b.cache(req.offset, req.length)
                 sm.reply_ok(req)
+            elif req.streamed:  # its payload follows as WritePiece events
+                self._answered -= cost
+                self.inflight += 1
+                self.wstream = _WriteStream(req, cost, start)
+                return
             elif cmd in _WRITE_LIKE:
                 if cmd is Cmd.WRITE:
                     self.write_bytes += req.length
@@ -727,6 +788,50 @@ class NBDProtocol(asyncio.Protocol):
             sm.reply_error(req, Errno.EIO, "internal error")
         if self.tracer is not None:
             self.tracer.answered(self.id, req, start)
+
+    def _write_piece(self, ev: WritePiece) -> None:
+        """Write one piece of a streamed WRITE; after the last, answer it (once every piece's
+        write has completed, and for FUA once it is durable). After an error the rest of the
+        payload is read and dropped, and the reply carries the error (the range's contents are
+        unspecified then, as after any failed WRITE)."""
+        st = self.wstream
+        if st is None or st.request is not ev.request:
+            return  # the connection lost its backend meanwhile
+        b = self.backend
+        self.write_bytes += len(ev.data)
+        if st.error is None:
+            try:
+                if b is None:
+                    raise OSError(errno.EIO, "no export")
+                pending = b.pwrite(ev.offset, ev.data, False)
+                if pending is not None:
+                    st.waits.append(pending)
+            except Exception as e:
+                st.error = e
+        if not ev.last:
+            return
+        self.wstream = None
+        self.inflight -= 1
+        req = st.request
+        if st.error is None and (st.waits or req.flags & _FUA):
+            flush = b.flush if b is not None and req.flags & _FUA else None
+            self._wait(req, _all_done(st.waits, flush), st.start, st.cost)
+            return
+        self._answered += st.cost
+        if st.error is None:
+            self.sm.reply_ok(req)
+        else:
+            for w in st.waits:  # they still run; their outcome no longer matters
+                asyncio.ensure_future(w).add_done_callback(_retrieve)
+            exc = st.error
+            err = Errno.from_os(exc.errno or 0) if isinstance(exc, OSError) else Errno.EIO
+            self.server.errors.warning(kv(event="request_error", conn=self.id, cmd="WRITE",
+                                          offset=req.offset, length=req.length, error=exc,
+                                          reply=err.name), "request error")
+            self.sm.reply_error(req, err, str(exc))
+        if self.tracer is not None:
+            self.tracer.answered(self.id, req, st.start)
+        self._close_if_finished()
 
     def _wait(self, req: Request, result: Awaitable[list[Buffer]] | Awaitable[None],
               start: float, cost: int) -> None:
@@ -850,7 +955,8 @@ class Server:
     def __init__(self, config: ServeConfig, catalog: Catalog) -> None:
         self.config = config
         self.catalog = catalog
-        self.ssl = (tls_context(config.tls_cert, config.tls_key)
+        self.ssl = (tls_context(config.tls_cert, config.tls_key, config.tls_ca,
+                                config.tls_verify_peer)
                     if config.tls_cert and config.tls_key else None)
         self.connections: set[NBDProtocol] = set()
         self.ids = itertools.count(1)
@@ -1114,6 +1220,7 @@ class Server:
             bool(state["no_zeroes"])))
         proto = NBDProtocol(self, sm)
         proto.identity, proto.peer = _identity_of(_peername(sock), sock)
+        proto.owner = proto.identity
         client = Client(proto.identity, resolved.options, time.monotonic())
         try:
             proto.backend = export.connect(client)
@@ -1188,6 +1295,11 @@ class Server:
             await self.metrics.close()
             self.metrics = None
         log.info(kv(event="shutdown", shutdown="done", unfinished=len(left)))
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 #: Transmission flags that let a client send a command: a server carrying a connection on

@@ -99,7 +99,7 @@ class ClientConnection:
         self._tflags = 0
         self._name: str | None = None
         self._description = ""
-        self._block = (1, 4096, wire.MAX_PAYLOAD)
+        self._block = (1, 4096, wire.DEFAULT_MAX_PAYLOAD)
         self._listed: list[tuple[str, str]] = []
         self._cookie = 0
         self._inflight: dict[int, _InFlight] = {}

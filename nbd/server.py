@@ -54,10 +54,12 @@ from nbd.events import (
     RequestRejected,
     StartTLS,
     TransmissionStarted,
+    WritePiece,
 )
 
 Buffer = bytes | bytearray | memoryview
-Event = OptionHaggled | StartTLS | TransmissionStarted | Request | RequestRejected | Disconnect
+Event = (OptionHaggled | StartTLS | TransmissionStarted | Request | WritePiece | RequestRejected
+         | Disconnect)
 
 #: Context id of ``base:allocation`` once selected with NBD_OPT_SET_META_CONTEXT.
 BASE_ALLOCATION_ID = 1
@@ -144,7 +146,13 @@ class ServerConnection:
     ``tls`` says whether STARTTLS can be offered (the caller holds a certificate);
     ``tls_required`` refuses every option but STARTTLS and ABORT until TLS is up
     (NBD proto.md, 'TLS support', FORCEDTLS mode). ``max_payload`` (bytes) bounds READ and WRITE
-    lengths and is advertised as the maximum block size.
+    lengths and is advertised as the maximum block size. A WRITE longer than ``write_piece``
+    bytes (0: never) is checked on its header, returned as a ``streamed``
+    :class:`~nbd.events.Request`, and its payload delivered as
+    :class:`~nbd.events.WritePiece` events as it arrives, so the connection never holds more
+    than one piece of it; a WRITE refused on its header (bad flags, bounds, over
+    ``max_payload``, read-only) is answered at once and its payload discarded as it arrives
+    (drained), unless it is over :data:`nbd.wire.MAX_DRAIN` (RemoteProtocolError).
     """
 
     def __init__(
@@ -154,13 +162,24 @@ class ServerConnection:
         tls: bool = False,
         tls_required: bool = False,
         max_payload: int = wire.MAX_PAYLOAD,
+        write_piece: int = wire.WRITE_PIECE,
     ) -> None:
         if tls_required and not tls:
             raise ValueError("tls_required needs tls")
+        if write_piece < 0 or write_piece % 4096:
+            raise ValueError("write_piece must be a multiple of 4096")
         self.catalog = catalog
         self.tls_available = tls
         self.tls_required = tls_required
         self.max_payload = max_payload
+        self.write_piece = write_piece
+        #: The streamed WRITE whose payload is arriving, the absolute offset of the piece
+        #: being gathered, the end of the write, and the parts of that piece so far.
+        self._stream: Request | None = None
+        self._piece_at = 0
+        self._stream_end = 0
+        self._parts: list[memoryview] = []
+        self._parts_have = 0
         self._phase = Phase.CLIENT_FLAGS
         self.tls_active = False
         self.no_zeroes = False
@@ -183,12 +202,13 @@ class ServerConnection:
 
     @classmethod
     def resume(cls, catalog: ExportCatalog, info: ExportInfo, state: TransmissionState, *,
-               max_payload: int = wire.MAX_PAYLOAD) -> ServerConnection:
+               max_payload: int = wire.MAX_PAYLOAD,
+               write_piece: int = wire.WRITE_PIECE) -> ServerConnection:
         """A connection in transmission on ``info`` as :meth:`transmission_state` described
         it in another process: no greeting is sent, requests are checked against the flags the
         client was given. Feed ``state.pending`` to :meth:`receive_data` before anything read
         from the socket."""
-        conn = cls(catalog, max_payload=max_payload)
+        conn = cls(catalog, max_payload=max_payload, write_piece=write_piece)
         conn._out = []
         conn.export = info
         conn._flags = TransmissionFlag(state.flags)
@@ -205,7 +225,8 @@ class ServerConnection:
         """What :meth:`resume` needs to carry this connection on elsewhere. Only in
         transmission, with every queued reply taken (:meth:`data_to_send`). Raises
         LocalProtocolError otherwise."""
-        if self._phase is not Phase.TRANSMISSION or self._out or self._skip:
+        if (self._phase is not Phase.TRANSMISSION or self._out or self._skip
+                or self._stream is not None):
             raise LocalProtocolError("only an idle connection in transmission can be handed over")
         return TransmissionState(self._size, int(self._flags), self.structured,
                                  self.meta_contexts, self.no_zeroes, b"".join(self._pending))
@@ -247,6 +268,11 @@ class ServerConnection:
             data = data[n:]
             if not data:
                 return events
+        if self._stream is not None:
+            pos = self._feed_stream(data, 0, events)
+            if pos == len(data):
+                return events
+            data = data[pos:]
         if self._pending:
             self._pending.append(data)
             self._have += len(data)
@@ -560,6 +586,29 @@ class ServerConnection:
                 if length > wire.MAX_DRAIN:
                     self.phase = Phase.CLOSED
                     raise RemoteProtocolError(f"write of {length} bytes is too large to drain")
+                piece = self.write_piece
+                if (piece and length > piece) or length > max_payload:
+                    # checked on its header: streamed, or answered and drained
+                    pos += hdr
+                    err = self._check(cmd, flags, offset, length)
+                    if err is not None:
+                        error, reason = err
+                        self._error_reply(cookie, cmd, offset, error, reason)
+                        append(RequestRejected(cookie, cmd, error, reason))
+                        n = min(length, end - pos)
+                        pos += n
+                        self._skip = length - n
+                    else:
+                        req = Request(cookie, Cmd.WRITE, flags, offset, length, b"", True)
+                        append(req)
+                        self._stream = req
+                        self._piece_at = offset
+                        self._stream_end = offset + length
+                        pos = self._feed_stream(data, pos, events)
+                    if self._skip or self._stream is not None:
+                        self._need = hdr
+                        return pos
+                    continue
                 if end - pos < hdr + length:
                     self._need = hdr + length
                     return pos
@@ -580,6 +629,36 @@ class ServerConnection:
                 self._error_reply(cookie, cmd, offset, error, reason)
                 events.append(RequestRejected(cookie, cmd, error, reason))
         self._need = hdr
+        return pos
+
+    def _feed_stream(self, data: bytes, pos: int, events: list[Event]) -> int:
+        """Take the payload of the streamed WRITE from ``data[pos:]``: each piece completed
+        becomes a :class:`WritePiece`. Returns where the payload ended in ``data`` (``len(data)``
+        when it goes on)."""
+        req = self._stream
+        assert req is not None
+        end = len(data)
+        view = memoryview(data)
+        step = self.write_piece
+        while pos < end:
+            at = self._piece_at
+            stop = min((at // step + 1) * step, self._stream_end)
+            n = min(stop - at - self._parts_have, end - pos)
+            self._parts.append(view[pos : pos + n])
+            self._parts_have += n
+            pos += n
+            if at + self._parts_have < stop:
+                break
+            parts = self._parts
+            piece = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+            self._parts = []
+            self._parts_have = 0
+            self._piece_at = stop
+            last = stop == self._stream_end
+            events.append(WritePiece(req, at, piece, last))
+            if last:
+                self._stream = None
+                break
         return pos
 
     def _check(self, cmd: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:

@@ -47,12 +47,23 @@ MAX_OPTION_LENGTH = 64 * 1024
 #: Longest string (export name, query, description) accepted, per proto.md 'Strings'.
 MAX_STRING = 4096
 #: Largest read or write payload this implementation accepts, advertised as the maximum block
-#: size in NBD_INFO_BLOCK_SIZE (proto.md, 'Block size constraints': at least 32 MiB is what the
-#: kernel and qemu assume when no constraint is given).
-MAX_PAYLOAD = 32 * 1024 * 1024
-#: A write whose payload exceeds this is not drained but ends the connection: reading that much
-#: data only to throw it away is an easy denial of service.
-MAX_DRAIN = 64 * 1024 * 1024
+#: size in NBD_INFO_BLOCK_SIZE. proto.md ('Block size constraints') lets a server refuse more
+#: than 32 MiB, but the reference servers take more (nbdkit up to 64 MiB, nbd-server without a
+#: bound) and clients written against them send it; a WRITE this large is streamed (see
+#: :data:`WRITE_PIECE`), so it does not cost its size in memory.
+MAX_PAYLOAD = 64 * 1024 * 1024
+#: What a client assumes the server takes when it advertises no block size (proto.md: 32 MiB
+#: is what the kernel and qemu assume).
+DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
+#: A WRITE whose payload is longer than this is delivered in pieces of at most this many bytes
+#: (:class:`nbd.events.WritePiece`), each ending at a multiple of it in the export (except the
+#: last), instead of being held whole. A power of two, a multiple of 4096.
+WRITE_PIECE = 1024 * 1024
+#: A WRITE refused with an error has its payload read and discarded (drained, without holding
+#: it) when it is at most this long; a longer one ends the connection: a length that large is
+#: a client that lost track of the stream, and reading it only to throw it away is an easy
+#: denial of service.
+MAX_DRAIN = 2 * MAX_PAYLOAD
 #: Preferred and minimum block sizes advertised (bytes).
 MIN_BLOCK = 1
 PREFERRED_BLOCK = 4096

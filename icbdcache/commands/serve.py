@@ -81,6 +81,18 @@ SERVE = Command(
      Option("tls-key", metavar="FILE", help="PEM private key"),
      Option("tls-required", "bool",
             help="refuse every option but STARTTLS/ABORT until TLS is up"),
+     Option("tls-ca", metavar="FILE",
+            help="PEM bundle of the CAs client certificates must chain to (only these, not "
+                 "the system's); a client that presents another certificate, or an expired "
+                 "one, fails the TLS handshake"),
+     Option("tls-verify-peer", "bool",
+            help="every client must present a certificate that chains to --tls-ca (implies "
+                 "--tls-required)"),
+     Option("tls-identity", default="address", choices=("address", "subject"),
+            metavar="address|subject",
+            help="whose copy-on-write overlay a client gets: its address (default), or the "
+                 "subject of its verified client certificate (docs/serve.md, Client "
+                 "identity)"),
      Option("max-connections", "int", metavar="N", group=LIMITS_GROUP,
             help="connections beyond this are closed at once (default 512)"),
      Option("address-connections", "int", metavar="N", group=LIMITS_GROUP,
@@ -197,6 +209,24 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("copy-on-write exports (,cow and --store-cow) with --workers > 1 "
                          "need TCP --listen addresses only, not --unix (a client's overlay "
                          "lives in one worker, and a client is steered there by address)")
+    if cfg.tls_ca and not cfg.tls_cert:
+        raise ValueError("--tls-ca needs --tls-cert and --tls-key")
+    if cfg.tls_verify_peer and not cfg.tls_ca:
+        raise ValueError("--tls-verify-peer needs --tls-ca FILE (the CAs client certificates "
+                         "must chain to)")
+    if cfg.tls_verify_peer:
+        cfg.tls_required = True  # a client without a certificate gets no export at all
+    if cfg.tls_identity == "subject" and not cfg.tls_ca:
+        raise ValueError("--tls-identity subject needs --tls-ca FILE (subjects of verified "
+                         "certificates only)")
+    if any(e.tls_names for e in cfg.exports) and not cfg.tls_ca:
+        raise ValueError("an export with tls-name= needs --tls-ca FILE (names of verified "
+                         "certificates only)")
+    if (cfg.workers > 1 and cfg.tls_identity == "subject"
+            and (cfg.store_cow or any(e.cow for e in cfg.exports))):
+        raise ValueError("--tls-identity subject with copy-on-write exports needs --workers 1 "
+                         "(workers are chosen by the client's address, an overlay by its "
+                         "certificate)")
     if cfg.workers > 1 and cfg.trace:
         raise ValueError("--trace needs --workers 1 (one file, one writer)")
     if cfg.workers > 1 and cfg.handover:
@@ -304,6 +334,22 @@ def check_tls(cert: str, key: str) -> None:
                          f"{e.strerror or e}") from e
 
 
+def check_tls_ca(ca: str) -> None:
+    """Load ``--tls-ca`` once, so that a missing file or one without a PEM certificate is
+    refused at startup. Raises ValueError naming the file."""
+    try:
+        with open(ca, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"--tls-ca {ca}: {e.strerror or e}") from e
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError(f"--tls-ca {ca}: not a PEM certificate bundle")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=ca)
+    except ssl.SSLError as e:
+        raise ValueError(f"--tls-ca {ca}: {e}") from e
+
+
 def check_startup(cfg: ServeConfig) -> None:
     """Everything checked before serving, each refusal naming the option or file: the
     ``--cow-dir``, the TLS files, that every file export opens, the store (a missing one is
@@ -318,6 +364,8 @@ def check_startup(cfg: ServeConfig) -> None:
         check_cow_dir(cfg.cow_dir)
     if cfg.tls_cert and cfg.tls_key:
         check_tls(cfg.tls_cert, cfg.tls_key)
+    if cfg.tls_ca:
+        check_tls_ca(cfg.tls_ca)
     # every file export opens, with the export named, before forking (the default export
     # may be a store version, checked below against the store)
     build_catalog(dataclasses.replace(cfg, default_export=None), recover=False).close()

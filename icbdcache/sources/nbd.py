@@ -21,6 +21,13 @@ Notes on the design:
 - A read whose connection is lost (or whose upstream answers ESHUTDOWN) fails with
   SourceUnavailable; it is not tried again here. Retrying is :meth:`Source.fetch`'s one
   policy (the next attempt takes another live connection, or connects anew).
+- TLS (``nbds://``, ``nbds+unix://``, the NBD URI standard's schemes): the session is upgraded
+  with NBD_OPT_STARTTLS before any other option. ``?tls-certificates=DIR`` names a directory laid
+  out as libnbd's (nbd_set_tls_certificates(3)): ``ca-cert.pem`` (the CAs the upstream's
+  certificate must chain to; without it, the system's trust store), and ``client-cert.pem`` with
+  ``client-key.pem`` (presented when the upstream asks for a client certificate, e.g. another
+  ``serve --tls-verify-peer``). ``?tls-verify-peer=false`` skips checking the upstream's
+  certificate (tests only); ``?tls-hostname=NAME`` is the name checked instead of the host.
 - The upstream export must have the expected size (when given) on every connection; reads are
   widened to the upstream's minimum block size and split at its maximum block size.
 """
@@ -30,8 +37,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import ssl
+from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from icbdcache import tlspeer
 from icbdcache.log import kv
 from icbdcache.sources.base import (
     NBD_PORT,
@@ -49,6 +60,100 @@ log = logging.getLogger("icbdcache.sources")
 #: Back-off after a failure, seconds: first wait and longest wait.
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an NBD URI points: ``address`` ((host, port), or a Unix socket path), ``export``,
+    and with TLS the client context and the name checked against the server's certificate."""
+
+    address: tuple[str, int] | str
+    export: str
+    ssl: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+
+
+_TLS_KEYS = ("tls-certificates", "tls-verify-peer", "tls-hostname")
+
+
+def parse_uri(uri: str) -> Target:
+    """``nbd[s]://HOST[:PORT]/EXPORT`` or ``nbd[s]+unix:///EXPORT?socket=PATH``; the TLS
+    schemes take ``tls-certificates=DIR``, ``tls-verify-peer=false`` and ``tls-hostname=NAME``
+    (see the module notes). Raises ValueError naming what is wrong (also for unreadable
+    certificate files)."""
+    u = urlsplit(uri)
+    export = unquote(u.path[1:] if u.path.startswith("/") else u.path)
+    query = parse_qs(u.query)
+    scheme = u.scheme
+    tls = scheme in ("nbds", "nbds+unix")
+    context: ssl.SSLContext | None = None
+    hostname: str | None = None
+    if tls:
+        opts = {k: query.pop(k) for k in _TLS_KEYS if k in query}
+        if any(len(v) != 1 for v in opts.values()):
+            raise ValueError(f"a TLS parameter given twice in {uri!r}")
+        verify = opts.get("tls-verify-peer", ["true"])[0].lower()
+        if verify not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"tls-verify-peer wants true or false in {uri!r}")
+        hostname = opts.get("tls-hostname", [None])[0]
+        context = _tls_context(opts.get("tls-certificates", [None])[0],
+                               verify in ("true", "1", "yes"), uri)
+        scheme = scheme.replace("nbds", "nbd", 1)
+    address: tuple[str, int] | str
+    if scheme == "nbd":
+        if not u.hostname:
+            raise ValueError(f"no host in {uri!r}")
+        if query:
+            raise ValueError(f"unsupported query in {uri!r}")
+        address = (u.hostname, u.port or NBD_PORT)
+    elif scheme == "nbd+unix":
+        if u.netloc:
+            raise ValueError(f"nbd+unix URI with a host: {uri!r}")
+        sockets = query.pop("socket", [])
+        if len(sockets) != 1 or query:
+            raise ValueError(f"nbd+unix URI needs exactly ?socket=PATH: {uri!r}")
+        address = sockets[0]
+        hostname = hostname or "localhost"
+    else:
+        raise ValueError(f"unsupported source scheme {u.scheme!r} in {uri!r}")
+    return Target(address, export, context, hostname)
+
+
+def _tls_context(certs: str | None, verify: bool, uri: str) -> ssl.SSLContext:
+    """The client context of ``tls-certificates=DIR`` (libnbd's layout). Raises ValueError."""
+    ca = cert = key = None
+    if certs is not None:
+        if not os.path.isdir(certs):
+            raise ValueError(f"tls-certificates={certs} is not a directory in {uri!r}")
+        found = {n: os.path.join(certs, n) for n in ("ca-cert.pem", "client-cert.pem",
+                                                    "client-key.pem")}
+        found = {n: p for n, p in found.items() if os.path.exists(p)}
+        ca = found.get("ca-cert.pem")
+        cert, key = found.get("client-cert.pem"), found.get("client-key.pem")
+    try:
+        return tlspeer.client_context(ca, cert, key, verify)
+    except (OSError, ssl.SSLError, ValueError) as e:
+        raise ValueError(f"TLS files of {uri!r}: {e}") from e
+
+
+def _without_query(uri: str) -> str:
+    """``uri`` for logs: its query (file paths of TLS settings) left out, but ``socket=``."""
+    u = urlsplit(uri)
+    keep = "&".join(f"socket={p}" for p in parse_qs(u.query).get("socket", []))
+    return u._replace(query=keep).geturl()
+
+
+async def connect(t: Target, *, timeout: float | None, meta_contexts: tuple[str, ...] = (),
+                  ) -> aio.AsyncClient:
+    """Open and negotiate one connection to ``t`` (:func:`nbd.aio.connect`, same errors)."""
+    if isinstance(t.address, str):
+        return await aio.connect(t.server_hostname or "", None, t.export, unix=t.address,
+                                 timeout=timeout, meta_contexts=meta_contexts, ssl=t.ssl,
+                                 server_hostname=t.server_hostname)
+    host, port = t.address
+    return await aio.connect(host, port, t.export, timeout=timeout,
+                             meta_contexts=meta_contexts, ssl=t.ssl,
+                             server_hostname=t.server_hostname)
 
 
 class _Lost(Exception):
@@ -92,6 +197,10 @@ class NBDSource(Source):
                 name = f"nbd://{host}:{address[1]}/{export}"
         super().__init__(name, size)
         self.address = address
+        #: TLS client context and the name checked against the upstream's certificate
+        #: (``nbds://``, :func:`parse_uri`); None: plaintext.
+        self.ssl: ssl.SSLContext | None = None
+        self.server_hostname: str | None = None
         self.export = export
         self.timeout = timeout
         self.connections = connections
@@ -104,29 +213,14 @@ class NBDSource(Source):
     @classmethod
     def from_uri(cls, uri: str, *, size: int | None = None, timeout: float = 5.0,
                  connections: int = 4) -> NBDSource:
-        """``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH`` (the NBD URI
-        standard, without TLS). Raises ValueError on anything else."""
-        u = urlsplit(uri)
-        export = unquote(u.path[1:] if u.path.startswith("/") else u.path)
-        query = parse_qs(u.query)
-        address: tuple[str, int] | str
-        if u.scheme == "nbd":
-            if not u.hostname:
-                raise ValueError(f"no host in {uri!r}")
-            if query:
-                raise ValueError(f"unsupported query in {uri!r}")
-            address = (u.hostname, u.port or NBD_PORT)
-        elif u.scheme == "nbd+unix":
-            if u.netloc:
-                raise ValueError(f"nbd+unix URI with a host: {uri!r}")
-            sockets = query.pop("socket", [])
-            if len(sockets) != 1 or query:
-                raise ValueError(f"nbd+unix URI needs exactly ?socket=PATH: {uri!r}")
-            address = sockets[0]
-        else:
-            raise ValueError(f"unsupported source scheme {u.scheme!r} in {uri!r}")
-        return cls(address, export, name=uri, size=size, timeout=timeout,
-                   connections=connections)
+        """``nbd[s]://HOST[:PORT]/EXPORT`` or ``nbd[s]+unix:///EXPORT?socket=PATH`` (the NBD
+        URI standard; TLS parameters in :func:`parse_uri`). Raises ValueError on anything
+        else."""
+        t = parse_uri(uri)
+        src = cls(t.address, t.export, name=_without_query(uri) if t.ssl else uri, size=size,
+                  timeout=timeout, connections=connections)
+        src.ssl, src.server_hostname = t.ssl, t.server_hostname
+        return src
 
     # ------------------------------------------------------------------ health
 
@@ -177,12 +271,8 @@ class NBDSource(Source):
         Raises SourceUnavailable or SourceDataError, having started the back-off.
         """
         try:
-            if isinstance(self.address, str):
-                client = await aio.connect("", None, self.export, unix=self.address,
-                                           timeout=self.timeout)
-            else:
-                host, port = self.address
-                client = await aio.connect(host, port, self.export, timeout=self.timeout)
+            client = await connect(Target(self.address, self.export, self.ssl,
+                                          self.server_hostname), timeout=self.timeout)
         except (OSError, ProtocolError, NegotiationError) as e:
             reason = "connect timed out" if isinstance(e, TimeoutError) else str(e)
             self._failed(reason)

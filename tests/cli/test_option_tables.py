@@ -172,6 +172,7 @@ def test_long_running_commands_take_every_long_option_as_a_key() -> None:
 SAMPLES_BY_NAME: dict[str, Any] = {
     "listen": ["127.0.0.1:1234"], "export": ["lab=/srv/lab.img,cow"],
     "compress": "zstd:5", "ip": "dhcp", "overlay": "none", "pxe-ip": "dhcp",
+    "tls-identity": "subject",
     "pxe-overlay": "tmpfs:1g", "subscribe": ["lab", "exam"], "pull-parallel": 5,
     "pull-batch": 128, "pxe-tftp-port": "off", "tftp-port": 0, "http-port": "off",
     "pxe-http-port": 8088, "allow": ["10.0.0.0/8", "192.168.1.7/32"],

@@ -162,7 +162,8 @@ def test_request_errors_keep_the_connection(srv: Server, disk: Path, structured:
             ("unknown command flag", lambda: c.read(0, 4096, flags=1 << 14)[0], Errno.EINVAL),
             ("write to read-only", lambda: c.simple(Cmd.WRITE, 0, 4096, data=bytes(4096)),
              Errno.EPERM),
-            ("64 MiB READ", lambda: c.read(0, 64 * MiB)[0], Errno.EINVAL),
+            ("READ over the 64 MiB maximum", lambda: c.read(0, wire.MAX_PAYLOAD + 4096)[0],
+             Errno.EINVAL),
         ]
         for what, do, want in cases:
             got = do()
@@ -173,8 +174,8 @@ def test_request_errors_keep_the_connection(srv: Server, disk: Path, structured:
         err = c.simple(Cmd.WRITE, size - 4096, 8192, data=bytes(8192))
         assert err == Errno.ENOSPC
         alive(c)
-        # Over the 32 MiB payload limit but under the 64 MiB drain limit: drained, refused.
-        big = b"\xab" * (40 * MiB)
+        # Over the 64 MiB payload limit but under the drain limit: refused, drained.
+        big = b"\xab" * (wire.MAX_PAYLOAD + 8 * MiB)
         assert c.simple(Cmd.WRITE, 0, len(big), data=big) == Errno.EINVAL
         err, data = c.read(0, 8192)
         assert err == 0 and data == expected(disk, 0, 8192)  # nothing of it was written

@@ -183,7 +183,10 @@ def test_open_source_specs(tmp_path: Path) -> None:
     assert isinstance(n, NBDSource) and n.address == ("::1", 10900) and n.export == ""
     n = open_source("nbd+unix:///disk?socket=/run/up.sock")
     assert isinstance(n, NBDSource) and n.address == "/run/up.sock" and n.export == "disk"
-    for bad in ("", "http://host/x", "nbds://host/x", "nbd:///x", "nbd+unix:///x",
+    n = open_source("nbds://example.org/lab")  # TLS, the upstream checked by the system CAs
+    assert isinstance(n, NBDSource) and n.ssl is not None and n.ssl.check_hostname
+    for bad in ("", "http://host/x", "nbds://host/x?tls-certificates=/nonexistent",
+                "nbds://host/x?tls=1", "nbd:///x", "nbd+unix:///x",
                 "nbd+unix://host/x?socket=/s", "nbd://host:99999/x", "nbd://host/x?tls=1"):
         with pytest.raises(ValueError):
             open_source(bad)
