@@ -5,7 +5,6 @@ address, and an HTTP proxy that holds a replica's chunk requests (a pull caught 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import signal
@@ -206,79 +205,6 @@ def read_all(c: RawClient, size: int, step: int = 4 * MiB) -> bytes:
 
 
 ACK = Rep.ACK
-
-
-class HoldingProxy:
-    """An HTTP proxy (its own thread and event loop) between a replica and a master at
-    ``target_port``, which holds chunk requests of at least ``hold_digests`` digests (a
-    replica's pull) until :attr:`release` is set; faults (fewer digests) pass."""
-
-    def __init__(self, target_port: int, hold_digests: int = 32) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.hold_digests = hold_digests
-        self.release = threading.Event()
-        self.held = 0
-        self._ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._start())
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _start(self) -> None:
-        import aiohttp
-        from aiohttp import web
-
-        self._session = aiohttp.ClientSession(auto_decompress=False,
-                                              timeout=aiohttp.ClientTimeout(total=None))
-        app = web.Application(client_max_size=1 << 24)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def _handle(self, request: Any) -> Any:
-        import aiohttp
-        from aiohttp import web
-
-        body = await request.read()
-        if request.path == "/v1/chunks" and len(body) >= self.hold_digests * 16:
-            self.held += 1
-            while not self.release.is_set():
-                await asyncio.sleep(0.05)
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("authorization", "content-type")}
-        try:
-            async with self._session.request(
-                    request.method, f"http://127.0.0.1:{self.target_port}{request.path_qs}",
-                    data=body or None, headers=headers) as r:
-                data = await r.read()
-                out = {k: v for k, v in r.headers.items()
-                       if k.lower().startswith("x-icbd") or k.lower() == "content-type"}
-                return web.Response(status=r.status, body=data, headers=out)
-        except aiohttp.ClientError:
-            return web.Response(status=502, text='{"error": "proxy: master unreachable"}')
-
-    def close(self) -> None:
-        self.release.set()
-
-        async def stop() -> None:
-            await self._runner.cleanup()
-            await self._session.close()
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
 
 @dataclass

@@ -13,9 +13,9 @@ from typing import Any
 
 import xxhash
 from conftest import free_port, make_image, require
+from masterproxy import MasterProxy
 from shared_store import (
     ACK,
-    HoldingProxy,
     Procs,
     client_from,
     file_sha,
@@ -153,7 +153,7 @@ def test_5_a_site_keeps_its_versions_when_its_master_changes(
     run("publish", str(b2), "--imi", "lab", "--store", str(m2store), "-q")
     port = free_port()
     m1 = procs.master(m1store, "--keepalive-interval", "1", port=port)
-    proxy = HoldingProxy(port, hold_digests=32)
+    proxy = MasterProxy(port, hold_digests=32)
     try:
         replica = procs.spawn("replica", "replica", "--store", str(rstore), "--master",
                               proxy.url, "--site", "s1", "--subscribe", "lab", "--pull-batch",
