@@ -53,7 +53,7 @@ from icbdcache.access import AllowList
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
 from icbdcache.layers.cowdir import LOCK_NAME as COW_LOCK
-from icbdcache.layers.cowdir import CowDir, default_cow_dir
+from icbdcache.layers.cowdir import CowDir, default_cow_dir, write_layout
 from icbdcache.limits import ConnectionLimits, ReplyBudget, reset
 from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import finish_loop, new_event_loop
@@ -1363,6 +1363,8 @@ def build_catalog(config: ServeConfig, node: Node | None = None, *,
         cowdir = CowDir(path, linger=config.cow_linger, max_bytes=config.cow_max)
         if recover:
             cowdir.open(time.monotonic())
+            if config.workers == 1:
+                write_layout(path, 1)
     exports: list[Export] = []
     try:
         for spec in config.exports:
@@ -1570,6 +1572,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
                              "--unix or sockets passed by systemd")
         cow_lock = _hold_dir(cow_dir)
         try:
+            write_layout(cow_dir, config.workers)
             steered = steering.steered_listeners(list(config.listen), config.workers)
         except BaseException:
             os.close(cow_lock)

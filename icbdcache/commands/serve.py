@@ -360,6 +360,9 @@ def check_startup(cfg: ServeConfig) -> None:
     cow_dir = cow_dir_of(cfg)
     if cow_dir is not None:
         check_cow_dir(cow_dir, make=not cfg.cow_dir, held_ok=bool(cfg.handover))
+        from icbdcache.layers.cowdir import check_layout
+
+        check_layout(cow_dir, cfg.workers)
     elif cfg.cow_dir:
         check_cow_dir(cfg.cow_dir)
     if cfg.tls_cert and cfg.tls_key:

@@ -68,6 +68,55 @@ log = logging.getLogger("icbdcache.overlay")
 LOCK_NAME = "icbd-cow.lock"
 
 
+#: The file in ``--cow-dir`` that says how many workers laid its overlays out.
+LAYOUT_NAME = "icbd-cow.workers"
+
+
+def _holds_overlays(path: str) -> bool:
+    """Whether directory ``path`` holds overlay or tombstone records (``ov-*.meta``)."""
+    try:
+        return any(n.startswith("ov-") and n.endswith(".meta") for n in os.listdir(path))
+    except OSError:
+        return False
+
+
+def write_layout(path: str, workers: int) -> None:
+    """Record in ``path`` (made if missing) that ``workers`` processes keep its overlays
+    (``--workers 1``: in ``path``; N > 1: worker I in ``path/worker-I``)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    tmp = os.path.join(path, f".{LAYOUT_NAME}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(f"{workers}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, LAYOUT_NAME))
+
+
+def check_layout(path: str, workers: int) -> None:
+    """Raise ValueError when ``path`` holds overlays (or tombstones) kept by another number of
+    workers than ``workers``: a client would be steered where its overlay is not, and be
+    given the base's bytes in place of its own (docs/serve.md, --workers)."""
+    if not os.path.isdir(path):
+        return
+    by_workers = [n for n in os.listdir(path)
+                  if n.startswith("worker-") and _holds_overlays(os.path.join(path, n))]
+    held = bool(by_workers) or _holds_overlays(path)
+    if not held:
+        return
+    try:
+        with open(os.path.join(path, LAYOUT_NAME)) as f:
+            made = int(f.read().strip())
+    except (OSError, ValueError):
+        made = 1 if _holds_overlays(path) and not by_workers else 0
+    if made == workers:
+        return
+    was = f"--workers {made}" if made else "another --workers"
+    raise ValueError(
+        f"--cow-dir {path} holds overlays kept by {was}: with --workers {workers} their "
+        f"clients would reach a worker without them. Start with {was}, or, to let every "
+        "client boot anew on the clean image, move the directory's contents away")
+
+
 def default_cow_dir(addresses: Sequence[str]) -> str:
     """The ``--cow-dir`` of a server listening on ``addresses`` (``HOST:PORT`` or a Unix
     socket path) when none is given: ``$TMPDIR/icbd-cow-UID-HASH``, the same for the same

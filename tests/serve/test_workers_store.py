@@ -252,6 +252,64 @@ def test_a_killed_worker_is_started_again_with_its_clients_overlays(
     assert srv.stop() == 0
 
 
+def test_overlays_kept_by_another_number_of_workers_refuse_the_start(
+        tmp_path: Path, server_factory: Any) -> None:
+    """A ``--cow-dir`` whose overlays two workers keep is refused by ``--workers 1`` and
+    ``--workers 3`` (their clients would reach a worker without their overlay and read the
+    base); ``--workers 2`` again serves the client its FLUSHed bytes; and the other way:
+    overlays of one process refuse ``--workers 2``."""
+    img = make_image(tmp_path / "base.img", 8 * MiB)
+    cow = tmp_path / "cow"
+    cow.mkdir()
+    args = ["--export", f"lab={img},cow", "--cow-dir", str(cow)]
+    mine = bytes([0x77]) * 4096
+
+    def refused(args: list[str], workers: str, why: str) -> None:
+        p = subprocess.run([str(BIN / "icbd-cache"), "serve", *args, "--workers", workers,
+                            "--listen", "127.0.0.1:1"], capture_output=True, text=True,
+                           timeout=60, check=False)
+        assert p.returncode == 2 and why in p.stderr, (p.returncode, p.stderr)
+
+    def write(srv: Any) -> None:
+        c = bound_client(srv.port, "127.0.0.5")
+        c.handshake()
+        assert c.go("lab") == 0x1
+        assert c.simple(Cmd.WRITE, 0, len(mine), data=mine) == 0
+        assert c.simple(Cmd.FLUSH, 0, 0) == 0
+        c.close()
+
+    def read(srv: Any) -> bytes:
+        c = bound_client(srv.port, "127.0.0.5")
+        c.handshake()
+        assert c.go("lab") == 0x1
+        rc, data = c.read(0, len(mine))
+        c.close()
+        assert rc == 0
+        return bytes(data)
+
+    srv = server_factory(*args, "--workers", "2")
+    worker_pids(srv)
+    write(srv)
+    assert srv.stop() == 0
+    for n in ("1", "3"):
+        refused(args, n, "holds overlays kept by --workers 2")
+    srv = server_factory(*args, "--workers", "2")
+    worker_pids(srv)
+    assert read(srv) == mine
+    assert srv.stop() == 0
+
+    cow1 = tmp_path / "cow1"
+    cow1.mkdir()
+    args = ["--export", f"lab={img},cow", "--cow-dir", str(cow1)]
+    srv = server_factory(*args)
+    write(srv)
+    assert srv.stop() == 0
+    refused(args, "2", "holds overlays kept by --workers 1")
+    srv = server_factory(*args)
+    assert read(srv) == mine
+    assert srv.stop() == 0
+
+
 # ------------------------------------------------------------------ serve --master
 
 
