@@ -359,7 +359,8 @@ def handover(answer: dict[str, Any], master_url: str | None) -> str:
              "a channel you trust (scp, your configuration management), into a file only "
              "the site's service reads (mode 600), and give the site:", 78),
         f"  icbd-cache serve --store DIR --master {url} --site {site} \\",
-        "      --master-token-file /etc/icbd-cache/site.token --subscribe IMI",
+        "      --master-token-file /etc/icbd-cache/site.token --subscribe IMI \\",
+        "      --trust-key /etc/icbd-cache/signing.key.pub",
         wrap("(or 'icbd-cache replica' with the same options). The token travels in every "
              "request: across a network, serve the master over https (--tls-cert). "
              f"'icbd-cache admin forget {site}' revokes it at once.", 78),
