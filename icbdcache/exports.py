@@ -288,13 +288,14 @@ class Catalog:
         return found.export.info(handle=found)
 
     def for_peer(self, address: Callable[[], str],
-                 refused: Callable[[str], None] | None = None, *,
+                 refused: Callable[[str, str], None] | None = None, *,
                  identity: Callable[[], str] | None = None,
                  names: Callable[[], frozenset[str]] | None = None) -> PeerCatalog:
         """The catalog as one connection asks it: ``address()`` is its client's address;
-        ``refused(export name)`` is told of each export its ``allow=`` or ``tls-name=`` list
-        keeps from it; ``identity()`` the client identity its overlays belong to (default: the
-        address); ``names()`` the names of its verified TLS certificate (default: none)."""
+        ``refused(export name, why)`` is told of each export its ``allow=`` or ``tls-name=``
+        list keeps from it (``why``: which list, and why); ``identity()`` the client identity
+        its overlays belong to (default: the address); ``names()`` the names of its verified
+        TLS certificate (default: none)."""
         return PeerCatalog(self, address, refused, identity=identity, names=names)
 
     def exports(self) -> Sequence[tuple[str, str]]:
@@ -328,7 +329,7 @@ class PeerCatalog:
     which only a client whose verified certificate carries one of the names sees."""
 
     def __init__(self, catalog: Catalog, address: Callable[[], str],
-                 refused: Callable[[str], None] | None = None, *,
+                 refused: Callable[[str, str], None] | None = None, *,
                  identity: Callable[[], str] | None = None,
                  names: Callable[[], frozenset[str]] | None = None) -> None:
         self.catalog = catalog
@@ -338,18 +339,29 @@ class PeerCatalog:
         self.names = names or frozenset
 
     def _allowed(self, export: Export) -> bool:
+        return self._refusal(export) is None
+
+    def _refusal(self, export: Export) -> str | None:
+        """Why ``export`` is hidden from this client (None: it is not)."""
         if export.tls_names and not export.tls_names & self.names():
-            return False
+            return ("no verified certificate names one of the export's tls-name= names"
+                    if not self.names() else
+                    f"the certificate's names are not in the tls-name= list of export "
+                    f"{export.name}")
         addr = self.address()
-        return not export.allow or addr.startswith("unix:") or export.allow.allows(addr)
+        if not export.allow or addr.startswith("unix:") or export.allow.allows(addr):
+            return None
+        return f"{self.identity()} is not in the allow= list of export {export.name}"
 
     def lookup(self, name: str) -> ExportInfo | None:
         info = self.catalog.lookup(name, self.identity())
         handle = info.handle if info is not None else None
-        if isinstance(handle, Resolved) and not self._allowed(handle.export):
-            if self.refused is not None:
-                self.refused(handle.export.name)
-            return None
+        if isinstance(handle, Resolved):
+            why = self._refusal(handle.export)
+            if why is not None:
+                if self.refused is not None:
+                    self.refused(handle.export.name, why)
+                return None
         return info
 
     def exports(self) -> Sequence[tuple[str, str]]:

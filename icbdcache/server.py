@@ -371,9 +371,9 @@ class NBDProtocol(asyncio.Protocol):
             self._arm(self._watch_interval(time.monotonic()))
         self._flush()
 
-    def _export_refused(self, name: str) -> None:
-        self.server.refuse(self, "export allow", f"{self.identity} is not in the allow= list "
-                                                 f"of export {name}", export=name)
+    def _export_refused(self, name: str, why: str) -> None:
+        reason = "export tls-name" if "tls-name=" in why else "export allow"
+        self.server.refuse(self, reason, why, export=name)
 
     @property
     def export_name(self) -> str | None:
