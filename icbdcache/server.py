@@ -1656,6 +1656,9 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         recent.append(now)
         new = spawn(i)
         workers[new] = (i, time.monotonic())
+        if stopping:  # SIGTERM came while it was forked, before forward() could see it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(new, signal.SIGTERM)
         log.warning(kv(event="worker_exited", worker=i, pid=pid, status=code,
                        action=f"started again as {new}"))
     for socks in steered:
