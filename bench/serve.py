@@ -245,6 +245,11 @@ def register(subparsers: Any) -> None:
                    help="another build of icbd-cache (e.g. the previous commit installed in a "
                         "venv of its own) measured in the same run: each icbd server gets a "
                         "'-base' twin run right after it")
+    p.add_argument("--baseline-args", metavar="ARGS",
+                   help="arguments for the '-base' twins instead of --icbd-args, one "
+                        "shell-quoted string; without --baseline-bin the twins run this build, "
+                        "e.g. --icbd-args='--workers 2' --baseline-args='--workers 1' pairs "
+                        "two workers with one")
     p.add_argument("--icbd-args", default="",
                    help="extra arguments for 'icbd-cache serve', one shell-quoted string; "
                         "write it as --icbd-args='--flag value'")
@@ -277,12 +282,21 @@ class Settings:
     plot_path: Path
     tmpdir: Path | None
     baseline_bin: str | None = None
+    #: the ``-base`` twins' extra arguments (None: ``icbd_args``)
+    baseline_args: list[str] | None = None
+
+    def extra_args(self, name: str) -> list[str]:
+        """Extra ``icbd-cache serve`` arguments of server ``name`` (none for other servers)."""
+        if not name.startswith("icbd"):
+            return []
+        if name != servers.kind(name) and self.baseline_args is not None:
+            return self.baseline_args
+        return self.icbd_args
 
 
-def _with_twins(names: list[str], baseline: Path | None) -> list[str]:
-    """``names`` with each icbd server's ``-base`` twin right after it when ``baseline`` (an
-    icbd-cache binary) is given."""
-    if baseline is None:
+def _with_twins(names: list[str], twins: bool) -> list[str]:
+    """``names`` with each icbd server's ``-base`` twin right after it when ``twins``."""
+    if not twins:
         return names
     out: list[str] = []
     for n in names:
@@ -304,7 +318,7 @@ def resolve(args: argparse.Namespace) -> Settings:
     if workloads and all(w.writes for w in workloads):
         names = [n for n in names if servers.kind(n) not in servers.READ_ONLY_SERVERS]
     return Settings(
-        servers=_with_twins(names, args.baseline_bin),
+        servers=_with_twins(names, bool(args.baseline_bin or args.baseline_args is not None)),
         workloads=workloads,
         image=args.image,
         image_size=args.image_size or (64 * MIB if quick else 1 << 30),
@@ -319,6 +333,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         plot_path=args.plot or out / "serve.png",
         tmpdir=args.tmpdir,
         baseline_bin=str(args.baseline_bin.resolve()) if args.baseline_bin else None,
+        baseline_args=(None if args.baseline_args is None
+                       else shlex.split(args.baseline_args)),
     )
 
 
@@ -528,7 +544,7 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
     client_log = log_dir / f"client-{name}-{tag}.log"
     scratch: Path | None = None
     try:
-        extra = s.icbd_args if name.startswith("icbd") else ()
+        extra = s.extra_args(name)
         if w.writes:
             if servers.kind(name) in servers.READ_ONLY_SERVERS:
                 raise ValueError(f"{name} serves reads only")
@@ -632,7 +648,7 @@ def run(s: Settings) -> int:
     binaries: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for name in s.servers:
-        b = servers.server_binary(name, s.baseline_bin)
+        b = servers.server_binary(name, s.baseline_bin or servers.find_tool("icbd-cache"))
         if b is None:
             msg = servers.missing_message(servers.binary_name(name))
             if name == "icbd":
@@ -711,7 +727,7 @@ def _meta(s: Settings, image: Path, size: int, names: list[str], binaries: dict[
     srv: dict[str, Any] = {}
     writes = any(w.writes for w in workloads)
     for n in names:
-        extra = s.icbd_args if n.startswith("icbd") else ()
+        extra = s.extra_args(n)
         cmd = servers.server_command(n, binaries[n], image, port, extra)
         srv[n] = {"binary": binaries[n], "version": servers.tool_version(binaries[n]),
                   "cmd": shlex.join(cmd).replace(str(port), "PORT")}

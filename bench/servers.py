@@ -31,6 +31,7 @@ a venv of its own), so a change is measured before and after in one run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -162,17 +163,17 @@ def server_command(name: str, binary: str, image: Path, port: int,
 
 def warm_store(binary: str, image: Path) -> Path:
     """A store beside ``image`` holding it whole as iMI ``img`` (``icbd-cache import --copy``),
-    made once per image and reused: the warm-store server serves it from LMDB. A build that
-    records store formats upgrades a store an older build made (``store upgrade``, a no-op
-    on a store of its own format); an older build reads a newer store as it is."""
-    store = image.with_name(image.name + ".icbd-store")
+    made once per image and build and reused: the warm-store server serves it from LMDB. Each
+    build (``binary``, by its resolved path) imports its own store, so a ``--baseline-bin``
+    build is measured on a store of its own format (an older build cannot read a newer
+    store, and a newer one would have to upgrade an older store in place).
+
+    Raises subprocess.CalledProcessError when the import fails."""
+    tag = hashlib.blake2b(str(Path(binary).resolve()).encode(), digest_size=4).hexdigest()
+    store = image.with_name(f"{image.name}.icbd-store-{tag}")
     if not (store / "data.mdb").exists():
         subprocess.run([binary, "import", str(image), "--imi", EXPORT, "--version", "1",
                         "--copy", "--store", str(store)], check=True, capture_output=True)
-    elif subprocess.run([binary, "store", "upgrade", "--help"], capture_output=True,
-                        check=False).returncode == 0:
-        subprocess.run([binary, "store", "upgrade", "--store", str(store), "-q"], check=True,
-                       capture_output=True)
     return store
 
 
