@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import random
+import resource
 import shlex
 import shutil
 import signal
@@ -118,8 +119,9 @@ class RunResult:
     ``duration_s`` and ``cpu_s`` seconds, ``cpu_us_per_req`` server CPU µs per request,
     ``idle_cpu_pct`` machine-wide CPU busy % while idle before the run, ``load1`` the 1-minute
     load average then, ``idle_wait_s`` seconds waited for ``--wait-idle``, ``warm_s`` seconds
-    spent reading the image into the page cache. For nbdcopy, ``copies`` whole-image copies ran
-    back to back and ``duration_s`` is the mean seconds per copy.
+    spent reading the image into the page cache, ``client_cpu_pct`` the client's CPU time over
+    its wall time (percent of one core). For nbdcopy, ``copies`` whole-image copies ran back to
+    back and ``duration_s`` is the mean seconds per copy.
     """
 
     workload: str
@@ -140,6 +142,7 @@ class RunResult:
     warm_s: float | None = None
     idle_wait_s: float | None = None
     copies: int | None = None
+    client_cpu_pct: float | None = None
     error: str | None = None
 
 
@@ -437,12 +440,15 @@ def parse_fio(doc: dict[str, Any], writes: bool = False) -> dict[str, float | in
             "requests": int(rd["total_ios"]), "duration_s": float(rd["runtime"]) / 1000.0}
 
 
-def run_client(cmd: list[str], log: Path, timeout: float) -> float:
-    """Run a client to completion, output appended to ``log``; return its wall time (s).
+def run_client(cmd: list[str], log: Path, timeout: float,
+               cpu: list[float] | None = None) -> float:
+    """Run a client to completion, output appended to ``log``; return its wall time (s) and
+    append its CPU time (s, user + system, its children included) to ``cpu`` when given.
 
     The client gets its own process group, killed by its PID on timeout or interrupt. Raises
     RuntimeError when it fails.
     """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "ab") as out:
         out.write(f"$ {shlex.join(cmd)}\n".encode())
         out.flush()
@@ -457,6 +463,9 @@ def run_client(cmd: list[str], log: Path, timeout: float) -> float:
             proc.wait()
             raise
         elapsed = time.monotonic() - t0
+    if cpu is not None:  # only this client was reaped meanwhile (servers are reaped at stop)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if rc != 0:
         tail = log.read_text(errors="replace")[-1500:]
         raise RuntimeError(f"{Path(cmd[0]).name} exited with {rc}:\n{tail}")
@@ -564,7 +573,9 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
             if w.kind == "fio":
                 fio_json = log_dir / f"fio-{name}-{tag}.json"
                 cmd = fio_command(tools["fio"], w, srv.uri, s.runtime, fio_json)
-                run_client(cmd, client_log, timeout=s.runtime + 120)
+                client_cpu: list[float] = []
+                wall = run_client(cmd, client_log, timeout=s.runtime + 120, cpu=client_cpu)
+                r.client_cpu_pct = 100.0 * client_cpu[0] / wall
                 cpu1 = srv.cpu_seconds()
                 m = parse_fio(json.loads(fio_json.read_text()), w.writes)
                 r.iops, r.mib_s = m["iops"], m["mib_s"]
@@ -576,9 +587,11 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
                 size = image.stat().st_size
                 cmd = nbdcopy_command(tools["nbdcopy"], srv.uri)
                 total, r.copies = 0.0, 0
+                client_cpu = []
                 while r.copies == 0 or total < s.runtime:
-                    total += run_client(cmd, client_log, timeout=600)
+                    total += run_client(cmd, client_log, timeout=600, cpu=client_cpu)
                     r.copies += 1
+                r.client_cpu_pct = 100.0 * sum(client_cpu) / total
                 cpu1 = srv.cpu_seconds()
                 r.duration_s = total / r.copies
                 r.requests = math.ceil(size / NBDCOPY_REQUEST_SIZE) * r.copies

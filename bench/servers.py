@@ -198,26 +198,33 @@ def cold_store_command(binary: str, image: Path, port: int, extra: Sequence[str]
     return ["sh", "-c", script, binary, *extra]
 
 
-def _icbd_version() -> str:
-    """``icbd-cache VERSION (git COMMIT)``: the installed package and the checkout's commit."""
+def _icbd_version(binary: str | None = None) -> str:
+    """``icbd-cache VERSION (git COMMIT)``: the installed package and the commit of the
+    checkout ``binary`` was installed from (``CHECKOUT/.venv/bin/icbd-cache``), or of this
+    checkout when that is not a git checkout."""
     try:
         version = importlib.metadata.version("icbd-cache")
     except importlib.metadata.PackageNotFoundError:
         version = "?"
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=False,
-                             cwd=Path(__file__).resolve().parent)
-        commit = out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.TimeoutExpired):
-        commit = ""
+    here = Path(__file__).resolve().parent
+    places = [Path(binary).absolute().parent.parent.parent] if binary else []
+    commit = ""
+    for cwd in [*places, here]:
+        try:
+            out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True, timeout=10, check=False, cwd=cwd)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            commit = out.stdout.strip()
+            break
     return f"icbd-cache {version}" + (f" (git {commit})" if commit else "")
 
 
 def tool_version(binary: str) -> str:
     """First line of ``binary --version`` (``NAME ?`` if it cannot be run)."""
     if Path(binary).name == "icbd-cache":
-        return _icbd_version()
+        return _icbd_version(binary)
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
                              check=False)

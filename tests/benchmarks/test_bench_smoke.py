@@ -79,3 +79,9 @@ def test_serve_twins_run_with_their_own_arguments(tmp_path: Path) -> None:
     assert meta["servers"]["icbd-store"]["binary"] == meta["servers"]["icbd-store-base"]["binary"]
     runs = [r for r in doc["runs"] if r["error"] is None and r["requests"] > 0]
     assert sorted(r["server"] for r in runs) == ["icbd-store", "icbd-store-base", "nbdkit"]
+    assert all(r["client_cpu_pct"] > 0 for r in runs)  # fio's own CPU, from its rusage
+    by = {r["server"]: r for r in runs}
+    ratio = by["icbd-store"]["iops"] / by["icbd-store-base"]["iops"]
+    table = (out / "serve.md").read_text()
+    assert f"| rand-4k-qd1-x15 | icbd-store | {ratio:.2f}x | {ratio:.2f}x | {ratio:.2f}x | 1 |" \
+        in table
