@@ -171,7 +171,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
-    """Draw bars of IOPS and CPU-per-request ratios to the baseline, per workload, as a PNG.
+    """Draw bars of IOPS and CPU-per-request ratios to the baseline, per workload, as a PNG;
+    without the baseline, each server's IOPS against its ``-base`` twin (:func:`plot_twins`).
 
     Returns False (and writes nothing) when no ratio exists, e.g. the baseline did not run.
     """
@@ -185,7 +186,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     servers = list(dict.fromkeys(r["server"] for r in rows))
     lookup = {(r["workload"], r["server"]): r for r in rows}
     if not any(v is not None for r in rows for v in r.get("ratio", {}).values()):
-        return False
+        return plot_twins(doc, path)
 
     fig = Figure(figsize=(max(8.0, 1.3 * len(workloads) + 2), 7.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -213,6 +214,51 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     mib = meta.get("image_bytes", 0) / (1 << 20)
     fig.suptitle(f"icbd-bench serve: {mib:.0f} MiB page-cached image, {meta.get('runtime_s')} s "
                  f"runs, median of {meta.get('reps')} paired reps", fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_twins(doc: dict[str, Any], path: Path) -> bool:
+    """Bars of each server's IOPS over its ``-base`` twin's (:func:`twins`), per workload,
+    the median of the paired repetitions with a line from the lowest to the highest, as a
+    PNG. Returns False (and writes nothing) when no server has a twin."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pairs = twins(doc.get("runs", []))
+    if not pairs:
+        return False
+    meta = doc.get("meta", {})
+    workloads = list(dict.fromkeys(p["workload"] for p in pairs))
+    servers = list(dict.fromkeys(p["server"] for p in pairs))
+    lookup = {(p["workload"], p["server"]): p for p in pairs}
+    fig = Figure(figsize=(max(8.0, 1.3 * len(workloads) + 2), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(servers))
+    for i, s in enumerate(servers):
+        xs, ys, lo, hi = [], [], [], []
+        for j, w in enumerate(workloads):
+            p = lookup.get((w, s))
+            if p is not None:
+                xs.append(j - 0.4 + width * (i + 0.5))
+                ys.append(p["median"])
+                lo.append(p["median"] - p["low"])
+                hi.append(p["high"] - p["median"])
+        bars = ax.bar(xs, ys, width, label=f"{s} / {s}{TWIN_SUFFIX}", yerr=[lo, hi],
+                      capsize=2)
+        ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=1)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(workloads)), workloads, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("IOPS ratio (higher: this build faster)")
+    ax.margins(y=0.15)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=8,
+               ncols=len(servers))
+    mib = meta.get("image_bytes", 0) / (1 << 20)
+    fig.suptitle(f"icbd-bench serve: each server against its twin, {mib:.0f} MiB image, "
+                 f"{meta.get('runtime_s')} s runs, median and range of {meta.get('reps')} "
+                 "paired reps", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return True
