@@ -17,9 +17,11 @@ Notes on the design
 * The writer does not hold a batch open for more chunks while a lease waits on it
   (``after_queued``): a waiting process pays the commit (an fsync), not the batching delay;
   batches still form from what is queued during the previous commit.
-* The cost on a fault nobody else is fetching: one ``fcntl`` to take the lease, one lookup in
-  the store (it may have landed between the caller's look and the lease), one ``fcntl`` to
-  give it back (from the writer's thread). A hit never gets here.
+* The cost on a fault nobody else is fetching: one ``fcntl`` to take the lease and one to give
+  it back (from the writer's thread). The store is looked at again only after a wait: the
+  caller looked an instant before, in the same step of the event loop, so another process
+  would have had to fetch, commit and give the lease back within those microseconds (then
+  the chunk is fetched twice, and both copies are checked). A hit never gets here.
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ async def fetch_once(layer: Faulting, key: object, index: int, want: bytes) -> b
         await asyncio.sleep(delay)
         delay = min(delay * 2, POLL_MAX)
     try:
-        # stored by another process since the caller looked (it gave the lease back)
-        data = _held(layer, index, want)
+        # stored by another process while this one waited for its lease (it gave the lease
+        # back once the chunk was committed). A lease taken at once needs no second look:
+        # the caller looked an instant before, in the same step of the event loop.
+        data = _held(layer, index, want) if waited else None
         if data is not None:
             leases.release(lease)
             return data

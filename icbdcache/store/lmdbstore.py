@@ -172,6 +172,9 @@ class Store(VersionLifecycle):
             raise StoreError(f"cannot open store {self.path}: {e}") from e
         self._gate = TxnGate()
         self._write_lock = threading.Lock()
+        #: version key -> (its stored metadata's bytes, their instance): a fault's look at
+        #: the stored map (:meth:`map_entry`) decodes a version's JSON once, not every time
+        self._instances: dict[bytes, tuple[bytes, str]] = {}
         try:
             self.env.reader_check()
             self.db: dict[str, Any] = {}
@@ -611,9 +614,16 @@ class Store(VersionLifecycle):
         try:
             with self._txn(buffers=True) as txn:
                 if instance is not None:
-                    raw_meta = txn.get(key.encode(), db=self.db["versions"])
-                    if raw_meta is None or VersionMeta.from_json(
-                            bytes(raw_meta)).instance != instance:
+                    k = key.encode()
+                    raw_meta = txn.get(k, db=self.db["versions"])
+                    if raw_meta is None:
+                        return UNKNOWN
+                    seen = self._instances.get(k)
+                    if seen is None or seen[0] != raw_meta:  # new or changed: decode it
+                        raw = bytes(raw_meta)
+                        seen = (raw, VersionMeta.from_json(raw).instance)
+                        self._instances[k] = seen
+                    if seen[1] != instance:
                         return UNKNOWN
                 raw = txn.get(key.encode(), db=self.db["maps"])
                 if raw is None:
