@@ -62,7 +62,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -582,10 +582,9 @@ class Replica:
         self._check_space(key, lengths)
         if not meta.pinned:
             self.store.set_pinned(key, True)
-        await self._boot_files(rec)
         self._strong = self._strong_of(key, chunk_map)
         try:
-            await self._fetch_all(key, lengths)
+            await self._with_boot_files(rec, self._fetch_all(key, lengths))
         finally:
             self._strong = {}
         meta = self.store.version(key)
@@ -748,6 +747,20 @@ class Replica:
                 out.setdefault(d, e)
         return out
 
+    async def _with_boot_files(self, rec: VersionRecord, pull: Awaitable[None]) -> None:
+        """Await ``pull`` (the version's chunks) while its boot files come
+        (:meth:`_boot_files`, a task of its own): both done, or the first failure raised
+        (the boot files' task is then cancelled)."""
+        boot = asyncio.ensure_future(self._boot_files(rec))
+        try:
+            await pull
+        except BaseException:
+            boot.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await boot
+            raise
+        await boot
+
     async def _boot_files(self, rec: VersionRecord) -> None:
         """Keep the version's kernel and initrd as import does (best effort: a warning)."""
         meta = self.store.version(rec.key)
@@ -770,21 +783,30 @@ class Replica:
             return
         if kernel is None or initrd is None:
             return
+        c = self.client.counters
+        stats = {"replica_boot_bytes": c.boot_bytes - sent0,
+                 "replica_boot_reused": c.boot_reused - reused0}
         try:
-            d = boot_root(self.store.path) / check_key(rec.key)
-            d.mkdir(parents=True, exist_ok=True)
-            for name, data in ((KERNEL_NAME, kernel), (INITRD_NAME, initrd)):
-                tmp = d / f".{name}.tmp"
-                tmp.write_bytes(data)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, d / name)
-            record_kept(self.store, rec.key)
-            c = self.client.counters
-            self.store.write_batch([], (), (), {
-                "replica_boot_bytes": c.boot_bytes - sent0,
-                "replica_boot_reused": c.boot_reused - reused0})
+            # a worker thread: the files are written, and the store may wait for a chunk
+            # transaction, while the chunk streams go on
+            await asyncio.to_thread(self._keep_boot_files, rec.key, kernel, initrd, stats)
         except Exception as e:  # best effort, as at import
             log.warning(kv(boot_files=rec.key, error=e))
+
+    def _keep_boot_files(self, key: str, kernel: bytes, initrd: bytes,
+                         stats: dict[str, int]) -> None:
+        """Write the boot files of version ``key`` (each to a temporary name, then renamed),
+        note them kept and add ``stats``. Runs in a worker thread. Raises OSError,
+        StoreError, BootFilesError."""
+        d = boot_root(self.store.path) / check_key(key)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in ((KERNEL_NAME, kernel), (INITRD_NAME, initrd)):
+            tmp = d / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, d / name)
+        record_kept(self.store, key)
+        self.store.write_batch([], (), (), stats)
 
     def _kept_boot_files(self, key: str) -> dict[str, dict[str, Path]]:
         """The kernels and initrds this store keeps for versions other than ``key``, by
