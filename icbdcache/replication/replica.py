@@ -593,7 +593,7 @@ class Replica:
         held, need = self.store.held_of(key)
         if held != need:
             raise PullError(f"{need - held} bytes still missing after the pull")
-        self._finish(rec, meta, announce=True)
+        self._finish(rec, meta, announce=True, need=need)
 
     async def adopt(self, rec: VersionRecord, meta: VersionMeta | None) -> None:
         """On demand: store ``rec``'s manifest (checked as for a pull) and its boot files, and
@@ -609,15 +609,22 @@ class Replica:
             if self.on_version is not None:
                 self.on_version(rec.key)
 
-    def _finish(self, rec: VersionRecord, meta: VersionMeta, *, announce: bool) -> None:
-        self._held.pop(rec.key, None)
+    def _finish(self, rec: VersionRecord, meta: VersionMeta, *, announce: bool,
+                need: int | None = None) -> None:
+        """Pin ``rec`` and make it the iMI's latest. ``need``: its bytes, when the caller
+        has just found them all held (its held/need scan is then not made again)."""
+        if need is None:
+            self._held.pop(rec.key, None)
+        else:
+            self._held[rec.key] = (time.monotonic(), need, need)
         if not meta.pinned:
             self.store.set_pinned(rec.key, True)
         if self.store.latest(rec.imi) != rec.version:
             self.store.set_latest(rec.imi, rec.version)
             announce = True
         if announce:
-            _, need = self.store.held_of(rec.key)
+            if need is None:
+                _, need = self.store.held_of(rec.key)
             log.info(kv(replica=self.config.site, complete=rec.key, latest=rec.key,
                         bytes=need, received_bytes=self.counters.chunk_bytes,
                         wire_bytes=self.counters.wire_bytes))
