@@ -1204,9 +1204,10 @@ def markdown(doc: dict[str, Any]) -> str:
     base_rows = doc.get("vs_baseline") or []
     if base_rows:
         lines += ["", "This build against the baseline build (`-base`, `--baseline-bin`), the "
-                  "same transfer right after it; this build signs and verifies (the manifest's "
-                  "signature, every chunk's BLAKE3-256), the baseline does neither. Ratios are "
-                  "medians of the paired repetitions (issue 16: time within 1.10x):", "",
+                  "same transfer right after it (before it in odd repetitions); both sign and "
+                  "verify when the baseline has `keygen` (the manifest's signature, every "
+                  "chunk's BLAKE3-256). Ratios are medians of the paired repetitions (issue 16: "
+                  "time within 1.10x):", "",
                   "| kind | tool | wall s | wall s (base) | time vs base | CPU s | CPU s (base) "
                   "| CPU vs base | within 10% |", "|---|---|--:|--:|--:|--:|--:|--:|---|"]
         for r in base_rows:

@@ -156,7 +156,7 @@ def measure_stages(chunks: Sequence[bytes], commit_bytes: int, reps: int = 3
         "blake3": _timed(lambda: _blake3(chunks), reps),
         "lmdb": min(_lmdb(chunks, keys, commit_bytes) for _ in range(reps)),
     }
-    return {name: {"bytes": total, "seconds": round(seconds[name], 4),
+    return {name: {"bytes": total, "seconds": round(seconds[name], 6),
                    "mib_s": round(total / seconds[name] / (1 << 20), 1)}
             for name in STAGES}
 
