@@ -16,9 +16,13 @@ from typing import Any
 #: Metrics summarized per workload and server (all medians over repetitions).
 #: Units: iops requests/s, mib_s MiB/s, p50_us/p99_us (clat) and lat_p50_us/lat_p99_us (total)
 #: µs, cpu_us_per_req µs, cpu_s and duration_s seconds, idle_cpu_pct percent, load1 runnable
-#: tasks.
+#: tasks, client_cpu_pct the client's CPU time over its wall time (percent of one core).
 METRICS: tuple[str, ...] = ("iops", "mib_s", "p50_us", "p99_us", "lat_p50_us", "lat_p99_us",
-                            "cpu_us_per_req", "cpu_s", "duration_s", "idle_cpu_pct", "load1")
+                            "cpu_us_per_req", "cpu_s", "duration_s", "idle_cpu_pct", "load1",
+                            "client_cpu_pct")
+
+#: Suffix of a server run again with another build or other arguments (bench.servers).
+TWIN_SUFFIX = "-base"
 
 #: Metrics that also get a paired ratio to the baseline.
 RATIO_METRICS: tuple[str, ...] = ("iops", "mib_s", "p50_us", "p99_us", "lat_p50_us",
@@ -69,6 +73,28 @@ def summarize(runs: Sequence[dict[str, Any]], workloads: Sequence[str], servers:
     return rows
 
 
+def twins(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each server against its ``-base`` twin, per workload: ``iops`` ratios of the paired
+    repetitions (server / twin), their ``median``, ``low`` and ``high``. The spread of the
+    ratios is the run's noise for that pair."""
+    ok = {(r["workload"], r["server"], int(r["rep"])): r for r in runs
+          if not r.get("error") and r.get("iops")}
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for (w, s, _rep) in ok:
+        if s.endswith(TWIN_SUFFIX) or (w, s) in seen:
+            continue
+        seen.add((w, s))
+        ratios = [float(r["iops"]) / float(ok[(w, s + TWIN_SUFFIX, rep)]["iops"])
+                  for (w2, s2, rep), r in sorted(ok.items())
+                  if w2 == w and s2 == s and (w, s + TWIN_SUFFIX, rep) in ok]
+        if ratios:
+            out.append({"workload": w, "server": s, "twin": s + TWIN_SUFFIX, "iops": ratios,
+                        "median": statistics.median(ratios), "low": min(ratios),
+                        "high": max(ratios)})
+    return out
+
+
 def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -99,8 +125,9 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append("")
     lines += [
         f"| workload | server | IOPS | MiB/s | clat p50 µs | clat p99 µs | lat p50 µs "
-        f"| lat p99 µs | CPU µs/req | IOPS vs {base} | CPU/req vs {base} | idle CPU % | runs |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"| lat p99 µs | CPU µs/req | IOPS vs {base} | CPU/req vs {base} | idle CPU % "
+        f"| client CPU % | runs |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         ratio = r.get("ratio", {})
@@ -111,13 +138,16 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {_num(r['p99_us'], ',.0f')} | {_num(r['lat_p50_us'], ',.0f')} "
             f"| {_num(r['lat_p99_us'], ',.0f')} | {_num(r['cpu_us_per_req'], ',.1f')} "
             f"| {_ratio(ratio.get('iops'))} | {_ratio(ratio.get('cpu_us_per_req'))} "
-            f"| {_num(r['idle_cpu_pct'], '.0f')} | {runs} |")
+            f"| {_num(r['idle_cpu_pct'], '.0f')} | {_num(r.get('client_cpu_pct'), '.0f')} "
+            f"| {runs} |")
     lines.append("")
     lines.append("Medians over repetitions; ratios are medians of per-repetition ratios "
                  "(IOPS: higher is better; CPU/req: lower is better). clat: fio completion "
                  "latency; lat: total latency (submission + completion; with the nbd engine a "
                  "reply often arrives during submission, so clat alone understates it). "
-                 "CPU: the server's user+system time, children included, in 10 ms ticks.")
+                 "CPU: the server's user+system time, children included, in 10 ms ticks; "
+                 "client CPU: the client's user+system time over its wall time (100 = one "
+                 "core).")
     copies = [r for r in rows if r["workload"] == "nbdcopy" and r["duration_s"] is not None]
     if copies:
         lines.append("nbdcopy: whole image to null: with 256 KiB requests, repeated for the run "
@@ -127,11 +157,22 @@ def markdown(doc: dict[str, Any]) -> str:
     if loads:
         lines.append(f"Background: idle CPU sampled before each run (column above); 1-min load "
                      f"average {min(loads):.2f} to {max(loads):.2f} (includes earlier runs).")
+    pairs = twins(doc.get("runs", []))
+    if pairs:
+        lines += ["", f"Each server against its `{TWIN_SUFFIX}` twin (another build or other "
+                  "arguments, run right after it): IOPS ratios of the paired repetitions, "
+                  "median and spread (the spread is the run's noise for that pair).", "",
+                  "| workload | server | IOPS / twin (median) | lowest | highest | pairs |",
+                  "|---|---|--:|--:|--:|--:|"]
+        for p in pairs:
+            lines.append(f"| {p['workload']} | {p['server']} | {p['median']:.2f}x "
+                         f"| {p['low']:.2f}x | {p['high']:.2f}x | {len(p['iops'])} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
-    """Draw bars of IOPS and CPU-per-request ratios to the baseline, per workload, as a PNG.
+    """Draw bars of IOPS and CPU-per-request ratios to the baseline, per workload, as a PNG;
+    without the baseline, each server's IOPS against its ``-base`` twin (:func:`plot_twins`).
 
     Returns False (and writes nothing) when no ratio exists, e.g. the baseline did not run.
     """
@@ -145,7 +186,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     servers = list(dict.fromkeys(r["server"] for r in rows))
     lookup = {(r["workload"], r["server"]): r for r in rows}
     if not any(v is not None for r in rows for v in r.get("ratio", {}).values()):
-        return False
+        return plot_twins(doc, path)
 
     fig = Figure(figsize=(max(8.0, 1.3 * len(workloads) + 2), 7.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -173,6 +214,51 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     mib = meta.get("image_bytes", 0) / (1 << 20)
     fig.suptitle(f"icbd-bench serve: {mib:.0f} MiB page-cached image, {meta.get('runtime_s')} s "
                  f"runs, median of {meta.get('reps')} paired reps", fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_twins(doc: dict[str, Any], path: Path) -> bool:
+    """Bars of each server's IOPS over its ``-base`` twin's (:func:`twins`), per workload,
+    the median of the paired repetitions with a line from the lowest to the highest, as a
+    PNG. Returns False (and writes nothing) when no server has a twin."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pairs = twins(doc.get("runs", []))
+    if not pairs:
+        return False
+    meta = doc.get("meta", {})
+    workloads = list(dict.fromkeys(p["workload"] for p in pairs))
+    servers = list(dict.fromkeys(p["server"] for p in pairs))
+    lookup = {(p["workload"], p["server"]): p for p in pairs}
+    fig = Figure(figsize=(max(8.0, 1.3 * len(workloads) + 2), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(servers))
+    for i, s in enumerate(servers):
+        xs, ys, lo, hi = [], [], [], []
+        for j, w in enumerate(workloads):
+            p = lookup.get((w, s))
+            if p is not None:
+                xs.append(j - 0.4 + width * (i + 0.5))
+                ys.append(p["median"])
+                lo.append(p["median"] - p["low"])
+                hi.append(p["high"] - p["median"])
+        bars = ax.bar(xs, ys, width, label=f"{s} / {s}{TWIN_SUFFIX}", yerr=[lo, hi],
+                      capsize=2)
+        ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=1)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(workloads)), workloads, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("IOPS ratio (higher: this build faster)")
+    ax.margins(y=0.15)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=8,
+               ncols=len(servers))
+    mib = meta.get("image_bytes", 0) / (1 << 20)
+    fig.suptitle(f"icbd-bench serve: each server against its twin, {mib:.0f} MiB image, "
+                 f"{meta.get('runtime_s')} s runs, median and range of {meta.get('reps')} "
+                 "paired reps", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return True

@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import random
+import resource
 import shlex
 import shutil
 import signal
@@ -118,8 +119,9 @@ class RunResult:
     ``duration_s`` and ``cpu_s`` seconds, ``cpu_us_per_req`` server CPU µs per request,
     ``idle_cpu_pct`` machine-wide CPU busy % while idle before the run, ``load1`` the 1-minute
     load average then, ``idle_wait_s`` seconds waited for ``--wait-idle``, ``warm_s`` seconds
-    spent reading the image into the page cache. For nbdcopy, ``copies`` whole-image copies ran
-    back to back and ``duration_s`` is the mean seconds per copy.
+    spent reading the image into the page cache, ``client_cpu_pct`` the client's CPU time over
+    its wall time (percent of one core). For nbdcopy, ``copies`` whole-image copies ran back to
+    back and ``duration_s`` is the mean seconds per copy.
     """
 
     workload: str
@@ -140,6 +142,7 @@ class RunResult:
     warm_s: float | None = None
     idle_wait_s: float | None = None
     copies: int | None = None
+    client_cpu_pct: float | None = None
     error: str | None = None
 
 
@@ -245,6 +248,11 @@ def register(subparsers: Any) -> None:
                    help="another build of icbd-cache (e.g. the previous commit installed in a "
                         "venv of its own) measured in the same run: each icbd server gets a "
                         "'-base' twin run right after it")
+    p.add_argument("--baseline-args", metavar="ARGS",
+                   help="arguments for the '-base' twins instead of --icbd-args, one "
+                        "shell-quoted string; without --baseline-bin the twins run this build, "
+                        "e.g. --icbd-args='--workers 2' --baseline-args='--workers 1' pairs "
+                        "two workers with one")
     p.add_argument("--icbd-args", default="",
                    help="extra arguments for 'icbd-cache serve', one shell-quoted string; "
                         "write it as --icbd-args='--flag value'")
@@ -277,12 +285,21 @@ class Settings:
     plot_path: Path
     tmpdir: Path | None
     baseline_bin: str | None = None
+    #: the ``-base`` twins' extra arguments (None: ``icbd_args``)
+    baseline_args: list[str] | None = None
+
+    def extra_args(self, name: str) -> list[str]:
+        """Extra ``icbd-cache serve`` arguments of server ``name`` (none for other servers)."""
+        if not name.startswith("icbd"):
+            return []
+        if name != servers.kind(name) and self.baseline_args is not None:
+            return self.baseline_args
+        return self.icbd_args
 
 
-def _with_twins(names: list[str], baseline: Path | None) -> list[str]:
-    """``names`` with each icbd server's ``-base`` twin right after it when ``baseline`` (an
-    icbd-cache binary) is given."""
-    if baseline is None:
+def _with_twins(names: list[str], twins: bool) -> list[str]:
+    """``names`` with each icbd server's ``-base`` twin right after it when ``twins``."""
+    if not twins:
         return names
     out: list[str] = []
     for n in names:
@@ -304,7 +321,7 @@ def resolve(args: argparse.Namespace) -> Settings:
     if workloads and all(w.writes for w in workloads):
         names = [n for n in names if servers.kind(n) not in servers.READ_ONLY_SERVERS]
     return Settings(
-        servers=_with_twins(names, args.baseline_bin),
+        servers=_with_twins(names, bool(args.baseline_bin or args.baseline_args is not None)),
         workloads=workloads,
         image=args.image,
         image_size=args.image_size or (64 * MIB if quick else 1 << 30),
@@ -319,6 +336,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         plot_path=args.plot or out / "serve.png",
         tmpdir=args.tmpdir,
         baseline_bin=str(args.baseline_bin.resolve()) if args.baseline_bin else None,
+        baseline_args=(None if args.baseline_args is None
+                       else shlex.split(args.baseline_args)),
     )
 
 
@@ -421,12 +440,15 @@ def parse_fio(doc: dict[str, Any], writes: bool = False) -> dict[str, float | in
             "requests": int(rd["total_ios"]), "duration_s": float(rd["runtime"]) / 1000.0}
 
 
-def run_client(cmd: list[str], log: Path, timeout: float) -> float:
-    """Run a client to completion, output appended to ``log``; return its wall time (s).
+def run_client(cmd: list[str], log: Path, timeout: float,
+               cpu: list[float] | None = None) -> float:
+    """Run a client to completion, output appended to ``log``; return its wall time (s) and
+    append its CPU time (s, user + system, its children included) to ``cpu`` when given.
 
     The client gets its own process group, killed by its PID on timeout or interrupt. Raises
     RuntimeError when it fails.
     """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "ab") as out:
         out.write(f"$ {shlex.join(cmd)}\n".encode())
         out.flush()
@@ -441,6 +463,9 @@ def run_client(cmd: list[str], log: Path, timeout: float) -> float:
             proc.wait()
             raise
         elapsed = time.monotonic() - t0
+    if cpu is not None:  # only this client was reaped meanwhile (servers are reaped at stop)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if rc != 0:
         tail = log.read_text(errors="replace")[-1500:]
         raise RuntimeError(f"{Path(cmd[0]).name} exited with {rc}:\n{tail}")
@@ -528,7 +553,7 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
     client_log = log_dir / f"client-{name}-{tag}.log"
     scratch: Path | None = None
     try:
-        extra = s.icbd_args if name.startswith("icbd") else ()
+        extra = s.extra_args(name)
         if w.writes:
             if servers.kind(name) in servers.READ_ONLY_SERVERS:
                 raise ValueError(f"{name} serves reads only")
@@ -548,7 +573,9 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
             if w.kind == "fio":
                 fio_json = log_dir / f"fio-{name}-{tag}.json"
                 cmd = fio_command(tools["fio"], w, srv.uri, s.runtime, fio_json)
-                run_client(cmd, client_log, timeout=s.runtime + 120)
+                client_cpu: list[float] = []
+                wall = run_client(cmd, client_log, timeout=s.runtime + 120, cpu=client_cpu)
+                r.client_cpu_pct = 100.0 * client_cpu[0] / wall
                 cpu1 = srv.cpu_seconds()
                 m = parse_fio(json.loads(fio_json.read_text()), w.writes)
                 r.iops, r.mib_s = m["iops"], m["mib_s"]
@@ -560,9 +587,11 @@ def run_one(w: Workload, name: str, binary: str, rep: int, s: Settings, image: P
                 size = image.stat().st_size
                 cmd = nbdcopy_command(tools["nbdcopy"], srv.uri)
                 total, r.copies = 0.0, 0
+                client_cpu = []
                 while r.copies == 0 or total < s.runtime:
-                    total += run_client(cmd, client_log, timeout=600)
+                    total += run_client(cmd, client_log, timeout=600, cpu=client_cpu)
                     r.copies += 1
+                r.client_cpu_pct = 100.0 * sum(client_cpu) / total
                 cpu1 = srv.cpu_seconds()
                 r.duration_s = total / r.copies
                 r.requests = math.ceil(size / NBDCOPY_REQUEST_SIZE) * r.copies
@@ -632,7 +661,7 @@ def run(s: Settings) -> int:
     binaries: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for name in s.servers:
-        b = servers.server_binary(name, s.baseline_bin)
+        b = servers.server_binary(name, s.baseline_bin or servers.find_tool("icbd-cache"))
         if b is None:
             msg = servers.missing_message(servers.binary_name(name))
             if name == "icbd":
@@ -711,7 +740,7 @@ def _meta(s: Settings, image: Path, size: int, names: list[str], binaries: dict[
     srv: dict[str, Any] = {}
     writes = any(w.writes for w in workloads)
     for n in names:
-        extra = s.icbd_args if n.startswith("icbd") else ()
+        extra = s.extra_args(n)
         cmd = servers.server_command(n, binaries[n], image, port, extra)
         srv[n] = {"binary": binaries[n], "version": servers.tool_version(binaries[n]),
                   "cmd": shlex.join(cmd).replace(str(port), "PORT")}

@@ -31,6 +31,7 @@ a venv of its own), so a change is measured before and after in one run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -162,17 +163,17 @@ def server_command(name: str, binary: str, image: Path, port: int,
 
 def warm_store(binary: str, image: Path) -> Path:
     """A store beside ``image`` holding it whole as iMI ``img`` (``icbd-cache import --copy``),
-    made once per image and reused: the warm-store server serves it from LMDB. A build that
-    records store formats upgrades a store an older build made (``store upgrade``, a no-op
-    on a store of its own format); an older build reads a newer store as it is."""
-    store = image.with_name(image.name + ".icbd-store")
+    made once per image and build and reused: the warm-store server serves it from LMDB. Each
+    build (``binary``, by its resolved path) imports its own store, so a ``--baseline-bin``
+    build is measured on a store of its own format (an older build cannot read a newer
+    store, and a newer one would have to upgrade an older store in place).
+
+    Raises subprocess.CalledProcessError when the import fails."""
+    tag = hashlib.blake2b(str(Path(binary).resolve()).encode(), digest_size=4).hexdigest()
+    store = image.with_name(f"{image.name}.icbd-store-{tag}")
     if not (store / "data.mdb").exists():
         subprocess.run([binary, "import", str(image), "--imi", EXPORT, "--version", "1",
                         "--copy", "--store", str(store)], check=True, capture_output=True)
-    elif subprocess.run([binary, "store", "upgrade", "--help"], capture_output=True,
-                        check=False).returncode == 0:
-        subprocess.run([binary, "store", "upgrade", "--store", str(store), "-q"], check=True,
-                       capture_output=True)
     return store
 
 
@@ -197,26 +198,33 @@ def cold_store_command(binary: str, image: Path, port: int, extra: Sequence[str]
     return ["sh", "-c", script, binary, *extra]
 
 
-def _icbd_version() -> str:
-    """``icbd-cache VERSION (git COMMIT)``: the installed package and the checkout's commit."""
+def _icbd_version(binary: str | None = None) -> str:
+    """``icbd-cache VERSION (git COMMIT)``: the installed package and the commit of the
+    checkout ``binary`` was installed from (``CHECKOUT/.venv/bin/icbd-cache``), or of this
+    checkout when that is not a git checkout."""
     try:
         version = importlib.metadata.version("icbd-cache")
     except importlib.metadata.PackageNotFoundError:
         version = "?"
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=False,
-                             cwd=Path(__file__).resolve().parent)
-        commit = out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.TimeoutExpired):
-        commit = ""
+    here = Path(__file__).resolve().parent
+    places = [Path(binary).absolute().parent.parent.parent] if binary else []
+    commit = ""
+    for cwd in [*places, here]:
+        try:
+            out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True, timeout=10, check=False, cwd=cwd)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            commit = out.stdout.strip()
+            break
     return f"icbd-cache {version}" + (f" (git {commit})" if commit else "")
 
 
 def tool_version(binary: str) -> str:
     """First line of ``binary --version`` (``NAME ?`` if it cannot be run)."""
     if Path(binary).name == "icbd-cache":
-        return _icbd_version()
+        return _icbd_version(binary)
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
                              check=False)

@@ -119,6 +119,8 @@ class ReadPathCollector:
         yield counter("chunks_corrupt", "Fetched chunks refused by their digest", s.corrupt)
         yield counter("prefetched", "Background faults (readahead, NBD_CMD_CACHE; stats: "
                       "prefetched)", s.prefetched)
+        yield counter("chunks_not_kept", "Fetched chunks served but not stored: the store's "
+                      "writer was behind (stats: not_kept)", s.not_kept)
         yield counter("source_bytes", "Bytes fetched, by source (an upstream, a snapshot "
                       "file, the master; stats: bytes_from:SOURCE)", labels=["source"],
                       samples=[([k], v) for k, v in sorted(s.bytes_from.items())])

@@ -280,7 +280,7 @@ def pending_line(p: Pending) -> str:
 #: counters are added per source that ever answered.
 COUNTERS = ("hits", "misses", "coalesced", "faults", "fault_errors", "corrupt_chunks",
             "prefetched", "evicted_bytes", "held_bytes", "chunks", "hits_hot", "hits_queued",
-            "hits_lmdb", "lease_waits", "lease_takeovers")
+            "hits_lmdb", "lease_waits", "lease_takeovers", "not_kept")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -24,6 +24,12 @@ Notes on the design
   another ``--workers`` process) may have learned it already.
 * ``cache`` (NBD_CMD_CACHE, and the readahead layer above) faults missing chunks in the
   background, at most ``Faults.max_prefetch`` at a time; a hint beyond that is dropped.
+* **Back-pressure from the store**: the writer's queue is bounded
+  (:meth:`~icbdcache.store.writer.BatchWriter.over`). While it is full no background fault
+  starts, a client's fault waits up to ``ROOM_WAIT`` seconds for room before it fetches, and a
+  chunk fetched while it is still full is served and kept in the hot set only (counted as
+  ``not_kept``; a later read faults it again). Memory stays bounded when sources deliver
+  faster than LMDB commits.
 * A read that cannot be served in time fails with EIO for that request only.
 """
 
@@ -46,6 +52,12 @@ from icbdcache.store.chunks import STRONG_UNKNOWN, strong_digest
 
 log = logging.getLogger("icbdcache.fault")
 warn = Throttled(log)
+
+#: Seconds a client's fault waits for room in the store writer's queue before it fetches
+#: anyway (and keeps the chunk in memory only).
+ROOM_WAIT = 1.0
+#: Seconds between looks at the writer's queue while waiting for room.
+ROOM_POLL = 0.005
 
 
 class Faults:
@@ -119,7 +131,7 @@ class FaultLayer(Layer):
         """Fault chunk ``index`` in the background if it is missing. Returns False when the
         background budget is spent (the caller stops asking)."""
         f = self.faults
-        if f.prefetching >= f.max_prefetch:
+        if f.prefetching >= f.max_prefetch or self.reader.writer.over():
             return False
         if self.present(index):
             return True
@@ -202,6 +214,11 @@ class FaultLayer(Layer):
         stats.faults += 1
 
         strong = v.strong_at(index)
+        writer = self.reader.writer
+        if writer.over():  # the store is behind: let it catch up before adding to it
+            until = min(deadline, time.monotonic() + ROOM_WAIT)
+            while writer.over() and time.monotonic() < until:
+                await asyncio.sleep(ROOM_POLL)
 
         def check(data: bytes) -> bool:
             if want != UNKNOWN and digest(data) != want:
@@ -243,4 +260,5 @@ class FaultLayer(Layer):
             if updates:
                 self.reader.learn(updates)
             return
-        self.reader.keep(got, data, updates)
+        if not self.reader.keep(got, data, updates):
+            stats.not_kept += 1

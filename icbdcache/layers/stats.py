@@ -36,8 +36,9 @@ class ReadStats(TierHits):
     chunks a read had to wait for, ``coalesced`` waits joined to a fault already running
     (single-flight), ``faults`` fetches started, ``fault_errors`` fetches that failed,
     ``corrupt`` chunks refused by their digest check, ``prefetched`` background faults
-    (readahead, CACHE), ``bytes_from`` bytes fetched by source name, ``fault_latency`` the
-    time each fetch took (good or not)."""
+    (readahead, CACHE), ``not_kept`` fetched chunks served but not stored because the
+    store's writer was behind (its queue full), ``bytes_from`` bytes fetched by source name,
+    ``fault_latency`` the time each fetch took (good or not)."""
 
     hits: int = 0
     misses: int = 0
@@ -46,9 +47,10 @@ class ReadStats(TierHits):
     fault_errors: int = 0
     corrupt: int = 0
     prefetched: int = 0
+    not_kept: int = 0
     bytes_from: dict[str, int] = field(default_factory=dict)
     fault_latency: Histogram = field(default_factory=Histogram)
 
     #: The plain counters persisted into the store's ``stats`` (``stats --json``).
     COUNTERS = ("hits", "misses", "coalesced", "faults", "fault_errors", "prefetched",
-                "hits_hot", "hits_queued", "hits_lmdb")
+                "not_kept", "hits_hot", "hits_queued", "hits_lmdb")

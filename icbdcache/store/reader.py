@@ -145,11 +145,16 @@ class StoreReader:
         return len(recent)
 
     def keep(self, key: bytes, data: bytes,
-             updates: Sequence[tuple[str, int, bytes]] = ()) -> None:
+             updates: Sequence[tuple[str, int, bytes]] = ()) -> bool:
         """Store a verified chunk (queued for the writer, readable at once, in the hot set)
-        with learned map entries ((version key, index, digest))."""
-        self.writer.put(key, data, updates)
+        with learned map entries ((version key, index, digest)). Never blocks: when the
+        writer's queue is full (:meth:`BatchWriter.over`) the chunk goes to the hot set only,
+        its entries are not stored, and this returns False (a later read faults it again)."""
         self.hot.put(key, data)
+        if self.writer.over():
+            return False
+        self.writer.put(key, data, updates, block=False)
+        return True
 
     def learn(self, updates: Sequence[tuple[str, int, bytes]]) -> None:
         """Store learned map entries that come with no chunk (all-zero chunks)."""

@@ -4,6 +4,12 @@ Readers never wait for it: a chunk handed to :meth:`BatchWriter.put` is readable
 :meth:`BatchWriter.pending` until its transaction commits. Access ticks (for eviction) and
 counters are gathered in memory and written with the next batch, or every ``idle_flush``
 seconds.
+
+The queue is bounded: at most ``max_queued`` bytes of chunks wait for a transaction (plus the
+one chunk that crossed the bound). A producer in a thread of its own (import, publish, bundle
+import) blocks in :meth:`BatchWriter.put` until the writer catches up; the event loop's fault
+layer never blocks: it asks :meth:`BatchWriter.over` before it fetches and keeps a chunk only in
+memory when the queue is full (docs/store.md, "The writer's queue").
 """
 
 from __future__ import annotations
@@ -25,17 +31,23 @@ class BatchWriter:
     transaction, waiting at most ``max_delay`` seconds to fill one. ``protect``: the pending
     version (``IMI@VERSION``, :meth:`Store.reserve_version`) whose chunks these are; each
     batch notes them under it in its own transaction, so no eviction takes them before the
-    version exists."""
+    version exists. ``max_queued``: bytes of chunks the queue holds before :meth:`put`
+    blocks and :meth:`over` says so."""
 
     def __init__(self, store: Store, *, max_items: int = 256, max_bytes: int = 16 << 20,
                  max_delay: float = 0.02, idle_flush: float = 5.0,
-                 protect: str | None = None) -> None:
+                 protect: str | None = None, max_queued: int = 64 << 20) -> None:
         self.store = store
         self.protect = protect
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.max_delay = max_delay
         self.idle_flush = idle_flush
+        self.max_queued = max_queued
+        #: bytes of the chunks in ``_chunks``
+        self._queued_bytes = 0
+        #: the most ``_queued_bytes`` has been (for tests and stats)
+        self.queued_peak = 0
         self._cv = threading.Condition()
         self._chunks: dict[bytes, bytes] = {}  # queued, not yet committed
         self._writing: dict[bytes, bytes] = {}  # in the transaction being written
@@ -63,17 +75,25 @@ class BatchWriter:
     # ------------------------------------------------------------ producers (any thread)
 
     def put(self, key: bytes, data: bytes,
-            updates: Sequence[tuple[str, int, bytes]] = ()) -> None:
+            updates: Sequence[tuple[str, int, bytes]] = (), *, block: bool = True) -> None:
         """Queue chunk ``key`` (already verified by the caller) and learned map entries
-        (committed in the chunk's transaction)."""
+        (committed in the chunk's transaction). With ``block``, first wait while
+        ``max_queued`` bytes are queued (never on the event loop: pass ``block=False`` and
+        ask :meth:`over` first)."""
         with self._cv:
+            while block and self._queued_bytes >= self.max_queued and not self._done:
+                self._cv.notify()
+                self._cv.wait(0.5)
             self._seq += 1
+            old = self._chunks.get(key)
+            self._queued_bytes += len(data) - (len(old) if old is not None else 0)
+            self.queued_peak = max(self.queued_peak, self._queued_bytes)
             self._chunks[key] = data
             self._first.setdefault(key, self._seq)
             if updates:
                 self._linked.setdefault(key, []).extend(updates)
             self._idle.clear()
-            self._cv.notify()
+            self._cv.notify_all()
 
     def put_updates(self, updates: Sequence[tuple[str, int, bytes]]) -> None:
         """Queue learned map entries that come with no chunk (all-zero chunks)."""
@@ -110,6 +130,16 @@ class BatchWriter:
                 return
         fn()
 
+    def over(self) -> bool:
+        """Whether ``max_queued`` bytes of chunks wait for the writer (a caller on the event
+        loop then holds off fetching, or keeps what it fetched in memory only)."""
+        return self._queued_bytes >= self.max_queued and not self._done
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of chunks queued and not yet in a transaction."""
+        return self._queued_bytes
+
     def pending(self, key: bytes) -> bytes | None:
         """A queued chunk not yet committed, or None."""
         return self._chunks.get(key) or self._writing.get(key)
@@ -138,6 +168,7 @@ class BatchWriter:
             if len(chunks) >= self.max_items or size >= self.max_bytes:
                 break
             v = self._chunks.pop(k)
+            self._queued_bytes -= len(v)
             self._first.pop(k, None)
             updates.extend(self._linked.pop(k, ()))
             chunks[k] = v
@@ -169,12 +200,14 @@ class BatchWriter:
                 last = time.monotonic()
             with self._cv:
                 self._writing = {}
+                self._cv.notify_all()  # producers blocked in put() see room
             for fn in ready:
                 fn()
             if stop:
                 with self._cv:
                     self._done = True
                     rest, self._after = self._after, []
+                    self._cv.notify_all()
                 for _, fn in rest:
                     fn()
                 self._idle.set()

@@ -55,3 +55,33 @@ def test_serve_quick_covers_every_server_and_workload(tmp_path: Path) -> None:
     for name in SERVERS:
         assert f"| rand-4k-qd1 | {name} |" in table, name
     assert "| workload | server |" in result.stdout
+
+
+def test_serve_twins_run_with_their_own_arguments(tmp_path: Path) -> None:
+    """``--baseline-args`` without ``--baseline-bin``: each icbd server gets a ``-base`` twin
+    of this build started with the twin's arguments (here two workers against one), both
+    measured in the same repetitions."""
+    require("fio", "nbdkit", "nbdcopy", "nbdinfo")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(BIN / "icbd-bench"), "serve", "--quick", "--image-size", "8M", "--runtime", "0.5",
+         "--idle-sample", "0.05", "--servers", "icbd-store,nbdkit", "--workloads",
+         "rand-4k-qd1-x15", "--icbd-args=--workers 2", "--baseline-args=--workers 1",
+         "--out", str(out), "--tmpdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc = json.loads((out / "serve.json").read_text())
+    meta = doc["meta"]
+    assert meta["order"] == ["icbd-store", "icbd-store-base", "nbdkit"]
+    assert "--workers 2" in meta["servers"]["icbd-store"]["cmd"]
+    assert "--workers 1" in meta["servers"]["icbd-store-base"]["cmd"]
+    assert "--workers 2" not in meta["servers"]["icbd-store-base"]["cmd"]
+    assert meta["servers"]["icbd-store"]["binary"] == meta["servers"]["icbd-store-base"]["binary"]
+    runs = [r for r in doc["runs"] if r["error"] is None and r["requests"] > 0]
+    assert sorted(r["server"] for r in runs) == ["icbd-store", "icbd-store-base", "nbdkit"]
+    assert all(r["client_cpu_pct"] > 0 for r in runs)  # fio's own CPU, from its rusage
+    by = {r["server"]: r for r in runs}
+    ratio = by["icbd-store"]["iops"] / by["icbd-store-base"]["iops"]
+    table = (out / "serve.md").read_text()
+    assert f"| rand-4k-qd1-x15 | icbd-store | {ratio:.2f}x | {ratio:.2f}x | {ratio:.2f}x | 1 |" \
+        in table

@@ -468,3 +468,55 @@ def test_the_fast_path_follows_a_learned_map_entry(store: Store) -> None:
     assert joined(version.pread(5 * CS + 7, 10)) == DATA[5 * CS + 7 : 5 * CS + 17]  # type: ignore[arg-type]
     assert version.stats.hits == 1 and reader.hits.hits_hot == 1
     reader.close()
+
+
+def test_a_full_writer_queue_holds_back_faults_and_keeps_memory_bounded(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store stalls (its write transaction waits): background faults stop, a client's
+    faults wait a moment for room, then are served and kept in memory only (``not_kept``);
+    the writer's queue never holds more than its bound plus one chunk."""
+    import threading
+
+    from icbdcache.layers import fault as fault_module
+    from icbdcache.store import BatchWriter
+
+    monkeypatch.setattr(fault_module, "ROOM_WAIT", 0.05)
+    gate = threading.Event()
+    real = store.write_batch
+
+    def stalled(*args: object, **kwargs: object) -> None:
+        gate.wait(30)
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "write_batch", stalled)
+    src = FakeSource(DATA)
+    meta = VersionMeta("lab", "1", len(DATA), CS, ["fake"])
+    store.put_version(meta, bytes(chunk_map()))
+    writer = BatchWriter(store, max_items=1, max_delay=0, max_queued=2 * CS)
+    reader = StoreReader(store, hot_bytes=1 << 30, writer=writer)
+    stats = ReadStats()
+    version = VersionLayer(reader, meta, chunk_map(), stats)
+    fault = FaultLayer(version, [src], Faults(stats, fault_timeout=5.0))
+    wanted = [i for i in range(12, 24)]
+
+    async def main() -> tuple[list[bytes], bool]:
+        got = await asyncio.gather(*(read(fault, i * CS, CS) for i in wanted))
+        return list(got), fault.prefetch(30)
+
+    async def prefetch_now() -> bool:
+        started = fault.prefetch(30)
+        await asyncio.sleep(0.2)
+        return started
+
+    got, started = asyncio.run(main())
+    assert got == [DATA[i * CS : (i + 1) * CS] for i in wanted]  # every client served
+    assert writer.queued_peak <= 3 * CS  # the bound (two chunks) plus the one that crossed it
+    assert stats.not_kept >= len(wanted) - 4 and stats.faults == len(wanted)
+    assert not started and stats.prefetched == 0  # no background fault while it is full
+    gate.set()
+    writer.flush()
+    kept = [i for i in wanted if store.has_chunk(digest(DATA[i * CS : (i + 1) * CS]))]
+    assert len(kept) == len(wanted) - stats.not_kept
+    assert asyncio.run(prefetch_now()) and stats.prefetched == 1  # room again: it resumes
+    assert src.reads.count(30 * CS) == 1
+    reader.close()

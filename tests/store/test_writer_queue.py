@@ -1,0 +1,68 @@
+"""The store writer's queue is bounded: a producer in its own thread waits for room, and the
+event loop's side never waits (it asks ``over()``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from icbdcache.store import BatchWriter, Store, digest
+from icbdcache.store.chunks import CHUNK_SIZE
+
+
+@pytest.fixture
+def slow_store(tmp_path: Path) -> Iterator[Store]:
+    """A store whose every write transaction takes 20 ms longer (a slow disk)."""
+    store = Store(tmp_path / "store")
+    real = store.write_batch
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    store.write_batch = slow  # type: ignore[method-assign]
+    yield store
+    store.close()
+
+
+def test_a_threaded_producer_waits_for_room(slow_store: Store) -> None:
+    chunks = [os.urandom(CHUNK_SIZE) for _ in range(40)]
+    writer = BatchWriter(slow_store, max_items=2, max_queued=4 * CHUNK_SIZE)
+    for data in chunks:
+        writer.put(digest(data), data)
+        assert writer.queued_bytes <= 5 * CHUNK_SIZE
+    writer.close()
+    assert 4 * CHUNK_SIZE <= writer.queued_peak <= 5 * CHUNK_SIZE  # it filled, never beyond
+    assert all(slow_store.get_chunk(digest(d)) == d for d in chunks)
+    assert writer.errors == 0
+
+
+def test_the_loop_side_never_blocks_and_sees_the_queue_full(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    gate = threading.Event()
+    real = store.write_batch
+
+    def stalled(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(30)
+        return real(*args, **kwargs)
+
+    store.write_batch = stalled  # type: ignore[method-assign]
+    writer = BatchWriter(store, max_items=1, max_delay=0, max_queued=3 * CHUNK_SIZE)
+    chunks = [os.urandom(CHUNK_SIZE) for _ in range(6)]
+    t0 = time.monotonic()
+    for data in chunks:  # the first goes into the stalled transaction, the rest queue up
+        writer.put(digest(data), data, block=False)
+    assert time.monotonic() - t0 < 5  # (a blocked put would wait for the 30 s gate)
+    assert writer.over() and writer.queued_bytes >= 3 * CHUNK_SIZE
+    assert all(writer.pending(digest(d)) == d for d in chunks)  # readable while queued
+    gate.set()
+    writer.close()
+    assert not writer.over() and writer.queued_bytes == 0
+    assert all(store.get_chunk(digest(d)) == d for d in chunks)
+    store.close()
