@@ -54,7 +54,7 @@ from typing import Any
 
 import psutil
 
-from bench import imipair, netlab
+from bench import imipair, netlab, repllimit
 
 MIB = 1 << 20
 #: The transfers, in the order they run within a repetition; the first is the baseline.
@@ -65,6 +65,8 @@ KINDS: tuple[str, ...] = ("full", "delta")
 #: The iMI name the bench publishes.
 IMI = "bench"
 CHUNK = 64 * 1024
+#: Repetitions of each measurement of the machine's limit (stages, fixed cost).
+LIMIT_REPS = 3
 
 EPILOG = """examples:
   icbd-bench replication --quick --out out/replication-quick
@@ -744,6 +746,10 @@ class IcbdSide:
     #: what its replicas are given to trust (the signing key's public half), or nothing
     #: (a build without signed manifests)
     trust: list[str] = field(default_factory=list)
+    #: wall seconds of replica runs with nothing to fetch (the site holds the newest
+    #: version), and of ``icbd-cache --help`` (the bare start): the fixed cost of a pull
+    empty_pull_s: list[float] = field(default_factory=list)
+    start_s: list[float] = field(default_factory=list)
 
 
 def _icbd_help_has(icbd: str, sub: str) -> bool:
@@ -834,6 +840,16 @@ def start_icbd(ctx: Context, binary: str | None = None, tag: str = "") -> IcbdSi
                                  masters["plain"][1], "--site", f"delta-base{tag}",
                                  "--subscribe", IMI, "--once", *trust]),
              "replica of v1", log, 3600)
+    empty: list[float] = []
+    start: list[float] = []
+    if not tag:  # the fixed cost of a pull, for the machine's limit (bench/repllimit.py)
+        for i in range(LIMIT_REPS):
+            empty.append(round(_checked(net.argv("client", [
+                icbd, "replica", "--store", str(delta_base), "--master", masters["plain"][1],
+                "--site", f"empty-{i}", "--subscribe", IMI, "--once", *trust]),
+                "replica with nothing to fetch", log, 600).wall_s, 3))
+            start.append(round(_checked([icbd, "--help"], "icbd-cache --help", log,
+                                        60).wall_s, 3))
     ctx.progress.note("replication: publishing v2 on the master")
     r = _checked([icbd, "publish", str(ctx.pair.v2), "--store", str(store), "--imi", IMI,
                   "--version", "2", "-q", *sign], "publish v2", log, 3600)
@@ -843,7 +859,7 @@ def start_icbd(ctx: Context, binary: str | None = None, tag: str = "") -> IcbdSi
         ctx.servers.append(masters["tls"][0])
     # a replica pulls the newest version of each subscribed iMI: v2 only, for a fresh store
     return IcbdSide(store, masters, ca, token_file, site_token_file, delta_base, publish_s,
-                    icbd, trust)
+                    icbd, trust, empty, start)
 
 
 def verify_store(store: Path, expected_map: bytes) -> str | None:
@@ -1023,6 +1039,46 @@ def vs_baseline(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def machine_limit(ctx: Context) -> dict[str, Any] | None:
+    """The machine's limit (bench/repllimit.py), measured now: each stage's bandwidth on a
+    sample of v2's chunks, the fixed cost of a pull (the median replica run with nothing to
+    fetch), and the limits of a full copy (v2's distinct chunks) and a delta (the chunks v1
+    lacks). None without an icbd side or when it could not be measured."""
+    side = ctx.icbd
+    if side is None or not side.empty_pull_s:
+        return None
+    from icbdcache.replication.replica import COMMIT_BYTES
+
+    chunks = repllimit.sample_chunks(ctx.pair.v2, ctx.analysis.v2_map, CHUNK)
+    if not chunks:
+        return None
+    stages = repllimit.measure_stages(chunks, COMMIT_BYTES, LIMIT_REPS)
+    fixed = statistics.median(side.empty_pull_s)
+    a = ctx.analysis
+    return {"stages": stages, "sample_bytes": sum(len(c) for c in chunks),
+            "commit_bytes": COMMIT_BYTES, "empty_pull_s": side.empty_pull_s,
+            "start_s": side.start_s, "fixed_s": fixed,
+            "combine": "limit = fixed cost + bytes x sum of 1/bandwidth over the stages "
+                       "(serial, one core); overlapped = fixed cost + bytes / the slowest "
+                       "stage (every stage on a core of its own)",
+            "full": repllimit.limits(stages, a.v2_distinct_bytes, fixed),
+            "delta": repllimit.limits(stages, a.changed_bytes, fixed)}
+
+
+def add_limit(rows: Sequence[dict[str, Any]], limit: dict[str, Any] | None) -> None:
+    """Add to each icbd row ``limit_s`` (its kind's serial limit) and ``time_vs_limit``
+    (its median wall time over it); nothing without a limit."""
+    if not limit:
+        return
+    for r in rows:
+        lim = limit.get(r["kind"])
+        if not r["tool"].startswith("icbd") or lim is None:
+            continue
+        r["limit_s"] = lim["limit_serial_s"]
+        r["time_vs_limit"] = (r["wall_s"] / lim["limit_serial_s"]
+                              if r.get("wall_s") and lim["limit_serial_s"] else None)
+
+
 #: The issue's targets: (kind, what, limit on loopback, limit on a shaped link).
 def targets(rows: Sequence[dict[str, Any]], a: Analysis, link_bps: int | None
             ) -> list[dict[str, Any]]:
@@ -1038,6 +1094,11 @@ def targets(rows: Sequence[dict[str, Any]], a: Analysis, link_bps: int | None
         out.append({"target": name, "kind": row[0], "tool": row[1], "value": value,
                     "limit": limit, "upper": upper, "met": met})
 
+    for kind in KINDS:
+        r = by.get((kind, "icbd"))
+        if r is not None and r.get("time_vs_limit") is not None and link_bps is None:
+            add("time vs the machine's limit (issue 17)", (kind, "icbd"), r["time_vs_limit"],
+                1.2)
     for t in icbd_tools:
         r = by.get(("delta", t))
         if r is not None:
@@ -1116,18 +1177,19 @@ def markdown(doc: dict[str, Any]) -> str:
              f"- {meta['reps']} repetition(s); medians; ratios are paired with rsync (plain) "
              f"of the same repetition; bytes = {doc['bytes_source']}", "",
              "| kind | tool | wall s | CPU s (server + client) | MiB on the wire | time vs rsync "
-             "| CPU vs rsync | bytes vs rsync | tool's own count, MiB |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+             "| CPU vs rsync | bytes vs rsync | tool's own count, MiB | time vs limit |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in doc["rows"]:
         if r["ok"] == 0:
             why = str(r.get("error") or "not run").splitlines()[0][:120]
-            lines.append(f"| {r['kind']} | {r['tool']} | failed: {why} | | | | | | |")
+            lines.append(f"| {r['kind']} | {r['tool']} | failed: {why} | | | | | | | |")
             continue
         lines.append(
             f"| {r['kind']} | {r['tool']} | {_f(r['wall_s'])} | {_f(r['cpu_s'])} "
             f"({_f(r['cpu_server_s'])} + {_f(r['cpu_client_s'])}) | {_mib(r['bytes'])} | "
             f"{_x(r['wall_s_vs_rsync'])} | {_x(r['cpu_s_vs_rsync'])} | "
-            f"{_x(r['bytes_vs_rsync'])} | {_mib(r.get('tool_bytes'))} |")
+            f"{_x(r['bytes_vs_rsync'])} | {_mib(r.get('tool_bytes'))} | "
+            f"{_x(r.get('time_vs_limit'))} |")
     boot = [r["boot_file_bytes"] for r in doc["rows"] if r.get("boot_file_bytes")]
     lines += ["", "Tool's own count: rsync's `--stats` total bytes sent + received; for icbd "
               "the replica's chunk-stream bytes (HTTP bodies after zstd: no manifest, headers, "
@@ -1138,12 +1200,14 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"already keeps the same bytes for another version: then the master answers "
                   f"304 and a delta whose kernel did not change sends none); rsync finds them "
                   f"inside the image."]
+    lines += limit_lines(doc.get("limit"))
     base_rows = doc.get("vs_baseline") or []
     if base_rows:
         lines += ["", "This build against the baseline build (`-base`, `--baseline-bin`), the "
-                  "same transfer right after it; this build signs and verifies (the manifest's "
-                  "signature, every chunk's BLAKE3-256), the baseline does neither. Ratios are "
-                  "medians of the paired repetitions (issue 16: time within 1.10x):", "",
+                  "same transfer right after it (before it in odd repetitions); both sign and "
+                  "verify when the baseline has `keygen` (the manifest's signature, every "
+                  "chunk's BLAKE3-256). Ratios are medians of the paired repetitions (issue 16: "
+                  "time within 1.10x):", "",
                   "| kind | tool | wall s | wall s (base) | time vs base | CPU s | CPU s (base) "
                   "| CPU vs base | within 10% |", "|---|---|--:|--:|--:|--:|--:|--:|---|"]
         for r in base_rows:
@@ -1160,6 +1224,35 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {t['target']} | {t['kind']} {t['tool']} | {_f(t['value'])} | "
                      f"{op} {t['limit']:g} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def limit_lines(limit: dict[str, Any] | None) -> list[str]:
+    """The markdown of the machine's limit (empty without one)."""
+    if not limit:
+        return []
+    st = limit["stages"]
+    out = ["", f"The machine's limit, measured in this run (bench/repllimit.py; each stage the "
+           f"best of {LIMIT_REPS} on {limit['sample_bytes'] / MIB:,.0f} MiB of v2's own "
+           f"chunks; LMDB: a fresh store, {limit['commit_bytes'] / MIB:,.0f} MiB a "
+           f"transaction, synced): {limit['combine']}. Fixed cost: the median replica run "
+           f"with nothing to fetch, {limit['fixed_s']:.2f} s "
+           f"({', '.join(f'{v:.2f}' for v in limit['empty_pull_s'])}); the bare start "
+           f"(`icbd-cache --help`) {', '.join(f'{v:.2f}' for v in limit['start_s'])} s.", "",
+           "| stage | " + " | ".join(repllimit.STAGES) + " |",
+           "|---|" + "--:|" * len(repllimit.STAGES),
+           "| MiB/s | " + " | ".join(f"{st[n]['mib_s']:,.0f}" for n in repllimit.STAGES)
+           + " |", "",
+           "| kind | new MiB | stages, serial s | limit s (serial) | limit s (overlapped) |",
+           "|---|--:|--:|--:|--:|"]
+    for kind in KINDS:
+        lim = limit.get(kind)
+        if lim:
+            out.append(f"| {kind} | {lim['new_bytes'] / MIB:,.1f} | "
+                       f"{lim['stages_serial_s']:.2f} | {lim['limit_serial_s']:.2f} | "
+                       f"{lim['limit_overlapped_s']:.2f} |")
+    out += ["", "Time vs limit: an icbd row's median wall time over its kind's serial limit "
+            "(the bytes are the chunk bytes new to the site; kernel and initrd not counted)."]
+    return out
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
@@ -1262,6 +1355,7 @@ def run(s: Settings) -> int:
                   f"{analysis.changed_bytes / MIB:,.1f} MiB new, zstd of the new chunks "
                   f"{analysis.changed_zstd / MIB:,.1f} MiB")
     runs: list[dict[str, Any]] = []
+    limit: dict[str, Any] | None = None
     net: BenchNet | None = None
     ctx: Context | None = None
     fallback = None
@@ -1289,6 +1383,13 @@ def run(s: Settings) -> int:
             except Exception as e:
                 setup_error["icbd-base"] = f"icbd baseline setup: {e}"
                 progress.note(f"replication: {setup_error['icbd-base'][:400]}")
+        if ctx.icbd is not None and s.link_bps is None:  # a loopback's limit
+            progress.note("replication: measuring the machine's limit (copy, hashes, LMDB, "
+                          "loopback)")
+            try:
+                limit = machine_limit(ctx)
+            except Exception as e:
+                progress.note(f"replication: no limit: {type(e).__name__}: {e}")
         for rep, kind, tool in plan(s):
             family = "rsync" if tool.startswith("rsync") else (
                 "icbd-base" if tool.endswith(BASE_SUFFIX) else "icbd")
@@ -1317,6 +1418,7 @@ def run(s: Settings) -> int:
             shutil.rmtree(work, ignore_errors=True)
         signal.signal(signal.SIGTERM, old)
     rows = summarize(runs, s.kinds, s.tools)
+    add_limit(rows, limit)
     tgts = targets(rows, analysis, s.link_bps)
     network = net.describe() if net is not None else "-"
     doc: dict[str, Any] = {
@@ -1334,6 +1436,7 @@ def run(s: Settings) -> int:
         "analysis": {k: v for k, v in vars(analysis).items() if k != "v2_map"},
         "publish_s": ctx.icbd.publish_s if ctx is not None and ctx.icbd else {},
         "runs": runs, "rows": rows, "targets": tgts, "vs_baseline": vs_baseline(runs),
+        "limit": limit,
     }
     (s.out / "replication.json").write_text(json.dumps(doc, indent=1))
     md = markdown(doc)
@@ -1360,6 +1463,7 @@ def main(args: argparse.Namespace) -> int:
         doc = json.loads(args.report.read_text())
         doc["rows"] = summarize(doc["runs"], [k for k in KINDS if any(
             r["kind"] == k for r in doc["runs"])], tool_order([r["tool"] for r in doc["runs"]]))
+        add_limit(doc["rows"], doc.get("limit"))
         doc["targets"] = targets(doc["rows"], Analysis(**doc["analysis"]),
                                  doc["meta"].get("link_bps"))
         doc["vs_baseline"] = vs_baseline(doc["runs"])

@@ -62,7 +62,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,7 +248,7 @@ class Replica:
         self._reported_wire = 0
         self._keepalive_task: asyncio.Task[None] | None = None
         self._progress_at = 0.0
-        self._writes: set[asyncio.Future[tuple[int, int, int]]] = set()  # store writes
+        self._writes: set[asyncio.Future[int]] = set()  # store writes
         #: (IMI@V, instance, signature) of versions whose signature was checked here
         self._verified: set[tuple[str, str, str | None]] = set()
         #: digest -> strong digest of the version being pulled (checked before storing)
@@ -582,10 +582,9 @@ class Replica:
         self._check_space(key, lengths)
         if not meta.pinned:
             self.store.set_pinned(key, True)
-        await self._boot_files(rec)
         self._strong = self._strong_of(key, chunk_map)
         try:
-            await self._fetch_all(key, lengths)
+            await self._with_boot_files(rec, self._fetch_all(key, lengths))
         finally:
             self._strong = {}
         meta = self.store.version(key)
@@ -594,7 +593,7 @@ class Replica:
         held, need = self.store.held_of(key)
         if held != need:
             raise PullError(f"{need - held} bytes still missing after the pull")
-        self._finish(rec, meta, announce=True)
+        self._finish(rec, meta, announce=True, need=need)
 
     async def adopt(self, rec: VersionRecord, meta: VersionMeta | None) -> None:
         """On demand: store ``rec``'s manifest (checked as for a pull) and its boot files, and
@@ -610,15 +609,22 @@ class Replica:
             if self.on_version is not None:
                 self.on_version(rec.key)
 
-    def _finish(self, rec: VersionRecord, meta: VersionMeta, *, announce: bool) -> None:
-        self._held.pop(rec.key, None)
+    def _finish(self, rec: VersionRecord, meta: VersionMeta, *, announce: bool,
+                need: int | None = None) -> None:
+        """Pin ``rec`` and make it the iMI's latest. ``need``: its bytes, when the caller
+        has just found them all held (its held/need scan is then not made again)."""
+        if need is None:
+            self._held.pop(rec.key, None)
+        else:
+            self._held[rec.key] = (time.monotonic(), need, need)
         if not meta.pinned:
             self.store.set_pinned(rec.key, True)
         if self.store.latest(rec.imi) != rec.version:
             self.store.set_latest(rec.imi, rec.version)
             announce = True
         if announce:
-            _, need = self.store.held_of(rec.key)
+            if need is None:
+                _, need = self.store.held_of(rec.key)
             log.info(kv(replica=self.config.site, complete=rec.key, latest=rec.key,
                         bytes=need, received_bytes=self.counters.chunk_bytes,
                         wire_bytes=self.counters.wire_bytes))
@@ -748,6 +754,20 @@ class Replica:
                 out.setdefault(d, e)
         return out
 
+    async def _with_boot_files(self, rec: VersionRecord, pull: Awaitable[None]) -> None:
+        """Await ``pull`` (the version's chunks) while its boot files come
+        (:meth:`_boot_files`, a task of its own): both done, or the first failure raised
+        (the boot files' task is then cancelled)."""
+        boot = asyncio.ensure_future(self._boot_files(rec))
+        try:
+            await pull
+        except BaseException:
+            boot.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await boot
+            raise
+        await boot
+
     async def _boot_files(self, rec: VersionRecord) -> None:
         """Keep the version's kernel and initrd as import does (best effort: a warning)."""
         meta = self.store.version(rec.key)
@@ -770,21 +790,30 @@ class Replica:
             return
         if kernel is None or initrd is None:
             return
+        c = self.client.counters
+        stats = {"replica_boot_bytes": c.boot_bytes - sent0,
+                 "replica_boot_reused": c.boot_reused - reused0}
         try:
-            d = boot_root(self.store.path) / check_key(rec.key)
-            d.mkdir(parents=True, exist_ok=True)
-            for name, data in ((KERNEL_NAME, kernel), (INITRD_NAME, initrd)):
-                tmp = d / f".{name}.tmp"
-                tmp.write_bytes(data)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, d / name)
-            record_kept(self.store, rec.key)
-            c = self.client.counters
-            self.store.write_batch([], (), (), {
-                "replica_boot_bytes": c.boot_bytes - sent0,
-                "replica_boot_reused": c.boot_reused - reused0})
+            # a worker thread: the files are written, and the store may wait for a chunk
+            # transaction, while the chunk streams go on
+            await asyncio.to_thread(self._keep_boot_files, rec.key, kernel, initrd, stats)
         except Exception as e:  # best effort, as at import
             log.warning(kv(boot_files=rec.key, error=e))
+
+    def _keep_boot_files(self, key: str, kernel: bytes, initrd: bytes,
+                         stats: dict[str, int]) -> None:
+        """Write the boot files of version ``key`` (each to a temporary name, then renamed),
+        note them kept and add ``stats``. Runs in a worker thread. Raises OSError,
+        StoreError, BootFilesError."""
+        d = boot_root(self.store.path) / check_key(key)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in ((KERNEL_NAME, kernel), (INITRD_NAME, initrd)):
+            tmp = d / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, d / name)
+        record_kept(self.store, key)
+        self.store.write_batch([], (), (), stats)
 
     def _kept_boot_files(self, key: str) -> dict[str, dict[str, Path]]:
         """The kernels and initrds this store keeps for versions other than ``key``, by
@@ -933,39 +962,63 @@ class Replica:
 
     async def _fetch_batch(self, batch: list[bytes], lengths: dict[bytes, int]) -> _Fetched:
         """One chunk request: its good chunks (their digest, and their length in the chunk
-        map: ``lengths``) and its counters (not committed yet). Raises MasterError."""
+        map: ``lengths``) and its counters (not committed yet). The chunks are checked once
+        the stream has ended, in a worker thread (:meth:`_verify`: the hashes let go of the
+        GIL, so the next streams are read meanwhile). Raises MasterError."""
         c = self.counters
         c.requests += 1
         out = _Fetched()
         tally = TransferCounters()
+        got: list[tuple[bytes, bytes]] = []
         try:
             async for f in self.client.chunks(batch, tally):
                 if f.data is None:
                     out.missing += 1
-                elif digest(f.data) != f.digest:
-                    out.corrupt += 1
-                    warn.warning(kv(pull=self.pulling, chunk=f.digest.hex(),
-                                    refused="digest mismatch", retry="later"))
-                elif len(f.data) != lengths.get(f.digest, len(f.data)):
-                    # its digest, but not the length of its place in the chunk map: a
-                    # manifest that does not describe the image (reads would come up short)
-                    out.corrupt += 1
-                    warn.warning(kv(pull=self.pulling, chunk=f.digest.hex(),
-                                    refused=f"length {len(f.data)}, not "
-                                            f"{lengths[f.digest]}", retry="later"))
                 else:
-                    out.chunks.append((f.digest, f.data))
-                    out.bytes += len(f.data)
+                    got.append((f.digest, f.data))
         finally:
             out.wire = tally.wire_bytes
             c.wire_bytes += out.wire
-            c.corrupt += out.corrupt
             c.missing += out.missing
+        if got:
+            out.chunks, out.corrupt = await asyncio.get_running_loop().run_in_executor(
+                None, self._verify, got, lengths, self._strong, self.pulling)
+            out.bytes = sum(len(v) for _, v in out.chunks)
+            c.corrupt += out.corrupt
         return out
 
+    @staticmethod
+    def _verify(got: list[tuple[bytes, bytes]], lengths: dict[bytes, int],
+                strong: dict[bytes, bytes], key: str | None
+                ) -> tuple[list[tuple[bytes, bytes]], int]:
+        """In a worker thread: the chunks of ``got`` (digest, bytes) that match their
+        xxh3-128 digest, their length in the chunk map (``lengths``) and the BLAKE3-256 the
+        version's signed manifest gives (``strong``: digest -> strong digest; a chunk the
+        xxh3 digest alone would have let in is a forged collision), each computed once; and
+        how many were refused (a refused chunk is still missing: a later round asks for it
+        again)."""
+        good: list[tuple[bytes, bytes]] = []
+        refused = 0
+        for d, data in got:
+            if digest(data) != d:
+                why = "digest mismatch"
+            elif len(data) != lengths.get(d, len(data)):
+                # its digest, but not the length of its place in the chunk map: a manifest
+                # that does not describe the image (reads would come up short)
+                why = f"length {len(data)}, not {lengths[d]}"
+            else:
+                want = strong.get(d) if strong else None
+                if want is None or strong_digest(data) == want:
+                    good.append((d, data))
+                    continue
+                why = "strong digest mismatch"
+            refused += 1
+            warn.warning(kv(pull=key, chunk=d.hex(), refused=why, retry="later"))
+        return good, refused
+
     async def _commit(self, items: list[_Fetched]) -> None:
-        """Write the chunks of ``items`` and their counters in one transaction (a worker
-        thread). Raises PullError when the store refuses."""
+        """Write the chunks of ``items`` (verified: :meth:`_verify`) and their counters in
+        one transaction (a worker thread). Raises PullError when the store refuses."""
         chunks = [kv_ for it in items for kv_ in it.chunks]
         stats = {"replica_wire_bytes": sum(it.wire for it in items),
                  "replica_chunk_bytes": sum(it.bytes for it in items),
@@ -973,19 +1026,16 @@ class Replica:
                  "replica_corrupt_chunks": sum(it.corrupt for it in items),
                  "replica_missing_frames": sum(it.missing for it in items),
                  "replica_requests": len(items)}
-        fut = asyncio.get_running_loop().run_in_executor(
-            None, self._verify_write, chunks, stats, self._strong, self.pulling)
+        fut = asyncio.get_running_loop().run_in_executor(None, self._write, chunks, stats)
         self._writes.add(fut)
         fut.add_done_callback(self._writes.discard)
 
-        def counted(f: asyncio.Future[tuple[int, int, int]]) -> None:
+        def counted(f: asyncio.Future[int]) -> None:
             # when the transaction commits, even if the pull waiting on it was cancelled
             # (the master went away): the process's counters follow the store's
             if not f.cancelled() and f.exception() is None:
-                _, good, refused = f.result()
                 self.counters.chunk_bytes += stats["replica_chunk_bytes"]
-                self.counters.chunks += good
-                self.counters.corrupt += refused
+                self.counters.chunks += stats["replica_chunks"]
 
         fut.add_done_callback(counted)
         try:
@@ -994,31 +1044,11 @@ class Replica:
         except (StoreError, OSError) as e:
             raise PullError(f"store write failed: {e}{self._disk_note()}") from e
 
-    def _verify_write(self, chunks: list[tuple[bytes, bytes]], stats: dict[str, int],
-                      strong: dict[bytes, bytes], key: str | None) -> tuple[int, int, int]:
-        """In a worker thread: refuse every chunk whose strong digest is not the one the
-        version's signed manifest gives (``strong``: digest -> strong digest; a chunk the
-        xxh3 digest alone would have let in: a forged collision), then write the others and
-        ``stats`` (adjusted) in one transaction. Returns (bytes added, chunks written, chunks
-        refused); a refused chunk is still missing, so a later round asks for it again.
+    def _write(self, chunks: list[tuple[bytes, bytes]], stats: dict[str, int]) -> int:
+        """In a worker thread: ``chunks`` (verified by :meth:`_verify`: their digests are
+        not computed again) and ``stats`` in one transaction. Returns the bytes added.
         Raises StoreError."""
-        good = chunks
-        refused = 0
-        if strong:
-            good = []
-            for d, data in chunks:
-                want = strong.get(d)
-                if want is not None and strong_digest(data) != want:
-                    refused += 1
-                    stats["replica_chunk_bytes"] -= len(data)
-                    warn.warning(kv(pull=key, chunk=d.hex(), refused="strong digest mismatch",
-                                    retry="later"))
-                else:
-                    good.append((d, data))
-            stats["replica_chunks"] = len(good)
-            stats["replica_corrupt_chunks"] += refused
-        added = self.store.write_batch(good, (), (), stats)
-        return added, len(good), refused
+        return self.store.write_batch(chunks, (), (), stats, verified=True)
 
     def _disk_note(self) -> str:
         """`` (disk full: ...)`` when the store's file system has no room left (LMDB reports

@@ -26,6 +26,7 @@ The receiver checks every chunk against its digest before it keeps it (the store
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, cast
@@ -215,7 +216,13 @@ class ChunkStreamDecoder:
             cast(IO[bytes], _Sink(self._parse)), write_size=ZSTD_PIECE, write_return_read=True)
             if encoding == "zstd" else None)
         self._frames: list[ChunkFrame] = []
-        self._buf = bytearray()
+        #: bytes received and not yet taken into frames: whole pieces as received (the
+        #: first from ``_off`` on), ``_held`` bytes in all
+        self._pieces: deque[bytes] = deque()
+        self._off = 0
+        self._held = 0
+        #: the header of the frame whose data is awaited (digest, length), or None
+        self._head: tuple[bytes, int] | None = None
         self._expect = expect
         self._n = 0  # frames seen
         self.finished = False
@@ -245,54 +252,78 @@ class ChunkStreamDecoder:
         frames, self._frames = self._frames, []
         return frames
 
+    def _take(self, n: int) -> bytes:
+        """The next ``n`` bytes of the pieces held (at least ``n`` are): a piece itself when
+        it is exactly those bytes, else one copy (a slice of one piece, or the slices of
+        several joined once)."""
+        pieces = self._pieces
+        first = pieces[0]
+        off = self._off
+        left = len(first) - off
+        self._held -= n
+        if left > n:
+            self._off = off + n
+            return bytes(memoryview(first)[off : off + n])
+        if left == n:
+            pieces.popleft()
+            self._off = 0
+            return first if off == 0 and type(first) is bytes else bytes(memoryview(first)[off:])
+        parts: list[bytes | memoryview] = [memoryview(first)[off:] if off else first]
+        pieces.popleft()
+        self._off = 0
+        need = n - left
+        while need:
+            nxt = pieces[0]
+            if len(nxt) <= need:
+                parts.append(nxt)
+                pieces.popleft()
+                need -= len(nxt)
+            else:
+                parts.append(memoryview(nxt)[:need])
+                self._off = need
+                need = 0
+        return b"".join(parts)
+
     def _parse(self, data: bytes) -> None:
-        """Add the whole frames of ``data`` (after those buffered) to ``_frames``. Each
-        chunk is copied once, from the bytes received into its frame; only an unfinished
-        frame's bytes are kept over to the next call."""
+        """Add the whole frames of the bytes received so far to ``_frames``. Each chunk is
+        copied at most once, from the pieces received into its frame (a chunk that is a whole
+        piece is not copied at all); the pieces of an unfinished frame are kept, not copied,
+        until it is complete."""
         if self.finished:
             if data:
                 raise WireError("bytes after the end frame")
             return
-        buffered = bool(self._buf)
-        if buffered:
-            self._buf += data
-        src: bytes | bytearray = self._buf if buffered else data
+        if data:
+            self._pieces.append(data)
+            self._held += len(data)
         frames = self._frames
-        pos = 0
-        end = len(src)
         head = _HEAD.size
-        view = memoryview(src)
-        try:
-            while end - pos >= head:
-                digest, length = _HEAD.unpack_from(view, pos)
+        while True:
+            if self._head is None:
+                if self._held < head:
+                    return
+                digest, length = _HEAD.unpack(self._take(head))
                 if length == MISSING:
                     self._check(digest)
                     frames.append(ChunkFrame(digest, None))
-                    pos += head
                     continue
                 if digest == ZERO and length == 0:
-                    pos += head
                     self.finished = True
-                    if pos != end:
+                    if self._held:
                         raise WireError("bytes after the end frame")
                     if self._expect is not None and self._n != len(self._expect):
                         raise WireError(f"end frame after {self._n} frames of the "
                                         f"{len(self._expect)} digests asked for")
-                    break
+                    return
                 if length > MAX_CHUNK or length == 0:
                     raise WireError(f"frame of {length} bytes (1 to {MAX_CHUNK} allowed)")
-                if end - pos - head < length:
-                    break
                 self._check(digest)
-                start = pos + head
-                frames.append(ChunkFrame(digest, bytes(view[start : start + length])))
-                pos = start + length
-        finally:
-            view.release()
-        if buffered:
-            del self._buf[:pos]
-        elif pos < end:
-            self._buf += data[pos:]
+                self._head = (digest, length)
+            digest, length = self._head
+            if self._held < length:
+                return
+            self._head = None
+            frames.append(ChunkFrame(digest, self._take(length)))
 
     def close(self) -> None:
         """The body ended. Raises WireError if the end frame was not seen."""

@@ -86,16 +86,17 @@ def map_digest(chunk_map: bytes | bytearray) -> str:
 
 
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
-    """True if every byte is zero (compared in 1 MiB slices, no allocation per byte)."""
+    """True if every byte is zero: compared with memcmp (``bytes.startswith``) against 1 MiB
+    of zeros a slice at a time, no allocation. (A memoryview comparison goes byte by byte:
+    a chunk that starts with many zero bytes cost ~1 ns a byte that way.)"""
     view = memoryview(data)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
     n = len(view)
-    pos = 0
-    while pos < n:
-        k = min(n - pos, len(_ZEROS))
-        if view[pos : pos + k] != _ZEROS[:k]:
-            return False
-        pos += k
-    return True
+    step = len(_ZEROS)
+    if n <= step:
+        return _ZEROS.startswith(view)
+    return all(_ZEROS.startswith(view[pos : pos + step]) for pos in range(0, n, step))
 
 
 def chunk_count(size: int, chunk_size: int = CHUNK_SIZE) -> int:

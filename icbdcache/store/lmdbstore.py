@@ -411,18 +411,21 @@ class Store(VersionLifecycle):
         stats: dict[str, int] | None = None,
         *,
         protect: str | None = None,
+        verified: bool = False,
     ) -> int:
         """One write transaction: store ``chunks`` ((digest, bytes), each verified; raises
-        ChunkMismatch before anything is written if one does not match), set learned map
+        ChunkMismatch before anything is written if one does not match; ``verified``: the
+        caller checked every chunk's digest already, so it is not computed again), set learned map
         entries ((version key, index, digest); only entries still UNKNOWN are set), record
         access ticks for ``touched`` digests, add ``stats`` counters, note the chunks as
         protected by the pending version ``protect`` (an import or publish copying them: no
         eviction takes them), then evict cold chunks while over ``size_limit``. Returns the
         bytes of chunks added."""
         items = [(k, bytes(v)) for k, v in chunks]
-        for k, v in items:
-            if digest(v) != k:
-                raise ChunkMismatch(f"chunk {k.hex()} does not match its bytes")
+        if not verified:
+            for k, v in items:
+                if digest(v) != k:
+                    raise ChunkMismatch(f"chunk {k.hex()} does not match its bytes")
         updates = list(map_updates)
         return self._transact(
             lambda txn: self._write(txn, items, updates, touched, stats, protect))

@@ -72,6 +72,34 @@ def test_replication_bench_quick_pair(tmp_path: Path) -> None:
     assert (out / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "replication.md").read_text()
     assert "| delta | icbd-zstd-tls |" in md and "Targets" in md
+    _check_limit(doc, nonzero)
+
+
+def _check_limit(doc: dict[str, Any], nonzero: int) -> None:
+    """The machine's limit: every stage measured on the sample, the limits made of the
+    pair's own bytes, and a time-vs-limit for every icbd row (issue 17)."""
+    lim = doc["limit"]
+    assert lim is not None
+    assert lim["sample_bytes"] == nonzero  # the whole of v2's distinct chunks (< the cap)
+    assert set(lim["stages"]) == {"loopback", "copy", "xxh3", "blake3", "lmdb"}
+    for st in lim["stages"].values():
+        assert st["bytes"] == nonzero and st["seconds"] > 0 and st["mib_s"] > 0
+    assert len(lim["empty_pull_s"]) == 3 and all(v > 0 for v in lim["empty_pull_s"])
+    assert len(lim["start_s"]) == 3 and lim["fixed_s"] == sorted(lim["empty_pull_s"])[1]
+    assert lim["full"]["new_bytes"] == nonzero
+    assert lim["delta"]["new_bytes"] == len(CHANGED) * CHUNK
+    for kind in KINDS:
+        k = lim[kind]
+        assert k["limit_serial_s"] >= k["limit_overlapped_s"] >= k["fixed_s"] > 0, k
+    assert lim["full"]["stages_serial_s"] > lim["delta"]["stages_serial_s"] > 0
+    for r in doc["rows"]:
+        if r["tool"].startswith("icbd"):
+            assert r["limit_s"] == lim[r["kind"]]["limit_serial_s"], r
+            assert r["time_vs_limit"] > 0, r
+        else:
+            assert "time_vs_limit" not in r, r
+    names = {(t["target"], t["kind"]) for t in doc["targets"]}
+    assert {("time vs the machine's limit (issue 17)", k) for k in KINDS} <= names
 
 
 def test_replication_bench_baseline_twins_with_tls(tmp_path: Path) -> None:
