@@ -16,7 +16,7 @@ from typing import Any
 from icbdcache.commands.options import Command, Option
 from icbdcache.commands.store import store_option
 from icbdcache.replication.auth import AuthConfigError, client_ssl_context, read_token
-from icbdcache.replication.master import (
+from icbdcache.replication.defaults import (
     ADDRESS_STREAMS,
     DEFAULT_MASTER_PORT,
     MASTER_MAP_SIZE,
@@ -24,7 +24,6 @@ from icbdcache.replication.master import (
     SITE_STREAMS,
     STALL_TIMEOUT,
     STREAM_MIN_RATE,
-    MasterConfig,
 )
 
 STREAMS_GROUP = "chunk streams (docs/replication.md, Limits)"
@@ -78,7 +77,7 @@ def cmd_master(args: argparse.Namespace) -> int:
             what = "not a file" if os.path.exists(f) else "no such file"
             print(f"icbd-cache master: {opt} {f}: {what}", file=sys.stderr)
             return 2
-    cfg = MasterConfig(store=args.store, host=host, port=port, registry=args.registry,
+    cfg = master.MasterConfig(store=args.store, host=host, port=port, registry=args.registry,
                        tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
                        token_file=args.token_file, admin_token_file=args.admin_token_file,
                        down_after=args.down_after, keepalive_interval=args.keepalive_interval,

@@ -9,9 +9,10 @@ import os
 import sys
 import textwrap
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 from icbdcache.commands.options import Command, Option
 from icbdcache.store import (
@@ -47,6 +48,8 @@ def store_size_option(help: str, group: str | None = None) -> Option:
 
 def progress_bar(total: int | None, desc: str) -> tqdm[Any]:
     """A byte (or chunk) progress bar on stderr, shown only on a terminal."""
+    from tqdm import tqdm  # imported when a command shows progress (~20 ms)
+
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 disable=not sys.stderr.isatty(), leave=False)
 

@@ -54,6 +54,15 @@ from icbdcache.replication.auth import (
     token_digest,
     token_site_problem,
 )
+from icbdcache.replication.defaults import (
+    ADDRESS_STREAMS,
+    DEFAULT_MASTER_PORT,
+    MASTER_MAP_SIZE,
+    MAX_STREAMS,
+    SITE_STREAMS,
+    STALL_TIMEOUT,
+    STREAM_MIN_RATE,
+)
 from icbdcache.replication.exposure import Access, decide, is_loopback_listen
 from icbdcache.replication.registry import (
     Registry,
@@ -70,23 +79,10 @@ from icbdcache.store.owners import IN_USE_LINGER
 
 log = logging.getLogger("icbdcache.master")
 
-#: Default port of the master's HTTP API.
-DEFAULT_MASTER_PORT = 10810
 #: Chunks read, encoded and sent as one piece of a chunk stream (4 MiB of 64 KiB chunks).
 SLICE_CHUNKS = 64
 #: Bounds of ``/v1/watch``'s ``timeout`` (seconds) and its default.
 WATCH_MIN, WATCH_MAX, WATCH_DEFAULT = 1.0, 60.0, 30.0
-#: Seconds of grace a chunk stream's client has (to send its body, and before its reading
-#: is held to STREAM_MIN_RATE): a client that reads nothing is cut after about this long.
-STALL_TIMEOUT = 60.0
-#: Bytes a second a chunk stream's client must take, on average, once the grace is over.
-STREAM_MIN_RATE = 16 << 10
-#: Chunk streams sent at once (each holds up to two slices, about 8 MiB, and a worker thread);
-#: more wait their turn. One site (known by its token) may hold SITE_STREAMS of them, running
-#: or waiting; without tokens that name sites, one address ADDRESS_STREAMS (429 beyond).
-MAX_STREAMS = 32
-SITE_STREAMS = 8
-ADDRESS_STREAMS = 16
 #: Highest zstd level the master compresses at: a replica asking for more gets this (levels
 #: above 9 cost the sender many times the CPU for a few per cent of bytes).
 MAX_ZSTD_LEVEL = 9
@@ -96,10 +92,6 @@ MAX_SUBSCRIBE = 256
 STATS_FLUSH = 5.0
 #: Cache-Control of answers that never change (manifests, boot files, chunks by digest).
 IMMUTABLE = "public, max-age=31536000, immutable"
-#: LMDB address space reserved for a master's store (bytes; nothing is allocated). A process
-#: cannot read past a map another process grew (LMDB: MDB_MAP_RESIZED), and ``publish`` grows a
-#: master's store while ``master`` reads it, so both reserve this much up front.
-MASTER_MAP_SIZE = 1 << 40
 #: Keys of :class:`Master`'s counters (``admin status`` ``master``; in the store's stats
 #: with the prefix ``master_``).
 COUNTERS = ("chunk_requests", "chunks_sent", "chunks_missing", "raw_bytes", "wire_bytes",
