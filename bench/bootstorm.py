@@ -449,8 +449,10 @@ def run_one(ctx: Context, sc: Scenario, name: str, store: Path | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     net = ctx.net
     icbd = ctx.binaries.get("icbd-cold") or ctx.binaries.get("icbd-warm")
-    if name in ("icbd-cold", "icbd-warm"):
-        rec.server_version = icbd_code_version(ctx.binaries[name])
+    if name in ("icbd-cold", "icbd-warm") and icbd is not None:
+        # (the icbd-warm store is primed by an icbd-cold run even when icbd-cold is not
+        # one of the servers asked for)
+        rec.server_version = icbd_code_version(ctx.binaries.get(name, icbd))
     rec.idle_cpu_pct, _, rec.idle_wait_s = wait_for_idle(0.5, ctx.s.wait_idle,
                                                          ctx.s.wait_idle_max)
     t_start = time.monotonic()
@@ -463,7 +465,7 @@ def run_one(ctx: Context, sc: Scenario, name: str, store: Path | None = None,
                 rec.upstream_log = str(up.log)
             before = icbd_stats(icbd, store) if icbd and store else {}
             host, port = net.site_host, net.port("site")
-            argv = server_argv(name, ctx.binaries[name], ctx.image, host, port,
+            argv = server_argv(name, ctx.binaries.get(name) or icbd or "", ctx.image, host, port,
                                (up.host, up.port) if up else None, store, ctx.s.icbd_args)
             env = {"TMPDIR": str(run_dir)} if name == "nbdkit-cache" else None
             srv = spawn(name, net.argv("site", argv), ctx.log_dir / f"{tag}.log", env, port)
