@@ -89,3 +89,18 @@ def test_plan_keeps_overlaps_and_waits_for_answered_reads() -> None:
                   (4096,) * 4, (2000, 100, 100, 100))
     plan = make_plan(trace)
     assert [set(d) for d in plan.deps] == [set(), set(), {1}, {0, 2}]
+
+
+def test_icbd_warm_alone_is_primed_and_fetches_nothing(tmp_path: Path) -> None:
+    """``--server icbd-warm`` without icbd-cold among the servers: its store is primed by an
+    unmeasured cold client first, so the measured run fetches nothing upstream."""
+    require("nbdkit")
+    requests = 60
+    doc = _run(tmp_path, "--server", "icbd-warm", "--clients", "2", "--no-baseline",
+               "--no-think", "--requests", str(requests), "--wan", "none", "--lan", "none")
+    [run] = doc["runs"]
+    assert run["error"] is None and run["server"] == "icbd-warm"
+    trace = load_trace(DEFAULT_TRACE).head(requests)
+    assert all(c["requests"] == requests and c["bytes"] == trace.read_bytes
+               and not c["mismatches"] for c in run["clients"])
+    assert run["upstream_read_bytes"] == 0
