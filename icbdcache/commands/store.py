@@ -456,6 +456,10 @@ def cmd_pin(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The hot set of ``warm`` (bytes): it serves nobody, so a few chunks in flight at most.
+WARM_HOT_BYTES = 8 << 20
+
+
 def cmd_warm(args: argparse.Namespace) -> int:
     """Fault in a version's boot profile (or with --all, every chunk) ahead of a boot storm."""
     from icbdcache.loop import new_event_loop
@@ -466,7 +470,10 @@ def cmd_warm(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> int:
-        node = Node(store, services=())
+        # warm fills the store: no hot set to speak of (it serves nobody), and each fault
+        # waits for room in the writer's queue rather than leaving its chunk unkept
+        node = Node(store, services=(), hot_bytes=WARM_HOT_BYTES)
+        node.faults.patient = True
         indexes = None
         if args.all:
             meta = store.version(args.version)
@@ -488,8 +495,13 @@ def cmd_warm(args: argparse.Namespace) -> int:
             return 1
         finally:
             await node.close()
-        print(f"warmed {key}: {asked} chunks, {failed} failed")
-        return 1 if failed else 0
+        # fetched but not stored: the store's writer stopped, or a write batch failed
+        unkept = node.stats.not_kept
+        errors = node.reader.writer.errors
+        print(f"warmed {key}: {asked} chunks, {failed} failed"
+              + (f", {unkept} not stored" if unkept else "")
+              + (f", {errors} write batches failed (see the log)" if errors else ""))
+        return 1 if failed or unkept or errors else 0
 
     loop = new_event_loop()
     try:

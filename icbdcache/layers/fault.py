@@ -63,12 +63,16 @@ ROOM_POLL = 0.005
 class Faults:
     """What every version's fault layer in a process shares: the faults in flight (by digest,
     or by (version key, index) for unknown digests), the background budget, the deadline of a
-    fault (``fault_timeout``, seconds) and the counters."""
+    fault (``fault_timeout``, seconds) and the counters. ``patient``: a process whose faults
+    exist to fill the store (``icbd-cache warm``): a fault waits for room in the writer's
+    queue as long as its deadline allows and then stores its chunk whatever the queue holds
+    (its own parallelism bounds that), instead of serving it unkept."""
 
     def __init__(self, stats: ReadStats, *, fault_timeout: float = 10.0,
-                 max_prefetch: int = 64) -> None:
+                 max_prefetch: int = 64, patient: bool = False) -> None:
         self.stats = stats
         self.fault_timeout = fault_timeout
+        self.patient = patient
         self.inflight: dict[object, asyncio.Future[bytes]] = {}
         #: Background faults (readahead, CACHE) in flight, and their bound.
         self.prefetching = 0
@@ -216,8 +220,9 @@ class FaultLayer(Layer):
         strong = v.strong_at(index)
         writer = self.reader.writer
         if writer.over():  # the store is behind: let it catch up before adding to it
-            until = min(deadline, time.monotonic() + ROOM_WAIT)
-            while writer.over() and time.monotonic() < until:
+            until = deadline if self.faults.patient else min(deadline,
+                                                             time.monotonic() + ROOM_WAIT)
+            while writer.over() and not writer.stopped and time.monotonic() < until:
                 await asyncio.sleep(ROOM_POLL)
 
         def check(data: bytes) -> bool:
@@ -260,5 +265,7 @@ class FaultLayer(Layer):
             if updates:
                 self.reader.learn(updates)
             return
-        if not self.reader.keep(got, data, updates):
+        if not self.reader.keep(got, data, updates, force=self.faults.patient):
             stats.not_kept += 1
+            if updates:  # the digest learned is kept even when the chunk is not
+                self.reader.learn(updates)

@@ -145,13 +145,14 @@ class StoreReader:
         return len(recent)
 
     def keep(self, key: bytes, data: bytes,
-             updates: Sequence[tuple[str, int, bytes]] = ()) -> bool:
+             updates: Sequence[tuple[str, int, bytes]] = (), *, force: bool = False) -> bool:
         """Store a verified chunk (queued for the writer, readable at once, in the hot set)
         with learned map entries ((version key, index, digest)). Never blocks: when the
-        writer's queue is full (:meth:`BatchWriter.over`) the chunk goes to the hot set only,
-        its entries are not stored, and this returns False (a later read faults it again)."""
+        writer's queue is full (:meth:`BatchWriter.over`; with ``force`` only when the writer
+        has stopped) the chunk goes to the hot set only, its entries are not stored, and this
+        returns False (a later read faults it again)."""
         self.hot.put(key, data)
-        if self.writer.over():
+        if self.writer.stopped or (self.writer.over() and not force):
             return False
         self.writer.put(key, data, updates, block=False)
         return True

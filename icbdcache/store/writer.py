@@ -65,6 +65,7 @@ class BatchWriter:
         self._after: list[tuple[int, Callable[[], None]]] = []
         self._stop = False
         self._done = False  # the thread has ended
+        self._died = False  # ... of an unexpected error
         self.batches = 0
         self.errors = 0
         self._idle = threading.Event()
@@ -84,6 +85,8 @@ class BatchWriter:
             while block and self._queued_bytes >= self.max_queued and not self._done:
                 self._cv.notify()
                 self._cv.wait(0.5)
+            if self._died:
+                raise StoreError("the store's writer stopped after an error (see the log)")
             self._seq += 1
             old = self._chunks.get(key)
             self._queued_bytes += len(data) - (len(old) if old is not None else 0)
@@ -132,8 +135,15 @@ class BatchWriter:
 
     def over(self) -> bool:
         """Whether ``max_queued`` bytes of chunks wait for the writer (a caller on the event
-        loop then holds off fetching, or keeps what it fetched in memory only)."""
-        return self._queued_bytes >= self.max_queued and not self._done
+        loop then holds off fetching, or keeps what it fetched in memory only), or the writer
+        has stopped."""
+        return self._done or self._queued_bytes >= self.max_queued
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the writer's thread has ended (closed, or died of an error it logged):
+        nothing more is committed."""
+        return self._done
 
     @property
     def queued_bytes(self) -> int:
@@ -176,6 +186,30 @@ class BatchWriter:
         return chunks, updates
 
     def _run(self) -> None:
+        """The thread: :meth:`_loop`, and whatever ends it, the end made known (producers
+        stop waiting, callbacks waiting on a commit run: fault leases are given back)."""
+        try:
+            self._loop()
+        except BaseException as e:
+            log.error(kv(store="writer", error=f"{type(e).__name__}: {e}", stopped=True))
+            with self._cv:
+                self._died = True
+        finally:
+            while True:  # callbacks first, then the end is known (none is left behind)
+                with self._cv:
+                    rest, self._after = self._after, []
+                    if not rest:
+                        self._done = True
+                        self._cv.notify_all()
+                        break
+                for _, fn in rest:
+                    try:
+                        fn()
+                    except Exception as e:  # a callback's error must not hide the others
+                        log.error(kv(store="writer", callback_error=e))
+            self._idle.set()
+
+    def _loop(self) -> None:
         last = time.monotonic()
         while True:
             with self._cv:
@@ -195,23 +229,22 @@ class BatchWriter:
                 stop = self._stop and not self._chunks and not self._updates
                 touched, self._touched = self._touched, set()
                 stats, self._stats = self._stats, Counter()
-            if chunks or updates or stats or (touched and (stop or time.monotonic() - last > 1.0)):
-                self._commit(chunks, updates, touched, dict(stats))
-                last = time.monotonic()
-            with self._cv:
-                self._writing = {}
-                self._cv.notify_all()  # producers blocked in put() see room
-            for fn in ready:
-                fn()
-            if stop:
+            try:
+                if chunks or updates or stats or (touched and (stop or time.monotonic() - last
+                                                               > 1.0)):
+                    self._commit(chunks, updates, touched, dict(stats))
+                    last = time.monotonic()
+            finally:  # also when the commit raised what it does not expect
                 with self._cv:
-                    self._done = True
-                    rest, self._after = self._after, []
-                    self._cv.notify_all()
-                for _, fn in rest:
-                    fn()
-                self._idle.set()
-                return
+                    self._writing = {}
+                    self._cv.notify_all()  # producers blocked in put() see room
+                for fn in ready:
+                    try:
+                        fn()
+                    except Exception as e:  # a callback's error must not hide the others
+                        log.error(kv(store="writer", callback_error=e))
+            if stop:
+                return  # (_run runs what still waits and makes the end known)
 
     def _commit(self, chunks: dict[bytes, bytes], updates: list[tuple[str, int, bytes]],
                 touched: set[bytes], stats: dict[str, int]) -> None:

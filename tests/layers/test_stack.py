@@ -520,3 +520,78 @@ def test_a_full_writer_queue_holds_back_faults_and_keeps_memory_bounded(
     assert asyncio.run(prefetch_now()) and stats.prefetched == 1  # room again: it resumes
     assert src.reads.count(30 * CS) == 1
     reader.close()
+
+
+def test_a_patient_warm_stores_every_chunk_while_the_store_is_slow(
+        tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``warm`` (patient faults) with a writer's queue of two chunks and a store that takes
+    20 ms a transaction: it waits for room instead of leaving chunks unkept."""
+    import time as _time
+
+    img = tmp_path / "lab.img"
+    img.write_bytes(DATA)
+    meta = VersionMeta("lab", "1", len(DATA), CS, [str(img)])
+    store.put_version(meta, bytes(chunk_map()))
+    store.set_latest("lab", "1")
+    real = store.write_batch
+
+    def slow(*args: object, **kwargs: object) -> int:
+        _time.sleep(0.02)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "write_batch", slow)
+
+    async def main() -> tuple[str, int, int]:
+        node = Node(store, hot_bytes=1 << 20)
+        node.faults.patient = True
+        node.reader.writer.max_queued = 2 * CS
+        try:
+            return await node.warm("lab", list(range(CHUNKS)), parallel=8)
+        finally:
+            assert node.stats.not_kept == 0
+            await node.close()
+
+    assert asyncio.run(main()) == ("lab@1", CHUNKS, 0)
+    distinct = {digest(DATA[i * CS : (i + 1) * CS]) for i in range(CHUNKS) if i != 3}
+    assert all(store.has_chunk(d) for d in distinct) and store.held == len(distinct) * CS
+
+
+def test_a_chunk_not_kept_still_stores_the_digest_it_taught(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version learning its map from an upstream: a chunk served but not kept (the queue
+    full) still has its map entry stored, so a later fault finds it by digest."""
+    import threading
+
+    from icbdcache.layers import fault as fault_module
+    from icbdcache.store import BatchWriter
+
+    monkeypatch.setattr(fault_module, "ROOM_WAIT", 0.01)
+    gate = threading.Event()
+    real = store.write_batch
+
+    def stalled(*args: object, **kwargs: object) -> int:
+        gate.wait(30)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "write_batch", stalled)
+    src = FakeSource(DATA)
+    unknown = bytearray(UNKNOWN * CHUNKS)
+    meta = VersionMeta("lab", "1", len(DATA), CS, ["fake"])
+    store.put_version(meta, bytes(unknown))
+    writer = BatchWriter(store, max_items=1, max_delay=0, max_queued=CS)
+    reader = StoreReader(store, writer=writer)
+    stats = ReadStats()
+    version = VersionLayer(reader, meta, unknown, stats)
+    fault = FaultLayer(version, [src], Faults(stats, fault_timeout=5.0))
+    wanted = list(range(12, 20))
+
+    async def main() -> list[bytes]:
+        return list(await asyncio.gather(*(read(fault, i * CS, CS) for i in wanted)))
+
+    assert asyncio.run(main()) == [DATA[i * CS : (i + 1) * CS] for i in wanted]
+    assert stats.not_kept >= 1
+    gate.set()
+    writer.flush()
+    for i in wanted:  # every digest learned is in the stored map, kept chunk or not
+        assert store.map_entry("lab@1", i) == digest(DATA[i * CS : (i + 1) * CS]), i
+    reader.close()

@@ -63,6 +63,35 @@ def test_the_loop_side_never_blocks_and_sees_the_queue_full(tmp_path: Path) -> N
     assert all(writer.pending(digest(d)) == d for d in chunks)  # readable while queued
     gate.set()
     writer.close()
-    assert not writer.over() and writer.queued_bytes == 0
+    assert writer.stopped and writer.queued_bytes == 0 and writer.errors == 0
     assert all(store.get_chunk(digest(d)) == d for d in chunks)
+    store.close()
+
+
+def test_a_writer_that_dies_stops_no_one(tmp_path: Path) -> None:
+    """An unexpected error in the writer's thread: producers get a StoreError instead of
+    waiting forever, callbacks waiting on a commit still run (fault leases are given back),
+    and the loop's side sees the writer stopped (nothing more is queued)."""
+    from icbdcache.store import StoreError
+
+    store = Store(tmp_path / "store")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("injected")
+
+    store.write_batch = broken  # type: ignore[method-assign]
+    writer = BatchWriter(store, max_items=1, max_delay=0, max_queued=2 * CHUNK_SIZE)
+    released: list[int] = []
+    data = os.urandom(CHUNK_SIZE)
+    writer.put(digest(data), data)
+    writer.after_queued(lambda: released.append(1))
+    deadline = time.monotonic() + 10
+    while not writer.stopped and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.stopped and writer.over() and released == [1]
+    with pytest.raises(StoreError, match="writer stopped"):
+        for _ in range(4):  # would block forever on a full queue before
+            writer.put(digest(data), data)
+    writer.after_queued(lambda: released.append(2))  # after the end: called at once
+    assert released == [1, 2]
     store.close()
