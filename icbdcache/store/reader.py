@@ -149,8 +149,9 @@ class StoreReader:
         """Store a verified chunk (queued for the writer, readable at once, in the hot set)
         with learned map entries ((version key, index, digest)). Never blocks: when the
         writer's queue is full (:meth:`BatchWriter.over`; with ``force`` only when the writer
-        has stopped) the chunk goes to the hot set only, its entries are not stored, and this
-        returns False (a later read faults it again)."""
+        has stopped) the chunk goes to the hot set only, its entries are not queued with it
+        (the caller may :meth:`learn` them), and this returns False (a later read faults it
+        again)."""
         self.hot.put(key, data)
         if self.writer.stopped or (self.writer.over() and not force):
             return False

@@ -99,8 +99,11 @@ class BatchWriter:
             self._cv.notify_all()
 
     def put_updates(self, updates: Sequence[tuple[str, int, bytes]]) -> None:
-        """Queue learned map entries that come with no chunk (all-zero chunks)."""
+        """Queue learned map entries that come with no chunk (all-zero chunks, chunks not
+        kept). Dropped once the writer has stopped (nothing would commit them)."""
         with self._cv:
+            if self._done:
+                return
             self._seq += 1
             self._updates.extend(updates)
             self._idle.clear()

@@ -94,4 +94,6 @@ def test_a_writer_that_dies_stops_no_one(tmp_path: Path) -> None:
             writer.put(digest(data), data)
     writer.after_queued(lambda: released.append(2))  # after the end: called at once
     assert released == [1, 2]
+    writer.put_updates([("lab@1", 0, digest(data))] * 1000)  # nothing commits them: dropped
+    assert writer._updates == []
     store.close()
