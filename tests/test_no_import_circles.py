@@ -18,6 +18,7 @@ import ast
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from astparse import parse
 from conftest import REPO
 
 #: The top-level packages of the project.
@@ -48,7 +49,7 @@ def _package_of(module: str, path: Path) -> str:
 
 def imported(module: str, path: Path, modules: set[str]) -> set[str]:
     """The project modules that ``module`` (its file ``path``) imports, anywhere in it."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = parse(path.read_text(), filename=str(path))
     out: set[str] = set()
 
     def nearest(name: str) -> str | None:

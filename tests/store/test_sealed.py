@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 
+from astparse import parse
 from conftest import REPO
 
 PACKAGES = ("nbd", "icbdcache", "pxe", "bench")
@@ -21,7 +22,7 @@ SEALED_MODULE = "lmdb"
 def imported_modules(source: str) -> list[tuple[int, str]]:
     """(line, module name) of every import in ``source``, wherever it is in the file."""
     out: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(parse(source)):
         if isinstance(node, ast.Import):
             out.extend((node.lineno, a.name) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
