@@ -126,7 +126,9 @@ class ReplyBudget:
         self.per_connection = max(1, per_connection)
         self.per_address = max(1, per_address)
         self.used = 0
-        self.by_address: Counter[str] = Counter()
+        #: bytes held per address (a plain dict: a Counter's lookup of a missing address
+        #: calls ``__missing__`` in Python, on every request of an idle address)
+        self.by_address: dict[str, int] = {}
         self._waiters: dict[Waiter, None] = {}  # in arrival order
         self._wake_scheduled = False
         #: Most bytes held since the heap was last trimmed.
@@ -138,7 +140,7 @@ class ReplyBudget:
         bytes, from ``address``."""
         if connection_used and connection_used + cost > self.per_connection:
             return False
-        held = self.by_address[address] if self.by_address else 0
+        held = self.by_address.get(address, 0)
         if held and held + cost > self.per_address:
             return False
         if not self.used:
@@ -152,7 +154,8 @@ class ReplyBudget:
     def charge(self, address: str, cost: int) -> None:
         """``cost`` bytes of ``address`` are now in flight."""
         self.used += cost
-        self.by_address[address] += cost
+        by = self.by_address
+        by[address] = by.get(address, 0) + cost
         if self.used > self.peak:
             self.peak = self.used
 
@@ -161,11 +164,12 @@ class ReplyBudget:
         if n <= 0:
             return
         self.used -= n
-        left = self.by_address[address] - n
+        by = self.by_address
+        left = by.get(address, 0) - n
         if left > 0:
-            self.by_address[address] = left
+            by[address] = left
         else:
-            del self.by_address[address]
+            by.pop(address, None)
         if self._waiters and not self._wake_scheduled:
             self._wake_scheduled = True
             asyncio.get_running_loop().call_soon(self._wake)

@@ -166,16 +166,11 @@ class FaultLayer(Layer):
         if fut is not None:
             f.stats.coalesced += 1
             return await asyncio.shield(fut)
-        if d == UNKNOWN:
-            d = self._stored_entry(index)
-            if d == ZERO:
-                return bytes(v.chunk_length(index))
-            if d != UNKNOWN:
-                return await self.fault(index)  # known now: by digest, maybe held
-        else:
+        if d != UNKNOWN:
             held = self.reader.lookup(d)  # filled while this reader was queued
             if held is not None:
                 return held
+        # (a chunk not learned yet: its stored map entry is looked at under the lease)
         fut = asyncio.get_running_loop().create_future()
         f.inflight[key] = fut
         t0 = time.monotonic()

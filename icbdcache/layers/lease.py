@@ -14,14 +14,14 @@ Notes on the design
   the lease given back. Still missing (the holder failed, or died: ``kill -9`` included):
   this process fetches it itself. A wait longer than the fault deadline fails with EIO, like
   a fetch that takes too long.
-* The writer does not hold a batch open for more chunks while a lease waits on it
-  (``after_queued``): a waiting process pays the commit (an fsync), not the batching delay;
-  batches still form from what is queued during the previous commit.
-* The cost on a fault nobody else is fetching: one ``fcntl`` to take the lease and one to give
-  it back (from the writer's thread). The store is looked at again only after a wait: the
-  caller looked an instant before, in the same step of the event loop, so another process
-  would have had to fetch, commit and give the lease back within those microseconds (then
-  the chunk is fetched twice, and both copies are checked). A hit never gets here.
+* The writer holds a batch open for at most ``after_delay`` (2 ms) while a lease waits on
+  it (``after_queued``), not its usual 20 ms: a waiting process pays the commit (an fsync)
+  and those 2 ms; batches still form from what is queued meanwhile.
+* The cost on a fault nobody else is fetching: one ``fcntl`` to take the lease, one look in
+  the store (the chunk, or for a chunk not learned yet its stored map entry), and one
+  ``fcntl`` to give the lease back (from the writer's thread). The look must come after the
+  lease is taken: a look before it (the caller's) can miss a chunk another process commits
+  in between, and that process gives its lease back right after. A hit never gets here.
 """
 
 from __future__ import annotations
@@ -66,15 +66,16 @@ class Faulting(Protocol):
     def _stored_entry(self, index: int) -> bytes: ...
 
 
-def _held(layer: Faulting, index: int, want: bytes) -> bytes | None:
-    """The chunk's bytes if another process put them in the store since, else None."""
+def _held(layer: Faulting, index: int, want: bytes) -> tuple[bytes | None, bytes]:
+    """(the chunk's bytes if the store holds them now else None, its digest: ``want``, or
+    for UNKNOWN the stored map's entry, which another process may have learned since)."""
     if want == UNKNOWN:
         want = layer._stored_entry(index)
         if want == UNKNOWN:
-            return None
+            return None, want
         if want == ZERO:
-            return bytes(layer.version.chunk_length(index))
-    return layer.reader.lookup(want)
+            return bytes(layer.version.chunk_length(index)), want
+    return layer.reader.lookup(want), want
 
 
 async def fetch_once(layer: Faulting, key: object, index: int, want: bytes) -> bytes:
@@ -98,16 +99,17 @@ async def fetch_once(layer: Faulting, key: object, index: int, want: bytes) -> b
         await asyncio.sleep(delay)
         delay = min(delay * 2, POLL_MAX)
     try:
-        # stored by another process while this one waited for its lease (it gave the lease
-        # back once the chunk was committed). A lease taken at once needs no second look:
-        # the caller looked an instant before, in the same step of the event loop.
-        data = _held(layer, index, want) if waited else None
+        # stored by another process since the caller looked (it gave the lease back once the
+        # chunk was committed): looked at again under the lease, whether it waited for it or
+        # not. Without this look a fault taken at once after another process's commit
+        # fetched the chunk a second time (seen with two workers reading one image).
+        data, want = _held(layer, index, want)
         if data is not None:
             leases.release(lease)
             return data
         if waited:
             layer.reader.count("lease_takeovers")
-        data = await layer._fetch(index, want)
+        data = await layer._fetch(index, want)  # (checked against a digest learned since)
     except BaseException:
         leases.release(lease)
         raise

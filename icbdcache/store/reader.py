@@ -62,6 +62,19 @@ class ReadTxn:
             self._txn = None
 
 
+#: The writer's queue holds at least this many bytes of chunks (:func:`queue_bound`).
+MIN_QUEUE = 64 << 20
+
+
+def queue_bound(hot_bytes: int) -> int:
+    """Bytes of chunks the store writer's queue of a reader with a hot set of ``hot_bytes``
+    holds: as many as the hot set, at least :data:`MIN_QUEUE`. A chunk faulted enters the
+    hot set and the queue as one object, and the queue holds the newest of them, so it adds
+    memory only for queued chunks the hot set has dropped already: at most ``hot_bytes``
+    (docs/store.md, "The writer's queue")."""
+    return max(MIN_QUEUE, hot_bytes)
+
+
 class StoreReader:
     """Reads chunks of ``store`` through the hot set (``hot_bytes`` bytes) and ``writer``
     (made here when not given; closed by :meth:`close`); :meth:`read` counts its answers by
@@ -70,7 +83,7 @@ class StoreReader:
     def __init__(self, store: Store, *, hot_bytes: int = 1 << 30,
                  writer: BatchWriter | None = None, hits: TierHits | None = None) -> None:
         self.store = store
-        self.writer = writer or BatchWriter(store)
+        self.writer = writer or BatchWriter(store, max_queued=queue_bound(hot_bytes))
         self.hits = hits if hits is not None else TierHits()
         self.hot = HotSet(hot_bytes)
         #: Chunks read since the last :meth:`flush_recent` (their access ticks, not yet with

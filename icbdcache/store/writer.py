@@ -28,20 +28,22 @@ log = logging.getLogger("icbdcache.store")
 
 class BatchWriter:
     """Batches writes to ``store``: at most ``max_items`` chunks or ``max_bytes`` bytes per
-    transaction, waiting at most ``max_delay`` seconds to fill one. ``protect``: the pending
+    transaction, waiting at most ``max_delay`` seconds to fill one (``after_delay`` while a
+    caller waits for the commit: :meth:`after_queued`). ``protect``: the pending
     version (``IMI@VERSION``, :meth:`Store.reserve_version`) whose chunks these are; each
     batch notes them under it in its own transaction, so no eviction takes them before the
     version exists. ``max_queued``: bytes of chunks the queue holds before :meth:`put`
     blocks and :meth:`over` says so."""
 
     def __init__(self, store: Store, *, max_items: int = 256, max_bytes: int = 16 << 20,
-                 max_delay: float = 0.02, idle_flush: float = 5.0,
+                 max_delay: float = 0.02, after_delay: float = 0.002, idle_flush: float = 5.0,
                  protect: str | None = None, max_queued: int = 64 << 20) -> None:
         self.store = store
         self.protect = protect
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.max_delay = max_delay
+        self.after_delay = after_delay
         self.idle_flush = idle_flush
         self.max_queued = max_queued
         #: bytes of the chunks in ``_chunks``
@@ -88,6 +90,7 @@ class BatchWriter:
             if self._died:
                 raise StoreError("the store's writer stopped after an error (see the log)")
             self._seq += 1
+            idle = not self._chunks
             old = self._chunks.get(key)
             self._queued_bytes += len(data) - (len(old) if old is not None else 0)
             self.queued_peak = max(self.queued_peak, self._queued_bytes)
@@ -96,7 +99,12 @@ class BatchWriter:
             if updates:
                 self._linked.setdefault(key, []).extend(updates)
             self._idle.clear()
-            self._cv.notify_all()
+            # wake the writer only when it waits for this: an empty queue, or a full batch
+            # (while a batch fills, its own timed wait ends it; a wake per chunk cost a
+            # thread switch per fault)
+            if (idle or len(self._chunks) >= self.max_items
+                    or self._queued_bytes >= self.max_bytes):
+                self._cv.notify_all()
 
     def put_updates(self, updates: Sequence[tuple[str, int, bytes]]) -> None:
         """Queue learned map entries that come with no chunk (all-zero chunks, chunks not
@@ -132,7 +140,8 @@ class BatchWriter:
         with self._cv:
             if not self._done:
                 self._after.append((self._seq, fn))
-                self._cv.notify()
+                if not self._chunks:  # (with chunks queued, the writer commits soon anyway)
+                    self._cv.notify()
                 return
         fn()
 
@@ -220,9 +229,11 @@ class BatchWriter:
                         and not self._after):
                     self._idle.set()
                     self._cv.wait(self.idle_flush)
-                if (self._chunks and len(self._chunks) < self.max_items and not self._stop
-                        and not self._after):  # other processes wait for these: no delay
-                    self._cv.wait(self.max_delay)  # let a batch fill
+                if (self._chunks and len(self._chunks) < self.max_items
+                        and self._queued_bytes < self.max_bytes and not self._stop):
+                    # let a batch fill; briefly when other processes wait for these chunks
+                    # (fault leases): they pay the commit and at most ``after_delay``
+                    self._cv.wait(self.after_delay if self._after else self.max_delay)
                 chunks, updates = self._take()
                 # committed once this batch is: every put before the oldest one left queued
                 upto = next(iter(self._first.values())) - 1 if self._first else self._seq

@@ -595,3 +595,46 @@ def test_a_chunk_not_kept_still_stores_the_digest_it_taught(
     for i in wanted:  # every digest learned is in the stored map, kept chunk or not
         assert store.map_entry("lab@1", i) == digest(DATA[i * CS : (i + 1) * CS]), i
     reader.close()
+
+
+# ---------------------------------------------------------------- across processes
+
+
+def test_a_chunk_stored_between_the_look_and_the_lease_is_not_fetched(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process commits the chunk after this one looked and missed, and gives its lease
+    back: the fault takes the lease at once and must look again under it, not fetch (before
+    the look under the lease, two workers reading one image fetched a chunk twice)."""
+    src = FakeSource(DATA)
+    reader, _version, fault = version_stack(store, src)
+    d = digest(DATA[6 * CS : 7 * CS])
+    looks: list[bytes] = []
+    real_lookup = reader.lookup
+
+    def lookup(key: bytes) -> bytes | None:
+        looks.append(key)
+        if len(looks) == 1:  # the caller's look, just before the other process's commit
+            store.write_batch([(d, DATA[6 * CS : 7 * CS])])  # (the other process)
+            return None
+        return real_lookup(key)
+
+    monkeypatch.setattr(reader, "lookup", lookup)
+    assert asyncio.run(read(fault, 6 * CS + 5, 100)) == DATA[6 * CS + 5 : 6 * CS + 105]
+    assert src.reads == [] and looks == [d, d]
+    assert fault.faults.stats.faults == 0
+    assert reader.leases.take(d)  # given back
+    reader.close()
+
+
+def test_an_entry_learned_by_another_process_is_read_under_the_lease(store: Store) -> None:
+    """A chunk of an unlearned map that another process fetched, learned and stored is read
+    from the store (its digest from the stored map, under the lease), not fetched again."""
+    unknown = bytearray(UNKNOWN * CHUNKS)
+    src = FakeSource(DATA)
+    reader, version, fault = version_stack(store, src, key_map=unknown)
+    d = digest(DATA[9 * CS : 10 * CS])
+    store.write_batch([(d, DATA[9 * CS : 10 * CS])], [("lab@1", 9, d)])  # the other process
+    assert version.digest_at(9) == UNKNOWN
+    assert asyncio.run(read(fault, 9 * CS, CS)) == DATA[9 * CS : 10 * CS]
+    assert src.reads == [] and version.digest_at(9) == d
+    reader.close()

@@ -14,6 +14,7 @@ import pytest
 
 from icbdcache.store import BatchWriter, Store, digest
 from icbdcache.store.chunks import CHUNK_SIZE
+from icbdcache.store.reader import MIN_QUEUE, StoreReader, queue_bound
 
 
 @pytest.fixture
@@ -96,4 +97,33 @@ def test_a_writer_that_dies_stops_no_one(tmp_path: Path) -> None:
     assert released == [1, 2]
     writer.put_updates([("lab@1", 0, digest(data))] * 1000)  # nothing commits them: dropped
     assert writer._updates == []
+    store.close()
+
+
+def test_commits_are_batched_while_callbacks_wait(tmp_path: Path) -> None:
+    """A lease given back after each commit (``after_queued``) must not make the writer commit
+    one chunk per transaction: it holds a batch open for ``after_delay``, and every callback
+    still runs once its chunk is committed."""
+    store = Store(tmp_path / "s")
+    writer = BatchWriter(store, after_delay=0.5)
+    done: list[int] = []
+    chunks = [os.urandom(4096) for _ in range(40)]
+    for i, c in enumerate(chunks):  # one fault's chunk every 2 ms, each with its lease
+        writer.put(digest(c), c, block=False)
+        writer.after_queued(lambda i=i: done.append(i))
+        time.sleep(0.002)
+    assert writer.flush()
+    assert sorted(done) == list(range(40))
+    assert writer.batches <= 3, writer.batches  # (one per chunk before: 40)
+    assert all(store.has_chunk(digest(c)) for c in chunks)
+    writer.close()
+    store.close()
+
+
+def test_a_servers_queue_is_as_large_as_its_hot_set(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    for hot, bound in ((1 << 30, 1 << 30), (0, MIN_QUEUE), (8 << 20, MIN_QUEUE)):
+        reader = StoreReader(store, hot_bytes=hot)
+        assert reader.writer.max_queued == bound == queue_bound(hot)
+        reader.close()
     store.close()
