@@ -91,6 +91,10 @@ class Source(ABC):
     size: int | None = None
     #: How :meth:`fetch` retries.
     retry: RetryPolicy = DEFAULT_RETRY
+    #: Seconds within which this source's own :meth:`read` ends (answers or raises
+    #: SourceUnavailable), or None if it sets no such bound; :meth:`fetch` adds a timer of
+    #: its own only when the deadline is nearer than this.
+    read_timeout: float | None = None
 
     def __init__(self, name: str, size: int | None = None) -> None:
         self.name = name
@@ -147,21 +151,24 @@ class Source(ABC):
         error: SourceError = SourceUnavailable(f"{self.name}: no attempt before the deadline")
         for attempt in range(max(1, self.retry.attempts)):
             wait = self.retry.wait(attempt)
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= wait:
-                    break
+            if deadline is not None and deadline - time.monotonic() <= wait:
+                break
             if wait:
                 await asyncio.sleep(wait)
-            cm = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
+            left = None if deadline is None else deadline - time.monotonic()
             try:
-                async with cm:  # no task per attempt, unlike wait_for
-                    data = await self.read(offset, length)
-            except TimeoutError:
-                if not cm.expired():  # not ours: raised inside the read
-                    raise
-                error = SourceUnavailable(f"{self.name}: no data before the deadline")
-                break
+                if left is None or (self.read_timeout is not None and self.read_timeout <= left):
+                    data = await self.read(offset, length)  # the source's own bound comes first
+                else:
+                    cm = asyncio.timeout(left)
+                    try:
+                        async with cm:  # no task per attempt, unlike wait_for
+                            data = await self.read(offset, length)
+                    except TimeoutError:
+                        if not cm.expired():  # not ours: raised inside the read
+                            raise
+                        error = SourceUnavailable(f"{self.name}: no data before the deadline")
+                        break
             except SourceError as e:
                 error = e
                 continue

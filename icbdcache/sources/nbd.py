@@ -203,6 +203,7 @@ class NBDSource(Source):
         self.server_hostname: str | None = None
         self.export = export
         self.timeout = timeout
+        self.read_timeout = timeout  # (every read ends within it: :meth:`_read`)
         self.connections = connections
         self._clock = RetryClock(*backoff)
         self._conns: list[aio.AsyncClient] = []

@@ -621,9 +621,9 @@ class Store(VersionLifecycle):
                     raw_meta = txn.get(k, db=self.db["versions"])
                     if raw_meta is None:
                         return UNKNOWN
-                    seen = self._instances.get(k)
-                    if seen is None or seen[0] != raw_meta:  # new or changed: decode it
-                        raw = bytes(raw_meta)
+                    raw = bytes(raw_meta)  # (bytes against bytes: one memcmp; against
+                    seen = self._instances.get(k)  # the buffer, an element-wise compare)
+                    if seen is None or seen[0] != raw:  # new or changed: decode it
                         seen = (raw, VersionMeta.from_json(raw).instance)
                         self._instances[k] = seen
                     if seen[1] != instance:

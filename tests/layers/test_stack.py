@@ -638,3 +638,34 @@ def test_an_entry_learned_by_another_process_is_read_under_the_lease(store: Stor
     assert asyncio.run(read(fault, 9 * CS, CS)) == DATA[9 * CS : 10 * CS]
     assert src.reads == [] and version.digest_at(9) == d
     reader.close()
+
+
+def test_fetch_adds_a_timer_only_when_the_deadline_comes_before_the_sources_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source whose reads end within ``read_timeout`` needs no second timer while the
+    fault's deadline is further away (one per fault was measurable on a cold fill); a
+    nearer deadline still cuts a read that hangs."""
+    import time as _time
+
+    timers: list[float | None] = []
+    real = asyncio.timeout
+
+    def counted(delay: float | None) -> asyncio.Timeout:
+        timers.append(delay)
+        return real(delay)
+
+    monkeypatch.setattr(asyncio, "timeout", counted)  # (the module's asyncio is this one)
+    src = FakeSource(DATA)
+    src.read_timeout = 5.0
+
+    async def main() -> None:
+        far = _time.monotonic() + 10.0
+        assert await src.fetch(0, 10, deadline=far) == DATA[:10]
+        assert timers == []
+        src.gate = asyncio.Event()  # every read hangs
+        near = _time.monotonic() + 0.2
+        with pytest.raises(SourceUnavailable, match="no data before the deadline"):
+            await src.fetch(0, 10, deadline=near)
+        assert len(timers) == 1 and timers[0] is not None and timers[0] <= 0.2
+
+    asyncio.run(main())
