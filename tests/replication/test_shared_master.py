@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,12 @@ def map_digest(chunk_map: bytes) -> str:
 
 
 def get(url: str) -> tuple[bytes, dict[str, str]]:
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return r.read(), dict(r.headers)
+    """The body and headers of ``url``; an HTTP error fails with the master's reason."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"GET {url}: {e.code} {e.read()[:500]!r}") from e
 
 
 def status(url: str) -> dict[str, dict[str, Any]]:
