@@ -160,6 +160,8 @@ class FaultLayer(Layer):
         Raises OSError(EIO) when no source delivers good bytes within the deadline."""
         v = self.version
         d = v.digest_at(index)
+        if d == ZERO:  # learned as zeros since the read was found missing (never stored)
+            return bytes(v.chunk_length(index))
         key: object = d if d != UNKNOWN else (v.key, index)
         f = self.faults
         fut = f.inflight.get(key)

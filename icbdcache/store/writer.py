@@ -140,8 +140,8 @@ class BatchWriter:
         with self._cv:
             if not self._done:
                 self._after.append((self._seq, fn))
-                if not self._chunks:  # (with chunks queued, the writer commits soon anyway)
-                    self._cv.notify()
+                if len(self._after) == 1:  # the writer may be idle, or filling a batch for
+                    self._cv.notify_all()  # ``max_delay``: it shortens that to ``after_delay``
                 return
         fn()
 
@@ -221,6 +221,20 @@ class BatchWriter:
                         log.error(kv(store="writer", callback_error=e))
             self._idle.set()
 
+    def _fill(self) -> None:
+        """Let a batch fill (call holding ``_cv``): until ``max_items`` chunks or
+        ``max_bytes`` are queued, or ``max_delay`` has passed, or ``after_delay`` once a
+        caller waits for the commit (other processes waiting on fault leases pay the commit
+        and at most ``after_delay``, even when the first of them comes during the wait)."""
+        start = time.monotonic()
+        while (self._chunks and len(self._chunks) < self.max_items
+               and self._queued_bytes < self.max_bytes and not self._stop):
+            left = start + (self.after_delay if self._after else self.max_delay) \
+                - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(left)
+
     def _loop(self) -> None:
         last = time.monotonic()
         while True:
@@ -229,11 +243,7 @@ class BatchWriter:
                         and not self._after):
                     self._idle.set()
                     self._cv.wait(self.idle_flush)
-                if (self._chunks and len(self._chunks) < self.max_items
-                        and self._queued_bytes < self.max_bytes and not self._stop):
-                    # let a batch fill; briefly when other processes wait for these chunks
-                    # (fault leases): they pay the commit and at most ``after_delay``
-                    self._cv.wait(self.after_delay if self._after else self.max_delay)
+                self._fill()
                 chunks, updates = self._take()
                 # committed once this batch is: every put before the oldest one left queued
                 upto = next(iter(self._first.values())) - 1 if self._first else self._seq

@@ -127,3 +127,20 @@ def test_a_servers_queue_is_as_large_as_its_hot_set(tmp_path: Path) -> None:
         assert reader.writer.max_queued == bound == queue_bound(hot)
         reader.close()
     store.close()
+
+
+def test_a_commit_waited_for_is_not_held_for_the_batching_delay(tmp_path: Path) -> None:
+    """The first caller to wait for a commit comes while the writer fills a batch for its
+    long ``max_delay``: the wait shortens to ``after_delay`` (a fault lease of another process
+    waits on it), the batch is committed and the callback runs long before ``max_delay``."""
+    store = Store(tmp_path / "s")
+    writer = BatchWriter(store, max_delay=60.0, after_delay=0.01)
+    c = os.urandom(4096)
+    writer.put(digest(c), c, block=False)  # the writer now fills a batch for up to 60 s
+    time.sleep(0.05)
+    done = threading.Event()
+    writer.after_queued(done.set)
+    assert done.wait(20.0)  # (60 s without the shortened wait)
+    assert store.has_chunk(digest(c)) and writer.batches == 1
+    writer.close()
+    store.close()
