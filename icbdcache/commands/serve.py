@@ -161,7 +161,8 @@ SERVE = Command(
      store_size_option("bound of the store's chunks (e.g. 50G); cold unpinned chunks are "
                        "evicted", group=CACHE_GROUP),
      Option("hot-size", "size", metavar="BYTES", dest="hot_bytes", aliases=("hot_bytes",),
-            group=CACHE_GROUP, help="chunks kept in process memory (default 1G)"),
+            group=CACHE_GROUP, help="chunks kept in process memory (default 1G); the "
+            "store writer's queue holds as much again at most (store.md)"),
      Option("fault-timeout", "float", metavar="SECONDS", group=CACHE_GROUP,
             help="a read waiting on a missing chunk fails with EIO after this (default 10)"),
      Option("source-timeout", "float", metavar="SECONDS", group=CACHE_GROUP,
