@@ -344,10 +344,15 @@ def test_master_backed_site_with_two_workers_replicates_once(
             assert time.monotonic() < deadline, srv.log_text()
             time.sleep(0.2)
         want = hashlib.sha256(data).hexdigest()
-        results = hash_outputs(nbdcopy_procs([srv.uri("lab@1")] * 8))
-        assert results == [(want, len(data))] * 8
-        text = srv.log_text()
-        served = {int(p) for p in re.findall(r"pid=(\d+) event=connect", text)}
+        for _ in range(4):
+            results = hash_outputs(nbdcopy_procs([srv.uri("lab@1")] * 8))
+            assert results == [(want, len(data))] * 8
+            text = srv.log_text()
+            served = {int(p) for p in re.findall(r"pid=(\d+) event=connect", text)}
+            if served == set(pids):
+                break
+            # the kernel picks a worker by a hash of each connection's addresses: all 8 on
+            # one of two workers happens once in 128 runs (seen in a fresh-clone CI run)
         assert served == set(pids), "both workers must have had readers"
         replicas = {int(p) for p in re.findall(r"pid=(\d+) event=replica replica=s1", text)}
         assert replicas == {pids[0]}, text
