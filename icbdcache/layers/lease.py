@@ -22,6 +22,9 @@ Notes on the design
   ``fcntl`` to give the lease back (from the writer's thread). The look must come after the
   lease is taken: a look before it (the caller's) can miss a chunk another process commits
   in between, and that process gives its lease back right after. A hit never gets here.
+* While no other process faults on the store (the usual case: one ``serve``), the fault
+  takes no lease and makes no look (:meth:`~icbdcache.store.leases.FaultLeases.begin` says
+  ALONE; store/leases.py, "Faulting alone"), and its commit is not hurried.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 from icbdcache.store import UNKNOWN, ZERO
+from icbdcache.store.leases import Grant
 from icbdcache.store.reader import StoreReader
 
 #: Polling of a chunk another process is fetching: first and longest interval (seconds).
@@ -88,7 +92,7 @@ async def fetch_once(layer: Faulting, key: object, index: int, want: bytes) -> b
     deadline = time.monotonic() + layer.faults.fault_timeout
     delay = POLL_FIRST
     waited = False
-    while not leases.take(lease):
+    while (grant := leases.begin(lease)) is Grant.BUSY:
         # the holder gives the lease back once the chunk is committed (or its fetch failed)
         if not waited:
             waited = True
@@ -99,19 +103,23 @@ async def fetch_once(layer: Faulting, key: object, index: int, want: bytes) -> b
         await asyncio.sleep(delay)
         delay = min(delay * 2, POLL_MAX)
     try:
-        # stored by another process since the caller looked (it gave the lease back once the
-        # chunk was committed): looked at again under the lease, whether it waited for it or
-        # not. Without this look a fault taken at once after another process's commit
-        # fetched the chunk a second time (seen with two workers reading one image).
-        data, want = _held(layer, index, want)
-        if data is not None:
-            leases.release(lease)
-            return data
-        if waited:
-            layer.reader.count("lease_takeovers")
+        if grant is Grant.HELD or waited or (want == UNKNOWN and leases.learned_elsewhere()):
+            # stored by another process since the caller looked (it gave the lease back once
+            # the chunk was committed): looked at again under the lease, whether it waited
+            # for it or not. Without this look a fault taken at once after another
+            # process's commit fetched the chunk a second time (seen with two workers).
+            # Alone, the look is for an entry learned by a process gone since (``warm``).
+            data, want = _held(layer, index, want)
+            if data is not None:
+                leases.end(lease)
+                return data
+            if waited:
+                layer.reader.count("lease_takeovers")
         data = await layer._fetch(index, want)  # (checked against a digest learned since)
     except BaseException:
-        leases.release(lease)
+        leases.end(lease)
         raise
-    layer.reader.writer.after_queued(lambda: leases.release(lease))
+    # a lease another process may wait for hurries the commit; a fault alone does not
+    layer.reader.writer.after_queued(lambda: leases.end(lease),
+                                     urgent=grant is Grant.HELD)
     return data

@@ -21,17 +21,57 @@ Notes on the design
   key), so one description per file and process suffices.
 * Two keys that hash to the same file and offset (6 + 62 bits from BLAKE2b) share a lease:
   correct, only one of them waits for the other first.
+
+Faulting alone
+--------------
+Most of the time one process faults on a store (one ``serve``). Its leases then exclude
+nobody, yet each fault paid two ``fcntl`` calls, a look in LMDB under the lease and a writer
+batch cut short to give the lease back: about a fifth of a cold server's CPU per chunk
+(``icbd-bench serve``, cold store, 64 KiB reads, docs/bench.md). So :meth:`FaultLeases.begin`
+first asks whether another process faults on the store, through the file
+``STORE/faulting/active.lock``:
+
+* byte ``FAULTER``: every process that faults holds a read lock on it from its first fault
+  until it closes (or dies);
+* byte ``ALONE``: a process holds a read lock on it while it has faults in flight that took
+  no lease (from :meth:`begin` until :meth:`end`, called once the chunk is committed).
+
+A process faults alone when, holding ``ALONE``, it finds no other process's lock on
+``FAULTER`` (``F_OFD_GETLK``); it looks again every ``LOOK_EVERY`` seconds while it faults,
+and gives ``ALONE`` up when its last fault in flight ends. A process's first fault
+(and every fault until it has once seen ``ALONE`` free of other processes) waits while
+another holds ``ALONE``. Each takes its own lock before it looks at the other's byte, so of
+a newcomer and a process faulting alone at least one sees the other: the newcomer waits, or
+the other does not fault alone. A process that finds a newcomer stops faulting alone: it
+takes the leases of its faults in flight (nobody else can hold them: the newcomer waits) and
+gives ``ALONE`` up, and the newcomer goes on with leases. So no chunk is fetched twice across
+the processes, however they start and stop, and a process alone pays one ``fcntl`` per burst
+of faults and nothing per fault.
+
+A fault alone skips the look under the lease, but one look matters even then: a version whose
+chunk map is learned from an upstream may have entries another process learned after this one
+read the map (``warm`` that has since exited). So bytes 8 to 15 of ``active.lock`` count the
+commits of learned map entries by any process (``LEARNED``, little-endian, read through
+``mmap``, changed under a write lock on byte ``COUNTING``): :meth:`FaultLeases.learned` after
+each such commit, :meth:`FaultLeases.learned_elsewhere` on a fault of a chunk not learned yet
+(a memory read). A process knows which of the counts are its own, so a fault alone looks for
+the stored map entry only once another process has learned one since it started.
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
+import struct
 import threading
+import time
 import weakref
+from collections import Counter
 
 
 class _Flock(ctypes.Structure):
@@ -62,10 +102,42 @@ def _setlk(fd: int, kind: int, offset: int) -> bool:
         return False
     raise OSError(err, os.strerror(err))
 
+
+def _others(fd: int, offset: int) -> bool:
+    """Whether another open file description holds a lock on byte ``offset`` (a write lock
+    asked with ``F_OFD_GETLK``: our own locks never conflict with it). Raises OSError."""
+    lock = _Flock(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    if _fcntl(fd, fcntl.F_OFD_GETLK, ctypes.byref(lock)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return bool(lock.l_type != fcntl.F_UNLCK)
+
+
+class Grant(enum.Enum):
+    """What :meth:`FaultLeases.begin` gives a fault."""
+
+    #: no other process faults on the store: fetch; nobody else can have stored it since
+    #: the caller looked
+    ALONE = "alone"
+    #: this process holds the key's lease: look in the store again, then fetch
+    HELD = "held"
+    #: another process holds the lease (or still faults alone): wait and ask again
+    BUSY = "busy"
+
 #: The folder of the lease files, in the store's folder.
 LEASE_DIR = "faulting"
 #: Lease files (each a separate lock list in the kernel).
 SHARDS = 64
+#: The file of the ``FAULTER`` and ``ALONE`` bytes, in ``LEASE_DIR``.
+ACTIVE = "active.lock"
+FAULTER = 0
+ALONE = 1
+COUNTING = 2
+LEARNED = 8
+_SIZE = 16
+#: How often a process faulting alone looks for other processes that fault (seconds): the
+#: longest a newcomer's first fault waits for it, besides the commit of what it has in flight.
+LOOK_EVERY = 0.01
 
 _open: weakref.WeakSet[FaultLeases] = weakref.WeakSet()
 
@@ -90,14 +162,29 @@ class FaultLeases:
     def __init__(self, store_dir: str) -> None:
         self.path = os.path.join(store_dir, LEASE_DIR)
         self._fds: list[int] = [-1] * SHARDS
-        self._lock = threading.Lock()
+        self._opening = threading.Lock()  # opening the files
+        self._lock = threading.Lock()  # the state of faulting alone
+        self._start()
+        self._map: mmap.mmap | None = None  # active.lock's LEARNED count, once watched
+        self._seen = 0  # the count when watched, and this process's own commits since
         _open.add(self)
+
+    def _start(self) -> None:
+        self._active = -1  # active.lock
+        self._registered = False  # its FAULTER byte read-locked
+        self._alone = False  # ALONE read-locked, and no other faulter at the last look
+        self._looked = 0.0  # time.monotonic() of that look
+        self._clear = False  # seen ALONE free of other processes since registering
+        self._inflight: Counter[bytes] = Counter()  # keys begun alone, not ended
+        self._covered: set[bytes] = set()  # ... of those, given a lease on leaving alone
 
     def _forget(self) -> None:
         # in a forked child: the parent's descriptions are not this process's to lock with
         # (same owner); closing the child's copies leaves the parent's locks as they are
-        fds, self._fds = self._fds, [-1] * SHARDS
+        fds, self._fds = [*self._fds, self._active], [-1] * SHARDS
+        self._opening = threading.Lock()
         self._lock = threading.Lock()
+        self._start()
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
@@ -105,7 +192,7 @@ class FaultLeases:
     def _file(self, shard: int) -> int:
         fd = self._fds[shard]
         if fd < 0:
-            with self._lock:
+            with self._opening:
                 fd = self._fds[shard]
                 if fd < 0:
                     os.makedirs(self.path, mode=0o700, exist_ok=True)
@@ -130,10 +217,139 @@ class FaultLeases:
             return  # never taken here (or taken by the process this one was forked from)
         _setlk(fd, fcntl.F_UNLCK, offset)
 
-    def close(self) -> None:
-        """Close the files: every lease of this process is given back."""
+    def _open_active(self) -> int:
+        if self._active < 0:
+            with self._opening:
+                if self._active < 0:
+                    os.makedirs(self.path, mode=0o700, exist_ok=True)
+                    fd = os.open(os.path.join(self.path, ACTIVE),
+                                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                    try:
+                        if os.fstat(fd).st_size < _SIZE:  # (a no-op once another made it)
+                            os.ftruncate(fd, _SIZE)
+                    except OSError:
+                        os.close(fd)
+                        raise
+                    self._active = fd
+        return self._active
+
+    def register(self) -> int:
+        """Make this process known as one that faults on the store (a read lock on
+        ``FAULTER``, held until :meth:`close`); the file's descriptor. Raises OSError."""
+        fd = self._open_active()
+        if not self._registered:
+            _setlk(fd, fcntl.F_RDLCK, FAULTER)  # (read locks never conflict)
+            self._registered = True
+        return fd
+
+    def watch(self) -> None:
+        """Start counting the map entries other processes learn (call before reading the
+        chunk maps to serve). Raises OSError (the store's folder read-only: then
+        :meth:`learned_elsewhere` is always True)."""
+        fd = self._open_active()
+        self._map = mmap.mmap(fd, _SIZE)
+        self._seen = self._count()
+
+    def _count(self) -> int:
+        assert self._map is not None
+        return int(struct.unpack_from("<Q", self._map, LEARNED)[0])
+
+    def learned_elsewhere(self) -> bool:
+        """Whether another process may have learned map entries since :meth:`watch` (then a
+        map entry not learned here may be in the store)."""
+        return self._map is None or self._count() != self._seen
+
+    def learned(self) -> None:
+        """Count a commit of learned map entries by this process (from the writer's thread:
+        it waits for the count's lock). Raises OSError."""
+        if self._map is None:
+            return
+        fd = self._open_active()
+        lock = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, COUNTING, 1, 0)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, lock)  # (lets the GIL go while it waits)
+        try:
+            n = self._count()
+            struct.pack_into("<Q", self._map, LEARNED, n + 1)
+            with self._lock:
+                if self._seen == n:  # nobody else counted since: still all seen
+                    self._seen = n + 1
+        finally:
+            _setlk(fd, fcntl.F_UNLCK, COUNTING)
+
+    def begin(self, key: bytes) -> Grant:
+        """Start the fault of ``key`` (on the event loop's thread): ALONE when no other
+        process faults on the store, HELD when this process holds ``key``'s lease, BUSY when
+        it must wait (docs at the top). Every ALONE or HELD must be followed by one
+        :meth:`end`. Raises OSError when the files cannot be opened or locked."""
+        fd = self.register()
+        now = time.monotonic()
         with self._lock:
-            fds, self._fds = self._fds, [-1] * SHARDS
+            if self._alone:
+                if now - self._looked >= LOOK_EVERY:
+                    self._looked = now
+                    if _others(fd, FAULTER):
+                        self._leave()
+                if self._alone:
+                    self._inflight[key] += 1
+                    return Grant.ALONE
+            elif now - self._looked >= LOOK_EVERY:
+                self._looked = now
+                _setlk(fd, fcntl.F_RDLCK, ALONE)  # first ours, then a look at the others'
+                if not _others(fd, FAULTER):
+                    self._alone = self._clear = True
+                    self._inflight[key] += 1
+                    return Grant.ALONE
+                _setlk(fd, fcntl.F_UNLCK, ALONE)
+            if not self._clear:
+                if _others(fd, ALONE):  # its faults in flight took no lease: wait for it
+                    return Grant.BUSY
+                self._clear = True
+        return Grant.HELD if self.take(key) else Grant.BUSY
+
+    def _leave(self) -> None:
+        # another process faults now (it waits while ALONE is held): our faults in flight
+        # take their leases, then ALONE is given up. (Call holding _lock.)
+        for key in self._inflight:
+            self.take(key)  # free: nobody else takes leases while we hold ALONE
+            self._covered.add(key)
+        self._alone = False
+        _setlk(self._active, fcntl.F_UNLCK, ALONE)
+
+    def end(self, key: bytes) -> None:
+        """End a fault :meth:`begin` granted (its chunk committed, or its fetch failed):
+        its lease given back, or, for the last fault in flight alone, ``ALONE``. Safe from
+        any thread of the process."""
+        with self._lock:
+            n = self._inflight.get(key, 0)
+            if n:
+                if n > 1:
+                    self._inflight[key] = n - 1
+                    return
+                del self._inflight[key]
+                if key not in self._covered:
+                    if not self._inflight and self._alone:
+                        # idle: a newcomer need not wait for our next look
+                        self._alone = False
+                        self._looked = 0.0
+                        _setlk(self._active, fcntl.F_UNLCK, ALONE)
+                    return
+                self._covered.discard(key)
+        self.release(key)
+
+    @property
+    def alone(self) -> bool:
+        """Whether this process faults alone now (for tests and stats)."""
+        return self._alone
+
+    def close(self) -> None:
+        """Close the files: every lease of this process is given back, and it is no longer
+        known as faulting."""
+        with self._opening, self._lock:
+            fds, self._fds = [*self._fds, self._active], [-1] * SHARDS
+            self._start()
+            if self._map is not None:
+                self._map.close()
+                self._map = None
         for fd in fds:
             if fd >= 0:
                 os.close(fd)

@@ -17,14 +17,18 @@ the read path without a Python frame (``peek``, ``used_now``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from icbdcache.log import kv
 from icbdcache.store.hotset import HotSet
 from icbdcache.store.leases import FaultLeases
 from icbdcache.store.lmdbstore import Store
 from icbdcache.store.writer import BatchWriter
+
+log = logging.getLogger("icbdcache.store")
 
 Buffer = bytes | bytearray | memoryview
 
@@ -94,6 +98,11 @@ class StoreReader:
         self._seen_max = 1 << 18
         #: Which process sharing the store fetches a missing chunk (fault layer).
         self.leases = FaultLeases(store.path)
+        try:  # before any chunk map is read through this reader
+            self.leases.watch()
+            self.writer.on_learned = self.leases.learned
+        except OSError as e:  # (a read-only store: faults look at the stored map)
+            log.debug(kv(store="leases", watch=e))
 
     def txn(self) -> ReadTxn:
         """A read transaction for one request's chunks (opened lazily)."""

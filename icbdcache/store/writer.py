@@ -64,7 +64,10 @@ class BatchWriter:
         #: for a number to be committed (:meth:`after_queued`).
         self._seq = 0
         self._first: dict[bytes, int] = {}
-        self._after: list[tuple[int, Callable[[], None]]] = []
+        self._after: list[tuple[int, Callable[[], None], bool]] = []  # (number, fn, urgent)
+        self._urgent = 0  # of ``_after``, those that hurry the batch (``after_delay``)
+        #: called (in the writer's thread) after each commit with learned map entries
+        self.on_learned: Callable[[], None] | None = None
         self._stop = False
         self._done = False  # the thread has ended
         self._died = False  # ... of an unexpected error
@@ -132,16 +135,19 @@ class BatchWriter:
         with self._cv:
             self._stats[name] += n
 
-    def after_queued(self, fn: Callable[[], None]) -> None:
+    def after_queued(self, fn: Callable[[], None], *, urgent: bool = True) -> None:
         """Call ``fn()`` (in the writer's thread, or here when the writer has stopped) once
         everything queued so far is committed, or its transaction failed: the moment other
-        processes can read it (the fault leases are given back then). ``fn`` must not
-        raise."""
+        processes can read it (the fault leases are given back then). ``urgent``: another
+        process may wait for it, so the batch is committed within ``after_delay``, not
+        ``max_delay``. ``fn`` must not raise."""
         with self._cv:
             if not self._done:
-                self._after.append((self._seq, fn))
-                if len(self._after) == 1:  # the writer may be idle, or filling a batch for
-                    self._cv.notify_all()  # ``max_delay``: it shortens that to ``after_delay``
+                self._after.append((self._seq, fn, urgent))
+                if urgent:
+                    self._urgent += 1
+                    if self._urgent == 1:  # the writer may be idle, or filling a batch for
+                        self._cv.notify_all()  # ``max_delay``: shortened to ``after_delay``
                 return
         fn()
 
@@ -210,11 +216,12 @@ class BatchWriter:
             while True:  # callbacks first, then the end is known (none is left behind)
                 with self._cv:
                     rest, self._after = self._after, []
+                    self._urgent = 0
                     if not rest:
                         self._done = True
                         self._cv.notify_all()
                         break
-                for _, fn in rest:
+                for _, fn, _ in rest:
                     try:
                         fn()
                     except Exception as e:  # a callback's error must not hide the others
@@ -229,7 +236,7 @@ class BatchWriter:
         start = time.monotonic()
         while (self._chunks and len(self._chunks) < self.max_items
                and self._queued_bytes < self.max_bytes and not self._stop):
-            left = start + (self.after_delay if self._after else self.max_delay) \
+            left = start + (self.after_delay if self._urgent else self.max_delay) \
                 - time.monotonic()
             if left <= 0:
                 return
@@ -247,8 +254,9 @@ class BatchWriter:
                 chunks, updates = self._take()
                 # committed once this batch is: every put before the oldest one left queued
                 upto = next(iter(self._first.values())) - 1 if self._first else self._seq
-                ready = [fn for n, fn in self._after if n <= upto]
-                self._after = [(n, fn) for n, fn in self._after if n > upto]
+                ready = [(fn, u) for n, fn, u in self._after if n <= upto]
+                self._after = [a for a in self._after if a[0] > upto]
+                self._urgent -= sum(u for _, u in ready)
                 self._writing = chunks
                 stop = self._stop and not self._chunks and not self._updates
                 touched, self._touched = self._touched, set()
@@ -262,7 +270,7 @@ class BatchWriter:
                 with self._cv:
                     self._writing = {}
                     self._cv.notify_all()  # producers blocked in put() see room
-                for fn in ready:
+                for fn, _ in ready:
                     try:
                         fn()
                     except Exception as e:  # a callback's error must not hide the others
@@ -279,6 +287,13 @@ class BatchWriter:
         except ChunkMismatch as e:  # a caller's bug: verification happens before put()
             self.errors += 1
             log.error(kv(store="write", error=e))
+            return
         except (StoreError, OSError) as e:
             self.errors += 1
             log.error(kv(store="write", error=e, chunks=len(chunks)))
+            return
+        if updates and self.on_learned is not None:
+            try:
+                self.on_learned()
+            except OSError as e:  # others may fetch a chunk learned here once more
+                log.warning(kv(store="write", learned_count=e))

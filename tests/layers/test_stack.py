@@ -30,6 +30,7 @@ from icbdcache.sources import RetryPolicy, Source, SourceUnavailable
 from icbdcache.store import Store, VersionMeta, digest
 from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
 from icbdcache.store.hotset import HotSet
+from icbdcache.store.leases import FaultLeases
 from icbdcache.store.reader import StoreReader
 from nbd.constants import TransmissionFlag as TF
 
@@ -600,11 +601,19 @@ def test_a_chunk_not_kept_still_stores_the_digest_it_taught(
 # ---------------------------------------------------------------- across processes
 
 
+def another_faulter(store: Store) -> FaultLeases:
+    """Another process that faults on ``store`` (its own open files: a separate lock owner)."""
+    other = FaultLeases(store.path)
+    other.register()
+    return other
+
+
 def test_a_chunk_stored_between_the_look_and_the_lease_is_not_fetched(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process commits the chunk after this one looked and missed, and gives its lease
     back: the fault takes the lease at once and must look again under it, not fetch (before
     the look under the lease, two workers reading one image fetched a chunk twice)."""
+    other = another_faulter(store)
     src = FakeSource(DATA)
     reader, _version, fault = version_stack(store, src)
     d = digest(DATA[6 * CS : 7 * CS])
@@ -622,13 +631,50 @@ def test_a_chunk_stored_between_the_look_and_the_lease_is_not_fetched(
     assert asyncio.run(read(fault, 6 * CS + 5, 100)) == DATA[6 * CS + 5 : 6 * CS + 105]
     assert src.reads == [] and looks == [d, d]
     assert fault.faults.stats.faults == 0
-    assert reader.leases.take(d)  # given back
+    assert not reader.leases.alone
+    assert other.take(d)  # given back
+    reader.close()
+    other.close()
+
+
+def test_a_fault_alone_takes_no_lease_and_makes_no_second_look(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no other process faulting on the store, a fault fetches after the caller's one
+    look and holds no lease; once its chunk is committed it no longer faults alone (a
+    newcomer need not wait for it)."""
+    src = FakeSource(DATA)
+    reader, _version, fault = version_stack(store, src)
+    d = digest(DATA[6 * CS : 7 * CS])
+    looks: list[bytes] = []
+    real_lookup = reader.lookup
+
+    def lookup(key: bytes) -> bytes | None:
+        looks.append(key)
+        return real_lookup(key)
+
+    monkeypatch.setattr(reader, "lookup", lookup)
+    held: list[bool] = []
+    real_fetch = fault._fetch
+
+    async def fetch(index: int, want: bytes) -> bytes:
+        held.append(reader.leases.alone)
+        other = FaultLeases(store.path)
+        held.append(other.take(d))  # free: the fault holds no lease
+        other.close()
+        return await real_fetch(index, want)
+
+    monkeypatch.setattr(fault, "_fetch", fetch)
+    assert asyncio.run(read(fault, 6 * CS, CS)) == DATA[6 * CS : 7 * CS]
+    assert src.reads == [6 * CS] and looks == [d] and held == [True, True]
+    assert reader.writer.flush()
+    assert not reader.leases.alone
     reader.close()
 
 
 def test_an_entry_learned_by_another_process_is_read_under_the_lease(store: Store) -> None:
     """A chunk of an unlearned map that another process fetched, learned and stored is read
     from the store (its digest from the stored map, under the lease), not fetched again."""
+    other = another_faulter(store)
     unknown = bytearray(UNKNOWN * CHUNKS)
     src = FakeSource(DATA)
     reader, version, fault = version_stack(store, src, key_map=unknown)
@@ -638,6 +684,7 @@ def test_an_entry_learned_by_another_process_is_read_under_the_lease(store: Stor
     assert asyncio.run(read(fault, 9 * CS, CS)) == DATA[9 * CS : 10 * CS]
     assert src.reads == [] and version.digest_at(9) == d
     reader.close()
+    other.close()
 
 
 def test_fetch_adds_a_timer_only_when_the_deadline_comes_before_the_sources_own(

@@ -8,9 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from icbdcache.store.leases import LEASE_DIR, SHARDS, FaultLeases, _place
+from icbdcache.store.leases import LEASE_DIR, LOOK_EVERY, SHARDS, FaultLeases, Grant, _place
 
 TAKE_ALL = """
 import sys
@@ -88,3 +89,155 @@ def test_the_leases_of_a_killed_holder_are_free(tmp_path: Path) -> None:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+# ---------------------------------------------------------------- faulting alone
+
+FAULTER = """
+import sys
+from icbdcache.store.leases import FaultLeases
+leases = FaultLeases(sys.argv[1])
+for line in sys.stdin:
+    verb, hexkey = line.split()
+    key = bytes.fromhex(hexkey)
+    if verb == "begin":
+        print(leases.begin(key).name, flush=True)
+    elif verb == "end":
+        leases.end(key)
+        print("ended", flush=True)
+"""
+
+
+class Faulter:
+    """Another process that faults on a store: ``begin``/``end`` of keys on request."""
+
+    def __init__(self, store: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", FAULTER, str(store)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, verb: str, key: bytes) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{verb} {key.hex()}\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def test_a_newcomer_waits_for_the_faults_in_flight_of_a_process_alone(tmp_path: Path) -> None:
+    """A process alone takes no leases; a newcomer's first fault waits (BUSY) until the faults
+    the process has in flight end, and from then on every fault of both takes leases."""
+    a, b = b"a" * 16, b"b" * 16
+    leases = FaultLeases(str(tmp_path))
+    assert leases.begin(a) is Grant.ALONE and leases.alone
+    newcomer = Faulter(tmp_path)
+    try:
+        assert newcomer.ask("begin", b) == "BUSY"  # a key the first process is not fetching
+        assert newcomer.ask("begin", b) == "BUSY"
+        leases.end(a)
+        assert not leases.alone
+        assert newcomer.ask("begin", b) == "HELD"
+        assert leases.begin(b) is Grant.BUSY  # the newcomer's lease
+        assert leases.begin(a) is Grant.HELD and not leases.alone
+        assert newcomer.ask("begin", a) == "BUSY"
+        leases.end(a)
+        assert newcomer.ask("begin", a) == "HELD"
+    finally:
+        newcomer.kill()
+        leases.close()
+
+
+def test_a_process_alone_that_sees_a_newcomer_takes_the_leases_of_its_faults(
+        tmp_path: Path) -> None:
+    """A process faulting alone finds the newcomer at its next look: the faults it has in
+    flight take their leases and it stops faulting alone, so the newcomer goes on without
+    waiting for them to end, and waits only for those very chunks."""
+    a, b = b"a" * 16, b"b" * 16
+    leases = FaultLeases(str(tmp_path))
+    assert leases.begin(a) is Grant.ALONE
+    newcomer = Faulter(tmp_path)
+    try:
+        assert newcomer.ask("begin", b) == "BUSY"
+        time.sleep(LOOK_EVERY * 2)
+        assert leases.begin(b"c" * 16) is Grant.HELD and not leases.alone
+        assert newcomer.ask("begin", a) == "BUSY"  # in flight here, now under its lease
+        assert newcomer.ask("begin", b) == "HELD"
+        leases.end(a)  # its chunk committed: the lease is given back
+        assert newcomer.ask("begin", a) == "HELD"
+    finally:
+        newcomer.kill()
+        leases.close()
+
+
+def test_a_killed_process_alone_holds_nobody_up(tmp_path: Path) -> None:
+    """kill -9 of a process with faults in flight alone: the kernel drops its locks, and the
+    others fault (alone, once it is gone)."""
+    a = b"a" * 16
+    first = Faulter(tmp_path)
+    try:
+        assert first.ask("begin", a) == "ALONE"
+        leases = FaultLeases(str(tmp_path))
+        assert leases.begin(a) is Grant.BUSY
+        first.kill()
+        assert leases.begin(a) is not Grant.BUSY
+        leases.end(a)
+        time.sleep(LOOK_EVERY * 2)  # (the next look at the others)
+        assert leases.begin(a) is Grant.ALONE
+        leases.close()
+    finally:
+        first.kill()
+
+
+def test_two_processes_that_fault_never_fault_alone(tmp_path: Path) -> None:
+    """Once two processes fault on a store, neither faults alone: every fault takes a
+    lease, and one key's lease is the other's to wait for."""
+    a = b"a" * 16
+    other = Faulter(tmp_path)
+    try:
+        assert other.ask("begin", b"x" * 16) == "ALONE"
+        other.ask("end", b"x" * 16)  # idle again: ALONE given up, still a faulter
+        leases = FaultLeases(str(tmp_path))
+        assert leases.begin(a) is Grant.HELD and not leases.alone
+        time.sleep(LOOK_EVERY * 2)
+        assert other.ask("begin", a) == "BUSY"
+        leases.end(a)
+        assert other.ask("begin", a) == "HELD"
+        assert leases.begin(a) is Grant.BUSY
+        leases.close()
+    finally:
+        other.kill()
+
+
+LEARN = """
+import sys
+from icbdcache.store.leases import FaultLeases
+leases = FaultLeases(sys.argv[1])
+leases.watch()
+leases.learned()
+print(leases.learned_elsewhere())
+"""
+
+
+def test_map_entries_learned_by_another_process_are_counted(tmp_path: Path) -> None:
+    """A process that learned map entries and exited leaves its count behind: another process
+    watching since before sees it (and looks in the stored map even when faulting alone);
+    its own commits of learned entries do not count as another's."""
+    leases = FaultLeases(str(tmp_path))
+    leases.watch()
+    assert not leases.learned_elsewhere()
+    leases.learned()
+    leases.learned()
+    assert not leases.learned_elsewhere()
+    out = subprocess.run([sys.executable, "-c", LEARN, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"  # (its own count, in the other process)
+    assert leases.learned_elsewhere()
+    late = FaultLeases(str(tmp_path))  # watching from now on: all seen
+    late.watch()
+    assert not late.learned_elsewhere()
+    late.close()
+    leases.close()
+    assert leases.learned_elsewhere()  # closed: nothing is known
