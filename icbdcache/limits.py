@@ -151,6 +151,25 @@ class ReplyBudget:
         return (after <= self.total - self.total // RESERVE_PART
                 or held + cost <= self.per_connection)
 
+    def take(self, connection_used: int, address: str, cost: int) -> bool:
+        """:meth:`fits`, and if it does :meth:`charge`: in one call (once per request)."""
+        by = self.by_address
+        held = by.get(address, 0)
+        if ((connection_used and connection_used + cost > self.per_connection)
+                or (held and held + cost > self.per_address)):
+            return False
+        used = self.used
+        if used:
+            after = used + cost
+            if after > self.total or (after > self.total - self.total // RESERVE_PART
+                                      and held + cost > self.per_connection):
+                return False
+        self.used = used = used + cost
+        by[address] = held + cost
+        if used > self.peak:
+            self.peak = used
+        return True
+
     def charge(self, address: str, cost: int) -> None:
         """``cost`` bytes of ``address`` are now in flight."""
         self.used += cost

@@ -541,11 +541,14 @@ class NBDProtocol(asyncio.Protocol):
         """Carry out ``events`` in order until a request does not fit in the reply budget;
         it and the rest wait in :attr:`queue`, and the socket is not read meanwhile."""
         handle = self._request
+        take = self.server.budget.take
         it = iter(events)
         for ev in it:
             if type(ev) is Request:
                 cost = ev.length + REQUEST_OVERHEAD if ev.command is _READ else _cost(ev)
-                if not self._take(cost):
+                if take(self._reserved + self._flushed, self.identity, cost):
+                    self._reserved += cost  # (:meth:`_take`'s first try, inline)
+                elif not self._take(cost):
                     self.queue.append(ev)
                     self.queue.extend(it)
                     self._wait_for_room()
@@ -574,13 +577,13 @@ class NBDProtocol(asyncio.Protocol):
     def _take(self, cost: int) -> bool:
         """Charge a request of ``cost`` bytes to the reply budget if it fits."""
         budget = self.server.budget
-        if not budget.fits(self._reserved + self._flushed, self.identity, cost):
-            if self._flushed:  # look again at what is really unsent
-                self.refresh_held()
-            if not budget.fits(self._reserved + self._flushed, self.identity, cost):
+        if not budget.take(self._reserved + self._flushed, self.identity, cost):
+            if not self._flushed:
+                return False
+            self.refresh_held()  # look again at what is really unsent
+            if not budget.take(self._reserved + self._flushed, self.identity, cost):
                 return False
         self._reserved += cost
-        budget.charge(self.identity, cost)
         return True
 
     def refresh_held(self) -> None:

@@ -185,3 +185,17 @@ def test_throttled_one_line_an_interval_per_reason_with_counts(lines: Lines) -> 
         assert counted == 50, mine
         assert 2 <= len(mine) <= 10, mine  # ~0.6 s of events in 0.2 s intervals
     assert lines.lines[-1].startswith(("refused n=49", "closed n=49"))
+
+
+@given(st.lists(st.tuples(st.integers(0, 12 * MiB), st.sampled_from("abc"),
+                          st.integers(1, 12 * MiB)), max_size=40))
+def test_reply_budget_take_is_fits_then_charge(requests: list[tuple[int, str, int]]) -> None:
+    """``take`` (the request path's one call) answers as ``fits`` and charges as ``charge``."""
+    one = ReplyBudget(total=40 * MiB, per_connection=10 * MiB, per_address=25 * MiB)
+    two = ReplyBudget(total=40 * MiB, per_connection=10 * MiB, per_address=25 * MiB)
+    for used, address, cost in requests:
+        fits = two.fits(used, address, cost)
+        if fits:
+            two.charge(address, cost)
+        assert one.take(used, address, cost) == fits
+        assert (one.used, one.by_address, one.peak) == (two.used, two.by_address, two.peak)
