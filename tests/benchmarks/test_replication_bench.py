@@ -145,3 +145,46 @@ def test_run_client_wall_time_ends_when_the_client_exits(tmp_path: Path) -> None
     assert res.rc == 0
     assert 2.2 <= res.wall_s < 2.45, res.wall_s  # a tick-bound wait ends at 2.5 s
     assert ticks and ticks[-1] >= 2.0
+
+
+def test_warm_up_reads_every_file_and_runs_the_program_once(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """The warm-up before a run reads each file given and each file under a folder given (to
+    the end), and runs the transfer's program once."""
+    import builtins
+
+    from bench.replication import warm_up
+
+    (tmp_path / "store" / "sub").mkdir(parents=True)
+    files = {tmp_path / "store" / "data.mdb": 9 << 20, tmp_path / "store" / "sub" / "x": 10,
+             tmp_path / "v2.img": 3}
+    for path, size in files.items():
+        path.write_bytes(os.urandom(size))
+    read: dict[str, int] = {}
+    real_open = builtins.open
+
+    class Counting:
+        def __init__(self, f: Any, name: str) -> None:
+            self.f, self.name = f, name
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def readinto(self, buf: bytearray) -> int:
+            n = int(self.f.readinto(buf))
+            read[self.name] = read.get(self.name, 0) + n
+            return n
+
+    def counting_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        return Counting(real_open(path, *args, **kwargs), str(path))
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    marker = tmp_path / "ran"
+    took = warm_up([tmp_path / "store", tmp_path / "v2.img"],
+                   ["sh", "-c", f"echo x >> {marker}"])
+    monkeypatch.undo()
+    assert read == {str(p): size for p, size in files.items()}
+    assert marker.read_text() == "x\n" and took >= 0
