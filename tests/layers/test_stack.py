@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -608,6 +608,24 @@ def another_faulter(store: Store) -> FaultLeases:
     return other
 
 
+def counted_looks(reader: StoreReader, monkeypatch: pytest.MonkeyPatch,
+                  first: Callable[[], None] | None = None) -> list[bytes]:
+    """The keys ``reader`` is asked to look up, from now on (a list that grows); ``first``
+    runs at the first look, which then misses."""
+    looks: list[bytes] = []
+    real_lookup = reader.lookup
+
+    def lookup(key: bytes) -> bytes | None:
+        looks.append(key)
+        if first is not None and len(looks) == 1:
+            first()
+            return None
+        return real_lookup(key)
+
+    monkeypatch.setattr(reader, "lookup", lookup)
+    return looks
+
+
 def test_a_chunk_stored_between_the_look_and_the_lease_is_not_fetched(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process commits the chunk after this one looked and missed, and gives its lease
@@ -617,17 +635,11 @@ def test_a_chunk_stored_between_the_look_and_the_lease_is_not_fetched(
     src = FakeSource(DATA)
     reader, _version, fault = version_stack(store, src)
     d = digest(DATA[6 * CS : 7 * CS])
-    looks: list[bytes] = []
-    real_lookup = reader.lookup
 
-    def lookup(key: bytes) -> bytes | None:
-        looks.append(key)
-        if len(looks) == 1:  # the caller's look, just before the other process's commit
-            store.write_batch([(d, DATA[6 * CS : 7 * CS])])  # (the other process)
-            return None
-        return real_lookup(key)
+    def commit() -> None:  # the other process, just after the caller's look
+        store.write_batch([(d, DATA[6 * CS : 7 * CS])])
 
-    monkeypatch.setattr(reader, "lookup", lookup)
+    looks = counted_looks(reader, monkeypatch, first=commit)
     assert asyncio.run(read(fault, 6 * CS + 5, 100)) == DATA[6 * CS + 5 : 6 * CS + 105]
     assert src.reads == [] and looks == [d, d]
     assert fault.faults.stats.faults == 0
@@ -645,14 +657,7 @@ def test_a_fault_alone_takes_no_lease_and_makes_no_second_look(
     src = FakeSource(DATA)
     reader, _version, fault = version_stack(store, src)
     d = digest(DATA[6 * CS : 7 * CS])
-    looks: list[bytes] = []
-    real_lookup = reader.lookup
-
-    def lookup(key: bytes) -> bytes | None:
-        looks.append(key)
-        return real_lookup(key)
-
-    monkeypatch.setattr(reader, "lookup", lookup)
+    looks = counted_looks(reader, monkeypatch)
     held: list[bool] = []
     real_fetch = fault._fetch
 
