@@ -36,7 +36,7 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 from icbdcache.store import UNKNOWN, ZERO
-from icbdcache.store.leases import Grant
+from icbdcache.store.leases import LOOK_EVERY, FaultLeases, Grant
 from icbdcache.store.reader import StoreReader
 
 #: Polling of a chunk another process is fetching: first and longest interval (seconds).
@@ -82,6 +82,26 @@ def _held(layer: Faulting, index: int, want: bytes) -> tuple[bytes | None, bytes
     return layer.reader.lookup(want), want
 
 
+def _keep_looking(leases: FaultLeases) -> None:
+    """Have ``leases`` look for newcomers every LOOK_EVERY while faults alone are in flight
+    (a newcomer waits for this process's ALONE; without these looks it waited until the next
+    fault began or every fault in flight ended: seconds behind a slow upstream)."""
+    loop = asyncio.get_running_loop()
+    leases.looking = True
+
+    def tick() -> None:
+        try:
+            again = leases.look() and leases.in_flight
+        except OSError:
+            again = False
+        if again:
+            loop.call_later(LOOK_EVERY, tick)
+        else:
+            leases.looking = False
+
+    loop.call_later(LOOK_EVERY, tick)
+
+
 async def fetch_once(layer: Faulting, key: object, index: int, want: bytes) -> bytes:
     """Chunk ``index``'s bytes (``want``: its digest, or UNKNOWN), fetched by ``layer`` only
     if no other process sharing the store is fetching it (``key``: the fault's single-flight
@@ -98,10 +118,12 @@ async def fetch_once(layer: Faulting, key: object, index: int, want: bytes) -> b
             waited = True
             layer.reader.count("lease_waits")
         if time.monotonic() >= deadline:
-            raise OSError(errno.EIO, f"chunk {index}: fetched by another process, not stored "
+            raise OSError(errno.EIO, f"chunk {index}: another process's fetch did not end "
                                      "within the fault deadline")
         await asyncio.sleep(delay)
         delay = min(delay * 2, POLL_MAX)
+    if grant is Grant.ALONE and not leases.looking:
+        _keep_looking(leases)
     try:
         if grant is Grant.HELD or waited or (want == UNKNOWN and leases.learned_elsewhere()):
             # stored by another process since the caller looked (it gave the lease back once

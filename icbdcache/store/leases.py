@@ -37,25 +37,30 @@ first asks whether another process faults on the store, through the file
   no lease (from :meth:`begin` until :meth:`end`, called once the chunk is committed).
 
 A process faults alone when, holding ``ALONE``, it finds no other process's lock on
-``FAULTER`` (``F_OFD_GETLK``); it looks again every ``LOOK_EVERY`` seconds while it faults,
-and gives ``ALONE`` up when its last fault in flight ends. A process's first fault
-(and every fault until it has once seen ``ALONE`` free of other processes) waits while
-another holds ``ALONE``. Each takes its own lock before it looks at the other's byte, so of
-a newcomer and a process faulting alone at least one sees the other: the newcomer waits, or
-the other does not fault alone. A process that finds a newcomer stops faulting alone: it
-takes the leases of its faults in flight (nobody else can hold them: the newcomer waits) and
-gives ``ALONE`` up, and the newcomer goes on with leases. So no chunk is fetched twice across
-the processes, however they start and stop, and a process alone pays one ``fcntl`` per burst
-of faults and nothing per fault.
+``FAULTER`` (``F_OFD_GETLK``). While it has faults in flight it looks again every
+``LOOK_EVERY`` seconds (:meth:`FaultLeases.look`, from the event loop), and it gives ``ALONE``
+up when its last fault in flight ends. A process's first fault (and every fault until it has
+once seen ``ALONE`` free of other processes) waits while another holds ``ALONE``. Each takes
+its own lock before it looks at the other's byte, so of a newcomer and a process faulting
+alone at least one sees the other: the newcomer waits, or the other does not fault alone. A
+process that finds a newcomer stops faulting alone: it takes the leases of its faults in
+flight (nobody else can hold them: the newcomer waits) and gives ``ALONE`` up, and the
+newcomer goes on with leases, waiting only for those very chunks. So no chunk is fetched
+twice across the processes, however they start and stop, and a process alone pays one
+``fcntl`` per burst of faults and one per ``LOOK_EVERY``, nothing per fault. A process that
+holds ``ALONE`` and does not look (stopped with ``SIGSTOP``) holds a newcomer up for at most
+``ALONE_WAIT``; the newcomer then goes on with leases (at worst fetching a chunk the other has
+in flight once more).
 
 A fault alone skips the look under the lease, but one look matters even then: a version whose
 chunk map is learned from an upstream may have entries another process learned after this one
 read the map (``warm`` that has since exited). So bytes 8 to 15 of ``active.lock`` count the
-commits of learned map entries by any process (``LEARNED``, little-endian, read through
-``mmap``, changed under a write lock on byte ``COUNTING``): :meth:`FaultLeases.learned` after
-each such commit, :meth:`FaultLeases.learned_elsewhere` on a fault of a chunk not learned yet
-(a memory read). A process knows which of the counts are its own, so a fault alone looks for
-the stored map entry only once another process has learned one since it started.
+commits of learned map entries by any process (``LEARNED``, little-endian, changed under a
+write lock on byte ``COUNTING``): :meth:`FaultLeases.learned` after each such commit,
+:meth:`FaultLeases.learned_elsewhere` on a fault of a chunk not learned yet (one ``pread``;
+not ``mmap``: a file truncated under a mapping kills the process with SIGBUS). A process knows
+which of the counts are its own, so a fault alone looks for the stored map entry only once
+another process has learned one since it started (or the count cannot be read).
 """
 
 from __future__ import annotations
@@ -65,9 +70,7 @@ import enum
 import errno
 import fcntl
 import hashlib
-import mmap
 import os
-import struct
 import threading
 import time
 import weakref
@@ -138,6 +141,10 @@ _SIZE = 16
 #: How often a process faulting alone looks for other processes that fault (seconds): the
 #: longest a newcomer's first fault waits for it, besides the commit of what it has in flight.
 LOOK_EVERY = 0.01
+#: The longest a newcomer waits for another process's ALONE (seconds): one that looks every
+#: ``LOOK_EVERY`` gives it up at once, so a longer wait means a process that is stopped
+#: (``SIGSTOP``) or starved; the newcomer then goes on with leases.
+ALONE_WAIT = 1.0
 
 _open: weakref.WeakSet[FaultLeases] = weakref.WeakSet()
 
@@ -165,7 +172,7 @@ class FaultLeases:
         self._opening = threading.Lock()  # opening the files
         self._lock = threading.Lock()  # the state of faulting alone
         self._start()
-        self._map: mmap.mmap | None = None  # active.lock's LEARNED count, once watched
+        self._watching = False  # counting the map entries other processes learn
         self._seen = 0  # the count when watched, and this process's own commits since
         _open.add(self)
 
@@ -175,6 +182,9 @@ class FaultLeases:
         self._alone = False  # ALONE read-locked, and no other faulter at the last look
         self._looked = 0.0  # time.monotonic() of that look
         self._clear = False  # seen ALONE free of other processes since registering
+        self._blocked = 0.0  # time.monotonic() of the first wait for another's ALONE
+        #: the event loop calls :meth:`look` every LOOK_EVERY (set and read on its thread)
+        self.looking = False
         self._inflight: Counter[bytes] = Counter()  # keys begun alone, not ended
         self._covered: set[bytes] = set()  # ... of those, given a lease on leaving alone
 
@@ -246,30 +256,36 @@ class FaultLeases:
         """Start counting the map entries other processes learn (call before reading the
         chunk maps to serve). Raises OSError (the store's folder read-only: then
         :meth:`learned_elsewhere` is always True)."""
-        fd = self._open_active()
-        self._map = mmap.mmap(fd, _SIZE)
+        self._open_active()
         self._seen = self._count()
+        self._watching = True
 
     def _count(self) -> int:
-        assert self._map is not None
-        return int(struct.unpack_from("<Q", self._map, LEARNED)[0])
+        # read with pread, not through mmap: a file truncated under a mapping is a SIGBUS
+        data = os.pread(self._active, 8, LEARNED)
+        return int.from_bytes(data, "little") if len(data) == 8 else -1
 
     def learned_elsewhere(self) -> bool:
         """Whether another process may have learned map entries since :meth:`watch` (then a
         map entry not learned here may be in the store)."""
-        return self._map is None or self._count() != self._seen
+        if not self._watching or self._active < 0:
+            return True
+        try:
+            return self._count() != self._seen
+        except OSError:
+            return True
 
     def learned(self) -> None:
         """Count a commit of learned map entries by this process (from the writer's thread:
         it waits for the count's lock). Raises OSError."""
-        if self._map is None:
+        if not self._watching:
             return
         fd = self._open_active()
-        lock = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, COUNTING, 1, 0)
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, lock)  # (lets the GIL go while it waits)
+        lock = _Flock(fcntl.F_WRLCK, os.SEEK_SET, COUNTING, 1, 0)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, bytes(lock))  # (lets the GIL go while it waits)
         try:
-            n = self._count()
-            struct.pack_into("<Q", self._map, LEARNED, n + 1)
+            n = max(self._count(), 0)
+            os.pwrite(fd, (n + 1).to_bytes(8, "little"), LEARNED)
             with self._lock:
                 if self._seen == n:  # nobody else counted since: still all seen
                     self._seen = n + 1
@@ -302,9 +318,26 @@ class FaultLeases:
                 _setlk(fd, fcntl.F_UNLCK, ALONE)
             if not self._clear:
                 if _others(fd, ALONE):  # its faults in flight took no lease: wait for it
-                    return Grant.BUSY
+                    if not self._blocked:
+                        self._blocked = now
+                    if now - self._blocked < ALONE_WAIT:
+                        return Grant.BUSY
+                    # it does not look (stopped, or a clock that jumped): go on with
+                    # leases; at worst a chunk it has in flight is fetched twice
                 self._clear = True
         return Grant.HELD if self.take(key) else Grant.BUSY
+
+    def look(self) -> bool:
+        """While this process faults alone, look for other processes that fault now (the
+        event loop calls this every ``LOOK_EVERY`` seconds while faults are in flight, so a
+        newcomer need not wait for them to end): True while it still faults alone. Raises
+        OSError."""
+        with self._lock:
+            if self._alone:
+                self._looked = time.monotonic()
+                if _others(self._active, FAULTER):
+                    self._leave()
+            return self._alone
 
     def _leave(self) -> None:
         # another process faults now (it waits while ALONE is held): our faults in flight
@@ -326,15 +359,21 @@ class FaultLeases:
                     self._inflight[key] = n - 1
                     return
                 del self._inflight[key]
-                if key not in self._covered:
-                    if not self._inflight and self._alone:
-                        # idle: a newcomer need not wait for our next look
-                        self._alone = False
-                        self._looked = 0.0
-                        _setlk(self._active, fcntl.F_UNLCK, ALONE)
-                    return
+                covered = key in self._covered
                 self._covered.discard(key)
+                if not self._inflight and self._alone:
+                    # idle: a newcomer need not wait for our next look
+                    self._alone = False
+                    self._looked = 0.0
+                    _setlk(self._active, fcntl.F_UNLCK, ALONE)
+                if not covered:
+                    return
         self.release(key)
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether faults begun alone have not ended yet."""
+        return bool(self._inflight)
 
     @property
     def alone(self) -> bool:
@@ -344,12 +383,10 @@ class FaultLeases:
     def close(self) -> None:
         """Close the files: every lease of this process is given back, and it is no longer
         known as faulting."""
-        with self._opening, self._lock:
+        with self._lock, self._opening:  # (the order of begin -> _leave -> take)
             fds, self._fds = [*self._fds, self._active], [-1] * SHARDS
             self._start()
-            if self._map is not None:
-                self._map.close()
-                self._map = None
+            self._watching = False
         for fd in fds:
             if fd >= 0:
                 os.close(fd)

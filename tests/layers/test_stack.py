@@ -30,7 +30,7 @@ from icbdcache.sources import RetryPolicy, Source, SourceUnavailable
 from icbdcache.store import Store, VersionMeta, digest
 from icbdcache.store.chunks import DIGEST_SIZE, UNKNOWN, ZERO
 from icbdcache.store.hotset import HotSet
-from icbdcache.store.leases import FaultLeases
+from icbdcache.store.leases import LOOK_EVERY, FaultLeases, Grant
 from icbdcache.store.reader import StoreReader
 from nbd.constants import TransmissionFlag as TF
 
@@ -672,6 +672,34 @@ def test_a_fault_alone_takes_no_lease_and_makes_no_second_look(
     assert asyncio.run(read(fault, 6 * CS, CS)) == DATA[6 * CS : 7 * CS]
     assert src.reads == [6 * CS] and looks == [d] and held == [True, True]
     assert reader.writer.flush()
+    assert not reader.leases.alone
+    reader.close()
+
+
+def test_a_fault_alone_in_flight_lets_a_newcomer_go_on(store: Store) -> None:
+    """A newcomer comes while a fault alone waits on a slow upstream: within a few looks
+    (every LOOK_EVERY, from the event loop) the fault takes its lease and ALONE is given up,
+    so the newcomer goes on at once for other chunks and waits only for that one (before,
+    it waited for the slow fetch to end, and met its fault deadline)."""
+    src = FakeSource(DATA)
+    reader, _version, fault = version_stack(store, src)
+    d = digest(DATA[6 * CS : 7 * CS])
+
+    async def main() -> tuple[bool, Grant, Grant, Grant]:
+        src.gate = asyncio.Event()
+        task = asyncio.ensure_future(read(fault, 6 * CS, CS))
+        await asyncio.sleep(0.005)
+        alone = reader.leases.alone
+        newcomer = another_faulter(store)
+        first = newcomer.begin(b"other chunk 16 b")
+        await asyncio.sleep(LOOK_EVERY * 5)
+        later, same = newcomer.begin(b"other chunk 16 b"), newcomer.begin(d)
+        src.gate.set()
+        assert await task == DATA[6 * CS : 7 * CS]
+        newcomer.close()
+        return alone, first, later, same
+
+    assert asyncio.run(main()) == (True, Grant.BUSY, Grant.HELD, Grant.BUSY)
     assert not reader.leases.alone
     reader.close()
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from icbdcache.store.leases import LEASE_DIR, LOOK_EVERY, SHARDS, FaultLeases, Grant, _place
 
 TAKE_ALL = """
@@ -241,3 +243,71 @@ def test_map_entries_learned_by_another_process_are_counted(tmp_path: Path) -> N
     late.close()
     leases.close()
     assert leases.learned_elsewhere()  # closed: nothing is known
+
+
+def test_a_process_that_ends_its_covered_faults_last_gives_alone_up(tmp_path: Path) -> None:
+    """Faults covered by leases when a newcomer came, ending after the process faulted alone
+    again (the newcomer gone), give ALONE up with the last of them: an idle process never
+    holds a later newcomer up (before, every fault of the next newcomer got EIO)."""
+    k1, k2, k3 = b"1" * 16, b"2" * 16, b"3" * 16
+    leases = FaultLeases(str(tmp_path))
+    assert leases.begin(k1) is Grant.ALONE and leases.begin(k2) is Grant.ALONE
+    newcomer = Faulter(tmp_path)
+    try:
+        assert newcomer.ask("begin", b"x" * 16) == "BUSY"
+        assert not leases.look()  # k1 and k2 now under their leases
+        assert newcomer.ask("begin", b"x" * 16) == "HELD"
+    finally:
+        newcomer.kill()
+    time.sleep(LOOK_EVERY * 2)
+    assert leases.begin(k3) is Grant.ALONE  # the newcomer is gone
+    leases.end(k3)
+    leases.end(k1)
+    assert leases.in_flight and leases.alone
+    leases.end(k2)
+    assert not leases.in_flight and not leases.alone
+    later = Faulter(tmp_path)
+    try:
+        assert later.ask("begin", b"y" * 16) == "HELD"  # not held up (BUSY)
+    finally:
+        later.kill()
+        leases.close()
+
+
+def test_a_stopped_process_alone_holds_a_newcomer_up_for_alone_wait_at_most(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process stopped (SIGSTOP) with faults in flight alone does not look: a newcomer
+    waits ALONE_WAIT for it, then goes on with leases."""
+    from icbdcache.store import leases as leases_module
+
+    monkeypatch.setattr(leases_module, "ALONE_WAIT", 0.3)
+    first = Faulter(tmp_path)
+    try:
+        assert first.ask("begin", b"a" * 16) == "ALONE"
+        first.proc.send_signal(signal.SIGSTOP)
+        leases = FaultLeases(str(tmp_path))
+        assert leases.begin(b"b" * 16) is Grant.BUSY
+        time.sleep(0.4)
+        assert leases.begin(b"b" * 16) is Grant.HELD
+        leases.close()
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+        first.kill()
+
+
+def test_a_truncated_or_garbled_active_file_is_no_crash(tmp_path: Path) -> None:
+    """``active.lock`` truncated under a running process (or filled with garbage): the count
+    of learned entries reads as changed (faults look in the stored map), counting again
+    extends the file, and nothing dies (through a mapping, this was a SIGBUS)."""
+    leases = FaultLeases(str(tmp_path))
+    leases.watch()
+    active = tmp_path / LEASE_DIR / "active.lock"
+    active.write_bytes(b"")
+    assert leases.learned_elsewhere()
+    leases.learned()
+    assert active.stat().st_size == 16
+    active.write_bytes(os.urandom(100))
+    assert leases.learned_elsewhere()
+    assert leases.begin(b"a" * 16) is Grant.ALONE
+    leases.end(b"a" * 16)
+    leases.close()
