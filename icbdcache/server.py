@@ -498,21 +498,26 @@ class NBDProtocol(asyncio.Protocol):
     def _flush(self) -> None:
         out = self.sm.data_to_send()
         t = self.transport
-        if out and t is not None and not t.is_closing():
+        if t is not None and t.is_closing():
+            t = None
+        if out and t is not None:
             t.writelines(out)
-        if self._answered:
-            n, self._answered = self._answered, 0
+        n = self._answered
+        if n:
+            self._answered = 0
             self._reserved -= n
             self._sent += n
-            if t is None or t.is_closing():
+            if t is None:
                 self.server.budget.release(self.identity, n)
                 return
             # what the transport could not send at once is still held
-            self._flushed += n
+            held = self._flushed + n
             unsent = t.get_write_buffer_size()
-            if unsent < self._flushed:
-                n, self._flushed = self._flushed - unsent, unsent
-                self.server.budget.release(self.identity, n)
+            if unsent < held:
+                self._flushed = unsent
+                self.server.budget.release(self.identity, held - unsent)
+            else:
+                self._flushed = held
 
     # ------------------------------------------------------------ input
 
@@ -540,6 +545,8 @@ class NBDProtocol(asyncio.Protocol):
     def _run(self, events: Iterable[object]) -> None:
         """Carry out ``events`` in order until a request does not fit in the reply budget;
         it and the rest wait in :attr:`queue`, and the socket is not read meanwhile."""
+        if type(events) is list and events and self._run_reads(events):
+            return
         handle = self._request
         take = self.server.budget.take
         it = iter(events)
@@ -558,6 +565,36 @@ class NBDProtocol(asyncio.Protocol):
                 self._event(ev)
             if self.closing:
                 return
+
+    def _run_reads(self, events: list[object]) -> bool:
+        """:meth:`_run` of the usual batch, READs only, when it fits in the reply budget as a
+        whole: charged at once, as each would be one after another (every bound is on a sum;
+        the batch is kept within one connection's and one address's bound, which a lone
+        request may exceed). False, and nothing done, otherwise. (One budget call per batch,
+        not per request: a profile of 64 KiB reads put the per-request accounting at most
+        of the Python a request costs beyond the build before the layers.)"""
+        total = 0
+        for ev in events:
+            if type(ev) is not Request or ev.command is not _READ:
+                return False
+            total += ev.length + REQUEST_OVERHEAD
+        budget = self.server.budget
+        used = self._reserved + self._flushed
+        if (used + total > budget.per_connection or total > budget.per_address
+                or not budget.take(used, self.identity, total)):
+            return False
+        self._reserved += total
+        handle = self._request
+        for req in cast(list[Request], events):
+            cost = req.length + REQUEST_OVERHEAD
+            total -= cost
+            handle(req, cost)
+            if self.closing:
+                if total:  # not started: given back
+                    self._reserved -= total
+                    budget.release(self.identity, total)
+                return True
+        return True
 
     def _run_queue(self) -> None:
         """:meth:`_run` on what waits in :attr:`queue`, in order, as far as the budget goes."""
