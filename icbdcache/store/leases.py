@@ -285,7 +285,7 @@ class FaultLeases:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, bytes(lock))  # (lets the GIL go while it waits)
         try:
             n = max(self._count(), 0)
-            os.pwrite(fd, (n + 1).to_bytes(8, "little"), LEARNED)
+            os.pwrite(fd, ((n + 1) % (1 << 64)).to_bytes(8, "little"), LEARNED)  # (wraps)
             with self._lock:
                 if self._seen == n:  # nobody else counted since: still all seen
                     self._seen = n + 1
@@ -297,7 +297,10 @@ class FaultLeases:
         process faults on the store, HELD when this process holds ``key``'s lease, BUSY when
         it must wait (docs at the top). Every ALONE or HELD must be followed by one
         :meth:`end`. Raises OSError when the files cannot be opened or locked."""
-        fd = self.register()
+        try:
+            fd = self.register()
+        except OSError:  # active.lock unusable (a folder, a FIFO): leases only, never alone
+            return Grant.HELD if self.take(key) else Grant.BUSY
         now = time.monotonic()
         with self._lock:
             if self._alone:

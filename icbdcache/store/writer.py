@@ -295,5 +295,5 @@ class BatchWriter:
         if updates and self.on_learned is not None:
             try:
                 self.on_learned()
-            except OSError as e:  # others may fetch a chunk learned here once more
-                log.warning(kv(store="write", learned_count=e))
+            except Exception as e:  # others may fetch a chunk learned here once more; the
+                log.warning(kv(store="write", learned_count=e))  # writer goes on

@@ -311,3 +311,32 @@ def test_a_truncated_or_garbled_active_file_is_no_crash(tmp_path: Path) -> None:
     assert leases.begin(b"a" * 16) is Grant.ALONE
     leases.end(b"a" * 16)
     leases.close()
+
+
+def test_a_count_at_its_largest_wraps(tmp_path: Path) -> None:
+    """A count of learned entries at 2**64 - 1 (a file tampered with) wraps to 0 on the next
+    commit instead of failing it (it stopped the store's writer)."""
+    leases = FaultLeases(str(tmp_path))
+    leases.watch()
+    active = tmp_path / LEASE_DIR / "active.lock"
+    active.write_bytes(bytes(8) + b"\xff" * 8)
+    leases.learned()
+    assert active.read_bytes()[8:16] == bytes(8)
+    leases.close()
+
+
+def test_an_active_file_that_cannot_be_used_leaves_the_leases(tmp_path: Path) -> None:
+    """``active.lock`` a folder: faults go on with leases (never alone) and still exclude
+    each other across processes, instead of every cold read failing."""
+    (tmp_path / LEASE_DIR / "active.lock").mkdir(parents=True)
+    leases = FaultLeases(str(tmp_path))
+    assert leases.begin(b"a" * 16) is Grant.HELD and not leases.alone
+    other = Faulter(tmp_path)
+    try:
+        assert other.ask("begin", b"a" * 16) == "BUSY"
+        assert other.ask("begin", b"b" * 16) == "HELD"
+        leases.end(b"a" * 16)
+        assert other.ask("begin", b"a" * 16) == "HELD"
+    finally:
+        other.kill()
+        leases.close()

@@ -144,3 +144,26 @@ def test_a_commit_waited_for_is_not_held_for_the_batching_delay(tmp_path: Path) 
     assert store.has_chunk(digest(c)) and writer.batches == 1
     writer.close()
     store.close()
+
+
+def test_a_failing_learned_count_does_not_stop_the_writer(tmp_path: Path) -> None:
+    """The count of learned entries (``on_learned``) raising, whatever it raises, is logged
+    and the writer goes on committing (an OverflowError from a tampered count stopped it)."""
+    store = Store(tmp_path / "store")
+    writer = BatchWriter(store, max_delay=0)
+    calls: list[int] = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise OverflowError("int too big to convert")
+
+    writer.on_learned = broken
+    first, second = os.urandom(CHUNK_SIZE), os.urandom(CHUNK_SIZE)
+    writer.put(digest(first), first, [("lab@1", 0, digest(first))])
+    assert writer.flush()
+    writer.put(digest(second), second, [("lab@1", 1, digest(second))])
+    assert writer.flush()
+    assert calls == [1, 1] and not writer.stopped
+    assert store.get_chunk(digest(second)) == second
+    writer.close()
+    store.close()
