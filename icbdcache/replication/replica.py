@@ -241,6 +241,7 @@ class Replica:
         #: IMI@V -> (manifest held here, the master's) of versions whose manifest changed
         self.conflicts: dict[str, tuple[str, str]] = {}
         self._kept_logged: set[str] = set()
+        self._revoked_logged: set[str] = set()  # versions logged as signed by a revoked key
         self._last_save = 0.0
         #: IMI@V -> (monotonic time, held, need) of the last held_of scan (a scan reads the
         #: whole chunk map: a complete version's result is kept, others' for REPORT_EVERY s)
@@ -1087,11 +1088,14 @@ class Replica:
         """Apply the catalog's retirements to the versions held here: delete a retired one,
         unless it is the only complete version of its iMI, or clients run it (then it is kept,
         marked retired: served only to them, until none does); a version offered again is
-        no longer marked."""
-        retired = {v.key for v in cat.versions if v.retired}
-        offered = {v.key for v in cat.versions if not v.retired}
+        no longer marked. A version whose signature is by a key revoked here
+        (:meth:`_revoked_here`) is withdrawn as a retired one is, even when it is the only
+        complete version of its iMI: what a revoked key signed may be a thief's."""
         order = {v.key: n for n, v in enumerate(cat.versions)}
         metas = [m for m in self.store.versions() if any(map(is_master_spec, m.sources))]
+        revoked = self._revoked_here(metas)
+        retired = {v.key for v in cat.versions if v.retired} | revoked
+        offered = {v.key for v in cat.versions if not v.retired} - revoked
         for meta in metas:
             if meta.retired and meta.key in offered:
                 self._mark_retired(meta.key, False)
@@ -1100,7 +1104,7 @@ class Replica:
                 continue
             others = [m for m in metas if m.imi == meta.imi and m.key != meta.key
                       and m.key not in retired and self._complete(m.key)]
-            if not others and self._complete(meta.key):
+            if not others and self._complete(meta.key) and meta.key not in revoked:
                 if meta.key not in self._kept_logged:
                     self._kept_logged.add(meta.key)
                     log.warning(kv(retired=meta.key, kept="the only complete version of its "
@@ -1130,6 +1134,28 @@ class Replica:
                 self._latest_of(meta.imi, others, order)
             if self.on_version is not None:
                 self.on_version(meta.key)
+
+    def _revoked_here(self, metas: list[VersionMeta]) -> set[str]:
+        """The keys of the versions of ``metas`` whose stored statement names a key this
+        site revokes (``--revoked-key``), each logged as an ERROR once. (The master's own
+        manifest of such a version was asked for first, in :meth:`_ensure_signed`: one it
+        signed again with a trusted key was adopted, and is not among them.)"""
+        trust = self.config.trust
+        if trust.insecure or not trust.revoked:
+            return set()
+        out: set[str] = set()
+        for meta in metas:
+            st = statement_of(meta)
+            if st is None or st.key_id not in trust.revoked:
+                continue
+            out.add(meta.key)
+            if meta.key not in self._revoked_logged:
+                self._revoked_logged.add(meta.key)
+                log.error(kv(replica=self.config.site, version=meta.key, signed_by=st.key_id,
+                             revoked="here (--revoked-key)",
+                             withdrawn="not served to new clients; deleted once none runs "
+                                       "it"))
+        return out
 
     def _mark_retired(self, key: str, retired: bool) -> None:
         def change(m: VersionMeta) -> None:

@@ -21,6 +21,7 @@ import lmdb
 import pytest
 from conftest import make_image, require, sha256_file
 from oldstore import make_old
+from shared_store import ACK, client_from, read_all
 from test_replica import (
     ICBD,
     Procs,
@@ -232,6 +233,60 @@ def test_rotated_key_works_and_revoked_key_is_refused(tmp_path: Path, procs: Pro
     assert served_sha256(procs, tmp_path / "rot", "lab@1") == sha256_file(v1)
     only_old = replica("old-only", "--trust-key", str(k["old"][1]), check=False)
     assert only_old.returncode == 1 and k["new"][2] in only_old.stderr
+
+
+def test_revoked_key_withdraws_the_versions_it_signed(tmp_path: Path, procs: Procs) -> None:
+    """A site that revokes a key stops serving what that key signed at its next sync (a
+    stolen key's versions may be the thief's): lab@1 (old key) is kept only for the
+    workstation attached to it, refused to a machine booting anew, and lab@2 (new key) becomes
+    what the site serves; a site whose only version the revoked key signed is left with
+    none, and says why."""
+    require("nbdcopy")
+    k = keys(tmp_path, "old", "new")
+    v1 = make_image(tmp_path / "v1.img", 2 << 20, seed=25)
+    v2 = make_image(tmp_path / "v2.img", 2 << 20, seed=26)
+    mstore = tmp_path / "master"
+    plain("publish", str(v1), "--store", str(mstore), "--imi", "lab", "--version", "1", "-q",
+          "--signing-key", str(k["old"][0]))
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}"
+
+    def replica(store: str, *extra: str, check: bool = True) -> Any:
+        return plain("replica", "--store", str(tmp_path / store), "--master", url,
+                     "--site", store, "--subscribe", "lab", "--once", *extra, check=check)
+
+    both = ["--trust-key", str(k["old"][1]), "--trust-key", str(k["new"][1])]
+    replica("site", *both)
+    replica("solo", "--trust-key", str(k["old"][1]))
+    plain("publish", str(v2), "--store", str(mstore), "--imi", "lab", "--version", "2", "-q",
+          "--signing-key", str(k["new"][0]))
+    srv = procs.serve("--store", str(tmp_path / "site"))
+    ws, rep = client_from("127.0.0.2", srv.port, "lab@1")
+    try:
+        assert rep == ACK and ws.read(0, 4096) == (0, v1.read_bytes()[:4096])
+        wait_for("the workstation in the store's records",
+                 lambda: ls(tmp_path / "site")["lab@1"]["clients"], timeout=30)
+        p = replica("site", *both, "--revoked-key", str(k["old"][1]))
+        assert f"signed_by={k['old'][2]}" in p.stderr and "withdrawn=" in p.stderr, p.stderr
+        held = ls(tmp_path / "site")
+        assert held["lab@1"]["retired"] and held["lab@2"]["latest"], held
+        assert read_all(ws, 2 << 20) == v1.read_bytes()  # the attached workstation reads on
+    finally:
+        ws.close()
+    other, rep = client_from("127.0.0.3", srv.port, "lab@1")  # a machine booting anew
+    other.close()
+    assert rep != ACK
+    srv.stop()
+    assert served_sha256(procs, tmp_path / "site", "lab") == sha256_file(v2)
+    again = replica("site", *both)  # the key trusted again: lab@1 is offered again
+    assert again.returncode == 0 and not ls(tmp_path / "site")["lab@1"]["retired"]
+
+    # the only version this site holds was signed by the key it now revokes: withdrawn all
+    # the same (nothing is attached), and the newest one is refused as well (old key only)
+    p = replica("solo", "--trust-key", str(k["old"][1]), "--revoked-key", k["old"][2],
+                check=False)
+    assert p.returncode == 1 and f"signed_by={k['old'][2]}" in p.stderr, p.stderr
+    assert ls(tmp_path / "solo") == {}
 
 
 def test_master_serves_the_signature_and_strong_map(tmp_path: Path, procs: Procs) -> None:
