@@ -257,6 +257,10 @@ def cmd_replica(args: argparse.Namespace) -> int:
         try:
             return await task
         except asyncio.CancelledError:
+            if cfg.once:  # stopped before everything subscribed was complete
+                print("icbd-cache replica: stopped by a signal before every subscribed "
+                      "version was complete", file=sys.stderr)
+                return 1
             return 0
         finally:
             activation.stopping()

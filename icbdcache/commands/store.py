@@ -256,7 +256,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for r in rows:
         pct = 100 * r["held"] / r["needed"] if r["needed"] else 100.0
         clients = describe([ClientUse(**c) for c in r["clients"]], most=3) or "-"
-        mark = "*" if r["latest"] else ("retired" if r["retired"] else "")
+        # a withdrawn latest (its only version, still run by attached workstations): both
+        mark = "*" * bool(r["latest"]) + ("retired" if r["retired"] else "")
         print(f"{r['imi']:16} {r['version']:10} {r['size']:>12} {r['held']:>12} {pct:>5.1f}% "
               f"{'yes' if r['pinned'] else 'no':6} {mark:6} {clients}")
     for p in pending:

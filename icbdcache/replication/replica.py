@@ -398,6 +398,7 @@ class Replica:
         fresh = True  # ask for the catalog at once (first time, after an outage)
         loop = asyncio.get_running_loop()
         last_watch: float | None = None  # loop time the last watch started
+        self.withdraw_revoked()  # whether the master answers or not
         try:
             while True:
                 try:
@@ -506,6 +507,7 @@ class Replica:
         MasterError."""
         self.catalog = cat
         self._check_conflicts(cat)
+        self.withdraw_revoked()  # before any pull, which may take long or be cut short
         ok = True
         for rec in self._targets():
             try:
@@ -1088,9 +1090,7 @@ class Replica:
         """Apply the catalog's retirements to the versions held here: delete a retired one,
         unless it is the only complete version of its iMI, or clients run it (then it is kept,
         marked retired: served only to them, until none does); a version offered again is
-        no longer marked. A version whose signature is by a key revoked here
-        (:meth:`_revoked_here`) is withdrawn as a retired one is, even when it is the only
-        complete version of its iMI: what a revoked key signed may be a thief's."""
+        no longer marked, unless a key revoked here signed it (:meth:`withdraw_revoked`)."""
         order = {v.key: n for n, v in enumerate(cat.versions)}
         metas = [m for m in self.store.versions() if any(map(is_master_spec, m.sources))]
         revoked = self._revoked_here(metas)
@@ -1099,6 +1099,33 @@ class Replica:
         for meta in metas:
             if meta.retired and meta.key in offered:
                 self._mark_retired(meta.key, False)
+        self._withdraw(metas, retired, revoked, order)
+
+    def withdraw_revoked(self) -> None:
+        """Withdraw the versions held here that a key revoked here signed (``--revoked-key``),
+        as retired ones are, even the only complete version of an iMI (what a revoked key
+        signed may be a thief's): deleted, or, while clients run one, marked retired (served
+        only to them); the iMI's latest moves to its newest complete version no revoked key
+        signed, if there is one (else it stays, so that the workstations attached reconnect
+        by the iMI's name). Needs no master: :meth:`run` calls it first, and :meth:`sync`
+        before it pulls. A store error is logged."""
+        try:
+            metas = [m for m in self.store.versions() if any(map(is_master_spec, m.sources))]
+            revoked = self._revoked_here(metas)
+            if revoked:
+                order = ({v.key: n for n, v in enumerate(self.catalog.versions)}
+                         if self.catalog is not None else {})
+                self._withdraw([m for m in metas if m.key in revoked or not m.retired],
+                               revoked, revoked, order)
+        except (StoreError, OSError) as e:
+            log.error(kv(replica=self.config.site, withdraw="revoked versions", error=e))
+
+    def _withdraw(self, metas: list[VersionMeta], retired: set[str], revoked: set[str],
+                  order: dict[str, int]) -> None:
+        """Delete (or, while clients run them, mark retired) the versions of ``metas`` whose
+        keys are in ``retired``; those in ``revoked`` even when they are the only complete
+        version of their iMI. ``order``: the catalog's order of versions (the newest last),
+        for the iMI's latest."""
         for meta in metas:
             if meta.key not in retired:
                 continue

@@ -263,6 +263,9 @@ def trust_from(trust_keys: list[str], revoked: list[str], insecure: bool) -> Tru
     and not insecure, or both)."""
     if insecure and trust_keys:
         raise ValueError("--insecure-no-signature and --trust-key contradict each other")
+    if insecure and revoked:
+        raise ValueError("--insecure-no-signature takes manifests without checking who signed "
+                         "them: --revoked-key would have no effect; drop one of them")
     if not insecure and not trust_keys:
         raise ValueError("no --trust-key: this site would take manifests nobody signed; give "
                          "the master's public key (--trust-key FILE.pub, from icbd-cache "

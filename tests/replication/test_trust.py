@@ -258,6 +258,7 @@ def test_revoked_key_withdraws_the_versions_it_signed(tmp_path: Path, procs: Pro
     both = ["--trust-key", str(k["old"][1]), "--trust-key", str(k["new"][1])]
     replica("site", *both)
     replica("solo", "--trust-key", str(k["old"][1]))
+    replica("solo2", "--trust-key", str(k["old"][1]))
     plain("publish", str(v2), "--store", str(mstore), "--imi", "lab", "--version", "2", "-q",
           "--signing-key", str(k["new"][0]))
     srv = procs.serve("--store", str(tmp_path / "site"))
@@ -287,6 +288,78 @@ def test_revoked_key_withdraws_the_versions_it_signed(tmp_path: Path, procs: Pro
                 check=False)
     assert p.returncode == 1 and f"signed_by={k['old'][2]}" in p.stderr, p.stderr
     assert ls(tmp_path / "solo") == {}
+
+    # the same with a workstation attached: kept for it (reconnecting by the iMI's name, so
+    # latest stays), refused to others, and `ls` says both
+    srv = procs.serve("--store", str(tmp_path / "solo2"))
+    ws, rep = client_from("127.0.0.2", srv.port, "lab")
+    try:
+        assert rep == ACK
+        wait_for("the workstation in the store's records",
+                 lambda: ls(tmp_path / "solo2")["lab@1"]["clients"], timeout=30)
+        p = replica("solo2", "--trust-key", str(k["old"][1]), "--revoked-key", k["old"][2],
+                    check=False)
+        assert p.returncode == 1 and f"signed_by={k['old'][2]}" in p.stderr, p.stderr
+        row = ls(tmp_path / "solo2")["lab@1"]
+        assert row["retired"] and row["latest"], row
+        table = plain("ls", "--store", str(tmp_path / "solo2")).stdout
+        assert "*retired" in table, table
+    finally:
+        ws.close()
+    ws, rep = client_from("127.0.0.2", srv.port, "lab")  # it reconnects
+    try:
+        assert rep == ACK and read_all(ws, 2 << 20) == v1.read_bytes()
+    finally:
+        ws.close()
+    other, rep = client_from("127.0.0.3", srv.port, "lab")
+    other.close()
+    assert rep != ACK
+    srv.stop()
+
+    # with the master gone: a replica withdraws at its start, before any answer
+    m.stop()
+    daemon = subprocess.Popen(
+        [ICBD, "replica", "--store", str(tmp_path / "site"), "--master", url, "--site", "site",
+         "--subscribe", "lab", *both, "--revoked-key", str(k["old"][1])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("lab@1 withdrawn without a master",
+                 lambda: ls(tmp_path / "site")["lab@1"]["retired"], timeout=30)
+        assert ls(tmp_path / "site")["lab@2"]["latest"]
+    finally:
+        daemon.terminate()
+        _, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0 and f"signed_by={k['old'][2]}" in err, err
+
+
+def test_revoked_key_with_insecure_is_refused_and_once_stopped_is_not_success(
+        tmp_path: Path) -> None:
+    """--revoked-key beside --insecure-no-signature (which checks no signature) was taken and
+    ignored: now exit 2, naming both. `replica --once` stopped by SIGTERM before its pull
+    completed exited 0, which means "complete": now 1."""
+    import signal
+    import socket
+    import time
+
+    k = keys(tmp_path, "a")
+    p = plain("replica", "--store", str(tmp_path / "s"), "--master", "http://127.0.0.1:9",
+              "--site", "s", "--subscribe", "lab", "--once", "--insecure-no-signature",
+              "--revoked-key", str(k["a"][1]), check=False)
+    assert p.returncode == 2 and "--revoked-key would have no effect" in p.stderr, p.stderr
+    with socket.socket() as mute:  # a master that takes the connection and never answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        proc = subprocess.Popen(
+            [ICBD, "replica", "--store", str(tmp_path / "s"), "--master",
+             f"http://127.0.0.1:{mute.getsockname()[1]}", "--site", "s", "--subscribe", "lab",
+             "--once", "--trust-key", str(k["a"][1])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, (out, err)
+    assert "stopped by a signal before every subscribed version was complete" in err
+    assert "replicated" not in out
 
 
 def test_master_serves_the_signature_and_strong_map(tmp_path: Path, procs: Procs) -> None:
