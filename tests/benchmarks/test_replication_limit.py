@@ -54,3 +54,34 @@ def test_stages_and_limits(tmp_path: Path) -> None:
     # twice the bytes: twice the stages' time, the same fixed cost
     lim2 = repllimit.limits(stages, 2 * new, fixed_s=0.25)
     assert abs(lim2["stages_serial_s"] - 2 * lim["stages_serial_s"]) <= 0.002
+
+
+def test_commit_bandwidth_as_a_transfer_meets_it(tmp_path: Path) -> None:
+    """commit_bandwidth commits exactly the bytes asked for (the sample's values again under
+    keys of their own), into a copy of the seed store (left as it was) or a fresh one; and
+    the limit takes its bandwidth for the LMDB stage."""
+    from icbdcache.store import Store
+    from icbdcache.store.chunks import digest
+
+    img = tmp_path / "v2.img"
+    _, distinct = _image(img)
+    seed = tmp_path / "seed"
+    st = Store(seed)
+    st.write_batch([(digest(c), c) for c in distinct[:2]])
+    before = st.held
+    st.close()
+    new = 5 * CHUNK + 100  # more than the sample: its values again
+    for s in (None, seed):
+        out = repllimit.commit_bandwidth(distinct, 2 * CHUNK, new, s, reps=2)
+        assert out["bytes"] == new and len(out["seconds"]) == 2
+        assert out["mib_s"] > 0 and out["median_s"] > 0
+    st = Store(seed, readonly=True)
+    try:
+        assert st.missing([digest(c) for c in distinct[:2]]) == []
+        assert st.held == before == 2 * CHUNK  # the seed itself is not written
+    finally:
+        st.close()
+    stages = {n: {"bytes": 1.0, "seconds": 1.0, "mib_s": 100.0} for n in repllimit.STAGES}
+    lim = repllimit.limits(stages, 100 << 20, 0.0, commit_mib_s=25.0)
+    assert abs(lim["stages_serial_s"] - (4 * 1.0 + 4.0)) < 1e-9  # LMDB 4 s at 25 MiB/s
+    assert abs(lim["limit_overlapped_s"] - 4.0) < 1e-9
