@@ -198,25 +198,37 @@ def test_unsigned_manifest_needs_insecure(tmp_path: Path, procs: Procs) -> None:
     assert served_sha256(procs, tmp_path / "r2", "lab") == sha256_file(img)
 
 
+class Rotation:
+    """A key rotation's setting: keys "old" and "new", images v1 and v2 (2 MiB, seeds
+    ``seed`` and ``seed + 1``), a master store with v1 published as lab@1 under the old key,
+    a master serving it, and ``replica(store, *args)``: a ``--once`` pull into
+    ``tmp/store`` (site ``store``); ``both``: the arguments that trust both keys."""
+
+    def __init__(self, tmp: Path, procs: Procs, seed: int) -> None:
+        self.tmp = tmp
+        self.keys = keys(tmp, "old", "new")
+        self.v1 = make_image(tmp / "v1.img", 2 << 20, seed=seed)
+        self.v2 = make_image(tmp / "v2.img", 2 << 20, seed=seed + 1)
+        self.mstore = tmp / "master"
+        plain("publish", str(self.v1), "--store", str(self.mstore), "--imi", "lab",
+              "--version", "1", "-q", "--signing-key", str(self.keys["old"][0]))
+        self.master = procs.master(self.mstore)
+        self.url = f"http://127.0.0.1:{self.master.port}"
+        self.both = ["--trust-key", str(self.keys["old"][1]),
+                     "--trust-key", str(self.keys["new"][1])]
+
+    def replica(self, store: str, *extra: str, check: bool = True) -> Any:
+        return plain("replica", "--store", str(self.tmp / store), "--master", self.url,
+                     "--site", store, "--subscribe", "lab", "--once", *extra, check=check)
+
+
 def test_rotated_key_works_and_revoked_key_is_refused(tmp_path: Path, procs: Procs) -> None:
     """lab@1 is signed by the old key, lab@2 by the new one. A site that trusts both (the
     rotation) takes each; a site that trusts only the old key refuses lab@2; a site that
     revokes the old key refuses lab@1, naming it."""
     require("nbdcopy")
-    k = keys(tmp_path, "old", "new")
-    v1 = make_image(tmp_path / "v1.img", 2 << 20, seed=15)
-    v2 = make_image(tmp_path / "v2.img", 2 << 20, seed=16)
-    mstore = tmp_path / "master"
-    plain("publish", str(v1), "--store", str(mstore), "--imi", "lab", "--version", "1", "-q",
-          "--signing-key", str(k["old"][0]))
-    m = procs.master(mstore)
-    url = f"http://127.0.0.1:{m.port}"
-
-    def replica(store: str, *extra: str, check: bool = True) -> Any:
-        return plain("replica", "--store", str(tmp_path / store), "--master", url,
-                     "--site", store, "--subscribe", "lab", "--once", *extra, check=check)
-
-    both = ["--trust-key", str(k["old"][1]), "--trust-key", str(k["new"][1])]
+    r = Rotation(tmp_path, procs, seed=15)
+    k, v1, v2, mstore, replica, both = r.keys, r.v1, r.v2, r.mstore, r.replica, r.both
     replica("rot", *both)  # lab@1 under the old key
     revoked = replica("rev", *both, "--revoked-key", str(k["old"][1]), check=False)
     assert revoked.returncode == 1
@@ -242,20 +254,9 @@ def test_revoked_key_withdraws_the_versions_it_signed(tmp_path: Path, procs: Pro
     what the site serves; a site whose only version the revoked key signed is left with
     none, and says why."""
     require("nbdcopy")
-    k = keys(tmp_path, "old", "new")
-    v1 = make_image(tmp_path / "v1.img", 2 << 20, seed=25)
-    v2 = make_image(tmp_path / "v2.img", 2 << 20, seed=26)
-    mstore = tmp_path / "master"
-    plain("publish", str(v1), "--store", str(mstore), "--imi", "lab", "--version", "1", "-q",
-          "--signing-key", str(k["old"][0]))
-    m = procs.master(mstore)
-    url = f"http://127.0.0.1:{m.port}"
-
-    def replica(store: str, *extra: str, check: bool = True) -> Any:
-        return plain("replica", "--store", str(tmp_path / store), "--master", url,
-                     "--site", store, "--subscribe", "lab", "--once", *extra, check=check)
-
-    both = ["--trust-key", str(k["old"][1]), "--trust-key", str(k["new"][1])]
+    r = Rotation(tmp_path, procs, seed=25)
+    k, v1, v2, mstore, replica, both = r.keys, r.v1, r.v2, r.mstore, r.replica, r.both
+    m, url = r.master, r.url
     replica("site", *both)
     replica("solo", "--trust-key", str(k["old"][1]))
     replica("solo2", "--trust-key", str(k["old"][1]))
