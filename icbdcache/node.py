@@ -158,6 +158,10 @@ class Node:
         #: stacks of versions replaced since they were opened (their clients still use them)
         self.replaced: list[VersionStack] = []
         self.inuse = InUseTracker(store)
+        #: set by a service (the replica of ``serve --master``, in every worker): whether a
+        #: version is withdrawn here (signed by a key this site revokes), refused to the
+        #: clients that do not run it as a retired one is, from the first connection on
+        self.withdrawn: Callable[[VersionMeta], bool] | None = None
         self._reported = ReadStats()
         self._task: asyncio.Task[None] | None = None
         self._inuse_task: asyncio.Task[None] | None = None
@@ -165,16 +169,19 @@ class Node:
 
     def resolve(self, name: str, client: str | None = None) -> VersionStack | None:
         """The stack of ``IMI@VERSION``, or of the latest version of ``IMI``; None if the
-        store has no such version, or it is retired and ``client`` (an address; None: not a
-        client's question) does not run it. A version replaced in the store since it was
-        opened is opened anew (the old stack stays with its connections). Raises StoreError
-        if the store cannot be read."""
+        store has no such version, or it is retired or :attr:`withdrawn` and ``client`` (an
+        address; None: not a client's question) does not run it. A version replaced in the
+        store since it was opened is opened anew (the old stack stays with its connections).
+        Raises StoreError if the store cannot be read."""
         meta = self.store.version(name)
         if meta is None:
             return None
-        if meta.retired and client is not None and not self.inuse.runs(meta.key, client):
+        if client is not None and (meta.retired or (self.withdrawn is not None
+                                                    and self.withdrawn(meta))) \
+                and not self.inuse.runs(meta.key, client):
             log.info(kv(export=name, client=client,
-                        refused="retired: served only to the clients that run it"))
+                        refused=f"{'retired' if meta.retired else 'signed by a revoked key'}: "
+                                "served only to the clients that run it"))
             return None
         stack = self.versions.get(meta.key)
         if stack is not None and stack.meta.instance != meta.instance:

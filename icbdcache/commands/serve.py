@@ -439,6 +439,10 @@ def reload_serve(args: argparse.Namespace, running: ServeConfig, srv: Any) -> No
     differ = sorted(f.name for f in dataclasses.fields(ServeConfig)
                     if f.name not in RELOADABLE
                     and getattr(cfg, f.name) != getattr(running, f.name))
+    # the replica's settings (--master, --trust-key, --revoked-key, ...) are not ServeConfig
+    # fields: compared as given, resolved then and now
+    differ += sorted(o.name for o in replica.transfer_options(in_serve=True)
+                     if getattr(fresh, o.dest, None) != getattr(args, o.dest, None))
     serve_log.info(kv(event="reload", allow=",".join(cfg.allow) or "any",
                       pins=len(pxe_config.settings.pins) if pxe_config else "-",
                       restart_needed=",".join(differ) or "-"))

@@ -251,7 +251,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows += [pending_row(p) for p in pending]
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'IMI':16} {'VERSION':10} {'SIZE':>12} {'HELD':>12} {'HELD%':>6} PINNED LATEST "
+    print(f"{'IMI':16} {'VERSION':10} {'SIZE':>12} {'HELD':>12} {'HELD%':>6} PINNED LATEST   "
           "CLIENTS")
     for r in rows:
         pct = 100 * r["held"] / r["needed"] if r["needed"] else 100.0
@@ -259,7 +259,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         # a withdrawn latest (its only version, still run by attached workstations): both
         mark = "*" * bool(r["latest"]) + ("retired" if r["retired"] else "")
         print(f"{r['imi']:16} {r['version']:10} {r['size']:>12} {r['held']:>12} {pct:>5.1f}% "
-              f"{'yes' if r['pinned'] else 'no':6} {mark:6} {clients}")
+              f"{'yes' if r['pinned'] else 'no':6} {mark:8} {clients}")
     for p in pending:
         print(pending_line(p))
     return 0

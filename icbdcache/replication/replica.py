@@ -126,6 +126,10 @@ MAX_IDLE_ROUNDS = 3
 
 #: Most bytes of chunks committed in one LMDB transaction by a pull.
 COMMIT_BYTES = 64 << 20
+#: Seconds a version signed by a revoked key stays marked retired before it may be deleted:
+#: a serving process records a client that attached within a second (store/inuse.py), and
+#: one that attached just before the mark must be found, so that its version is kept.
+WITHDRAW_SETTLE = 2.0
 #: Seconds an incomplete version's held/need scan is reused in state reports.
 REPORT_EVERY = 10.0
 
@@ -242,6 +246,8 @@ class Replica:
         self.conflicts: dict[str, tuple[str, str]] = {}
         self._kept_logged: set[str] = set()
         self._revoked_logged: set[str] = set()  # versions logged as signed by a revoked key
+        #: IMI@V -> monotonic time this process marked it retired (signed by a revoked key)
+        self._withdrawn_at: dict[str, float] = {}
         self._last_save = 0.0
         #: IMI@V -> (monotonic time, held, need) of the last held_of scan (a scan reads the
         #: whole chunk map: a complete version's result is kept, others' for REPORT_EVERY s)
@@ -1110,7 +1116,7 @@ class Replica:
         by the iMI's name). Needs no master: :meth:`run` calls it first, and :meth:`sync`
         before it pulls. A store error is logged."""
         try:
-            metas = [m for m in self.store.versions() if any(map(is_master_spec, m.sources))]
+            metas = self.store.versions()  # a bundle's versions too, not only the master's
             revoked = self._revoked_here(metas)
             if revoked:
                 order = ({v.key: n for n, v in enumerate(self.catalog.versions)}
@@ -1131,6 +1137,8 @@ class Replica:
                 continue
             others = [m for m in metas if m.imi == meta.imi and m.key != meta.key
                       and m.key not in retired and self._complete(m.key)]
+            if meta.key in revoked and not self._settled(meta):
+                continue
             if not others and self._complete(meta.key) and meta.key not in revoked:
                 if meta.key not in self._kept_logged:
                     self._kept_logged.add(meta.key)
@@ -1162,6 +1170,32 @@ class Replica:
             if self.on_version is not None:
                 self.on_version(meta.key)
 
+    def _settled(self, meta: VersionMeta) -> bool:
+        """Whether the revoked version ``meta`` may be deleted now: it has been marked
+        retired for WITHDRAW_SETTLE seconds at least (or since before this process looked),
+        so every serving process has recorded the clients that ran it before the mark
+        (:mod:`icbdcache.store.inuse`: within a second of a change), and since the mark no
+        other client has been given it. If it is not marked yet it is marked now (and the
+        iMI's latest moved off it when another complete version is there), and False."""
+        now = time.monotonic()
+        since = self._withdrawn_at.get(meta.key)
+        if since is None and meta.retired:
+            return True
+        if since is None:
+            self._withdrawn_at[meta.key] = now
+            self._mark_retired(meta.key, True)
+            if self.store.latest(meta.imi) == meta.version:
+                others = [m for m in self.store.versions() if m.imi == meta.imi
+                          and m.key != meta.key and not m.retired
+                          and self.config.trust.revoked_signer(m) is None
+                          and self._complete(m.key)]
+                if others:
+                    order = ({v.key: n for n, v in enumerate(self.catalog.versions)}
+                             if self.catalog is not None else {})
+                    self._latest_of(meta.imi, others, order)
+            return False
+        return now - since >= WITHDRAW_SETTLE
+
     def _revoked_here(self, metas: list[VersionMeta]) -> set[str]:
         """The keys of the versions of ``metas`` whose stored statement names a key this
         site revokes (``--revoked-key``), each logged as an ERROR once. (The master's own
@@ -1172,13 +1206,13 @@ class Replica:
             return set()
         out: set[str] = set()
         for meta in metas:
-            st = statement_of(meta)
-            if st is None or st.key_id not in trust.revoked:
+            kid = trust.revoked_signer(meta)
+            if kid is None:
                 continue
             out.add(meta.key)
             if meta.key not in self._revoked_logged:
                 self._revoked_logged.add(meta.key)
-                log.error(kv(replica=self.config.site, version=meta.key, signed_by=st.key_id,
+                log.error(kv(replica=self.config.site, version=meta.key, signed_by=kid,
                              revoked="here (--revoked-key)",
                              withdrawn="not served to new clients; deleted once none runs "
                                        "it"))
@@ -1238,6 +1272,9 @@ class ReplicaService:
 
     async def start(self, node: Any) -> None:
         self._node = node
+        trust = self.config.trust
+        if trust.revoked and not trust.insecure:  # every worker, before its first client
+            node.withdrawn = lambda meta: trust.revoked_signer(meta) is not None
         if not self.replicate:
             return
         self.replica = Replica(node.store, self.client, self.config,

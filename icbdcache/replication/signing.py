@@ -238,6 +238,15 @@ class Trust:
                 from None
         return st
 
+    def revoked_signer(self, meta: Any) -> str | None:
+        """The key id of the revoked key that signed the stored version ``meta`` (its
+        ``statement``), or None: not signed, signed by a key not revoked, or an insecure
+        site (which revokes nothing)."""
+        if self.insecure or not self.revoked:
+            return None
+        st = statement_of(meta)
+        return st.key_id if st is not None and st.key_id in self.revoked else None
+
     def accepts(self, key: str, statement: str | None, signature: str | None) -> bool:
         """Whether :meth:`verify` passes (or the site is insecure)."""
         if self.insecure:

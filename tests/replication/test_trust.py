@@ -19,7 +19,7 @@ from typing import Any
 
 import lmdb
 import pytest
-from conftest import make_image, require, sha256_file
+from conftest import free_port, make_image, require, sha256_file
 from oldstore import make_old
 from shared_store import ACK, client_from, read_all
 from test_replica import (
@@ -288,6 +288,11 @@ def test_revoked_key_withdraws_the_versions_it_signed(tmp_path: Path, procs: Pro
     p = replica("solo", "--trust-key", str(k["old"][1]), "--revoked-key", k["old"][2],
                 check=False)
     assert p.returncode == 1 and f"signed_by={k['old'][2]}" in p.stderr, p.stderr
+    # marked at once (no new client gets it), deleted by a later pass: a client that attached
+    # just before the mark must have been recorded first (replica.WITHDRAW_SETTLE)
+    assert ls(tmp_path / "solo")["lab@1"]["retired"]
+    replica("solo", "--trust-key", str(k["old"][1]), "--revoked-key", k["old"][2],
+            check=False)
     assert ls(tmp_path / "solo") == {}
 
     # the same with a workstation attached: kept for it (reconnecting by the iMI's name, so
@@ -331,6 +336,121 @@ def test_revoked_key_withdraws_the_versions_it_signed(tmp_path: Path, procs: Pro
         daemon.terminate()
         _, err = daemon.communicate(timeout=30)
     assert daemon.returncode == 0 and f"signed_by={k['old'][2]}" in err, err
+
+
+def test_revocation_reaches_every_worker_a_bundle_and_a_reload(tmp_path: Path,
+                                                             procs: Procs) -> None:
+    """After a review: ``serve --master --workers 2`` handed a revoked key's version to new
+    machines from the workers that do not run the replica, until worker 0 had withdrawn it;
+    a version taken from a bundle was never withdrawn; a workstation that attached just
+    before the withdrawal had its version deleted under it; and a SIGHUP after
+    ``revoked_key`` was added to the config file said no restart was needed."""
+    require("nbdcopy")
+    r = Rotation(tmp_path, procs, seed=35)
+    k, v1 = r.keys, r.v1
+    r.replica("site", *r.both)  # lab@1, signed by the old key
+    r.replica("site2", *r.both)
+    r.replica("site3", *r.both)
+    plain("bundle", "create", "lab@1", "--store", str(r.mstore), "--out",
+          str(tmp_path / "b1.bundle"), "-q")
+    plain("bundle", "import", str(tmp_path / "b1.bundle"), "--store", str(tmp_path / "bx"),
+          "--trust-key", str(k["old"][1]), "-q")
+    dead = "http://127.0.0.1:9"  # no master (serve goes on without one)
+    revoke = ["--trust-key", str(k["new"][1]), "--revoked-key", str(k["old"][1])]
+
+    # every worker refuses it from its first client on (one client per source address: the
+    # kernel spreads them over both workers)
+    srv = procs.serve("--store", str(tmp_path / "site"), "--workers", "2", "--master", dead,
+                      "--site", "site", "--subscribe", "lab", *revoke)
+    refused = 0
+    for i in range(2, 12):
+        c, rep = client_from(f"127.0.0.{i}", srv.port, "lab@1")
+        c.close()
+        refused += rep != ACK
+    assert refused == 10
+    srv.stop()
+
+    # the same in one worker that is not worker 0, before any replica marked anything: the
+    # service of every worker tells its node what is withdrawn
+    import asyncio
+
+    from icbdcache.node import Node
+    from icbdcache.replication.client import MasterClient
+    from icbdcache.replication.replica import ReplicaConfig, ReplicaService
+    from icbdcache.replication.signing import trust_from
+    from icbdcache.store import Store
+
+    async def second_worker() -> tuple[bool, bool, bool]:
+        store = Store(tmp_path / "site2")
+        client = MasterClient(dead)
+        try:
+            node = Node(store)
+            before = node.resolve("lab@1", client="127.0.0.9") is not None
+            svc = ReplicaService(client, ReplicaConfig(
+                site="site2", subscribe=["lab"],
+                trust=trust_from([str(k["new"][1])], [str(k["old"][1])], False)))
+            await svc.for_worker(1).start(node)
+            return (before, node.resolve("lab@1", client="127.0.0.9") is None,
+                    node.resolve("lab@1") is not None)  # not a client's question
+        finally:
+            await client.close()
+            store.close()
+
+    assert asyncio.run(second_worker()) == (True, True, True)
+    assert not ls(tmp_path / "site2")["lab@1"]["retired"]  # nothing marked: the node refused
+
+    # a bundle's version, at a site that also has a master
+    p = plain("replica", "--store", str(tmp_path / "bx"), "--master", r.url, "--site", "bx",
+              "--subscribe", "lab", "--once", *revoke, check=False)
+    assert f"signed_by={k['old'][2]}" in p.stderr, p.stderr
+    assert ls(tmp_path / "bx")["lab@1"]["retired"]
+
+    # a workstation that attached a moment before the replica started keeps its version
+    srv = procs.serve("--store", str(tmp_path / "site3"))
+    ws, rep = client_from("127.0.0.2", srv.port, "lab")
+    try:
+        assert rep == ACK
+        plain("replica", "--store", str(tmp_path / "site3"), "--master", r.url, "--site", "site3",
+              "--subscribe", "lab", "--once", *revoke, check=False)
+        assert read_all(ws, 2 << 20) == v1.read_bytes()
+    finally:
+        ws.close()
+    wait_for("the workstation in the store's records",
+             lambda: ls(tmp_path / "site3")["lab@1"]["clients"], timeout=30)
+    plain("replica", "--store", str(tmp_path / "site3"), "--master", r.url, "--site", "site3",
+          "--subscribe", "lab", "--once", *revoke, check=False)
+    assert ls(tmp_path / "site3")["lab@1"]["retired"]  # kept for it: it ran it
+    ws, rep = client_from("127.0.0.2", srv.port, "lab")
+    try:
+        assert rep == ACK and read_all(ws, 2 << 20) == v1.read_bytes()
+    finally:
+        ws.close()
+    srv.stop()
+
+    # SIGHUP: the replica's settings need a restart, and the log says which
+    import signal
+    import time
+
+    conf = tmp_path / "serve.toml"
+    port = free_port()
+    conf.write_text(f'store = "{tmp_path / "site"}"\nlisten = ["127.0.0.1:{port}"]\n'
+                    f'master = "{dead}"\nsite = "site"\nsubscribe = ["lab"]\n'
+                    f'trust_key = ["{k["old"][1]}"]\n')
+    log = tmp_path / "reload.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([ICBD, "serve", "--config", str(conf)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_for("serve listening", lambda: "listening" in log.read_text(), timeout=30)
+        conf.write_text(conf.read_text() + f'revoked_key = ["{k["old"][2]}"]\n')
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "event=reload" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "restart_needed=revoked-key" in log.read_text(), log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_revoked_key_with_insecure_is_refused_and_once_stopped_is_not_success(
