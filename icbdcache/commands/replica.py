@@ -280,8 +280,12 @@ def cmd_replica(args: argparse.Namespace) -> int:
             print(f"icbd-cache replica: {e}", file=sys.stderr)
             return 2
         if cfg.once and code == 0 and not args.quiet:
+            def served(key: str) -> bool:  # not withdrawn (retired, or a revoked key's)
+                meta = store.version(key)
+                return meta is not None and not meta.retired
+
             done = ", ".join(k for k, v in replica.state_dict()["versions"].items()
-                             if v["complete"]) or "nothing subscribed"
+                             if v["complete"] and served(k)) or "nothing subscribed"
             c = replica.counters
             print(f"replicated {done}: {c.chunks} chunks, {c.chunk_bytes} bytes of chunks, "
                   f"{c.wire_bytes} bytes on the wire")

@@ -270,6 +270,7 @@ def test_revoked_key_withdraws_the_versions_it_signed(tmp_path: Path, procs: Pro
                  lambda: ls(tmp_path / "site")["lab@1"]["clients"], timeout=30)
         p = replica("site", *both, "--revoked-key", str(k["old"][1]))
         assert f"signed_by={k['old'][2]}" in p.stderr and "withdrawn=" in p.stderr, p.stderr
+        assert p.stdout.startswith("replicated lab@2:"), p.stdout  # lab@1 is not served
         held = ls(tmp_path / "site")
         assert held["lab@1"]["retired"] and held["lab@2"]["latest"], held
         assert read_all(ws, 2 << 20) == v1.read_bytes()  # the attached workstation reads on
