@@ -1569,7 +1569,7 @@ def run(config: ServeConfig, *, services: Sequence[NodeService] = (),
         finally:
             finish_loop(loop)
         return 0
-    return _run_workers(config, services, sockets)
+    return _run_workers(config, services, sockets, reload)
 
 
 def _raise_fd_limit() -> None:
@@ -1592,7 +1592,7 @@ WORKER_RESTART_WINDOW = 60.0
 
 
 def _run_workers(config: ServeConfig, services: Sequence[NodeService],
-                 sockets: Sequence[socket.socket] = ()) -> int:
+                 sockets: Sequence[socket.socket] = (), reload: Reload | None = None) -> int:
     unix_sock = None
     if config.unix and not sockets:
         with contextlib.suppress(FileNotFoundError):
@@ -1625,6 +1625,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         # a worker started again is forked after the parent's handlers are set
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its event loop handles it
         tag_process()
         code = 0
         try:
@@ -1641,7 +1642,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
             loop = new_event_loop()
             loop.run_until_complete(_run(wcfg, unix_sock=unix_sock, reuse_port=True,
                                          services=_services_of_worker(services, i),
-                                         sockets=own))
+                                         sockets=own, reload=reload))
         except BaseException:
             log.exception("worker failed")
             code = 1
@@ -1663,8 +1664,15 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
+    def reload_all(sig: int, _frame: object) -> None:
+        # SIGHUP (systemctl reload): every worker reloads its own settings; none stops
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload_all)
     status = 0
     restarts: dict[int, deque[float]] = {}  # worker index -> when it was started again
     while workers:

@@ -130,6 +130,9 @@ COMMIT_BYTES = 64 << 20
 #: a serving process records a client that attached within a second (store/inuse.py), and
 #: one that attached just before the mark must be found, so that its version is kept.
 WITHDRAW_SETTLE = 2.0
+#: Prefix of the store records that say when a version was marked retired because a revoked
+#: key signed it (seconds since the epoch, as text): every process waits for the same mark.
+WITHDRAWN_PREFIX = "withdrawn/"
 #: Seconds an incomplete version's held/need scan is reused in state reports.
 REPORT_EVERY = 10.0
 
@@ -246,8 +249,7 @@ class Replica:
         self.conflicts: dict[str, tuple[str, str]] = {}
         self._kept_logged: set[str] = set()
         self._revoked_logged: set[str] = set()  # versions logged as signed by a revoked key
-        #: IMI@V -> monotonic time this process marked it retired (signed by a revoked key)
-        self._withdrawn_at: dict[str, float] = {}
+        self._inuse_logged: set[str] = set()  # withdrawn versions logged as kept for clients
         self._last_save = 0.0
         #: IMI@V -> (monotonic time, held, need) of the last held_of scan (a scan reads the
         #: whole chunk map: a complete version's result is kept, others' for REPORT_EVERY s)
@@ -1150,6 +1152,8 @@ class Replica:
             except VersionInUse as e:
                 if not meta.retired:
                     self._mark_retired(meta.key, True)
+                if meta.key not in self._inuse_logged:  # once per process and version
+                    self._inuse_logged.add(meta.key)
                     log.warning(kv(retired=meta.key, kept=f"{len(e.clients)} clients run it: "
                                    f"{describe(e.clients)}; served only to them, deleted "
                                    "once none does"))
@@ -1160,6 +1164,9 @@ class Replica:
                 log.error(kv(retired=meta.key, error=e))
                 continue
             metas = [m for m in metas if m.key != meta.key]
+            if meta.key in revoked:
+                with contextlib.suppress(StoreError):
+                    self.store.put_record(f"{WITHDRAWN_PREFIX}{meta.key}", None)
             # check_key: a name that is not one directory under boot/ is never removed
             with contextlib.suppress(OSError, BootFilesError):
                 shutil.rmtree(boot_root(self.store.path) / check_key(meta.key),
@@ -1171,30 +1178,33 @@ class Replica:
                 self.on_version(meta.key)
 
     def _settled(self, meta: VersionMeta) -> bool:
-        """Whether the revoked version ``meta`` may be deleted now: it has been marked
-        retired for WITHDRAW_SETTLE seconds at least (or since before this process looked),
-        so every serving process has recorded the clients that ran it before the mark
-        (:mod:`icbdcache.store.inuse`: within a second of a change), and since the mark no
-        other client has been given it. If it is not marked yet it is marked now (and the
-        iMI's latest moved off it when another complete version is there), and False."""
-        now = time.monotonic()
-        since = self._withdrawn_at.get(meta.key)
-        if since is None and meta.retired:
-            return True
-        if since is None:
-            self._withdrawn_at[meta.key] = now
+        """Whether the revoked version ``meta`` may be deleted now: it was marked retired for
+        this at least WITHDRAW_SETTLE seconds ago, by any process (the time is the store's
+        record ``withdrawn/IMI@V``), so every serving process has recorded the clients that
+        ran it before the mark (:mod:`icbdcache.store.inuse`: within a second of a change),
+        and since the mark no other client has been given it. If it is not marked for this
+        yet it is marked now (and the iMI's latest moved off it when another complete
+        version is there), and False."""
+        raw = self.store.record(f"{WITHDRAWN_PREFIX}{meta.key}")
+        try:
+            since = float(raw) if raw is not None else None
+        except ValueError:
+            since = None
+        if since is not None and meta.retired:
+            return time.time() - since >= WITHDRAW_SETTLE
+        self.store.put_record(f"{WITHDRAWN_PREFIX}{meta.key}", repr(time.time()).encode())
+        if not meta.retired:
             self._mark_retired(meta.key, True)
-            if self.store.latest(meta.imi) == meta.version:
-                others = [m for m in self.store.versions() if m.imi == meta.imi
-                          and m.key != meta.key and not m.retired
-                          and self.config.trust.revoked_signer(m) is None
-                          and self._complete(m.key)]
-                if others:
-                    order = ({v.key: n for n, v in enumerate(self.catalog.versions)}
-                             if self.catalog is not None else {})
-                    self._latest_of(meta.imi, others, order)
-            return False
-        return now - since >= WITHDRAW_SETTLE
+        if self.store.latest(meta.imi) == meta.version:
+            others = [m for m in self.store.versions() if m.imi == meta.imi
+                      and m.key != meta.key and not m.retired
+                      and self.config.trust.revoked_signer(m) is None
+                      and self._complete(m.key)]
+            if others:
+                order = ({v.key: n for n, v in enumerate(self.catalog.versions)}
+                         if self.catalog is not None else {})
+                self._latest_of(meta.imi, others, order)
+        return False
 
     def _revoked_here(self, metas: list[VersionMeta]) -> set[str]:
         """The keys of the versions of ``metas`` whose stored statement names a key this

@@ -292,6 +292,14 @@ def test_revoked_key_withdraws_the_versions_it_signed(tmp_path: Path, procs: Pro
     # marked at once (no new client gets it), deleted by a later pass: a client that attached
     # just before the mark must have been recorded first (replica.WITHDRAW_SETTLE)
     assert ls(tmp_path / "solo")["lab@1"]["retired"]
+    again = replica("solo", "--trust-key", str(k["old"][1]), "--revoked-key", k["old"][2],
+                    check=False)
+    assert again.returncode == 1 and "lab@1" in ls(tmp_path / "solo")  # marked just now
+    import time
+
+    from icbdcache.replication.replica import WITHDRAW_SETTLE
+
+    time.sleep(WITHDRAW_SETTLE)
     replica("solo", "--trust-key", str(k["old"][1]), "--revoked-key", k["old"][2],
             check=False)
     assert ls(tmp_path / "solo") == {}
@@ -399,6 +407,39 @@ def test_revocation_reaches_every_worker_a_bundle_and_a_reload(tmp_path: Path,
 
     assert asyncio.run(second_worker()) == (True, True, True)
     assert not ls(tmp_path / "site2")["lab@1"]["retired"]  # nothing marked: the node refused
+
+    # the mark's time is the store's, so another process (a second `--once`, a restart) does
+    # not delete a version marked a moment ago, before the serving processes have recorded
+    # who ran it; once WITHDRAW_SETTLE has passed, it does
+    from icbdcache.replication import replica as replica_mod
+
+    def withdraw() -> tuple[bool, bool]:  # a replica process of its own, each time
+        store = Store(tmp_path / "site2")
+        client = MasterClient(dead)
+        try:
+            rep = replica_mod.Replica(store, client, ReplicaConfig(
+                site="site2", subscribe=["lab"],
+                trust=trust_from([str(k["new"][1])], [str(k["old"][1])], False)))
+            rep.withdraw_revoked()
+            meta = store.version("lab@1")
+            return meta is not None, meta is not None and meta.retired
+        finally:
+            asyncio.run(client.close())
+            store.close()
+
+    assert withdraw() == (True, True)  # marked
+    assert withdraw() == (True, True)  # another process, at once: kept
+    settle = replica_mod.WITHDRAW_SETTLE
+    replica_mod.WITHDRAW_SETTLE = 0.0
+    try:
+        assert withdraw() == (False, False)  # settled, nobody runs it: deleted
+    finally:
+        replica_mod.WITHDRAW_SETTLE = settle
+    store = Store(tmp_path / "site2", readonly=True)
+    try:
+        assert store.record("withdrawn/lab@1") is None  # its mark goes with it
+    finally:
+        store.close()
 
     # a bundle's version, at a site that also has a master
     p = plain("replica", "--store", str(tmp_path / "bx"), "--master", r.url, "--site", "bx",

@@ -364,3 +364,27 @@ def test_master_backed_site_with_two_workers_replicates_once(
     stats = store_stats(site_store)
     from_master = sum(v for k, v in stats.items() if k.startswith("bytes_from:icbd+"))
     assert from_master + stats.get("replica_chunk_bytes", 0) == len(nonzero) * CHUNK, stats
+
+
+def test_sighup_reloads_every_worker_and_stops_none(tmp_path: Path,
+                                                   server_factory: Any) -> None:
+    """SIGHUP (`systemctl reload`) to `serve --workers 2` killed the parent (its default
+    action): the workers went on as orphans of PID 1 and nothing reloaded. The parent now
+    hands SIGHUP to every worker; each reloads, and the server keeps serving."""
+    img = make_image(tmp_path / "img", 1 * MiB)
+    srv = server_factory("--export", f"img={img}", "--workers", "2")
+    pids = worker_pids(srv)
+    srv.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while srv.log_text().count("event=reload") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.log_text().count("restart_needed=-") == 2, srv.log_text()
+    assert srv.proc.poll() is None and all(psutil.pid_exists(p) for p in pids)
+    assert all(psutil.Process(p).ppid() == srv.proc.pid for p in pids)
+    c = RawClient(srv.port)
+    try:
+        c.handshake()
+        assert c.go("img") == 0x1 and c.read(0, 4096) == (0, img.read_bytes()[:4096])
+    finally:
+        c.close()
+    assert srv.stop() == 0
