@@ -153,6 +153,9 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
              logging.CRITICAL: 2}
 
 _format = "text"
+#: this process is a worker of ``serve --workers`` (:func:`tag_process`): its lines say pid=N,
+#: also after :func:`setup` is called again (SIGHUP)
+_tagged = False
 
 
 def setup(verbosity: int = 0, fmt: str = "text") -> None:
@@ -162,7 +165,7 @@ def setup(verbosity: int = 0, fmt: str = "text") -> None:
     global _format
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(EventFormatter(fmt, journal=journald()))
+    handler.setFormatter(EventFormatter(fmt, pid=_tagged, journal=journald()))
     _format = fmt
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -171,6 +174,8 @@ def setup(verbosity: int = 0, fmt: str = "text") -> None:
 
 def tag_process() -> None:
     """Put ``pid=N`` in every log line (worker processes of ``serve --workers``)."""
+    global _tagged
+    _tagged = True
     for h in logging.getLogger().handlers:
         h.setFormatter(EventFormatter(_format, pid=True, journal=journald()))
 

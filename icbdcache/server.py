@@ -1475,7 +1475,10 @@ def _collectors(server: Server, node: Node | None) -> list[Any]:
 
 async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                reuse_port: bool = False, services: Sequence[NodeService] = (),
-               sockets: Sequence[socket.socket] = (), reload: Reload | None = None) -> None:
+               sockets: Sequence[socket.socket] = (), reload: Reload | None = None,
+               hup: list[bool] | None = None) -> None:
+    """One serving process. ``hup``: a worker's SIGHUP seen before its event loop handles
+    them (``hup[0]``: reload once, as soon as the handler is in place)."""
     node = open_node(config, services)
     chan: handover.Channel | None = None
     try:
@@ -1512,6 +1515,8 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
         loop.add_signal_handler(sig, server.request_stop)
     loop.add_signal_handler(signal.SIGUSR2, server.spawn_successor)
     loop.add_signal_handler(signal.SIGHUP, _on_sighup, server, reload)
+    if hup is not None and hup[0]:  # a SIGHUP came while this worker started
+        _on_sighup(server, reload)
     metrics_server = None
     watchdog = activation.Watchdog()
     try:
@@ -1617,6 +1622,9 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         except BaseException:
             os.close(cow_lock)
             raise
+    hup = [False]  # in a worker: a SIGHUP to apply once its loop handles them
+    reloaded = False  # the parent got a SIGHUP: a worker started again reloads at once
+
     def spawn(i: int) -> int:
         """Fork worker ``i``; return its pid (in the parent)."""
         pid = os.fork()
@@ -1625,7 +1633,11 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         # a worker started again is forked after the parent's handlers are set
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its event loop handles it
+        # until its event loop handles SIGHUP, one is noted and applied then; a worker
+        # started again after a SIGHUP applies the settings as they are now, not as the
+        # parent started with them
+        hup[0] = reloaded
+        signal.signal(signal.SIGHUP, lambda _sig, _frame: hup.__setitem__(0, True))
         tag_process()
         code = 0
         try:
@@ -1642,7 +1654,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
             loop = new_event_loop()
             loop.run_until_complete(_run(wcfg, unix_sock=unix_sock, reuse_port=True,
                                          services=_services_of_worker(services, i),
-                                         sockets=own, reload=reload))
+                                         sockets=own, reload=reload, hup=hup))
         except BaseException:
             log.exception("worker failed")
             code = 1
@@ -1652,6 +1664,16 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     # the port's group, its clients' connections wait in its backlog (a pause), and the
     # worker started again in its place takes the same socket and overlays.
     workers: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started, monotonic)
+
+    def reload_all(sig: int, _frame: object) -> None:
+        # SIGHUP (systemctl reload): every worker reloads its own settings; none stops
+        nonlocal reloaded
+        reloaded = True
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    signal.signal(signal.SIGHUP, reload_all)  # before the first fork: none is lost
     for i in range(config.workers):
         workers[spawn(i)] = (i, time.monotonic())
     log.info(kv(workers=len(workers), pids=",".join(map(str, workers))))
@@ -1664,15 +1686,8 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
-    def reload_all(sig: int, _frame: object) -> None:
-        # SIGHUP (systemctl reload): every worker reloads its own settings; none stops
-        for pid in list(workers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, reload_all)
     status = 0
     restarts: dict[int, deque[float]] = {}  # worker index -> when it was started again
     while workers:

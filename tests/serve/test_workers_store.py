@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import BIN, make_image, require, trusted
-from nbdraw import RawClient
+from nbdraw import RawClient, ServerClosed
 from readers import hash_outputs, nbdcopy_procs
 
 from nbd.constants import Cmd
@@ -372,13 +372,20 @@ def test_sighup_reloads_every_worker_and_stops_none(tmp_path: Path,
     action): the workers went on as orphans of PID 1 and nothing reloaded. The parent now
     hands SIGHUP to every worker; each reloads, and the server keeps serving."""
     img = make_image(tmp_path / "img", 1 * MiB)
-    srv = server_factory("--export", f"img={img}", "--workers", "2")
+    conf = tmp_path / "serve.toml"
+    conf.write_text('allow = ["127.0.0.0/8"]\n')
+    srv = server_factory("--export", f"img={img}", "--workers", "2", "--config", str(conf))
     pids = worker_pids(srv)
+    assert served_from("127.0.0.2", srv.port) == 12
+    conf.write_text('allow = ["127.0.0.1/32"]\n')
     srv.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 15
     while srv.log_text().count("event=reload") < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert srv.log_text().count("restart_needed=-") == 2, srv.log_text()
+    reloads = [ln for ln in srv.log_text().splitlines() if "event=reload" in ln]
+    tagged = sorted(int(m.group(1)) for ln in reloads if (m := re.search(r"pid=(\d+)", ln)))
+    assert tagged == sorted(pids)  # each worker's line says which it is, after the reload
     assert srv.proc.poll() is None and all(psutil.pid_exists(p) for p in pids)
     assert all(psutil.Process(p).ppid() == srv.proc.pid for p in pids)
     c = RawClient(srv.port)
@@ -387,4 +394,35 @@ def test_sighup_reloads_every_worker_and_stops_none(tmp_path: Path,
         assert c.go("img") == 0x1 and c.read(0, 4096) == (0, img.read_bytes()[:4096])
     finally:
         c.close()
+    assert served_from("127.0.0.2", srv.port) == 0  # the new --allow, in both workers
+    # a worker started again after the reload takes the settings as they are now
+    psutil.Process(pids[1]).kill()
+    deadline = time.monotonic() + 15
+    while "started again" not in srv.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    deadline = time.monotonic() + 15
+    while srv.log_text().count("event=reload") < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served_from("127.0.0.2", srv.port) == 0, srv.log_text()
+    assert served_from("127.0.0.1", srv.port) == 12
     assert srv.stop() == 0
+
+
+def served_from(address: str, port: int, tries: int = 12) -> int:
+    """How many of ``tries`` connections from ``address`` (127.0.0.X) got through the
+    handshake (the kernel spreads them over the workers by their ports)."""
+    n = 0
+    for _ in range(tries):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((address, 0))
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            c = RawClient(port, sock=sock)
+            c.handshake()
+            n += c.go("img") == 0x1
+        except (OSError, AssertionError, ValueError, ServerClosed):
+            pass  # refused: closed before or during the handshake
+        finally:
+            sock.close()
+    return n
