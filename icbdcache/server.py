@@ -1567,10 +1567,12 @@ def run(config: ServeConfig, *, services: Sequence[NodeService] = (),
     _raise_fd_limit()
     sockets = activation.listen_sockets()
     if config.workers <= 1:
+        hup = [False]  # a SIGHUP before the event loop handles them: applied once it does
+        signal.signal(signal.SIGHUP, lambda _sig, _frame: hup.__setitem__(0, True))
         loop = new_event_loop()
         try:
             loop.run_until_complete(_run(config, services=services, sockets=sockets,
-                                         reload=reload))
+                                         reload=reload, hup=hup))
         finally:
             finish_loop(loop)
         return 0
