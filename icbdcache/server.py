@@ -1667,13 +1667,16 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     # worker started again in its place takes the same socket and overlays.
     workers: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started, monotonic)
 
+    def send_all(sig: int) -> None:
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     def reload_all(sig: int, _frame: object) -> None:
         # SIGHUP (systemctl reload): every worker reloads its own settings; none stops
         nonlocal reloaded
         reloaded = True
-        for pid in list(workers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        send_all(sig)
 
     signal.signal(signal.SIGHUP, reload_all)  # before the first fork: none is lost
     for i in range(config.workers):
@@ -1684,9 +1687,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     def forward(sig: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for pid in list(workers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        send_all(sig)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
