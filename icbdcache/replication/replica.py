@@ -1140,6 +1140,8 @@ class Replica:
             others = [m for m in metas if m.imi == meta.imi and m.key != meta.key
                       and m.key not in retired and self._complete(m.key)]
             if meta.key in revoked and not self._settled(meta):
+                if others and self.store.latest(meta.imi) == meta.version:
+                    self._latest_of(meta.imi, others, order)
                 continue
             if not others and self._complete(meta.key) and meta.key not in revoked:
                 if meta.key not in self._kept_logged:
@@ -1183,8 +1185,7 @@ class Replica:
         record ``withdrawn/IMI@V``), so every serving process has recorded the clients that
         ran it before the mark (:mod:`icbdcache.store.inuse`: within a second of a change),
         and since the mark no other client has been given it. If it is not marked for this
-        yet it is marked now (and the iMI's latest moved off it when another complete
-        version is there), and False."""
+        yet it is marked now, and False."""
         raw = self.store.record(f"{WITHDRAWN_PREFIX}{meta.key}")
         try:
             since = float(raw) if raw is not None else None
@@ -1195,15 +1196,6 @@ class Replica:
         self.store.put_record(f"{WITHDRAWN_PREFIX}{meta.key}", repr(time.time()).encode())
         if not meta.retired:
             self._mark_retired(meta.key, True)
-        if self.store.latest(meta.imi) == meta.version:
-            others = [m for m in self.store.versions() if m.imi == meta.imi
-                      and m.key != meta.key and not m.retired
-                      and self.config.trust.revoked_signer(m) is None
-                      and self._complete(m.key)]
-            if others:
-                order = ({v.key: n for n, v in enumerate(self.catalog.versions)}
-                         if self.catalog is not None else {})
-                self._latest_of(meta.imi, others, order)
         return False
 
     def _revoked_here(self, metas: list[VersionMeta]) -> set[str]:
@@ -1238,6 +1230,8 @@ class Replica:
             log.error(kv(retired=key, error=e))
             return
         if not retired:
+            with contextlib.suppress(StoreError):  # a later revocation starts a mark anew
+                self.store.put_record(f"{WITHDRAWN_PREFIX}{key}", None)
             log.info(kv(unretired=key, served="to every client again"))
 
     def _latest_of(self, imi: str, others: list[VersionMeta], order: dict[str, int]) -> None:
