@@ -1598,6 +1598,10 @@ WORKER_RESTARTS = 5
 WORKER_RESTART_WINDOW = 60.0
 
 
+#: The signals the parent of ``serve --workers`` hands on to its workers.
+FORWARDED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
 def _run_workers(config: ServeConfig, services: Sequence[NodeService],
                  sockets: Sequence[socket.socket] = (), reload: Reload | None = None) -> int:
     unix_sock = None
@@ -1632,7 +1636,9 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         pid = os.fork()
         if pid != 0:
             return pid
-        # a worker started again is forked after the parent's handlers are set
+        # a worker started again is forked after the parent's handlers are set; the three
+        # signals are blocked across the fork (:func:`start`): one sent to this worker
+        # before its own handlers are in place waits for them instead of being lost
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         # until its event loop handles SIGHUP, one is noted and applied then; a worker
@@ -1640,6 +1646,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         # parent started with them
         hup[0] = reloaded
         signal.signal(signal.SIGHUP, lambda _sig, _frame: hup.__setitem__(0, True))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         tag_process()
         code = 0
         try:
@@ -1678,9 +1685,22 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         reloaded = True
         send_all(sig)
 
+    def start(i: int) -> int:
+        """Fork worker ``i`` and note it, with SIGHUP, SIGTERM and SIGINT blocked meanwhile:
+        one that comes then reaches the parent's handler once the new pid is in ``workers``
+        (and so is sent on to it), never a worker without handlers (it was lost, or a
+        SIGTERM left the server running)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            pid = spawn(i)
+            workers[pid] = (i, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        return pid
+
     signal.signal(signal.SIGHUP, reload_all)  # before the first fork: none is lost
     for i in range(config.workers):
-        workers[spawn(i)] = (i, time.monotonic())
+        start(i)
     log.info(kv(workers=len(workers), pids=",".join(map(str, workers))))
     stopping = False
 
@@ -1720,8 +1740,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
             forward(signal.SIGTERM, None)
             continue
         recent.append(now)
-        new = spawn(i)
-        workers[new] = (i, time.monotonic())
+        new = start(i)
         if stopping:  # SIGTERM came while it was forked, before forward() could see it
             with contextlib.suppress(ProcessLookupError):
                 os.kill(new, signal.SIGTERM)
