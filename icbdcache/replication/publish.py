@@ -9,9 +9,10 @@ through the batched writer (all-zero chunks are never stored, so blocks trimmed 
 snapshot cost nothing), protected from eviction as they land; the version is made pinned and
 the iMI's latest in one transaction that checks the store's bound can keep it; its kernel and
 initrd are kept as ``import`` keeps them; only then is it recorded in the registry, which is
-what makes it visible to replicas. If the registry refuses it (another master published that
-name with another image), the version is taken out of the store again. A published version
-never changes.
+what makes it visible to replicas; the name stays reserved until then, so no other publish
+takes it for an interrupted one and replaces it. If the registry refuses it (another master
+published that name with another image), the version is taken out of the store again. A
+published version never changes.
 """
 
 from __future__ import annotations
@@ -171,8 +172,12 @@ async def publish(store: Store, registry: Registry, path: str, imi: str,
     except (VersionExists, VersionBusy, VersionInUse) as e:
         raise PublishError(str(e)) from e
     key = version_key(imi, version)
-    stored: VersionMeta | None = None
     try:
+        # the name is ours now; a publish that held it before (a pending record is kept until
+        # its registry record is written) may have recorded it meanwhile
+        if version in {r.version for r in await registry.versions(imi)}:
+            raise PublishError(f"{key} is already published (a published version never "
+                               "changes; publish a new version)")
         chunk_map, strong, added = await asyncio.to_thread(_read_into_store, store, path, size,
                                                            key, progress)
         meta = VersionMeta(imi, version, size, CHUNK_SIZE, [], pinned=True,
@@ -182,25 +187,23 @@ async def publish(store: Store, registry: Registry, path: str, imi: str,
                            manifest=manifest_digest(chunk_map))
         stored = store.commit_version(meta, bytes(chunk_map), latest=True, force=replace,
                                       copied=True, bound=store.bound,
-                                      strong_map=bytes(strong))
-    finally:
-        if stored is None:
-            store.abandon_version(key)
-    if keep_boot is not None:
-        await asyncio.to_thread(keep_boot, stored, path)
-    if signing_key is not None:
+                                      strong_map=bytes(strong), hold=True)
         try:
-            stored = await asyncio.to_thread(sign_version, store, key, signing_key)
+            if keep_boot is not None:
+                await asyncio.to_thread(keep_boot, stored, path)
+            if signing_key is not None:
+                stored = await asyncio.to_thread(sign_version, store, key, signing_key)
+            record = VersionRecord(imi, version, size, CHUNK_SIZE, manifest_digest(chunk_map),
+                                   distinct_bytes(chunk_map, size), time.time(), False,
+                                   master_url)
+            await registry.publish(record)
         except BaseException:
             _withdraw(store, stored)
             raise
-    record = VersionRecord(imi, version, size, CHUNK_SIZE, manifest_digest(chunk_map),
-                           distinct_bytes(chunk_map, size), time.time(), False, master_url)
-    try:
-        await registry.publish(record)
-    except BaseException:
-        _withdraw(store, stored)
-        raise
+    finally:
+        # after the registry step: until then no other publish takes the version for an
+        # interrupted one (docs/store.md 'CONCURRENCY')
+        store.abandon_version(key)
     log.debug(kv(event="published", version=key, size=size, distinct_bytes=record.distinct_bytes,
                 added=added, manifest=record.manifest))
     return Published(record, len(chunk_map) // DIGEST_SIZE, added, time.monotonic() - t0)

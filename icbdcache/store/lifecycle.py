@@ -238,13 +238,16 @@ class VersionLifecycle:
     @lmdb_errors
     def commit_version(self, meta: VersionMeta, chunk_map: bytes, *, latest: bool = True,
                        force: bool = False, in_use_ok: bool = False, copied: bool = False,
-                       bound: int | None = None,
-                       strong_map: bytes | None = None) -> VersionMeta:
+                       bound: int | None = None, strong_map: bytes | None = None,
+                       hold: bool = False) -> VersionMeta:
         """Turn this process's pending record of ``meta.key`` into the version (``meta`` with
         a new ``instance``, its map and ``strong_map`` (STRONG_SIZE bytes per chunk index,
         when given), ``latest`` if asked) in one transaction, and return what
         was stored. ``copied``: every non-zero chunk of the map must be held; ``bound`` (bytes):
-        the chunks of the version, beside those the store must keep, must fit in it. Raises
+        the chunks of the version, beside those the store must keep, must fit in it. ``hold``:
+        keep the pending record (the name stays this process's until :meth:`abandon_version`),
+        so a step after the store (publish's registry record) ends before another process may
+        take the version for an interrupted one and replace it. Raises
         StoreError if the reservation is gone, VersionExists, VersionInUse (see
         :meth:`reserve_version`), StoreFull; nothing is written then (the pending record
         stays: :meth:`abandon_version` drops it)."""
@@ -281,7 +284,11 @@ class VersionLifecycle:
                 txn.delete(k, db=self.db["profiles"])  # the old image's boot profile
             if latest:
                 txn.put(f"latest:{meta.imi}".encode(), meta.version.encode(), db=self.db["meta"])
-            self._drop_pending(txn, key)
+            if hold:  # the version protects its chunks now; the name stays reserved
+                for k2, _ in scan(txn, self.db["pending"], f"{key}/"):
+                    txn.delete(k2.encode(), db=self.db["pending"])
+            else:
+                self._drop_pending(txn, key)
             return stored
 
         return self._transact(fn)

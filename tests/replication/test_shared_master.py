@@ -22,6 +22,7 @@ from shared_store import (
     file_sha,
     finish,
     ls,
+    ls_rows,
     nbd_read,
     procs,
     read_all,
@@ -137,6 +138,60 @@ def test_3_two_publishes_of_one_iMI_keep_registry_and_store_in_step(
     site = procs.serve("--store", str(rstore))
     r = nbd_read(site.uri("lab@5"))
     assert (r.rc, r.sha) == (0, file_sha(winner))
+
+
+def test_3_a_publish_between_store_and_registry_keeps_its_name(tmp_path: Path) -> None:
+    """A ``publish --version 5`` whose version is in the store but not yet in the registry:
+    a second ``publish --version 5`` took it for an interrupted publish and replaced it, and
+    whichever lost at the registry took the version out of the store, so the registry named
+    ``lab@5`` and no store held it (seen in CI). Now the second is refused while the first
+    holds the name, and registry and store agree on the first's bytes."""
+    from icbdcache.replication.publish import publish
+    from icbdcache.replication.registry.embedded import EmbeddedRegistry
+
+    mstore = tmp_path / "M"
+    a = make_image(tmp_path / "a.img", 4 * MiB, seed=41)
+    b = make_image(tmp_path / "b.img", 4 * MiB, seed=42)
+    seen: list[tuple[int, str, str]] = []
+
+    class Held(EmbeddedRegistry):
+        async def publish(self, record: VersionRecord) -> None:
+            # between the store's commit and the registry: a second process tries the name
+            seen.append(finish(start("publish", str(b), "--imi", "lab", "--version", "5",
+                                     "--store", str(mstore))))
+            await super().publish(record)
+
+    async def main() -> None:
+        store = Store(mstore)
+        registry = Held(store)
+        try:
+            await publish(store, registry, str(a), "lab", "5")
+        finally:
+            await registry.close()
+            store.close()
+
+    async def recorded() -> list[tuple[str, str]]:
+        store = Store(mstore)
+        registry = EmbeddedRegistry(store)
+        try:
+            return [(r.version, r.manifest) for r in await registry.versions("lab")]
+        finally:
+            await registry.close()
+            store.close()
+
+    asyncio.run(main())
+    assert asyncio.run(recorded()) == [("5", map_digest(chunk_map_of(a)))]
+    [(rc, _out, err)] = seen
+    assert rc == 2 and "lab@5 is being made by process" in err, (rc, err)
+    store = Store(mstore)
+    try:
+        meta = store.version("lab@5")
+        assert meta is not None and bytes(store.chunk_map("lab@5")) == chunk_map_of(a)
+        assert not store.pending_versions()
+    finally:
+        store.close()
+    rows = {f"{r['imi']}@{r['version']}": r for r in ls_rows(mstore)}
+    assert set(rows) == {"lab@5"} and rows["lab@5"]["manifest"] == map_digest(chunk_map_of(a))
 
 
 # ------------------------------------------------------------------ 5
