@@ -15,7 +15,7 @@ equal what ``icbd-cache stats --json`` shows once the server has stopped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -274,11 +274,26 @@ def add_route(app: web.Application, registry: CollectorRegistry,
 
 
 class MetricsServer:
-    """``serve --metrics-listen HOST:PORT``: ``/metrics`` alone on its own address."""
+    """``serve --metrics-listen HOST:PORT``: ``/metrics`` alone on its own address. ``peers``:
+    the sockets of the other workers of ``serve --workers N``, added up with this one's
+    (:mod:`icbdcache.metricsmerge`)."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(self, registry: CollectorRegistry, host: str, port: int,
+                 peers: Sequence[str] = ()) -> None:
         self.app = web.Application()
-        add_route(self.app, registry)
+        if peers:
+            from icbdcache.metricsmerge import Gatherer
+
+            gatherer = Gatherer(registry, peers)
+
+            async def handle(request: web.Request) -> web.Response:
+                return web.Response(body=await gatherer.exposition(),
+                                    headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                             "Cache-Control": "no-store"})
+
+            self.app.router.add_get("/metrics", handle)
+        else:
+            add_route(self.app, registry)
         self.host, self.port = host, port
         self.runner: web.AppRunner | None = None
 

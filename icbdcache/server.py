@@ -36,6 +36,7 @@ import fcntl
 import itertools
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
-from icbdcache import activation, handover, steering, tlspeer
+from icbdcache import activation, handover, metricsmerge, steering, tlspeer
 from icbdcache.access import AllowList
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
@@ -184,6 +185,11 @@ class ServeConfig:
     handover: str | None = None
     allow: list[str] = field(default_factory=list)
     metrics_listen: tuple[str, int] | None = None
+    #: Set by the parent of ``--workers N`` for each worker: its index, and with
+    #: ``metrics_listen`` the directory of the workers' metrics sockets
+    #: (:mod:`icbdcache.metricsmerge`).
+    worker: int = 0
+    metrics_dir: str | None = None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -1473,6 +1479,26 @@ def _collectors(server: Server, node: Node | None) -> list[Any]:
     return out
 
 
+async def _start_metrics(config: ServeConfig, server: Server, node: Node | None) -> Any:
+    """``--metrics-listen``: this process's ``/metrics`` server; with workers, worker 0's
+    adds up every worker's and the others answer it on their sockets. Raises OSError."""
+    from icbdcache.metrics import MetricsServer, new_registry
+
+    registry = new_registry(*_collectors(server, node))
+    out: Any
+    if config.metrics_dir is None:
+        out = MetricsServer(registry, *cast(tuple[str, int], config.metrics_listen))
+    elif config.worker == 0:
+        out = MetricsServer(registry, *cast(tuple[str, int], config.metrics_listen),
+                            peers=[metricsmerge.socket_path(config.metrics_dir, i)
+                                   for i in range(1, config.workers)])
+    else:
+        out = metricsmerge.WorkerExposition(
+            registry, metricsmerge.socket_path(config.metrics_dir, config.worker))
+    await out.start()
+    return out
+
+
 async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                reuse_port: bool = False, services: Sequence[NodeService] = (),
                sockets: Sequence[socket.socket] = (), reload: Reload | None = None,
@@ -1521,11 +1547,7 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
     watchdog = activation.Watchdog()
     try:
         if config.metrics_listen is not None:
-            from icbdcache.metrics import MetricsServer, new_registry
-
-            metrics_server = MetricsServer(new_registry(*_collectors(server, node)),
-                                           *config.metrics_listen)
-            await metrics_server.start()
+            metrics_server = await _start_metrics(config, server, node)
             server.metrics = metrics_server
         if chan is not None:
             # a server runs at --handover: take its sockets, services' ports and connections
@@ -1628,6 +1650,9 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         except BaseException:
             os.close(cow_lock)
             raise
+    # --metrics-listen: worker 0 listens there and adds up the others', which answer it on
+    # their sockets in this directory (icbdcache/metricsmerge.py)
+    metrics_dir = (metricsmerge.socket_dir() if config.metrics_listen is not None else None)
     hup = [False]  # in a worker: a SIGHUP to apply once its loop handles them
     reloaded = False  # the parent got a SIGHUP: a worker started again reloads at once
 
@@ -1651,14 +1676,14 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         code = 0
         try:
             own: Sequence[socket.socket] = sockets
-            wcfg = config
+            wcfg = replace(config, worker=i, metrics_dir=metrics_dir)
             if steered:
                 for j, socks in enumerate(steered):
                     if j != i:
                         for sk in socks:
                             sk.close()
                 own = steered[i]
-                wcfg = replace(config, cow_dir=os.path.join(cast(str, cow_dir),
+                wcfg = replace(wcfg, cow_dir=os.path.join(cast(str, cow_dir),
                                                             f"worker-{i}"))
             loop = new_event_loop()
             loop.run_until_complete(_run(wcfg, unix_sock=unix_sock, reuse_port=True,
@@ -1754,6 +1779,8 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
             os.unlink(config.unix)
     if cow_lock >= 0:
         os.close(cow_lock)
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 

@@ -232,8 +232,6 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("--trace needs --workers 1 (one file, one writer)")
     if cfg.workers > 1 and cfg.handover:
         raise ValueError("--handover needs --workers 1 (one process hands over)")
-    if cfg.workers > 1 and cfg.metrics_listen:
-        raise ValueError("--metrics-listen needs --workers 1 (one process counts)")
     if cfg.max_connections < 1 or cfg.workers < 1:
         raise ValueError("--max-connections and --workers must be at least 1")
     if cfg.address_connections < 1 or cfg.address_handshakes < 1:

@@ -450,3 +450,46 @@ def test_sigterm_as_a_worker_is_started_again_stops_the_server(
     assert srv.proc.wait(20) == 0
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                    for p in [*pids, *new])
+
+
+def test_metrics_of_two_workers_add_up(tmp_path: Path, server_factory: Any) -> None:
+    """``--metrics-listen`` with ``--workers 2`` (a warm store): 12 nbdcopy readers spread
+    over both workers; the one ``/metrics`` passes promtool and counts every request and
+    byte of both, the store's size once (not once per worker). A worker killed is left out
+    of the scrape (``icbd_workers_scraped 1``), and counted again once started again."""
+    require("nbdcopy", "promtool")
+    from conftest import free_port
+    from scrape import promtool_check, samples, scrape
+
+    img = tmp_path / "base.img"  # no zero chunks: nbdcopy reads every byte
+    img.write_bytes(os.urandom(8 * MiB))
+    want = hashlib.sha256(img.read_bytes()).hexdigest()
+    store = tmp_path / "store"
+    subprocess.run([str(BIN / "icbd-cache"), *trusted(("import", str(img), "--imi", "lab",
+                    "--store", str(store), "-q"))], check=True)
+    mport = free_port()
+    srv = server_factory("--store", str(store), "--workers", "2",
+                         "--metrics-listen", f"127.0.0.1:{mport}")
+    pids = worker_pids(srv)
+    results = hash_outputs(nbdcopy_procs([srv.uri("lab@1")] * 12))
+    assert results == [(want, 8 * MiB)] * 12
+    served = Counter(int(m) for m in re.findall(r"pid=(\d+) event=connect ", srv.log_text()))
+    assert set(served) == set(pids), served  # both workers took readers
+    text = scrape(mport)
+    promtool_check(text)
+    m = samples(text)
+    assert m['icbd_nbd_bytes_total{direction="read",export="lab@1"}'] == 12 * 8 * MiB
+    assert m["icbd_workers_scraped"] == 2
+    held = store_stats(store)["held_bytes"]
+    assert m["icbd_store_held_bytes"] == held == 8 * MiB
+    os.kill(pids[1], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    seen = []
+    while time.monotonic() < deadline:
+        after = samples(scrape(mport))
+        seen.append(after["icbd_workers_scraped"])
+        if seen[-1] == 2 and 1 in seen:
+            break
+        time.sleep(0.05)
+    assert 1 in seen and seen[-1] == 2, seen
+    assert "event=metrics_worker" in srv.log_text()

@@ -1,0 +1,201 @@
+"""One ``/metrics`` for the workers of ``serve --workers N --metrics-listen HOST:PORT``.
+
+Each worker keeps its own counters (:mod:`icbdcache.metrics` reads live objects of the
+process). Worker 0 listens at ``--metrics-listen``; every other worker answers on a Unix
+socket of its own in a directory the parent made for them (mode 0700): a connection gets the
+worker's text exposition, then EOF (:class:`WorkerExposition`). At each scrape worker 0 reads
+them all and adds them up (:func:`merge`), so a scrape sees the server, not one worker:
+
+* counters and histograms are summed, sample by sample (same name, same labels);
+* gauges are summed (connections, clients, memory, descriptors), except those that describe
+  the one store or the server as a whole (:data:`SAME_IN_EVERY_WORKER`: worker 0's value) and
+  ``process_start_time_seconds`` (the earliest);
+* ``icbd_workers_scraped`` says how many workers answered. A worker that does not answer
+  within :data:`PEER_TIMEOUT` (being started again after a crash) is left out of that
+  scrape, and a warning names it once; its counters start again from 0 when it comes back,
+  which Prometheus takes for a counter reset, as for a restarted process.
+
+Families only one worker has (the replica's and PXE's, in worker 0) pass unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from icbdcache.log import kv
+
+log = logging.getLogger("icbdcache.metrics")
+
+#: Gauges every worker reports alike (they describe the shared store or the host): worker
+#: 0's value, not a sum.
+SAME_IN_EVERY_WORKER = frozenset({"icbd_store_held_bytes", "icbd_store_chunks",
+                                  "process_max_fds", "python_info"})
+#: Gauges whose smallest value is the server's.
+EARLIEST = frozenset({"process_start_time_seconds"})
+#: Seconds worker 0 waits for another worker's exposition.
+PEER_TIMEOUT = 2.0
+#: Bytes of one worker's exposition at most (beyond: that worker is left out).
+MAX_EXPOSITION = 16 << 20
+
+
+def socket_dir() -> str:
+    """A new directory (mode 0700) for the workers' sockets: under ``$TMPDIR``, or ``/tmp``
+    when that is too long a path for a Unix socket's 108 bytes. Raises OSError."""
+    base = tempfile.gettempdir()
+    return tempfile.mkdtemp(prefix="icbd-metrics-", dir=base if len(base) <= 64 else "/tmp")
+
+
+def socket_path(directory: str, worker: int) -> str:
+    """Where worker ``worker`` (1 or more) answers with its exposition."""
+    return os.path.join(directory, f"worker-{worker}.sock")
+
+
+Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+class _Merged:
+    """A collector that yields given families (for :func:`generate_latest`)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+def merge(texts: Sequence[str], *, answered: int | None = None) -> bytes:
+    """The text exposition of the server: ``texts`` (worker 0's first, then the others'
+    that answered) added up family by family (the module's rules), with the gauge
+    ``icbd_workers_scraped`` = ``answered`` (default: ``len(texts)``). Raises ValueError on
+    text that is not an exposition."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[Key, float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            have = families.get(fam.name)
+            if have is None:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                values[fam.name] = {}
+            elif have.type != fam.type:
+                raise ValueError(f"{fam.name} is a {have.type} in one worker and a {fam.type} "
+                                 "in another")
+            into = values[fam.name]
+            for s in fam.samples:
+                key: Key = (s.name, tuple(sorted(s.labels.items())))
+                old = into.get(key)
+                if old is None:
+                    into[key] = s.value
+                elif fam.name in EARLIEST:
+                    into[key] = min(old, s.value)
+                elif fam.name not in SAME_IN_EVERY_WORKER:
+                    into[key] = old + s.value
+    out: list[Metric] = []
+    for name, fam in families.items():
+        for (sample, labels), value in values[name].items():
+            fam.add_sample(sample, dict(labels), value)
+        out.append(fam)
+    out.append(GaugeMetricFamily("icbd_workers_scraped", "Workers of serve --workers whose "
+                                 "counters this scrape adds up",
+                                 value=len(texts) if answered is None else answered))
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Merged(out))
+    return generate_latest(reg)
+
+
+async def read_peer(path: str, timeout: float = PEER_TIMEOUT) -> str:
+    """One worker's exposition from its socket ``path``. Raises OSError (not there, refused,
+    too big, not UTF-8), TimeoutError."""
+    async def read() -> str:
+        reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            data = bytearray()
+            while chunk := await reader.read(1 << 16):
+                data += chunk
+                if len(data) > MAX_EXPOSITION:
+                    raise OSError(f"{path}: more than {MAX_EXPOSITION} bytes")
+            try:
+                return data.decode()
+            except UnicodeDecodeError as e:
+                raise OSError(f"{path}: not UTF-8 ({e})") from None
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+class Gatherer:
+    """Worker 0's side: its own registry and the other workers' sockets, added up."""
+
+    def __init__(self, registry: CollectorRegistry, peers: Sequence[str]) -> None:
+        self.registry = registry
+        self.peers = list(peers)
+        self._missing: set[str] = set()
+
+    async def exposition(self) -> bytes:
+        """The server's exposition (:func:`merge`); a worker that does not answer is left
+        out and named in one warning until it answers again."""
+        own = generate_latest(self.registry).decode()
+        got = await asyncio.gather(*(read_peer(p) for p in self.peers),
+                                   return_exceptions=True)
+        texts = [own]
+        for path, text in zip(self.peers, got, strict=True):
+            if isinstance(text, BaseException):
+                if path not in self._missing:
+                    self._missing.add(path)
+                    log.warning(kv(event="metrics_worker", socket=path, error=text or
+                                   type(text).__name__, scrape="without it"))
+                continue
+            self._missing.discard(path)
+            texts.append(text)
+        try:
+            return merge(texts)
+        except ValueError as e:
+            log.warning(kv(event="metrics_merge", error=e, scrape="worker 0 alone"))
+            return merge([own], answered=1)
+
+
+class WorkerExposition:
+    """A worker other than 0: its exposition to each connection at ``path``, then EOF."""
+
+    def __init__(self, registry: CollectorRegistry, path: str) -> None:
+        self.registry = registry
+        self.path = path
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        """Listen at ``path`` (one left by a crashed worker is replaced). Raises OSError."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.server = await asyncio.start_unix_server(self._answer, self.path)
+
+    async def _answer(self, _reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(generate_latest(self.registry))
+            await asyncio.wait_for(writer.drain(), PEER_TIMEOUT)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            server, self.server = self.server, None
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+__all__ = ["EARLIEST", "SAME_IN_EVERY_WORKER", "Gatherer", "WorkerExposition", "merge",
+           "read_peer", "socket_dir", "socket_path"]

@@ -1,0 +1,103 @@
+"""The one exposition of ``serve --workers N`` (icbdcache/metricsmerge.py): workers' counters
+and histograms add up sample by sample, gauges of the shared store do not, the earliest start
+time is the server's, and the result passes promtool."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import require
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from scrape import promtool_check, samples
+
+from icbdcache.layers.stats import ReadStats
+from icbdcache.metrics import ReadPathCollector, counter, gauge
+from icbdcache.metricsmerge import Gatherer, WorkerExposition, merge, socket_path
+
+
+class One:
+    """A worker's own families, as its collectors would give them."""
+
+    def __init__(self, requests: int, conns: int, start: float, held: int) -> None:
+        self.requests, self.conns, self.start, self.held = requests, conns, start, held
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield counter("nbd_requests", "requests", labels=["export"],
+                      samples=[(["lab@1"], self.requests), (["lab@2"], 1)])
+        yield gauge("nbd_connections", "conns", labels=["export"],
+                    samples=[(["lab@1"], self.conns)])
+        yield gauge("store_held_bytes", "held", self.held)
+        yield GaugeMetricFamily("process_start_time_seconds", "start", value=self.start)
+
+
+def exposition(*collectors: object) -> str:
+    reg = CollectorRegistry(auto_describe=False)
+    for c in collectors:
+        reg.register(c)  # type: ignore[arg-type]
+    return generate_latest(reg).decode()
+
+
+def read_stats(hits: int, faults: int, latencies: list[float]) -> ReadStats:
+    s = ReadStats()
+    s.hits_lmdb = hits
+    s.faults = faults
+    for t in latencies:
+        s.fault_latency.observe(t)
+    return s
+
+
+def test_counters_and_histograms_add_up_shared_gauges_do_not() -> None:
+    require("promtool")
+    a = exposition(One(100, 3, 1000.0, 4096),
+                   ReadPathCollector(read_stats(7, 2, [0.001, 0.5])))
+    b = exposition(One(40, 2, 900.0, 4096),
+                   ReadPathCollector(read_stats(5, 1, [0.002])))
+    text = merge([a, b]).decode()
+    promtool_check(text)
+    m = samples(text)
+    assert m['icbd_nbd_requests_total{export="lab@1"}'] == 140
+    assert m['icbd_nbd_requests_total{export="lab@2"}'] == 2
+    assert m['icbd_nbd_connections{export="lab@1"}'] == 5
+    assert m["icbd_store_held_bytes"] == 4096
+    assert m["process_start_time_seconds"] == 900.0
+    assert m['icbd_chunk_hits_total{tier="lmdb"}'] == 12
+    assert m["icbd_faults_total"] == 3
+    assert m["icbd_fault_duration_seconds_count"] == 3
+    assert m["icbd_fault_duration_seconds_sum"] == pytest.approx(0.503)
+    assert m['icbd_fault_duration_seconds_bucket{le="+Inf"}'] == 3
+    assert m["icbd_workers_scraped"] == 2
+
+
+def test_a_family_of_two_types_is_refused() -> None:
+    a = exposition(One(1, 1, 1.0, 1))
+    b = a.replace("# TYPE icbd_nbd_connections gauge", "# TYPE icbd_nbd_connections counter")
+    b = b.replace("icbd_nbd_connections{", "icbd_nbd_connections_total{")
+    with pytest.raises(ValueError, match="icbd_nbd_connections"):
+        merge([a, b])
+
+
+def test_gatherer_reads_workers_and_leaves_out_one_that_is_gone(tmp_path: Path) -> None:
+    """Worker 0's gatherer with two peers: one answers over its socket, one is not there;
+    the scrape adds up the one that answered and says so."""
+
+    def registry(requests: int) -> CollectorRegistry:
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(One(requests, 1, 5.0, 10))  # type: ignore[arg-type]
+        return reg
+
+    async def main() -> str:
+        peer = WorkerExposition(registry(30), socket_path(str(tmp_path), 1))
+        await peer.start()
+        try:
+            g = Gatherer(registry(12), [peer.path, socket_path(str(tmp_path), 2)])
+            return (await g.exposition()).decode()
+        finally:
+            await peer.close()
+
+    m = samples(asyncio.run(main()))
+    assert m['icbd_nbd_requests_total{export="lab@1"}'] == 42
+    assert m["icbd_workers_scraped"] == 2
+    assert not (tmp_path / "worker-1.sock").exists()
