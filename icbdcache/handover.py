@@ -30,6 +30,12 @@ Rollback: if N goes away before ``done``, O accepts again on the sockets it kept
 its services and reads the connections it still holds again; a connection already sent is
 lost with N (its client reconnects).
 
+With ``serve --workers N`` each worker hands over on a socket of its own, ``PATH-wI``
+(:func:`worker_path`), to the successor's worker of the same index; SIGUSR2 goes to the
+parent, which starts the successor. N must equal the running server's number of workers: the
+successor first asks (``probe``, answered ``{"op": "probe", "workers": N}`` without a
+hand-over) and refuses to start otherwise (:func:`running_workers`).
+
 Frames: an 8-byte header (JSON length, blob length, big-endian u32), the JSON object, the blob;
 descriptors (SCM_RIGHTS) ride on the header's first byte. This module knows nothing of the
 server: the two sides are the :class:`Giver` and :class:`Taker` protocols (icbdcache/server.py).
@@ -64,12 +70,20 @@ MAX_BLOB = 64 << 20
 MAX_FDS = 64
 #: Seconds N waits for each message from O (O may drain a slow connection for --grace).
 TAKER_TIMEOUT = 120.0
+#: Seconds N waits for the answer to its ``probe``.
+PROBE_TIMEOUT = 10.0
 #: Seconds O waits for N's ``ready`` (N starts its services in between).
 READY_TIMEOUT = 60.0
 
 
 class HandoverError(Exception):
     """The hand-over cannot go on (the peer went away, refused, or sent garbage)."""
+
+
+def worker_path(path: str, worker: int, workers: int) -> str:
+    """The hand-over socket of worker ``worker`` of a server of ``workers`` workers: ``path``
+    itself for a single process, else ``PATH-wI``."""
+    return path if workers <= 1 else f"{path}-w{worker}"
 
 
 # ----------------------------------------------------------------------------------- frames
@@ -207,10 +221,11 @@ class Listener:
     """O's end: listens at ``path`` for a successor and runs :func:`give` for it (one at a
     time; a second one meanwhile is refused)."""
 
-    def __init__(self, path: str, giver: Giver, grace: float) -> None:
+    def __init__(self, path: str, giver: Giver, grace: float, workers: int = 1) -> None:
         self.path = path
         self.giver = giver
         self.grace = grace
+        self.workers = workers
         self.sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._talks: set[asyncio.Task[None]] = set()
@@ -251,7 +266,7 @@ class Listener:
                 return
             self._busy = True
             try:
-                await give(chan, self.giver, self.grace)
+                await give(chan, self.giver, self.grace, self.workers)
             finally:
                 self._busy = False
         except HandoverError as e:
@@ -272,13 +287,16 @@ class Listener:
                     os.unlink(self.path)
 
 
-async def give(chan: Channel, giver: Giver, grace: float) -> None:
-    """O's side of one hand-over on ``chan`` (N just connected). Raises HandoverError after
-    rolling back."""
+async def give(chan: Channel, giver: Giver, grace: float, workers: int = 1) -> None:
+    """O's side of one hand-over on ``chan`` (N just connected; ``workers``: O's number of
+    workers, the answer to a ``probe``). Raises HandoverError after rolling back."""
     t0 = time.monotonic()
     msg, fds, _ = await asyncio.to_thread(chan.recv)
     for fd in fds:
         os.close(fd)
+    if msg["op"] == "probe":
+        await asyncio.to_thread(chan.send, {"op": "probe", "workers": workers})
+        return
     if msg["op"] != "hello":
         raise HandoverError(f"expected hello, got {msg['op']}")
     peer = msg.get("pid", "?")
@@ -365,6 +383,31 @@ def connect(path: str) -> Channel | None:
         sock.close()
         raise HandoverError(f"--handover {path}: {e}") from e
     return Channel(sock, TAKER_TIMEOUT)
+
+
+def running_workers(path: str) -> int | None:
+    """The number of workers of the server handing over at ``path`` (``--handover PATH``:
+    its single process at PATH, or its worker 0 at ``PATH-w0``), or None when none runs
+    there. Raises HandoverError when one answers with garbage."""
+    for where in (path, worker_path(path, 0, 2)):
+        chan = connect(where)
+        if chan is None:
+            continue
+        chan.sock.settimeout(PROBE_TIMEOUT)
+        try:
+            chan.send({"op": "probe"})
+            msg, fds, _ = chan.recv()
+        finally:
+            chan.close()
+        for fd in fds:
+            os.close(fd)
+        if msg.get("op") == "refuse":  # a hand-over is under way there: a worker answers
+            continue
+        try:
+            return int(msg["workers"])
+        except (KeyError, TypeError, ValueError):
+            raise HandoverError(f"--handover {where}: a bad answer to a probe: {msg}") from None
+    return None
 
 
 async def take(chan: Channel, taker: Taker) -> Taken:

@@ -1140,15 +1140,21 @@ class Server:
     def start_handover(self) -> None:
         """Listen at ``--handover PATH`` for a successor. Raises OSError."""
         if self.config.handover:
-            self.handover_listener = handover.Listener(self.config.handover, self,
-                                                       self.config.grace)
+            path = handover.worker_path(self.config.handover, self.config.worker,
+                                        self.config.workers)
+            self.handover_listener = handover.Listener(path, self, self.config.grace,
+                                                       self.config.workers)
             self.handover_listener.start()
-            log.info(kv(handover_socket=self.config.handover))
+            log.info(kv(handover_socket=path))
 
     def spawn_successor(self) -> None:
         """SIGUSR2: start this program again (the code on disk now) to take over."""
         if not self.config.handover:
             log.warning(kv(signal="SIGUSR2", ignored="no --handover socket to hand over on"))
+            return
+        if self.config.workers > 1:
+            log.warning(kv(signal="SIGUSR2", ignored="a worker: send it to the parent, "
+                                                     f"pid {os.getppid()}"))
             return
         if self.successor is not None and self.successor.poll() is None:
             log.warning(kv(signal="SIGUSR2", ignored=f"successor {self.successor.pid} runs"))
@@ -1502,9 +1508,10 @@ async def _start_metrics(config: ServeConfig, server: Server, node: Node | None)
 async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                reuse_port: bool = False, services: Sequence[NodeService] = (),
                sockets: Sequence[socket.socket] = (), reload: Reload | None = None,
-               hup: list[bool] | None = None) -> None:
-    """One serving process. ``hup``: a worker's SIGHUP seen before its event loop handles
-    them (``hup[0]``: reload once, as soon as the handler is in place)."""
+               hup: list[bool] | None = None) -> bool:
+    """One serving process; returns True when it ended by handing over to a successor.
+    ``hup``: a worker's SIGHUP seen before its event loop handles them (``hup[0]``: reload
+    once, as soon as the handler is in place)."""
     node = open_node(config, services)
     chan: handover.Channel | None = None
     try:
@@ -1518,7 +1525,8 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                         log.error(kv(export=spec.name, upstream=spec.path, error=e,
                                      serving="without it"))
         if config.handover and not sockets:
-            chan = await asyncio.to_thread(handover.connect, config.handover)
+            chan = await asyncio.to_thread(handover.connect, handover.worker_path(
+                config.handover, config.worker, config.workers))
         if node is not None and chan is None:
             await node.start()  # its services (the replica, PXE) before any client
     except BaseException:
@@ -1554,7 +1562,8 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
             taken = await handover.take(chan, server)
             log.info(kv(handover="taken", connections=taken.adopted, refused=taken.refused,
                         seconds=f"{taken.seconds:.3f}"))
-            activation.ready("serving (taken over)", mainpid=os.getpid())
+            activation.ready("serving (taken over)",
+                             mainpid=os.getpid() if config.workers <= 1 else os.getppid())
         else:
             await server.start(unix_sock=unix_sock, reuse_port=reuse_port, sockets=sockets)
             activation.ready("serving")
@@ -1568,6 +1577,7 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
         await server.serve()
     finally:
         watchdog.stop()
+    return server.handed_over
 
 
 def _process_age() -> float:
@@ -1588,6 +1598,13 @@ def run(config: ServeConfig, *, services: Sequence[NodeService] = (),
     copy-on-write exports and workers, sockets that cannot be steered)."""
     _raise_fd_limit()
     sockets = activation.listen_sockets()
+    if config.handover and not sockets:
+        running = handover.running_workers(config.handover)
+        if running is not None and running != config.workers:
+            raise handover.HandoverError(
+                f"the server running at --handover {config.handover} has {running} "
+                f"worker(s), this one {config.workers}: a hand-over needs the same --workers "
+                "(restart it instead: clients reconnect)")
     if config.workers <= 1:
         hup = [False]  # a SIGHUP before the event loop handles them: applied once it does
         signal.signal(signal.SIGHUP, lambda _sig, _frame: hup.__setitem__(0, True))
@@ -1622,6 +1639,11 @@ WORKER_RESTART_WINDOW = 60.0
 
 #: The signals the parent of ``serve --workers`` hands on to its workers.
 FORWARDED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+#: ... blocked across a worker's fork, with SIGUSR2 (the parent's: a successor).
+BLOCKED = FORWARDED | {signal.SIGUSR2}
+#: The exit status of a worker that handed over to its successor's (``--handover``): not
+#: started again.
+HANDED_OVER = 75
 
 
 def _run_workers(config: ServeConfig, services: Sequence[NodeService],
@@ -1671,7 +1693,8 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         # parent started with them
         hup[0] = reloaded
         signal.signal(signal.SIGHUP, lambda _sig, _frame: hup.__setitem__(0, True))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the parent's (its event loop: warns)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
         tag_process()
         code = 0
         try:
@@ -1686,9 +1709,10 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
                 wcfg = replace(wcfg, cow_dir=os.path.join(cast(str, cow_dir),
                                                             f"worker-{i}"))
             loop = new_event_loop()
-            loop.run_until_complete(_run(wcfg, unix_sock=unix_sock, reuse_port=True,
-                                         services=_services_of_worker(services, i),
-                                         sockets=own, reload=reload, hup=hup))
+            if loop.run_until_complete(_run(wcfg, unix_sock=unix_sock, reuse_port=True,
+                                            services=_services_of_worker(services, i),
+                                            sockets=own, reload=reload, hup=hup)):
+                code = HANDED_OVER
         except BaseException:
             log.exception("worker failed")
             code = 1
@@ -1715,14 +1739,31 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         one that comes then reaches the parent's handler once the new pid is in ``workers``
         (and so is sent on to it), never a worker without handlers (it was lost, or a
         SIGTERM left the server running)."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         try:
             pid = spawn(i)
             workers[pid] = (i, time.monotonic())
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
         return pid
 
+    successor: list[subprocess.Popen[bytes]] = []
+
+    def start_successor(_sig: int, _frame: object) -> None:
+        # SIGUSR2 (--handover): start this program again; its workers take over ours
+        if not config.handover:
+            log.warning(kv(signal="SIGUSR2", ignored="no --handover socket to hand over on"))
+        elif successor and successor[-1].poll() is None:
+            log.warning(kv(signal="SIGUSR2", ignored=f"successor {successor[-1].pid} runs"))
+        else:
+            try:
+                successor[:] = [handover.spawn_successor()]
+            except OSError as e:
+                log.error(kv(signal="SIGUSR2", successor="not started", error=e))
+                return
+            log.info(kv(signal="SIGUSR2", successor=successor[-1].pid))
+
+    signal.signal(signal.SIGUSR2, start_successor)
     signal.signal(signal.SIGHUP, reload_all)  # before the first fork: none is lost
     for i in range(config.workers):
         start(i)
@@ -1737,6 +1778,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
+    handed_over = False  # a worker handed over: the successor serves the --unix socket now
     restarts: dict[int, deque[float]] = {}  # worker index -> when it was started again
     while workers:
         try:
@@ -1747,12 +1789,13 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
             continue
         i, started = workers.pop(pid)
         code = os.waitstatus_to_exitcode(st)
-        # a worker that exits by itself (0, or after SIGTERM/SIGINT: the whole service is
-        # being stopped) or fails at its start is not started again; one that is killed
-        # or fails while it serves is
-        crashed = code not in (0, -signal.SIGTERM, -signal.SIGINT)
+        # a worker that exits by itself (0, handed over, or after SIGTERM/SIGINT: the whole
+        # service is being stopped) or fails at its start is not started again; one that is
+        # killed or fails while it serves is
+        handed_over = handed_over or code == HANDED_OVER
+        crashed = code not in (0, HANDED_OVER, -signal.SIGTERM, -signal.SIGINT)
         if stopping or not crashed:
-            status = status or (1 if crashed else max(code, 0))
+            status = status or (1 if crashed else 0)
             continue
         now = time.monotonic()
         recent = restarts.setdefault(i, deque(maxlen=WORKER_RESTARTS))
@@ -1774,7 +1817,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     for socks in steered:
         for sk in socks:
             sk.close()
-    if config.unix:
+    if config.unix and not handed_over:
         with contextlib.suppress(OSError):
             os.unlink(config.unix)
     if cow_lock >= 0:

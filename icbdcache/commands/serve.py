@@ -230,8 +230,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                          "certificate)")
     if cfg.workers > 1 and cfg.trace:
         raise ValueError("--trace needs --workers 1 (one file, one writer)")
-    if cfg.workers > 1 and cfg.handover:
-        raise ValueError("--handover needs --workers 1 (one process hands over)")
+    if cfg.workers > 1 and cfg.handover and (cfg.store_cow or any(e.cow for e in cfg.exports)):
+        raise ValueError("--handover with copy-on-write exports needs --workers 1 (the "
+                         "sockets that steer each client to its worker cannot cross)")
     if cfg.max_connections < 1 or cfg.workers < 1:
         raise ValueError("--max-connections and --workers must be at least 1")
     if cfg.address_connections < 1 or cfg.address_handshakes < 1:

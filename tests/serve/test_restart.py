@@ -465,3 +465,65 @@ def test_handover_keeps_the_idle_clock_and_the_address_counts(servers: Servers, 
     assert re.search(r'event=refused .*reason="address connection limit"', new.text()), \
         new.text()
     assert 'closed="idle 6 s"' in new.text(), new.text()
+
+
+def test_workers_each_hand_over_to_the_successors_worker(servers: Servers, image: Path,
+                                                         tmp_path: Path) -> None:
+    """``--workers 2 --handover``: SIGUSR2 to the parent starts a successor; each old worker
+    hands its connections to the successor's worker of the same index, the old parent exits
+    0, and all 8 clients (on both workers) read on over the same TCP connections."""
+    port = free_port()
+    servers.args = handover_args(tmp_path, image, port, "--workers", "2")
+    old = servers.start()
+    wait_port("127.0.0.1", port)
+    old.wait_log(r"handover_socket=\S*-w0")
+    old.wait_log(r"handover_socket=\S*-w1")
+    clients = [connect(port, "disk", structured=True) for _ in range(8)]
+    try:
+        for c in clients:
+            assert c.read(0, 4096) == (0, expected(image, 0, 4096))
+        pids = {int(p) for p in re.findall(r"pid=(\d+) event=connect ", old.text())}
+        assert len(pids) == 2, old.text()  # both workers hold clients
+        old.proc.send_signal(signal.SIGUSR2)
+        succ = int(old.wait_log(r"signal=SIGUSR2 successor=(\d+)").group(1))
+        servers.pids.append(succ)
+        assert old.proc.wait(60) == 0, old.text()
+        for i, c in enumerate(clients):
+            off = (i + 1) * MiB
+            assert c.read(off, 8192) == (0, expected(image, off, 8192)), i
+        os.kill(succ, 0)  # the successor serves
+    finally:
+        for c in clients:
+            c.close()
+    text = old.text()  # the successor's log lines went to the old one's stdout
+    done = re.findall(r"pid=(\d+) event=handover handover=done to_pid=(\d+) connections=(\d+)",
+                      text)
+    assert {int(p) for p, _, _ in done} == pids, text
+    assert sum(int(n) for _, _, n in done) == 8, text
+    taken = re.findall(r"pid=(\d+) event=handover handover=taken connections=(\d+) refused=0",
+                       text)
+    assert {int(p) for p, _ in taken} == {int(t) for _, t, _ in done}, text
+    assert sum(int(n) for _, n in taken) == 8, text
+
+
+def test_a_successor_with_another_number_of_workers_is_refused(
+        servers: Servers, image: Path, tmp_path: Path) -> None:
+    """A successor started with ``--workers 1`` against a running ``--workers 2`` (or 3)
+    exits 1 naming both numbers before it takes anything; the running server serves on."""
+    port = free_port()
+    servers.args = handover_args(tmp_path, image, port)
+    old = servers.start("--workers", "2")
+    wait_port("127.0.0.1", port)
+    old.wait_log(r"handover_socket=.*-w1")
+    c = connect(port, "disk", structured=True)
+    try:
+        for n in ("1", "3"):
+            new = servers.start("--workers", n)
+            assert new.proc.wait(60) == 1, new.text()
+            assert (f"has 2 worker(s), this one {n}: a hand-over needs the same --workers"
+                    in new.text()), new.text()
+        assert c.read(2 * MiB, 4096) == (0, expected(image, 2 * MiB, 4096))
+        assert old.proc.poll() is None
+        assert "handover=begin" not in old.text()
+    finally:
+        c.close()
