@@ -190,6 +190,8 @@ class ServeConfig:
     #: (:mod:`icbdcache.metricsmerge`).
     worker: int = 0
     metrics_dir: str | None = None
+    #: Why ``workers`` is what it is when ``--workers`` was not given (logged at the start).
+    workers_why: str = ""
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -1606,6 +1608,8 @@ def run(config: ServeConfig, *, services: Sequence[NodeService] = (),
                 f"worker(s), this one {config.workers}: a hand-over needs the same --workers "
                 "(restart it instead: clients reconnect)")
     if config.workers <= 1:
+        if config.workers_why:
+            log.info(kv(event="workers", workers=1, why=config.workers_why))
         hup = [False]  # a SIGHUP before the event loop handles them: applied once it does
         signal.signal(signal.SIGHUP, lambda _sig, _frame: hup.__setitem__(0, True))
         loop = new_event_loop()
@@ -1678,6 +1682,8 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     hup = [False]  # in a worker: a SIGHUP to apply once its loop handles them
     reloaded = False  # the parent got a SIGHUP: a worker started again reloads at once
 
+    parent = os.getpid()
+
     def spawn(i: int) -> int:
         """Fork worker ``i``; return its pid (in the parent)."""
         pid = os.fork()
@@ -1694,12 +1700,16 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         hup[0] = reloaded
         signal.signal(signal.SIGHUP, lambda _sig, _frame: hup.__setitem__(0, True))
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the parent's (its event loop: warns)
+        _die_with_parent(parent)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
         tag_process()
         code = 0
         try:
             own: Sequence[socket.socket] = sockets
-            wcfg = replace(config, worker=i, metrics_dir=metrics_dir)
+            # the server's memory budgets are shared out: each worker holds its part
+            wcfg = replace(config, worker=i, metrics_dir=metrics_dir,
+                           hot_bytes=config.hot_bytes // config.workers,
+                           reply_budget=max(1, config.reply_budget // config.workers))
             if steered:
                 for j, socks in enumerate(steered):
                     if j != i:
@@ -1767,7 +1777,8 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     signal.signal(signal.SIGHUP, reload_all)  # before the first fork: none is lost
     for i in range(config.workers):
         start(i)
-    log.info(kv(workers=len(workers), pids=",".join(map(str, workers))))
+    log.info(kv(workers=len(workers), pids=",".join(map(str, workers)),
+                why=config.workers_why or "--workers"))
     stopping = False
 
     def forward(sig: int, _frame: object) -> None:
@@ -1825,6 +1836,21 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     if metrics_dir is not None:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a worker: be killed (SIGKILL) when the parent dies, as the workers of a killed
+    server must not serve on beside the server started again in its place (two processes
+    on one client's overlay); exit at once if it died already (``prctl(PR_SET_PDEATHSIG)``,
+    Linux)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning(kv(event="worker", pdeathsig="not set", errno=ctypes.get_errno()))
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _services_of_worker(services: Sequence[NodeService], index: int) -> list[NodeService]:

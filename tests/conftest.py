@@ -204,11 +204,12 @@ class Server:
 
 
 def start_server(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | None = None,
-                 listen: bool = True) -> Server:
-    """Start ``icbd-cache serve ARGS --listen host:port`` and wait until it accepts."""
+                 listen: bool = True, prefix: tuple[str, ...] = ()) -> Server:
+    """Start ``icbd-cache serve ARGS --listen host:port`` (after ``prefix``, a command such
+    as ``taskset -c 0``) and wait until it accepts."""
     port = port or free_port()
     log = tmp / f"serve-{port}.log"
-    cmd = [str(BIN / "icbd-cache"), "serve", *args]
+    cmd = [*prefix, str(BIN / "icbd-cache"), "serve", *args]
     if listen:
         cmd += ["--listen", f"{host}:{port}"]
     # TMPDIR: the default --cow-dir of writable exports goes with the test's own files.

@@ -18,7 +18,7 @@ Kinds (what a value may be, on the command line as text and in a file as TOML):
 ========  ==========================================  ========================================
 kind      command line                                file
 ========  ==========================================  ========================================
-str       the text (``parse``, ``choices`` apply)      a string
+str       the text (``parse``, ``choices`` apply)      a string (or an integer, with parse)
 int       a whole number                              an integer
 count     a whole number of at least 1                such an integer
 float     a number                                    an integer or a float (as float)
@@ -234,6 +234,9 @@ class Option:
         ok = True
         kind = self.kind
         if kind == "str":
+            if (self.parse is not None and isinstance(value, int)
+                    and not isinstance(value, bool)):
+                value = str(value)  # a number where a parsed text takes one (workers = 2)
             ok = isinstance(value, str)
         elif kind == "bool":
             ok = isinstance(value, bool)

@@ -11,6 +11,7 @@ import ssl
 import sys
 import tempfile
 import textwrap
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -51,6 +52,23 @@ clients:
 
 CACHE_GROUP = "cache (see docs/store.md)"
 LIMITS_GROUP = "limits (see docs/serve.md, LIMITS AND SHUTDOWN)"
+
+#: ``--workers auto``.
+AUTO = 0
+
+
+def parse_workers(text: str) -> int:
+    """``--workers``: a number of at least 1, or ``auto`` (:data:`AUTO`). Raises ValueError."""
+    if text.strip().lower() == "auto":
+        return AUTO
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"--workers {text!r}: a number or auto") from None
+    if n < 1:
+        raise ValueError("--workers must be at least 1 (or auto)")
+    return n
+
 
 SERVE = Command(
     "serve", "serve iMI images over NBD",
@@ -116,7 +134,8 @@ SERVE = Command(
             help="close a connection whose client has read none of its replies for this "
                  "long (default 60, 0: never)"),
      Option("reply-budget", "size", metavar="BYTES", group=LIMITS_GROUP,
-            help="replies in flight in the whole server; more requests wait (default 512M)"),
+            help="replies in flight in the whole server (each of N workers: 1/N of it); "
+                 "more requests wait (default 512M)"),
      Option("connection-reply-budget", "size", metavar="BYTES", group=LIMITS_GROUP,
             help="replies in flight on one connection; more requests wait, unread "
                  "(default 64M)"),
@@ -140,10 +159,12 @@ SERVE = Command(
                  "--handover takes the listening sockets and live connections of the one "
                  "running (which exits), so clients see no drop; SIGUSR2 makes the running "
                  "server start its successor itself (docs/serve.md)"),
-     Option("workers", "int", metavar="N",
+     Option("workers", metavar="N|auto", parse=parse_workers,
             help="server processes sharing the port (SO_REUSEPORT) and the store (each "
                  "chunk faulted once across them); with copy-on-write exports each client "
-                 "address is steered to one worker (default 1; docs/serve.md)"),
+                 "address is steered to one worker; auto: one per core this process may run "
+                 "on, or 1 where a setting needs one process (default 1: the connection "
+                 "limits hold per worker; docs/serve.md)"),
      Option("debug-requests", "bool", help="log every request (debug level)"),
      Option("trace", metavar="FILE",
             help="write every request as t_ms,conn,op,offset,count,lat_us (a boot trace for "
@@ -161,8 +182,8 @@ SERVE = Command(
      store_size_option("bound of the store's chunks (e.g. 50G); cold unpinned chunks are "
                        "evicted", group=CACHE_GROUP),
      Option("hot-size", "size", metavar="BYTES", dest="hot_bytes", aliases=("hot_bytes",),
-            group=CACHE_GROUP, help="chunks kept in process memory (default 1G); the "
-            "store writer's queue holds as much again at most (store.md)"),
+            group=CACHE_GROUP, help="chunks kept in memory (default 1G; each of N workers: "
+            "1/N of it); the store writer's queue holds as much again at most (store.md)"),
      Option("fault-timeout", "float", metavar="SECONDS", group=CACHE_GROUP,
             help="a read waiting on a missing chunk fails with EIO after this (default 10)"),
      Option("source-timeout", "float", metavar="SECONDS", group=CACHE_GROUP,
@@ -191,8 +212,13 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     listen = values.pop("listen") or []
     if not listen and not values["unix"]:
         listen = [parse_listen(f"0.0.0.0:{DEFAULT_PORT}")]
+    auto = values.get("workers") == AUTO
+    if auto or values.get("workers") is None:
+        values["workers"] = 1
     cfg = ServeConfig(exports=values.pop("exports") or [], listen=listen,
                       **{k: v for k, v in values.items() if v is not None})
+    if auto:
+        cfg.workers, cfg.workers_why = default_workers(cfg)
     if not cfg.exports and not cfg.store:
         raise ValueError("nothing to serve: give --export NAME=PATH or --store DIR")
     if any(e.is_upstream for e in cfg.exports) and not cfg.store:
@@ -247,6 +273,34 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("--reply-budget, --connection-reply-budget and "
                          "--address-reply-budget must be at least 1 byte")
     return cfg
+
+
+def default_workers(cfg: ServeConfig, environ: Mapping[str, str] | None = None,
+                    cores: int | None = None) -> tuple[int, str]:
+    """The number of workers of ``--workers auto``, and why: one per core this
+    process may run on (``cores``: that number, default :func:`os.sched_getaffinity`), or 1
+    where a setting needs a single process (``--trace``; copy-on-write exports with
+    ``--unix``, sockets passed by systemd (``environ``'s ``LISTEN_FDS``), ``--handover`` or
+    ``--tls-identity subject``)."""
+    from icbdcache.layers.cowdir import kept_by
+    from icbdcache.server import cow_dir_of
+
+    env = os.environ if environ is None else environ
+    n = cores if cores is not None else len(os.sched_getaffinity(0))
+    if cfg.trace:
+        return 1, "--trace writes one file from one process"
+    if cfg.store_cow or any(e.cow for e in cfg.exports):
+        # a client's overlay lives in one worker, reached through steered TCP sockets
+        for given_, what in ((cfg.unix, "--unix"), (env.get("LISTEN_FDS"), "sockets "
+                             "passed by systemd"), (cfg.handover, "--handover"),
+                             (cfg.tls_identity == "subject", "--tls-identity subject")):
+            if given_:
+                return 1, f"copy-on-write exports with {what}"
+        cow_dir = cow_dir_of(cfg)
+        kept = kept_by(cow_dir) if cow_dir is not None else None
+        if kept:  # its clients must find their overlays where they were kept
+            return kept, f"the overlays in --cow-dir were kept by {kept} worker(s)"
+    return max(1, n), "one per core" if n > 1 else "one core"
 
 
 def check_default_export(cfg: ServeConfig) -> None:

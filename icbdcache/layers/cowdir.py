@@ -92,23 +92,28 @@ def write_layout(path: str, workers: int) -> None:
     os.replace(tmp, os.path.join(path, LAYOUT_NAME))
 
 
+def kept_by(path: str) -> int | None:
+    """The number of workers that kept the overlays (or tombstones) ``path`` holds: None when
+    it holds none, 0 when that number is unknown (no layout record)."""
+    if not os.path.isdir(path):
+        return None
+    by_workers = [n for n in os.listdir(path)
+                  if n.startswith("worker-") and _holds_overlays(os.path.join(path, n))]
+    if not by_workers and not _holds_overlays(path):
+        return None
+    try:
+        with open(os.path.join(path, LAYOUT_NAME)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 1 if not by_workers else 0
+
+
 def check_layout(path: str, workers: int) -> None:
     """Raise ValueError when ``path`` holds overlays (or tombstones) kept by another number of
     workers than ``workers``: a client would be steered where its overlay is not, and be
     given the base's bytes in place of its own (docs/serve.md, --workers)."""
-    if not os.path.isdir(path):
-        return
-    by_workers = [n for n in os.listdir(path)
-                  if n.startswith("worker-") and _holds_overlays(os.path.join(path, n))]
-    held = bool(by_workers) or _holds_overlays(path)
-    if not held:
-        return
-    try:
-        with open(os.path.join(path, LAYOUT_NAME)) as f:
-            made = int(f.read().strip())
-    except (OSError, ValueError):
-        made = 1 if _holds_overlays(path) and not by_workers else 0
-    if made == workers:
+    made = kept_by(path)
+    if made is None or made == workers:
         return
     was = f"--workers {made}" if made else "another --workers"
     raise ValueError(

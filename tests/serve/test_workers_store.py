@@ -493,3 +493,58 @@ def test_metrics_of_two_workers_add_up(tmp_path: Path, server_factory: Any) -> N
         time.sleep(0.05)
     assert 1 in seen and seen[-1] == 2, seen
     assert "event=metrics_worker" in srv.log_text()
+
+
+def test_workers_die_with_a_killed_parent(tmp_path: Path, server_factory: Any) -> None:
+    """kill -9 of the serving parent: its workers go too (they served on as orphans, beside
+    the server started again in its place), and a server started again on the same port and
+    --cow-dir serves the client's overlay."""
+    img = make_image(tmp_path / "base.img", 4 * MiB)
+    cow = tmp_path / "cow"
+    cow.mkdir(mode=0o700)
+    srv = server_factory("--export", f"lab={img},cow", "--cow-dir", str(cow),
+                         "--workers", "2")
+    pids = worker_pids(srv)
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait(10)
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.05)
+    assert not alive, f"workers {alive} outlived their parent"
+    again = server_factory("--export", f"lab={img},cow", "--cow-dir", str(cow),
+                           "--workers", "2", port=srv.port)
+    assert len(worker_pids(again)) == 2
+
+
+def test_workers_auto_is_one_per_core_or_one_where_a_setting_needs_it(
+        tmp_path: Path, server_factory: Any) -> None:
+    """``--workers auto``: one worker per core the process may run on (2 here, 1 under
+    ``taskset -c 0``), 1 with ``--trace``; the start says why."""
+    from icbdcache.commands.serve import default_workers
+    from icbdcache.exports import ExportSpec
+    from icbdcache.server import ServeConfig
+
+    img = make_image(tmp_path / "base.img", 4 * MiB)
+    cfg = ServeConfig(exports=[ExportSpec.parse(f"lab={img}")], listen=[("127.0.0.1", 1)])
+    assert default_workers(cfg, {}, cores=8) == (8, "one per core")
+    assert default_workers(cfg, {}, cores=1) == (1, "one core")
+    cfg.trace = str(tmp_path / "t.csv")
+    assert default_workers(cfg, {}, cores=8)[0] == 1
+    cow = ServeConfig(exports=[ExportSpec.parse(f"lab={img},cow")], listen=[("127.0.0.1", 1)],
+                      cow_dir=str(tmp_path / "cow"))
+    assert default_workers(cow, {"LISTEN_FDS": "1"}, cores=8) == (
+        1, "copy-on-write exports with sockets passed by systemd")
+    assert default_workers(cow, {}, cores=8) == (8, "one per core")
+    cores = len(os.sched_getaffinity(0))
+    srv = server_factory("--export", f"lab={img}", "--workers", "auto")
+    if cores > 1:
+        assert len(worker_pids(srv)) == cores
+        assert 'why="one per core"' in srv.log_text()
+    require("taskset")
+    one = server_factory("--export", f"lab={img}", "--workers", "auto",
+                         prefix=("taskset", "-c", "0"))
+    m = re.search(r"event=workers workers=1 why=\"one core\"", one.log_text())
+    assert m, one.log_text()
