@@ -24,6 +24,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 
@@ -48,10 +50,31 @@ MAX_EXPOSITION = 16 << 20
 
 
 def socket_dir() -> str:
-    """A new directory (mode 0700) for the workers' sockets: under ``$TMPDIR``, or ``/tmp``
-    when that is too long a path for a Unix socket's 108 bytes. Raises OSError."""
+    """A new directory (mode 0700) for the workers' sockets, ``icbd-metrics-PID-*`` under
+    ``$TMPDIR`` (or ``/tmp`` when that is too long a path for a Unix socket's 108 bytes); the
+    directories of servers killed before they could remove theirs (their PID gone) are
+    removed first. Raises OSError."""
     base = tempfile.gettempdir()
-    return tempfile.mkdtemp(prefix="icbd-metrics-", dir=base if len(base) <= 64 else "/tmp")
+    base = base if len(base) <= 64 else "/tmp"
+    with contextlib.suppress(OSError):
+        for name in os.listdir(base):
+            pid = name.removeprefix("icbd-metrics-").partition("-")[0]
+            if name.startswith("icbd-metrics-") and pid.isdigit() and not _alive(int(pid)):
+                path = os.path.join(base, name)
+                st = os.lstat(path)  # a directory of ours, not a link someone put there
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                    shutil.rmtree(path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"icbd-metrics-{os.getpid()}-", dir=base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def socket_path(directory: str, worker: int) -> str:
@@ -153,8 +176,9 @@ class Gatherer:
             if isinstance(text, BaseException):
                 if path not in self._missing:
                     self._missing.add(path)
-                    log.warning(kv(event="metrics_worker", socket=path, error=text or
-                                   type(text).__name__, scrape="without it"))
+                    log.warning(kv(event="metrics_worker", socket=path,
+                                   error=str(text) or type(text).__name__,
+                                   scrape="without it"))
                 continue
             self._missing.discard(path)
             texts.append(text)

@@ -164,6 +164,9 @@ class Node:
         self.withdrawn: Callable[[VersionMeta], bool] | None = None
         self._reported = ReadStats()
         self._task: asyncio.Task[None] | None = None
+        #: :meth:`start` was called (a successor's worker that took nothing over starts
+        #: its node itself).
+        self.started = False
         self._inuse_task: asyncio.Task[None] | None = None
         self._inuse_write: asyncio.Future[None] | None = None
 
@@ -325,6 +328,7 @@ class Node:
         """Start the periodic task that persists counters and boot profiles, then the
         services. Raises what a service's start raises (after closing the ones started)."""
         loop = asyncio.get_running_loop()
+        self.started = True
         self._task = loop.create_task(self._persist_loop())
         self._inuse_task = loop.create_task(self._inuse_loop())
         started: list[NodeService] = []

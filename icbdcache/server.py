@@ -1487,9 +1487,43 @@ def _collectors(server: Server, node: Node | None) -> list[Any]:
     return out
 
 
-async def _start_metrics(config: ServeConfig, server: Server, node: Node | None) -> Any:
+async def _take_over(config: ServeConfig, server: Server, chan: handover.Channel) -> bool:
+    """Take the predecessor's sockets and connections on ``chan``; True when it did. A
+    worker of ``--workers N`` whose predecessor refuses or is gone before its sockets came
+    returns False (it then serves on a socket of its own: the other workers' clients, taken
+    over already, must not be dropped for it). Raises HandoverError in a single process."""
+    try:
+        taken = await handover.take(chan, server)
+    except handover.HandoverError as e:
+        if config.workers <= 1:
+            raise
+        log.warning(kv(handover="not taken", worker=config.worker, error=e,
+                       serving="on a socket of its own (a predecessor's worker that rolled "
+                               "back serves on beside it until it is stopped)"))
+        if server.node is not None and not server.node.started:
+            await server.node.start()
+        return False
+    log.info(kv(handover="taken", connections=taken.adopted, refused=taken.refused,
+                seconds=f"{taken.seconds:.3f}"))
+    return True
+
+
+async def _start_metrics(config: ServeConfig, server: Server, node: Node | None, *,
+                         wait: float = 0.0) -> Any:
     """``--metrics-listen``: this process's ``/metrics`` server; with workers, worker 0's
-    adds up every worker's and the others answer it on their sockets. Raises OSError."""
+    adds up every worker's and the others answer it on their sockets. ``wait``: seconds to
+    go on trying while the address is in use (a predecessor stopping). Raises OSError."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return await _open_metrics(config, server, node)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def _open_metrics(config: ServeConfig, server: Server, node: Node | None) -> Any:
     from icbdcache.metrics import MetricsServer, new_registry
 
     registry = new_registry(*_collectors(server, node))
@@ -1556,16 +1590,21 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
     metrics_server = None
     watchdog = activation.Watchdog()
     try:
-        if config.metrics_listen is not None:
+        if config.metrics_listen is not None and chan is None:
             metrics_server = await _start_metrics(config, server, node)
             server.metrics = metrics_server
         if chan is not None:
             # a server runs at --handover: take its sockets, services' ports and connections
-            taken = await handover.take(chan, server)
-            log.info(kv(handover="taken", connections=taken.adopted, refused=taken.refused,
-                        seconds=f"{taken.seconds:.3f}"))
-            activation.ready("serving (taken over)",
-                             mainpid=os.getpid() if config.workers <= 1 else os.getppid())
+            if await _take_over(config, server, chan):
+                activation.ready("serving (taken over)",
+                                 mainpid=os.getpid() if config.workers <= 1 else os.getppid())
+            else:
+                await server.start(unix_sock=unix_sock, reuse_port=reuse_port, sockets=sockets)
+                activation.ready("serving")
+            if config.metrics_listen is not None:
+                # the predecessor let go of the address as it stopped, just now
+                server.metrics = metrics_server = await _start_metrics(
+                    config, server, node, wait=config.grace + 5.0)
         else:
             await server.start(unix_sock=unix_sock, reuse_port=reuse_port, sockets=sockets)
             activation.ready("serving")

@@ -177,7 +177,7 @@ SAMPLES_BY_NAME: dict[str, Any] = {
     "pull-batch": 128, "pxe-tftp-port": "off", "tftp-port": 0, "http-port": "off",
     "pxe-http-port": 8088, "allow": ["10.0.0.0/8", "192.168.1.7/32"],
     "pxe-allow": ["10.1.0.0/16"], "metrics-listen": "127.0.0.1:9810",
-    "master": "https://master:10810",
+    "master": "https://master:10810", "workers": "3",
 }
 SAMPLES_BY_KIND: dict[str, Any] = {
     "str": "text", "int": 7, "count": 2, "float": 1.5, "seconds": 2.5, "size": "64M",

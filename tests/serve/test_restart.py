@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -527,3 +528,91 @@ def test_a_successor_with_another_number_of_workers_is_refused(
         assert "handover=begin" not in old.text()
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_handover_with_metrics_listen(servers: Servers, image: Path, tmp_path: Path,
+                                      workers: str) -> None:
+    """The shipped serve.toml's pair, ``--metrics-listen`` beside ``--handover``: the
+    successor bound the metrics address before taking over, found it in use and failed, so a
+    planned restart never happened (and with workers, the successor stopped all of them). Now
+    it listens there once the predecessor has let go; the client reads on and the successor
+    answers the scrape."""
+    port, mport = free_port(), free_port()
+    servers.args = handover_args(tmp_path, image, port, "--workers", workers,
+                                 "--metrics-listen", f"127.0.0.1:{mport}")
+    old = servers.start()
+    wait_port("127.0.0.1", port)
+    wait_port("127.0.0.1", mport)
+    c = connect(port, "disk", structured=True)
+    try:
+        assert c.read(0, 4096) == (0, expected(image, 0, 4096))
+        old.proc.send_signal(signal.SIGUSR2)
+        succ = int(old.wait_log(r"signal=SIGUSR2 successor=(\d+)").group(1))
+        servers.pids.append(succ)
+        assert old.proc.wait(60) == 0, old.text()
+        assert c.read(3 * MiB, 8192) == (0, expected(image, 3 * MiB, 8192))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics",
+                                            timeout=5) as r:
+                    text = r.read().decode()
+                if f"icbd_workers_scraped {float(workers)}" in text or workers == "1":
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, old.text()
+            time.sleep(0.1)
+        os.kill(succ, 0)
+        assert "icbd_nbd_connections" in text
+    finally:
+        c.close()
+    assert re.search(r"handover=taken connections=1 refused=0", old.text()), old.text()
+    assert "address already in use" not in old.text()
+
+
+def test_a_workers_handover_cut_off_keeps_what_crossed(servers: Servers, image: Path,
+                                                       tmp_path: Path) -> None:
+    """``--workers 2``: old worker 1 is killed in the middle of the hand-over. The
+    successor's worker 1 takes nothing and serves on a socket of its own; the clients its
+    worker 0 took over read on (the successor stopped every worker, dropping them)."""
+    port = free_port()
+    servers.args = handover_args(tmp_path, image, port, "--workers", "2")
+    old = servers.start()
+    wait_port("127.0.0.1", port)
+    old.wait_log(r"handover_socket=\S*-w1")
+    m = re.search(r"workers=2 pids=(\d+),(\d+)", old.text())
+    assert m, old.text()
+    w0, w1 = int(m.group(1)), int(m.group(2))
+    clients = [connect(port, "disk", structured=True) for _ in range(12)]
+    try:
+        for c in clients:
+            assert c.read(0, 4096) == (0, expected(image, 0, 4096))
+        on_w0 = [c for c in clients
+                 if f"pid={w0} event=connect conn=" in old.text()
+                 and re.search(rf"pid={w0} event=connect conn=\d+ peer=127\.0\.0\.1:"
+                               rf"{c.sock.getsockname()[1]} ", old.text())]
+        assert on_w0, old.text()
+        os.kill(w1, signal.SIGSTOP)
+        old.proc.send_signal(signal.SIGUSR2)
+        succ = int(old.wait_log(r"signal=SIGUSR2 successor=(\d+)").group(1))
+        servers.pids.append(succ)
+        old.wait_log(rf"pid={w0} event=handover handover=done")
+        time.sleep(0.5)
+        os.kill(w1, signal.SIGKILL)
+        old.wait_log(r'handover="not taken" worker=1')
+        for i, c in enumerate(on_w0):
+            off = (i + 1) * MiB
+            assert c.read(off, 8192) == (0, expected(image, off, 8192)), i
+        os.kill(succ, 0)  # the successor serves on
+        fresh = connect(port, "disk", structured=True)
+        try:
+            assert fresh.read(5 * MiB, 4096) == (0, expected(image, 5 * MiB, 4096))
+        finally:
+            fresh.close()
+    finally:
+        for c in clients:
+            with contextlib.suppress(OSError):
+                c.close()
+    assert "stopping the server" not in old.text(), old.text()
