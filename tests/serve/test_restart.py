@@ -273,6 +273,16 @@ def test_handover_rolls_back_when_the_successor_fails(servers: Servers, tmp_path
         c.close()
 
 
+def sigusr2_handover(servers: Servers, old: Proc) -> int:
+    """SIGUSR2 to ``old``: the successor it starts (noted for teardown) takes over, and
+    ``old`` exits 0. Returns the successor's PID."""
+    old.proc.send_signal(signal.SIGUSR2)
+    succ = int(old.wait_log(r"signal=SIGUSR2 successor=(\d+)").group(1))
+    servers.pids.append(succ)
+    assert old.proc.wait(60) == 0, old.text()
+    return succ
+
+
 def test_sigusr2_starts_a_successor_that_takes_over(servers: Servers, image: Path,
                                                     tmp_path: Path) -> None:
     """kill -USR2: the running server starts its own successor (same command line) which
@@ -284,10 +294,7 @@ def test_sigusr2_starts_a_successor_that_takes_over(servers: Servers, image: Pat
     c = connect(port, "disk", structured=True)
     try:
         assert c.read(0, 4096) == (0, expected(image, 0, 4096))
-        old.proc.send_signal(signal.SIGUSR2)
-        pid = int(old.wait_log(r"signal=SIGUSR2 successor=(\d+)").group(1))
-        servers.pids.append(pid)
-        assert old.proc.wait(60) == 0, old.text()
+        pid = sigusr2_handover(servers, old)
         assert re.search(r"handover=done .*connections=1 ", old.text())
         assert c.read(4 * MiB, 8192) == (0, expected(image, 4 * MiB, 8192))
         os.kill(pid, 0)  # the successor serves
@@ -485,10 +492,7 @@ def test_workers_each_hand_over_to_the_successors_worker(servers: Servers, image
             assert c.read(0, 4096) == (0, expected(image, 0, 4096))
         pids = {int(p) for p in re.findall(r"pid=(\d+) event=connect ", old.text())}
         assert len(pids) == 2, old.text()  # both workers hold clients
-        old.proc.send_signal(signal.SIGUSR2)
-        succ = int(old.wait_log(r"signal=SIGUSR2 successor=(\d+)").group(1))
-        servers.pids.append(succ)
-        assert old.proc.wait(60) == 0, old.text()
+        succ = sigusr2_handover(servers, old)
         for i, c in enumerate(clients):
             off = (i + 1) * MiB
             assert c.read(off, 8192) == (0, expected(image, off, 8192)), i
@@ -547,10 +551,7 @@ def test_handover_with_metrics_listen(servers: Servers, image: Path, tmp_path: P
     c = connect(port, "disk", structured=True)
     try:
         assert c.read(0, 4096) == (0, expected(image, 0, 4096))
-        old.proc.send_signal(signal.SIGUSR2)
-        succ = int(old.wait_log(r"signal=SIGUSR2 successor=(\d+)").group(1))
-        servers.pids.append(succ)
-        assert old.proc.wait(60) == 0, old.text()
+        succ = sigusr2_handover(servers, old)
         assert c.read(3 * MiB, 8192) == (0, expected(image, 3 * MiB, 8192))
         deadline = time.monotonic() + 20
         while True:
