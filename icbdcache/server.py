@@ -192,6 +192,8 @@ class ServeConfig:
     metrics_dir: str | None = None
     #: Why ``workers`` is what it is when ``--workers`` was not given (logged at the start).
     workers_why: str = ""
+    #: With workers: the connection counters they share (:mod:`icbdcache.sharedlimits`).
+    shared_counts: Any = None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -1024,8 +1026,17 @@ class Server:
         self.unknown_exports = Throttled(log, 1.0, logging.INFO)
         #: ``--allow`` (exports may narrow it with their own ``allow=`` lists).
         self.allow = AllowList(config.allow)
-        self.limits = ConnectionLimits(config.max_connections, config.address_connections,
-                                       config.address_handshakes, config.reserved_connections)
+        if config.shared_counts is not None:
+            from icbdcache.sharedlimits import SharedConnectionLimits
+
+            self.limits: ConnectionLimits = SharedConnectionLimits(
+                config.shared_counts, config.worker, config.max_connections,
+                config.address_connections, config.address_handshakes,
+                config.reserved_connections)
+        else:
+            self.limits = ConnectionLimits(config.max_connections, config.address_connections,
+                                           config.address_handshakes,
+                                           config.reserved_connections)
         self.budget = ReplyBudget(config.reply_budget, config.connection_reply_budget,
                                   config.address_reply_budget)
         #: Per export: [requests, read bytes, write bytes] of connections closed.
@@ -1722,6 +1733,11 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     reloaded = False  # the parent got a SIGHUP: a worker started again reloads at once
 
     parent = os.getpid()
+    # --max-connections and the per-address limits hold for the server: the workers count
+    # in one table (icbdcache/sharedlimits.py)
+    from icbdcache.sharedlimits import SharedCounts
+
+    counts = SharedCounts(config.workers)
 
     def spawn(i: int) -> int:
         """Fork worker ``i``; return its pid (in the parent)."""
@@ -1746,7 +1762,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         try:
             own: Sequence[socket.socket] = sockets
             # the server's memory budgets are shared out: each worker holds its part
-            wcfg = replace(config, worker=i, metrics_dir=metrics_dir,
+            wcfg = replace(config, worker=i, metrics_dir=metrics_dir, shared_counts=counts,
                            hot_bytes=config.hot_bytes // config.workers,
                            reply_budget=max(1, config.reply_budget // config.workers))
             if steered:
@@ -1846,6 +1862,12 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         crashed = code not in (0, HANDED_OVER, -signal.SIGTERM, -signal.SIGINT)
         if stopping or not crashed:
             status = status or (1 if crashed else 0)
+            continue
+        if handed_over or (successor and successor[-1].poll() is None):
+            # a hand-over has begun: the successor's worker of that index serves its port;
+            # one started again here would serve beside it, uncounted, and take its socket
+            log.warning(kv(event="worker_exited", worker=i, pid=pid, status=code,
+                           action="not started again: a successor takes over"))
             continue
         now = time.monotonic()
         recent = restarts.setdefault(i, deque(maxlen=WORKER_RESTARTS))

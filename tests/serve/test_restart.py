@@ -577,7 +577,8 @@ def test_a_workers_handover_cut_off_keeps_what_crossed(servers: Servers, image: 
                                                        tmp_path: Path) -> None:
     """``--workers 2``: old worker 1 is killed in the middle of the hand-over. The
     successor's worker 1 takes nothing and serves on a socket of its own; the clients its
-    worker 0 took over read on (the successor stopped every worker, dropping them)."""
+    worker 0 took over read on (the successor stopped every worker, dropping them). The old
+    parent does not start worker 1 again (it served on beside the successor) and exits."""
     port = free_port()
     servers.args = handover_args(tmp_path, image, port, "--workers", "2")
     old = servers.start()
@@ -603,6 +604,9 @@ def test_a_workers_handover_cut_off_keeps_what_crossed(servers: Servers, image: 
         time.sleep(0.5)
         os.kill(w1, signal.SIGKILL)
         old.wait_log(r'handover="not taken" worker=1')
+        # the old parent starts no worker beside the successor's, and goes
+        old.wait_log(r"worker=1 pid=\d+ status=-9 action=\"not started again: a successor")
+        assert old.proc.wait(30) == 0, old.text()
         for i, c in enumerate(on_w0):
             off = (i + 1) * MiB
             assert c.read(off, 8192) == (0, expected(image, off, 8192)), i
