@@ -192,8 +192,11 @@ class ServeConfig:
     metrics_dir: str | None = None
     #: Why ``workers`` is what it is when ``--workers`` was not given (logged at the start).
     workers_why: str = ""
-    #: With workers: the connection counters they share (:mod:`icbdcache.sharedlimits`).
+    #: With workers: the connection counters they share (:mod:`icbdcache.sharedlimits`),
+    #: and the step at which a successor's workers take over together
+    #: (:mod:`icbdcache.startbarrier`).
     shared_counts: Any = None
+    start_barrier: Any = None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -1256,6 +1259,10 @@ class Server:
             log.warning(kv(handover="listening where the predecessor did",
                            addresses=",".join(sorted(got)), configured=",".join(sorted(wanted))))
         await self.start(sockets=[s for _, s in listeners])
+        barrier = self.config.start_barrier
+        if barrier is not None:  # every worker of this server takes over, or none does
+            barrier.arrive(self.config.worker)
+            await barrier.wait(handover.READY_TIMEOUT - 10.0)
 
     async def adopt(self, state: dict[str, Any], sock: socket.socket, pending: bytes) -> bool:
         """Carry on a connection handed over by the predecessor (:meth:`NBDProtocol.quiesce`
@@ -1498,6 +1505,12 @@ def _collectors(server: Server, node: Node | None) -> list[Any]:
     return out
 
 
+def _arrive(config: ServeConfig) -> None:
+    """This worker serves: the successor's other workers need not wait for it."""
+    if config.start_barrier is not None:
+        config.start_barrier.arrive(config.worker)
+
+
 async def _take_over(config: ServeConfig, server: Server, chan: handover.Channel) -> bool:
     """Take the predecessor's sockets and connections on ``chan``; True when it did. A
     worker of ``--workers N`` whose predecessor refuses or is gone before its sockets came
@@ -1611,6 +1624,7 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                                  mainpid=os.getpid() if config.workers <= 1 else os.getppid())
             else:
                 await server.start(unix_sock=unix_sock, reuse_port=reuse_port, sockets=sockets)
+                _arrive(config)
                 activation.ready("serving")
             if config.metrics_listen is not None:
                 # the predecessor let go of the address as it stopped, just now
@@ -1618,6 +1632,7 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                     config, server, node, wait=config.grace + 5.0)
         else:
             await server.start(unix_sock=unix_sock, reuse_port=reuse_port, sockets=sockets)
+            _arrive(config)
             activation.ready("serving")
         server.start_handover()
     except BaseException:
@@ -1738,6 +1753,9 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     from icbdcache.sharedlimits import SharedCounts
 
     counts = SharedCounts(config.workers)
+    from icbdcache.startbarrier import StartBarrier
+
+    barrier = StartBarrier(config.workers)
 
     def spawn(i: int) -> int:
         """Fork worker ``i``; return its pid (in the parent)."""
@@ -1763,6 +1781,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
             own: Sequence[socket.socket] = sockets
             # the server's memory budgets are shared out: each worker holds its part
             wcfg = replace(config, worker=i, metrics_dir=metrics_dir, shared_counts=counts,
+                           start_barrier=barrier,
                            hot_bytes=config.hot_bytes // config.workers,
                            reply_budget=max(1, config.reply_budget // config.workers))
             if steered:
@@ -1805,6 +1824,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         (and so is sent on to it), never a worker without handlers (it was lost, or a
         SIGTERM left the server running)."""
         signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
+        barrier.reset(i)
         try:
             pid = spawn(i)
             workers[pid] = (i, time.monotonic())
@@ -1855,6 +1875,8 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
             continue
         i, started = workers.pop(pid)
         code = os.waitstatus_to_exitcode(st)
+        if not barrier.arrived(i):
+            barrier.fail()  # the others call off a hand-over they wait to finish
         # a worker that exits by itself (0, handed over, or after SIGTERM/SIGINT: the whole
         # service is being stopped) or fails at its start is not started again; one that is
         # killed or fails while it serves is

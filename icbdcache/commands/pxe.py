@@ -245,8 +245,6 @@ def serve_pxe_config(args: argparse.Namespace, serve: Any) -> Any:
         return None
     if not serve.store:
         raise ConfigError("--pxe needs --store DIR (it boots the store's versions)")
-    if serve.workers > 1:
-        raise ConfigError("--pxe needs --workers 1 (one TFTP and one HTTP server)")
     host, port = serve.listen[0] if serve.listen else ("", 10809)
     if not args.pxe_nbd_host and host in _ANY_ADDRESS:
         where = f"--listen {host or '0.0.0.0'}:{port}" if serve.listen else "--unix only"

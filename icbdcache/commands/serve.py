@@ -162,9 +162,8 @@ SERVE = Command(
      Option("workers", metavar="N|auto", parse=parse_workers,
             help="server processes sharing the port (SO_REUSEPORT) and the store (each "
                  "chunk faulted once across them); with copy-on-write exports each client "
-                 "address is steered to one worker; auto: one per core this process may run "
-                 "on, or 1 where a setting needs one process (default 1: the connection "
-                 "limits hold per worker; docs/serve.md)"),
+                 "address is steered to one worker; auto (the default): one per core this "
+                 "process may run on, or 1 where a setting needs one process (docs/serve.md)"),
      Option("debug-requests", "bool", help="log every request (debug level)"),
      Option("trace", metavar="FILE",
             help="write every request as t_ms,conn,op,offset,count,lat_us (a boot trace for "
@@ -212,8 +211,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     listen = values.pop("listen") or []
     if not listen and not values["unix"]:
         listen = [parse_listen(f"0.0.0.0:{DEFAULT_PORT}")]
-    auto = values.get("workers") == AUTO
-    if auto or values.get("workers") is None:
+    auto = values.get("workers") in (AUTO, None)
+    if auto:
         values["workers"] = 1
     cfg = ServeConfig(exports=values.pop("exports") or [], listen=listen,
                       **{k: v for k, v in values.items() if v is not None})

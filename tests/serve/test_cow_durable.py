@@ -66,10 +66,15 @@ def base(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """``servers(*args, port=P)`` starts ``icbd-cache serve``; all are stopped at the end."""
+    """``servers(*args, port=P)`` starts ``icbd-cache serve`` in one process (``--workers
+    1`` unless ``args`` say otherwise: the overlays are then in the ``--cow-dir`` itself,
+    not in its ``worker-I``; workers are tests/serve/test_workers_store.py's); all are
+    stopped at the end."""
     started: list[Server] = []
 
     def start(*args: str, port: int | None = None) -> Server:
+        if "--workers" not in args:
+            args = (*args, "--workers", "1")
         srv = start_server(tmp_path, *args, port=port)
         started.append(srv)
         return srv

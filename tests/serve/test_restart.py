@@ -576,9 +576,10 @@ def test_handover_with_metrics_listen(servers: Servers, image: Path, tmp_path: P
 def test_a_workers_handover_cut_off_keeps_what_crossed(servers: Servers, image: Path,
                                                        tmp_path: Path) -> None:
     """``--workers 2``: old worker 1 is killed in the middle of the hand-over. The
-    successor's worker 1 takes nothing and serves on a socket of its own; the clients its
-    worker 0 took over read on (the successor stopped every worker, dropping them). The old
-    parent does not start worker 1 again (it served on beside the successor) and exits."""
+    successor's worker 0 waits for its worker 1 before it takes any client; worker 1 takes
+    nothing and serves on a socket of its own; then worker 0's clients cross and read on
+    (the successor stopped every worker, dropping them). The old parent does not start
+    worker 1 again (it served on beside the successor) and exits."""
     port = free_port()
     servers.args = handover_args(tmp_path, image, port, "--workers", "2")
     old = servers.start()
@@ -600,10 +601,13 @@ def test_a_workers_handover_cut_off_keeps_what_crossed(servers: Servers, image: 
         old.proc.send_signal(signal.SIGUSR2)
         succ = int(old.wait_log(r"signal=SIGUSR2 successor=(\d+)").group(1))
         servers.pids.append(succ)
-        old.wait_log(rf"pid={w0} event=handover handover=done")
+        # the successor's worker 0 has its predecessor's sockets and waits for worker 1
+        old.wait_log(rf"pid={w0} event=handover handover=begin")
         time.sleep(0.5)
+        assert f"pid={w0} event=handover handover=done" not in old.text()
         os.kill(w1, signal.SIGKILL)
         old.wait_log(r'handover="not taken" worker=1')
+        old.wait_log(rf"pid={w0} event=handover handover=done")
         # the old parent starts no worker beside the successor's, and goes
         old.wait_log(r"worker=1 pid=\d+ status=-9 action=\"not started again: a successor")
         assert old.proc.wait(30) == 0, old.text()
@@ -621,3 +625,43 @@ def test_a_workers_handover_cut_off_keeps_what_crossed(servers: Servers, image: 
             with contextlib.suppress(OSError):
                 c.close()
     assert "stopping the server" not in old.text(), old.text()
+
+
+def test_a_successor_whose_worker_fails_takes_over_nothing(servers: Servers, tmp_path: Path,
+                                                            image: Path) -> None:
+    """``--workers 2 --pxe``: the successor's worker 0 cannot start its PXE service (its
+    HTTP port is taken). Its worker 1 had taken its predecessor's client over and was
+    stopped with it, so that client was lost. Now no worker takes a client before all have
+    started: both predecessors roll back, and every client reads on from the old server."""
+    store = tmp_path / "store"
+    subprocess.run([ICBD, "import", str(image), "--imi", "lab", "--store", str(store)],
+                   check=True, capture_output=True)
+    port, http = stable_port(), stable_port()
+    common = ["--store", str(store), "--listen", f"127.0.0.1:{port}", "--handover",
+              str(tmp_path / "handover.sock"), "--pxe", "--pxe-tftp-port", "off",
+              "--workers", "2"]
+    old = servers.start(*common, "--pxe-http-port", str(http))
+    wait_port("127.0.0.1", port)
+    old.wait_log(r"handover_socket=\S*-w0")
+    old.wait_log(r"handover_socket=\S*-w1")
+    clients = [connect(port, "lab@1") for _ in range(8)]
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    try:
+        for c in clients:
+            assert c.read(0, 4096) == (0, expected(image, 0, 4096))
+        pids = {int(p) for p in re.findall(r"pid=(\d+) event=connect ", old.text())}
+        assert len(pids) == 2, old.text()
+        new = servers.start(*common, "--pxe-http-port", str(blocker.getsockname()[1]))
+        assert new.proc.wait(60) != 0
+        assert len(re.findall(r'handover="rolled back"', old.text())) == 2, old.text()
+        assert "handover=done" not in old.text()
+        for i, c in enumerate(clients):
+            off = (i + 1) * MiB
+            assert c.read(off, 4096) == (0, expected(image, off, 4096)), i
+        assert old.proc.poll() is None
+    finally:
+        blocker.close()
+        for c in clients:
+            c.close()

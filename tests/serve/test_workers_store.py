@@ -302,11 +302,12 @@ def test_overlays_kept_by_another_number_of_workers_refuse_the_start(
     cow1 = tmp_path / "cow1"
     cow1.mkdir()
     args = ["--export", f"lab={img},cow", "--cow-dir", str(cow1)]
-    srv = server_factory(*args)
+    srv = server_factory(*args, "--workers", "1")
     write(srv)
     assert srv.stop() == 0
     refused(args, "2", "holds overlays kept by --workers 1")
-    srv = server_factory(*args)
+    srv = server_factory(*args)  # the default (auto) follows the overlays: one process
+    assert "the overlays in --cow-dir were kept by 1 worker(s)" in srv.log_text()
     assert read(srv) == mine
     assert srv.stop() == 0
 
@@ -548,3 +549,30 @@ def test_workers_auto_is_one_per_core_or_one_where_a_setting_needs_it(
                          prefix=("taskset", "-c", "0"))
     m = re.search(r"event=workers workers=1 why=\"one core\"", one.log_text())
     assert m, one.log_text()
+
+
+def test_pxe_runs_in_worker_0_of_two(tmp_path: Path, server_factory: Any) -> None:
+    """``--pxe --workers 2`` (refused before): the HTTP boot server runs in worker 0 alone and
+    answers the iPXE menu."""
+    import urllib.request
+
+    from conftest import free_port
+
+    img = make_image(tmp_path / "base.img", 4 * MiB)
+    store = tmp_path / "store"
+    subprocess.run([str(BIN / "icbd-cache"), *trusted(("import", str(img), "--imi", "lab",
+                    "--store", str(store), "-q"))], check=True)
+    http = free_port()
+    srv = server_factory("--store", str(store), "--workers", "2", "--pxe",
+                         "--pxe-tftp-port", "off", "--pxe-http-port", str(http))
+    pids = worker_pids(srv)
+    deadline = time.monotonic() + 20
+    while "event=pxe_ready" not in srv.log_text():
+        assert time.monotonic() < deadline, srv.log_text()
+        time.sleep(0.05)
+    with urllib.request.urlopen(f"http://127.0.0.1:{http}/boot.ipxe", timeout=10) as r:
+        script = r.read()
+    assert script.startswith(b"#!ipxe\n# icbd-cache boot menu"), script
+    holders = [p for p in pids for c in psutil.Process(p).net_connections(kind="tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == http]
+    assert holders == [pids[0]], holders
