@@ -67,9 +67,17 @@ def listen_sockets(environ: dict[str, str] | None = None, *,
     return socks
 
 
-def notify(message: str, environ: dict[str, str] | None = None) -> bool:
-    """Send ``message`` (``READY=1``, ``MAINPID=123\\nREADY=1``, ...) to ``$NOTIFY_SOCKET``;
-    False when there is none or it cannot be reached (never raises)."""
+#: Seconds :func:`notify` waits for room in the manager's queue (a full queue blocks a Unix
+#: datagram sender; ``net.unix.max_dgram_qlen`` is 10 by default).
+NOTIFY_WAIT = 1.0
+
+
+def notify(message: str, environ: dict[str, str] | None = None, *,
+           wait: float = NOTIFY_WAIT) -> bool:
+    """Send ``message`` (``READY=1``, ``MAINPID=123\\nREADY=1``, ...) to ``$NOTIFY_SOCKET``,
+    waiting at most ``wait`` seconds (0: not at all) for room in its queue; False when there
+    is none, it cannot be reached or it has no room (never raises). The event loop sends
+    these: a manager that reads nothing must not stop it."""
     env = os.environ if environ is None else environ
     path = env.get("NOTIFY_SOCKET")
     if not path or path[0] not in "/@":
@@ -77,6 +85,7 @@ def notify(message: str, environ: dict[str, str] | None = None) -> bool:
     addr = "\0" + path[1:] if path[0] == "@" else path
     with contextlib.suppress(OSError), \
             socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(wait)
         s.connect(addr)
         s.sendall(message.encode())
         return True
@@ -94,9 +103,11 @@ def ready(status: str = "", *, mainpid: int | None = None,
     return notify("\n".join(lines), environ)
 
 
-def stopping(status: str = "", *, environ: dict[str, str] | None = None) -> bool:
-    """``STOPPING=1``: the service begins to shut down."""
-    return notify("STOPPING=1" + (f"\nSTATUS={status}" if status else ""), environ)
+def stopping(status: str = "", *, environ: dict[str, str] | None = None,
+             wait: float = NOTIFY_WAIT) -> bool:
+    """``STOPPING=1``: the service begins to shut down (``wait``: as :func:`notify`)."""
+    return notify("STOPPING=1" + (f"\nSTATUS={status}" if status else ""), environ,
+                  wait=wait)
 
 
 def watchdog_interval(environ: dict[str, str] | None = None, *,
@@ -133,7 +144,7 @@ class Watchdog:
         self._ping()
 
     def _ping(self) -> None:
-        notify("WATCHDOG=1", self.environ)
+        notify("WATCHDOG=1", self.environ, wait=0)  # a full queue: this ping is dropped
         assert self.interval is not None
         self._handle = asyncio.get_running_loop().call_later(self.interval, self._ping)
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import itertools
 import logging
 import os
@@ -54,7 +53,7 @@ from icbdcache.access import AllowList
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
 from icbdcache.layers.cowdir import LOCK_NAME as COW_LOCK
-from icbdcache.layers.cowdir import CowDir, default_cow_dir, write_layout
+from icbdcache.layers.cowdir import CowDir, default_cow_dir, lock_soon, write_layout
 from icbdcache.limits import ConnectionLimits, ReplyBudget, reset
 from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import finish_loop, new_event_loop
@@ -1084,10 +1083,7 @@ class Server:
                     reuse_port=reuse_port or None, backlog=1024,
                 )
             except OSError as e:
-                what = ("address already in use (another icbd-cache serve, nbd-server, "
-                        "or a systemd socket unit holding it?)"
-                        if e.errno == errno.EADDRINUSE else e.strerror or str(e))
-                raise OSError(e.errno, f"--listen {_fmt_addr((host, port))}: {what}") from None
+                raise _listen_error(host, port, e) from None
             self.servers.append(srv)
             for s in srv.sockets:
                 log.info(kv(listening=_fmt_addr(s.getsockname()), tls=(
@@ -1665,6 +1661,7 @@ def run(config: ServeConfig, *, services: Sequence[NodeService] = (),
     copy-on-write exports and workers, sockets that cannot be steered)."""
     _raise_fd_limit()
     sockets = activation.listen_sockets()
+    running = None
     if config.handover and not sockets:
         running = handover.running_workers(config.handover)
         if running is not None and running != config.workers:
@@ -1684,6 +1681,8 @@ def run(config: ServeConfig, *, services: Sequence[NodeService] = (),
         finally:
             finish_loop(loop)
         return 0
+    if running is None and not sockets and cow_dir_of(config) is None:
+        _check_free(config.listen)  # the steered sockets of copy-on-write are the parent's
     return _run_workers(config, services, sockets, reload)
 
 
@@ -1774,6 +1773,8 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
         signal.signal(signal.SIGHUP, lambda _sig, _frame: hup.__setitem__(0, True))
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the parent's (its event loop: warns)
         _die_with_parent(parent)
+        if cow_lock >= 0:  # the parent's hold on --cow-dir ends with the parent
+            os.close(cow_lock)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
         tag_process()
         code = 0
@@ -1797,6 +1798,9 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
                                             services=_services_of_worker(services, i),
                                             sockets=own, reload=reload, hup=hup)):
                 code = HANDED_OVER
+        except (OSError, StoreError, ValueError, handover.HandoverError) as e:
+            log.error(kv(event="worker_failed", worker=i, error=e))
+            code = 1
         except BaseException:
             log.exception("worker failed")
             code = 1
@@ -1858,6 +1862,10 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
 
     def forward(sig: int, _frame: object) -> None:
         nonlocal stopping
+        if not stopping:
+            # the service's main process says so (its workers' event loops may find the
+            # manager's queue full and give up); no event loop here to hold up
+            activation.stopping(wait=5.0)
         stopping = True
         send_all(sig)
 
@@ -1921,6 +1929,34 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     return status
 
 
+def _listen_error(host: str, port: int, e: OSError) -> OSError:
+    """The error of ``--listen HOST:PORT`` that could not be bound."""
+    what = ("address already in use (another icbd-cache serve, nbd-server, or a systemd "
+            "socket unit holding it?)" if e.errno == errno.EADDRINUSE else e.strerror or str(e))
+    return OSError(e.errno, f"--listen {_fmt_addr((host, port))}: {what}")
+
+
+def _check_free(listen: Sequence[tuple[str, int]]) -> None:
+    """Bind each address once, without SO_REUSEPORT, before the workers bind it with it: an
+    address in use (also by another server's workers, whose group ours would otherwise join)
+    is refused here, in the parent. Raises OSError (:func:`_listen_error`)."""
+    for host, port in listen:
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise OSError(errno.EINVAL, f"--listen {host}:{port}: {e}") from None
+        for family, kind, proto, _, addr in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind(addr)
+                except OSError as e:
+                    raise _listen_error(host, port, e) from None
+
+
 def _die_with_parent(parent: int) -> None:
     """In a worker: be killed (SIGKILL) when the parent dies, as the workers of a killed
     server must not serve on beside the server started again in its place (two processes
@@ -1956,7 +1992,7 @@ def _hold_dir(path: str) -> int:
     os.makedirs(path, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(path, COW_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_soon(fd)
     except OSError:
         os.close(fd)
         raise OSError(f"--cow-dir {path} is in use by another icbd-cache server") from None

@@ -76,6 +76,29 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
     return int(proc.returncode)
 
 
+def kill_server(proc: subprocess.Popen[bytes], log: str, timeout: float = 15.0) -> None:
+    """SIGKILL a ``serve`` this test started, and wait until it and its workers (the PIDs
+    its ``log`` names: ``workers=N pids=A,B``) are gone: they die with it, a moment after
+    (PR_SET_PDEATHSIG), and hold the port and --cow-dir until then."""
+    import re
+
+    import psutil
+
+    m = re.search(r"workers=\d+ pids=([\d,]+)", log)
+    pids = [int(p) for p in m.group(1).split(",")] if m else []
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.02)
+
+
 #: Ports handed out by :func:`free_port` in this process (never handed out twice).
 _given_ports: set[int] = set()
 
@@ -197,6 +220,10 @@ class Server:
         return f"nbd://{self.host}:{self.port}/{export}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Stop it with ``sig``; its exit status. SIGKILL also waits for its workers."""
+        if sig == signal.SIGKILL and self.proc.poll() is None:
+            kill_server(self.proc, self.log_text(), timeout)
+            return int(self.proc.returncode)
         return stop_process(self.proc, sig, timeout)
 
     def log_text(self) -> str:
@@ -219,10 +246,28 @@ def start_server(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | Non
     srv = Server(proc, host, port, log, cmd)
     try:
         wait_port(host, port)
+        wait_serving(srv)
     except TimeoutError:
         srv.stop(signal.SIGKILL)
         raise RuntimeError(f"server did not start: {srv.log_text()}") from None
     return srv
+
+
+def wait_serving(srv: Server, timeout: float = 20.0) -> None:
+    """Until every process of ``srv`` logged that it serves (with workers the port accepts
+    before they do: its copy-on-write sockets are the parent's). Raises TimeoutError."""
+    import re
+
+    deadline = time.monotonic() + timeout
+    while True:
+        text = srv.log_text()
+        m = re.search(r'"?workers"?[=:] ?(\d+)', text)
+        want = int(m.group(1)) if m else 1
+        if len(re.findall(r'event"?[=:] ?"?serving', text)) >= want:
+            return
+        if srv.proc.poll() is not None or time.monotonic() >= deadline:
+            raise TimeoutError(f"not serving: {text[-2000:]}")
+        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -90,6 +91,25 @@ def write_layout(path: str, workers: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(path, LAYOUT_NAME))
+
+
+#: Seconds a server waits for the lock of a ``--cow-dir`` held by another process: one killed
+#: just now (a restart after a crash, the workers of a killed server) lets go within them.
+LOCK_WAIT = 5.0
+
+
+def lock_soon(fd: int, wait: float = LOCK_WAIT) -> None:
+    """``flock(fd, LOCK_EX)``, trying for at most ``wait`` seconds. Raises OSError (EWOULDBLOCK)
+    when it is still held then."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def kept_by(path: str) -> int | None:
@@ -201,7 +221,7 @@ class CowDir:
         fd = os.open(os.path.join(self.path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                      0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_soon(fd)
         except OSError:
             os.close(fd)
             raise OSError(f"--cow-dir {self.path} is in use by another icbd-cache server") \
@@ -226,7 +246,7 @@ class CowDir:
             return
         fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_soon(fd)
         except OSError:
             raise OSError(f"--cow-dir {path} is in use by another icbd-cache server") from None
         finally:

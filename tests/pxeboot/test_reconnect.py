@@ -26,7 +26,6 @@ import hashlib
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import BIN, free_port, require, stop_process, wait_port
+from conftest import BIN, free_port, kill_server, require, stop_process, wait_port
 
 from bench.vm import GUEST_APPEND, MARKER_RX, Unavailable, Vm, boot_vm, build_test_imi
 
@@ -114,9 +113,7 @@ class Site:
         return self.logs[n].read_text(errors="replace")
 
     def kill(self) -> None:
-        p = self.procs[-1]
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+        kill_server(self.procs[-1], self.log(-1))
 
     def boot(self, name: str) -> Vm:
         vm = boot_vm(name, f"http://10.0.2.2:{self.http}/boot.ipxe", GUEST_MAC,
@@ -282,8 +279,8 @@ def durable_overlays(tmp: Path) -> bool:
     procs = []
     try:
         for step in ("w", "r"):
-            procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL))
+            with open(tmp / "probe.log", "wb") as out:
+                procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT))
             wait_port("127.0.0.1", port)
             p = subprocess.run(["/usr/bin/python3", "-I", "-c", script,
                                 f"nbd://127.0.0.1:{port}/p", step], capture_output=True,
@@ -291,8 +288,7 @@ def durable_overlays(tmp: Path) -> bool:
             if p.returncode != 0:
                 return False
             if step == "w":
-                procs[-1].send_signal(signal.SIGKILL)
-                procs[-1].wait()
+                kill_server(procs[-1], (tmp / "probe.log").read_text(errors="replace"))
             else:
                 return p.stdout.strip() == "True"
     finally:

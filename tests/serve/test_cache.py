@@ -304,8 +304,10 @@ def test_sequential_misses_fault_the_next_chunks_ahead(
     start = 16 * CHUNK  # MiB 1: data (MiB 0, 4, 8, ... are holes)
     far = 13 * MiB + 5 * CHUNK
     for ahead, store in ((4, tmp_path / "s4"), (0, tmp_path / "s0")):
+        # one worker: each read below is a connection of its own, and which chunks were
+        # read (the sequential signal) is each worker's (a connection's reads reach one)
         srv = server_factory(*store_args(store, "--export", f"lab@1={up.uri}",
-                                         "--readahead", str(ahead)))
+                                         "--readahead", str(ahead), "--workers", "1"))
         before = len(up.reads())
 
         async def main(port: int = srv.port) -> None:

@@ -576,3 +576,21 @@ def test_pxe_runs_in_worker_0_of_two(tmp_path: Path, server_factory: Any) -> Non
     holders = [p for p in pids for c in psutil.Process(p).net_connections(kind="tcp")
                if c.status == psutil.CONN_LISTEN and c.laddr.port == http]
     assert holders == [pids[0]], holders
+
+
+def test_a_second_server_on_the_port_of_workers_is_refused(tmp_path: Path,
+                                                           server_factory: Any) -> None:
+    """A second ``serve --workers 2`` on the port of a running one: its workers would have
+    joined the first one's SO_REUSEPORT group and taken half its clients. It exits 1 naming
+    the address, before forking any worker."""
+    img = make_image(tmp_path / "base.img", 4 * MiB)
+    srv = server_factory("--export", f"lab={img}", "--workers", "2")
+    worker_pids(srv)
+    p = subprocess.run([str(BIN / "icbd-cache"), "serve", "--export", f"lab={img}",
+                        "--workers", "2", "--listen", f"127.0.0.1:{srv.port}"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"icbd-cache serve: [Errno 98] --listen 127.0.0.1:{srv.port}: address already in use "
+        "(another icbd-cache serve, nbd-server, or a systemd socket unit holding it?)")
+    assert "event=workers" not in p.stderr

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from datetime import datetime
@@ -41,26 +42,41 @@ MiB = 1 << 20
 
 
 class NotifySocket:
-    """The service manager's end of sd_notify: a datagram socket collecting messages."""
+    """The service manager's end of sd_notify: a datagram socket whose messages a thread
+    collects as they come, as systemd reads them (a queue left unread fills at
+    ``net.unix.max_dgram_qlen`` messages, and senders then block or give up)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
         self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+            except OSError:
+                return
 
     def wait_for(self, line: str, timeout: float = 30.0) -> list[str]:
-        """Read messages until one has ``line``; all read so far."""
+        """Wait until a message has ``line``; all read so far."""
         deadline = time.monotonic() + timeout
-        while not any(line in m.split("\n") for m in self.messages):
-            left = deadline - time.monotonic()
-            if left <= 0:
+        while not any(line in m.split("\n") for m in list(self.messages)):
+            if time.monotonic() >= deadline:
                 raise TimeoutError(f"no {line} in {self.messages}")
-            self.sock.settimeout(left)
-            self.messages.append(self.sock.recv(4096).decode())
-        return self.messages
+            time.sleep(0.02)
+        return list(self.messages)
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
         self.sock.close()
 
 
