@@ -58,6 +58,7 @@ from icbdcache.limits import ConnectionLimits, ReplyBudget, reset
 from icbdcache.log import Throttled, kv, tag_process
 from icbdcache.loop import finish_loop, new_event_loop
 from icbdcache.node import Node, NodeService
+from icbdcache.startbarrier import StartAborted, StartBarrier
 from icbdcache.store import Store, StoreError
 from nbd import wire
 from nbd.constants import Cmd, CmdFlag, Errno, Rep, TransmissionFlag
@@ -1320,7 +1321,8 @@ class Server:
     async def shutdown(self) -> None:
         """Stop accepting, finish in-flight replies within ``grace`` seconds, close all."""
         self.stopping = True
-        activation.stopping()
+        if self.config.workers <= 1:  # with workers, the parent says it
+            activation.stopping()
         for srv in self.servers:
             srv.close()
         conns = list(self.connections)
@@ -1752,8 +1754,6 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
     from icbdcache.sharedlimits import SharedCounts
 
     counts = SharedCounts(config.workers)
-    from icbdcache.startbarrier import StartBarrier
-
     barrier = StartBarrier(config.workers)
 
     def spawn(i: int) -> int:
@@ -1798,7 +1798,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
                                             services=_services_of_worker(services, i),
                                             sockets=own, reload=reload, hup=hup)):
                 code = HANDED_OVER
-        except (OSError, StoreError, ValueError, handover.HandoverError) as e:
+        except (OSError, StoreError, ValueError, handover.HandoverError, StartAborted) as e:
             log.error(kv(event="worker_failed", worker=i, error=e))
             code = 1
         except BaseException:
@@ -1862,12 +1862,13 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
 
     def forward(sig: int, _frame: object) -> None:
         nonlocal stopping
-        if not stopping:
-            # the service's main process says so (its workers' event loops may find the
-            # manager's queue full and give up); no event loop here to hold up
-            activation.stopping(wait=5.0)
+        first = not stopping
         stopping = True
         send_all(sig)
+        if first:
+            # the service's main process says so, its workers do not (a manager whose queue
+            # is full would hold each one's event loop); no event loop here to hold up
+            activation.stopping(wait=2.0)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

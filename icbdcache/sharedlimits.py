@@ -10,8 +10,10 @@ limit, and a client cannot choose whom it collides with. A worker writes its own
 and reads every row to decide (:class:`SharedConnectionLimits`). Admitting (read every row,
 then count) holds a POSIX record lock on a descriptor the workers share (``lockf``): two
 workers cannot both take the last place, and the kernel lets go of the lock of a worker that
-dies holding it. A worker started again after a crash zeroes its row first (its connections
-died with it).
+dies holding it. A worker never waits for it more than about 2 ms: one stopped while holding
+it (SIGSTOP, a debugger) would otherwise stop every other worker's event loop; past that it
+admits without the lock, and a limit may be passed by one connection. A worker started again
+after a crash zeroes its row first (its connections died with it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import fcntl
 import mmap
 import os
 import secrets
+import time
 
 import xxhash
 
@@ -48,6 +51,25 @@ class SharedCounts:
     def slot(self, address: str) -> int:
         """The slot of ``address`` (0 .. slots-1)."""
         return xxhash.xxh64_intdigest(address.encode(), seed=self.key) & (self.slots - 1)
+
+
+#: Tries (:data:`LOCK_PAUSE` seconds apart) to take the admit lock before admitting without
+#: it: a worker stopped while it holds the lock (SIGSTOP, a debugger) must not stop the
+#: others' event loops, which call this.
+LOCK_TRIES = 20
+LOCK_PAUSE = 0.0001
+
+
+def _lock(fd: int) -> bool:
+    """Take the admit lock without blocking for long; False when it stayed held (the
+    caller admits without it: a limit may then be passed by one connection)."""
+    for _ in range(LOCK_TRIES):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            time.sleep(LOCK_PAUSE)
+    return False
 
 
 class SharedConnectionLimits(ConnectionLimits):
@@ -90,14 +112,15 @@ class SharedConnectionLimits(ConnectionLimits):
 
     def admit(self, address: str) -> str | None:
         fd = self.table.lock_fd
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+        locked = _lock(fd)
         try:
             why = super().admit(address)
             if why is None:
                 self._add(address, 1, 1)
             return why
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN)
+            if locked:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
 
     def adopt(self, address: str) -> None:
         super().adopt(address)

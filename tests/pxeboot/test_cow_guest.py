@@ -107,7 +107,8 @@ def test_a_workstation_keeps_its_root_within_the_linger_and_boots_anew_after(
         anew_id, anew_count = root_as_the_client_sees_it(nbd.port, copy)
         assert re.fullmatch(r"[0-9a-f]{32}", anew_id) and anew_id != first_id
         assert anew_count == base_count + 1  # from the base image again: its first mount
-        assert len(list(cow.glob("ov-*.data"))) == 1  # the kept overlay is gone, a new one
+        # the kept overlay is gone, a new one (in COW_DIR/worker-I with workers)
+        assert len(list(cow.rglob("ov-*.data"))) == 1
     finally:
         pxe.stop()
         nbd.stop()
