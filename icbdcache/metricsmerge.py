@@ -29,6 +29,7 @@ import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 
+import psutil
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -59,7 +60,8 @@ def socket_dir() -> str:
     with contextlib.suppress(OSError):
         for name in os.listdir(base):
             pid = name.removeprefix("icbd-metrics-").partition("-")[0]
-            if name.startswith("icbd-metrics-") and pid.isdigit() and not _alive(int(pid)):
+            gone = pid.isdigit() and not psutil.pid_exists(int(pid))
+            if name.startswith("icbd-metrics-") and gone:
                 path = os.path.join(base, name)
                 st = os.lstat(path)  # a directory of ours, not a link someone put there
                 if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
@@ -67,14 +69,6 @@ def socket_dir() -> str:
     return tempfile.mkdtemp(prefix=f"icbd-metrics-{os.getpid()}-", dir=base)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def socket_path(directory: str, worker: int) -> str:

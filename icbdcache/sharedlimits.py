@@ -48,6 +48,10 @@ class SharedCounts:
         #: What :meth:`SharedConnectionLimits.admit` locks (record locks are per process).
         self.lock_fd = os.memfd_create("icbd-connection-limits", os.MFD_CLOEXEC)
 
+    def zero(self, offset: int, length: int) -> None:
+        """Zero ``length`` bytes of the table from byte ``offset``."""
+        self._map[offset:offset + length] = bytes(length)
+
     def slot(self, address: str) -> int:
         """The slot of ``address`` (0 .. slots-1)."""
         return xxhash.xxh64_intdigest(address.encode(), seed=self.key) & (self.slots - 1)
@@ -81,9 +85,8 @@ class SharedConnectionLimits(ConnectionLimits):
         super().__init__(max_connections, per_address, per_address_handshake, reserved)
         self.table = table
         self.base = worker * table.row
-        cells = table.cells
-        for i in range(self.base, self.base + table.row):  # a crashed predecessor's counts
-            cells[i] = 0
+        start = self.base * _INT  # a crashed predecessor's counts
+        table.zero(start, table.row * _INT)
 
     def _sum(self, offset: int) -> int:
         t = self.table
