@@ -162,6 +162,9 @@ class ServerView(Protocol):
     #: reason -> connections refused.
     refused: dict[str, int]
 
+    @property
+    def busy_poll_seconds(self) -> float: ...
+
 
 class ServerCollector:
     """The NBD server: connections and distinct clients per export (version), requests and
@@ -197,6 +200,9 @@ class ServerCollector:
                                for s in (([k, "read"], v[1]), ([k, "write"], v[2]))])
         yield counter("nbd_refused", "Connections refused, by reason", labels=["reason"],
                       samples=[([k], v) for k, v in sorted(self.server.refused.items())])
+        yield counter("busy_poll_seconds", "Seconds the event loop polled instead of sleeping "
+                      "after client requests (serve --busy-poll)",
+                      self.server.busy_poll_seconds)
 
 
 # ---------------------------------------------------------------------------- replica

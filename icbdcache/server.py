@@ -50,6 +50,7 @@ from typing import Any, cast
 
 from icbdcache import activation, handover, metricsmerge, steering, tlspeer
 from icbdcache.access import AllowList
+from icbdcache.busypoll import DEFAULT_WINDOW_US, BusyPoll
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
 from icbdcache.layers.base import Buffer, Client, Layer
 from icbdcache.layers.cowdir import LOCK_NAME as COW_LOCK
@@ -182,6 +183,8 @@ class ServeConfig:
     fault_timeout: float = 10.0
     source_timeout: float = 5.0
     readahead: int = 8
+    #: ``--busy-poll``: µs the event loop polls on after a client's request (0: off).
+    busy_poll_us: int = DEFAULT_WINDOW_US
     handover: str | None = None
     allow: list[str] = field(default_factory=list)
     metrics_listen: tuple[str, int] | None = None
@@ -319,6 +322,7 @@ class NBDProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self.debug = server.config.debug_requests
         self.tracer = server.tracer
+        self._busy = server.busy
         #: Parsed events (requests first of all) waiting for room in the reply budget.
         self.queue: deque[object] = deque()
         #: The streamed WRITE whose payload is arriving (:class:`nbd.events.WritePiece`).
@@ -535,6 +539,8 @@ class NBDProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ input
 
     def data_received(self, data: bytes) -> None:
+        if self._busy is not None:
+            self._busy.kick()
         try:
             events = self.sm.receive_data(data)
         except RemoteProtocolError as e:
@@ -1053,6 +1059,14 @@ class Server:
         self.started = time.monotonic()
         #: ``--metrics-listen``'s server (closed at shutdown), if any.
         self.metrics: Any = None
+        #: ``--busy-poll``: the loop polls on after each client read (None: off).
+        self.busy = (BusyPoll(asyncio.get_running_loop(), config.busy_poll_us / 1e6)
+                     if config.busy_poll_us > 0 else None)
+
+    @property
+    def busy_poll_seconds(self) -> float:
+        """Seconds spent busy polling (``--busy-poll``), 0 when off."""
+        return self.busy.seconds if self.busy is not None else 0.0
 
     async def start(self, *, unix_sock: socket.socket | None = None,
                     reuse_port: bool = False, sockets: Sequence[socket.socket] = ()) -> None:
