@@ -306,8 +306,9 @@ REPLICA = Command(
         "latest once complete. Keeps long-polling for new versions until stopped (SIGTERM), "
         "or with --once stops when what is subscribed is complete. 'icbd-cache serve "
         "--master' does the same inside the NBD server.", 78),
-    REPLICA_EXAMPLES + "\nexit status (--once): 0 complete, 1 a pull failed or the master "
-                       "refused us or stayed unreachable, 2 bad usage",
+    REPLICA_EXAMPLES + "\nexit status (--once): 0 complete, 1 a pull failed, the master has no "
+                       "version of a subscribed iMI, refused us or stayed unreachable, 2 bad "
+                       "usage",
     (store_option(),
      store_size_option("bound of the store's chunks; a version that does not fit beside the "
                        "pinned ones is an error (store full)"),

@@ -234,6 +234,8 @@ class Replica:
         self.config = config
         self.on_version = on_version
         self.subscriptions: list[str] = list(config.subscribe)
+        #: Subscribed iMIs found absent from the master's catalog (warned once each).
+        self._absent_told: set[str] = set()
         self.interval = 10.0
         self.generation = -1
         self.catalog: Catalog | None = None
@@ -534,6 +536,17 @@ class Replica:
             finally:
                 self.pulling = None
         self._retire(cat)
+        absent = [imi for imi in self.subscriptions
+                  if not any(v.imi == imi for v in cat.versions)]
+        for imi in absent:
+            if imi not in self._absent_told:
+                self._absent_told.add(imi)
+                log.warning(kv(replica=self.config.site, subscribe=imi,
+                               error="the master has no version of this iMI (yet)"))
+        if absent and self.config.once:  # nothing to pull is not "complete" for a script
+            print("icbd-cache replica: the master has no version of "
+                  + ", ".join(absent), file=sys.stderr)
+            ok = False
         if self.conflicts:
             self._set("error", "; ".join(conflict_text(k, h, m)
                                          for k, (h, m) in sorted(self.conflicts.items())))

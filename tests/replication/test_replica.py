@@ -338,6 +338,24 @@ def test_full_then_delta_synthetic(tmp_path: Path, procs: Procs) -> None:
     assert served_sha256(procs, rstore, "lab") == sha256_file(pair.v2)
 
 
+def test_once_with_an_iMI_the_master_lacks_fails(tmp_path: Path, procs: Procs) -> None:
+    """``--once --subscribe`` of an iMI the master has no version of (a typo) exits 1 and
+    names it; what it could pull (``lab``) is still pulled."""
+    pair = synthetic_pair(tmp_path)
+    mstore, rstore = tmp_path / "master", tmp_path / "replica"
+    publish(mstore, pair.v1)
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}"
+    r = run("replica", "--store", str(rstore), "--master", url, "--site", "s1",
+            "--subscribe", "lab", "--subscribe", "lba", "--once", check=False)
+    assert r.returncode == 1, r.stderr
+    assert "the master has no version of lba" in r.stderr
+    assert ls(rstore)["lab@1"]["pinned"]
+    ok = run("replica", "--store", str(rstore), "--master", url, "--site", "s2",
+             "--subscribe", "lab", "--once")
+    assert "replicated lab@1" in ok.stdout
+
+
 def _test_imi() -> Path:
     if os.geteuid() != 0:
         pytest.skip("building the test iMI needs root (debootstrap)")
