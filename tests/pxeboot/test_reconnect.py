@@ -26,6 +26,7 @@ import hashlib
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import BIN, free_port, kill_server, require, stop_process, wait_port
+from conftest import BIN, free_port, kill_server, require, start_server, stop_process, wait_port
 
 from bench.vm import GUEST_APPEND, MARKER_RX, Unavailable, Vm, boot_vm, build_test_imi
 
@@ -262,45 +263,37 @@ def test_planned_restart_hands_the_root_over(store: Path, tmp_path: Path,
         site.close()
 
 
-def durable_overlays(tmp: Path) -> bool:
-    """Whether a flushed write of a copy-on-write client survives SIGKILL of the server
-    (issue 12): write, flush, kill, restart, read back as the same client."""
+def check_durable_overlays(tmp: Path) -> None:
+    """A flushed write of a copy-on-write client survives SIGKILL of the server (issue 12):
+    write, flush, kill, restart, read back as the same client; AssertionError (with the
+    server's log) otherwise. The guest below relies on it, and a failure here says why more
+    plainly than a guest that finds its file gone."""
     require("nbdsh")
     base = tmp / "probe.img"
     base.write_bytes(bytes(1 << 20))
     cow = tmp / "probe-cow"
     cow.mkdir()
     port = stable_port()
-    args = [ICBD, "serve", "--export", f"p={base},cow", "--cow-dir", str(cow), "--listen",
-            f"127.0.0.1:{port}"]
+    args = ["--export", f"p={base},cow", "--cow-dir", str(cow)]
     script = ("import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n"
               "if sys.argv[2] == 'w':\n    h.pwrite(b'\\x5a' * 4096, 0)\n    h.flush()\n"
               "else:\n    print(h.pread(4096, 0) == b'\\x5a' * 4096)\n")
-    procs = []
-    try:
-        for step in ("w", "r"):
-            with open(tmp / "probe.log", "wb") as out:
-                procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT))
-            wait_port("127.0.0.1", port)
+    for step in ("w", "r"):
+        srv = start_server(tmp, *args, port=port)  # waits until every worker serves
+        try:
             p = subprocess.run(["/usr/bin/python3", "-I", "-c", script,
                                 f"nbd://127.0.0.1:{port}/p", step], capture_output=True,
                                text=True, timeout=60, cwd=tmp)
-            if p.returncode != 0:
-                return False
-            if step == "w":
-                kill_server(procs[-1], (tmp / "probe.log").read_text(errors="replace"))
-            else:
-                return p.stdout.strip() == "True"
-    finally:
-        for p in procs:
-            stop_process(p)
-    return False
+            assert p.returncode == 0, (p.stderr, srv.log_text()[-3000:])
+            if step == "r":
+                assert p.stdout.strip() == "True", ("the flushed write is gone after SIGKILL",
+                                                    srv.log_text()[-3000:])
+        finally:
+            srv.stop(signal.SIGKILL if step == "w" else signal.SIGTERM)
 
 
 def test_writable_root_reconnects_into_its_overlay(store: Path, tmp_path: Path) -> None:
-    if not durable_overlays(tmp_path):
-        pytest.skip("needs copy-on-write overlays that survive a restart of the server "
-                    "(issue 12): a flushed write did not come back after SIGKILL")
+    check_durable_overlays(tmp_path)
     cow = tmp_path / "cow"
     cow.mkdir()
     site = make_site(tmp_path, store, "--store-cow", "--cow-dir", str(cow),
