@@ -274,7 +274,7 @@ class Replica:
         versions: dict[str, dict[str, Any]] = {}
         subs = set(self.subscriptions)
         for m in self.store.versions():
-            if m.imi not in subs:
+            if m.imi not in subs or m.retired:  # withdrawn: no longer offered here
                 continue
             try:
                 held, need = self._held_of(m.key)

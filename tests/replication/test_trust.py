@@ -22,6 +22,7 @@ import pytest
 from conftest import free_port, make_image, require, sha256_file
 from oldstore import make_old
 from shared_store import ACK, client_from, read_all
+from test_master import get_json
 from test_replica import (
     ICBD,
     Procs,
@@ -273,6 +274,11 @@ def test_revoked_key_withdraws_the_versions_it_signed(tmp_path: Path, procs: Pro
         assert p.stdout.startswith("replicated lab@2:"), p.stdout  # lab@1 is not served
         held = ls(tmp_path / "site")
         assert held["lab@1"]["retired"] and held["lab@2"]["latest"], held
+        # the master's view: the site holds lab@2, not the withdrawn lab@1
+        [site] = [s for s in get_json(f"{url}/v1/admin/status")["sites"]
+                  if s["name"] == "site"]
+        assert sorted(site["versions"]) == ["lab@2"], site["versions"]
+        assert site["lag"]["lab"]["complete"], site["lag"]
         assert read_all(ws, 2 << 20) == v1.read_bytes()  # the attached workstation reads on
     finally:
         ws.close()
