@@ -236,6 +236,8 @@ class Replica:
         self.subscriptions: list[str] = list(config.subscribe)
         #: Subscribed iMIs found absent from the master's catalog (warned once each).
         self._absent_told: set[str] = set()
+        #: (version, error) of pulls that failed and were logged at ERROR (once each).
+        self._errors_told: set[tuple[str, str]] = set()
         self.interval = 10.0
         self.generation = -1
         self.catalog: Catalog | None = None
@@ -523,13 +525,21 @@ class Replica:
             try:
                 try:
                     await self.pull(rec)
+                    self._errors_told = {t for t in self._errors_told if t[0] != rec.key}
                 except (StoreError, OSError) as e:
                     raise PullError(f"store: {e}") from e
             except MasterNotFound as e:  # retired or withdrawn meanwhile
                 log.warning(kv(pull=rec.key, error=e))
                 ok = False
             except PullError as e:
-                log.error(kv(pull=rec.key, error=e))
+                said = (rec.key, str(e))
+                # once per version and error: the next syncs (every watch) meet it again,
+                # and the state, `stats` and the master's status keep saying it
+                (log.debug if said in self._errors_told else log.error)(
+                    kv(pull=rec.key, error=e))
+                if len(self._errors_told) >= 1024:
+                    self._errors_told.clear()
+                self._errors_told.add(said)
                 self.pulling = None
                 self._set("error", f"{rec.key}: {e}")
                 ok = False

@@ -177,6 +177,35 @@ def test_manifest_signed_by_another_key_is_refused(tmp_path: Path, procs: Procs)
     assert stats(rstore).get("replica_chunks", 0) == 0
 
 
+def test_a_refused_version_is_logged_as_an_error_once(tmp_path: Path,
+                                                      procs: Procs) -> None:
+    """A running replica meets the same refused manifest at every sync (each change of the
+    master's catalog, or every watch): the ERROR is logged once, the repeats at debug level
+    only (the state says it all along)."""
+    k = keys(tmp_path, "master", "other")
+    img = make_image(tmp_path / "v1.img", 2 << 20, seed=15)
+    mstore = tmp_path / "master"
+    plain("publish", str(img), "--store", str(mstore), "--imi", "lab", "-q",
+          "--signing-key", str(k["other"][0]))
+    m = procs.master(mstore)
+    url = f"http://127.0.0.1:{m.port}"
+    r = procs.replica("site", "-v", "--store", str(tmp_path / "site"), "--master", url,
+                      "--site", "s1", "--subscribe", "lab", "--trust-key", str(k["master"][1]))
+
+    def refusals() -> list[str]:
+        return [ln for ln in r.text().splitlines()
+                if "pull=lab@1" in ln and "does not trust" in ln]
+
+    wait_for("the first refusal", lambda: len(refusals()) == 1, timeout=60)
+    for n in (1, 2):  # two more catalog changes: two more syncs meet lab@1 again
+        other = make_image(tmp_path / f"x{n}.img", 1 << 20, seed=20 + n)
+        plain("publish", str(other), "--store", str(mstore), "--imi", f"x{n}", "-q",
+              "--signing-key", str(k["master"][0]))
+        wait_for(f"refusal {n + 1}", lambda n=n: len(refusals()) == n + 1, timeout=60)
+    levels = [ln.split()[1] for ln in refusals()]
+    assert levels == ["ERROR", "DEBUG", "DEBUG"], refusals()
+
+
 def test_unsigned_manifest_needs_insecure(tmp_path: Path, procs: Procs) -> None:
     k = keys(tmp_path, "master")
     img = make_image(tmp_path / "v1.img", 2 << 20, seed=14)
