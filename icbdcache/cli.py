@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from icbdcache import __version__
+from icbdcache import __version__, earlyhup  # noqa: F401  (before the commands)
 from icbdcache import log as logsetup
 from icbdcache.commands import demo, master, pxe, replica, serve, store, trust
 from icbdcache.commands.options import Command

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
-from icbdcache import activation, handover, metricsmerge, steering, tlspeer
+from icbdcache import activation, earlyhup, handover, metricsmerge, steering, tlspeer
 from icbdcache.access import AllowList
 from icbdcache.busypoll import DEFAULT_WINDOW_US, BusyPoll
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
@@ -1690,6 +1690,7 @@ def run(config: ServeConfig, *, services: Sequence[NodeService] = (),
             log.info(kv(event="workers", workers=1, why=config.workers_why))
         hup = [False]  # a SIGHUP before the event loop handles them: applied once it does
         signal.signal(signal.SIGHUP, lambda _sig, _frame: hup.__setitem__(0, True))
+        hup[0] = hup[0] or earlyhup.seen()  # or one that came during the imports
         loop = new_event_loop()
         try:
             loop.run_until_complete(_run(config, services=services, sockets=sockets,
@@ -1868,6 +1869,7 @@ def _run_workers(config: ServeConfig, services: Sequence[NodeService],
 
     signal.signal(signal.SIGUSR2, start_successor)
     signal.signal(signal.SIGHUP, reload_all)  # before the first fork: none is lost
+    reloaded = reloaded or earlyhup.seen()  # one during the imports: the workers reload
     for i in range(config.workers):
         start(i)
     log.info(kv(workers=len(workers), pids=",".join(map(str, workers)),

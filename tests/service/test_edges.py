@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -116,6 +117,62 @@ def test_sighup_is_logged_not_fatal(command: str, store: Path, tmp_path: Path) -
         wait_port("127.0.0.1", port)
     finally:
         assert stop_process(proc) == 0
+
+
+def _catches_sighup(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGHUP (``SigCgt`` of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_while_serve_starts_is_applied_not_fatal(store: Path, tmp_path: Path,
+                                                        workers: str) -> None:
+    """SIGHUPs sent every few ms from the moment ``serve`` catches them (early in its
+    imports, not once its server runs) until it serves: it starts, serves and reloads."""
+    port = free_port()
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([ICBD, "serve", "--store", str(store), "--listen",
+                                 f"127.0.0.1:{port}", "--workers", workers],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        sent = 0
+        deadline = time.monotonic() + 30
+        while not _catches_sighup(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        while "event=serving" not in log.read_text() or not sent:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.005)
+        wait_text(log, "event=reload")
+        time.sleep(0.3)
+        assert proc.poll() is None, log.read_text()
+        wait_port("127.0.0.1", port)
+    finally:
+        assert stop_process(proc) == 0
+
+
+def test_only_serve_catches_sighup_during_its_imports(tmp_path: Path) -> None:
+    """The early SIGHUP handler is serve's alone: other commands (a terminal that closes)
+    keep SIGHUP's default action."""
+    code = ("import os, signal, sys\n"
+            "sys.argv = ['icbd-cache', sys.argv[1]]\n"
+            "import icbdcache.cli\n"
+            "from icbdcache import earlyhup\n"
+            "os.kill(os.getpid(), signal.SIGHUP)\n"
+            "print('alive', earlyhup.seen())\n")
+    serve = subprocess.run([sys.executable, "-c", code, "serve"], capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert serve.stdout.split() == ["alive", "True"], serve.stderr
+    other = subprocess.run([sys.executable, "-c", code, "publish"], capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert other.returncode == -signal.SIGHUP and other.stdout == ""
 
 
 def test_bad_pins_name_their_file_and_number(tmp_path: Path) -> None:
