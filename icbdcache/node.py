@@ -396,7 +396,7 @@ class Node:
     async def _fill(self) -> None:
         try:
             await self.fill_hot_set()
-        except StoreError as e:  # a cache left cold is slower, not wrong
+        except Exception as e:  # (StoreError, lmdb's) a cache left cold is slower, not wrong
             log.warning(kv(event="hot_set_fill", error=e))
 
     async def _persist_loop(self) -> None:
