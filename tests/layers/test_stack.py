@@ -455,6 +455,38 @@ def test_hot_hits_become_access_ticks_and_eviction_stays_coldest_first(tmp_path:
         store.close()
 
 
+def test_a_chunk_read_again_soon_is_not_ticked_again(tmp_path: Path) -> None:
+    """Reads of a chunk whose access tick was handed to the writer less than TOUCH_AGAIN
+    seconds before are not handed again (a boot storm reads the same chunks again and
+    again); after two periods they are."""
+    from icbdcache.store import reader as reader_mod
+
+    store = Store(tmp_path / "s")
+    try:
+        parts = [DATA[i * CS : (i + 1) * CS] for i in range(3)]
+        keys = [digest(p) for p in parts]
+        store.write_batch(list(zip(keys, parts, strict=True)))
+        meta = VersionMeta("lab", "1", len(parts) * CS, CS, [])
+        reader = StoreReader(store, hot_bytes=1 << 30)
+        version = VersionLayer(reader, meta, bytearray(b"".join(keys)), ReadStats())
+
+        def read(*idx: int) -> int:
+            for i in idx:
+                assert joined(version.pread(i * CS, 512)) == parts[i][:512]  # type: ignore[arg-type]
+            return reader.flush_recent()
+
+        assert read(0, 1) == 2
+        assert read(0, 1, 0) == 0  # handed just now
+        assert read(1, 2) == 1  # only the new one
+        reader._ticked_since -= reader_mod.TOUCH_AGAIN  # one period later: still recent
+        assert read(0) == 0
+        reader._ticked_since -= reader_mod.TOUCH_AGAIN  # two: handed again
+        assert read(0, 1, 2) == 3
+        reader.close()
+    finally:
+        store.close()
+
+
 def test_the_fast_path_follows_a_learned_map_entry(store: Store) -> None:
     """A map entry learned after it was read as UNKNOWN is read anew (the version layer's
     cache of map entries drops it): the hit returns the learned chunk's bytes."""
