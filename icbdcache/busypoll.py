@@ -48,7 +48,8 @@ class BusyPoll:
         self.spinning = False
         #: Turns of the poll callback so far.
         self.spins = 0
-        #: Seconds spent polling so far (periods that have ended).
+        #: Seconds spent polling so far (periods that have ended; :meth:`polled` adds the
+        #: one under way).
         self.seconds = 0.0
         self._seen = 0
         self._since = 0.0
@@ -62,6 +63,14 @@ class BusyPoll:
             self._seen = self.kicks
             self._since = self._began = time.monotonic()
             self._loop.call_soon(self._spin)
+
+    def polled(self) -> float:
+        """Seconds spent polling so far, the period under way included (a server whose
+        clients keep it polling for hours is counted as it goes, not when it stops); never
+        less than an earlier answer."""
+        if self.spinning:
+            return self.seconds + time.monotonic() - self._began
+        return self.seconds
 
     def _spin(self) -> None:
         self.spins += 1

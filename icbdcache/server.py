@@ -1065,8 +1065,9 @@ class Server:
 
     @property
     def busy_poll_seconds(self) -> float:
-        """Seconds spent busy polling (``--busy-poll``), 0 when off."""
-        return self.busy.seconds if self.busy is not None else 0.0
+        """Seconds spent busy polling (``--busy-poll``), the period under way included; 0
+        when off."""
+        return self.busy.polled() if self.busy is not None else 0.0
 
     async def start(self, *, unix_sock: socket.socket | None = None,
                     reuse_port: bool = False, sockets: Sequence[socket.socket] = ()) -> None:

@@ -47,6 +47,31 @@ def test_the_poll_outlasts_its_window_and_ends() -> None:
     assert kicked[-1] - kicked[0] + 0.005 <= busy.seconds < span
 
 
+def test_a_poll_under_way_is_counted_as_it_goes() -> None:
+    """Kicks every 1 ms with a 50 ms window keep one poll going; asked in its middle (a
+    scrape during a boot storm that never lets the loop sleep), :meth:`BusyPoll.polled`
+    already counts the 30 ms or more it has lasted, and never goes back."""
+    loop = new_event_loop()
+    try:
+        busy = BusyPoll(loop, 0.05)
+        seen: list[float] = []
+
+        async def clients() -> None:
+            for i in range(40):
+                busy.kick()
+                if i >= 30:
+                    seen.append(busy.polled())
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.2)
+
+        loop.run_until_complete(clients())
+    finally:
+        loop.close()
+    assert busy.seconds > 0 and not busy.spinning
+    assert seen[0] >= 0.03, seen
+    assert seen == sorted(seen) and seen[-1] <= busy.polled() == busy.seconds
+
+
 def _read_all(uri: str, img: Path, cwd: Path) -> None:
     """READS 4 KiB reads one after another (iodepth 1) through libnbd's nbdsh, checked
     against the image's bytes. (``/usr/bin/python3 -I -m nbd`` from a directory of the
