@@ -11,7 +11,9 @@ Notes on the design
   polling"). Linux offers the same trade for real NICs (``SO_BUSY_POLL``,
   ``net.core.busy_poll``, in µs); this does it in user space, so it works for every socket,
   loopback included.
-* How. :meth:`BusyPoll.kick` (called for every batch of bytes a client sends) starts a
+* How. :meth:`BusyPoll.kick` (called for every batch of bytes a client in transmission
+  sends; not in the handshake: a peer not yet past TLS or an export's allow list must not
+  make the process poll) starts a
   callback that schedules itself with ``call_soon``. While one is scheduled, the loop polls
   with a zero timeout (uvloop/libuv and asyncio both do: ready callbacks mean "do not
   block"). The callback stops rescheduling once ``window`` seconds pass with no kick; the loop

@@ -539,7 +539,9 @@ class NBDProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ input
 
     def data_received(self, data: bytes) -> None:
-        if self._busy is not None:
+        if self._busy is not None and self.backend is not None:
+            # requests only: a peer still negotiating (before TLS, before the export
+            # decided it may connect) must not make the process poll
             self._busy.kick()
         try:
             events = self.sm.receive_data(data)
