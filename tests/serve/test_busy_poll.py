@@ -4,6 +4,7 @@ stop (docs/serve.md, "Busy polling")."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -152,6 +153,26 @@ def test_a_client_still_negotiating_does_not_make_the_server_poll(
                 assert c.read(i * 4096, 4096)[0] == 0
         time.sleep(0.2)
         assert samples(scrape(mport))["icbd_busy_poll_seconds_total"] > 0
+    finally:
+        srv.stop()
+
+
+def test_a_changed_window_is_reported_as_needing_a_restart(tmp_path: Path,
+                                                           image: Path) -> None:
+    """SIGHUP after ``busy_poll`` changed in the config file names it as the user knows it
+    (``restart_needed=busy-poll``, as ``revoked-key``), not as the field ``busy_poll_us``."""
+    conf = tmp_path / "serve.toml"
+    conf.write_text("busy_poll = 50\n")
+    srv = start_server(tmp_path, "--export", f"img={image}", "--workers", "1",
+                       "--config", str(conf))
+    try:
+        conf.write_text("busy_poll = 0\n")
+        srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "event=reload" not in srv.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reload = [ln for ln in srv.log_text().splitlines() if "event=reload" in ln]
+        assert len(reload) == 1 and reload[0].endswith("restart_needed=busy-poll"), reload
     finally:
         srv.stop()
 
