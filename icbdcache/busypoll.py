@@ -11,7 +11,9 @@ Notes on the design
   polling"). Linux offers the same trade for real NICs (``SO_BUSY_POLL``,
   ``net.core.busy_poll``, in µs); this does it in user space, so it works for every socket,
   loopback included.
-* How. :meth:`BusyPoll.kick` (called for every batch of bytes a client sends) starts a
+* How. :meth:`BusyPoll.kick` (called for every batch of bytes a client in transmission
+  sends; not in the handshake: a peer not yet past TLS or an export's allow list must not
+  make the process poll) starts a
   callback that schedules itself with ``call_soon``. While one is scheduled, the loop polls
   with a zero timeout (uvloop/libuv and asyncio both do: ready callbacks mean "do not
   block"). The callback stops rescheduling once ``window`` seconds pass with no kick; the loop
@@ -48,7 +50,8 @@ class BusyPoll:
         self.spinning = False
         #: Turns of the poll callback so far.
         self.spins = 0
-        #: Seconds spent polling so far (periods that have ended).
+        #: Seconds spent polling so far (periods that have ended; :meth:`polled` adds the
+        #: one under way).
         self.seconds = 0.0
         self._seen = 0
         self._since = 0.0
@@ -62,6 +65,14 @@ class BusyPoll:
             self._seen = self.kicks
             self._since = self._began = time.monotonic()
             self._loop.call_soon(self._spin)
+
+    def polled(self) -> float:
+        """Seconds spent polling so far, the period under way included (a server whose
+        clients keep it polling for hours is counted as it goes, not when it stops); never
+        less than an earlier answer."""
+        if self.spinning:
+            return self.seconds + time.monotonic() - self._began
+        return self.seconds
 
     def _spin(self) -> None:
         self.spins += 1

@@ -539,7 +539,9 @@ class NBDProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ input
 
     def data_received(self, data: bytes) -> None:
-        if self._busy is not None:
+        if self._busy is not None and self.backend is not None:
+            # requests only: a peer still negotiating (before TLS, before the export
+            # decided it may connect) must not make the process poll
             self._busy.kick()
         try:
             events = self.sm.receive_data(data)
@@ -1065,8 +1067,9 @@ class Server:
 
     @property
     def busy_poll_seconds(self) -> float:
-        """Seconds spent busy polling (``--busy-poll``), 0 when off."""
-        return self.busy.seconds if self.busy is not None else 0.0
+        """Seconds spent busy polling (``--busy-poll``), the period under way included; 0
+        when off."""
+        return self.busy.polled() if self.busy is not None else 0.0
 
     async def start(self, *, unix_sock: socket.socket | None = None,
                     reuse_port: bool = False, sockets: Sequence[socket.socket] = ()) -> None:

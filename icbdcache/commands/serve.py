@@ -478,6 +478,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 RELOADABLE = frozenset({"allow", "log_format", "verbose", "quiet"})
 
 
+def _setting_name(field: str) -> str:
+    """The name a user knows a ServeConfig field by: its option's (``busy-poll`` for
+    ``busy_poll_us``, ``hot-size`` for ``hot_bytes``), else the field's own."""
+    try:
+        return SERVE.option(field).name
+    except KeyError:
+        return field
+
+
 def reload_serve(args: argparse.Namespace, running: ServeConfig, srv: Any) -> None:
     """SIGHUP: read the command line and ``--config`` file again and apply what can change
     while serving: ``--allow``, the PXE boot settings (pins, menus, templates) and the log
@@ -495,7 +504,7 @@ def reload_serve(args: argparse.Namespace, running: ServeConfig, srv: Any) -> No
             svc.reload(pxe_config.settings, pxe_config.allow)
     srv.set_allow(cfg.allow)
     logsetup.setup(-1 if fresh.quiet else fresh.verbose, fresh.log_format)
-    differ = sorted(f.name for f in dataclasses.fields(ServeConfig)
+    differ = sorted(_setting_name(f.name) for f in dataclasses.fields(ServeConfig)
                     if f.name not in RELOADABLE
                     and getattr(cfg, f.name) != getattr(running, f.name))
     # the replica's settings (--master, --trust-key, --revoked-key, ...) are not ServeConfig
