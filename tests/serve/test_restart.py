@@ -685,6 +685,12 @@ def test_a_successor_whose_worker_fails_takes_over_nothing(servers: Servers, tmp
         assert len(pids) == 2, old.text()
         new = servers.start(*common, "--pxe-http-port", str(blocker.getsockname()[1]))
         assert new.proc.wait(60) != 0
+        # each predecessor's worker logs its roll-back as it sees the successor gone: maybe
+        # after the successor has exited
+        deadline = time.monotonic() + 30
+        while (len(re.findall(r'handover="rolled back"', old.text())) < 2
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         assert len(re.findall(r'handover="rolled back"', old.text())) == 2, old.text()
         assert "handover=done" not in old.text()
         for i, c in enumerate(clients):
