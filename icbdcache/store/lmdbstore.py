@@ -365,12 +365,13 @@ class Store(VersionLifecycle):
         """The keys in ``keys`` (not ZERO or UNKNOWN) that are not held, without duplicates."""
         out: list[bytes] = []
         seen: set[bytes] = set()
-        with self._txn(db=self.db["chunks"], buffers=True) as txn:
+        with self._txn(db=self.db["chunks"], buffers=True) as txn, txn.cursor() as cur:
+            has = cur.set_key  # no value returned: not every page of it touched (held_of)
             for k in keys:
                 if k in seen or k in (ZERO, UNKNOWN):
                     continue
                 seen.add(k)
-                if txn.get(k) is None:
+                if not has(k):
                     out.append(k)
         return out
 
@@ -405,7 +406,7 @@ class Store(VersionLifecycle):
     @lmdb_errors
     def write_batch(
         self,
-        chunks: Iterable[tuple[bytes, bytes]] = (),
+        chunks: Iterable[tuple[bytes, bytes | bytearray | memoryview]] = (),
         map_updates: Iterable[tuple[str, int, bytes]] = (),
         touched: Iterable[bytes] = (),
         stats: dict[str, int] | None = None,
@@ -420,8 +421,10 @@ class Store(VersionLifecycle):
         access ticks for ``touched`` digests, add ``stats`` counters, note the chunks as
         protected by the pending version ``protect`` (an import or publish copying them: no
         eviction takes them), then evict cold chunks while over ``size_limit``. Returns the
-        bytes of chunks added."""
-        items = [(k, bytes(v)) for k, v in chunks]
+        bytes of chunks added. A chunk given as bytes or a read-only memoryview is not copied
+        before LMDB copies it into its pages (a bytearray, which may change, is)."""
+        items = [(k, v if type(v) is bytes or (type(v) is memoryview and v.readonly)
+                  else bytes(v)) for k, v in chunks]
         if not verified:
             for k, v in items:
                 if digest(v) != k:
@@ -430,7 +433,7 @@ class Store(VersionLifecycle):
         return self._transact(
             lambda txn: self._write(txn, items, updates, touched, stats, protect))
 
-    def _write(self, txn: Any, items: list[tuple[bytes, bytes]],
+    def _write(self, txn: Any, items: list[tuple[bytes, bytes | memoryview]],
                updates: list[tuple[str, int, bytes]], touched: Iterable[bytes],
                stats: dict[str, int] | None, protect: str | None) -> int:
         chunks_db, atime_db, meta_db = self.db["chunks"], self.db["atime"], self.db["meta"]
@@ -663,16 +666,21 @@ class Store(VersionLifecycle):
             if blob is None:
                 raise StoreError(f"no chunk map for {key}")
             blob = bytes(blob)
-            chunks_db = self.db["chunks"]
             held = need = 0
-            for i in range(meta.chunks):
-                d = blob[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
-                if d == ZERO:
-                    continue
-                n = min(meta.chunk_size, meta.size - i * meta.chunk_size)
-                need += n
-                if d != UNKNOWN and txn.get(d, db=chunks_db) is not None:
-                    held += n
+            with txn.cursor(db=self.db["chunks"]) as cur:
+                # set_key returns no value: txn.get touches every page of the value it
+                # returns (py-lmdb preloads it), 16 per chunk, where LMDB alone reads the
+                # first (its header); a 1.4 GB version in a store copied file by file was
+                # checked in 0.06 s instead of 0.12 s
+                has = cur.set_key
+                for i in range(meta.chunks):
+                    d = blob[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+                    if d == ZERO:
+                        continue
+                    n = min(meta.chunk_size, meta.size - i * meta.chunk_size)
+                    need += n
+                    if d != UNKNOWN and has(d):
+                        held += n
         return held, need
 
     # ------------------------------------------------------------------ records
