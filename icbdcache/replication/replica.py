@@ -139,9 +139,10 @@ REPORT_EVERY = 10.0
 
 @dataclass
 class _Fetched:
-    """What one chunk request brought: good chunks (digest, bytes) and its counts."""
+    """What one chunk request brought: good chunks (digest, bytes or a read-only view into
+    the body received, :meth:`MasterClient.chunk_views`) and its counts."""
 
-    chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
+    chunks: list[tuple[bytes, bytes | memoryview]] = field(default_factory=list)
     bytes: int = 0
     wire: int = 0
     corrupt: int = 0
@@ -983,9 +984,10 @@ class Replica:
         c.requests += 1
         out = _Fetched()
         tally = TransferCounters()
-        got: list[tuple[bytes, bytes]] = []
+        got: list[tuple[bytes, bytes | memoryview]] = []
         try:
-            async for f in self.client.chunks(batch, tally):
+            # views into the body as received: a chunk is not copied before LMDB copies it
+            async for f in self.client.chunk_views(batch, tally):
                 if f.data is None:
                     out.missing += 1
                 else:
@@ -1002,16 +1004,16 @@ class Replica:
         return out
 
     @staticmethod
-    def _verify(got: list[tuple[bytes, bytes]], lengths: dict[bytes, int],
+    def _verify(got: list[tuple[bytes, bytes | memoryview]], lengths: dict[bytes, int],
                 strong: dict[bytes, bytes], key: str | None
-                ) -> tuple[list[tuple[bytes, bytes]], int]:
+                ) -> tuple[list[tuple[bytes, bytes | memoryview]], int]:
         """In a worker thread: the chunks of ``got`` (digest, bytes) that match their
         xxh3-128 digest, their length in the chunk map (``lengths``) and the BLAKE3-256 the
         version's signed manifest gives (``strong``: digest -> strong digest; a chunk the
         xxh3 digest alone would have let in is a forged collision), each computed once; and
         how many were refused (a refused chunk is still missing: a later round asks for it
         again)."""
-        good: list[tuple[bytes, bytes]] = []
+        good: list[tuple[bytes, bytes | memoryview]] = []
         refused = 0
         for d, data in got:
             if digest(data) != d:
@@ -1065,7 +1067,8 @@ class Replica:
         except (StoreError, OSError) as e:
             raise PullError(f"store write failed: {e}{self._disk_note()}") from e
 
-    def _write(self, chunks: list[tuple[bytes, bytes]], stats: dict[str, int]) -> int:
+    def _write(self, chunks: list[tuple[bytes, bytes | memoryview]],
+               stats: dict[str, int]) -> int:
         """In a worker thread: ``chunks`` (verified by :meth:`_verify`: their digests are
         not computed again) and ``stats`` in one transaction. Returns the bytes added.
         Raises StoreError."""
