@@ -545,7 +545,9 @@ class MasterClient:
                                              expect=digests, views=True)
                 except WireError as e:
                     raise MasterProtocolError(f"{self.url}: {what}: {e}") from e
-                async for data in resp.content.iter_any():
+                # iter_chunks: each piece as the connection handed it over (iter_any joins
+                # the pieces buffered meanwhile into one: a copy of most of the body)
+                async for data, _ in resp.content.iter_chunks():
                     for c in tallies:
                         c.wire_bytes += len(data)
                     try:
