@@ -172,6 +172,7 @@ class Store(VersionLifecycle):
             raise StoreError(f"cannot open store {self.path}: {e}") from e
         self._gate = TxnGate()
         self._write_lock = threading.Lock()
+        self._fd: int | None = None  # data.mdb, for write_batch(uncached=True)
         #: version key -> (its stored metadata's bytes, their instance): a fault's look at
         #: the stored map (:meth:`map_entry`) decodes a version's JSON once, not every time
         self._instances: dict[bytes, tuple[bytes, str]] = {}
@@ -218,6 +219,9 @@ class Store(VersionLifecycle):
 
     @lmdb_errors
     def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
         self.env.close()
 
     # ------------------------------------------------------------------ transactions
@@ -413,6 +417,7 @@ class Store(VersionLifecycle):
         *,
         protect: str | None = None,
         verified: bool = False,
+        uncached: bool = False,
     ) -> int:
         """One write transaction: store ``chunks`` ((digest, bytes), each verified; raises
         ChunkMismatch before anything is written if one does not match; ``verified``: the
@@ -422,7 +427,12 @@ class Store(VersionLifecycle):
         protected by the pending version ``protect`` (an import or publish copying them: no
         eviction takes them), then evict cold chunks while over ``size_limit``. Returns the
         bytes of chunks added. A chunk given as bytes or a read-only memoryview is not copied
-        before LMDB copies it into its pages (a bytearray, which may change, is)."""
+        before LMDB copies it into its pages (a bytearray, which may change, is).
+        ``uncached``: once the transaction is committed (and synced), the pages it appended to
+        the store's file are dropped from the page cache (:meth:`_drop_cached`), for a bulk
+        writer whose chunks no reader has asked for (a replica's pull): its next transaction's
+        pages are then the ones just freed. Only a cache: what a process maps of them stays,
+        and a later read takes them from the disk."""
         items = [(k, v if type(v) is bytes or (type(v) is memoryview and v.readonly)
                   else bytes(v)) for k, v in chunks]
         if not verified:
@@ -430,8 +440,45 @@ class Store(VersionLifecycle):
                 if digest(v) != k:
                     raise ChunkMismatch(f"chunk {k.hex()} does not match its bytes")
         updates = list(map_updates)
-        return self._transact(
-            lambda txn: self._write(txn, items, updates, touched, stats, protect))
+        if not uncached:
+            return self._transact(
+                lambda txn: self._write(txn, items, updates, touched, stats, protect))
+        start: list[int] = []
+
+        def fn(txn: Any) -> int:
+            start.append(self._file_size())  # LMDB's writer lock is held: no other appends
+            return self._write(txn, items, updates, touched, stats, protect)
+
+        added = self._transact(fn)
+        self._drop_cached(start[-1])
+        return added
+
+    def _data_fd(self) -> int:
+        """A read-only descriptor of the store's ``data.mdb`` (opened once, closed by
+        :meth:`close`), for its size and page-cache advice. Raises OSError."""
+        if self._fd is None:
+            self._fd = os.open(os.path.join(self.path, "data.mdb"),
+                               os.O_RDONLY | os.O_CLOEXEC)
+        return self._fd
+
+    def _file_size(self) -> int:
+        """Bytes of the store's file now, or -1 when it cannot be looked at."""
+        try:
+            return os.fstat(self._data_fd()).st_size
+        except OSError:
+            return -1
+
+    def _drop_cached(self, start: int) -> None:
+        """Drop from the page cache the pages of the store's file from byte ``start`` to its
+        end (what a transaction appended: clean, LMDB synced them). Advice only: the pages a
+        process maps stay, and a failure is ignored (the pages stay cached)."""
+        if start < 0:
+            return
+        with contextlib.suppress(OSError):
+            fd = self._data_fd()
+            end = os.fstat(fd).st_size
+            if end > start:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def _write(self, txn: Any, items: list[tuple[bytes, bytes | memoryview]],
                updates: list[tuple[str, int, bytes]], touched: Iterable[bytes],

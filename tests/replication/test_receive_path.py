@@ -250,3 +250,30 @@ def test_commits_run_in_one_thread_while_the_pool_is_busy(tmp_path: Any,
         assert len(written) == 16 and store.missing(written) == []
     finally:
         store.close()
+
+
+def test_pull_commits_leave_the_page_cache(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica._write asks the store to drop each transaction's appended pages from the page
+    cache (UNCACHED_COMMITS), with the digests it checked not computed again."""
+    from icbdcache.replication.client import MasterClient
+    from icbdcache.replication.signing import Trust
+
+    store = Store(tmp_path / "s")
+    calls: list[dict[str, Any]] = []
+    real = store.write_batch
+
+    def recorded(*a: Any, **kw: Any) -> int:
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store, "write_batch", recorded)
+    try:
+        rep = Replica(store, MasterClient("http://127.0.0.1:9"),
+                      replica_mod.ReplicaConfig(site="s1", trust=Trust(insecure=True)))
+        c = random.Random(12).randbytes(5000)
+        assert rep._write([(digest(c), memoryview(c))], {"replica_chunks": 1}) == 5000
+        assert calls == [{"verified": True, "uncached": replica_mod.UNCACHED_COMMITS}]
+        assert replica_mod.UNCACHED_COMMITS is True
+        assert store.get_chunk(digest(c)) == c
+    finally:
+        store.close()
