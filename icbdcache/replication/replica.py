@@ -25,7 +25,8 @@ What it does, in order, and why:
    transaction, while the requests go on; at most ``parallel`` batches wait for it, so a slow
    store slows the requests (back-pressure). The counters of those batches are added in the
    same transaction as their chunks, and what an interrupted pull committed is never fetched
-   again. (Not the node's BatchWriter: a write error must reach the pull, with its reason.)
+   again; once committed, a transaction's pages leave the page cache (UNCACHED_COMMITS). (Not
+   the node's BatchWriter: a write error must reach the pull, with its reason.)
    When every chunk is held the version is made the iMI's ``latest``, only then.
 5. **Pinning**: a version is pinned when its pull starts (so eviction cannot undo the pull),
    after a check that the store's bound (``--store-size``) can hold it beside the pinned
