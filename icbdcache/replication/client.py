@@ -43,6 +43,7 @@ from icbdcache.replication.wire import (
     STRONG_HEADER,
     ChunkFrame,
     ChunkStreamDecoder,
+    ChunkView,
     WireError,
     bad_name,
     encode_digests,
@@ -512,6 +513,21 @@ class MasterClient:
         MasterUnreachable when the stream is cut short, MasterProtocolError when it is
         malformed, other MasterError. ``tally``: counters of this request alone (also added
         to :attr:`counters`)."""
+        async for d, data in self._chunk_stream(digests, tally, views=False):
+            assert not isinstance(data, memoryview)
+            yield ChunkFrame(d, data)
+
+    async def chunk_views(self, digests: list[bytes],
+                          tally: TransferCounters | None = None) -> AsyncIterator[ChunkView]:
+        """As :meth:`chunks`, but a chunk that arrived inside one piece of the body is a
+        read-only view into that piece (not copied; the view keeps the piece alive): for a
+        caller that hashes and stores the chunks and lets them go (the replica's pull)."""
+        async for d, data in self._chunk_stream(digests, tally, views=True):
+            yield ChunkView(d, data)
+
+    async def _chunk_stream(self, digests: list[bytes], tally: TransferCounters | None,
+                            views: bool
+                            ) -> AsyncIterator[tuple[bytes, bytes | memoryview | None]]:
         body = encode_digests(digests)
         path = f"{API}/chunks" + (f"?zstd={self.zstd_level}" if self.zstd_level else "")
         what = f"POST {API}/chunks"
@@ -526,21 +542,25 @@ class MasterClient:
                 await self._check(resp, what)
                 try:
                     dec = ChunkStreamDecoder(resp.headers.get(ENCODING_HEADER) or None,
-                                             expect=digests)
+                                             expect=digests, views=True)
                 except WireError as e:
                     raise MasterProtocolError(f"{self.url}: {what}: {e}") from e
-                async for data in resp.content.iter_any():
+                # iter_chunks: each piece as the connection handed it over (iter_any joins
+                # the pieces buffered meanwhile into one: a copy of most of the body)
+                async for data, _ in resp.content.iter_chunks():
                     for c in tallies:
                         c.wire_bytes += len(data)
                     try:
-                        frames = dec.feed(data)
+                        frames = dec.feed_views(data)
                     except WireError as e:
                         raise MasterProtocolError(f"{self.url}: {what}: {e}") from e
                     for f in frames:
                         n = 20 + (len(f.data) if f.data is not None else 0)
                         for c in tallies:
                             c.raw_bytes += n
-                        yield f
+                        # without views, a chunk is bytes of its own: it outlives the piece
+                        yield f.digest, (f.data if views or not isinstance(f.data, memoryview)
+                                         else bytes(f.data))
                 try:
                     dec.close()
                 except WireError as e:

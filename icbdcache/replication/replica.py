@@ -25,7 +25,8 @@ What it does, in order, and why:
    transaction, while the requests go on; at most ``parallel`` batches wait for it, so a slow
    store slows the requests (back-pressure). The counters of those batches are added in the
    same transaction as their chunks, and what an interrupted pull committed is never fetched
-   again. (Not the node's BatchWriter: a write error must reach the pull, with its reason.)
+   again; once committed, a transaction's pages leave the page cache (UNCACHED_COMMITS). (Not
+   the node's BatchWriter: a write error must reach the pull, with its reason.)
    When every chunk is held the version is made the iMI's ``latest``, only then.
 5. **Pinning**: a version is pinned when its pull starts (so eviction cannot undo the pull),
    after a check that the store's bound (``--store-size``) can hold it beside the pinned
@@ -126,6 +127,14 @@ MAX_IDLE_ROUNDS = 3
 
 #: Most bytes of chunks committed in one LMDB transaction by a pull.
 COMMIT_BYTES = 64 << 20
+#: Whether a pull's transactions drop the pages they appended to the store's file from the
+#: page cache once committed (``Store.write_batch(uncached=True)``). A pull's largest cost was
+#: the kernel copying its transactions into page-cache pages it had to find: 0.4 to 0.9 GB/s
+#: into pages not used for a while (this VM hands them back to its host), 6 GB/s into pages
+#: just freed. Dropped, each transaction's pages come back for the next one, and a pull does
+#: not fill the page cache with chunks no client has asked for. (The checks after the pull
+#: read the first page of each new chunk back: LMDB looks at it on every lookup.)
+UNCACHED_COMMITS = True
 #: Seconds a version signed by a revoked key stays marked retired before it may be deleted:
 #: a serving process records a client that attached within a second (store/inuse.py), and
 #: one that attached just before the mark must be found, so that its version is kept.
@@ -139,9 +148,10 @@ REPORT_EVERY = 10.0
 
 @dataclass
 class _Fetched:
-    """What one chunk request brought: good chunks (digest, bytes) and its counts."""
+    """What one chunk request brought: good chunks (digest, bytes or a read-only view into
+    the body received, :meth:`MasterClient.chunk_views`) and its counts."""
 
-    chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
+    chunks: list[tuple[bytes, bytes | memoryview]] = field(default_factory=list)
     bytes: int = 0
     wire: int = 0
     corrupt: int = 0
@@ -1006,9 +1016,10 @@ class Replica:
         c.requests += 1
         out = _Fetched()
         tally = TransferCounters()
-        got: list[tuple[bytes, bytes]] = []
+        got: list[tuple[bytes, bytes | memoryview]] = []
         try:
-            async for f in self.client.chunks(batch, tally):
+            # views into the body as received: a chunk is not copied before LMDB copies it
+            async for f in self.client.chunk_views(batch, tally):
                 if f.data is None:
                     out.missing += 1
                 else:
@@ -1025,16 +1036,16 @@ class Replica:
         return out
 
     @staticmethod
-    def _verify(got: list[tuple[bytes, bytes]], lengths: dict[bytes, int],
+    def _verify(got: list[tuple[bytes, bytes | memoryview]], lengths: dict[bytes, int],
                 strong: dict[bytes, bytes], key: str | None
-                ) -> tuple[list[tuple[bytes, bytes]], int]:
+                ) -> tuple[list[tuple[bytes, bytes | memoryview]], int]:
         """In a worker thread: the chunks of ``got`` (digest, bytes) that match their
         xxh3-128 digest, their length in the chunk map (``lengths``) and the BLAKE3-256 the
         version's signed manifest gives (``strong``: digest -> strong digest; a chunk the
         xxh3 digest alone would have let in is a forged collision), each computed once; and
         how many were refused (a refused chunk is still missing: a later round asks for it
         again)."""
-        good: list[tuple[bytes, bytes]] = []
+        good: list[tuple[bytes, bytes | memoryview]] = []
         refused = 0
         for d, data in got:
             if digest(data) != d:
@@ -1088,11 +1099,14 @@ class Replica:
         except (StoreError, OSError) as e:
             raise PullError(f"store write failed: {e}{self._disk_note()}") from e
 
-    def _write(self, chunks: list[tuple[bytes, bytes]], stats: dict[str, int]) -> int:
+    def _write(self, chunks: list[tuple[bytes, bytes | memoryview]],
+               stats: dict[str, int]) -> int:
         """In a worker thread: ``chunks`` (verified by :meth:`_verify`: their digests are
-        not computed again) and ``stats`` in one transaction. Returns the bytes added.
+        not computed again) and ``stats`` in one transaction, whose pages appended to the
+        store's file then leave the page cache (UNCACHED_COMMITS). Returns the bytes added.
         Raises StoreError."""
-        return self.store.write_batch(chunks, (), (), stats, verified=True)
+        return self.store.write_batch(chunks, (), (), stats, verified=True,
+                                      uncached=UNCACHED_COMMITS)
 
     def _disk_note(self) -> str:
         """`` (disk full: ...)`` when the store's file system has no room left (LMDB reports

@@ -112,6 +112,17 @@ class ChunkFrame:
     data: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkView:
+    """A frame of a chunk stream as :meth:`ChunkStreamDecoder.feed_views` gives it: ``data``
+    is a read-only view into the bytes received when the chunk lies inside one piece of
+    them (not copied: the view keeps that piece alive), bytes when it spans pieces (joined
+    once), None when the sender lacks the chunk."""
+
+    digest: bytes
+    data: bytes | memoryview | None
+
+
 def encode_digests(digests: list[bytes]) -> bytes:
     """The body of a chunk request. Raises WireError on more than MAX_BATCH digests or a
     digest that is not 16 bytes."""
@@ -202,12 +213,13 @@ class ChunkStreamDecoder:
     ENCODING_HEADER value). ``expect``: the digests asked for; then the stream must answer
     exactly those, in order (a frame for another digest, a frame too many or an end frame too
     early is an error: a sender cannot push chunks nobody asked for, nor stream forever).
-    Feed it bytes as they arrive; it returns whole frames. Raises WireError on an unknown
-    encoding, bad zstd data, a frame longer than MAX_CHUNK, bytes after the end frame, or a
-    frame ``expect`` does not allow."""
+    Feed it bytes as they arrive; it returns whole frames (:meth:`feed`: each chunk as bytes
+    of its own; with ``views``, :meth:`feed_views`: a chunk inside one piece received is a
+    view into it, not a copy). Raises WireError on an unknown encoding, bad zstd data, a frame
+    longer than MAX_CHUNK, bytes after the end frame, or a frame ``expect`` does not allow."""
 
     def __init__(self, encoding: str | None = None,
-                 expect: Sequence[bytes] | None = None) -> None:
+                 expect: Sequence[bytes] | None = None, *, views: bool = False) -> None:
         if encoding not in (None, "", "plain", "zstd"):
             raise WireError(f"unknown chunk stream encoding {encoding!r}")
         # zstd: decompressed ZSTD_PIECE bytes at a time into _parse (a stream writer), so a
@@ -215,7 +227,9 @@ class ChunkStreamDecoder:
         self._z = (zstandard.ZstdDecompressor().stream_writer(
             cast(IO[bytes], _Sink(self._parse)), write_size=ZSTD_PIECE, write_return_read=True)
             if encoding == "zstd" else None)
-        self._frames: list[ChunkFrame] = []
+        #: whole frames not yet returned: (digest, data), data None for MISSING
+        self._frames: list[tuple[bytes, bytes | memoryview | None]] = []
+        self._views = views
         #: bytes received and not yet taken into frames: whole pieces as received (the
         #: first from ``_off`` on), ``_held`` bytes in all
         self._pieces: deque[bytes] = deque()
@@ -241,6 +255,24 @@ class ChunkStreamDecoder:
         self._n += 1
 
     def feed(self, data: bytes) -> list[ChunkFrame]:
+        """The frames completed by ``data``, each chunk bytes of its own (a decoder made
+        without ``views``). Raises WireError."""
+        if self._views:
+            raise TypeError("a decoder made with views=True gives its frames by feed_views")
+        out: list[ChunkFrame] = []
+        for d, v in self._feed(data):
+            assert not isinstance(v, memoryview)  # views=False: _take_data copies
+            out.append(ChunkFrame(d, v))
+        return out
+
+    def feed_views(self, data: bytes) -> list[ChunkView]:
+        """The frames completed by ``data`` (a decoder made with ``views``): a chunk inside
+        one piece received is a view into that piece. Raises WireError."""
+        if not self._views:
+            raise TypeError("feed_views needs a decoder made with views=True")
+        return [ChunkView(d, v) for d, v in self._feed(data)]
+
+    def _feed(self, data: bytes) -> list[tuple[bytes, bytes | memoryview | None]]:
         self.wire_bytes += len(data)
         if self._z is not None:
             try:
@@ -251,6 +283,22 @@ class ChunkStreamDecoder:
             self._parse(data)
         frames, self._frames = self._frames, []
         return frames
+
+    def _take_data(self, n: int) -> bytes | memoryview:
+        """The next ``n`` bytes, a chunk's: with ``views``, a view into the first piece when
+        they lie inside it (no copy), else as :meth:`_take`."""
+        if self._views:
+            first = self._pieces[0]
+            off = self._off
+            if len(first) - off >= n:
+                self._held -= n
+                if len(first) - off == n:
+                    self._pieces.popleft()
+                    self._off = 0
+                else:
+                    self._off = off + n
+                return memoryview(first)[off : off + n]  # bytes: a read-only view
+        return self._take(n)
 
     def _take(self, n: int) -> bytes:
         """The next ``n`` bytes of the pieces held (at least ``n`` are): a piece itself when
@@ -305,7 +353,7 @@ class ChunkStreamDecoder:
                 digest, length = _HEAD.unpack(self._take(head))
                 if length == MISSING:
                     self._check(digest)
-                    frames.append(ChunkFrame(digest, None))
+                    frames.append((digest, None))
                     continue
                 if digest == ZERO and length == 0:
                     self.finished = True
@@ -323,7 +371,7 @@ class ChunkStreamDecoder:
             if self._held < length:
                 return
             self._head = None
-            frames.append(ChunkFrame(digest, self._take(length)))
+            frames.append((digest, self._take_data(length)))
 
     def close(self) -> None:
         """The body ended. Raises WireError if the end frame was not seen."""

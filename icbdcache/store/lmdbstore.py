@@ -172,6 +172,7 @@ class Store(VersionLifecycle):
             raise StoreError(f"cannot open store {self.path}: {e}") from e
         self._gate = TxnGate()
         self._write_lock = threading.Lock()
+        self._fd: int | None = None  # data.mdb, for write_batch(uncached=True)
         #: version key -> (its stored metadata's bytes, their instance): a fault's look at
         #: the stored map (:meth:`map_entry`) decodes a version's JSON once, not every time
         self._instances: dict[bytes, tuple[bytes, str]] = {}
@@ -218,6 +219,9 @@ class Store(VersionLifecycle):
 
     @lmdb_errors
     def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
         self.env.close()
 
     # ------------------------------------------------------------------ transactions
@@ -365,12 +369,13 @@ class Store(VersionLifecycle):
         """The keys in ``keys`` (not ZERO or UNKNOWN) that are not held, without duplicates."""
         out: list[bytes] = []
         seen: set[bytes] = set()
-        with self._txn(db=self.db["chunks"], buffers=True) as txn:
+        with self._txn(db=self.db["chunks"], buffers=True) as txn, txn.cursor() as cur:
+            has = cur.set_key  # no value returned: not every page of it touched (held_of)
             for k in keys:
                 if k in seen or k in (ZERO, UNKNOWN):
                     continue
                 seen.add(k)
-                if txn.get(k) is None:
+                if not has(k):
                     out.append(k)
         return out
 
@@ -405,13 +410,14 @@ class Store(VersionLifecycle):
     @lmdb_errors
     def write_batch(
         self,
-        chunks: Iterable[tuple[bytes, bytes]] = (),
+        chunks: Iterable[tuple[bytes, bytes | bytearray | memoryview]] = (),
         map_updates: Iterable[tuple[str, int, bytes]] = (),
         touched: Iterable[bytes] = (),
         stats: dict[str, int] | None = None,
         *,
         protect: str | None = None,
         verified: bool = False,
+        uncached: bool = False,
     ) -> int:
         """One write transaction: store ``chunks`` ((digest, bytes), each verified; raises
         ChunkMismatch before anything is written if one does not match; ``verified``: the
@@ -420,17 +426,61 @@ class Store(VersionLifecycle):
         access ticks for ``touched`` digests, add ``stats`` counters, note the chunks as
         protected by the pending version ``protect`` (an import or publish copying them: no
         eviction takes them), then evict cold chunks while over ``size_limit``. Returns the
-        bytes of chunks added."""
-        items = [(k, bytes(v)) for k, v in chunks]
+        bytes of chunks added. A chunk given as bytes or a read-only memoryview is not copied
+        before LMDB copies it into its pages (a bytearray, which may change, is).
+        ``uncached``: once the transaction is committed (and synced), the pages it appended to
+        the store's file are dropped from the page cache (:meth:`_drop_cached`), for a bulk
+        writer whose chunks no reader has asked for (a replica's pull): its next transaction's
+        pages are then the ones just freed. Only a cache: what a process maps of them stays,
+        and a later read takes them from the disk."""
+        items = [(k, v if type(v) is bytes or (type(v) is memoryview and v.readonly)
+                  else bytes(v)) for k, v in chunks]
         if not verified:
             for k, v in items:
                 if digest(v) != k:
                     raise ChunkMismatch(f"chunk {k.hex()} does not match its bytes")
         updates = list(map_updates)
-        return self._transact(
-            lambda txn: self._write(txn, items, updates, touched, stats, protect))
+        if not uncached:
+            return self._transact(
+                lambda txn: self._write(txn, items, updates, touched, stats, protect))
+        start: list[int] = []
 
-    def _write(self, txn: Any, items: list[tuple[bytes, bytes]],
+        def fn(txn: Any) -> int:
+            start.append(self._file_size())  # LMDB's writer lock is held: no other appends
+            return self._write(txn, items, updates, touched, stats, protect)
+
+        added = self._transact(fn)
+        self._drop_cached(start[-1])
+        return added
+
+    def _data_fd(self) -> int:
+        """A read-only descriptor of the store's ``data.mdb`` (opened once, closed by
+        :meth:`close`), for its size and page-cache advice. Raises OSError."""
+        if self._fd is None:
+            self._fd = os.open(os.path.join(self.path, "data.mdb"),
+                               os.O_RDONLY | os.O_CLOEXEC)
+        return self._fd
+
+    def _file_size(self) -> int:
+        """Bytes of the store's file now, or -1 when it cannot be looked at."""
+        try:
+            return os.fstat(self._data_fd()).st_size
+        except OSError:
+            return -1
+
+    def _drop_cached(self, start: int) -> None:
+        """Drop from the page cache the pages of the store's file from byte ``start`` to its
+        end (what a transaction appended: clean, LMDB synced them). Advice only: the pages a
+        process maps stay, and a failure is ignored (the pages stay cached)."""
+        if start < 0:
+            return
+        with contextlib.suppress(OSError):
+            fd = self._data_fd()
+            end = os.fstat(fd).st_size
+            if end > start:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+
+    def _write(self, txn: Any, items: list[tuple[bytes, bytes | memoryview]],
                updates: list[tuple[str, int, bytes]], touched: Iterable[bytes],
                stats: dict[str, int] | None, protect: str | None) -> int:
         chunks_db, atime_db, meta_db = self.db["chunks"], self.db["atime"], self.db["meta"]
@@ -663,16 +713,21 @@ class Store(VersionLifecycle):
             if blob is None:
                 raise StoreError(f"no chunk map for {key}")
             blob = bytes(blob)
-            chunks_db = self.db["chunks"]
             held = need = 0
-            for i in range(meta.chunks):
-                d = blob[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
-                if d == ZERO:
-                    continue
-                n = min(meta.chunk_size, meta.size - i * meta.chunk_size)
-                need += n
-                if d != UNKNOWN and txn.get(d, db=chunks_db) is not None:
-                    held += n
+            with txn.cursor(db=self.db["chunks"]) as cur:
+                # set_key returns no value: txn.get touches every page of the value it
+                # returns (py-lmdb preloads it), 16 per chunk, where LMDB alone reads the
+                # first (its header); a 1.4 GB version in a store copied file by file was
+                # checked in 0.06 s instead of 0.12 s
+                has = cur.set_key
+                for i in range(meta.chunks):
+                    d = blob[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+                    if d == ZERO:
+                        continue
+                    n = min(meta.chunk_size, meta.size - i * meta.chunk_size)
+                    need += n
+                    if d != UNKNOWN and has(d):
+                        held += n
         return held, need
 
     # ------------------------------------------------------------------ records

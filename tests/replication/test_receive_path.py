@@ -61,6 +61,74 @@ def test_decoder_keeps_a_whole_piece_without_copying_it() -> None:
     assert dec.finished
 
 
+@pytest.mark.parametrize("level", [None, 3])
+def test_decoder_views_point_into_the_pieces(level: int | None) -> None:
+    """feed_views (the replica's pull): a chunk inside one piece received is a view into that
+    very piece (no copy); only a chunk split over pieces is copied, joined once. Whatever the
+    pieces, the frames are the stream's."""
+    rng = random.Random(27 if level is None else 28)
+    copied = viewed = 0
+    for _ in range(30):
+        body, chunks = _stream(rng, level)
+        dec = wire.ChunkStreamDecoder("zstd" if level else None, expect=[d for d, _ in chunks],
+                                      views=True)
+        got: list[wire.ChunkView] = []
+        pos = 0
+        while pos < len(body):
+            n = rng.choice([21, 4096, 65556, 200000, 800000, rng.randint(1, 300000)])
+            got += dec.feed_views(body[pos : pos + n])
+            pos += n
+        dec.close()
+        assert [(f.digest, None if f.data is None else bytes(f.data)) for f in got] == chunks
+        for f in got:
+            if isinstance(f.data, memoryview):
+                assert f.data.readonly and type(f.data.obj) is bytes
+                assert len(f.data.obj) >= len(f.data)  # a piece as received (or decompressed)
+                viewed += 1
+            elif f.data is not None:
+                assert type(f.data) is bytes
+                copied += 1
+    assert viewed > copied > 0
+
+
+def test_decoder_views_without_a_copy_of_a_piece_of_several_chunks() -> None:
+    """Three chunks in one piece: three views of that piece, no bytes made; feed and
+    feed_views each refuse the other kind of decoder."""
+    rng = random.Random(6)
+    cs = [rng.randbytes(65536) for _ in range(3)]
+    enc = wire.ChunkStreamEncoder()
+    piece = b"".join(enc.frame(digest(c), c) for c in cs) + enc.end()
+    dec = wire.ChunkStreamDecoder(None, expect=[digest(c) for c in cs], views=True)
+    got = dec.feed_views(piece)
+    assert [bytes(f.data or b"") for f in got] == cs
+    assert all(isinstance(f.data, memoryview) and f.data.obj is piece for f in got)
+    with pytest.raises(TypeError):
+        dec.feed(b"")
+    with pytest.raises(TypeError):
+        wire.ChunkStreamDecoder(None).feed_views(b"")
+
+
+def test_store_write_keeps_views_uncopied_and_stores_their_bytes(tmp_path: Any) -> None:
+    """write_batch takes read-only views as they are (LMDB copies them once, into its pages)
+    and stores exactly their bytes; a bytearray, which may change, is copied first."""
+    store = Store(tmp_path / "s")
+    try:
+        rng = random.Random(8)
+        body = rng.randbytes(3 * 70000)
+        views = [memoryview(body)[i * 70000 : (i + 1) * 70000] for i in range(3)]
+        ba = bytearray(rng.randbytes(5000))
+        items: list[tuple[bytes, bytes | bytearray | memoryview]] = [
+            (digest(v), v) for v in views]
+        items.append((digest(ba), ba))
+        assert store.write_batch(items, verified=True) == 3 * 70000 + 5000
+        kept = bytes(ba)
+        ba[:] = bytes(len(ba))  # changed after the write: the store holds the bytes given
+        for (k, _), want in zip(items, [bytes(v) for v in views] + [kept], strict=True):
+            assert store.get_chunk(k) == want and digest(want) == k
+    finally:
+        store.close()
+
+
 def test_decoder_refuses_bytes_after_the_end_frame_in_the_same_piece() -> None:
     enc = wire.ChunkStreamEncoder()
     d = digest(b"x")
@@ -180,5 +248,32 @@ def test_commits_run_in_one_thread_while_the_pool_is_busy(tmp_path: Any,
         assert len(set(threads[:8])) == 1 and len(set(threads[8:])) == 1
         assert all(t.startswith("icbd-replica-commit") for t in threads)
         assert len(written) == 16 and store.missing(written) == []
+    finally:
+        store.close()
+
+
+def test_pull_commits_leave_the_page_cache(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica._write asks the store to drop each transaction's appended pages from the page
+    cache (UNCACHED_COMMITS), with the digests it checked not computed again."""
+    from icbdcache.replication.client import MasterClient
+    from icbdcache.replication.signing import Trust
+
+    store = Store(tmp_path / "s")
+    calls: list[dict[str, Any]] = []
+    real = store.write_batch
+
+    def recorded(*a: Any, **kw: Any) -> int:
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store, "write_batch", recorded)
+    try:
+        rep = Replica(store, MasterClient("http://127.0.0.1:9"),
+                      replica_mod.ReplicaConfig(site="s1", trust=Trust(insecure=True)))
+        c = random.Random(12).randbytes(5000)
+        assert rep._write([(digest(c), memoryview(c))], {"replica_chunks": 1}) == 5000
+        assert calls == [{"verified": True, "uncached": replica_mod.UNCACHED_COMMITS}]
+        assert replica_mod.UNCACHED_COMMITS is True
+        assert store.get_chunk(digest(c)) == c
     finally:
         store.close()
