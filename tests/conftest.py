@@ -170,6 +170,22 @@ def require(*tools: str) -> None:
             pytest.skip(f"{t} is not installed (scripts/setup installs it)")
 
 
+def libnbd_script(uri: str, script: str, cwd: Path, timeout: float = 120) -> str:
+    """Run ``script`` in libnbd's nbdsh connected to ``uri`` (``h`` is the handle) and return
+    what it printed; skip the calling test when libnbd's Python module is missing. Runs as
+    ``/usr/bin/python3 -I -m nbd`` from ``cwd`` (a directory of the test's), so that our own
+    ``nbd`` package cannot shadow libnbd's (STYLE.md, 'The nbd name'). Raises
+    CalledProcessError when the script fails."""
+    probe = subprocess.run(["/usr/bin/python3", "-I", "-c", "import nbd; nbd.NBD"],
+                           capture_output=True, cwd=cwd, check=False)
+    if probe.returncode != 0:
+        pytest.skip("libnbd's Python module (python3-libnbd) is not importable by "
+                    "/usr/bin/python3")
+    out = subprocess.run(["/usr/bin/python3", "-I", "-m", "nbd", "-u", uri, "-c", script],
+                         capture_output=True, text=True, timeout=timeout, check=True, cwd=cwd)
+    return out.stdout
+
+
 def require_holes(path: Path) -> None:
     """Skip unless the file system reports the holes of an image from :func:`make_image`
     (its fourth MiB is a hole): block status, and the zero chunks the cache learns from it,

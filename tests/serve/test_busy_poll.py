@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, free_port, require, start_server, wait_port
+from conftest import BIN, free_port, libnbd_script, require, start_server, wait_port
 from nbdraw import RawClient
 from scrape import promtool_check, samples, scrape
 
@@ -82,18 +82,12 @@ def _read_all(uri: str, img: Path, cwd: Path) -> None:
     """READS 4 KiB reads one after another (iodepth 1) through libnbd's nbdsh, checked
     against the image's bytes. (``/usr/bin/python3 -I -m nbd`` from a directory of the
     test's: our own ``nbd`` package must not shadow libnbd's, STYLE.md 'The nbd name'.)"""
-    probe = subprocess.run(["/usr/bin/python3", "-I", "-c", "import nbd; nbd.NBD"],
-                           capture_output=True, cwd=cwd, check=False)
-    if probe.returncode != 0:
-        pytest.skip("libnbd's Python module (python3-libnbd) is not importable by "
-                    "/usr/bin/python3")
     script = (
         f"want = open({str(img)!r}, 'rb').read({READS} * 4096)\n"
         f"got = b''.join(h.pread(4096, i * 4096) for i in range({READS}))\n"
         "print('SAME' if got == want else 'DIFFERENT', len(got))\n")
-    out = subprocess.run(["/usr/bin/python3", "-I", "-m", "nbd", "-u", uri, "-c", script],
-                         capture_output=True, text=True, timeout=120, check=True, cwd=cwd)
-    assert out.stdout.split() == ["SAME", str(READS * 4096)], out.stdout + out.stderr
+    out = libnbd_script(uri, script, cwd)
+    assert out.split() == ["SAME", str(READS * 4096)], out
 
 
 @pytest.mark.parametrize("window", [None, "0"])

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, free_port, make_image, require, start_server, wait_port
+from conftest import BIN, free_port, libnbd_script, make_image, require, start_server, wait_port
 from scrape import samples, scrape
 
 ICBD = str(BIN / "icbd-cache")
@@ -21,19 +21,13 @@ BOOT = [*range(0, 48, 2), *range(64, 112, 3)]
 def _read_chunks(uri: str, cwd: Path, img: Path) -> None:
     """Read 4 KiB at the start of each BOOT chunk through libnbd, one at a time, checked
     against the image (``/usr/bin/python3 -I -m nbd``: STYLE.md 'The nbd name')."""
-    probe = subprocess.run(["/usr/bin/python3", "-I", "-c", "import nbd; nbd.NBD"],
-                           capture_output=True, cwd=cwd, check=False)
-    if probe.returncode != 0:
-        pytest.skip("libnbd's Python module (python3-libnbd) is not importable by "
-                    "/usr/bin/python3")
     script = (
         f"data = open({str(img)!r}, 'rb').read()\n"
         f"ok = [h.pread(4096, i * {CHUNK}) == data[i * {CHUNK}:i * {CHUNK} + 4096]"
         f" for i in {BOOT!r}]\n"
         "print(sum(ok))\n")
-    out = subprocess.run(["/usr/bin/python3", "-I", "-m", "nbd", "-u", uri, "-c", script],
-                         capture_output=True, text=True, timeout=120, check=True, cwd=cwd)
-    assert out.stdout.split() == [str(len(BOOT))], out.stdout + out.stderr
+    out = libnbd_script(uri, script, cwd)
+    assert out.split() == [str(len(BOOT))], out
 
 
 def _hits(mport: int) -> dict[str, float]:
