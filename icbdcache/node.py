@@ -239,8 +239,9 @@ class Node:
         version = VersionLayer(self.reader, meta, self.store.chunk_map(meta.key), self.stats,
                                self.store.strong_map(meta.key))
         fault = FaultLayer(version, sources, self.faults)
-        readahead = ReadaheadLayer(fault, BootProfile(self.store, meta.key), meta.chunk_size,
-                                   self.readahead)
+        readahead = ReadaheadLayer(
+            fault, BootProfile(self.store, meta.key, instance=meta.instance),
+            meta.chunk_size, self.readahead)
         stack = VersionStack(meta, version, fault, readahead, self.inuse)
         self.versions[meta.key] = stack
         return stack
