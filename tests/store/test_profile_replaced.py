@@ -77,3 +77,25 @@ def test_indexes_beyond_the_version_are_dropped_and_the_fill_goes_on(tmp_path: P
         assert asyncio.run(fill()) == 4
     finally:
         store.close()
+
+
+def test_a_hot_set_smaller_than_a_chunk_is_not_filled(tmp_path: Path) -> None:
+    """A budget below one chunk (``--hot-size 100K --workers 2``: 50 KiB each) keeps nothing
+    the fill copies: it copies nothing (it copied every profile's every chunk, each dropped
+    at once: the counter of chunks copied said so)."""
+    rng = random.Random(9)
+    store = Store(tmp_path / "s")
+    try:
+        _version(store, "lab", [rng.randbytes(CHUNK) for _ in range(8)])
+        store.put_profile("lab@1", list(range(8)))
+
+        async def fill() -> int:
+            node = Node(store, hot_bytes=50 << 10)
+            try:
+                return await node.fill_hot_set()
+            finally:
+                await node.close()
+
+        assert asyncio.run(fill()) == 0
+    finally:
+        store.close()
