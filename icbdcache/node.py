@@ -239,8 +239,9 @@ class Node:
         version = VersionLayer(self.reader, meta, self.store.chunk_map(meta.key), self.stats,
                                self.store.strong_map(meta.key))
         fault = FaultLayer(version, sources, self.faults)
-        readahead = ReadaheadLayer(fault, BootProfile(self.store, meta.key), meta.chunk_size,
-                                   self.readahead)
+        readahead = ReadaheadLayer(
+            fault, BootProfile(self.store, meta.key, instance=meta.instance),
+            meta.chunk_size, self.readahead)
         stack = VersionStack(meta, version, fault, readahead, self.inuse)
         self.versions[meta.key] = stack
         return stack
@@ -290,8 +291,13 @@ class Node:
         if limit <= 0:
             return 0
         started = time.monotonic()
+        metas = [m for m in self.store.versions() if not m.retired]
+        if any(m.chunk_size > hot.budget for m in metas):
+            # it could not keep such a chunk: each would be copied and dropped at once (with
+            # --hot-size 100K and 2 workers, every profile's chunks: 4.4 GB, 3 s of CPU each)
+            return 0
         queues: list[list[bytes]] = []
-        for imi in sorted({m.imi for m in self.store.versions() if not m.retired}):
+        for imi in sorted({m.imi for m in metas}):
             version = self.store.latest(imi)
             if version is None:
                 continue

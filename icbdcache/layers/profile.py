@@ -16,12 +16,15 @@ from icbdcache.store import Store
 
 class BootProfile:
     """The profile of version ``key`` in ``store`` (loaded at once). ``window``: seconds of a
-    client's life that are recorded; ``ahead``: chunks one readahead step covers."""
+    client's life that are recorded; ``ahead``: chunks one readahead step covers;
+    ``instance``: the creation of the version opened (``VersionMeta.instance``): once the
+    store's version of that name is another one (replaced), this profile is not saved."""
 
     def __init__(self, store: Store, key: str, *, window: float = 120.0, ahead: int = 16,
-                 limit: int = 1 << 16) -> None:
+                 limit: int = 1 << 16, instance: str | None = None) -> None:
         self.store = store
         self.key = key
+        self.instance = instance
         self.window = window
         self.ahead = ahead
         self.limit = limit
@@ -65,4 +68,4 @@ class BootProfile:
         """Write the profile to the store if it changed. Raises StoreError."""
         if self.dirty:
             self.dirty = False
-            self.store.put_profile(self.key, list(self.order))
+            self.store.put_profile(self.key, list(self.order), self.instance)

@@ -780,23 +780,39 @@ class Store(VersionLifecycle):
     # ------------------------------------------------------------------ profiles, stats
 
     @lmdb_errors
-    def put_profile(self, key: str, indexes: list[int]) -> None:
-        """Record the boot profile of version ``key``: chunk indexes in first-read order."""
+    def put_profile(self, key: str, indexes: list[int], instance: str | None = None) -> bool:
+        """Record the boot profile of version ``key``: chunk indexes in first-read order.
+        ``instance``: only if the version is still that creation (:attr:`VersionMeta.instance`;
+        a server's clients of a version replaced since it was opened read the old image, whose
+        profile must not land on the new one). Returns whether it was recorded."""
         raw = struct.pack(f">{len(indexes)}I", *indexes)
 
-        def fn(txn: Any) -> None:
+        def fn(txn: Any) -> bool:
+            if instance is not None:
+                meta = txn.get(key.encode(), db=self.db["versions"])
+                if meta is None or VersionMeta.from_json(bytes(meta)).instance != instance:
+                    return False
             txn.put(key.encode(), raw, db=self.db["profiles"])
+            return True
 
-        self._transact(fn)
+        return self._transact(fn)
 
     @lmdb_errors
     def profile(self, key: str) -> list[int]:
+        """The boot profile of version ``key`` (chunk indexes in first-read order; empty if
+        none), without indexes beyond the version's chunks (a profile a store kept from a
+        larger image the version replaced)."""
         with self._txn(db=self.db["profiles"]) as txn:
             raw = txn.get(key.encode())
             if raw is None:
                 return []
             raw = bytes(raw)
-            return list(struct.unpack(f">{len(raw) // 4}I", raw))
+            order = list(struct.unpack(f">{len(raw) // 4}I", raw))
+            meta = txn.get(key.encode(), db=self.db["versions"])
+            if meta is None:
+                return order
+            chunks = VersionMeta.from_json(bytes(meta)).chunks
+            return [i for i in order if i < chunks]
 
     @lmdb_errors
     def stats(self) -> dict[str, int]:
