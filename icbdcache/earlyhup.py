@@ -1,9 +1,10 @@
-"""A SIGHUP that reaches ``icbd-cache serve`` before the server handles signals.
+"""A SIGHUP that reaches ``icbd-cache serve`` or ``master`` before they handle signals.
 
 Imported by :mod:`icbdcache.cli` before the commands (whose imports take a fraction of a
-second): for ``serve`` it notes a SIGHUP instead of letting its default action end the
-process, and the server applies it (a reload) once it runs (docs/serve.md, "SIGHUP: reload").
-Other commands keep SIGHUP's default (a closed terminal ends them).
+second): for the services that reload on SIGHUP (``serve``: its settings; ``master``: its
+token files) it notes a SIGHUP instead of letting its default action end the process, and the
+service applies it (a reload) once it runs (docs/serve.md, "SIGHUP: reload"). Other commands
+keep SIGHUP's default (a closed terminal ends them).
 """
 
 from __future__ import annotations
@@ -24,5 +25,8 @@ def seen() -> bool:
     return _seen[0]
 
 
-if sys.argv[1:2] == ["serve"]:
+#: The commands whose SIGHUP is a reload.
+RELOADING = ("serve", "master")
+
+if sys.argv[1:2] and sys.argv[1] in RELOADING:
     signal.signal(signal.SIGHUP, _note)

@@ -40,7 +40,7 @@ from typing import Any
 
 from aiohttp import web
 
-from icbdcache import activation
+from icbdcache import activation, earlyhup
 from icbdcache.limits import reset
 from icbdcache.log import Throttled, kv
 from icbdcache.replication import wire
@@ -1130,6 +1130,8 @@ async def serve(cfg: MasterConfig, stop: asyncio.Event | None = None) -> None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             loop.add_signal_handler(signal.SIGHUP, _reload_tokens, master, cfg)
+            if earlyhup.seen():  # one came while the master started: applied now
+                _reload_tokens(master, cfg)
         log.info(kv(event="listening", address=f"{cfg.host}:{cfg.port}",
                     tls="yes" if ssl_ctx else "no", registry=cfg.registry or "embedded",
                     tokens=len(auth.site_tokens), client_ca=cfg.client_ca or "-",

@@ -158,18 +158,47 @@ def test_sighup_while_serve_starts_is_applied_not_fatal(store: Path, tmp_path: P
         assert stop_process(proc) == 0
 
 
+def test_sighup_while_master_starts_is_applied_not_fatal(tmp_path: Path) -> None:
+    """SIGHUPs every few ms from the moment ``master`` catches them until it listens: it
+    starts, and reloads its token files (``event=reload``)."""
+    port = free_port()
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([ICBD, "master", "--store", str(tmp_path / "m"), "--listen",
+                                 f"127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        sent = 0
+        deadline = time.monotonic() + 30
+        while not _catches_sighup(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        while "event=listening" not in log.read_text() or not sent:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.005)
+        wait_text(log, "reload")
+        time.sleep(0.3)
+        assert proc.poll() is None, log.read_text()
+        wait_port("127.0.0.1", port)
+    finally:
+        assert stop_process(proc) == 0
+
+
 def test_only_serve_catches_sighup_during_its_imports(tmp_path: Path) -> None:
-    """The early SIGHUP handler is serve's alone: other commands (a terminal that closes)
-    keep SIGHUP's default action."""
+    """The early SIGHUP handler is for the services that reload on SIGHUP (serve, master)
+    alone: other commands (a terminal that closes) keep SIGHUP's default action."""
     code = ("import os, signal, sys\n"
             "sys.argv = ['icbd-cache', sys.argv[1]]\n"
             "import icbdcache.cli\n"
             "from icbdcache import earlyhup\n"
             "os.kill(os.getpid(), signal.SIGHUP)\n"
             "print('alive', earlyhup.seen())\n")
-    serve = subprocess.run([sys.executable, "-c", code, "serve"], capture_output=True,
+    for command in ("serve", "master"):
+        p = subprocess.run([sys.executable, "-c", code, command], capture_output=True,
                            text=True, timeout=60, check=False)
-    assert serve.stdout.split() == ["alive", "True"], serve.stderr
+        assert p.stdout.split() == ["alive", "True"], (command, p.stderr)
     other = subprocess.run([sys.executable, "-c", code, "publish"], capture_output=True,
                            text=True, timeout=60, check=False)
     assert other.returncode == -signal.SIGHUP and other.stdout == ""
