@@ -11,8 +11,10 @@ Notes on the design
 * When every chunk is held the read is answered at once with memoryviews of the chunks' bytes
   (no task, no await). A read inside one chunk held in the hot set, the warm store's common
   case, is answered by :meth:`VersionLayer.pread` itself with no Python call below it (the hot
-  set's ``peek``/``used_now``, the reader's ``recent`` set, two counters); anything else takes
-  the general path through :meth:`~icbdcache.store.reader.StoreReader.read`.
+  set's ``peek``/``used_now``, the reader's ``recent`` set, two counters); a read over several
+  chunks all in the hot set is answered with the same calls mapped over its chunks (no Python
+  code per chunk); anything else takes the general path through
+  :meth:`~icbdcache.store.reader.StoreReader.read`.
 * Otherwise this layer raises :class:`ChunksMissing` carrying what it found, and the fault
   layer above (:mod:`icbdcache.layers.fault`) fetches the rest. This layer never talks to a
   source.
@@ -32,6 +34,10 @@ a digest   held (a hit) or not (missing, faulted by digest)
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import cast
 
 from icbdcache.layers.base import HOLE, Buffer, Layer, ReadResult
 from icbdcache.layers.stats import ReadStats
@@ -77,8 +83,8 @@ class VersionLayer(Layer):
         #: hash); None where not made yet. :meth:`learn` drops the entry it changes.
         self._keys: list[bytes | None] = [None] * self.chunks
         hot = reader.hot
-        self._peek = hot.peek
-        self._used_now = hot.used_now
+        self._peek: Callable[[bytes], bytes | None] = hot.peek
+        self._used_now: Callable[[bytes], None] = hot.used_now
 
     def digest_at(self, index: int) -> bytes:
         """Map entry ``index``: a digest, ZERO or UNKNOWN."""
@@ -122,7 +128,49 @@ class VersionLayer(Layer):
                 stats.hits += 1
                 self.reader.hits.hits_hot += 1
                 return [memoryview(data)[lo : lo + length]]
-        return self._pread(offset, length)
+        return self._pread_hot(offset, length)
+
+    def _pread_hot(self, offset: int, length: int) -> ReadResult:
+        """A read over several chunks: answered here when the hot set holds every one (the
+        warm store's large reads), with a few C-level calls for all of them instead of
+        Python code per chunk (in-process, a 1 MiB read of 16 hot chunks went from 35 to
+        about 10 µs); anything else goes to :meth:`_pread`."""
+        cs = self.cs
+        first = offset // cs
+        stop = (offset + length - 1) // cs + 1
+        made = self._keys[first:stop]
+        keys = self._keys_of(first, stop) if None in made else cast("list[bytes]", made)
+        found = list(map(self._peek, keys))
+        if None in found:
+            return self._pread(offset, length)
+        datas = cast("list[Buffer]", found)
+        deque(map(self._used_now, keys), 0)
+        self.reader.recent.update(keys)
+        n = stop - first
+        self.stats.hits += n
+        self.reader.hits.hits_hot += n
+        lo = offset - first * cs
+        end = offset + length - (stop - 1) * cs  # end inside the last chunk
+        if n == 1:
+            datas[0] = memoryview(datas[0])[lo:end]
+            return datas
+        if lo:
+            datas[0] = memoryview(datas[0])[lo:]
+        if end < len(datas[-1]):
+            datas[-1] = memoryview(datas[-1])[:end]
+        return datas
+
+    def _keys_of(self, first: int, stop: int) -> list[bytes]:
+        """Map entries ``first..stop-1`` as bytes (made and kept where not made yet)."""
+        keys = self._keys
+        m = self.map
+        out: list[bytes] = []
+        for i in range(first, stop):
+            k = keys[i]
+            if k is None:
+                k = keys[i] = bytes(m[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
+            out.append(k)
+        return out
 
     def _pread(self, offset: int, length: int) -> ReadResult:
         cs = self.cs

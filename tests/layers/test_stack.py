@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -501,6 +502,42 @@ def test_the_fast_path_follows_a_learned_map_entry(store: Store) -> None:
     assert joined(version.pread(5 * CS + 7, 10)) == DATA[5 * CS + 7 : 5 * CS + 17]  # type: ignore[arg-type]
     assert version.stats.hits == 1 and reader.hits.hits_hot == 1
     reader.close()
+
+
+@pytest.mark.parametrize("size", [len(DATA), len(DATA) - 1000])
+def test_reads_over_many_hot_chunks_return_the_bytes_and_count_each_chunk(
+        store: Store, size: int) -> None:
+    """A read over several chunks all in the hot set is answered in one step (partial first
+    and last chunks, a short last chunk); one with a zero chunk or a chunk only in LMDB takes
+    the general path. Every byte and every chunk's hit is checked."""
+    meta = VersionMeta("lab", "1", size, CS, ["fake"])
+    m = chunk_map()
+    store.put_version(meta, bytes(m))
+    reader = StoreReader(store, hot_bytes=1 << 30)
+    version = VersionLayer(reader, meta, bytearray(m), ReadStats())
+    for i in range(CHUNKS):
+        if i not in (3, 20):  # zero chunk; chunk 20 only in LMDB
+            reader.keep(digest(DATA[i * CS : (i + 1) * CS]), DATA[i * CS : (i + 1) * CS])
+    store.write_batch([(digest(DATA[20 * CS : 21 * CS]), DATA[20 * CS : 21 * CS])])
+    rng = random.Random(5)
+    image = DATA[:size]
+    spans = [(4 * CS, 16 * CS), (4 * CS + 1, CS), (size - 3 * CS - 7, 3 * CS + 7),
+             (2 * CS, 3 * CS), (19 * CS + 5, 2 * CS), (5 * CS, 2 * CS - 1), (6 * CS - 1, 2)]
+    spans += [(o, rng.randrange(1, min(size - o, 6 * CS) + 1))
+              for o in (rng.randrange(size) for _ in range(300))]
+    try:
+        for offset, length in spans:
+            first, last = offset // CS, (offset + length - 1) // CS
+            hot0, lmdb0 = reader.hits.hits_hot, reader.hits.hits_lmdb
+            got = version.pread(offset, length)
+            assert isinstance(got, list)
+            assert joined(got) == image[offset : offset + length], (offset, length)
+            held = [i for i in range(first, last + 1) if i != 3]
+            in_lmdb = sum(1 for i in held if i == 20 and (reader.hits.hits_lmdb > lmdb0))
+            assert reader.hits.hits_hot - hot0 == len(held) - in_lmdb, (offset, length)
+            assert reader.recent >= {version._keys[i] for i in held if i != 20}
+    finally:
+        reader.close()
 
 
 def test_a_full_writer_queue_holds_back_faults_and_keeps_memory_bounded(
