@@ -10,7 +10,8 @@ The servers serve the same raw file read-only under the export name ``img``:
 - ``icbd``: ``icbd-cache serve --export img=PATH --listen 127.0.0.1:PORT [--icbd-args ...]``
 - ``icbd-store`` (warm store): ``icbd-cache serve --store STORE`` where STORE holds the image
   whole (``icbd-cache import PATH --imi img --copy``), read twice before each measured run
-  (``icbd-bench serve`` also runs the workload itself for ``--store-warmup`` seconds first) so
+  (``icbd-bench serve`` also runs the workload itself, over 8 connections at least, for
+  ``--store-warmup`` seconds first) so
   the hot set of each of the server's workers is as a boot storm leaves it
 - ``icbd-cold`` (cold store): ``icbd-cache serve --store EMPTY --export img=nbd://UPSTREAM/``
   faulting every chunk from an ``nbdkit file PATH`` upstream on loopback

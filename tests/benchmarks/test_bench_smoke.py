@@ -54,6 +54,11 @@ def test_serve_quick_covers_every_server_and_workload(tmp_path: Path) -> None:
     table = (out / "serve.md").read_text()
     for name in SERVERS:
         assert f"| rand-4k-qd1 | {name} |" in table, name
+    # icbd-store's warm-up ran each workload over 8 connections at least (a worker each, by
+    # the kernel's hash of their ports), 15 for the 15-connection ones
+    warm = {w: json.loads((out / "logs" / f"fio-icbd-store-{w}-1-warmup.json").read_text())
+            ["jobs"][0]["job options"]["numjobs"] for w in ("rand-4k-qd1", "rand-4k-qd1-x15")}
+    assert warm == {"rand-4k-qd1": "8", "rand-4k-qd1-x15": "15"}
     assert "| workload | server |" in result.stdout
 
 
