@@ -504,6 +504,25 @@ def test_the_fast_path_follows_a_learned_map_entry(store: Store) -> None:
     reader.close()
 
 
+def test_a_read_over_several_chunks_follows_a_learned_map_entry(store: Store) -> None:
+    """A read over several chunks with an UNKNOWN map entry names it missing; once the entry
+    is learned (and the chunk held), the same read is three hot hits with the right bytes."""
+    m = chunk_map()
+    m[5 * DIGEST_SIZE : 6 * DIGEST_SIZE] = UNKNOWN
+    reader, version, _ = version_stack(store, FakeSource(DATA), key_map=m)
+    for i in (4, 5, 6):
+        reader.keep(digest(DATA[i * CS : (i + 1) * CS]), DATA[i * CS : (i + 1) * CS])
+    with pytest.raises(ChunksMissing) as e:
+        version.pread(4 * CS + 3, 2 * CS)
+    assert [index for _, index, _, _ in e.value.missing] == [5]
+    version.learn(5, digest(DATA[5 * CS : 6 * CS]))
+    hot = reader.hits.hits_hot
+    got = version.pread(4 * CS + 3, 2 * CS + 10)
+    assert joined(got) == DATA[4 * CS + 3 : 6 * CS + 13]  # type: ignore[arg-type]
+    assert reader.hits.hits_hot - hot == 3
+    reader.close()
+
+
 @pytest.mark.parametrize("size", [len(DATA), len(DATA) - 1000])
 def test_reads_over_many_hot_chunks_return_the_bytes_and_count_each_chunk(
         store: Store, size: int) -> None:
