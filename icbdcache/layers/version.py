@@ -116,33 +116,43 @@ class VersionLayer(Layer):
         first = offset // cs
         lo = offset - first * cs
         if lo + length <= cs:  # inside one chunk: a hot hit is answered here
-            d = self._keys[first]
-            if d is None:
-                d = self._keys[first] = bytes(self.map[first * DIGEST_SIZE :
-                                                       (first + 1) * DIGEST_SIZE])
+            kept = self._keys[first]
+            d = kept if kept is not None else bytes(
+                self.map[first * DIGEST_SIZE : (first + 1) * DIGEST_SIZE])
             data = self._peek(d)
             if data is not None:
+                if kept is None:  # kept for the chunks found hot only (bounded memory)
+                    self._keys[first] = d
                 self._used_now(d)
                 self.reader.recent.add(d)
                 stats = self.stats
                 stats.hits += 1
                 self.reader.hits.hits_hot += 1
                 return [memoryview(data)[lo : lo + length]]
+            return self._pread(offset, length)
         return self._pread_hot(offset, length)
 
     def _pread_hot(self, offset: int, length: int) -> ReadResult:
         """A read over several chunks: answered here when the hot set holds every one (the
         warm store's large reads), with a few C-level calls for all of them instead of
         Python code per chunk (in-process, a 1 MiB read of 16 hot chunks went from 35 to
-        about 10 µs); anything else goes to :meth:`_pread`."""
+        about 10 µs); anything else goes to :meth:`_pread`. The keys made are kept only
+        when every chunk was hot: a scan of a huge version does not grow the memory."""
         cs = self.cs
         first = offset // cs
         stop = (offset + length - 1) // cs + 1
         made = self._keys[first:stop]
-        keys = self._keys_of(first, stop) if None in made else cast("list[bytes]", made)
-        found = list(map(self._peek, keys))
-        if None in found:
-            return self._pread(offset, length)
+        if None in made:
+            keys = self._keys_of(first, stop)
+            found = list(map(self._peek, keys))
+            if None in found:
+                return self._pread(offset, length)
+            self._keys[first:stop] = keys
+        else:
+            keys = cast("list[bytes]", made)
+            found = list(map(self._peek, keys))
+            if None in found:
+                return self._pread(offset, length)
         datas = cast("list[Buffer]", found)
         deque(map(self._used_now, keys), 0)
         self.reader.recent.update(keys)
@@ -150,26 +160,22 @@ class VersionLayer(Layer):
         self.stats.hits += n
         self.reader.hits.hits_hot += n
         lo = offset - first * cs
-        end = offset + length - (stop - 1) * cs  # end inside the last chunk
-        if n == 1:
-            datas[0] = memoryview(datas[0])[lo:end]
-            return datas
         if lo:
             datas[0] = memoryview(datas[0])[lo:]
+        end = offset + length - (stop - 1) * cs  # end inside the last chunk (n >= 2)
         if end < len(datas[-1]):
             datas[-1] = memoryview(datas[-1])[:end]
         return datas
 
     def _keys_of(self, first: int, stop: int) -> list[bytes]:
-        """Map entries ``first..stop-1`` as bytes (made and kept where not made yet)."""
+        """Map entries ``first..stop-1`` as bytes (those made already, the others new and
+        not kept)."""
         keys = self._keys
         m = self.map
         out: list[bytes] = []
         for i in range(first, stop):
             k = keys[i]
-            if k is None:
-                k = keys[i] = bytes(m[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
-            out.append(k)
+            out.append(k if k is not None else bytes(m[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]))
         return out
 
     def _pread(self, offset: int, length: int) -> ReadResult:
