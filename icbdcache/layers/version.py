@@ -142,17 +142,13 @@ class VersionLayer(Layer):
         first = offset // cs
         stop = (offset + length - 1) // cs + 1
         made = self._keys[first:stop]
-        if None in made:
-            keys = self._keys_of(first, stop)
-            found = list(map(self._peek, keys))
-            if None in found:
-                return self._pread(offset, length)
+        new = None in made
+        keys = self._keys_of(first, stop) if new else cast("list[bytes]", made)
+        found = list(map(self._peek, keys))
+        if None in found:
+            return self._pread(offset, length)
+        if new:
             self._keys[first:stop] = keys
-        else:
-            keys = cast("list[bytes]", made)
-            found = list(map(self._peek, keys))
-            if None in found:
-                return self._pread(offset, length)
         datas = cast("list[Buffer]", found)
         deque(map(self._used_now, keys), 0)
         self.reader.recent.update(keys)
