@@ -674,14 +674,19 @@ def test_a_successor_whose_worker_fails_takes_over_nothing(servers: Servers, tmp
     wait_port("127.0.0.1", port)
     old.wait_log(r"handover_socket=\S*-w0")
     old.wait_log(r"handover_socket=\S*-w1")
-    clients = [connect(port, "lab@1") for _ in range(8)]
+    # the kernel hands each connection to a worker by a hash of its ports: clients are added
+    # until both workers hold some (8 reach one worker only once in 128 tries)
+    clients: list[RawClient] = []
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     try:
-        for c in clients:
+        pids: set[int] = set()
+        while len(clients) < 8 or (len(pids) < 2 and len(clients) < 32):
+            c = connect(port, "lab@1")
+            clients.append(c)
             assert c.read(0, 4096) == (0, expected(image, 0, 4096))
-        pids = {int(p) for p in re.findall(r"pid=(\d+) event=connect ", old.text())}
+            pids = {int(p) for p in re.findall(r"pid=(\d+) event=connect ", old.text())}
         assert len(pids) == 2, old.text()
         new = servers.start(*common, "--pxe-http-port", str(blocker.getsockname()[1]))
         assert new.proc.wait(60) != 0
