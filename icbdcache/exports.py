@@ -104,6 +104,10 @@ class Export:
         self.tls_names: frozenset[str] = frozenset()
         self.attach: Callable[[str], None] | None = None
         self.detach: Callable[[str], None] | None = None
+        #: connections to this export now
+        self.connections = 0
+        #: told when the last connection ends (set by the catalog on an export it retired)
+        self.on_unused: Callable[[Export], None] | None = None
 
     @classmethod
     def of_layer(cls, name: str, base: Layer, *, overlays: Overlays | None = None,
@@ -153,6 +157,7 @@ class Export:
         """The layer a new connection of ``client`` talks to. Raises OSError (no overlay;
         OverlayLost: refused until the client boots anew)."""
         view = self.stack.connect(client)
+        self.connections += 1
         if self.attach is not None:
             self.attach(client.identity)
         return view
@@ -160,8 +165,11 @@ class Export:
     def disconnect(self, client: Client, view: Layer) -> None:
         """A connection of ``client`` that talked to ``view`` closed."""
         self.stack.disconnect(client, view)
+        self.connections = max(0, self.connections - 1)
         if self.detach is not None:
             self.detach(client.identity)
+        if self.connections == 0 and self.on_unused is not None:
+            self.on_unused(self)
 
     def close(self) -> None:
         for layer in self.owned:
@@ -235,7 +243,8 @@ class Catalog:
         self.cowdir = cowdir
         #: Exports of opened versions by key, with the stack top they were made over.
         self._version_exports: dict[str, tuple[Layer, Export]] = {}
-        #: Exports of versions reopened since (their connections may still use them).
+        #: Exports of versions reopened since, while their connections still use them (each
+        #: goes with its last connection).
         self._retired: list[Export] = []
         if default is not None and default not in self.by_name and (
                 versions is None or versions.resolve(default) is None):
@@ -268,10 +277,23 @@ class Catalog:
                                  overlays=self.cowdir if self.versions_cow else None,
                                  base_id=opened.fingerprint, what="iMI version")
         export.attach, export.detach = opened.attach, opened.detach
-        if cached is not None:
-            self._retired.append(cached[1])  # still used by its connections
         self._version_exports[opened.key] = (top, export)
+        if cached is not None:
+            old = cached[1]
+            if old.connections:  # still used by its connections: goes with the last
+                old.on_unused = self._drop_retired
+                self._retired.append(old)
+            else:
+                old.close()
         return export
+
+    def _drop_retired(self, export: Export) -> None:
+        """The last connection of a retired version's export ended: close and forget it
+        (without it every replaced version's export stayed, with its stack, for good)."""
+        if export in self._retired:
+            self._retired.remove(export)
+            export.on_unused = None
+            export.close()
 
     def lookup(self, name: str, client: str | None = None) -> ExportInfo | None:
         """What the client at address ``client`` (None: anyone) is told of export ``name``.

@@ -113,6 +113,11 @@ class VersionStack:
     fault: FaultLayer
     readahead: ReadaheadLayer
     uses: InUseTracker | None = None
+    #: connections to this stack now (:meth:`attach` less :meth:`detach`)
+    connections: int = 0
+    #: told when the last connection ends (:meth:`detach` to 0): set by the node once the
+    #: version was replaced, so the stack goes with its last client
+    on_unused: Callable[[VersionStack], None] | None = None
 
     @property
     def key(self) -> str:
@@ -120,13 +125,17 @@ class VersionStack:
 
     def attach(self, address: str) -> None:
         """A connection of the client at ``address`` to this version started."""
+        self.connections += 1
         if self.uses is not None:
             self.uses.attach(self.key, self.meta.instance, address)
 
     def detach(self, address: str) -> None:
         """A connection of the client at ``address`` to this version ended."""
+        self.connections = max(0, self.connections - 1)
         if self.uses is not None:
             self.uses.detach(self.key, address)
+        if self.connections == 0 and self.on_unused is not None:
+            self.on_unused(self)
 
     @property
     def top(self) -> Layer:
@@ -159,8 +168,11 @@ class Node:
         self.upstream_connections = upstream_connections
         self.readahead = max(0, readahead)
         self.versions: dict[str, VersionStack] = {}
-        #: stacks of versions replaced since they were opened (their clients still use them)
+        #: stacks of versions replaced since they were opened, while their clients still
+        #: use them (each goes with its last connection: :meth:`_release`)
         self.replaced: list[VersionStack] = []
+        #: closing the sources of released stacks
+        self._closing: set[asyncio.Task[None]] = set()
         self.inuse = InUseTracker(store)
         #: set by a service (the replica of ``serve --master``, in every worker): whether a
         #: version is withdrawn here (signed by a key this site revokes), refused to the
@@ -195,11 +207,44 @@ class Node:
         if stack is not None and stack.meta.instance != meta.instance:
             log.info(kv(version=meta.key, replaced=f"{stack.meta.instance or '-'} -> "
                         f"{meta.instance}", open_clients="keep the old bytes"))
-            self.replaced.append(self.versions.pop(meta.key))
+            self._retire(self.versions.pop(meta.key))
             stack = None
         if stack is None:
             stack = self._open(meta)
         return stack
+
+    def _retire(self, stack: VersionStack) -> None:
+        """``stack``'s version was replaced in the store: keep the stack for the connections
+        that use it, and release it with the last (at once if none does; after the callbacks
+        already queued when a loop runs, so a connection being made with it attaches first)."""
+        self.replaced.append(stack)
+        stack.on_unused = self._release
+        if stack.connections == 0:
+            try:
+                asyncio.get_running_loop().call_soon(self._release, stack)
+            except RuntimeError:  # no loop (a command's node): nothing can attach meanwhile
+                self._release(stack)
+
+    def _release(self, stack: VersionStack) -> None:
+        """Drop the replaced ``stack`` once no connection uses it, and close its sources:
+        without it a worker kept every replaced version's chunk map (about 4 MB a GiB) for
+        good. A stack with connections again is kept."""
+        if stack.connections or stack not in self.replaced:
+            return
+        self.replaced.remove(stack)
+        stack.on_unused = None
+        log.info(kv(version=stack.key, instance=stack.meta.instance or "-",
+                    released="replaced, its last client gone"))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        for src in stack.fault.sources:
+            if loop is None:
+                continue  # closed with the process
+            task = loop.create_task(src.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def forget(self, key: str) -> None:
         """Drop the opened stack of version ``key`` if the store no longer has the version

@@ -259,9 +259,12 @@ def test_6_a_replaced_version_reaches_new_clients_and_spares_open_ones(
             r = nbd_read(srv.uri(name))
             assert (r.rc, r.sha) == (0, file_sha(b)), name
         assert read_all(old, 16 * MiB) == a.read_bytes()
+        assert "released=" not in srv.text()  # kept while the old client reads
     finally:
         old.close()
     assert "replaced=" in srv.text()
+    # the old stack goes with its last client (a worker kept every one for good)
+    wait_for("the replaced stack released", lambda: "released=" in srv.text(), timeout=30)
 
 
 # ------------------------------------------------------------------ 7
