@@ -62,7 +62,7 @@ TOOLS: tuple[str, ...] = ("rsync", "rsync-zstd", "icbd", "icbd-zstd", "icbd-tls"
                           "icbd-zstd-tls")
 BASELINE = "rsync"
 #: Before each transfer: wait until the machine's CPU busy % is at most this (sampled over
-#: 0.5 s), at most IDLE_WAIT_MAX seconds.
+#: 0.5 s), at most IDLE_WAIT_MAX seconds (the defaults of ``--wait-idle``, ``--wait-idle-max``).
 IDLE_BUSY_PCT = 10.0
 IDLE_WAIT_MAX = 20.0
 KINDS: tuple[str, ...] = ("full", "delta")
@@ -132,6 +132,12 @@ def register(subparsers: Any) -> None:
                    help="limit of one transfer (default %(default)s)")
     p.add_argument("--no-verify", action="store_true",
                    help="do not check the site's copy after each run")
+    p.add_argument("--wait-idle", type=float, default=IDLE_BUSY_PCT, metavar="PCT",
+                   help="before each transfer, wait until the machine's CPU busy %% is at "
+                        "most PCT (default %(default)s; the busy %% is kept with the run)")
+    p.add_argument("--wait-idle-max", type=float, default=IDLE_WAIT_MAX, metavar="SECONDS",
+                   help="give up waiting for --wait-idle after this long (default "
+                        "%(default)s; 0: one 0.5 s sample, no wait)")
     p.add_argument("--work", type=Path, metavar="DIR",
                    help="work directory (default: a new one in /var/tmp, removed at the end)")
     p.add_argument("--report", type=Path, metavar="JSON",
@@ -165,6 +171,8 @@ class Settings:
     work: Path | None
     icbd: str
     baseline: str | None = None
+    wait_idle: float = IDLE_BUSY_PCT
+    wait_idle_max: float = IDLE_WAIT_MAX
 
 
 #: Suffix of a transfer run with the baseline build (``icbd-zstd-base``).
@@ -196,7 +204,9 @@ def resolve(args: argparse.Namespace) -> Settings:
                     link_bps=netlab.parse_rate(args.link) if args.link else None,
                     net=args.net, timeout=args.timeout, verify=not args.no_verify,
                     work=args.work, icbd=icbd,
-                    baseline=str(Path(baseline).resolve()) if baseline else None)
+                    baseline=str(Path(baseline).resolve()) if baseline else None,
+                    wait_idle=getattr(args, "wait_idle", IDLE_BUSY_PCT),
+                    wait_idle_max=max(0.0, getattr(args, "wait_idle_max", IDLE_WAIT_MAX)))
 
 
 # --------------------------------------------------------------------------- the pair
@@ -977,12 +987,12 @@ class Context:
     def measure(self, kind: str, tool: str, servers: Sequence[Server], argv: list[str]
                 ) -> dict[str, Any]:
         """Run a client against ``servers``: wall time, CPU of both ends, bytes on the wire.
-        Each run waits first (at most ``IDLE_WAIT_MAX`` s) until the machine is idle
-        (``IDLE_BUSY_PCT``); its busy % then is kept with the run. (The transfer right after
+        Each run waits first (at most ``--wait-idle-max`` s) until the machine is idle
+        (``--wait-idle``); its busy % then is kept with the run. (The transfer right after
         rsync's still takes up to 2x the one after it, in its own CPU time too, with the
         machine idle before both: :func:`vs_baseline` pairs runs so that this cancels.)"""
         label = f"{kind} {tool}"
-        busy, _, waited = serve.wait_for_idle(0.5, IDLE_BUSY_PCT, IDLE_WAIT_MAX)
+        busy, _, waited = serve.wait_for_idle(0.5, self.s.wait_idle, self.s.wait_idle_max)
         w0 = self.net.wire_bytes()
         cpu0 = sum(s.cpu() for s in servers)
         load0 = os.getloadavg()[0]

@@ -170,12 +170,17 @@ def test_only_serve_catches_sighup_during_its_imports(tmp_path: Path) -> None:
             "from icbdcache import earlyhup\n"
             "os.kill(os.getpid(), signal.SIGHUP)\n"
             "print('alive', earlyhup.seen())\n")
+    # SIGHUP's default action in the children, whatever this run inherited (under nohup
+    # it is ignored, and the commands would inherit that)
+    def default_hup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     for command in ("serve", "master"):
         p = subprocess.run([sys.executable, "-c", code, command], capture_output=True,
-                           text=True, timeout=60, check=False)
+                           text=True, timeout=60, check=False, preexec_fn=default_hup)
         assert p.stdout.split() == ["alive", "True"], (command, p.stderr)
     other = subprocess.run([sys.executable, "-c", code, "publish"], capture_output=True,
-                           text=True, timeout=60, check=False)
+                           text=True, timeout=60, check=False, preexec_fn=default_hup)
     assert other.returncode == -signal.SIGHUP and other.stdout == ""
 
 
