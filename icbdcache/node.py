@@ -171,8 +171,8 @@ class Node:
         #: stacks of versions replaced since they were opened, while their clients still
         #: use them (each goes with its last connection: :meth:`_release`)
         self.replaced: list[VersionStack] = []
-        #: closing the sources of released stacks
-        self._closing: set[asyncio.Task[None]] = set()
+        #: released stacks whose sources are being closed, by the task closing them
+        self._closing: dict[asyncio.Task[None], VersionStack] = {}
         self.inuse = InUseTracker(store)
         #: set by a service (the replica of ``serve --master``, in every worker): whether a
         #: version is withdrawn here (signed by a key this site revokes), refused to the
@@ -238,13 +238,23 @@ class Node:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            loop = None
+            return  # no loop: its sources are closed with the process
+        if stack.fault.sources:
+            task = loop.create_task(self._close_sources(stack))
+            self._closing[task] = stack
+            task.add_done_callback(self._closing.pop)
+
+    @staticmethod
+    async def _close_sources(stack: VersionStack) -> None:
+        """Close a released stack's sources once its own fetches ended: a client of the new
+        version reading a chunk of the same digest may have joined one (it got EIO when the
+        source closed under it)."""
+        await stack.fault.drain()
         for src in stack.fault.sources:
-            if loop is None:
-                continue  # closed with the process
-            task = loop.create_task(src.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            try:
+                await src.close()
+            except Exception as e:  # one source's failure must not keep the others open
+                log.warning(kv(version=stack.key, source=src.name, close_error=e))
 
     def forget(self, key: str) -> None:
         """Drop the opened stack of version ``key`` if the store no longer has the version
@@ -508,7 +518,9 @@ class Node:
             self.inuse.write(self.inuse.snapshot(closing=True))
         except StoreError as e:
             log.warning(kv(inuse="record", error=e))
-        for v in [*self.versions.values(), *self.replaced]:
+        for task in list(self._closing):  # still waiting for their fetches: closed now
+            task.cancel()
+        for v in [*self.versions.values(), *self.replaced, *self._closing.values()]:
             for src in v.fault.sources:
                 await src.close()
         self.reader.close()

@@ -91,6 +91,18 @@ class FaultLayer(Layer):
         self.sources = list(sources)
         self.faults = faults
         self.reader = next.reader
+        #: faults this layer fetches now (readers of other versions may wait on them too)
+        self.fetching = 0
+        self._idle: asyncio.Future[None] | None = None
+
+    async def drain(self) -> None:
+        """Return once none of this layer's own fetches is in flight (its sources may close
+        then: a reader of another version may have joined one of them, ``Faults.inflight``
+        being keyed by digest)."""
+        while self.fetching:
+            if self._idle is None:
+                self._idle = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._idle)
 
     # ---------------------------------------------------------------- reads
 
@@ -175,6 +187,7 @@ class FaultLayer(Layer):
         # (a chunk not learned yet: its stored map entry is looked at under the lease)
         fut = asyncio.get_running_loop().create_future()
         f.inflight[key] = fut
+        self.fetching += 1
         try:
             data = await fetch_once(self, key, index, d)  # once across processes too
         except BaseException as e:
@@ -186,6 +199,11 @@ class FaultLayer(Layer):
             return data
         finally:
             del f.inflight[key]
+            self.fetching -= 1
+            if not self.fetching and self._idle is not None:
+                if not self._idle.done():
+                    self._idle.set_result(None)
+                self._idle = None
 
     def _stored_entry(self, index: int) -> bytes:
         """Map entry ``index`` as stored now (another process may have learned it since this

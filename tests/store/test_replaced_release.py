@@ -9,6 +9,7 @@ import asyncio
 import inspect
 import random
 from pathlib import Path
+from typing import Any
 
 from icbdcache.exports import Catalog
 from icbdcache.layers.base import Client, Layer
@@ -117,6 +118,78 @@ def test_a_connection_made_before_the_release_runs_keeps_the_stack(tmp_path: Pat
             stack.detach("10.0.0.9")
             assert node.replaced == []
         finally:
+            await node.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
+
+
+def test_a_released_stacks_sources_close_after_its_own_fetches(tmp_path: Path) -> None:
+    """A client of the new version that reads a chunk of the same digest as one the old stack
+    is fetching (a prefetch of NBD_CMD_CACHE) waits on that fetch. The old stack's sources
+    closed with its last connection, under that fetch: the new client got EIO (a fresh
+    helper's probe, 63 of 63 reads). They now close once the stack's own fetches ended."""
+    rng = random.Random(13)
+    a = [rng.randbytes(CHUNK) for _ in range(8)]
+    b = [rng.randbytes(CHUNK), *a[1:]]  # the new image: chunk 0 differs
+    for name, chunks in (("A.img", a), ("B.img", b)):
+        (tmp_path / name).write_bytes(b"".join(chunks))
+    store = Store(tmp_path / "s")
+
+    def version(img: str, chunks: list[bytes]) -> None:  # faulted from ``img``, none held
+        store.put_version(VersionMeta("lab", "1", len(chunks) * CHUNK, CHUNK,
+                                      [str(tmp_path / img)]),
+                          b"".join(digest(c) for c in chunks))
+        store.set_latest("lab", "1")
+
+    async def run() -> None:
+        node = Node(store, hot_bytes=64 * CHUNK)
+        catalog = Catalog([], versions=node)
+        try:
+            version("A.img", a)
+            old = catalog.resolve("lab@1", "10.0.0.1")
+            assert old is not None
+            old_client = Client("10.0.0.1")
+            old_view = old.export.connect(old_client)
+            old_stack = node.versions["lab@1"]
+            version("B.img", b)
+            new = catalog.resolve("lab@1", "10.0.0.2")
+            assert new is not None and new.export is not old.export
+            new_view = new.export.connect(Client("10.0.0.2"))
+
+            # the old stack fetches chunks 3-7, held up until the release
+            src = old_stack.fault.sources[0]
+            fetch, gate = src.fetch, asyncio.Event()
+
+            async def held_up(*args: Any, **kwargs: Any) -> bytes:
+                await gate.wait()
+                return await fetch(*args, **kwargs)
+
+            src.fetch = held_up  # type: ignore[method-assign]
+            old_view.cache(3 * CHUNK, 5 * CHUNK)
+            await asyncio.sleep(0)
+            assert old_stack.fault.fetching == 5
+            reads = [asyncio.ensure_future(_read(new_view, i * CHUNK, CHUNK))
+                     for i in range(1, 8)]
+            await asyncio.sleep(0)  # the new client's reads of 3-7 join those fetches
+            old.export.disconnect(old_client, old_view)  # its last connection: released
+            assert node.replaced == []
+            await asyncio.sleep(0.05)  # the release's closing of the sources starts
+            gate.set()
+            got = await asyncio.gather(*reads)
+            assert got == b[1:8]
+            assert node.stats.coalesced >= 5
+            for _ in range(100):  # then its sources close
+                if not node._closing:
+                    break
+                await asyncio.sleep(0.01)
+            assert not node._closing and old_stack.fault.fetching == 0
+            assert await _read(new_view, 0, CHUNK) == b[0]
+            new.export.disconnect(Client("10.0.0.2"), new_view)
+        finally:
+            catalog.close()
             await node.close()
 
     try:
