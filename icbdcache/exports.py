@@ -91,9 +91,13 @@ class Export:
     and ``detach(address)``, when given, are told of each connection that starts and ends."""
 
     def __init__(self, name: str, stack: Layer, *, description: str,
-                 owned: Sequence[Layer] = ()) -> None:
+                 owned: Sequence[Layer] = (), identity: str = "") -> None:
         self.name = name
         self.stack = stack
+        #: what identifies the bytes below any overlay (a file's inode, size and mtime; a
+        #: version's key, size and creation time): another export of the same name with
+        #: another identity serves other bytes (a server hand-over checks it)
+        self.identity = identity or name
         self.size = stack.size
         self.description = description
         self.owned = list(owned)
@@ -123,7 +127,8 @@ class Export:
             owned.append(stack)
         mode = "copy-on-write per client" if overlays is not None else "read-only"
         text = f"{what}, " if what else ""
-        return cls(name, stack, description=f"{text}{_human(base.size)}, {mode}", owned=owned)
+        return cls(name, stack, description=f"{text}{_human(base.size)}, {mode}", owned=owned,
+                   identity=base_id or name)
 
     @classmethod
     def from_file(cls, spec: ExportSpec, *, overlays: Overlays | None = None) -> Export:

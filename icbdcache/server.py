@@ -973,6 +973,9 @@ class NBDProtocol(asyncio.Protocol):
             "flags": st.flags, "structured": st.structured,
             "meta_contexts": list(st.meta_contexts), "no_zeroes": st.no_zeroes,
             "requests": self.requests,
+            # what identifies the export's bytes: a successor whose export of that name has
+            # other bytes (a version replaced since this connection opened it) refuses it
+            "identity": self.export.identity,
             # the successor's idle clock goes on from here (its own --idle-timeout applies)
             "idle_s": round(max(0.0, time.monotonic() - self.active), 3),
         }
@@ -1281,7 +1284,9 @@ class Server:
     async def adopt(self, state: dict[str, Any], sock: socket.socket, pending: bytes) -> bool:
         """Carry on a connection handed over by the predecessor (:meth:`NBDProtocol.quiesce`
         made ``state``): the same export version, the same negotiated state. False, and the
-        socket closed, when this server cannot (the export is gone or changed)."""
+        socket closed, when this server cannot (the export is gone or changed: its size, its
+        flags, or its bytes, such as a version replaced with ``import --force --force-in-use``
+        while the client read the old one; the client then reconnects as after a restart)."""
         name = str(state.get("export", ""))
         why = ""
         try:
@@ -1293,6 +1298,10 @@ class Server:
                 why = f"size {resolved.export.size} != {size}"
             elif not flags_fit(flags, int(resolved.export.info().flags)):
                 why = f"flags {flags:#x} do not fit {int(resolved.export.info().flags):#x}"
+            elif "identity" in state and state["identity"] != resolved.export.identity:
+                # (a predecessor that does not say is trusted on size and flags, as before)
+                why = (f"its bytes changed: {state['identity']} here is now "
+                       f"{resolved.export.identity} (replaced since the client opened it)")
         except (KeyError, TypeError, ValueError) as e:
             why = f"bad state: {e}"
         if why or resolved is None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import BIN, free_port, stop_process, wait_port
+from conftest import BIN, free_port, make_image, stop_process, wait_port
 from nbdraw import RawClient, ServerClosed, closed_by_server, connect, expected
 
 from icbdcache import activation
@@ -706,3 +706,45 @@ def test_a_successor_whose_worker_fails_takes_over_nothing(servers: Servers, tmp
         blocker.close()
         for c in clients:
             c.close()
+
+
+def test_handover_refuses_a_connection_to_a_version_replaced_since(
+        servers: Servers, tmp_path: Path) -> None:
+    """A version replaced with ``import --force --force-in-use`` while a client reads it: the
+    old server serves that client the old bytes, but the successor has only the new ones. It
+    took the connection over by the export's name, size and flags and served the new bytes on
+    it (a fresh helper's probe: wrong bytes from byte 0). Now the successor refuses it (the
+    client reconnects, as after a restart, and gets the new version), and a connection to a
+    version not replaced crosses."""
+    a = make_image(tmp_path / "a.img", 4 * MiB, seed=71)
+    b = make_image(tmp_path / "b.img", 4 * MiB, seed=72)
+    store = tmp_path / "S"
+    for imi in ("lab", "other"):
+        subprocess.run([ICBD, "import", str(a), "--imi", imi, "--version", "1", "--store",
+                        str(store), "-q"], check=True, timeout=60)
+    port = free_port()
+    servers.args = ["--store", str(store), "--listen", f"127.0.0.1:{port}", "--workers", "1",
+                    "--handover", str(tmp_path / "handover.sock"), "--grace", "5"]
+    old = servers.start()
+    wait_port("127.0.0.1", port)
+    replaced, kept = connect(port, "lab@1"), connect(port, "other@1")
+    try:
+        assert replaced.read(0, 4096) == (0, expected(a, 0, 4096))
+        subprocess.run([ICBD, "import", str(b), "--imi", "lab", "--version", "1", "--store",
+                        str(store), "--force", "--force-in-use", "-q"], check=True, timeout=60)
+        assert replaced.read(MiB, 4096) == (0, expected(a, MiB, 4096))  # the old bytes still
+        new = servers.start()
+        assert old.proc.wait(60) == 0, old.text()
+        assert closed_by_server(replaced.sock)
+        assert kept.read(2 * MiB, 4096) == (0, expected(a, 2 * MiB, 4096))
+        fresh = connect(port, "lab@1")
+        try:
+            assert fresh.read(0, 4096) == (0, expected(b, 0, 4096))
+        finally:
+            fresh.close()
+    finally:
+        replaced.close()
+        kept.close()
+    assert re.search(r"handover_refused=\d+ export=lab@1 reason=.*its bytes changed", new.text()
+                     + old.text()), new.text()
+    assert re.search(r"handover=done .*connections=2", old.text()), old.text()
