@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,55 +38,15 @@ async def _read(view: Layer, offset: int, length: int) -> bytes:
     return b"".join(bytes(b) for b in bufs)
 
 
-def test_a_replaced_version_goes_with_its_last_connection(tmp_path: Path) -> None:
-    rng = random.Random(11)
-    old_chunks = [rng.randbytes(CHUNK) for _ in range(6)]
-    new_chunks = [rng.randbytes(CHUNK) for _ in range(6)]
+def _run(tmp_path: Path, body: Callable[[Store, Node, Catalog], Awaitable[None]]) -> None:
+    """``body(store, node, catalog)`` in an event loop; all three closed after it."""
     store = Store(tmp_path / "s")
 
     async def run() -> None:
         node = Node(store, hot_bytes=64 * CHUNK)
         catalog = Catalog([], versions=node)
         try:
-            first = _version(store, old_chunks)
-            found = catalog.resolve("lab@1", "10.0.0.1")
-            assert found is not None
-            old_export = found.export
-            a, b = Client("10.0.0.1"), Client("10.0.0.2")
-            va, vb = old_export.connect(a), old_export.connect(b)
-            old_stack = node.versions["lab@1"]
-            assert old_stack.connections == 2
-
-            assert _version(store, new_chunks).instance != first.instance  # replaced
-            again = catalog.resolve("lab@1", "10.0.0.3")
-            assert again is not None and again.export is not old_export
-            assert node.replaced == [old_stack] and catalog.all().count(old_export) == 1
-            vc = again.export.connect(Client("10.0.0.3"))
-            assert await _read(vc, CHUNK, CHUNK) == new_chunks[1]
-
-            # the open connections read the old bytes on; the stack stays for them
-            assert await _read(va, 2 * CHUNK, CHUNK) == old_chunks[2]
-            old_export.disconnect(a, va)
-            assert node.replaced == [old_stack] and old_export in catalog.all()
-            assert await _read(vb, 5 * CHUNK, CHUNK) == old_chunks[5]
-            old_export.disconnect(b, vb)  # the last: both go
-            assert node.replaced == [] and old_export not in catalog.all()
-            assert old_stack.on_unused is None and old_export.on_unused is None
-
-            # replaced again with no connection to the current stack: it goes at once
-            # (after the callbacks queued before it), and its export with it
-            current = node.versions["lab@1"]
-            again.export.disconnect(Client("10.0.0.3"), vc)
-            _version(store, old_chunks)
-            third = catalog.resolve("lab@1", "10.0.0.4")
-            assert third is not None and node.replaced == [current]
-            assert again.export not in catalog.all()
-            await asyncio.sleep(0)
-            assert node.replaced == []
-            vd = third.export.connect(Client("10.0.0.4"))
-            assert await _read(vd, 0, 2 * CHUNK) == b"".join(old_chunks[:2])
-            third.export.disconnect(Client("10.0.0.4"), vd)
-            assert node.versions["lab@1"].connections == 0  # the current one is kept
+            await body(store, node, catalog)
         finally:
             catalog.close()
             await node.close()
@@ -96,34 +57,75 @@ def test_a_replaced_version_goes_with_its_last_connection(tmp_path: Path) -> Non
         store.close()
 
 
+def test_a_replaced_version_goes_with_its_last_connection(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    old_chunks = [rng.randbytes(CHUNK) for _ in range(6)]
+    new_chunks = [rng.randbytes(CHUNK) for _ in range(6)]
+
+    async def body(store: Store, node: Node, catalog: Catalog) -> None:
+        first = _version(store, old_chunks)
+        found = catalog.resolve("lab@1", "10.0.0.1")
+        assert found is not None
+        old_export = found.export
+        a, b = Client("10.0.0.1"), Client("10.0.0.2")
+        va, vb = old_export.connect(a), old_export.connect(b)
+        old_stack = node.versions["lab@1"]
+        assert old_stack.connections == 2
+
+        assert _version(store, new_chunks).instance != first.instance  # replaced
+        again = catalog.resolve("lab@1", "10.0.0.3")
+        assert again is not None and again.export is not old_export
+        assert node.replaced == [old_stack] and catalog.all().count(old_export) == 1
+        vc = again.export.connect(Client("10.0.0.3"))
+        assert await _read(vc, CHUNK, CHUNK) == new_chunks[1]
+
+        # the open connections read the old bytes on; the stack stays for them
+        assert await _read(va, 2 * CHUNK, CHUNK) == old_chunks[2]
+        old_export.disconnect(a, va)
+        assert node.replaced == [old_stack] and old_export in catalog.all()
+        assert await _read(vb, 5 * CHUNK, CHUNK) == old_chunks[5]
+        old_export.disconnect(b, vb)  # the last: both go
+        assert node.replaced == [] and old_export not in catalog.all()
+        assert old_stack.on_unused is None and old_export.on_unused is None
+
+        # replaced again with no connection to the current stack: it goes at once
+        # (after the callbacks queued before it), and its export with it
+        current = node.versions["lab@1"]
+        again.export.disconnect(Client("10.0.0.3"), vc)
+        _version(store, old_chunks)
+        third = catalog.resolve("lab@1", "10.0.0.4")
+        assert third is not None and node.replaced == [current]
+        assert again.export not in catalog.all()
+        await asyncio.sleep(0)
+        assert node.replaced == []
+        vd = third.export.connect(Client("10.0.0.4"))
+        assert await _read(vd, 0, 2 * CHUNK) == b"".join(old_chunks[:2])
+        third.export.disconnect(Client("10.0.0.4"), vd)
+        assert node.versions["lab@1"].connections == 0  # the current one is kept
+
+    _run(tmp_path, body)
+
+
 def test_a_connection_made_before_the_release_runs_keeps_the_stack(tmp_path: Path) -> None:
     """The release of a replaced stack with no connection waits for the callbacks already
     queued: a connection that resolved it and attaches meanwhile keeps it."""
     rng = random.Random(12)
-    store = Store(tmp_path / "s")
 
-    async def run() -> None:
-        node = Node(store, hot_bytes=64 * CHUNK)
-        try:
-            chunks = [rng.randbytes(CHUNK) for _ in range(3)]
-            _version(store, chunks)
-            stack = node.resolve("lab@1")
-            assert stack is not None
-            _version(store, [rng.randbytes(CHUNK) for _ in range(3)])
-            assert node.resolve("lab@1") is not stack
-            stack.attach("10.0.0.9")  # before the queued release runs
-            await asyncio.sleep(0)
-            assert node.replaced == [stack]
-            assert await _read(stack.top, 0, CHUNK) == chunks[0]
-            stack.detach("10.0.0.9")
-            assert node.replaced == []
-        finally:
-            await node.close()
+    async def body(store: Store, node: Node, _catalog: Catalog) -> None:
+        chunks = [rng.randbytes(CHUNK) for _ in range(3)]
+        _version(store, chunks)
+        stack = node.resolve("lab@1")
+        assert stack is not None
+        _version(store, [rng.randbytes(CHUNK) for _ in range(3)])
+        assert node.resolve("lab@1") is not stack
+        stack.attach("10.0.0.9")  # before the queued release runs
+        await asyncio.sleep(0)
+        assert node.replaced == [stack]
+        assert await _read(stack.top, 0, CHUNK) == chunks[0]
+        stack.detach("10.0.0.9")
+        assert node.replaced == []
 
-    try:
-        asyncio.run(run())
-    finally:
-        store.close()
+    _run(tmp_path, body)
 
 
 def test_a_released_stacks_sources_close_after_its_own_fetches(tmp_path: Path) -> None:
@@ -136,63 +138,53 @@ def test_a_released_stacks_sources_close_after_its_own_fetches(tmp_path: Path) -
     b = [rng.randbytes(CHUNK), *a[1:]]  # the new image: chunk 0 differs
     for name, chunks in (("A.img", a), ("B.img", b)):
         (tmp_path / name).write_bytes(b"".join(chunks))
-    store = Store(tmp_path / "s")
 
-    def version(img: str, chunks: list[bytes]) -> None:  # faulted from ``img``, none held
-        store.put_version(VersionMeta("lab", "1", len(chunks) * CHUNK, CHUNK,
-                                      [str(tmp_path / img)]),
-                          b"".join(digest(c) for c in chunks))
-        store.set_latest("lab", "1")
+    async def body(store: Store, node: Node, catalog: Catalog) -> None:
+        def version(img: str, chunks: list[bytes]) -> None:  # faulted from ``img``, none held
+            store.put_version(VersionMeta("lab", "1", len(chunks) * CHUNK, CHUNK,
+                                          [str(tmp_path / img)]),
+                              b"".join(digest(c) for c in chunks))
+            store.set_latest("lab", "1")
 
-    async def run() -> None:
-        node = Node(store, hot_bytes=64 * CHUNK)
-        catalog = Catalog([], versions=node)
-        try:
-            version("A.img", a)
-            old = catalog.resolve("lab@1", "10.0.0.1")
-            assert old is not None
-            old_client = Client("10.0.0.1")
-            old_view = old.export.connect(old_client)
-            old_stack = node.versions["lab@1"]
-            version("B.img", b)
-            new = catalog.resolve("lab@1", "10.0.0.2")
-            assert new is not None and new.export is not old.export
-            new_view = new.export.connect(Client("10.0.0.2"))
+        version("A.img", a)
+        old = catalog.resolve("lab@1", "10.0.0.1")
+        assert old is not None
+        old_client = Client("10.0.0.1")
+        old_view = old.export.connect(old_client)
+        old_stack = node.versions["lab@1"]
+        version("B.img", b)
+        new = catalog.resolve("lab@1", "10.0.0.2")
+        assert new is not None and new.export is not old.export
+        new_view = new.export.connect(Client("10.0.0.2"))
 
-            # the old stack fetches chunks 3-7, held up until the release
-            src = old_stack.fault.sources[0]
-            fetch, gate = src.fetch, asyncio.Event()
+        # the old stack fetches chunks 3-7, held up until the release
+        src = old_stack.fault.sources[0]
+        fetch, gate = src.fetch, asyncio.Event()
 
-            async def held_up(*args: Any, **kwargs: Any) -> bytes:
-                await gate.wait()
-                return await fetch(*args, **kwargs)
+        async def held_up(*args: Any, **kwargs: Any) -> bytes:
+            await gate.wait()
+            return await fetch(*args, **kwargs)
 
-            src.fetch = held_up  # type: ignore[method-assign]
-            old_view.cache(3 * CHUNK, 5 * CHUNK)
-            await asyncio.sleep(0)
-            assert old_stack.fault.fetching == 5
-            reads = [asyncio.ensure_future(_read(new_view, i * CHUNK, CHUNK))
-                     for i in range(1, 8)]
-            await asyncio.sleep(0)  # the new client's reads of 3-7 join those fetches
-            old.export.disconnect(old_client, old_view)  # its last connection: released
-            assert node.replaced == []
-            await asyncio.sleep(0.05)  # the release's closing of the sources starts
-            gate.set()
-            got = await asyncio.gather(*reads)
-            assert got == b[1:8]
-            assert node.stats.coalesced >= 5
-            for _ in range(100):  # then its sources close
-                if not node._closing:
-                    break
-                await asyncio.sleep(0.01)
-            assert not node._closing and old_stack.fault.fetching == 0
-            assert await _read(new_view, 0, CHUNK) == b[0]
-            new.export.disconnect(Client("10.0.0.2"), new_view)
-        finally:
-            catalog.close()
-            await node.close()
+        src.fetch = held_up  # type: ignore[method-assign]
+        old_view.cache(3 * CHUNK, 5 * CHUNK)
+        await asyncio.sleep(0)
+        assert old_stack.fault.fetching == 5
+        reads = [asyncio.ensure_future(_read(new_view, i * CHUNK, CHUNK))
+                 for i in range(1, 8)]
+        await asyncio.sleep(0)  # the new client's reads of 3-7 join those fetches
+        old.export.disconnect(old_client, old_view)  # its last connection: released
+        assert node.replaced == []
+        await asyncio.sleep(0.05)  # the release's closing of the sources starts
+        gate.set()
+        got = await asyncio.gather(*reads)
+        assert got == b[1:8]
+        assert node.stats.coalesced >= 5
+        for _ in range(100):  # then its sources close
+            if not node._closing:
+                break
+            await asyncio.sleep(0.01)
+        assert not node._closing and old_stack.fault.fetching == 0
+        assert await _read(new_view, 0, CHUNK) == b[0]
+        new.export.disconnect(Client("10.0.0.2"), new_view)
 
-    try:
-        asyncio.run(run())
-    finally:
-        store.close()
+    _run(tmp_path, body)
