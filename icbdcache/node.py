@@ -256,6 +256,26 @@ class Node:
             except Exception as e:  # one source's failure must not keep the others open
                 log.warning(kv(version=stack.key, source=src.name, close_error=e))
 
+    def retire_replaced(self) -> int:
+        """Retire the opened stacks no connection uses whose version was replaced in the store
+        since (a worker no client asks for the name again kept the old stack, and its source
+        files open, for good). Returns how many. Raises nothing: a store that cannot be read
+        is tried again next time."""
+        n = 0
+        for key, stack in list(self.versions.items()):
+            if stack.connections:
+                continue
+            try:
+                meta = self.store.version(key)
+            except StoreError:
+                return n
+            if meta is not None and meta.instance != stack.meta.instance:
+                log.info(kv(version=key, replaced=f"{stack.meta.instance or '-'} -> "
+                            f"{meta.instance}", open_clients="none"))
+                self._retire(self.versions.pop(key))
+                n += 1
+        return n
+
     def forget(self, key: str) -> None:
         """Drop the opened stack of version ``key`` if the store no longer has the version
         (retired): the next client opens what the store holds then; take its strong map if it
@@ -468,6 +488,7 @@ class Node:
             n += 1
             if n % 5 == 0:
                 self.persist()
+                self.retire_replaced()
 
     async def _inuse_loop(self) -> None:
         """Write the in-use record within a second of a change, and every minute anyway (in

@@ -74,6 +74,9 @@ class Faults:
         self.fault_timeout = fault_timeout
         self.patient = patient
         self.inflight: dict[object, asyncio.Future[bytes]] = {}
+        #: the fault layer fetching each key of :attr:`inflight` (a reader of another
+        #: version that joined it fetches again from its own sources if it fails)
+        self.owners: dict[object, object] = {}
         #: Background faults (readahead, CACHE) in flight, and their bound.
         self.prefetching = 0
         self.max_prefetch = max_prefetch
@@ -94,6 +97,12 @@ class FaultLayer(Layer):
         #: faults this layer fetches now (readers of other versions may wait on them too)
         self.fetching = 0
         self._idle: asyncio.Future[None] | None = None
+
+    def _unknown_key(self, index: int) -> tuple[str, str, int]:
+        """The single-flight key of chunk ``index`` while its digest is not learned: the
+        version's key and instance (a version replaced under its name is other bytes) and
+        the index."""
+        return (self.version.key, self.version.meta.instance, index)
 
     async def drain(self) -> None:
         """Return once none of this layer's own fetches is in flight (its sources may close
@@ -127,7 +136,7 @@ class FaultLayer(Layer):
         if d == ZERO:
             return True
         if d == UNKNOWN:
-            return (v.key, index) in self.faults.inflight
+            return self._unknown_key(index) in self.faults.inflight
         return d in self.faults.inflight or self.reader.holds(d)
 
     # ---------------------------------------------------------------- background
@@ -174,19 +183,27 @@ class FaultLayer(Layer):
         d = v.digest_at(index)
         if d == ZERO:  # learned as zeros since the read was found missing (never stored)
             return bytes(v.chunk_length(index))
-        key: object = d if d != UNKNOWN else (v.key, index)
+        key: object = d if d != UNKNOWN else self._unknown_key(index)
         f = self.faults
         fut = f.inflight.get(key)
         if fut is not None:
             f.stats.coalesced += 1
-            return await asyncio.shield(fut)
+            if f.owners.get(key) is self:
+                return await asyncio.shield(fut)
+            try:  # another version's fetch of the same digest, from its own sources
+                return await asyncio.shield(fut)
+            except OSError:
+                pass  # they failed; ours may have it: fetched here, once more
         if d != UNKNOWN:
             held = self.reader.lookup(d)  # filled while this reader was queued
             if held is not None:
                 return held
         # (a chunk not learned yet: its stored map entry is looked at under the lease)
         fut = asyncio.get_running_loop().create_future()
-        f.inflight[key] = fut
+        mine = key not in f.inflight  # (else another version's fetch began meanwhile)
+        if mine:
+            f.inflight[key] = fut
+            f.owners[key] = self
         self.fetching += 1
         try:
             data = await fetch_once(self, key, index, d)  # once across processes too
@@ -198,7 +215,9 @@ class FaultLayer(Layer):
             fut.set_result(data)
             return data
         finally:
-            del f.inflight[key]
+            if mine:
+                del f.inflight[key]
+                del f.owners[key]
             self.fetching -= 1
             if not self.fetching and self._idle is not None:
                 if not self._idle.done():

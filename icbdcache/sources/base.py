@@ -187,6 +187,11 @@ class Source(ABC):
         """Release files and connections. Later reads raise SourceUnavailable. Idempotent."""
         self._closed = True
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} healthy={self.healthy} {self.stats}>"
 

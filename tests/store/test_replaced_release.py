@@ -188,3 +188,85 @@ def test_a_released_stacks_sources_close_after_its_own_fetches(tmp_path: Path) -
         new.export.disconnect(Client("10.0.0.2"), new_view)
 
     _run(tmp_path, body)
+
+
+def _faulted(tmp_path: Path, store: Store, img: str, chunks: list[bytes]) -> None:
+    """``lab@1`` made (anew) of ``chunks``, none held, faulted from the file ``img``."""
+    (tmp_path / img).write_bytes(b"".join(chunks))
+    store.put_version(VersionMeta("lab", "1", len(chunks) * CHUNK, CHUNK, [str(tmp_path / img)]),
+                      b"".join(digest(c) for c in chunks))
+    store.set_latest("lab", "1")
+
+
+def test_a_read_that_joined_another_versions_failed_fetch_fetches_from_its_own(
+        tmp_path: Path) -> None:
+    """A client of the new version whose read joined the old version's fetch of the same
+    digest got that fetch's error (EIO after the old upstream's deadline), though its own
+    source holds the chunk (a fresh helper's probe). It now fetches from its own."""
+    rng = random.Random(14)
+    a = [rng.randbytes(CHUNK) for _ in range(4)]
+    b = [rng.randbytes(CHUNK), *a[1:]]
+
+    async def body(store: Store, node: Node, catalog: Catalog) -> None:
+        _faulted(tmp_path, store, "A.img", a)
+        old = catalog.resolve("lab@1", "10.0.0.1")
+        assert old is not None
+        old_view = old.export.connect(Client("10.0.0.1"))
+        old_stack = node.versions["lab@1"]
+        _faulted(tmp_path, store, "B.img", b)
+        new = catalog.resolve("lab@1", "10.0.0.2")
+        assert new is not None
+        new_view = new.export.connect(Client("10.0.0.2"))
+        src = old_stack.fault.sources[0]
+        gate = asyncio.Event()
+
+        async def failing(*_args: Any, **_kwargs: Any) -> bytes:
+            await gate.wait()
+            raise OSError(5, "the old upstream is gone")
+
+        src.fetch = failing  # type: ignore[method-assign]
+        old_view.cache(CHUNK, 3 * CHUNK)  # the old stack fetches chunks 1-3, and fails
+        await asyncio.sleep(0)
+        assert old_stack.fault.fetching == 3
+        reads = asyncio.ensure_future(_read(new_view, CHUNK, 3 * CHUNK))
+        await asyncio.sleep(0)  # joined
+        gate.set()
+        assert await asyncio.wait_for(reads, 5) == b"".join(b[1:4])
+        assert node.stats.coalesced >= 3
+        old.export.disconnect(Client("10.0.0.1"), old_view)
+        new.export.disconnect(Client("10.0.0.2"), new_view)
+
+    _run(tmp_path, body)
+
+
+def test_a_stack_nobody_uses_is_retired_once_its_version_is_replaced(tmp_path: Path) -> None:
+    """A worker whose clients of a version all left before it was replaced, and that no
+    client asks for the name again, kept the old stack and its source file open for good (a
+    fresh helper's probe: the image file still open 45 s later). The periodic look retires
+    it."""
+    rng = random.Random(15)
+
+    async def body(store: Store, node: Node, catalog: Catalog) -> None:
+        _faulted(tmp_path, store, "A.img", [rng.randbytes(CHUNK) for _ in range(2)])
+        found = catalog.resolve("lab@1", "10.0.0.1")
+        assert found is not None
+        view = found.export.connect(Client("10.0.0.1"))
+        await _read(view, 0, CHUNK)  # the source file is open now
+        stack = node.versions["lab@1"]
+        src = stack.fault.sources[0]
+        found.export.disconnect(Client("10.0.0.1"), view)
+        assert node.retire_replaced() == 0  # not replaced: kept
+        _faulted(tmp_path, store, "B.img", [rng.randbytes(CHUNK) for _ in range(2)])
+        stack.attach("10.0.0.5")
+        assert node.retire_replaced() == 0  # replaced, but a connection uses it
+        stack.detach("10.0.0.5")
+        assert node.retire_replaced() == 1 and "lab@1" not in node.versions
+        await asyncio.sleep(0)
+        assert node.replaced == []
+        for _ in range(100):
+            if not node._closing:
+                break
+            await asyncio.sleep(0.01)
+        assert src.closed
+
+    _run(tmp_path, body)
