@@ -170,8 +170,12 @@ class ServerCollector:
     """The NBD server: connections and distinct clients per export (version), requests and
     bytes by export and direction, refused connections by reason."""
 
-    def __init__(self, server: ServerView) -> None:
+    def __init__(self, server: ServerView, *, per_client: bool = False) -> None:
         self.server = server
+        #: also yield :data:`~icbdcache.metricsmerge.CLIENT_PAIRS` (a worker of ``serve
+        #: --workers N``: worker 0 counts distinct clients over all workers from them, and
+        #: drops them from the scrape)
+        self.per_client = per_client
 
     def collect(self) -> Iterator[Metric]:
         totals = {k: list(v) for k, v in self.server.closed_totals.items()}
@@ -192,6 +196,11 @@ class ServerCollector:
         yield gauge("nbd_clients", "Distinct clients (IP addresses) connected, by export",
                     labels=["export"],
                     samples=[([k], len(v)) for k, v in sorted(clients.items())])
+        if self.per_client:
+            yield gauge("nbd_client_pairs", "Internal (workers to worker 0): each client "
+                        "connected, by export", labels=["export", "client"],
+                        samples=[([k, a], 1) for k, v in sorted(clients.items())
+                                 for a in sorted(v)])
         yield counter("nbd_requests", "NBD requests received, by export", labels=["export"],
                       samples=[([k], v[0]) for k, v in sorted(totals.items())])
         yield counter("nbd_bytes", "Bytes asked for by NBD requests, by export and direction",

@@ -10,6 +10,9 @@ them all and adds them up (:func:`merge`), so a scrape sees the server, not one 
 * gauges are summed (connections, clients, memory, descriptors), except those that describe
   the one store or the server as a whole (:data:`SAME_IN_EVERY_WORKER`: worker 0's value) and
   ``process_start_time_seconds`` (the earliest);
+* ``icbd_nbd_clients`` (distinct client addresses per export) is counted over the union of
+  the workers' clients, which each worker lists in the internal family :data:`CLIENT_PAIRS`
+  (left out of the scrape): a client whose connections reach two workers counts once;
 * ``icbd_workers_scraped`` says how many workers answered. A worker that does not answer
   within :data:`PEER_TIMEOUT` (being started again after a crash) is left out of that
   scrape, and a warning names it once; its counters start again from 0 when it comes back,
@@ -42,6 +45,10 @@ log = logging.getLogger("icbdcache.metrics")
 #: 0's value, not a sum.
 SAME_IN_EVERY_WORKER = frozenset({"icbd_store_held_bytes", "icbd_store_chunks",
                                   "process_max_fds", "python_info"})
+#: The internal gauge of each worker's clients by export (``export``, ``client`` labels).
+CLIENT_PAIRS = "icbd_nbd_client_pairs"
+#: The gauge of distinct clients by export, counted from :data:`CLIENT_PAIRS`.
+CLIENTS = "icbd_nbd_clients"
 #: Gauges whose smallest value is the server's.
 EARLIEST = frozenset({"process_start_time_seconds"})
 #: Seconds worker 0 waits for another worker's exposition.
@@ -115,6 +122,16 @@ def merge(texts: Sequence[str], *, answered: int | None = None) -> bytes:
                     into[key] = min(old, s.value)
                 elif fam.name not in SAME_IN_EVERY_WORKER:
                     into[key] = old + s.value
+    pairs = values.pop(CLIENT_PAIRS, None)
+    families.pop(CLIENT_PAIRS, None)
+    if pairs is not None and CLIENTS in values:
+        # distinct clients of the server: each address once, whatever workers it reached
+        union: dict[str, set[str]] = {}
+        for (_, labels), _value in pairs.items():
+            lab = dict(labels)
+            union.setdefault(lab.get("export", ""), set()).add(lab.get("client", ""))
+        values[CLIENTS] = {(CLIENTS, (("export", export),)): float(len(clients))
+                           for export, clients in sorted(union.items())}
     out: list[Metric] = []
     for name, fam in families.items():
         for (sample, labels), value in values[name].items():

@@ -1514,12 +1514,14 @@ def _on_sighup(server: Server, reload: Reload | None) -> None:
         log.exception(kv(event="reload", result="failed, settings unchanged", error=e))
 
 
-def _collectors(server: Server, node: Node | None) -> list[Any]:
+def _collectors(server: Server, node: Node | None, *, per_client: bool = False
+                ) -> list[Any]:
     """The metrics collectors of this process: the server, the node's read path, and those of
-    its services (a service may have ``collectors()``)."""
+    its services (a service may have ``collectors()``). ``per_client``: a worker of several,
+    whose clients worker 0 counts with the others' (icbdcache/metricsmerge.py)."""
     from icbdcache import metrics
 
-    out: list[Any] = [metrics.ServerCollector(server)]
+    out: list[Any] = [metrics.ServerCollector(server, per_client=per_client)]
     if node is not None:
         out.append(metrics.ReadPathCollector(node.stats, node.store.stats))
         for svc in node.services:
@@ -1574,7 +1576,8 @@ async def _start_metrics(config: ServeConfig, server: Server, node: Node | None,
 async def _open_metrics(config: ServeConfig, server: Server, node: Node | None) -> Any:
     from icbdcache.metrics import MetricsServer, new_registry
 
-    registry = new_registry(*_collectors(server, node))
+    registry = new_registry(*_collectors(server, node,
+                                         per_client=config.metrics_dir is not None))
     out: Any
     if config.metrics_dir is None:
         out = MetricsServer(registry, *cast(tuple[str, int], config.metrics_listen))

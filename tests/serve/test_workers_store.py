@@ -496,6 +496,44 @@ def test_metrics_of_two_workers_add_up(tmp_path: Path, server_factory: Any) -> N
     assert "event=metrics_worker" in srv.log_text()
 
 
+def test_a_client_on_two_workers_counts_once(tmp_path: Path, server_factory: Any) -> None:
+    """``icbd_nbd_clients`` of ``--workers 2``: one client address whose connections reach
+    both workers is one client (it was the sum over workers: 2). The workers' per-client
+    family is left out of the scrape, which passes promtool."""
+    require("promtool")
+    from conftest import free_port
+    from nbdraw import connect
+    from scrape import promtool_check, samples, scrape
+
+    img = make_image(tmp_path / "base.img", 4 * MiB, seed=31)
+    store = tmp_path / "store"
+    subprocess.run([str(BIN / "icbd-cache"), *trusted(("import", str(img), "--imi", "lab",
+                    "--store", str(store), "-q"))], check=True)
+    mport = free_port()
+    srv = server_factory("--store", str(store), "--workers", "2",
+                         "--metrics-listen", f"127.0.0.1:{mport}")
+    pids = worker_pids(srv)
+    clients = []
+    try:
+        served: Counter[int] = Counter()
+        while len(clients) < 32 and (len(clients) < 4 or set(served) != set(pids)):
+            c = connect(srv.port, "lab@1")  # 127.0.0.1 each time, another port
+            clients.append(c)
+            assert c.read(0, 4096) == (0, img.read_bytes()[:4096])
+            served = Counter(int(m) for m in re.findall(r"pid=(\d+) event=connect ",
+                                                         srv.log_text()))
+        assert set(served) == set(pids), served  # the client reached both workers
+        text = scrape(mport)
+        promtool_check(text)
+        m = samples(text)
+        assert m['icbd_nbd_connections{export="lab@1"}'] == len(clients)
+        assert m['icbd_nbd_clients{export="lab@1"}'] == 1
+        assert "icbd_nbd_client_pairs" not in text
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_workers_die_with_a_killed_parent(tmp_path: Path, server_factory: Any) -> None:
     """kill -9 of the serving parent: its workers go too (they served on as orphans, beside
     the server started again in its place), and a server started again on the same port and
