@@ -185,15 +185,20 @@ class FaultLayer(Layer):
             return bytes(v.chunk_length(index))
         key: object = d if d != UNKNOWN else self._unknown_key(index)
         f = self.faults
-        fut = f.inflight.get(key)
-        if fut is not None:
+        foreign_failed = False
+        while (fut := f.inflight.get(key)) is not None:
+            ours = f.owners.get(key) is self
+            if foreign_failed and not ours:
+                break  # another version's fetch again: ours goes on beside it
             f.stats.coalesced += 1
-            if f.owners.get(key) is self:
+            if ours:
                 return await asyncio.shield(fut)
             try:  # another version's fetch of the same digest, from its own sources
                 return await asyncio.shield(fut)
             except OSError:
-                pass  # they failed; ours may have it: fetched here, once more
+                # it failed; ours may have it: fetched from them, once for all its
+                # readers (the first to get here fetches, the others join it)
+                foreign_failed = True
         if d != UNKNOWN:
             held = self.reader.lookup(d)  # filled while this reader was queued
             if held is not None:
