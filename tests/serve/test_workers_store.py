@@ -453,25 +453,33 @@ def test_sigterm_as_a_worker_is_started_again_stops_the_server(
                    for p in [*pids, *new])
 
 
+def _two_workers_with_metrics(img: Path, store: Path, server_factory: Any
+                              ) -> tuple[Any, int, list[int]]:
+    """``img`` imported as lab@1 into ``store``, served by two workers with
+    ``--metrics-listen``: (the server, the metrics port, the worker PIDs)."""
+    from conftest import free_port
+
+    subprocess.run([str(BIN / "icbd-cache"), *trusted(("import", str(img), "--imi", "lab",
+                    "--store", str(store), "-q"))], check=True)
+    mport = free_port()
+    srv = server_factory("--store", str(store), "--workers", "2",
+                         "--metrics-listen", f"127.0.0.1:{mport}")
+    return srv, mport, worker_pids(srv)
+
+
 def test_metrics_of_two_workers_add_up(tmp_path: Path, server_factory: Any) -> None:
     """``--metrics-listen`` with ``--workers 2`` (a warm store): 12 nbdcopy readers spread
     over both workers; the one ``/metrics`` passes promtool and counts every request and
     byte of both, the store's size once (not once per worker). A worker killed is left out
     of the scrape (``icbd_workers_scraped 1``), and counted again once started again."""
     require("nbdcopy", "promtool")
-    from conftest import free_port
     from scrape import promtool_check, samples, scrape
 
     img = tmp_path / "base.img"  # no zero chunks: nbdcopy reads every byte
     img.write_bytes(os.urandom(8 * MiB))
     want = hashlib.sha256(img.read_bytes()).hexdigest()
     store = tmp_path / "store"
-    subprocess.run([str(BIN / "icbd-cache"), *trusted(("import", str(img), "--imi", "lab",
-                    "--store", str(store), "-q"))], check=True)
-    mport = free_port()
-    srv = server_factory("--store", str(store), "--workers", "2",
-                         "--metrics-listen", f"127.0.0.1:{mport}")
-    pids = worker_pids(srv)
+    srv, mport, pids = _two_workers_with_metrics(img, store, server_factory)
     results = hash_outputs(nbdcopy_procs([srv.uri("lab@1")] * 12))
     assert results == [(want, 8 * MiB)] * 12
     served = Counter(int(m) for m in re.findall(r"pid=(\d+) event=connect ", srv.log_text()))
@@ -501,18 +509,12 @@ def test_a_client_on_two_workers_counts_once(tmp_path: Path, server_factory: Any
     both workers is one client (it was the sum over workers: 2). The workers' per-client
     family is left out of the scrape, which passes promtool."""
     require("promtool")
-    from conftest import free_port
     from nbdraw import connect
     from scrape import promtool_check, samples, scrape
 
     img = make_image(tmp_path / "base.img", 4 * MiB, seed=31)
     store = tmp_path / "store"
-    subprocess.run([str(BIN / "icbd-cache"), *trusted(("import", str(img), "--imi", "lab",
-                    "--store", str(store), "-q"))], check=True)
-    mport = free_port()
-    srv = server_factory("--store", str(store), "--workers", "2",
-                         "--metrics-listen", f"127.0.0.1:{mport}")
-    pids = worker_pids(srv)
+    srv, mport, pids = _two_workers_with_metrics(img, store, server_factory)
     clients = []
     try:
         served: Counter[int] = Counter()
