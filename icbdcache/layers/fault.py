@@ -97,6 +97,9 @@ class FaultLayer(Layer):
         #: faults this layer fetches now (readers of other versions may wait on them too)
         self.fetching = 0
         self._idle: asyncio.Future[None] | None = None
+        #: this layer's fetches of keys whose slot in ``Faults.inflight`` another version's
+        #: fetch holds (begun after another version's fetch of them failed)
+        self._refetching: dict[object, asyncio.Future[bytes]] = {}
 
     def _unknown_key(self, index: int) -> tuple[str, str, int]:
         """The single-flight key of chunk ``index`` while its digest is not learned: the
@@ -199,6 +202,9 @@ class FaultLayer(Layer):
                 # it failed; ours may have it: fetched from them, once for all its
                 # readers (the first to get here fetches, the others join it)
                 foreign_failed = True
+        if foreign_failed and (own := self._refetching.get(key)) is not None:
+            f.stats.coalesced += 1  # a fetch of ours beside a third version's
+            return await asyncio.shield(own)
         if d != UNKNOWN:
             held = self.reader.lookup(d)  # filled while this reader was queued
             if held is not None:
@@ -209,6 +215,8 @@ class FaultLayer(Layer):
         if mine:
             f.inflight[key] = fut
             f.owners[key] = self
+        else:  # our readers that saw a fetch fail join this one, not the other version's
+            self._refetching[key] = fut
         self.fetching += 1
         try:
             data = await fetch_once(self, key, index, d)  # once across processes too
@@ -223,6 +231,8 @@ class FaultLayer(Layer):
             if mine:
                 del f.inflight[key]
                 del f.owners[key]
+            else:
+                del self._refetching[key]
             self.fetching -= 1
             if not self.fetching and self._idle is not None:
                 if not self._idle.done():

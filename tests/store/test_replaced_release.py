@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from icbdcache.exports import Catalog
 from icbdcache.layers.base import Client, Layer
 from icbdcache.node import Node
@@ -190,12 +192,67 @@ def test_a_released_stacks_sources_close_after_its_own_fetches(tmp_path: Path) -
     _run(tmp_path, body)
 
 
-def _faulted(tmp_path: Path, store: Store, img: str, chunks: list[bytes]) -> None:
-    """``lab@1`` made (anew) of ``chunks``, none held, faulted from the file ``img``."""
+def _faulted(tmp_path: Path, store: Store, img: str, chunks: list[bytes],
+             version: str = "1") -> None:
+    """``lab@VERSION`` made (anew) of ``chunks``, none held, faulted from the file ``img``."""
     (tmp_path / img).write_bytes(b"".join(chunks))
-    store.put_version(VersionMeta("lab", "1", len(chunks) * CHUNK, CHUNK, [str(tmp_path / img)]),
+    store.put_version(VersionMeta("lab", version, len(chunks) * CHUNK, CHUNK,
+                                  [str(tmp_path / img)]),
                       b"".join(digest(c) for c in chunks))
-    store.set_latest("lab", "1")
+    store.set_latest("lab", version)
+
+
+def _failing(stack: Any) -> asyncio.Event:
+    """Make the fetches of ``stack``'s source wait for the event returned, then fail."""
+    gate = asyncio.Event()
+
+    async def failing(*_args: Any, **_kwargs: Any) -> bytes:
+        await gate.wait()
+        raise OSError(5, "this upstream is gone")
+
+    stack.fault.sources[0].fetch = failing
+    return gate
+
+
+def test_readers_that_saw_a_fetch_fail_fetch_once_beside_a_third_versions(
+        tmp_path: Path) -> None:
+    """Three versions share a chunk. Version 1's fetch fails; version 2's reader, which had
+    joined it, fetches from its own (failing) source; version 3's three readers, which had
+    joined it too, find version 2's fetch in flight: each fetched the chunk from version 3's
+    source (a fresh helper's probe: 4 fetches a chunk for 1). Now one fetches and the other
+    two join it."""
+    rng = random.Random(16)
+    chunk = rng.randbytes(CHUNK)
+
+    async def body(store: Store, node: Node, _catalog: Catalog) -> None:
+        views = {}
+        for v in ("1", "2", "3"):
+            _faulted(tmp_path, store, f"{v}.img", [rng.randbytes(CHUNK), chunk], version=v)
+            stack = node.resolve(f"lab@{v}")
+            assert stack is not None
+            stack.attach("10.0.0.1")
+            views[v] = stack
+        gate1, gate2 = _failing(views["1"]), _failing(views["2"])
+        one = asyncio.ensure_future(_read(views["1"].top, CHUNK, CHUNK))
+        await asyncio.sleep(0)
+        two = asyncio.ensure_future(_read(views["2"].top, CHUNK, CHUNK))
+        threes = [asyncio.ensure_future(_read(views["3"].top, CHUNK, CHUNK))
+                  for _ in range(3)]
+        await asyncio.sleep(0)  # all joined version 1's fetch
+        gate1.set()
+        for _ in range(5):
+            await asyncio.sleep(0)  # version 2 fetches anew; version 3's readers follow
+        gate2.set()
+        got = await asyncio.wait_for(asyncio.gather(*threes), 5)
+        assert got == [chunk] * 3
+        for failed in (one, two):
+            with pytest.raises(OSError):
+                await failed
+        assert node.stats.faults == 3 and node.stats.fault_errors == 2
+        for stack in views.values():
+            stack.detach("10.0.0.1")
+
+    _run(tmp_path, body)
 
 
 def test_a_read_that_joined_another_versions_failed_fetch_fetches_from_its_own(
