@@ -76,7 +76,7 @@ class Faults:
         self.inflight: dict[object, asyncio.Future[bytes]] = {}
         #: the fault layer fetching each key of :attr:`inflight` (a reader of another
         #: version that joined it fetches again from its own sources if it fails)
-        self.owners: dict[object, object] = {}
+        self.owners: dict[object, FaultLayer] = {}
         #: Background faults (readahead, CACHE) in flight, and their bound.
         self.prefetching = 0
         self.max_prefetch = max_prefetch
