@@ -188,6 +188,9 @@ class FaultLayer(Layer):
             return bytes(v.chunk_length(index))
         key: object = d if d != UNKNOWN else self._unknown_key(index)
         f = self.faults
+        if (own := self._refetching.get(key)) is not None:
+            f.stats.coalesced += 1  # our fetch beside another version's: joined first
+            return await asyncio.shield(own)
         foreign_failed = False
         while (fut := f.inflight.get(key)) is not None:
             ours = f.owners.get(key) is self
@@ -202,7 +205,7 @@ class FaultLayer(Layer):
                 # it failed; ours may have it: fetched from them, once for all its
                 # readers (the first to get here fetches, the others join it)
                 foreign_failed = True
-        if foreign_failed and (own := self._refetching.get(key)) is not None:
+        if (own := self._refetching.get(key)) is not None:
             f.stats.coalesced += 1  # a fetch of ours beside a third version's
             return await asyncio.shield(own)
         if d != UNKNOWN:

@@ -233,6 +233,14 @@ def test_readers_that_saw_a_fetch_fail_fetch_once_beside_a_third_versions(
             stack.attach("10.0.0.1")
             views[v] = stack
         gate1, gate2 = _failing(views["1"]), _failing(views["2"])
+        src3 = views["3"].fault.sources[0]
+        fetch3, gate3 = src3.fetch, asyncio.Event()
+
+        async def held_up(*args: Any, **kwargs: Any) -> bytes:
+            await gate3.wait()
+            return await fetch3(*args, **kwargs)
+
+        src3.fetch = held_up  # type: ignore[method-assign]
         one = asyncio.ensure_future(_read(views["1"].top, CHUNK, CHUNK))
         await asyncio.sleep(0)
         two = asyncio.ensure_future(_read(views["2"].top, CHUNK, CHUNK))
@@ -242,9 +250,16 @@ def test_readers_that_saw_a_fetch_fail_fetch_once_beside_a_third_versions(
         gate1.set()
         for _ in range(5):
             await asyncio.sleep(0)  # version 2 fetches anew; version 3's readers follow
-        gate2.set()
+        gate2.set()  # version 2's fetch fails while version 3's own is in flight
+        for _ in range(5):
+            await asyncio.sleep(0)
+        # a reader of version 3 that saw nothing fail joins that fetch too (it fetched
+        # anew once the shared slot was free: a fresh helper's probe)
+        threes.append(asyncio.ensure_future(_read(views["3"].top, CHUNK, CHUNK)))
+        await asyncio.sleep(0)
+        gate3.set()
         got = await asyncio.wait_for(asyncio.gather(*threes), 5)
-        assert got == [chunk] * 3
+        assert got == [chunk] * 4
         for failed in (one, two):
             with pytest.raises(OSError):
                 await failed
