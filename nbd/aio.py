@@ -1,6 +1,6 @@
 """The asyncio adapter for the client side of NBD.
 
-A thin binding of :class:`nbd.client.ClientConnection` to asyncio streams::
+A thin binding of :class:`nbd.client.ClientConnection` to an asyncio transport::
 
     client = await nbd.aio.connect("10.0.0.1", 10809, "ubuntu-lab@7",
                                    meta_contexts=("base:allocation",))
@@ -11,8 +11,8 @@ A thin binding of :class:`nbd.client.ClientConnection` to asyncio streams::
 :func:`connect` opens a TCP or Unix socket, negotiates (NBD_OPT_STARTTLS first when ``ssl`` is
 given, then NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT and NBD_OPT_GO, falling back to
 NBD_OPT_EXPORT_NAME on old servers) and returns an :class:`AsyncClient`. Any number of
-coroutines may issue requests at once: one reader task matches each reply to its request by
-cookie, so replies may come back in any order.
+coroutines may issue requests at once: each reply is matched to its request by cookie as it
+arrives, so replies may come back in any order.
 
 Errors: a request the server refuses raises :class:`nbd.errors.RequestError` and the
 connection goes on; a refused option during the handshake raises
@@ -28,20 +28,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl as _ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
+from typing import Any, cast
 
 from nbd.client import ClientConnection, ClientEvent
 from nbd.constants import Cmd, CmdFlag, TransmissionFlag
-from nbd.errors import LocalProtocolError, NegotiationError, RequestError
+from nbd.errors import LocalProtocolError, NegotiationError, RemoteProtocolError, RequestError
 from nbd.events import ExportInfo, ExportListed, Negotiated, OptionRefused, Reply, StartTLS
 
 __all__ = ["DEFAULT_PORT", "AsyncClient", "connect", "list_exports"]
 
 #: The IANA port of NBD (proto.md, 'Newstyle negotiation').
 DEFAULT_PORT = 10809
-#: Bytes asked of the socket per read.
-_READ_SIZE = 256 * 1024
 _MAX_OFFSET = 1 << 64
 _MAX_LENGTH = (1 << 32) - 1
 
@@ -66,11 +65,11 @@ async def connect(
     ``host`` is only the name checked against a TLS certificate. ``structured`` asks for
     structured replies; ``meta_contexts`` (e.g. ``("base:allocation",)``, needed by
     :meth:`AsyncClient.block_status`) are selected with NBD_OPT_SET_META_CONTEXT. With ``ssl``
-    the session is upgraded to TLS (NBD_OPT_STARTTLS, then ``loop.start_tls`` through
-    :meth:`asyncio.StreamWriter.start_tls`) before any other option, and a server that refuses
-    TLS is an error. ``server_hostname`` overrides the name checked against the server's
-    certificate (default ``host``). ``timeout`` bounds connecting plus the handshake, in
-    seconds (None: no limit); it does not apply to later requests.
+    the session is upgraded to TLS (NBD_OPT_STARTTLS, then ``loop.start_tls``) before any
+    other option, and a server that refuses TLS is an error. ``server_hostname`` overrides
+    the name checked against the server's certificate (default ``host``). ``timeout``
+    bounds connecting plus the handshake, in seconds (None: no limit); it does not apply
+    to later requests.
 
     Raises :class:`NegotiationError` when the server refuses an option (unknown export,
     TLS required or refused, ...), :class:`ConnectionError`/:class:`OSError` when the
@@ -83,14 +82,14 @@ async def connect(
     )
 
     async def attempt() -> AsyncClient:
-        reader, writer = await _open(host, port, unix)
+        channel = await _open(host, port, unix)
         try:
-            result = await _handshake(reader, writer, conn, ssl, server_hostname or host or None)
+            result = await _handshake(channel, conn, ssl, server_hostname or host or None)
         except BaseException:
-            _abort(writer)
+            channel.abort()
             raise
         assert isinstance(result, Negotiated)
-        return AsyncClient(reader, writer, conn, result)
+        return AsyncClient(channel, conn, result)
 
     return await asyncio.wait_for(attempt(), timeout)
 
@@ -112,67 +111,189 @@ async def list_exports(
     conn = ClientConnection(list_exports=True, tls=ssl is not None)
 
     async def attempt() -> list[tuple[str, str]]:
-        reader, writer = await _open(host, port, unix)
+        channel = await _open(host, port, unix)
         try:
-            result = await _handshake(reader, writer, conn, ssl, server_hostname or host or None)
+            result = await _handshake(channel, conn, ssl, server_hostname or host or None)
             assert isinstance(result, ExportListed)
             # The state machine queued NBD_OPT_ABORT; wait briefly for the server's ACK (or its
             # close) so that it sees a soft disconnect rather than a dropped connection.
             with contextlib.suppress(OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(reader.read(_READ_SIZE), 1.0)
+                await asyncio.wait_for(channel.read(), 1.0)
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            await channel.close()
         return list(result.exports)
 
     return await asyncio.wait_for(attempt(), timeout)
 
 
-async def _open(
-    host: str, port: int | None, unix: str | None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+class _Channel(asyncio.Protocol):
+    """One NBD connection's transport and protocol. During the handshake its bytes are read
+    with :meth:`read`; in transmission each arrives at ``deliver`` (the client's parser),
+    with no stream buffer between (two copies of every READ payload fewer than
+    :class:`asyncio.StreamReader`). Writes go straight to the transport; :meth:`drain`
+    waits while the transport is above its high-water mark."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.deliver: Callable[[bytes], None] | None = None
+        self.lost: Callable[[BaseException], None] | None = None
+        self._buffer = bytearray()
+        self._eof = False
+        self._error: BaseException | None = None
+        self._readable: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.deliver is not None:
+            self.deliver(data)
+            return
+        self._buffer += data
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        return None  # the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._error = exc
+        self._wake()
+        w, self._writable = self._writable, None
+        if w is not None and not w.done():
+            w.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
+        if self.lost is not None:
+            self.lost(exc if exc is not None
+                      else ConnectionResetError("the NBD server closed the connection"))
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        w, self._writable = self._writable, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake(self) -> None:
+        r, self._readable = self._readable, None
+        if r is not None and not r.done():
+            r.set_result(None)
+
+    @property
+    def gone(self) -> bool:
+        """True once the connection is lost or closed."""
+        return self._closed.done()
+
+    # the handshake's side
+    async def read(self) -> bytes:
+        """The bytes received since the last read (b"" at end of file). Raises the error
+        that closed the connection, if any."""
+        while not self._buffer and not self._eof:
+            self._readable = asyncio.get_running_loop().create_future()
+            await self._readable
+        if not self._buffer and self._error is not None:
+            raise self._error
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    def read_nowait(self) -> bytes:
+        """What was received and not read yet (b"" if nothing)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    def write(self, buffers: Iterable[Buffer]) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.writelines(buffers)
+
+    async def drain(self) -> None:
+        """Wait until the transport takes more. Raises ConnectionResetError once closed.
+        (Shielded: a caller cancelled while it waits must not cancel the other waiters.)"""
+        if self._writable is not None:
+            await asyncio.shield(self._writable)
+        t = self.transport
+        if t is None or t.is_closing():
+            raise ConnectionResetError("the NBD connection is closed")
+
+    async def start_tls(self, ssl: _ssl.SSLContext, server_hostname: str | None) -> None:
+        """Upgrade to TLS (raises ssl.SSLError, OSError)."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        t = await loop.start_tls(self.transport, self, ssl, server_hostname=server_hostname)
+        if t is None:
+            raise ConnectionResetError("the NBD connection closed during the TLS handshake")
+        self.transport = t
+
+    def get_extra_info(self, name: str) -> Any:
+        """The transport's extra info (``sockname``, ``peername``, ``ssl_object``, ...)."""
+        return None if self.transport is None else self.transport.get_extra_info(name)
+
+    def abort(self) -> None:
+        """Drop the connection at once (a hard disconnect)."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.abort()
+
+    async def close(self) -> None:
+        """Close and wait until the transport is gone (a TLS peer may not answer
+        close_notify: the transport's own timeout then ends it)."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+        if t is not None:
+            await asyncio.shield(self._closed)
+
+
+async def _open(host: str, port: int | None, unix: str | None) -> _Channel:
+    loop = asyncio.get_running_loop()
+    channel = _Channel()
     if unix is not None:
-        return await asyncio.open_unix_connection(unix, limit=_READ_SIZE)
-    # asyncio sets TCP_NODELAY on TCP streams, as proto.md recommends.
-    return await asyncio.open_connection(host, port or DEFAULT_PORT, limit=_READ_SIZE)
-
-
-def _abort(writer: asyncio.StreamWriter) -> None:
-    """Drop a connection at once (a hard disconnect)."""
-    transport = writer.transport
-    if not transport.is_closing():
-        transport.abort()
+        await loop.create_unix_connection(lambda: channel, unix)
+    else:
+        # asyncio (and uvloop) set TCP_NODELAY on TCP sockets, as proto.md recommends.
+        await loop.create_connection(lambda: channel, host, port or DEFAULT_PORT)
+    return channel
 
 
 async def _handshake(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    channel: _Channel,
     conn: ClientConnection,
     ssl: _ssl.SSLContext | None,
     server_hostname: str | None,
 ) -> Negotiated | ExportListed:
     """Run option haggling to its end: transmission (Negotiated) or the export list."""
     while True:
-        data = await reader.read(_READ_SIZE)
+        data = await channel.read()
         if not data:
             raise ConnectionResetError("the NBD server closed the connection during the handshake")
         events: list[ClientEvent] = conn.receive_data(data)
-        writer.writelines(conn.data_to_send())
+        channel.write(conn.data_to_send())
         for ev in events:
             if isinstance(ev, StartTLS):
                 assert ssl is not None
-                await writer.drain()
-                await writer.start_tls(ssl, server_hostname=server_hostname)
+                await channel.drain()
+                if channel.read_nowait():  # plaintext after the STARTTLS reply
+                    raise RemoteProtocolError("bytes came in plaintext after the STARTTLS reply")
+                await channel.start_tls(ssl, server_hostname)
                 conn.tls_started()
-                writer.writelines(conn.data_to_send())
+                channel.write(conn.data_to_send())
             elif isinstance(ev, OptionRefused):
                 raise NegotiationError(ev.option, ev.reply, ev.message)
             elif isinstance(ev, Negotiated | ExportListed):
-                writer.writelines(conn.data_to_send())
-                await writer.drain()
+                channel.write(conn.data_to_send())
+                await channel.drain()
                 return ev
-        await writer.drain()
+        await channel.drain()
 
 
 class AsyncClient:
@@ -185,27 +306,31 @@ class AsyncClient:
     Requests may run concurrently from any number of tasks. Cancelling one is safe: its reply
     is dropped when it arrives and the connection goes on. To bound a request in time, wrap it
     in :func:`asyncio.wait_for`. Use ``async with`` or :meth:`close` to end the session.
+
+    Requests made in one turn of the event loop leave in one write (sent at the end of the
+    turn, :meth:`_send`): one system call, and one wake-up of the server, for all of them.
+    Replies are parsed as they arrive, in the transport's callback.
     """
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        conn: ClientConnection,
-        negotiated: Negotiated,
-    ) -> None:
+    def __init__(self, channel: _Channel, conn: ClientConnection,
+                 negotiated: Negotiated) -> None:
         self.info: ExportInfo = negotiated.export
         self.structured: bool = negotiated.structured_replies
         self.meta_contexts: dict[int, str] = dict(negotiated.meta_contexts)
-        self._reader = reader
-        self._writer = writer
+        self._channel = channel
         self._conn = conn
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
         self._error: BaseException | None = None
         self._closing = False
-        self._reader_task = asyncio.get_running_loop().create_task(
-            self._read_replies(), name=f"nbd-reader-{self.info.name}"
-        )
+        self._send_queued = False
+        self._loop = asyncio.get_running_loop()
+        leftover = channel.read_nowait()
+        channel.deliver = self._received
+        channel.lost = self._fail
+        if channel.gone:  # lost between the handshake's end and now
+            self._error = ConnectionResetError("the NBD server closed the connection")
+        elif leftover:
+            self._received(leftover)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -219,6 +344,10 @@ class AsyncClient:
         """Requests sent and not yet answered."""
         return len(self._waiters)
 
+    def get_extra_info(self, name: str) -> Any:
+        """The transport's extra info (``sockname``, ``peername``, ...; None if unknown)."""
+        return self._channel.get_extra_info(name)
+
     async def close(self) -> None:
         """End the session cleanly: wait for the requests in flight, send NBD_CMD_DISC, shut
         TLS down (if running) and close the socket. Safe to call more than once."""
@@ -229,16 +358,12 @@ class AsyncClient:
             await asyncio.wait(list(self._waiters.values()))
         if self._error is None:
             self._conn.request(Cmd.DISC)
-            self._writer.writelines(self._conn.data_to_send())
+            self._send()
             with contextlib.suppress(OSError):
-                await self._writer.drain()
+                await self._channel.drain()
         self._fail(ConnectionAbortedError("the NBD connection was closed"))
-        self._reader_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader_task
-        self._writer.close()
         with contextlib.suppress(Exception):  # a TLS peer may not answer close_notify
-            await self._writer.wait_closed()
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -251,30 +376,28 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    async def _read_replies(self) -> None:
-        """The one reader: hand each Reply to the future waiting on its cookie."""
-        error: BaseException = ConnectionResetError("the NBD server closed the connection")
+    def _received(self, data: bytes) -> None:
+        """Bytes from the server: hand each Reply to the future waiting on its cookie."""
+        if self._error is not None:
+            return
         try:
-            while True:
-                data = await self._reader.read(_READ_SIZE)
-                if not data:
-                    return
-                for ev in self._conn.receive_data(data):
-                    if isinstance(ev, Reply):
-                        waiter = self._waiters.pop(ev.cookie, None)
-                        if waiter is not None and not waiter.done():
-                            waiter.set_result(ev)
-        except Exception as exc:  # RemoteProtocolError, OSError, ...
-            error = exc
-        finally:
-            self._fail(error)
+            events = self._conn.receive_data(data)
+        except Exception as exc:  # RemoteProtocolError, ...
+            self._fail(exc)
+            return
+        waiters = self._waiters
+        for ev in events:
+            if type(ev) is Reply:
+                waiter = waiters.pop(ev.cookie, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ev)
 
     def _fail(self, error: BaseException) -> None:
         """The connection is gone: fail every waiter; a broken connection is dropped."""
         if self._error is None:
             self._error = error
             if not self._closing:
-                _abort(self._writer)
+                self._channel.abort()
         waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
             if not waiter.done():
@@ -284,6 +407,13 @@ class AsyncClient:
         exc = ConnectionError(f"NBD connection lost: {self._error}")
         exc.__cause__ = self._error
         return exc
+
+    def _send(self) -> None:
+        """Write every request queued so far (called once at the end of a loop turn)."""
+        self._send_queued = False
+        out = self._conn.data_to_send()
+        if out and self._error is None:
+            self._channel.write(out)
 
     # ------------------------------------------------------------------- requests
 
@@ -295,12 +425,16 @@ class AsyncClient:
             raise self._lost() if self._error else ConnectionError("the NBD client is closed")
         payload = memoryview(data).cast("B") if data else b""
         cookie = self._conn.request(command, offset, length, flags, payload)
-        waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Reply] = self._loop.create_future()
         self._waiters[cookie] = waiter
-        self._writer.writelines(self._conn.data_to_send())
+        if payload:
+            self._send()  # a WRITE's payload is handed to the transport at once
+        elif not self._send_queued:
+            self._send_queued = True
+            self._loop.call_soon(self._send)
         try:
             try:
-                await self._writer.drain()
+                await self._channel.drain()
             except OSError as exc:
                 self._fail(exc)  # fails this waiter too
             reply = await waiter

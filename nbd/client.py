@@ -53,6 +53,8 @@ class _InFlight:
     command: Cmd
     offset: int
     length: int
+    #: a READ's payload as its structured chunks arrive (made at the first chunk that is not
+    #: the whole payload at once: see :meth:`ClientConnection._whole_read`)
     data: bytearray | None = None
     error: Errno = Errno.OK
     message: str = ""
@@ -291,6 +293,12 @@ class ClientConnection:
         """The transport now speaks TLS: go on with option haggling."""
         if self.phase is not ClientPhase.TLS_PENDING:
             raise LocalProtocolError("tls_started() without STARTTLS")
+        if self._buf:
+            # proto.md, NBD_OPT_STARTTLS: after the ACK the server sends nothing more in
+            # plaintext; such bytes would pass as if they had come over TLS (injection)
+            self.phase = ClientPhase.CLOSED
+            raise RemoteProtocolError(
+                f"{len(self._buf)} bytes came in plaintext after the STARTTLS reply")
         self.phase = ClientPhase.OPTIONS
         self._next_option()
 
@@ -323,9 +331,7 @@ class ClientConnection:
         if command is Cmd.DISC:
             self.phase = ClientPhase.CLOSED
         else:
-            self._inflight[cookie] = _InFlight(
-                command, offset, length, bytearray(length) if command is Cmd.READ else None
-            )
+            self._inflight[cookie] = _InFlight(command, offset, length)
         return cookie
 
     @property
@@ -347,11 +353,12 @@ class ClientConnection:
             extra = req.length if (req.command is Cmd.READ and error == 0) else 0
             if len(self._buf) < wire.SIMPLE_REPLY.size + extra:
                 return False
-            del self._buf[: wire.SIMPLE_REPLY.size]
-            if extra and req.data is not None:
-                req.data[:] = self._buf[:extra]
-                del self._buf[:extra]
             del self._inflight[cookie]
+            if extra:
+                events.append(Reply(cookie, Errno.OK, _copy(self._buf, _SIMPLE, _SIMPLE + extra)))
+                del self._buf[: _SIMPLE + extra]
+                return True
+            del self._buf[:_SIMPLE]
             events.append(_done(cookie, req, Errno(error) if error in _ERRNOS else Errno.EINVAL))
             return True
         if magic != STRUCTURED_REPLY_MAGIC:
@@ -359,29 +366,36 @@ class ClientConnection:
         if len(self._buf) < wire.STRUCTURED_REPLY.size:
             return False
         _, rflags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack_from(self._buf)
-        if len(self._buf) < wire.STRUCTURED_REPLY.size + length:
-            return False
-        del self._buf[: wire.STRUCTURED_REPLY.size]
-        body = bytes(self._buf[:length])
-        del self._buf[:length]
         req = self._inflight.get(cookie)
         if req is None:
             raise RemoteProtocolError(f"structured reply for unknown cookie {cookie}")
+        if length > (req.length + _SLACK if req.command is Cmd.READ else _MAX_OTHER_CHUNK):
+            # refused before it is buffered: a server cannot make the client hold 4 GiB
+            raise RemoteProtocolError(
+                f"chunk of {length} bytes for a {req.command.name} of {req.length}")
+        if len(self._buf) < _STRUCTURED + length:
+            return False
+        if (rtype == _OFFSET_DATA and rflags & _DONE
+                and self._whole_read(req, cookie, length, events)):
+            return True
+        del self._buf[:_STRUCTURED]
+        body = bytes(self._buf[:length])
+        del self._buf[:length]
         # Chunk rules of proto.md 'Structured reply types': content chunks lie within the
         # request; anything unexpected that is not an error chunk means a hard disconnect.
-        if rtype == ReplyType.OFFSET_DATA and req.data is not None:
+        if rtype == ReplyType.OFFSET_DATA and req.command is Cmd.READ:
             if length < 9:
                 raise RemoteProtocolError(f"OFFSET_DATA chunk of {length} bytes")
             (off,) = wire.OFFSET.unpack_from(body)
             rel = _within(req, off, length - 8, "OFFSET_DATA")
-            req.data[rel : rel + length - 8] = body[8:]
+            _payload(req)[rel : rel + length - 8] = memoryview(body)[8:]
             req.covered.append((rel, rel + length - 8))
-        elif rtype == ReplyType.OFFSET_HOLE and req.data is not None:
+        elif rtype == ReplyType.OFFSET_HOLE and req.command is Cmd.READ:
             if length != wire.OFFSET_HOLE.size:
                 raise RemoteProtocolError(f"OFFSET_HOLE chunk of {length} bytes")
             off, hlen = wire.OFFSET_HOLE.unpack_from(body)
             rel = _within(req, off, hlen, "OFFSET_HOLE")
-            req.data[rel : rel + hlen] = bytes(hlen)
+            _payload(req)[rel : rel + hlen] = bytes(hlen)
             req.covered.append((rel, rel + hlen))
         elif rtype == ReplyType.BLOCK_STATUS and req.command is Cmd.BLOCK_STATUS:
             if length < 12 or (length - 4) % 8:
@@ -404,9 +418,28 @@ class ClientConnection:
             raise RemoteProtocolError(f"unexpected chunk type {rtype} for {req.command.name}")
         if rflags & ReplyFlag.DONE:
             del self._inflight[cookie]
-            if req.data is not None and req.error == Errno.OK:
+            if req.command is Cmd.READ and req.error == Errno.OK:
                 _check_covered(req)
             events.append(_done(cookie, req, req.error))
+        return True
+
+    def _whole_read(self, req: _InFlight, cookie: int, length: int,
+                    events: list[ClientEvent]) -> bool:
+        """The usual READ reply, taken with one copy of its payload: a single OFFSET_DATA
+        chunk with the DONE flag holding the whole request (``length``: the chunk's, in
+        bytes; the buffer holds all of it). False, and nothing taken, for any other chunk,
+        which the general path checks and assembles."""
+        if (req.command is not Cmd.READ or req.covered or req.error != Errno.OK
+                or length != req.length + 8):
+            return False
+        (off,) = wire.OFFSET.unpack_from(self._buf, _STRUCTURED)
+        if off != req.offset:
+            return False
+        start = _STRUCTURED + 8
+        data = _copy(self._buf, start, start + req.length)
+        del self._buf[: start + req.length]
+        del self._inflight[cookie]
+        events.append(Reply(cookie, Errno.OK, data))
         return True
 
 
@@ -434,6 +467,31 @@ def _check_covered(req: _InFlight) -> None:
         pos = end
     if pos != req.length:
         raise RemoteProtocolError(f"READ reply of {pos} bytes for {req.length} requested")
+
+
+_SIMPLE = wire.SIMPLE_REPLY.size
+_STRUCTURED = wire.STRUCTURED_REPLY.size
+#: Bytes a structured chunk of a READ may carry beyond the request's length (its offset, or
+#: an error chunk's header and message), and the most any other request's chunk may carry
+#: (a BLOCK_STATUS of 2 Mi extents).
+_SLACK = 8 + 6 + 65536
+_MAX_OTHER_CHUNK = 16 << 20
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+
+
+def _copy(buf: bytearray, start: int, end: int) -> bytes:
+    """``buf[start:end]`` as bytes, copied once (a slice of a bytearray would copy twice);
+    the view is released before the caller deletes from ``buf``."""
+    with memoryview(buf) as view:
+        return view[start:end].tobytes()
+
+
+def _payload(req: _InFlight) -> bytearray:
+    """The buffer a READ's structured chunks are assembled in, made at the first."""
+    if req.data is None:
+        req.data = bytearray(req.length)
+    return req.data
 
 
 def _done(cookie: int, req: _InFlight, error: Errno) -> Reply:

@@ -9,9 +9,12 @@ reverse order, held replies, a dropped connection, garbage on the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -328,6 +331,61 @@ def test_tls_refused_by_a_server_without_tls(nbdkit: Callable[..., Nbdkit], tmp_
     run(main())
 
 
+def test_a_write_cancelled_while_the_transport_is_full_leaves_the_others_alone(
+    nbdkit: Callable[..., Nbdkit],
+) -> None:
+    """Three 32 MiB writes to a slow server wait for the transport; one is cancelled: the
+    other two still complete (they shared one wait for room), and the connection goes on."""
+    srv = nbdkit("--filter=delay", "memory", "128M", "wdelay=300ms")
+
+    async def main() -> None:
+        async with await srv.connect() as client:
+            blocks = [bytes([i + 1]) * (32 * MiB) for i in range(3)]
+            tasks = [asyncio.create_task(client.pwrite(i * 32 * MiB, b))
+                     for i, b in enumerate(blocks)]
+            await asyncio.sleep(0.05)
+            tasks[0].cancel()
+            got = await asyncio.gather(*tasks, return_exceptions=True)
+            assert isinstance(got[0], asyncio.CancelledError)
+            assert got[1:] == [None, None]
+            assert await client.pread(32 * MiB, 4096) == bytes([2]) * 4096
+            assert await client.pread(64 * MiB + 5, 4096) == bytes([3]) * 4096
+
+    run(main())
+
+
+def test_plaintext_after_the_starttls_reply_is_refused(tmp_path: Path) -> None:
+    """A server (or a man in the middle) that sends an option reply in plaintext right behind
+    its STARTTLS ACK: those bytes must not be taken as if they came over TLS."""
+    certs = make_certs(tmp_path)
+    trusted = ssl.create_default_context(cafile=str(certs / "ca-cert.pem"))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(certs / "server-cert.pem", certs / "server-key.pem")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"NBDMAGIC" + b"IHAVEOPT" + struct.pack(">H", 3))  # fixed newstyle
+        await reader.readexactly(4 + 16)  # client flags, the STARTTLS option
+        forged = struct.pack(">QIII", 0x3E889045565A9, 7, 3, 10) + b"\x00\x02INJECTED"
+        writer.write(struct.pack(">QIII", 0x3E889045565A9, 5, 1, 0) + forged)
+        await writer.drain()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.start_tls(server_ctx)  # then TLS, as a real server goes on
+            await reader.read(1 << 16)  # the client's next option, or its close
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(RemoteProtocolError, match="plaintext after the STARTTLS"):
+                await aio.connect("127.0.0.1", port, "x", ssl=trusted,
+                                  server_hostname="localhost", timeout=10)
+        finally:
+            server.close()
+
+    run(main())
+
+
 # -------------------------------------------------------------- in-process test server
 
 
@@ -428,6 +486,32 @@ def test_replies_in_any_order_reach_their_callers() -> None:
             srv.release()  # the last request is answered first
             got = await asyncio.gather(*tasks)
             assert got == [bytes(srv.data[o : o + n]) for o, n in spans]
+
+    run(main())
+
+
+def _segments_sent(client: aio.AsyncClient) -> int:
+    """TCP segments the client's socket has sent (tcp_info's tcpi_segs_out, Linux 4.2+)."""
+    sock = client.get_extra_info("socket")
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("I", info, 136)[0])
+
+
+def test_requests_made_in_one_turn_of_the_loop_leave_in_one_segment() -> None:
+    srv = LocalServer()
+    srv.hold = True  # no reply, so no ACK from the client either: only requests leave
+
+    async def main() -> None:
+        async with srv.running() as port, await aio.connect("127.0.0.1", port) as client:
+            before = _segments_sent(client)
+            spans = [(i * 4096, 4096) for i in range(30)]
+            tasks = [asyncio.create_task(client.pread(o, n)) for o, n in spans]
+            await srv.wait_held(30)
+            sent = _segments_sent(client) - before
+            srv.release()
+            assert await asyncio.gather(*tasks) == [bytes(srv.data[o : o + n])
+                                                    for o, n in spans]
+            assert 1 <= sent <= 2, f"30 requests of one loop turn left in {sent} segments"
 
     run(main())
 

@@ -508,6 +508,8 @@ BAD_CHUNKS = {
         Cmd.READ, lambda c: chunk(c, 0x8001, struct.pack(">IH", 5, 10) + b"abc", done=True)
     ),
     "unknown-cookie": (Cmd.READ, lambda c: chunk(c + 1, 2, struct.pack(">QI", 10, 1))),
+    # a header announcing 4 GiB: refused before any of it is buffered
+    "huge-chunk": (Cmd.READ, lambda c: struct.pack(">IHHQI", 0x668E33EF, 0, 1, c, 0xFFFFFFFF)),
     "bad-magic": (Cmd.READ, lambda c: b"\x12\x34\x56\x78" + bytes(12)),
     "simple-unknown-cookie": (Cmd.READ, lambda c: simple(c + 99)),
 }
@@ -595,6 +597,11 @@ STRUCTURED_READ_GAPS = {
         (1, struct.pack(">Q", 1000) + b"wxyz", True),
     ],
     "no-content-at-all": [(0, b"", True)],
+    "whole-length-at-the-wrong-offset": [(1, struct.pack(">Q", 996) + b"abcdefgh", True)],
+    "whole-length-after-a-part": [
+        (1, struct.pack(">Q", 1000) + b"abcd", False),
+        (1, struct.pack(">Q", 1000) + b"abcdefgh", True),
+    ],
 }
 
 

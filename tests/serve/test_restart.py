@@ -163,7 +163,7 @@ def test_handover_keeps_clients_and_their_state(servers: Servers, image: Path,
     async def main() -> tuple[int, int, list[tuple[int, int]], str]:
         c = await aio.connect("127.0.0.1", port, "disk", structured=True,
                               meta_contexts=("base:allocation",), timeout=10)
-        local = c._writer.get_extra_info("sockname")
+        local = c.get_extra_info("sockname")
         stop, counts = asyncio.Event(), [0]
         tasks = [asyncio.create_task(_reads(c, data, stop, counts)) for _ in range(4)]
         await asyncio.sleep(0.5)
