@@ -260,13 +260,22 @@ class Listener:
         sock.setblocking(True)
         chan = Channel(sock, READY_TIMEOUT)
         try:
+            # The first frame is read before anything is refused: a probe is answered even
+            # during a hand-over, and a successor that connects while the talk of its own
+            # probe ends gets the refusal as an answer to its hello, not a closed socket.
+            msg, fds, _ = await asyncio.to_thread(chan.recv)
+            for fd in fds:
+                os.close(fd)
+            if msg.get("op") == "probe":
+                await asyncio.to_thread(chan.send, {"op": "probe", "workers": self.workers})
+                return
             if self._busy:
                 await asyncio.to_thread(chan.send, {"op": "refuse",
                                                     "reason": "a hand-over is under way"})
                 return
             self._busy = True
             try:
-                await give(chan, self.giver, self.grace, self.workers)
+                await give(chan, msg, self.giver, self.grace)
             finally:
                 self._busy = False
         except HandoverError as e:
@@ -287,18 +296,12 @@ class Listener:
                     os.unlink(self.path)
 
 
-async def give(chan: Channel, giver: Giver, grace: float, workers: int = 1) -> None:
-    """O's side of one hand-over on ``chan`` (N just connected; ``workers``: O's number of
-    workers, the answer to a ``probe``). Raises HandoverError after rolling back."""
+async def give(chan: Channel, msg: dict[str, Any], giver: Giver, grace: float) -> None:
+    """O's side of one hand-over on ``chan``: N connected and sent ``msg`` (its first frame,
+    which must be a ``hello``). Raises HandoverError after rolling back."""
     t0 = time.monotonic()
-    msg, fds, _ = await asyncio.to_thread(chan.recv)
-    for fd in fds:
-        os.close(fd)
-    if msg["op"] == "probe":
-        await asyncio.to_thread(chan.send, {"op": "probe", "workers": workers})
-        return
-    if msg["op"] != "hello":
-        raise HandoverError(f"expected hello, got {msg['op']}")
+    if msg.get("op") != "hello":
+        raise HandoverError(f"expected hello, got {msg.get('op')}")
     peer = msg.get("pid", "?")
     reason = giver.refusal()
     if reason is not None:
