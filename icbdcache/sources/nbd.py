@@ -3,8 +3,9 @@
 Notes on the design:
 
 - The protocol is the project's own client: :func:`nbd.aio.connect` and
-  :class:`nbd.aio.AsyncClient` (the sans-IO :class:`nbd.client.ClientConnection` on asyncio
-  streams). Requests on one connection are pipelined; replies come back in any order.
+  :class:`nbd.aio.AsyncClient` (the sans-IO :class:`nbd.client.ClientConnection` on an
+  asyncio transport). Requests on one connection are pipelined, the faults of one loop turn
+  in one write; replies come back in any order.
 - A pool of at most ``connections`` connections, opened lazily and one at a time: the first
   read opens one; a read that finds every connection busy opens another in the background and
   meanwhile queues on the least loaded one.
