@@ -74,6 +74,8 @@ TAKER_TIMEOUT = 120.0
 PROBE_TIMEOUT = 10.0
 #: Seconds O waits for N's ``ready`` (N starts its services in between).
 READY_TIMEOUT = 60.0
+#: Seconds the listener waits for a peer's first frame (``probe`` or ``hello``).
+FIRST_FRAME_TIMEOUT = 5.0
 
 
 class HandoverError(Exception):
@@ -260,18 +262,22 @@ class Listener:
         sock.setblocking(True)
         chan = Channel(sock, READY_TIMEOUT)
         try:
-            # The first frame is read before anything is refused: a probe is answered even
-            # during a hand-over, and a successor that connects while the talk of its own
-            # probe ends gets the refusal as an answer to its hello, not a closed socket.
+            # The first frame is read before anything is refused, so a refusal is the
+            # answer to it, not a closed socket (a successor's hello once met "Broken pipe"
+            # when it came while the talk of its own probe was ending). A probe never makes
+            # the listener busy. During a hand-over a probe is refused too: a successor then
+            # finds no server to take from and does not start beside this one.
+            sock.settimeout(FIRST_FRAME_TIMEOUT)  # a silent peer holds a thread this long
             msg, fds, _ = await asyncio.to_thread(chan.recv)
+            sock.settimeout(READY_TIMEOUT)
             for fd in fds:
                 os.close(fd)
-            if msg.get("op") == "probe":
-                await asyncio.to_thread(chan.send, {"op": "probe", "workers": self.workers})
-                return
             if self._busy:
                 await asyncio.to_thread(chan.send, {"op": "refuse",
                                                     "reason": "a hand-over is under way"})
+                return
+            if msg.get("op") == "probe":
+                await asyncio.to_thread(chan.send, {"op": "probe", "workers": self.workers})
                 return
             self._busy = True
             try:

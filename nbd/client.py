@@ -473,9 +473,9 @@ _SIMPLE = wire.SIMPLE_REPLY.size
 _STRUCTURED = wire.STRUCTURED_REPLY.size
 #: Bytes a structured chunk of a READ may carry beyond the request's length (its offset, or
 #: an error chunk's header and message), and the most any other request's chunk may carry
-#: (a BLOCK_STATUS of 2 Mi extents).
+#: (a BLOCK_STATUS of 4 Mi extents and its context id).
 _SLACK = 8 + 6 + 65536
-_MAX_OTHER_CHUNK = 16 << 20
+_MAX_OTHER_CHUNK = 4 + 8 * (4 << 20)
 _DONE = int(ReplyFlag.DONE)
 _OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 

@@ -1,7 +1,8 @@
-"""The hand-over listener of a running server (:class:`icbdcache.handover.Listener`) while a
-hand-over is under way: a probe is answered, and a second successor gets the refusal as the
-answer to its hello (it once found the socket closed: ``sending hello: Broken pipe`` when a
-successor's hello came while the talk of its own probe was still ending)."""
+"""The hand-over listener of a running server (:class:`icbdcache.handover.Listener`): a
+probe never makes it busy, and while a hand-over is under way a probe and a second
+successor's hello get a refusal as the answer to their first frame (a successor once found
+the socket closed: ``sending hello: Broken pipe`` when its hello came while the talk of its
+own probe was still ending)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,28 @@ def _talk(path: str, first: dict[str, Any], pause: float = 0.0) -> dict[str, Any
         chan.close()
 
 
+def test_a_hello_right_after_a_probe_starts_the_hand_over(tmp_path: Path) -> None:
+    path = str(tmp_path / "handover.sock")
+
+    async def main() -> None:
+        listener = handover.Listener(path, Giver(), grace=1.0, workers=2)
+        listener.start()
+        try:
+            for _ in range(20):
+                probe = await asyncio.to_thread(_talk, path, {"op": "probe"})
+                assert probe == {"op": "probe", "workers": 2}
+                hello = await asyncio.to_thread(_talk, path, {"op": "hello", "pid": 1})
+                assert hello["op"] == "listeners"  # then the successor goes: rolled back
+                for _ in range(200):
+                    if not listener._busy:
+                        break
+                    await asyncio.sleep(0.01)
+        finally:
+            listener.close(unlink=True)
+
+    asyncio.run(main())
+
+
 def test_probe_and_second_successor_during_a_hand_over_get_answers(tmp_path: Path) -> None:
     path = str(tmp_path / "handover.sock")
     giver = Giver()
@@ -77,8 +100,9 @@ def test_probe_and_second_successor_during_a_hand_over_get_answers(tmp_path: Pat
             await asyncio.to_thread(first.send, {"op": "hello", "pid": 1})
             msg, _, _ = await asyncio.to_thread(first.recv)
             assert msg["op"] == "listeners"  # the hand-over is under way, waiting for ready
+            # a probe is refused meanwhile: a successor must not start beside this server
             probe = await asyncio.to_thread(_talk, path, {"op": "probe"})
-            assert probe == {"op": "probe", "workers": 3}
+            assert probe == {"op": "refuse", "reason": "a hand-over is under way"}
             # a hello that comes a while after its connection: the listener must wait for it
             second = await asyncio.to_thread(_talk, path, {"op": "hello", "pid": 2}, 0.3)
             assert second == {"op": "refuse", "reason": "a hand-over is under way"}
