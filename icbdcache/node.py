@@ -462,6 +462,7 @@ class Node:
         services. Raises what a service's start raises (after closing the ones started)."""
         loop = asyncio.get_running_loop()
         self.started = True
+        self.store.stand_aside_for(loop)  # the writer's puts do not wait for the GIL
         self._task = loop.create_task(self._persist_loop())
         self._inuse_task = loop.create_task(self._inuse_loop())
         self._fill_task = loop.create_task(self._fill())

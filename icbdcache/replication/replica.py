@@ -1080,8 +1080,9 @@ class Replica:
                  "replica_requests": len(items)}
         if self._committer is None:
             self._committer = ThreadPoolExecutor(1, thread_name_prefix="icbd-replica-commit")
-        fut = asyncio.get_running_loop().run_in_executor(self._committer, self._write, chunks,
-                                                         stats)
+        loop = asyncio.get_running_loop()
+        self.store.stand_aside_for(loop)  # the committer's puts do not wait for the GIL
+        fut = loop.run_in_executor(self._committer, self._write, chunks, stats)
         self._writes.add(fut)
         fut.add_done_callback(self._writes.discard)
 

@@ -60,13 +60,15 @@ never see ``lmdb.Error``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import secrets
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import lmdb
@@ -96,6 +98,7 @@ from icbdcache.store.meta import (
     split_key,
     version_key,
 )
+from icbdcache.store.standaside import StandAside
 from icbdcache.store.txns import U64, get_u64, held_in, lmdb_errors, scan
 
 __all__ = ["ChunkGet", "ChunkMismatch", "ChunkTxn", "Pending", "RecordGet", "RecordPut",
@@ -108,6 +111,10 @@ _DBS = ("chunks", "atime", "maps", "versions", "meta", "profiles", "records", "p
 _LATER_DBS = frozenset({"pending", "strong"})
 
 T = TypeVar("T")
+
+#: Puts of access ticks and map entries from which a batch without chunks is also written
+#: with the event loop standing aside (store/standaside.py); a batch with chunks always is.
+ASIDE_PUTS = 256
 
 #: ``get(digest)``: a held chunk's bytes as a buffer into LMDB (valid only inside the read
 #: transaction that handed out ``get``), or None if the chunk is not held.
@@ -172,6 +179,9 @@ class Store(VersionLifecycle):
             raise StoreError(f"cannot open store {self.path}: {e}") from e
         self._gate = TxnGate()
         self._write_lock = threading.Lock()
+        #: what a batch's puts run under (:meth:`write_batch`): an event loop of this
+        #: process standing aside (:meth:`stand_aside_for`), or nothing
+        self.stand_aside: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
         self._fd: int | None = None  # data.mdb, for write_batch(uncached=True)
         #: version key -> (its stored metadata's bytes, their instance): a fault's look at
         #: the stored map (:meth:`map_entry`) decodes a version's JSON once, not every time
@@ -440,18 +450,38 @@ class Store(VersionLifecycle):
                 if digest(v) != k:
                     raise ChunkMismatch(f"chunk {k.hex()} does not match its bytes")
         updates = list(map_updates)
+        if not isinstance(touched, Collection):
+            touched = list(touched)
+        # a batch of chunks, or of many ticks or entries: its puts run with the loop aside
+        aside = (self.stand_aside if items or len(touched) + len(updates) >= ASIDE_PUTS
+                 else contextlib.nullcontext)
         if not uncached:
-            return self._transact(
-                lambda txn: self._write(txn, items, updates, touched, stats, protect))
+            def puts(txn: Any) -> int:
+                with aside():
+                    return self._write(txn, items, updates, touched, stats, protect)
+
+            return self._transact(puts)
         start: list[int] = []
 
         def fn(txn: Any) -> int:
             start.append(self._file_size())  # LMDB's writer lock is held: no other appends
-            return self._write(txn, items, updates, touched, stats, protect)
+            with aside():
+                return self._write(txn, items, updates, touched, stats, protect)
 
         added = self._transact(fn)
         self._drop_cached(start[-1])
         return added
+
+    def stand_aside_for(self, loop: asyncio.AbstractEventLoop) -> StandAside:
+        """Have ``loop`` (of this process; call on its thread) stand aside while a batch's
+        puts run from another thread (store/standaside.py); its :class:`StandAside`, kept
+        as :attr:`stand_aside` (the one there already when it is for ``loop``)."""
+        current = self.stand_aside
+        if isinstance(current, StandAside) and current.loop is loop:
+            return current
+        aside = StandAside(loop)
+        self.stand_aside = aside
+        return aside
 
     def _data_fd(self) -> int:
         """A read-only descriptor of the store's ``data.mdb`` (opened once, closed by
