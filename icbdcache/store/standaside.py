@@ -13,8 +13,8 @@ Notes on the design
   ``serve --store`` filling from a loopback nbdkit, 15 connections of 64 KiB random reads):
   a batch took 110-240 ms to put and commit, about 1 ms per chunk, against 10-50 ms once
   the loop stands aside; with ``--workers 2`` a worker waiting on another's fault lease waits
-  for that commit, and the two workers served 0.7x of one (docs/bench.md, "Two workers on
-  a cold store").
+  for that commit, and the two workers served 0.7x-0.9x of one (docs/bench.md, "The store's
+  writer waiting for the GIL").
 * So the writer asks the loop to stand aside (:class:`StandAside`, installed as
   :attr:`~icbdcache.store.lmdbstore.Store.stand_aside` by whoever runs a loop over the
   store): at the start of a batch's puts it schedules a callback on the loop
