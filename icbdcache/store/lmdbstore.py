@@ -98,7 +98,7 @@ from icbdcache.store.meta import (
     split_key,
     version_key,
 )
-from icbdcache.store.standaside import StandAside
+from icbdcache.store.standaside import StandAside, no_step, not_aside
 from icbdcache.store.txns import U64, get_u64, held_in, lmdb_errors, scan
 
 __all__ = ["ChunkGet", "ChunkMismatch", "ChunkTxn", "Pending", "RecordGet", "RecordPut",
@@ -115,6 +115,8 @@ T = TypeVar("T")
 #: Puts of access ticks and map entries from which a batch without chunks is also written
 #: with the event loop standing aside (store/standaside.py); a batch with chunks always is.
 ASIDE_PUTS = 256
+#: Chunks an eviction looks at per ``step()`` (a look costs a few µs; a chunk's put tens).
+SCAN_STEP = 16
 
 #: ``get(digest)``: a held chunk's bytes as a buffer into LMDB (valid only inside the read
 #: transaction that handed out ``get``), or None if the chunk is not held.
@@ -181,7 +183,7 @@ class Store(VersionLifecycle):
         self._write_lock = threading.Lock()
         #: what a batch's puts run under (:meth:`write_batch`): an event loop of this
         #: process standing aside (:meth:`stand_aside_for`), or nothing
-        self.stand_aside: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
+        self.stand_aside: Callable[[], AbstractContextManager[Callable[[], None]]] = not_aside
         self._fd: int | None = None  # data.mdb, for write_batch(uncached=True)
         #: version key -> (its stored metadata's bytes, their instance): a fault's look at
         #: the stored map (:meth:`map_entry`) decodes a version's JSON once, not every time
@@ -428,6 +430,7 @@ class Store(VersionLifecycle):
         protect: str | None = None,
         verified: bool = False,
         uncached: bool = False,
+        aside: bool = True,
     ) -> int:
         """One write transaction: store ``chunks`` ((digest, bytes), each verified; raises
         ChunkMismatch before anything is written if one does not match; ``verified``: the
@@ -442,7 +445,9 @@ class Store(VersionLifecycle):
         the store's file are dropped from the page cache (:meth:`_drop_cached`), for a bulk
         writer whose chunks no reader has asked for (a replica's pull): its next transaction's
         pages are then the ones just freed. Only a cache: what a process maps of them stays,
-        and a later read takes them from the disk."""
+        and a later read takes them from the disk. ``aside``: the batch's puts run with this
+        process's event loop standing aside (:attr:`stand_aside`; False: the loop keeps the
+        GIL first and the puts wait for it, store/standaside.py)."""
         items = [(k, v if type(v) is bytes or (type(v) is memoryview and v.readonly)
                   else bytes(v)) for k, v in chunks]
         if not verified:
@@ -452,21 +457,21 @@ class Store(VersionLifecycle):
         updates = list(map_updates)
         if not isinstance(touched, Collection):
             touched = list(touched)
-        # a batch of chunks, or of many ticks or entries: its puts run with the loop aside
-        aside = (self.stand_aside if items or len(touched) + len(updates) >= ASIDE_PUTS
-                 else contextlib.nullcontext)
+        # a batch of chunks, or of many ticks or entries: its puts may run with the loop aside
+        aside_of = (self.stand_aside if aside and (
+            items or len(touched) + len(updates) >= ASIDE_PUTS) else not_aside)
         if not uncached:
             def puts(txn: Any) -> int:
-                with aside():
-                    return self._write(txn, items, updates, touched, stats, protect)
+                with aside_of() as step:
+                    return self._write(txn, items, updates, touched, stats, protect, step)
 
             return self._transact(puts)
         start: list[int] = []
 
         def fn(txn: Any) -> int:
             start.append(self._file_size())  # LMDB's writer lock is held: no other appends
-            with aside():
-                return self._write(txn, items, updates, touched, stats, protect)
+            with aside_of() as step:
+                return self._write(txn, items, updates, touched, stats, protect, step)
 
         added = self._transact(fn)
         self._drop_cached(start[-1])
@@ -512,7 +517,10 @@ class Store(VersionLifecycle):
 
     def _write(self, txn: Any, items: list[tuple[bytes, bytes | memoryview]],
                updates: list[tuple[str, int, bytes]], touched: Iterable[bytes],
-               stats: dict[str, int] | None, protect: str | None) -> int:
+               stats: dict[str, int] | None, protect: str | None,
+               step: Callable[[], None] = no_step) -> int:
+        """The puts of :meth:`write_batch`; ``step()`` after each chunk or tick put
+        (store/standaside.py)."""
         chunks_db, atime_db, meta_db = self.db["chunks"], self.db["atime"], self.db["meta"]
         held = get_u64(txn, meta_db, b"held")
         tick = get_u64(txn, meta_db, b"tick") + 1
@@ -522,16 +530,18 @@ class Store(VersionLifecycle):
             if txn.put(k, v, db=chunks_db, overwrite=False):
                 added += len(v)
             txn.put(k, tick_b, db=atime_db)
+            step()
         for k in touched:
             if txn.get(k, db=chunks_db) is not None:
                 txn.put(k, tick_b, db=atime_db)
+                step()
         if updates:
             self._learn(txn, updates)
         if protect is not None and items:
             self._protect(txn, protect, tick, b"".join(k for k, _ in items))
         held += added
         if self.size_limit is not None and held > self.size_limit:
-            held -= self._evict(txn, held - int(self.size_limit * 0.9))
+            held -= self._evict(txn, held - int(self.size_limit * 0.9), step)
         txn.put(b"held", U64.pack(held), db=meta_db)
         txn.put(b"tick", tick_b, db=meta_db)
         if stats:
@@ -559,14 +569,17 @@ class Store(VersionLifecycle):
         for vkey, blob in blobs.items():
             txn.put(vkey.encode(), bytes(blob), db=maps_db)
 
-    def _evict(self, txn: Any, need: int) -> int:
+    def _evict(self, txn: Any, need: int, step: Callable[[], None] = no_step) -> int:
         """Delete the coldest chunks that nothing protects (:meth:`_protected`) until
-        ``need`` bytes are freed; return bytes."""
+        ``need`` bytes are freed; return bytes. ``step()`` after each delete and every
+        ``SCAN_STEP`` chunks looked at (store/standaside.py)."""
         protected = self._protected(txn)
         chunks_db, atime_db = self.db["chunks"], self.db["atime"]
         candidates: list[tuple[int, bytes]] = []
         with txn.cursor(db=chunks_db) as cur:
-            for k in cur.iternext(keys=True, values=False):
+            for n, k in enumerate(cur.iternext(keys=True, values=False)):
+                if n % SCAN_STEP == SCAN_STEP - 1:
+                    step()
                 k = bytes(k)
                 if k in protected:
                     continue
@@ -583,6 +596,7 @@ class Store(VersionLifecycle):
             freed += len(v)
             txn.delete(k, db=chunks_db)
             txn.delete(k, db=atime_db)
+            step()
         self._count(txn, "evicted_bytes", freed)
         return freed
 

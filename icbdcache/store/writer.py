@@ -257,6 +257,12 @@ class BatchWriter:
                 ready = [(fn, u) for n, fn, u in self._after if n <= upto]
                 self._after = [a for a in self._after if a[0] > upto]
                 self._urgent -= sum(u for _, u in ready)
+                # the loop stands aside for the puts only when the batch is awaited: another
+                # process waits on a lease of it, or the queue is half full (before long a
+                # fault's chunk would be served unkept); else the loop keeps the GIL first
+                aside = (any(u for _, u in ready)
+                         or self._queued_bytes + sum(map(len, chunks.values()))
+                         >= self.max_queued // 2)
                 self._writing = chunks
                 stop = self._stop and not self._chunks and not self._updates
                 touched, self._touched = self._touched, set()
@@ -264,7 +270,7 @@ class BatchWriter:
             try:
                 if chunks or updates or stats or (touched and (stop or time.monotonic() - last
                                                                > 1.0)):
-                    self._commit(chunks, updates, touched, dict(stats))
+                    self._commit(chunks, updates, touched, dict(stats), aside)
                     last = time.monotonic()
             finally:  # also when the commit raised what it does not expect
                 with self._cv:
@@ -279,10 +285,10 @@ class BatchWriter:
                 return  # (_run runs what still waits and makes the end known)
 
     def _commit(self, chunks: dict[bytes, bytes], updates: list[tuple[str, int, bytes]],
-                touched: set[bytes], stats: dict[str, int]) -> None:
+                touched: set[bytes], stats: dict[str, int], aside: bool = True) -> None:
         try:
             self.store.write_batch(chunks.items(), updates, touched, stats,
-                                   protect=self.protect)
+                                   protect=self.protect, aside=aside)
             self.batches += 1
         except ChunkMismatch as e:  # a caller's bug: verification happens before put()
             self.errors += 1

@@ -16,7 +16,7 @@ import pytest
 
 from icbdcache.loop import new_event_loop
 from icbdcache.node import Node
-from icbdcache.store import Store, digest, standaside
+from icbdcache.store import BatchWriter, Store, digest, standaside
 from icbdcache.store.chunks import CHUNK_SIZE
 from icbdcache.store.standaside import StandAside
 
@@ -102,6 +102,40 @@ def test_the_loop_runs_no_turn_while_a_batch_is_put(store: Store,
         loop.close()
 
 
+def test_the_loop_runs_a_turn_between_slices_and_none_within(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(standaside, "MAX_STALL", 30.0)
+    monkeypatch.setattr(standaside, "PARK_WAIT", 30.0)
+    loop = new_event_loop()
+    try:
+        ticker = Ticker(loop)
+        aside = loop.run_until_complete(_installed(store))
+        steps: list[tuple[bool, int]] = []  # (standing, turns) at each put
+        real = standaside._Slices.step
+
+        def step(self: Any) -> None:
+            steps.append((aside.standing, ticker.turns))
+            real(self)
+
+        monkeypatch.setattr(standaside._Slices, "step", step)
+        batch = chunks(100)  # 100 steps: slices of 32, 32, 32 and 4
+        write_in_thread(loop, lambda: store.write_batch(batch))
+        assert len(steps) == 100
+        assert all(standing for standing, _ in steps)
+        slices = [steps[i:i + standaside.SLICE_PUTS]
+                  for i in range(0, 100, standaside.SLICE_PUTS)]
+        for one in slices:  # no turn within a slice
+            assert len({turns for _, turns in one}) == 1
+        firsts = [one[0][1] for one in slices]
+        assert firsts == sorted(set(firsts))  # a turn (at least) between slices
+        assert aside.stood == 4 and aside.timeouts == 0 and aside.missed == 0
+        assert all(store.get_chunk(k) == v for k, v in batch)
+        ticker.running = False
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+
+
 async def _installed(store: Store) -> StandAside:
     return store.stand_aside_for(asyncio.get_running_loop())
 
@@ -118,6 +152,7 @@ def test_a_batch_written_from_the_loop_thread_does_not_stop_it(store: Store) -> 
 
         loop.run_until_complete(write_here())
         assert aside.asked == 1 and aside.stood == 0 and aside.timeouts == 0
+        assert aside.missed == 0  # (it did not wait for a turn that cannot come)
         assert store.stand_aside_for(loop) is aside  # one per loop
     finally:
         loop.close()
@@ -182,7 +217,7 @@ def test_a_closed_loop_is_not_waited_for(store: Store) -> None:
     assert aside.asked == 1 and aside.stood == 0
 
 
-def test_a_node_has_its_loop_stand_aside_for_its_writer(store: Store) -> None:
+def test_a_node_has_its_loop_stand_aside_when_a_commit_is_awaited(store: Store) -> None:
     loop = new_event_loop()
     try:
         node = Node(store, hot_bytes=8 << 20)
@@ -192,14 +227,50 @@ def test_a_node_has_its_loop_stand_aside_for_its_writer(store: Store) -> None:
             try:
                 assert isinstance(store.stand_aside, StandAside)
                 assert store.stand_aside.loop is asyncio.get_running_loop()
-                data = os.urandom(CHUNK_SIZE)
+                aside = store.stand_aside
+                writer = node.reader.writer
+                data = os.urandom(CHUNK_SIZE)  # a fault alone: nobody waits for its commit
                 assert node.reader.keep(digest(data), data, [])
-                await asyncio.to_thread(node.reader.writer.flush)
+                writer.after_queued(lambda: None, urgent=False)
+                await asyncio.to_thread(writer.flush)
                 assert store.get_chunk(digest(data)) == data
+                assert aside.asked == 0  # the loop keeps the GIL first
+                other = os.urandom(CHUNK_SIZE)  # a lease another process may wait on
+                assert node.reader.keep(digest(other), other, [])
+                writer.after_queued(lambda: None, urgent=True)
+                await asyncio.to_thread(writer.flush)
+                assert store.get_chunk(digest(other)) == other
+                assert aside.asked == 1
             finally:
                 await node.close()
 
         loop.run_until_complete(run())
-        assert isinstance(store.stand_aside, StandAside) and store.stand_aside.asked >= 1
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize(("queue_chunks", "urgent", "expected"), [
+    (64, False, False),  # a fault alone, the queue near empty: the loop keeps the GIL first
+    (64, True, True),  # another process may wait on the lease of a chunk in the batch
+    (2, False, True),  # the queue half full: the writer must catch up
+])
+def test_the_writer_asks_only_when_its_batch_is_awaited(
+        store: Store, queue_chunks: int, urgent: bool, expected: bool) -> None:
+    asked: list[bool] = []
+    real = store.write_batch
+
+    def spy(*args: Any, **kwargs: Any) -> int:
+        asked.append(kwargs["aside"])
+        return real(*args, **kwargs)
+
+    store.write_batch = spy  # type: ignore[method-assign]
+    writer = BatchWriter(store, max_queued=queue_chunks * CHUNK_SIZE)
+    try:
+        (key, data), = chunks(1)
+        writer.put(key, data)
+        writer.after_queued(lambda: None, urgent=urgent)
+        assert writer.flush()
+        assert asked == [expected]
+        assert store.get_chunk(key) == data
+    finally:
+        writer.close()
