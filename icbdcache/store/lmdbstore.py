@@ -112,8 +112,9 @@ _LATER_DBS = frozenset({"pending", "strong"})
 
 T = TypeVar("T")
 
-#: Puts of access ticks and map entries from which a batch without chunks is also written
-#: with the event loop standing aside (store/standaside.py); a batch with chunks always is.
+#: Puts of access ticks and map entries from which a batch without chunks may also be
+#: written with the event loop standing aside (``write_batch(aside=True)``, as a batch with
+#: chunks may; store/standaside.py).
 ASIDE_PUTS = 256
 #: Chunks an eviction looks at per ``step()`` (a look costs a few µs; a chunk's put tens).
 SCAN_STEP = 16

@@ -17,15 +17,15 @@ Notes on the design
   writer waiting for the GIL").
 * So the writer asks the loop to stand aside (:class:`StandAside`, installed as
   :attr:`~icbdcache.store.lmdbstore.Store.stand_aside` by whoever runs a loop over the
-  store), one slice of ``SLICE_PUTS`` puts at a time: it schedules a callback on the loop
-  (``call_soon_threadsafe``) and waits, without the GIL, until the loop comes to it; the
+  store), one slice of ``SLICE_STEPS`` steps (32 chunks) at a time: it schedules a callback
+  on the loop (``call_soon_threadsafe``) and waits, without the GIL, until the loop comes to it; the
   callback then blocks the loop's thread, without the GIL, while the writer puts the slice.
   Between two slices the loop runs a turn with the writer waiting: neither waits for the
   GIL. The commit (its ``fsync``) runs after the last slice, with the loop going again.
 * Why slices: standing aside for a whole batch (the first version of this) paused the loop
   for 5-46 ms per batch, and once that pause hit its bound the loop waited for the GIL as the
   writer had (an attack measured a 4 KiB reader of a warm export beside a cold fill at a
-  third of its reads). A slice is about 0.5 ms of puts here.
+  third of its reads). A slice is about 1 ms of puts here (32 chunks; about 5 ms for 240).
 * Only when the batch is awaited (the writer decides, store/writer.py): another process may
   wait on the fault lease of one of its chunks, or the writer's queue is half full (before
   long a fault's chunk would be served and not kept). Otherwise the loop keeps the GIL first
@@ -36,7 +36,8 @@ Notes on the design
 * Bounded: the loop waits at most ``MAX_STALL`` seconds per slice, whatever the writer does.
   The writer waits at most ``PARK_WAIT`` for the loop to come (a loop busy for longer, or
   blocked waiting for the writer itself: a flush from the loop's thread); then it goes on
-  without it for that batch, and does not ask it for ``MISSED_PAUSE`` seconds. A batch
+  without it for that batch, and does not ask it for ``MISSED_PAUSE`` seconds. (It holds
+  LMDB's write lock meanwhile: another process's writer waits as long, at most.) A batch
   written from the loop's own thread never asks. Nothing can deadlock: each side waits for
   the other only with a timeout.
 """
@@ -51,14 +52,13 @@ from collections.abc import Callable, Iterator
 
 #: The longest the loop waits for one slice of a batch's puts (seconds).
 MAX_STALL = 0.02
-#: Puts per slice: the loop runs a turn between slices (about 0.5 ms of puts here).
-SLICE_PUTS = 32
+#: Steps per slice (a step: a chunk put with its access tick, a tick alone, an eviction's
+#: delete or 16 of its looks): the loop runs a turn between slices.
+SLICE_STEPS = 32
 #: The longest the writer waits for the loop to come to its turn (seconds); a loop that does
 #: not (busy for longer, or waiting for the writer itself: a flush from the loop's thread)
 #: is not asked again for the rest of the batch.
 PARK_WAIT = 0.02
-
-
 #: After a loop did not come within ``PARK_WAIT``, the seconds it is not asked again.
 MISSED_PAUSE = 1.0
 
@@ -75,7 +75,7 @@ def not_aside() -> contextlib.AbstractContextManager[Callable[[], None]]:
 
 class StandAside:
     """``with stand_aside() as step:`` in a writer thread, ``step()`` after each put: ``loop``
-    stands aside (its thread waits without the GIL) for each slice of ``SLICE_PUTS`` puts and
+    stands aside (its thread waits without the GIL) for each slice of ``SLICE_STEPS`` steps and
     runs a turn between slices. ``asked`` counts the blocks, ``stood`` the slices the loop
     stood aside for, ``timeouts`` those that ended on ``MAX_STALL``, ``missed`` the blocks
     whose loop did not come within ``PARK_WAIT`` (they went on without it)."""
@@ -158,7 +158,7 @@ class _Slices:
     def step(self) -> None:
         """One put done: at the end of a slice, the loop runs a turn before the next."""
         self.puts += 1
-        if self.puts >= SLICE_PUTS:
+        if self.puts >= SLICE_STEPS:
             self.puts = 0
             if self.done is not None:
                 self.end()

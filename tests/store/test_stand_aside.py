@@ -122,8 +122,8 @@ def test_the_loop_runs_a_turn_between_slices_and_none_within(
         write_in_thread(loop, lambda: store.write_batch(batch))
         assert len(steps) == 100
         assert all(standing for standing, _ in steps)
-        slices = [steps[i:i + standaside.SLICE_PUTS]
-                  for i in range(0, 100, standaside.SLICE_PUTS)]
+        slices = [steps[i:i + standaside.SLICE_STEPS]
+                  for i in range(0, 100, standaside.SLICE_STEPS)]
         for one in slices:  # no turn within a slice
             assert len({turns for _, turns in one}) == 1
         firsts = [one[0][1] for one in slices]
