@@ -36,6 +36,7 @@ from prometheus_client.core import (
 
 from icbdcache.layers.stats import Histogram, ReadStats
 from icbdcache.log import kv
+from icbdcache.store.standaside import StandAside
 
 log = logging.getLogger("icbdcache.metrics")
 
@@ -135,6 +136,51 @@ class ReadPathCollector:
             yield gauge("store_held_bytes", "Bytes of chunks held in the store",
                         st.get("held_bytes", 0))
             yield gauge("store_chunks", "Chunks held in the store", st.get("chunks", 0))
+
+
+class WriterView(Protocol):
+    """What the store writer's collector reads of a
+    :class:`~icbdcache.store.writer.BatchWriter`."""
+
+    batches: int
+    errors: int
+
+    @property
+    def queued_bytes(self) -> int: ...
+
+
+class StoreWriterCollector:
+    """The store's writer thread of this process (:class:`~icbdcache.store.writer.BatchWriter`):
+    transactions committed and failed, bytes queued, and how often the event loop stood aside
+    for its puts (``aside``: the store's ``stand_aside``, a
+    :class:`~icbdcache.store.standaside.StandAside` once a loop runs over the store; anything
+    else has no counters and yields none)."""
+
+    def __init__(self, writer: WriterView, aside: Callable[[], object]) -> None:
+        self.writer = writer
+        self.aside = aside
+
+    def collect(self) -> Iterator[Metric]:
+        w = self.writer
+        yield counter("store_batches", "Transactions the store's writer committed", w.batches)
+        yield counter("store_batch_errors", "Transactions of the store's writer that failed "
+                      "(their chunks were served, not kept; the log says why)", w.errors)
+        yield gauge("store_queued_bytes", "Bytes of fetched chunks waiting for the store's "
+                    "writer", w.queued_bytes)
+        a = self.aside()
+        if not isinstance(a, StandAside):
+            return
+        yield counter("store_stand_aside_batches", "Batches the writer asked the event loop "
+                      "to stand aside for (awaited by another worker, or queue half full)",
+                      a.asked)
+        yield counter("store_stand_aside_slices", "Slices of puts the event loop stood aside "
+                      "for", a.stood)
+        yield counter("store_stand_aside_seconds", "Seconds the event loop stood aside for "
+                      "the writer's puts (at most 20 ms each slice)", a.stood_seconds)
+        yield counter("store_stand_aside_timeouts", "Slices the event loop stopped standing "
+                      "aside for after 20 ms, the puts not done", a.timeouts)
+        yield counter("store_stand_aside_missed", "Batches whose event loop did not come "
+                      "within 20 ms: put without it, not asked again for 1 s", a.missed)
 
 
 # ---------------------------------------------------------------------------- NBD server
@@ -339,4 +385,5 @@ class MetricsServer:
 
 
 __all__ = ["MetricsServer", "ReadPathCollector", "ReplicaCollector", "ServerCollector",
+           "StoreWriterCollector",
            "add_route", "counter", "gauge", "histogram", "metrics_response", "new_registry"]

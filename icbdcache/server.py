@@ -1524,6 +1524,8 @@ def _collectors(server: Server, node: Node | None, *, per_client: bool = False
     out: list[Any] = [metrics.ServerCollector(server, per_client=per_client)]
     if node is not None:
         out.append(metrics.ReadPathCollector(node.stats, node.store.stats))
+        store = node.store
+        out.append(metrics.StoreWriterCollector(node.reader.writer, lambda: store.stand_aside))
         for svc in node.services:
             more = getattr(svc, "collectors", None)
             if more is not None:

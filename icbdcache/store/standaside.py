@@ -77,8 +77,9 @@ class StandAside:
     """``with stand_aside() as step:`` in a writer thread, ``step()`` after each put: ``loop``
     stands aside (its thread waits without the GIL) for each slice of ``SLICE_STEPS`` steps and
     runs a turn between slices. ``asked`` counts the blocks, ``stood`` the slices the loop
-    stood aside for, ``timeouts`` those that ended on ``MAX_STALL``, ``missed`` the blocks
-    whose loop did not come within ``PARK_WAIT`` (they went on without it)."""
+    stood aside for, ``stood_seconds`` the time it stood aside (seconds), ``timeouts`` the
+    slices that ended on ``MAX_STALL``, ``missed`` the blocks whose loop did not come within
+    ``PARK_WAIT`` (they went on without it). Read by ``/metrics`` (docs/metrics.md)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -88,6 +89,7 @@ class StandAside:
         self.missed_until = 0.0
         self.asked = 0
         self.stood = 0
+        self.stood_seconds = 0.0
         self.timeouts = 0
         self.missed = 0
         #: True while the loop's thread waits (for tests)
@@ -108,12 +110,14 @@ class StandAside:
         if done.is_set():
             return  # (the writer went on without us, or wrote from this very thread)
         self.standing = True
+        t0 = time.monotonic()
         parked.set()
         try:
             if not done.wait(MAX_STALL):
                 self.timeouts += 1
         finally:
             self.standing = False
+            self.stood_seconds += time.monotonic() - t0
         self.stood += 1
 
 

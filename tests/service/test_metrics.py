@@ -111,6 +111,10 @@ def test_scrapes_during_a_boot_storm_agree_with_stats(tmp_path: Path, upstream: 
     assert last[source] == up.read_bytes() > 0
     assert last["icbd_faults_total"] == len(up.reads())
     assert last["icbd_faults_coalesced_total"] > 0  # 5 clients wanted the same chunks at once
+    # the store's writer committed what was fetched; its stand-aside counters are there
+    assert last["icbd_store_batches_total"] > 0
+    assert last["icbd_store_batch_errors_total"] == 0
+    assert last["icbd_store_stand_aside_slices_total"] >= 0
 
     # after the stop: what the process persisted into the store is what the last scrape said
     stats = json.loads(subprocess.run([ICBD, "stats", "--store", str(st), "--json"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
+from scrape import promtool_check, samples
 
+from icbdcache import metrics
 from icbdcache.loop import new_event_loop
 from icbdcache.node import Node
 from icbdcache.store import BatchWriter, Store, digest, standaside
@@ -241,6 +245,20 @@ def test_a_node_has_its_loop_stand_aside_when_a_commit_is_awaited(store: Store) 
                 await asyncio.to_thread(writer.flush)
                 assert store.get_chunk(digest(other)) == other
                 assert aside.asked == 1
+                # /metrics reads the same counters (promtool checks the exposition)
+                reg = metrics.new_registry(metrics.StoreWriterCollector(
+                    writer, lambda: store.stand_aside))
+                text = generate_latest(reg).decode()
+                if shutil.which("promtool"):
+                    promtool_check(text)
+                got = samples(text)
+                assert got["icbd_store_batches_total"] == writer.batches >= 2
+                assert got["icbd_store_batch_errors_total"] == 0
+                assert got["icbd_store_queued_bytes"] == 0
+                assert got["icbd_store_stand_aside_batches_total"] == 1
+                assert got["icbd_store_stand_aside_slices_total"] == aside.stood >= 1
+                assert got["icbd_store_stand_aside_seconds_total"] == aside.stood_seconds > 0
+                assert got["icbd_store_stand_aside_missed_total"] == aside.missed
             finally:
                 await node.close()
 
