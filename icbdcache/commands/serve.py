@@ -182,7 +182,8 @@ SERVE = Command(
                        "evicted", group=CACHE_GROUP),
      Option("hot-size", "size", metavar="BYTES", dest="hot_bytes", aliases=("hot_bytes",),
             group=CACHE_GROUP, help="chunks kept in memory (default 1G; each of N workers: "
-            "1/N of it); the store writer's queue holds as much again at most (store.md)"),
+            "1/N of it); each worker's store writer queues as much again at most, and at least "
+            "64M (store.md)"),
      Option("fault-timeout", "float", metavar="SECONDS", group=CACHE_GROUP,
             help="a read waiting on a missing chunk fails with EIO after this (default 10)"),
      Option("source-timeout", "float", metavar="SECONDS", group=CACHE_GROUP,
