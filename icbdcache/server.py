@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
-from icbdcache import activation, earlyhup, handover, metricsmerge, steering, tlspeer
+from icbdcache import activation, earlyhup, handover, heap, metricsmerge, steering, tlspeer
 from icbdcache.access import AllowList
 from icbdcache.busypoll import DEFAULT_WINDOW_US, BusyPoll
 from icbdcache.exports import Catalog, Export, ExportSpec, Resolved
@@ -1633,6 +1633,7 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                 log.warning(kv(export=name, shadows="a version in the store with this name"))
     server = Server(config, catalog)
     server.node = node
+    frozen = heap.freeze_startup()  # full collector passes then skip what startup made
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
@@ -1668,7 +1669,8 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
         await server.shutdown()  # closes the node, its store and the metrics server
         raise
     watchdog.start()
-    log.info(kv(event="serving", serving="yes", startup_s=f"{_process_age():.2f}"))
+    log.info(kv(event="serving", serving="yes", startup_s=f"{_process_age():.2f}",
+                gc_frozen=frozen))
     try:
         await server.serve()
     finally:
