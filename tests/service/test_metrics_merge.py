@@ -101,3 +101,42 @@ def test_gatherer_reads_workers_and_leaves_out_one_that_is_gone(tmp_path: Path) 
     assert m['icbd_nbd_requests_total{export="lab@1"}'] == 42
     assert m["icbd_workers_scraped"] == 2
     assert not (tmp_path / "worker-1.sock").exists()
+
+
+def test_the_servers_counters_never_go_down_when_a_worker_is_gone_or_started_again(
+        tmp_path: Path) -> None:
+    """A worker answers (30 requests), then is gone (its socket closed: it is counted at its
+    last answer), then comes back as a new process (another start time) that has counted 5:
+    the server's counter goes 42, 42, 47 and never down; its gauges are left out while it is
+    gone, and only its process's own counts come back with it."""
+    require("promtool")
+    path = socket_path(str(tmp_path), 1)
+
+    def registry(requests: int, start: float) -> CollectorRegistry:
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(One(requests, 1, start, 10))  # type: ignore[arg-type]
+        return reg
+
+    async def main() -> list[dict[str, float]]:
+        g = Gatherer(registry(12, 5.0), [path])
+        scrapes = []
+        peer = WorkerExposition(registry(30, 6.0), path)
+        await peer.start()
+        scrapes.append((await g.exposition()).decode())
+        await peer.close()  # killed: not answering
+        scrapes.append((await g.exposition()).decode())
+        peer = WorkerExposition(registry(5, 9.0), path)  # started again
+        await peer.start()
+        scrapes.append((await g.exposition()).decode())
+        scrapes.append((await g.exposition()).decode())  # (carried once, not at each scrape)
+        await peer.close()
+        for text in scrapes:
+            promtool_check(text)
+        return [samples(t) for t in scrapes]
+
+    got = asyncio.run(main())
+    key = 'icbd_nbd_requests_total{export="lab@1"}'
+    assert [m[key] for m in got] == [42, 42, 47, 47]
+    assert [m['icbd_nbd_requests_total{export="lab@2"}'] for m in got] == [2, 2, 3, 3]
+    assert [m['icbd_nbd_connections{export="lab@1"}'] for m in got] == [2, 1, 2, 2]
+    assert [m["icbd_workers_scraped"] for m in got] == [2, 1, 2, 2]
