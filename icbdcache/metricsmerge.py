@@ -226,11 +226,20 @@ class Gatherer:
         self.peers = list(peers)
         self._missing: set[str] = set()
         self._counts = {p: _PeerCounts() for p in self.peers}
+        #: one scrape at a time: two in flight (a pair of Prometheus servers) that ended in
+        #: the other order across a worker's restart took the old process's answer for a
+        #: new process and carried the counts twice (helper-49)
+        self._scraping = asyncio.Lock()
 
     async def exposition(self) -> bytes:
         """The server's exposition (:func:`merge`); a worker that does not answer is left
         out (its counters at their last answer) and named in one warning until it answers
-        again."""
+        again. An answer from a process that started before the one last seen (stale) is
+        taken as no answer. Scrapes run one at a time."""
+        async with self._scraping:
+            return await self._exposition()
+
+    async def _exposition(self) -> bytes:
         own = generate_latest(self.registry).decode()
         got = await asyncio.gather(*(read_peer(p) for p in self.peers),
                                    return_exceptions=True)
@@ -243,6 +252,9 @@ class Gatherer:
                     counts, start = growing(text)
                 except ValueError as e:
                     text = e
+                else:
+                    if peer.start is not None and start is not None and start < peer.start:
+                        text = ValueError("an answer of a process older than its last one")
             if isinstance(text, BaseException):
                 if path not in self._missing:
                     self._missing.add(path)

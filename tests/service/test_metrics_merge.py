@@ -140,3 +140,35 @@ def test_the_servers_counters_never_go_down_when_a_worker_is_gone_or_started_aga
     assert [m['icbd_nbd_requests_total{export="lab@2"}'] for m in got] == [2, 2, 3, 3]
     assert [m['icbd_nbd_connections{export="lab@1"}'] for m in got] == [2, 1, 2, 2]
     assert [m["icbd_workers_scraped"] for m in got] == [2, 1, 2, 2]
+
+
+def test_an_answer_of_an_older_process_and_concurrent_scrapes_count_nothing_twice(
+        tmp_path: Path) -> None:
+    """An answer whose process started before the one last seen (a stale answer that came
+    late) counts as no answer, and two scrapes at once give the same totals as one after the
+    other: the restarted worker's former counts are carried once (helper-49 found 220 for
+    a true 120 when two scrapes ended in the other order)."""
+    path = socket_path(str(tmp_path), 1)
+
+    def registry(requests: int, start: float) -> CollectorRegistry:
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(One(requests, 1, start, 10))  # type: ignore[arg-type]
+        return reg
+
+    async def main() -> list[float]:
+        g = Gatherer(registry(0, 5.0), [path])
+        out = []
+        for requests, start in ((90, 10.0), (10, 20.0), (100, 10.0), (20, 20.0)):
+            peer = WorkerExposition(registry(requests, start), path)
+            await peer.start()
+            both = await asyncio.gather(g.exposition(), g.exposition())
+            await peer.close()
+            got = [samples(b.decode())['icbd_nbd_requests_total{export="lab@1"}']
+                   for b in both]
+            assert got[0] == got[1], got
+            out.append(got[0])
+        return out
+
+    # 90; restarted at 20 with 10: 100; a stale answer of the first process: still 100;
+    # the new process at 20: 110
+    assert asyncio.run(main()) == [90, 100, 100, 110]
