@@ -1601,6 +1601,9 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
     """One serving process; returns True when it ended by handing over to a successor.
     ``hup``: a worker's SIGHUP seen before its event loop handles them (``hup[0]``: reload
     once, as soon as the handler is in place)."""
+    # full collector passes skip what the imports made; before the hand-over socket is
+    # opened, so a successor's collection does not widen its window before its hello
+    frozen = heap.freeze_startup()
     node = open_node(config, services)
     chan: handover.Channel | None = None
     try:
@@ -1633,7 +1636,6 @@ async def _run(config: ServeConfig, *, unix_sock: socket.socket | None = None,
                 log.warning(kv(export=name, shadows="a version in the store with this name"))
     server = Server(config, catalog)
     server.node = node
-    frozen = heap.freeze_startup()  # full collector passes then skip what startup made
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
