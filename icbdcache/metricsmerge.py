@@ -277,7 +277,13 @@ class Gatherer:
             return merge(texts, carried=carried)
         except ValueError as e:
             log.warning(kv(event="metrics_merge", error=e, scrape="worker 0 alone"))
-            return merge([own], answered=1)
+            # the others' counters at their last answers: the sums still never go down
+            everyone: Counts = {}
+            for peer in self._counts.values():
+                for part in (peer.last, peer.before):
+                    for key, value in part.items():
+                        everyone[key] = everyone.get(key, 0.0) + value
+            return merge([own], answered=1, carried=everyone)
 
 
 class WorkerExposition:

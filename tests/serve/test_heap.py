@@ -1,4 +1,4 @@
-"""A serving process freezes what it made while it started (icbdcache/heap.py): every worker
+"""A serving process freezes what its imports made (icbdcache/heap.py): every worker
 logs how many objects its collector's full passes no longer walk."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def test_every_worker_freezes_its_startup_objects(tmp_path: Path, image: Path) -
         frozen = [int(n) for n in re.findall(r"serving=yes startup_s=[0-9.]+ gc_frozen=(\d+)",
                                              srv.log_text())]
         assert len(frozen) == 2, srv.log_text()[-2000:]
-        # modules, classes and the catalog: tens of thousands (about 51,000 here)
+        # the imports' modules, classes and functions: about 51,000 here
         assert all(n > 10_000 for n in frozen), frozen
     finally:
         assert srv.stop() == 0

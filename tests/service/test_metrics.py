@@ -114,7 +114,7 @@ def test_scrapes_during_a_boot_storm_agree_with_stats(tmp_path: Path, upstream: 
     # the store's writer committed what was fetched; its stand-aside counters are there
     assert last["icbd_store_batches_total"] > 0
     assert last["icbd_store_batch_errors_total"] == 0
-    assert last["icbd_store_stand_aside_slices_total"] >= 0
+    assert "icbd_store_stand_aside_slices_total" in last  # (a process alone seldom asks)
 
     # after the stop: what the process persisted into the store is what the last scrape said
     stats = json.loads(subprocess.run([ICBD, "stats", "--store", str(st), "--json"],

@@ -172,3 +172,35 @@ def test_an_answer_of_an_older_process_and_concurrent_scrapes_count_nothing_twic
     # 90; restarted at 20 with 10: 100; a stale answer of the first process: still 100;
     # the new process at 20: 110
     assert asyncio.run(main()) == [90, 100, 100, 110]
+
+
+def test_a_scrape_that_falls_back_to_worker_0_keeps_the_others_counts(tmp_path: Path) -> None:
+    """A worker whose family has another type than worker 0's makes the scrape worker 0's
+    alone (its gauges, ``icbd_workers_scraped`` 1); the others' counters are still counted, at
+    their last answers (43: its answer's 31 with worker 0's 12; 12 before this fix)."""
+    path = socket_path(str(tmp_path), 1)
+    own = CollectorRegistry(auto_describe=False)
+    own.register(One(12, 1, 5.0, 10))  # type: ignore[arg-type]
+
+    class Clash:
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield from One(31, 1, 6.0, 10).collect()
+            yield counter("nbd_connections", "conns now a counter", 1)
+
+    async def main() -> list[dict[str, float]]:
+        g = Gatherer(own, [path])
+        out = []
+        for coll in (One(30, 1, 6.0, 10), Clash()):
+            reg = CollectorRegistry(auto_describe=False)
+            reg.register(coll)  # type: ignore[arg-type]
+            peer = WorkerExposition(reg, path)
+            await peer.start()
+            out.append(samples((await g.exposition()).decode()))
+            await peer.close()
+        return out
+
+    first, fallback = asyncio.run(main())
+    key = 'icbd_nbd_requests_total{export="lab@1"}'
+    assert first[key] == 42 and first["icbd_workers_scraped"] == 2
+    assert fallback[key] == 43 and fallback["icbd_workers_scraped"] == 1
+    assert fallback['icbd_nbd_connections{export="lab@1"}'] == 1  # worker 0's alone
